@@ -1,0 +1,119 @@
+"""Tokens/s of a 128-token reply through bchat's websocket vs llama-cpp-python directly.
+
+Same model file, same thread count, same prompt, greedy decoding. Prints a table of medians.
+
+    .venv/bin/python bench/chat_speed.py [--model PATH] [--threads N] [--runs 3] [--tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+PROMPT = "Write a long, detailed story about a dragon who learns to bake bread."
+
+
+def through_bchat(model_path: str, threads: int, tokens: int, runs: int) -> list[dict]:
+    from conftest import migrate
+    from helpers import HttpSession
+    from werkzeug.serving import make_server
+
+    from webapp import create_app
+
+    tmp = tempfile.mkdtemp()
+    url = f"sqlite:///{tmp}/bench.sqlite3"
+    migrate(url)
+    app = create_app({"DATABASE_URL": url, "MODEL_PATH": model_path, "SECRET_KEY": "bench",
+                      "N_THREADS": threads, "N_CTX": 2048, "PRELOAD_MODELS": True})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    results = []
+    try:
+        visitor = HttpSession(f"http://127.0.0.1:{server.server_port}")
+        ws = visitor.ws()
+        for _ in range(runs + 1):  # the first run warms up
+            sent = time.perf_counter()
+            ws.chat(PROMPT, options={"temperature": 0, "max_tokens": tokens})
+            first = None
+            while True:
+                frame = json.loads(ws.conn.recv())
+                if frame["type"] == "token" and first is None:
+                    first = time.perf_counter()
+                if frame["type"] in ("done", "error"):
+                    end = time.perf_counter()
+                    break
+            message = frame.get("message") or frame.get("reply")
+            n = message["usage"]["completion_tokens"]
+            results.append({"tokens": n, "ttft_s": first - sent,
+                            "tok_s": (n - 1) / (end - first) if n > 1 else 0.0,
+                            "reported_tok_s": message["tokens_per_second"]})
+        ws.close()
+    finally:
+        server.shutdown()
+        app.extensions["bchat"].close()
+    return results[1:]
+
+
+def direct(model_path: str, threads: int, tokens: int, runs: int) -> list[dict]:
+    from llama_cpp import Llama
+
+    llama = Llama(model_path, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                  verbose=False)
+    results = []
+    for _ in range(runs + 1):
+        llama.reset()  # bchat re-uses the prefix cache across turns, but each run here is fresh
+        sent = time.perf_counter()
+        first = None
+        n = 0
+        for chunk in llama.create_chat_completion(
+            [{"role": "user", "content": PROMPT}], temperature=0, max_tokens=tokens, stream=True
+        ):
+            if chunk["choices"][0]["delta"].get("content"):
+                n += 1
+                if first is None:
+                    first = time.perf_counter()
+        end = time.perf_counter()
+        results.append({"tokens": n, "ttft_s": first - sent,
+                        "tok_s": (n - 1) / (end - first) if n > 1 else 0.0})
+    return results[1:]
+
+
+def main() -> None:
+    from webapp.config import bundled_model_path
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=str(bundled_model_path()))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+
+    d = direct(args.model, args.threads, args.tokens, args.runs)
+    b = through_bchat(args.model, args.threads, args.tokens, args.runs)
+
+    def med(rows, key):
+        return statistics.median(r[key] for r in rows)
+
+    print(f"model {Path(args.model).name}, {args.threads} threads, max {args.tokens} tokens, "
+          f"median of {args.runs} runs, greedy")
+    print(f"{'path':<28}{'tokens':>8}{'tok/s':>10}{'first token':>14}")
+    print(f"{'llama-cpp-python direct':<28}{med(d, 'tokens'):>8.0f}{med(d, 'tok_s'):>10.1f}"
+          f"{med(d, 'ttft_s') * 1000:>11.0f} ms")
+    print(f"{'bchat websocket':<28}{med(b, 'tokens'):>8.0f}{med(b, 'tok_s'):>10.1f}"
+          f"{med(b, 'ttft_s') * 1000:>11.0f} ms")
+    print(f"bchat / direct tok/s ratio: {med(b, 'tok_s') / med(d, 'tok_s'):.3f}  "
+          f"(bchat's own reported decode rate: {med(b, 'reported_tok_s'):.1f} tok/s)")
+
+
+if __name__ == "__main__":
+    main()

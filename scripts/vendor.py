@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Refresh the browser libraries under static/vendor/ from the npm registry.
+
+Each package is fetched with `npm pack NAME@VERSION` (pinned below), only the files the page
+uses are copied, together with the package's licence, and static/vendor/manifest.json records
+version, tarball integrity and a sha256 of every copied file. Run it after changing a pin;
+commit what it writes. Nothing here runs at app start or in the browser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENDOR = ROOT / "static" / "vendor"
+
+# package -> (version, target folder, {file in package: file in folder})
+PACKAGES: dict[str, tuple[str, str, dict[str, str]]] = {
+    "marked": ("18.2.1", "marked", {"lib/marked.esm.js": "marked.esm.js"}),
+    "dompurify": ("3.4.18", "dompurify", {"dist/purify.es.mjs": "purify.es.mjs"}),
+    "@highlightjs/cdn-assets": (
+        "11.12.0",
+        "highlight",
+        {
+            "es/highlight.min.js": "highlight.min.js",
+            "styles/github.min.css": "github.min.css",
+            "styles/github-dark.min.css": "github-dark.min.css",
+        },
+    ),
+}
+LICENSE_NAMES = ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE", "license")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fetch(name: str, version: str, workdir: Path) -> tuple[Path, dict]:
+    out = subprocess.run(
+        ["npm", "pack", f"{name}@{version}", "--json", "--pack-destination", str(workdir)],
+        check=True, capture_output=True, text=True, cwd=workdir,
+    )
+    info = json.loads(out.stdout)[0]
+    tarball = workdir / info["filename"]
+    unpack = workdir / info["filename"].removesuffix(".tgz")
+    with tarfile.open(tarball) as tar:
+        tar.extractall(unpack, filter="data")
+    return unpack / "package", info
+
+
+def main() -> int:
+    manifest: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (version, folder, files) in PACKAGES.items():
+            package_dir, info = fetch(name, version, Path(tmp))
+            target = VENDOR / folder
+            if target.exists():
+                shutil.rmtree(target)
+            target.mkdir(parents=True)
+            copied = {}
+            for source, dest in files.items():
+                shutil.copyfile(package_dir / source, target / dest)
+                copied[dest] = sha256(target / dest)
+            licence = next((package_dir / n for n in LICENSE_NAMES if (package_dir / n).exists()), None)
+            if licence is None:
+                print(f"{name}: no licence file in the package", file=sys.stderr)
+                return 1
+            shutil.copyfile(licence, target / "LICENSE")
+            manifest[name] = {
+                "version": version,
+                "folder": folder,
+                "integrity": info.get("integrity"),
+                "files": copied,
+            }
+            print(f"{name}@{version} -> static/vendor/{folder}")
+    (VENDOR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

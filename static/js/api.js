@@ -1,0 +1,42 @@
+// The JSON API client. Errors become ApiError with the server's code and message.
+
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function request(method, path, body) {
+  const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (err) {
+    throw new ApiError(0, "network", `the server could not be reached (${err.message})`);
+  }
+  if (response.status === 204) return null;
+  const data = await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = data?.error ?? {};
+    throw new ApiError(response.status, error.code ?? "http_error",
+      error.message ?? `${method} ${path} failed with HTTP ${response.status}`);
+  }
+  return data;
+}
+
+export const api = {
+  models: () => request("GET", "/api/models"),
+  conversations: () => request("GET", "/api/conversations"),
+  conversation: (id) => request("GET", `/api/conversations/${encodeURIComponent(id)}`),
+  createConversation: (title) => request("POST", "/api/conversations", { title }),
+  rename: (id, title) => request("PATCH", `/api/conversations/${encodeURIComponent(id)}`, { title }),
+  remove: (id) => request("DELETE", `/api/conversations/${encodeURIComponent(id)}`),
+  addMessage: (id, message) =>
+    request("POST", `/api/conversations/${encodeURIComponent(id)}/messages`, message),
+};

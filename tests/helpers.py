@@ -1,0 +1,90 @@
+"""A minimal visitor for tests: a cookie jar, JSON calls, and a real websocket client."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from http.cookiejar import CookieJar
+from typing import Any
+
+import websocket  # websocket-client
+
+
+class HttpSession:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.cookies = CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
+
+    def request(self, method: str, path: str, body: Any = None, headers=None):
+        data = None
+        headers = dict(headers or {})
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers.setdefault("Content-Type", "application/json")
+        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
+        try:
+            with self.opener.open(req, timeout=30) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+    def json(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        status, _headers, raw = self.request(method, path, body)
+        return status, (json.loads(raw) if raw else None)
+
+    def visit(self) -> None:
+        status, _h, _b = self.request("GET", "/")
+        assert status == 200
+
+    def cookie_header(self) -> str:
+        return "; ".join(f"{c.name}={c.value}" for c in self.cookies)
+
+    def ws(self, *, origin: str | None = "own", timeout: float = 30) -> ChatClient:
+        if not list(self.cookies):
+            self.visit()
+        url = self.base_url.replace("http://", "ws://") + "/ws"
+        kwargs: dict[str, Any] = {"timeout": timeout, "cookie": self.cookie_header()}
+        if origin == "own":
+            kwargs["origin"] = self.base_url
+        elif origin is None:
+            kwargs["suppress_origin"] = True
+        else:
+            kwargs["origin"] = origin
+        return ChatClient(websocket.create_connection(url, **kwargs))
+
+
+class ChatClient:
+    """Sends frames and collects them until a frame of a wanted type arrives."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def send(self, frame: dict | str) -> None:
+        self.conn.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    def recv(self) -> dict:
+        return json.loads(self.conn.recv())
+
+    def until(self, *types: str) -> tuple[dict, list[dict]]:
+        """Read frames until one of ``types``; returns (that frame, every frame read)."""
+        seen = []
+        while True:
+            frame = self.recv()
+            seen.append(frame)
+            if frame["type"] in types:
+                return frame, seen
+
+    def chat(self, content: str, conversation_id: str | None = None, **extra) -> dict:
+        frame = {"type": "chat", "conversation_id": conversation_id, "content": content}
+        frame.update(extra)
+        self.send(frame)
+        return frame
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def text_of(frames: list[dict]) -> str:
+    return "".join(f["text"] for f in frames if f["type"] == "token")

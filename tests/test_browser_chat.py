@@ -1,0 +1,112 @@
+"""The chat page in a real chromium: send, watch tokens stream, stop, reload, history."""
+
+from __future__ import annotations
+
+import pytest
+from browser import chromium
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def server(make_app, make_live_server):
+    # Long default replies, so there is time to press Stop in the middle of one.
+    return make_live_server(make_app(MAX_TOKENS=4000))
+
+
+def test_send_stream_stop_reload(server):
+    from playwright.sync_api import expect
+
+    with chromium() as context:
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url + "/")
+        expect(page.get_by_test_id("connection")).to_have_text("connected")
+        expect(page.get_by_test_id("model-select")).to_have_value("tiny-chat")
+
+        # 1. a reply streams in; watch it grow, then stop it
+        page.get_by_test_id("composer").fill("hello from chromium")
+        page.get_by_test_id("composer").press("Enter")
+        reply = page.locator('[data-testid="message"][data-role="assistant"]').first
+        expect(reply).to_have_attribute("data-status", "streaming")
+        expect(reply.locator(".body")).not_to_be_empty()
+        first_length = len(reply.locator(".body").inner_text())
+        page.wait_for_function(
+            "n => document.querySelector('[data-role=assistant] .body').innerText.length > n",
+            arg=first_length,
+        )
+        expect(page.get_by_test_id("stop")).to_be_visible()
+        page.get_by_test_id("stop").click()
+        expect(reply).to_have_attribute("data-status", "stopped", timeout=10_000)
+        expect(reply.locator(".meta")).to_contain_text("stopped")
+        expect(page.get_by_test_id("stop")).to_be_hidden()
+        assert page.get_by_test_id("composer").input_value() == ""
+
+        # 2. a second, shorter message (reply settings), left to finish; Shift+Enter is a newline
+        page.get_by_test_id("settings").locator("summary").click()
+        page.get_by_test_id("max-tokens").fill("48")
+        page.get_by_test_id("settings").locator("summary").click()
+        composer = page.get_by_test_id("composer")
+        composer.type("line one")
+        composer.press("Shift+Enter")
+        composer.type("line two")
+        assert composer.input_value() == "line one\nline two"
+        composer.press("Enter")
+        second = page.locator('[data-testid="message"][data-role="assistant"]').nth(1)
+        expect(second).to_have_attribute("data-status", "complete", timeout=60_000)
+        expect(second.locator(".meta")).to_contain_text("tok/s")
+        expect(second.locator(".meta")).to_contain_text("tiny-chat")
+        expect(second.locator(".meta")).to_contain_text("48 tokens")
+        assert "/c/" in page.url
+        expect(page.get_by_test_id("conversation")).to_have_count(1)
+        expect(page.get_by_test_id("conversation")).to_contain_text("hello from chromium")
+
+        # 3. reload: the history and the statuses are still there
+        page.reload()
+        messages = page.get_by_test_id("message")
+        expect(messages).to_have_count(4)
+        roles = [m.get_attribute("data-role") for m in messages.all()]
+        statuses = [m.get_attribute("data-status") for m in messages.all()]
+        assert roles == ["user", "assistant", "user", "assistant"]
+        assert statuses == ["complete", "stopped", "complete", "complete"]
+        expect(messages.nth(2).locator(".body")).to_have_text("line one\nline two")
+
+        # 4. new chat, then delete the old one from the list
+        page.get_by_test_id("new-chat").click()
+        expect(page.get_by_test_id("message")).to_have_count(0)
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.get_by_test_id("conversation").first.get_by_test_id("delete").click()
+        expect(page.get_by_test_id("conversation")).to_have_count(0)
+        assert errors == []
+
+
+def test_model_output_is_sanitised(server):
+    """Markdown from the model renders, but script and event-handler HTML does not survive."""
+    from playwright.sync_api import expect
+
+    visitor = server.session()
+    visitor.visit()
+    _, conv = visitor.json("POST", "/api/conversations", {"title": "xss"})
+    path = f"/api/conversations/{conv['id']}/messages"
+    visitor.json("POST", path, {"role": "user", "content": "<img src=x onerror=alert(1)>"})
+    visitor.json("POST", path, {
+        "role": "assistant",
+        "content": "**bold** <img src=x onerror=\"window.pwned=1\"><script>window.pwned=2</script>"
+                   "\n\n```python\nprint('hi')\n```",
+        "provenance": {"engine": "browser", "model": "tiny-chat"},
+    })
+    with chromium() as context:
+        # the same visitor: hand the browser the owner cookie the API calls were made with
+        context.add_cookies([{"name": c.name, "value": c.value, "url": server.url}
+                             for c in visitor.cookies])
+        page = context.new_page()
+        page.goto(f"{server.url}/c/{conv['id']}")
+        assistant = page.locator('[data-role="assistant"] .body')
+        expect(assistant.locator("strong")).to_have_text("bold")
+        expect(assistant.locator("pre code.hljs")).to_have_count(1)
+        assert assistant.locator("script").count() == 0
+        assert assistant.locator("img").get_attribute("onerror") is None
+        user = page.locator('[data-role="user"] .body')
+        expect(user).to_have_text("<img src=x onerror=alert(1)>")  # shown as typed, not parsed
+        assert page.evaluate("window.pwned") is None

@@ -1,0 +1,128 @@
+"""Writes a tiny random-weight llama GGUF for fast tests of the real llama.cpp path.
+
+2 layers, 64 dims, ~800 tokens (the 256 byte tokens included, so any text tokenizes), a
+ChatML chat template whose end token is the EOS. ~400 KB, loads in milliseconds. Its replies
+are gibberish, but they are produced by real llama.cpp code: tokenize, decode, sample, detokenize.
+Rows of the output matrix for control and byte tokens are zero, so greedy decoding picks
+ordinary word pieces and never ends early by itself.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import numpy as np
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+WORDS = (
+    "the a an and or of to in on is are was be it this that with for as at by from we you they "
+    "he she hello world chat model token llama server browser reply stop test small tiny fast "
+    "slow good bad yes no one two three four five six seven eight nine ten red green blue cat "
+    "dog sun moon tree water fire code data file line word text time day night"
+).split()
+
+
+def vocabulary() -> tuple[list[str], list[float], list[int]]:
+    import gguf
+
+    normal, control, unknown, byte = (
+        gguf.TokenType.NORMAL, gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN, gguf.TokenType.BYTE,
+    )
+    tokens: list[str] = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    types: list[int] = [unknown, control, control, control, control]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [byte] * 256
+    pieces: list[str] = ["▁"]
+    pieces += list(string.ascii_letters + string.digits + string.punctuation)
+    pieces += [f"▁{c}" for c in string.ascii_letters]
+    pieces += [f"▁{w}" for w in WORDS] + WORDS
+    letters = "etaoinshrdlucmfw"
+    pieces += [a + b for a in letters for b in letters]
+    seen = set(tokens)
+    for piece in pieces:
+        if piece not in seen:
+            seen.add(piece)
+            tokens.append(piece)
+            types.append(normal)
+    scores = [0.0] * 261 + [-float(i) for i in range(len(tokens) - 261)]
+    return tokens, scores, [int(t) for t in types]
+
+
+def write_tiny_model(
+    path: Path,
+    *,
+    context_length: int = 4096,
+    dim: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    ff: int = 128,
+    seed: int = 1234,
+    chat_template: str | None = CHATML_TEMPLATE,
+    name: str = "bchat-tiny-test",
+) -> Path:
+    import gguf
+
+    tokens, scores, types = vocabulary()
+    n_vocab = len(tokens)
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int, scale: float = 0.1) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(dim)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_rope_dimension_count(dim // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_vocab_size(n_vocab)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_add_bos_token(False)
+    writer.add_add_space_prefix(False)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+    output = weight(n_vocab, dim, scale=1.0)
+    output[:261] = 0.0  # never prefer control or byte tokens: readable pieces, no early end
+    writer.add_tensor("token_embd.weight", weight(n_vocab, dim, scale=1.0))
+    writer.add_tensor("output_norm.weight", np.ones(dim, dtype=np.float32))
+    writer.add_tensor("output.weight", output)
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(dim, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(dim, dim))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(dim, dim))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(dim, dim))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(dim, dim))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(dim, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(ff, dim))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(ff, dim))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(dim, ff))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_tiny_model(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf")))

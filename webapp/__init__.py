@@ -1,0 +1,73 @@
+"""bchat: a self-hosted web chat for local LLMs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from .config import load_config, resolve_secret_key
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """The app factory: settings, database, engines, blueprints, socket, headers."""
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    from . import api, pages, security
+    from .chats import ChatService
+    from .db import Database
+    from .engines import EngineRegistry
+    from .engines.llamacpp import LlamaCppEngine
+    from .model_files import ModelCatalogue
+    from .services import EXTENSION_KEY, Services
+    from . import socket
+
+    app = Flask(
+        __name__,
+        instance_relative_config=True,
+        static_folder=str(ROOT / "static"),
+        template_folder=str(ROOT / "templates"),
+    )
+    app.config.update(load_config(app.instance_path))
+    app.config.update(config or {})
+    resolve_secret_key(app.config, app.instance_path)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    security.init_app(app)
+    app.config["SOCK_SERVER_OPTIONS"] = {
+        "ping_interval": app.config["WS_PING_INTERVAL"],
+        "max_message_size": app.config["WS_MAX_FRAME_BYTES"],
+    }
+
+    db = Database(app.config["DATABASE_URL"])
+    catalogue = ModelCatalogue(app.config["MODEL_PATH"])
+    engines = EngineRegistry(
+        [
+            LlamaCppEngine(
+                catalogue,
+                n_ctx=app.config["N_CTX"],
+                n_threads=app.config["N_THREADS"],
+                n_gpu_layers=app.config["N_GPU_LAYERS"],
+                preload=app.config["PRELOAD_MODELS"],
+            )
+        ]
+    )
+    app.extensions[EXTENSION_KEY] = Services(
+        db=db,
+        chats=ChatService(db, max_message_chars=app.config["MAX_MESSAGE_CHARS"]),
+        catalogue=catalogue,
+        engines=engines,
+    )
+
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(socket.bp)
+    if app.config["PROXY_FIX"]:
+        n = app.config["PROXY_FIX"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,165 @@
+"""JSON API: models, conversations and their messages. Views stay thin: rules live in chats.py.
+
+Errors are ``{"error": {"code": ..., "message": ...}}`` with a matching HTTP status. Writes
+require a JSON body (``Content-Type: application/json``), which a cross-site form cannot send.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .chats import Invalid, NotFound, Provenance
+from .security import owner_id
+from .services import get_services
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("api", __name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _error(status: int, code: str, message: str):
+    return jsonify({"error": {"code": code, "message": message}}), status
+
+
+@bp.errorhandler(ApiError)
+def _api_error(exc: ApiError):
+    return _error(exc.status, exc.code, exc.message)
+
+
+@bp.errorhandler(NotFound)
+def _not_found(_exc: NotFound):
+    return _error(404, "not_found", "no such conversation")
+
+
+@bp.errorhandler(Invalid)
+def _invalid(exc: Invalid):
+    return _error(400, exc.code, exc.message)
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException):
+    return _error(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or "")
+
+
+def json_body() -> dict[str, Any]:
+    if not request.is_json:
+        raise ApiError(415, "json_required", "send a JSON body (Content-Type: application/json)")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_json", "the body must be a JSON object")
+    return body
+
+
+@bp.get("/healthz")
+def healthz():
+    services = get_services()
+    with services.db.read() as session:
+        session.connection().exec_driver_sql("SELECT 1")
+    return {"status": "ok", "models": len(services.engines.models())}
+
+
+@bp.get("/api/models")
+def models():
+    services = get_services()
+    return {
+        "models": [
+            {"id": m.id, "served_by": m.engine, "engines": ["server"], "facts": m.facts}
+            for m in services.engines.models()
+        ],
+        "default": services.engines.default_model,
+    }
+
+
+@bp.get("/api/conversations")
+def list_conversations():
+    return {"conversations": get_services().chats.list_conversations(owner_id())}
+
+
+@bp.post("/api/conversations")
+def create_conversation():
+    body = json_body()
+    return get_services().chats.create_conversation(owner_id(), body.get("title")), 201
+
+
+@bp.get("/api/conversations/<conversation_id>")
+def get_conversation(conversation_id: str):
+    return get_services().chats.get_conversation(owner_id(), conversation_id)
+
+
+@bp.patch("/api/conversations/<conversation_id>")
+def rename_conversation(conversation_id: str):
+    body = json_body()
+    return get_services().chats.rename(owner_id(), conversation_id, body.get("title"))
+
+
+@bp.delete("/api/conversations/<conversation_id>")
+def delete_conversation(conversation_id: str):
+    get_services().chats.delete(owner_id(), conversation_id)
+    return "", 204
+
+
+_PROVENANCE_FIELDS = {
+    "engine", "backend", "model", "prompt_tokens", "completion_tokens", "tokens_per_second",
+    "finish_reason", "meta",
+}
+
+
+def _provenance(raw: Any) -> Provenance:
+    if not isinstance(raw, dict) or set(raw) - _PROVENANCE_FIELDS:
+        raise Invalid("bad_provenance", f"provenance takes: {', '.join(sorted(_PROVENANCE_FIELDS))}")
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = raw.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise Invalid("bad_provenance", f"{name} must be a non-negative integer")
+    tps = raw.get("tokens_per_second")
+    if tps is not None and (not isinstance(tps, int | float) or isinstance(tps, bool) or tps < 0):
+        raise Invalid("bad_provenance", "tokens_per_second must be a non-negative number")
+    for name in ("backend", "model", "finish_reason"):
+        value = raw.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > 200):
+            raise Invalid("bad_provenance", f"{name} must be a short string")
+    meta = raw.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise Invalid("bad_provenance", "meta must be an object")
+    return Provenance(
+        engine=raw.get("engine", "browser"),
+        backend=raw.get("backend"),
+        model=raw.get("model"),
+        prompt_tokens=raw.get("prompt_tokens"),
+        completion_tokens=raw.get("completion_tokens"),
+        tokens_per_second=tps,
+        finish_reason=raw.get("finish_reason"),
+        meta=meta,
+    )
+
+
+@bp.post("/api/conversations/<conversation_id>/messages")
+def add_message(conversation_id: str):
+    """Store a message written in the page (the browser engine): the user's, or a reply."""
+    body = json_body()
+    chats = get_services().chats
+    owner = owner_id()
+    role = chats.check_role(body.get("role"))
+    if role == "user":
+        _conv, message = chats.add_user_message(owner, conversation_id, body.get("content"))
+        return message, 201
+    if role != "assistant":
+        raise Invalid("bad_role", "only user and assistant messages can be posted")
+    content = chats.check_content(body.get("content"), allow_empty=True)
+    provenance = _provenance(body.get("provenance", {}))
+    if provenance.engine != "browser":
+        raise Invalid("bad_engine", "replies posted through the API come from the browser engine")
+    message = chats.add_reply(
+        owner, conversation_id, content, body.get("status", "complete"), provenance
+    )
+    return message, 201

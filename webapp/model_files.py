@@ -1,0 +1,141 @@
+"""The catalogue of GGUF model files this app can run, with facts read from their headers.
+
+Facts come from the GGUF metadata and tensor table (no weights are loaded), so listing
+models is cheap and the UI can show size and quantisation before anyone downloads a byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# GGUF general.file_type values (llama_ftype) -> the names llama.cpp prints.
+_FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+    10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+    16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S",
+    22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M",
+    28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
+    38: "MXFP4",
+}
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    id: str
+    path: Path
+    name: str
+    architecture: str
+    parameters: int
+    quantization: str
+    bits_per_weight: float
+    file_size: int
+    context_length: int | None
+    has_chat_template: bool
+    version: str  # changes whenever the file does; part of the browser download URL
+
+    def facts(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("path")
+        data.pop("id")
+        return data
+
+
+def _field_value(reader, key: str) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.contents()
+    return value
+
+
+def _file_version(path: Path, stat: os.stat_result) -> str:
+    """A short tag that changes when the file does, without hashing 100 MB at every start.
+
+    Size, mtime and the first and last MiB together catch replacement and re-quantisation.
+    """
+    digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    with path.open("rb") as fh:
+        digest.update(fh.read(1 << 20))
+        if stat.st_size > 2 << 20:
+            fh.seek(-(1 << 20), os.SEEK_END)
+            digest.update(fh.read())
+    return digest.hexdigest()[:16]
+
+
+def read_model_file(path: Path, model_id: str | None = None) -> ModelFile:
+    from gguf import GGUFReader  # imported here: it pulls in numpy, needed only when scanning
+
+    reader = GGUFReader(str(path))
+    arch = _field_value(reader, "general.architecture") or "unknown"
+    parameters = int(sum(int(t.n_elements) for t in reader.tensors))
+    stat = path.stat()
+    file_type = _field_value(reader, "general.file_type")
+    quant = _FILE_TYPES.get(int(file_type), f"type {file_type}") if file_type is not None else "?"
+    ctx = _field_value(reader, f"{arch}.context_length")
+    return ModelFile(
+        id=model_id or path.stem,
+        path=path.resolve(),
+        name=_field_value(reader, "general.name") or path.stem,
+        architecture=arch,
+        parameters=parameters,
+        quantization=quant,
+        bits_per_weight=round(stat.st_size * 8 / parameters, 2) if parameters else 0.0,
+        file_size=stat.st_size,
+        context_length=int(ctx) if ctx is not None else None,
+        has_chat_template=_field_value(reader, "tokenizer.chat_template") is not None,
+        version=_file_version(path, stat),
+    )
+
+
+def discover(model_path: str | os.PathLike) -> list[ModelFile]:
+    """Every readable .gguf at ``model_path`` (a file, or a directory searched one level)."""
+    root = Path(model_path)
+    if root.is_dir():
+        candidates = sorted(p for p in root.iterdir() if p.suffix == ".gguf" and p.is_file())
+    elif root.is_file():
+        candidates = [root]
+    else:
+        log.error("BCHAT_MODEL_PATH %s does not exist", root)
+        return []
+    models: list[ModelFile] = []
+    seen: set[str] = set()
+    for path in candidates:
+        model_id = path.stem
+        n = 2
+        while model_id in seen:
+            model_id, n = f"{path.stem}-{n}", n + 1
+        try:
+            models.append(read_model_file(path, model_id))
+        except Exception:  # a broken file must not hide the good ones
+            log.exception("skipping %s: not a readable GGUF file", path)
+            continue
+        seen.add(model_id)
+    return models
+
+
+class ModelCatalogue:
+    """The models found at start; looked up by id for inference and for browser downloads."""
+
+    def __init__(self, model_path: str | os.PathLike) -> None:
+        self.model_path = str(model_path)
+        self._models = {m.id: m for m in discover(model_path)}
+
+    def __iter__(self):
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def get(self, model_id: str) -> ModelFile | None:
+        return self._models.get(model_id)
+
+    @property
+    def default_id(self) -> str | None:
+        return next(iter(self._models), None)

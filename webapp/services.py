@@ -1,0 +1,30 @@
+"""The long-lived objects one app instance shares between requests, kept on ``app.extensions``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app
+
+from .chats import ChatService
+from .db import Database
+from .engines import EngineRegistry
+from .model_files import ModelCatalogue
+
+EXTENSION_KEY = "bchat"
+
+
+@dataclass
+class Services:
+    db: Database
+    chats: ChatService
+    catalogue: ModelCatalogue
+    engines: EngineRegistry
+
+    def close(self) -> None:
+        self.engines.close()
+        self.db.dispose()
+
+
+def get_services() -> Services:
+    return current_app.extensions[EXTENSION_KEY]
