@@ -13,7 +13,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,24 +22,45 @@ sys.path.insert(0, str(ROOT / "tests"))
 PROMPT = "Write a long, detailed story about a dragon who learns to bake bread."
 
 
-def through_bchat(model_path: str, threads: int, tokens: int, runs: int) -> list[dict]:
-    from conftest import migrate
-    from helpers import HttpSession
-    from werkzeug.serving import make_server
+def start_bchat(model_path: str, threads: int, extra_env: dict | None = None):
+    """`bchat serve` in its own process, as a user runs it; returns (process, base URL)."""
+    import socket
+    import subprocess
 
-    from webapp import create_app
+    from conftest import migrate
 
     tmp = tempfile.mkdtemp()
     url = f"sqlite:///{tmp}/bench.sqlite3"
     migrate(url)
-    app = create_app({"DATABASE_URL": url, "MODEL_PATH": model_path, "SECRET_KEY": "bench",
-                      "N_THREADS": threads, "N_CTX": 2048, "PRELOAD_MODELS": True})
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "BCHAT_DATABASE_URL": url, "BCHAT_MODEL_PATH": model_path,
+           "BCHAT_SECRET_KEY": "bench", "BCHAT_N_THREADS": str(threads), "BCHAT_N_CTX": "2048",
+           "BCHAT_PRELOAD_MODELS": "1", **(extra_env or {})}
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/bchat"), "serve", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    from helpers import HttpSession
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if HttpSession(base).request("GET", "/healthz")[0] == 200:
+                return proc, base
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("bchat did not start")
+
+
+def through_bchat(model_path: str, threads: int, tokens: int, runs: int) -> list[dict]:
+    from helpers import HttpSession
+
+    proc, base = start_bchat(model_path, threads)
     results = []
     try:
-        visitor = HttpSession(f"http://127.0.0.1:{server.server_port}")
-        ws = visitor.ws()
+        ws = HttpSession(base).ws()
         for _ in range(runs + 1):  # the first run warms up
             sent = time.perf_counter()
             ws.chat(PROMPT, options={"temperature": 0, "max_tokens": tokens})
@@ -59,8 +79,8 @@ def through_bchat(model_path: str, threads: int, tokens: int, runs: int) -> list
                             "reported_tok_s": message["tokens_per_second"]})
         ws.close()
     finally:
-        server.shutdown()
-        app.extensions["bchat"].close()
+        proc.terminate()
+        proc.wait(10)
     return results[1:]
 
 

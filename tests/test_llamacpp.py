@@ -98,36 +98,40 @@ def test_stop_between_tokens_ends_with_stopped(engine):
 
 def test_requests_are_served_in_arrival_order_and_told_they_wait(engine):
     engine.worker("tiny-chat").wait_loaded(30)
-    started_order: list[int] = []
+    busy = threading.Event()
+    first = engine.stream("tiny-chat", [{"role": "user", "content": "first"}],
+                          GenerationOptions(temperature=0.0, max_tokens=4000), busy)
+    assert isinstance(next(first), Token)  # the model is now busy with the first request
+    # Two more arrive, in this order, while it is busy.
+    waiting = [
+        engine.stream("tiny-chat", [{"role": "user", "content": f"request {i}"}],
+                      GenerationOptions(temperature=0.0, max_tokens=50), threading.Event())
+        for i in (1, 2)
+    ]
+    first_token_at: dict[int, float] = {}
     results: dict[int, list] = {}
-    lock = threading.Lock()
 
-    def client(i: int) -> None:
+    def consume(i: int) -> None:
         chunks = []
-        for chunk in engine.stream(
-            "tiny-chat", [{"role": "user", "content": f"request {i}"}],
-            GenerationOptions(temperature=0.0, max_tokens=400), threading.Event(),
-        ):
-            if isinstance(chunk, Token) and not any(isinstance(c, Token) for c in chunks):
-                with lock:
-                    started_order.append(i)
+        for chunk in waiting[i - 1]:
+            if isinstance(chunk, Token) and i not in first_token_at:
+                first_token_at[i] = time.perf_counter()
             chunks.append(chunk)
         results[i] = chunks
 
-    threads = []
-    for i in range(3):
-        t = threading.Thread(target=client, args=(i,))
+    threads = [threading.Thread(target=consume, args=(i,)) for i in (2, 1)]  # reversed on purpose
+    for t in threads:
         t.start()
-        threads.append(t)
-        time.sleep(0.05)  # a definite arrival order
+    time.sleep(0.1)
+    busy.set()
+    rest = list(first)
     for t in threads:
         t.join(60)
-    assert started_order == [0, 1, 2]
-    assert all(isinstance(results[i][-1], Finished) for i in range(3))
-    assert results[i][-1].completion_tokens == 400
-    queued = [c.position for c in results[2] if isinstance(c, Queued)]
-    assert queued and queued[0] == 2 and queued[-1] == 1, "told its place, then moved up"
-    assert not any(isinstance(c, Queued) for c in results[0])
+    assert rest[-1].finish_reason == "stopped"
+    assert first_token_at[1] < first_token_at[2], "served in arrival order"
+    assert [c.position for c in results[1] if isinstance(c, Queued)] == [1]
+    assert [c.position for c in results[2] if isinstance(c, Queued)] == [2, 1], "told, then moved up"
+    assert all(results[i][-1].completion_tokens == 50 for i in (1, 2))
 
 
 def test_a_request_cancelled_while_queued_never_runs(engine):

@@ -93,7 +93,7 @@ def test_binary_frame_is_refused(live_server):
 
 def test_second_chat_while_one_runs_is_refused_and_first_completes(live_server):
     ws = live_server.session().ws()
-    ws.chat("long one", options={"temperature": 0, "max_tokens": 1500})
+    ws.chat("long one", options={"temperature": 0, "max_tokens": 4000})
     ws.until("token")
     ws.chat("impatient")
     error, frames = ws.until("error")

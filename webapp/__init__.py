@@ -17,14 +17,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The app factory: settings, database, engines, blueprints, socket, headers."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, pages, security
+    from . import api, pages, security, socket
     from .chats import ChatService
     from .db import Database
     from .engines import EngineRegistry
     from .engines.llamacpp import LlamaCppEngine
     from .model_files import ModelCatalogue
     from .services import EXTENSION_KEY, Services
-    from . import socket
 
     app = Flask(
         __name__,

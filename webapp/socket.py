@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 from typing import Any
@@ -29,8 +28,23 @@ log = logging.getLogger(__name__)
 bp = Blueprint("socket", __name__)
 sock = Sock()
 
-POLL_SECONDS = 0.05  # how often the relay looks at the socket while tokens are pending
-_END = object()
+WATCH_SECONDS = 0.05  # how soon the watcher notices that a reply has ended
+
+
+class _Turn:
+    """What the relay and its watcher share about one reply."""
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+        self.done = threading.Event()
+        self.connected = True
+        self.stop_reason: str | None = None
+
+    def disconnected(self) -> None:
+        if self.connected:
+            self.connected = False
+            self.stop_reason = self.stop_reason or "disconnect"
+            self.cancel.set()
 
 
 class ProtocolError(Exception):
@@ -94,15 +108,18 @@ class ChatSocket:
         self.owner = owner
         self.services = get_services()
         self.config = current_app.config
-        self._generating = False
+        self.pending: list[Any] = []  # frames the watcher read as a reply ended
+        self._send_lock = threading.Lock()  # the relay and its watcher both send
 
     # -- plumbing --------------------------------------------------------------------------
     def send(self, frame: dict[str, Any]) -> bool:
         """Send a frame; False when the client is gone (the caller carries on, quietly)."""
+        data = json.dumps(frame, ensure_ascii=False)
         try:
-            self.ws.send(json.dumps(frame, ensure_ascii=False))
+            with self._send_lock:
+                self.ws.send(data)
             return True
-        except ConnectionClosed:
+        except (ConnectionClosed, OSError):
             return False
 
     def send_error(self, code: str, message: str, **extra: Any) -> None:
@@ -122,9 +139,9 @@ class ChatSocket:
 
     def run(self) -> None:
         timeout = self.config["WS_RECEIVE_TIMEOUT"]
-        while self.ws.connected:
+        while self.ws.connected or self.pending:
             try:
-                raw = self.ws.receive(timeout=timeout)
+                raw = self.pending.pop(0) if self.pending else self.ws.receive(timeout=timeout)
             except ConnectionClosed:
                 break
             if raw is None:
@@ -180,86 +197,77 @@ class ChatSocket:
         self.relay(conv["id"], reply_id, model, history, options)
 
     def relay(self, conversation_id, reply_id, model, history, options) -> None:
+        """Stream the reply to the client while a watcher thread reads the socket.
+
+        The watcher sleeps in ``receive`` and wakes only for a frame or a closed socket, so
+        the token path costs one thread wake-up per token: on a 2-core machine every extra
+        runnable thread steals time from llama.cpp's own threads.
+        """
         engines = self.services.engines
         engine = engines.engine_for(model)
-        cancel = threading.Event()
-        chunks: queue.Queue = queue.Queue()
-
-        def pump() -> None:
-            try:
-                for chunk in engines.stream(model, history, options, cancel):
-                    chunks.put(chunk)
-            except Exception as exc:  # handed to the relay, which stores and reports it
-                chunks.put(exc)
-            finally:
-                chunks.put(_END)
-
+        turn = _Turn()
+        watcher = threading.Thread(target=self.watch, args=(turn,), name="bchat-watch", daemon=True)
         log.info("chat %s: generating with %s", short(conversation_id), model)
-        threading.Thread(target=pump, name="bchat-pump", daemon=True).start()
         parts: list[str] = []
         finished: Finished | None = None
         error: Exception | None = None
-        stop_reason: str | None = None
-        connected = True
         started = time.perf_counter()
-        while True:
-            try:
-                item = chunks.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                item = None
-            if item is _END:
-                break
-            if isinstance(item, Token):
-                parts.append(item.text)
-                if connected:
-                    connected = self.send({"type": "token", "text": item.text})
-            elif isinstance(item, Queued):
-                if connected:
-                    connected = self.send({"type": "queued", "position": item.position})
-            elif isinstance(item, Finished):
-                finished = item
-            elif isinstance(item, Exception):
-                error = item
-            if item is not None and chunks.qsize():
-                continue  # drain what is ready before looking at the socket
-            # Look at the socket between tokens: stop, disconnect, or frames we must refuse.
-            if connected and not self.ws.connected:
-                connected = False
-            if not connected:
-                if not cancel.is_set():
-                    stop_reason = stop_reason or "disconnect"
-                    cancel.set()
-                continue
-            try:
-                raw = self.ws.receive(timeout=0)
-            except ConnectionClosed:
-                connected = False
-                continue
-            if raw is not None:
-                stop_reason = self.frame_while_generating(raw, cancel) or stop_reason
-
+        watcher.start()
+        try:
+            for item in engines.stream(model, history, options, turn.cancel):
+                if isinstance(item, Token):
+                    parts.append(item.text)
+                    if turn.connected and not self.send({"type": "token", "text": item.text}):
+                        turn.disconnected()
+                elif isinstance(item, Queued):
+                    if turn.connected and not self.send({"type": "queued", "position": item.position}):
+                        turn.disconnected()
+                elif isinstance(item, Finished):
+                    finished = item
+        except Exception as exc:  # stored as a failed reply and reported below
+            error = exc
+        finally:
+            turn.done.set()
+            watcher.join()
         self.store_reply(
             conversation_id, reply_id, model, engine, "".join(parts),
-            finished, error, stop_reason, connected, time.perf_counter() - started,
+            finished, error, turn.stop_reason, turn.connected, time.perf_counter() - started,
         )
 
-    def frame_while_generating(self, raw: Any, cancel: threading.Event) -> str | None:
+    def watch(self, turn: _Turn) -> None:
+        """Runs beside a generation: handles stop, refuses a second chat, notices a hang-up."""
+        while not turn.done.is_set():
+            try:
+                raw = self.ws.receive(timeout=WATCH_SECONDS)
+            except ConnectionClosed:
+                turn.disconnected()
+                return
+            if raw is None:
+                continue
+            if turn.done.is_set():
+                self.pending.append(raw)  # arrived as the reply ended: the main loop takes it
+                return
+            if self.frame_while_generating(raw, turn.cancel):
+                turn.stop_reason = turn.stop_reason or "user"
+
+    def frame_while_generating(self, raw: Any, cancel: threading.Event) -> bool:
+        """Handle a frame that arrived mid-reply; True when it was a stop."""
         try:
             frame = self.decode(raw)
             if frame["type"] == "stop":
                 cancel.set()
-                return "user"
+                return True
             if frame["type"] == "chat":
                 raise ProtocolError(
                     "busy", "a reply is still being written on this socket; stop it first"
                 )
             if frame["type"] == "ping":
                 self.send({"type": "pong"})
-                return None
+                return False
             raise ProtocolError("unknown_type", f"unknown frame type {frame['type']!r}")
         except ProtocolError as exc:
             self.send_error(exc.code, exc.message)
-        return None
+        return False
 
     def store_reply(
         self, conversation_id, reply_id, model, engine, text, finished, error, stop_reason,
