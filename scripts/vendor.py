@@ -34,8 +34,23 @@ PACKAGES: dict[str, tuple[str, str, dict[str, str]]] = {
             "styles/github-dark.min.css": "github-dark.min.css",
         },
     ),
+    # llama.cpp in WebAssembly (one wasm for single-thread, multi-thread and WebGPU).
+    "@wllama/wllama": (
+        "3.13.0",
+        "wllama",
+        {"esm/index.js": "index.js", "esm/wasm/wllama.wasm": "wllama.wasm"},
+    ),
+    # For browsers without JSPI or Memory64 (Safari, older Firefox). Served from here so that
+    # wllama never falls back to its default of fetching these from a public CDN.
+    "@wllama/wllama-compat": (
+        "3.13.0",
+        "wllama-compat",
+        {"wasm/wllama.js": "wllama.js", "wasm/wllama.wasm": "wllama.wasm"},
+    ),
 }
 LICENSE_NAMES = ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE", "license")
+# Packages that ship no licence file of their own: (licence, where the text comes from).
+LICENSE_FROM = {"@wllama/wllama-compat": "@wllama/wllama"}
 
 
 def sha256(path: Path) -> str:
@@ -68,7 +83,11 @@ def main() -> int:
             for source, dest in files.items():
                 shutil.copyfile(package_dir / source, target / dest)
                 copied[dest] = sha256(target / dest)
-            licence = next((package_dir / n for n in LICENSE_NAMES if (package_dir / n).exists()), None)
+            licence_dir = package_dir
+            if name in LICENSE_FROM:  # same project and licence (MIT), published without the file
+                version_from = PACKAGES[LICENSE_FROM[name]][0]
+                licence_dir, _ = fetch(LICENSE_FROM[name], version_from, Path(tmp))
+            licence = next((licence_dir / n for n in LICENSE_NAMES if (licence_dir / n).exists()), None)
             if licence is None:
                 print(f"{name}: no licence file in the package", file=sys.stderr)
                 return 1

@@ -16,7 +16,9 @@ def test_healthz_and_models(client):
     body = client.get("/api/models").get_json()
     assert body["default"] == "tiny-chat"
     (model,) = body["models"]
-    assert model["id"] == "tiny-chat" and model["engines"] == ["server"]
+    assert model["id"] == "tiny-chat" and model["engines"] == ["server", "browser"]
+    assert model["browser"]["url"].startswith("/models/tiny-chat/")
+    assert model["browser"]["size"] == model["facts"]["file_size"]
     assert model["facts"]["architecture"] == "llama"
     assert model["facts"]["quantization"] == "F32"
     assert model["facts"]["context_length"] == 4096

@@ -17,7 +17,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The app factory: settings, database, engines, blueprints, socket, headers."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, pages, security, socket
+    from . import api, model_files, pages, security, socket
     from .chats import ChatService
     from .db import Database
     from .engines import EngineRegistry
@@ -66,6 +66,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(socket.bp)
+    app.register_blueprint(model_files.bp)
     if app.config["PROXY_FIX"]:
         n = app.config["PROXY_FIX"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]

@@ -13,6 +13,7 @@ from flask import Blueprint, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .chats import Invalid, NotFound, Provenance
+from .model_files import browser_url
 from .security import owner_id
 from .services import get_services
 
@@ -70,14 +71,18 @@ def healthz():
 
 @bp.get("/api/models")
 def models():
+    """Every model, where it can run, and its facts, so the UI can show them before a download."""
     services = get_services()
-    return {
-        "models": [
-            {"id": m.id, "served_by": m.engine, "engines": ["server"], "facts": m.facts}
-            for m in services.engines.models()
-        ],
-        "default": services.engines.default_model,
-    }
+    listing = []
+    for info in services.engines.models():
+        entry = {"id": info.id, "served_by": info.engine, "engines": ["server"], "facts": info.facts}
+        local_file = services.catalogue.get(info.id) if info.engine == "llamacpp" else None
+        url = browser_url(local_file) if local_file else None
+        if url:
+            entry["engines"].append("browser")
+            entry["browser"] = {"url": url, "size": local_file.file_size}
+        listing.append(entry)
+    return {"models": listing, "default": services.engines.default_model}
 
 
 @bp.get("/api/conversations")

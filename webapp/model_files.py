@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from flask import Blueprint, abort, send_file, url_for
+
 log = logging.getLogger(__name__)
 
 # GGUF general.file_type values (llama_ftype) -> the names llama.cpp prints.
@@ -139,3 +141,46 @@ class ModelCatalogue:
     @property
     def default_id(self) -> str | None:
         return next(iter(self._models), None)
+
+
+# -- serving model files to browsers (the browser engine downloads and runs them) -----------
+
+# Larger files cannot be loaded into a page in one piece (ArrayBuffer limit); they stay
+# server-only until split with llama-gguf-split.
+BROWSER_MAX_BYTES = 2 * 1024**3 - 1
+
+bp = Blueprint("model_files", __name__)
+
+
+def browser_url(model: ModelFile) -> str | None:
+    """Where a page downloads ``model``; the version in the path makes the URL immutable."""
+    if not model.has_chat_template or model.file_size > BROWSER_MAX_BYTES:
+        return None
+    return url_for(
+        "model_files.download", model_id=model.id, version=model.version, filename=model.path.name
+    )
+
+
+@bp.get("/models/<model_id>/<version>/<filename>")
+def download(model_id: str, version: str, filename: str):
+    """The GGUF file itself: Range requests, ETag/304, cached for a year.
+
+    The path is looked up in the catalogue, never joined from the URL, so nothing outside
+    the configured model files can be reached.
+    """
+    from .services import get_services
+
+    model = get_services().catalogue.get(model_id)
+    if model is None or model.version != version or model.path.name != filename:
+        abort(404)
+    response = send_file(
+        model.path,
+        mimetype="application/octet-stream",
+        conditional=True,
+        etag=f"{model.id}-{model.version}",
+        max_age=365 * 24 * 3600,
+        download_name=model.path.name,
+    )
+    response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
+    response.headers["Accept-Ranges"] = "bytes"
+    return response

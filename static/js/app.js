@@ -2,6 +2,8 @@
 import { api } from "./api.js";
 import { ChatSocket } from "./socket.js";
 import { createServerEngine } from "./engines/server.js";
+import { createBrowserEngine } from "./engines/browser.js";
+import { BrowserStatus } from "./ui/browser_status.js";
 import { ConversationList } from "./ui/conversations.js";
 import { MessageView } from "./ui/messages.js";
 
@@ -14,13 +16,16 @@ const state = {
 };
 
 const socket = new ChatSocket();
-const engines = { server: createServerEngine(socket) };
+const engines = { server: createServerEngine(socket), browser: createBrowserEngine({ api }) };
 const view = new MessageView($("messages"));
 const composer = $("composer");
 const sendButton = $("send");
 const stopButton = $("stop");
 const modelSelect = $("model-select");
 const errorBox = $("error");
+const engineSelect = $("engine-select");
+const backendSelect = $("backend-select");
+const browserStatus = new BrowserStatus($("browser-status"));
 const title = root.querySelector(".chat-title");
 const settings = {
   system: $("system-prompt"),
@@ -54,10 +59,17 @@ function replyOptions() {
   return options;
 }
 
-function showError(message) {
-  errorBox.textContent = message;
+function showError(message, { offerServer = false } = {}) {
+  $("error-text").textContent = message;
+  $("use-server").hidden = !offerServer;
   errorBox.hidden = !message;
 }
+
+$("use-server").addEventListener("click", () => {
+  engineSelect.value = "server";
+  engineChanged();
+  showError("");
+});
 
 function setGenerating(controller) {
   state.generating = controller;
@@ -95,8 +107,31 @@ async function refreshList() {
   list.render(conversations, state.conversationId);
 }
 
+let models = [];
+
+function modelInfo(id) {
+  return models.find((m) => m.id === id);
+}
+
+function engineChanged() {
+  const engine = engineSelect.value;
+  localStorage.setItem("bchat.engine", engine);
+  root.querySelector(".backend-choice").hidden = engine !== "browser";
+  for (const option of modelSelect.options) {
+    option.disabled = !modelInfo(option.value)?.engines.includes(engine);
+  }
+  if (modelSelect.selectedOptions[0]?.disabled) {
+    const usable = [...modelSelect.options].find((o) => !o.disabled);
+    if (usable) modelSelect.value = usable.value;
+  }
+  if (engine === "browser") browserStatus.describe(modelInfo(modelSelect.value), engines.browser.loaded);
+  else browserStatus.hide();
+}
+
 async function loadModels() {
-  const { models, default: defaultModel } = await api.models();
+  const listing = await api.models();
+  models = listing.models;
+  const defaultModel = listing.default;
   modelSelect.replaceChildren(
     ...models.map((m) => {
       const option = document.createElement("option");
@@ -110,6 +145,9 @@ async function loadModels() {
   modelSelect.value = localStorage.getItem("bchat.model") || defaultModel || "";
   if (!modelSelect.value && models.length) modelSelect.value = models[0].id;
   if (!models.length) showError("This server has no models: see BCHAT_MODEL_PATH in the README.");
+  engineSelect.value = localStorage.getItem("bchat.engine") || "server";
+  backendSelect.value = localStorage.getItem("bchat.backend") || "auto";
+  engineChanged();
 }
 
 function newChat({ push }) {
@@ -145,12 +183,20 @@ async function send() {
   showError("");
   const controller = new AbortController();
   setGenerating(controller);
-  const engine = engines.server;
+  const engineName = engineSelect.value;
+  const engine = engines[engineName];
   const model = modelSelect.value;
   let reply = null;
   try {
     const stored = await engine.generate(
-      { conversationId: state.conversationId, content, model, options: replyOptions() },
+      {
+        conversationId: state.conversationId,
+        content,
+        model,
+        modelInfo: modelInfo(model),
+        backend: backendSelect.value,
+        options: replyOptions(),
+      },
       {
         signal: controller.signal,
         onStarted: (conversation, userMessage) => {
@@ -165,6 +211,10 @@ async function send() {
           refreshList().catch(() => {});
         },
         onQueued: (position) => reply?.queued(position),
+        onLoad: (progress) => {
+          browserStatus.update(modelInfo(model), progress);
+          if (progress.phase !== "ready") reply?.loading();
+        },
         onToken: (text) => reply?.append(text),
       },
     );
@@ -172,7 +222,8 @@ async function send() {
   } catch (err) {
     if (err.reply && reply) reply.settle(err.reply);
     else if (reply) reply.settle({ role: "assistant", content: reply.text, status: "failed", model });
-    showError(err.message);
+    const loadProblem = ["load_failed", "webgpu_unavailable", "not_in_browser"].includes(err.code);
+    showError(err.message, { offerServer: engineName === "browser" && loadProblem });
   } finally {
     setGenerating(null);
     refreshList().catch(() => {});
@@ -192,7 +243,12 @@ root.querySelector(".composer-form").addEventListener("submit", (event) => {
 stopButton.addEventListener("click", () => state.generating?.abort());
 $("new-chat").addEventListener("click", () => newChat({ push: true }));
 Object.values(settings).forEach((input) => input.addEventListener("change", saveSettings));
-modelSelect.addEventListener("change", () => localStorage.setItem("bchat.model", modelSelect.value));
+modelSelect.addEventListener("change", () => {
+  localStorage.setItem("bchat.model", modelSelect.value);
+  engineChanged();
+});
+engineSelect.addEventListener("change", engineChanged);
+backendSelect.addEventListener("change", () => localStorage.setItem("bchat.backend", backendSelect.value));
 window.addEventListener("popstate", () => {
   const match = location.pathname.match(/^\/c\/([^/]+)$/);
   if (match) openConversation(decodeURIComponent(match[1]), { push: false });

@@ -76,6 +76,9 @@ export class MessageView {
       queued: (position) => {
         node.querySelector(".meta").textContent = `waiting for the model (${position} ahead)…`;
       },
+      loading: () => {
+        node.querySelector(".meta").textContent = "loading the model in this browser…";
+      },
       settle: (message) => {
         renderer.finish(message.content);
         node.dataset.status = message.status;

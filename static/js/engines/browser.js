@@ -1,0 +1,310 @@
+// The browser engine: llama.cpp compiled to WebAssembly (wllama) runs the model in this page.
+// Same interface as engines/server.js:
+//   generate({conversationId, content, model, modelInfo, options},
+//            {onStarted, onToken, onLoad, signal}) -> Promise<stored assistant message>
+// The user's message is stored through the API before anything runs; the reply (complete,
+// stopped or failed) is stored through the API with its provenance.
+import { Wllama } from "../../vendor/wllama/index.js";
+import { EngineError } from "./server.js";
+
+const WASM = { default: "/static/vendor/wllama/wllama.wasm" };
+// Browsers without JSPI/Memory64 (Safari, older Firefox) need wllama's "compat" build; by
+// default wllama would fetch it from a public CDN. Everything comes from this app instead.
+const COMPAT = {
+  worker: "/static/vendor/wllama-compat/wllama.js",
+  wasm: "/static/vendor/wllama-compat/wllama.wasm",
+};
+const N_CTX = 4096;
+const CHARS_PER_TOKEN = 3; // rough, errs long: used only to drop old turns before sending
+
+export const BACKENDS = ["auto", "webgpu", "wasm-mt", "wasm-st"];
+
+// Can llama.cpp's WebGPU backend use this browser's GPU? It needs an adapter with shader-f16;
+// without it (e.g. SwiftShader) llama.cpp silently keeps every layer on the CPU.
+export async function detectWebGPU() {
+  if (!navigator.gpu) return { usable: false, reason: "this browser has no WebGPU" };
+  let adapter = null;
+  try {
+    adapter = await navigator.gpu.requestAdapter();
+  } catch (err) {
+    return { usable: false, reason: `WebGPU failed: ${err.message}` };
+  }
+  if (!adapter) return { usable: false, reason: "no WebGPU adapter is available" };
+  const name = adapter.info?.description || adapter.info?.vendor || "WebGPU adapter";
+  if (!adapter.features.has("shader-f16")) {
+    return { usable: false, reason: `${name} lacks shader-f16, which llama.cpp needs` };
+  }
+  return { usable: true, reason: name };
+}
+
+export function threadCount(backend) {
+  if (backend === "wasm-st") return 1;
+  // All cores: wllama's own default is half of them. Capped: more threads than this stop helping.
+  return Math.max(1, Math.min(navigator.hardwareConcurrency || 1, 8));
+}
+
+export function createBrowserEngine({ api }) {
+  let wllama = null;
+  let loaded = null; // {key, modelId, backend, threads, note}
+  let loading = null;
+
+  async function storageFacts() {
+    const facts = { quota: null, usage: null, persisted: false };
+    if (navigator.storage?.estimate) {
+      const { quota, usage } = await navigator.storage.estimate();
+      facts.quota = quota;
+      facts.usage = usage;
+    }
+    if (navigator.storage?.persist) {
+      // Ask the browser not to evict the model under storage pressure.
+      facts.persisted = await navigator.storage.persist().catch(() => false);
+    }
+    return facts;
+  }
+
+  async function removeStaleCopies(manager, currentUrl, modelId) {
+    // Older versions of the same model (their URL carries another version) only take space.
+    const models = await manager.getModels({ includeInvalid: true });
+    for (const model of models) {
+      if (model.url !== currentUrl && model.url.includes(`/models/${encodeURIComponent(modelId)}/`)) {
+        await model.remove().catch(() => {});
+      }
+    }
+  }
+
+  async function load(modelInfo, preference, onLoad) {
+    const url = new URL(modelInfo.browser.url, location.href).href;
+    const key = `${url}|${preference}`;
+    if (loaded?.key === key) return loaded;
+    if (wllama) {
+      await wllama.exit().catch(() => {});
+      wllama = null;
+      loaded = null;
+    }
+    const gpu = await detectWebGPU();
+    if (preference === "webgpu" && !gpu.usable) {
+      throw new EngineError("webgpu_unavailable", `WebGPU cannot run the model here: ${gpu.reason}.`);
+    }
+    const wantGpu = preference === "webgpu" || (preference === "auto" && gpu.usable);
+    const threads = threadCount(preference);
+    let offloaded = null;
+    const sniff = (args) => {
+      const match = /offloaded (\d+)\/(\d+) layers to GPU/.exec(args.join(" "));
+      if (match) offloaded = Number(match[1]);
+    };
+    const logger = {
+      debug: () => {},
+      log: (...args) => sniff(args),
+      warn: (...args) => {
+        sniff(args);
+        console.warn(...args);
+      },
+      error: (...args) => console.error(...args),
+    };
+    const instance = new Wllama(WASM, { logger, parallelDownloads: 1 });
+    instance.setCompat(COMPAT);
+    onLoad?.({ phase: "checking", size: modelInfo.browser.size, ...(await storageFacts()) });
+
+    const started = performance.now();
+    const cached = (await instance.modelManager.getModels()).some((m) => m.url === url);
+    try {
+      await instance.loadModelFromUrl(url, {
+        useCache: true,
+        n_ctx: Math.min(N_CTX, modelInfo.facts?.context_length || N_CTX),
+        n_threads: threads,
+        n_gpu_layers: wantGpu ? 999 : 0, // 0 skips WebGPU initialisation entirely
+        n_parallel: 1, // one chat per page: the whole context, and its KV cache kept between turns
+        progressCallback: ({ loaded: bytes, total }) => {
+          const seconds = (performance.now() - started) / 1000;
+          onLoad?.({ phase: "downloading", loaded: bytes, total, bytesPerSecond: bytes / Math.max(seconds, 0.001) });
+        },
+      });
+    } catch (err) {
+      await instance.exit().catch(() => {});
+      throw err;
+    }
+    const backend = offloaded > 0 ? "webgpu" : instance.isMultithread() ? "wasm-mt" : "wasm-st";
+    let note = "";
+    if (wantGpu && backend !== "webgpu") note = "WebGPU was asked for, but llama.cpp kept the model on the CPU";
+    else if (preference === "auto" && !gpu.usable) note = `no WebGPU: ${gpu.reason}`;
+    else if (preference === "wasm-mt" && backend === "wasm-st") {
+      note = "multi-threading needs a cross-origin isolated page; running on one thread";
+    }
+    wllama = instance;
+    loaded = {
+      key,
+      modelId: modelInfo.id,
+      backend,
+      threads: instance.getNumThreads?.() ?? threads,
+      note,
+      fromCache: cached,
+      loadSeconds: (performance.now() - started) / 1000,
+    };
+    removeStaleCopies(instance.modelManager, url, modelInfo.id).catch(() => {});
+    onLoad?.({ phase: "ready", ...loaded });
+    return loaded;
+  }
+
+  function ensureLoaded(modelInfo, preference, onLoad) {
+    // One load at a time: a second send while downloading waits for the same load.
+    const key = `${modelInfo.browser?.url}|${preference}`;
+    if (loading?.key === key) return loading.promise;
+    const promise = load(modelInfo, preference, onLoad).finally(() => {
+      if (loading?.promise === promise) loading = null;
+    });
+    loading = { key, promise };
+    return promise;
+  }
+
+  function fitHistory(messages, system) {
+    // Drop the oldest turns (never the system prompt or the newest message) to fit the context.
+    const budget = (N_CTX - 512) * CHARS_PER_TOKEN;
+    const size = (list) => list.reduce((n, m) => n + m.content.length + 16, system ? system.length : 0);
+    const turns = [...messages];
+    let dropped = 0;
+    while (turns.length > 1 && size(turns) > budget) {
+      turns.shift();
+      dropped += 1;
+      while (turns.length > 1 && turns[0].role !== "user") {
+        turns.shift();
+        dropped += 1;
+      }
+    }
+    return { turns, dropped };
+  }
+
+  return {
+    name: "browser",
+    get loaded() {
+      return loaded;
+    },
+    preload: (modelInfo, preference, onLoad) => ensureLoaded(modelInfo, preference, onLoad),
+
+    async generate(request, { onStarted, onToken, onLoad, signal } = {}) {
+      const { modelInfo, options = {} } = request;
+      if (!modelInfo?.browser) {
+        throw new EngineError("not_in_browser", `${request.model} cannot run in the browser; use the server engine`);
+      }
+      // 1. The user's message is stored before any model runs.
+      let conversationId = request.conversationId;
+      if (!conversationId) conversationId = (await api.createConversation()).id;
+      const userMessage = await api.addMessage(conversationId, { role: "user", content: request.content });
+      const conversation = await api.conversation(conversationId);
+      onStarted?.(conversation, userMessage);
+
+      // 2. The model: from the browser's cache, or downloaded once from this app.
+      let runtime;
+      try {
+        runtime = await ensureLoaded(modelInfo, request.backend ?? "auto", onLoad);
+      } catch (err) {
+        const error = err instanceof EngineError ? err : new EngineError("load_failed", describeLoadError(err));
+        error.reply = await api.addMessage(conversationId, {
+          role: "assistant", content: "", status: "failed",
+          provenance: { engine: "browser", model: modelInfo.id, finish_reason: "error",
+                        meta: { error: { code: error.code, message: error.message } } },
+        });
+        throw error;
+      }
+
+      // 3. Generate, streaming into the page.
+      const history = conversation.messages
+        .filter((m) => m.content || m.status === "complete")
+        .map((m) => ({ role: m.role, content: m.content }));
+      const { turns, dropped } = fitHistory(history, options.system);
+      const messages = options.system ? [{ role: "system", content: options.system }, ...turns] : turns;
+      let text = "";
+      let pieces = 0;
+      let firstAt = null;
+      let lastAt = null;
+      let finishReason = null;
+      let usage = null;
+      let timings = null;
+      let status = "complete";
+      let failure = null;
+      try {
+        const stream = await wllama.createChatCompletion({
+          messages,
+          stream: true,
+          max_tokens: options.max_tokens ?? 512,
+          temperature: options.temperature ?? 0.7,
+          top_p: options.top_p ?? 0.95,
+          ...(Number.isInteger(options.seed) ? { seed: options.seed } : {}),
+          abortSignal: signal,
+        });
+        for await (const chunk of stream) {
+          const choice = chunk.choices?.[0];
+          const delta = choice?.delta?.content;
+          if (delta) {
+            const now = performance.now();
+            firstAt ??= now;
+            lastAt = now;
+            pieces += 1;
+            text += delta;
+            onToken?.(delta);
+          }
+          if (choice?.finish_reason) finishReason = choice.finish_reason;
+          if (chunk.usage) usage = chunk.usage;
+          if (chunk.timings) timings = chunk.timings;
+          // No break on abort here: wllama ends the stream itself (and frees its slot) when
+          // the signal fires; leaving the loop early would orphan its pending rejection.
+        }
+        if (signal?.aborted) status = "stopped";
+      } catch (err) {
+        if (signal?.aborted || err?.name === "AbortError" || err?.name === "WllamaAbortError") {
+          status = "stopped";
+        } else {
+          status = "failed";
+          failure = new EngineError("model_failed", `the model failed in the browser: ${err.message}`);
+        }
+      }
+
+      // 4. Store what was written, with where and how fast.
+      const completionTokens = timings?.predicted_n ?? usage?.completion_tokens ?? pieces;
+      const measured = pieces > 1 && lastAt > firstAt ? (pieces - 1) / ((lastAt - firstAt) / 1000) : null;
+      const meta = {};
+      if (dropped) meta.trimmed_messages = dropped;
+      if (timings) {
+        meta.prompt_evaluated = timings.prompt_n; // only the new tokens when the KV cache is reused
+        meta.prompt_cached = timings.cache_n;
+        meta.prompt_ms = Math.round(timings.prompt_ms);
+      }
+      meta.threads = runtime.threads;
+      if (runtime.note) meta.backend_note = runtime.note;
+      if (status === "stopped") meta.stop_reason = "user";
+      if (failure) meta.error = { code: failure.code, message: failure.message };
+      const reply = await api.addMessage(conversationId, {
+        role: "assistant",
+        content: text,
+        status,
+        provenance: {
+          engine: "browser",
+          backend: runtime.backend,
+          model: modelInfo.id,
+          prompt_tokens: usage?.prompt_tokens ?? (timings ? timings.prompt_n + timings.cache_n : null),
+          completion_tokens: completionTokens,
+          tokens_per_second: timings?.predicted_per_second && status === "complete"
+            ? Math.round(timings.predicted_per_second * 100) / 100
+            : measured && Math.round(measured * 100) / 100,
+          finish_reason: status === "complete" ? finishReason ?? "stop" : status === "stopped" ? "stopped" : "error",
+          meta,
+        },
+      });
+      if (failure) {
+        failure.reply = reply;
+        throw failure;
+      }
+      return reply;
+    },
+  };
+}
+
+function describeLoadError(err) {
+  const message = String(err?.message ?? err);
+  if (/quota|QuotaExceeded|storage/i.test(message)) {
+    return `the browser has no room to keep the model (${message})`;
+  }
+  if (/memory|OOM|allocation|RangeError/i.test(message)) {
+    return `the browser ran out of memory loading the model (${message})`;
+  }
+  return `the model could not be loaded in this browser (${message})`;
+}

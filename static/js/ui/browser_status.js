@@ -1,0 +1,67 @@
+// What the browser engine is doing: the model's size and the browser's free storage before a
+// download, a progress bar (bytes, percent, speed) during it, and the backend that actually runs.
+
+const MiB = 2 ** 20;
+const GiB = 2 ** 30;
+
+function size(bytes) {
+  if (bytes == null) return "?";
+  return bytes >= GiB ? `${(bytes / GiB).toFixed(1)} GiB` : `${(bytes / MiB).toFixed(1)} MiB`;
+}
+
+export class BrowserStatus {
+  constructor(container) {
+    this.container = container;
+    this.text = container.querySelector('[data-testid="browser-status-text"]');
+    this.progress = container.querySelector('[data-testid="model-progress"]');
+  }
+
+  hide() {
+    this.container.hidden = true;
+  }
+
+  show(text) {
+    this.container.hidden = false;
+    this.text.textContent = text;
+  }
+
+  describe(model, loaded) {
+    if (!model) return this.hide();
+    if (!model.browser) {
+      return this.show(`${model.id} cannot run in the browser; pick another model or the server.`);
+    }
+    if (loaded?.modelId === model.id) return this.ready(loaded);
+    this.progress.hidden = true;
+    const f = model.facts ?? {};
+    this.show(`${model.id}: ${size(model.browser.size)} (${f.quantization ?? "?"}, ` +
+      `${((f.parameters ?? 0) / 1e6).toFixed(0)}M parameters) is downloaded once from this ` +
+      "server and kept in this browser; it runs here, on your device.");
+  }
+
+  ready(loaded) {
+    this.progress.hidden = true;
+    const where = loaded.fromCache ? "from this browser's cache" : "downloaded";
+    const note = loaded.note ? ` — ${loaded.note}` : "";
+    this.show(`${loaded.modelId} runs in this browser: ${loaded.backend}, ` +
+      `${loaded.threads} thread${loaded.threads === 1 ? "" : "s"} (${where}, ` +
+      `loaded in ${loaded.loadSeconds.toFixed(1)} s)${note}`);
+    this.container.dataset.backend = loaded.backend;
+  }
+
+  update(model, progress) {
+    if (progress.phase === "checking") {
+      this.progress.hidden = true;
+      const free = progress.quota != null ? size(progress.quota - progress.usage) : "unknown";
+      this.show(`Preparing ${model.id} (${size(progress.size)}); this browser can store ${free} ` +
+        `more for this site${progress.persisted ? ", kept persistently" : ""}.`);
+    } else if (progress.phase === "downloading") {
+      const fraction = progress.total ? progress.loaded / progress.total : 0;
+      this.progress.hidden = false;
+      this.progress.value = fraction;
+      this.show(`Downloading ${model.id}: ${size(progress.loaded)} of ${size(progress.total)} ` +
+        `(${Math.round(fraction * 100)}%) at ${size(progress.bytesPerSecond)}/s`);
+    } else if (progress.phase === "ready") {
+      this.ready(progress);
+    }
+  }
+}
