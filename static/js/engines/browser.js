@@ -30,11 +30,12 @@ export async function detectWebGPU() {
     return { usable: false, reason: `WebGPU failed: ${err.message}` };
   }
   if (!adapter) return { usable: false, reason: "no WebGPU adapter is available" };
-  const name = adapter.info?.description || adapter.info?.vendor || "WebGPU adapter";
+  const info = adapter.info ?? {};
+  const name = [info.vendor, info.architecture, info.description].filter(Boolean).join(" ") || "unnamed";
   if (!adapter.features.has("shader-f16")) {
-    return { usable: false, reason: `${name} lacks shader-f16, which llama.cpp needs` };
+    return { usable: false, reason: `the WebGPU adapter (${name}) lacks shader-f16, which llama.cpp needs` };
   }
-  return { usable: true, reason: name };
+  return { usable: true, reason: `WebGPU adapter ${name}` };
 }
 
 export function threadCount(backend) {
