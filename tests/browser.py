@@ -38,3 +38,18 @@ def chromium(extra_args: list[str] | None = None, headless: bool = True):
                 context.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@contextmanager
+def chromium_browser(extra_args: list[str] | None = None, headless: bool = True):
+    """A chromium whose ``new_context()`` calls are separate visitors (own cookies, storage)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=headless, args=FLAGS + (extra_args or [])
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()

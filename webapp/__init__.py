@@ -24,6 +24,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from .engines.llamacpp import LlamaCppEngine
     from .model_files import ModelCatalogue
     from .services import EXTENSION_KEY, Services
+    from .shares import ShareService
 
     app = Flask(
         __name__,
@@ -56,11 +57,18 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             )
         ]
     )
+    chats = ChatService(db, max_message_chars=app.config["MAX_MESSAGE_CHARS"])
+
+    def model_facts(model_id: str) -> dict | None:
+        model = catalogue.get(model_id)
+        return model.facts() if model else None
+
     app.extensions[EXTENSION_KEY] = Services(
         db=db,
-        chats=ChatService(db, max_message_chars=app.config["MAX_MESSAGE_CHARS"]),
+        chats=chats,
         catalogue=catalogue,
         engines=engines,
+        shares=ShareService(db, chats, app.config["SECRET_KEY"], model_facts),
     )
 
     app.register_blueprint(pages.bp)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from .chats import Invalid, NotFound, Provenance
+from .exchange import export_json, export_markdown, parse_import
 from .model_files import browser_url
 from .security import owner_id
 from .services import get_services
@@ -87,7 +88,13 @@ def models():
 
 @bp.get("/api/conversations")
 def list_conversations():
-    return {"conversations": get_services().chats.list_conversations(owner_id())}
+    services = get_services()
+    owner = owner_id()
+    shared = services.shares.shared_conversation_ids(owner)
+    conversations = services.chats.list_conversations(owner)
+    for conversation in conversations:
+        conversation["shared"] = conversation["id"] in shared
+    return {"conversations": conversations}
 
 
 @bp.post("/api/conversations")
@@ -168,3 +175,71 @@ def add_message(conversation_id: str):
         owner, conversation_id, content, body.get("status", "complete"), provenance
     )
     return message, 201
+
+
+# -- sharing -------------------------------------------------------------------------------
+
+
+def _with_url(share: dict) -> dict:
+    share["url"] = url_for("pages.shared", token=share.pop("token"), _external=True)
+    return share
+
+
+@bp.post("/api/conversations/<conversation_id>/share")
+def share_conversation(conversation_id: str):
+    """Create the link, or refresh its snapshot (same link unless {"new_link": true})."""
+    body = json_body()
+    new_link = body.get("new_link", False)
+    if not isinstance(new_link, bool):
+        raise Invalid("bad_new_link", "new_link must be true or false")
+    share = get_services().shares.share(owner_id(), conversation_id, new_link=new_link)
+    return _with_url(share)
+
+
+@bp.delete("/api/conversations/<conversation_id>/share")
+def revoke_share(conversation_id: str):
+    get_services().shares.revoke(owner_id(), conversation_id)
+    return "", 204
+
+
+@bp.get("/api/shares")
+def list_shares():
+    return {"shares": [_with_url(s) for s in get_services().shares.list_for(owner_id())]}
+
+
+@bp.delete("/api/shares/<share_id>")
+def revoke_share_by_id(share_id: str):
+    """Revoke from the list of links, also for a share whose conversation was deleted."""
+    get_services().shares.revoke_by_id(owner_id(), share_id)
+    return "", 204
+
+
+# -- export / import -----------------------------------------------------------------------
+
+
+@bp.get("/api/conversations/<conversation_id>/export")
+def export_conversation(conversation_id: str):
+    conversation = get_services().chats.get_conversation(owner_id(), conversation_id)
+    kind = request.args.get("format", "json")
+    stem = "".join(c if c.isalnum() or c in "-_ " else "_" for c in conversation["title"])[:60]
+    if kind == "json":
+        response = jsonify(export_json(conversation))
+        filename = f"{stem or 'conversation'}.json"
+    elif kind in ("md", "markdown"):
+        response = Response(export_markdown(conversation), mimetype="text/markdown")
+        filename = f"{stem or 'conversation'}.md"
+    else:
+        raise ApiError(400, "bad_format", "format is json or markdown")
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename.strip()}"'
+    return response
+
+
+@bp.post("/api/conversations/import")
+def import_conversation():
+    """A JSON export back into a new conversation; a bad file creates nothing."""
+    body = json_body()
+    title, created_at, messages = parse_import(body, current_app.config["MAX_MESSAGE_CHARS"])
+    conversation = get_services().chats.import_messages(
+        owner_id(), title, messages, created_at=created_at
+    )
+    return conversation, 201

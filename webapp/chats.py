@@ -7,6 +7,7 @@ views, the websocket relay) never hold a session while a model is generating.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -43,8 +44,21 @@ class Provenance:
     meta: dict[str, Any] | None = None
 
 
-def _iso(value) -> str:
+def _iso(value: datetime) -> str:
     return value.isoformat(timespec="milliseconds") + "Z"
+
+
+def parse_time(value: object) -> datetime | None:
+    """Reads what _iso() writes (UTC, with or without the Z); None for anything else."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.removesuffix("Z"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC)
+    return parsed.replace(tzinfo=None)
 
 
 def message_dict(message: Message) -> dict[str, Any]:
@@ -90,7 +104,7 @@ class ChatService:
         self.max_message_chars = max_message_chars
 
     # -- lookups ---------------------------------------------------------------------------
-    def _owned(self, session, owner_id: str, public_id: str) -> Conversation:
+    def owned(self, session, owner_id: str, public_id: str) -> Conversation:
         conv = session.scalar(
             select(Conversation).where(
                 Conversation.public_id == public_id, Conversation.owner_id == owner_id
@@ -111,7 +125,7 @@ class ChatService:
 
     def get_conversation(self, owner_id: str, public_id: str) -> dict[str, Any]:
         with self.db.read() as session:
-            return conversation_dict(self._owned(session, owner_id, public_id), with_messages=True)
+            return conversation_dict(self.owned(session, owner_id, public_id), with_messages=True)
 
     def history(self, owner_id: str, public_id: str) -> list[dict[str, str]]:
         """The messages a model sees: role and content, oldest first.
@@ -120,7 +134,7 @@ class ChatService:
         the user saw them.
         """
         with self.db.read() as session:
-            conv = self._owned(session, owner_id, public_id)
+            conv = self.owned(session, owner_id, public_id)
             return [
                 {"role": m.role, "content": m.content}
                 for m in conv.messages
@@ -137,7 +151,7 @@ class ChatService:
 
     def rename(self, owner_id: str, public_id: str, title: str) -> dict[str, Any]:
         with self.db.write() as session:
-            conv = self._owned(session, owner_id, public_id)
+            conv = self.owned(session, owner_id, public_id)
             conv.title = self._clean_title(title)
             conv.updated_at = utcnow()
             session.flush()
@@ -145,7 +159,7 @@ class ChatService:
 
     def delete(self, owner_id: str, public_id: str) -> None:
         with self.db.write() as session:
-            session.delete(self._owned(session, owner_id, public_id))
+            session.delete(self.owned(session, owner_id, public_id))
 
     def add_user_message(
         self, owner_id: str, conversation_id: str | None, content: str
@@ -160,7 +174,7 @@ class ChatService:
                 conv = Conversation(owner_id=owner_id, title=title_from(content))
                 session.add(conv)
             else:
-                conv = self._owned(session, owner_id, conversation_id)
+                conv = self.owned(session, owner_id, conversation_id)
                 if conv.title == DEFAULT_TITLE and not conv.messages:
                     conv.title = title_from(content)
             message = Message(role="user", content=content, status="complete")
@@ -185,7 +199,7 @@ class ChatService:
         if provenance.engine not in ENGINES:
             raise Invalid("bad_engine", f"engine must be one of {', '.join(ENGINES)}")
         with self.db.write() as session:
-            conv = self._owned(session, owner_id, conversation_id)
+            conv = self.owned(session, owner_id, conversation_id)
             message = Message(
                 public_id=public_id or new_public_id(),
                 role="assistant",
@@ -204,6 +218,42 @@ class ChatService:
             conv.updated_at = utcnow()
             session.flush()
             return message_dict(message)
+
+    def import_messages(
+        self,
+        owner_id: str,
+        title: str,
+        messages: list[dict[str, Any]],
+        *,
+        created_at: datetime | None = None,
+    ) -> dict[str, Any]:
+        """A new conversation holding copies of ``messages`` (already validated message dicts,
+        as message_dict() writes them): continuing a share, or importing an export."""
+        with self.db.write() as session:
+            conv = Conversation(owner_id=owner_id, title=self._clean_title(title or DEFAULT_TITLE))
+            if created_at:
+                conv.created_at = created_at
+            for data in messages:
+                usage = data.get("usage") or {}
+                conv.messages.append(
+                    Message(
+                        role=data["role"],
+                        content=data["content"],
+                        status=data.get("status", "complete"),
+                        created_at=parse_time(data.get("created_at")) or utcnow(),
+                        engine=data.get("engine"),
+                        backend=data.get("backend"),
+                        model=data.get("model"),
+                        prompt_tokens=usage.get("prompt_tokens"),
+                        completion_tokens=usage.get("completion_tokens"),
+                        tokens_per_second=data.get("tokens_per_second"),
+                        finish_reason=data.get("finish_reason"),
+                        meta=data.get("meta") or None,
+                    )
+                )
+            session.add(conv)
+            session.flush()
+            return conversation_dict(conv, with_messages=True)
 
     # -- rules -----------------------------------------------------------------------------
     def check_content(self, content: object, *, allow_empty: bool = False) -> str:

@@ -83,10 +83,12 @@ def serve(host: str, port: int) -> int:
         )
         return 2
     from . import create_app
+    from .security import redacting_request_handler
 
     app = create_app()
     print(f"bchat on http://{host}:{port}/  (development server; see README for gunicorn)")
-    app.run(host=host, port=port, threaded=True, use_reloader=False)
+    app.run(host=host, port=port, threaded=True, use_reloader=False,
+            request_handler=redacting_request_handler())
     return 0
 
 

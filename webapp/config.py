@@ -41,6 +41,7 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "WS_MAX_FRAME_BYTES": (256 * 1024, _INT, "largest websocket frame accepted"),
     "PRELOAD_MODELS": (False, _bool, "load embedded models at start instead of on first use"),
     "COOKIE_SECURE": (False, _bool, "mark the owner cookie Secure (set when served over https)"),
+    "MAX_UPLOAD_BYTES": (16 * 1024 * 1024, _INT, "largest request body (conversation imports)"),
     "PROXY_FIX": (0, _INT, "number of trusted reverse proxies in front (X-Forwarded-* headers)"),
 }
 

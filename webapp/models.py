@@ -83,3 +83,28 @@ class Message(Base):
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
+
+
+class Share(Base):
+    """A read-only snapshot of a conversation, reachable by whoever holds its link.
+
+    Only a hash of the link's token is stored for lookups; ``token_sealed`` lets the owner see
+    the link again (it is the token XOR a key derived from the app's secret key, so a copy of
+    the database alone reveals no working link). The snapshot is a copy: deleting the
+    conversation leaves the share readable until the owner revokes it.
+    """
+
+    __tablename__ = "share"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True, default=new_public_id)
+    owner_id: Mapped[str] = mapped_column(String(64), index=True)
+    conversation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("conversation.id", ondelete="SET NULL"), unique=True
+    )
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    token_sealed: Mapped[str] = mapped_column(String(64))
+    title: Mapped[str] = mapped_column(String(200))
+    snapshot: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

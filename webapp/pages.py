@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, render_template
+from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 
-from .security import owner_id
+from .chats import NotFound
+from .security import check_continue_token, continue_token, owner_id
 from .services import get_services
 
 bp = Blueprint("pages", __name__)
@@ -22,3 +23,45 @@ def chat(conversation_id: str | None = None):
         default_max_tokens=current_app.config["MAX_TOKENS"],
         max_tokens_limit=current_app.config["MAX_TOKENS_LIMIT"],
     )
+
+
+def _preview(messages: list[dict], limit: int = 200) -> str:
+    """A link-preview description: the first lines of the snapshot, nothing beyond it."""
+    text = " ".join(" ".join(m["content"].split()) for m in messages[:2])
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+@bp.get("/s/<token>")
+def shared(token: str):
+    """The read-only snapshot: server-rendered, readable without JavaScript, no socket."""
+    try:
+        snapshot = get_services().shares.lookup(token)
+    except NotFound:
+        abort(404)
+    visitor = owner_id()  # a visitor may continue the conversation as their own
+    response = current_app.make_response(
+        render_template(
+            "shared.html",
+            token=token,
+            title=snapshot["title"],
+            messages=snapshot["messages"],
+            shared_at=snapshot["updated_at"],
+            description=_preview(snapshot["messages"]),
+            csrf=continue_token(visitor),
+        )
+    )
+    response.headers["X-Robots-Tag"] = "noindex, nofollow"
+    response.headers["Referrer-Policy"] = "no-referrer"  # the URL is the secret
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.post("/s/<token>/continue")
+def continue_shared(token: str):
+    """Copy the snapshot into a conversation of the visitor's own; the original is untouched."""
+    owner = check_continue_token(request.form.get("csrf"))
+    try:
+        conversation = get_services().shares.continue_as(token, owner)
+    except NotFound:
+        abort(404)
+    return redirect(url_for("pages.chat", conversation_id=conversation["id"]), code=303)

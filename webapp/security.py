@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import re
 import secrets
 from datetime import timedelta
 from urllib.parse import urlsplit
@@ -52,6 +55,32 @@ def owner_id(*, create: bool = True) -> str | None:
 def short(identifier: str | None) -> str:
     """An id trimmed for logs: enough to correlate lines, not enough to use."""
     return f"{identifier[:6]}…" if identifier else "-"
+
+
+# Path segments that are secrets (share tokens) or private ids (conversations, shares).
+_PRIVATE_SEGMENT = re.compile(r"(/(?:s|c|api/conversations|api/shares)/)([A-Za-z0-9_-]{6})[A-Za-z0-9_-]*")
+
+
+def redact(text: str) -> str:
+    """A request line or path with ids and share tokens cut to 6 characters."""
+    return _PRIVATE_SEGMENT.sub(r"\1\2…", text)
+
+
+def continue_token(owner: str) -> str:
+    """Ties the "continue this conversation" form to the visitor's own cookie (CSRF).
+
+    An Origin check cannot do this job on the shared page: its no-referrer policy makes
+    browsers send "Origin: null" with the form.
+    """
+    key = current_app.config["SECRET_KEY"].encode()
+    return hmac.new(key, b"continue|" + owner.encode(), hashlib.sha256).hexdigest()
+
+
+def check_continue_token(value: str | None) -> str:
+    owner = owner_id(create=False)
+    if owner is None or not value or not hmac.compare_digest(value, continue_token(owner)):
+        abort(403, description="this form has expired: open the shared link again")
+    return owner
 
 
 def _origin_of(url: str) -> str:
@@ -96,5 +125,18 @@ def init_app(app: Flask) -> None:
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=app.config["COOKIE_SECURE"],
         PERMANENT_SESSION_LIFETIME=timedelta(days=400),
+        MAX_CONTENT_LENGTH=app.config["MAX_UPLOAD_BYTES"],
     )
     app.after_request(set_security_headers)
+
+
+def redacting_request_handler():
+    """The development server's request handler, logging request lines through redact()."""
+    from werkzeug.serving import WSGIRequestHandler
+
+    class RedactingRequestHandler(WSGIRequestHandler):
+        def log(self, type: str, message: str, *args) -> None:  # noqa: A002 - werkzeug's name
+            args = tuple(redact(a) if isinstance(a, str) else a for a in args)
+            super().log(type, redact(message), *args)
+
+    return RedactingRequestHandler

@@ -10,6 +10,7 @@ from .chats import ChatService
 from .db import Database
 from .engines import EngineRegistry
 from .model_files import ModelCatalogue
+from .shares import ShareService
 
 EXTENSION_KEY = "bchat"
 
@@ -20,6 +21,7 @@ class Services:
     chats: ChatService
     catalogue: ModelCatalogue
     engines: EngineRegistry
+    shares: ShareService
 
     def close(self) -> None:
         self.engines.close()

@@ -37,6 +37,13 @@ export const api = {
   createConversation: (title) => request("POST", "/api/conversations", { title }),
   rename: (id, title) => request("PATCH", `/api/conversations/${encodeURIComponent(id)}`, { title }),
   remove: (id) => request("DELETE", `/api/conversations/${encodeURIComponent(id)}`),
+  share: (id, newLink = false) =>
+    request("POST", `/api/conversations/${encodeURIComponent(id)}/share`, { new_link: newLink }),
+  unshare: (id) => request("DELETE", `/api/conversations/${encodeURIComponent(id)}/share`),
+  shares: () => request("GET", "/api/shares"),
+  revokeShare: (shareId) => request("DELETE", `/api/shares/${encodeURIComponent(shareId)}`),
+  importConversation: (data) => request("POST", "/api/conversations/import", data),
+  exportUrl: (id, format) => `/api/conversations/${encodeURIComponent(id)}/export?format=${format}`,
   addMessage: (id, message) =>
     request("POST", `/api/conversations/${encodeURIComponent(id)}/messages`, message),
 };

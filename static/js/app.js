@@ -4,6 +4,7 @@ import { ChatSocket } from "./socket.js";
 import { createServerEngine } from "./engines/server.js";
 import { createBrowserEngine } from "./engines/browser.js";
 import { BrowserStatus } from "./ui/browser_status.js";
+import { Sharing } from "./ui/sharing.js";
 import { ConversationList } from "./ui/conversations.js";
 import { MessageView } from "./ui/messages.js";
 
@@ -101,10 +102,21 @@ const list = new ConversationList($("conversation-list"), {
 
 let lastList = [];
 
+const sharing = new Sharing(root, {
+  onError: (message) => showError(message),
+  onChanged: () => refreshList(),
+  onImported: (id) => openConversation(id, { push: true }),
+});
+
 async function refreshList() {
   const { conversations } = await api.conversations();
   lastList = conversations;
   list.render(conversations, state.conversationId);
+  await sharing.refreshList();
+}
+
+function isShared(id) {
+  return lastList.some((c) => c.id === id && c.shared);
 }
 
 let models = [];
@@ -154,6 +166,7 @@ function newChat({ push }) {
   if (state.generating) return;
   state.conversationId = null;
   view.clear();
+  sharing.open(null);
   title.textContent = "New chat";
   if (push) history.pushState({}, "", "/");
   list.render(lastList, null);
@@ -171,6 +184,7 @@ async function openConversation(id, { push }) {
     if (push) history.pushState({}, "", `/c/${encodeURIComponent(id)}`);
     showError("");
     await refreshList();
+    sharing.open(conversation.id, { shared: isShared(conversation.id) });
   } catch (err) {
     showError(err.status === 404 ? "That conversation does not exist (or is not yours)." : err.message);
     state.conversationId = null;
@@ -206,6 +220,7 @@ async function send() {
             history.pushState({}, "", `/c/${encodeURIComponent(conversation.id)}`);
           }
           title.textContent = conversation.title;
+          sharing.open(conversation.id, { shared: isShared(conversation.id) });
           view.add(userMessage);
           reply = view.startReply(model);
           refreshList().catch(() => {});

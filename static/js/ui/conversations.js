@@ -16,6 +16,7 @@ export class ConversationList {
     const li = document.createElement("li");
     li.dataset.testid = "conversation";
     li.dataset.conversationId = conversation.id;
+    li.dataset.shared = String(Boolean(conversation.shared));
     if (conversation.id === this.activeId) li.classList.add("active");
     const link = document.createElement("a");
     link.href = `/c/${encodeURIComponent(conversation.id)}`;

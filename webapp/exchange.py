@@ -1,0 +1,134 @@
+"""Conversation files: export as JSON (complete and re-importable) or Markdown, and import.
+
+The JSON holds every message as the API shows it, provenance included, so an export imported
+and exported again gives the same messages (only ids are new).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from .chats import Invalid, parse_time
+from .models import ENGINES, ROLES, STATUSES, utcnow
+
+FORMAT = "bchat.conversation"
+VERSION = 1
+MAX_MESSAGES = 10_000
+REPLY_CHARS_FACTOR = 4  # replies may be longer than what a user may type
+
+
+def export_json(conversation: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "exported_at": utcnow().isoformat(timespec="seconds") + "Z",
+        "conversation": {
+            "title": conversation["title"],
+            "created_at": conversation["created_at"],
+            "updated_at": conversation["updated_at"],
+        },
+        "messages": conversation["messages"],
+    }
+
+
+def _provenance_line(message: dict[str, Any]) -> str:
+    parts = [p for p in (message.get("engine"), message.get("backend"), message.get("model")) if p]
+    if message.get("tokens_per_second"):
+        parts.append(f"{message['tokens_per_second']:.1f} tok/s")
+    if message.get("status") not in (None, "complete"):
+        parts.append(message["status"])
+    return " · ".join(parts)
+
+
+def export_markdown(conversation: dict[str, Any]) -> str:
+    lines = [f"# {conversation['title']}", "", f"_Exported from bchat, {conversation['created_at']}_", ""]
+    for message in conversation["messages"]:
+        heading = {"user": "User", "assistant": "Assistant", "system": "System"}[message["role"]]
+        lines.append(f"## {heading}")
+        provenance = _provenance_line(message) if message["role"] == "assistant" else ""
+        if provenance:
+            lines.append(f"_{provenance}_")
+        lines += ["", message["content"], ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _fail(where: str, problem: str) -> Invalid:
+    return Invalid("bad_import", f"{where}: {problem}")
+
+
+def _optional(value: Any, kinds: tuple[type, ...], where: str, *, minimum: float | None = None):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise _fail(where, f"must be {' or '.join(k.__name__ for k in kinds)} or null")
+    if minimum is not None and value < minimum:
+        raise _fail(where, f"must be at least {minimum}")
+    if isinstance(value, str) and len(value) > 200:
+        raise _fail(where, "is too long")
+    return value
+
+
+def parse_import(data: Any, max_chars: int) -> tuple[str, datetime | None, list[dict[str, Any]]]:
+    """Validate an export file; returns (title, created_at, messages) or raises Invalid."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise _fail("file", f'not a bchat conversation export (expected "format": "{FORMAT}")')
+    if data.get("version") != VERSION:
+        raise _fail("version", f"this bchat reads version {VERSION} files")
+    conversation = data.get("conversation")
+    if not isinstance(conversation, dict):
+        raise _fail("conversation", "must be an object")
+    title = conversation.get("title")
+    if not isinstance(title, str) or not title.strip():
+        raise _fail("conversation.title", "must be a non-empty string")
+    messages = data.get("messages")
+    if not isinstance(messages, list):
+        raise _fail("messages", "must be a list")
+    if len(messages) > MAX_MESSAGES:
+        raise _fail("messages", f"at most {MAX_MESSAGES} messages")
+    clean: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _fail(where, "must be an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _fail(f"{where}.role", f"must be one of {', '.join(ROLES)}")
+        content = message.get("content")
+        limit = max_chars * (REPLY_CHARS_FACTOR if role == "assistant" else 1)
+        if not isinstance(content, str) or len(content) > limit:
+            raise _fail(f"{where}.content", f"must be a string of at most {limit} characters")
+        status = message.get("status", "complete")
+        if status not in STATUSES:
+            raise _fail(f"{where}.status", f"must be one of {', '.join(STATUSES)}")
+        engine = message.get("engine")
+        if engine is not None and engine not in ENGINES:
+            raise _fail(f"{where}.engine", f"must be one of {', '.join(ENGINES)} or null")
+        usage = message.get("usage") or {}
+        if not isinstance(usage, dict):
+            raise _fail(f"{where}.usage", "must be an object")
+        meta = message.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise _fail(f"{where}.meta", "must be an object")
+        created = message.get("created_at")
+        if created is not None and parse_time(created) is None:
+            raise _fail(f"{where}.created_at", "must be an ISO 8601 time")
+        clean.append({
+            "role": role,
+            "content": content,
+            "status": status,
+            "created_at": created,
+            "engine": engine,
+            "backend": _optional(message.get("backend"), (str,), f"{where}.backend"),
+            "model": _optional(message.get("model"), (str,), f"{where}.model"),
+            "usage": {
+                key: _optional(usage.get(key), (int,), f"{where}.usage.{key}", minimum=0)
+                for key in ("prompt_tokens", "completion_tokens")
+            },
+            "tokens_per_second": _optional(
+                message.get("tokens_per_second"), (int, float), f"{where}.tokens_per_second", minimum=0
+            ),
+            "finish_reason": _optional(message.get("finish_reason"), (str,), f"{where}.finish_reason"),
+            "meta": meta,
+        })
+    return title, parse_time(conversation.get("created_at")), clean
