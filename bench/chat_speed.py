@@ -8,7 +8,6 @@ Same model file, same thread count, same prompt, greedy decoding. Prints a table
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -55,24 +54,16 @@ def start_bchat(model_path: str, threads: int, extra_env: dict | None = None):
 
 
 def through_bchat(model_path: str, threads: int, tokens: int, runs: int) -> list[dict]:
-    from helpers import HttpSession
+    from helpers import HttpSession, timed_reply
 
     proc, base = start_bchat(model_path, threads)
     results = []
     try:
         ws = HttpSession(base).ws()
         for _ in range(runs + 1):  # the first run warms up
-            sent = time.perf_counter()
-            ws.chat(PROMPT, options={"temperature": 0, "max_tokens": tokens})
-            first = None
-            while True:
-                frame = json.loads(ws.conn.recv())
-                if frame["type"] == "token" and first is None:
-                    first = time.perf_counter()
-                if frame["type"] in ("done", "error"):
-                    end = time.perf_counter()
-                    break
-            message = frame.get("message") or frame.get("reply")
+            sent, first, end, message = timed_reply(
+                ws, PROMPT, options={"temperature": 0, "max_tokens": tokens}
+            )
             n = message["usage"]["completion_tokens"]
             results.append({"tokens": n, "ttft_s": first - sent,
                             "tok_s": (n - 1) / (end - first) if n > 1 else 0.0,

@@ -88,3 +88,47 @@ class ChatClient:
 
 def text_of(frames: list[dict]) -> str:
     return "".join(f["text"] for f in frames if f["type"] == "token")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc=None, timeout: float = 60) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            output = proc.stdout.read() if proc.stdout else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {output}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def timed_reply(client: ChatClient, content: str, **extra) -> tuple[float, float, float, dict]:
+    """Send a chat and read its frames: (sent, first token, end) perf_counter times and the
+    stored reply (``done``'s message, or ``error``'s failed reply). For benchmarks."""
+    import time
+
+    sent = time.perf_counter()
+    client.chat(content, **extra)
+    first = None
+    while True:
+        frame = client.recv()
+        if frame["type"] == "token" and first is None:
+            first = time.perf_counter()
+        if frame["type"] in ("done", "error"):
+            end = time.perf_counter()
+            return sent, first or end, end, frame.get("message") or frame.get("reply")

@@ -20,8 +20,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from . import api, model_files, pages, security, socket
     from .chats import ChatService
     from .db import Database
-    from .engines import EngineRegistry
-    from .engines.llamacpp import LlamaCppEngine
+    from .engines import build_engines
     from .model_files import ModelCatalogue
     from .services import EXTENSION_KEY, Services
     from .shares import ShareService
@@ -46,17 +45,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     db = Database(app.config["DATABASE_URL"])
     catalogue = ModelCatalogue(app.config["MODEL_PATH"])
-    engines = EngineRegistry(
-        [
-            LlamaCppEngine(
-                catalogue,
-                n_ctx=app.config["N_CTX"],
-                n_threads=app.config["N_THREADS"],
-                n_gpu_layers=app.config["N_GPU_LAYERS"],
-                preload=app.config["PRELOAD_MODELS"],
-            )
-        ]
-    )
+    engines = build_engines(app.config, catalogue)
     chats = ChatService(db, max_message_chars=app.config["MAX_MESSAGE_CHARS"])
 
     def model_facts(model_id: str) -> dict | None:

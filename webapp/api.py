@@ -76,8 +76,9 @@ def models():
     services = get_services()
     listing = []
     for info in services.engines.models():
-        entry = {"id": info.id, "served_by": info.engine, "engines": ["server"], "facts": info.facts}
-        local_file = services.catalogue.get(info.id) if info.engine == "llamacpp" else None
+        local_file = services.catalogue.get(info.id)
+        facts = local_file.facts() if local_file else info.facts
+        entry = {"id": info.id, "served_by": info.engine, "engines": ["server"], "facts": facts}
         url = browser_url(local_file) if local_file else None
         if url:
             entry["engines"].append("browser")

@@ -102,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     db_sub = p_db.add_subparsers(dest="db_command", required=True)
     p_up = db_sub.add_parser("upgrade", help="migrate the database to the latest schema")
     p_up.add_argument("revision", nargs="?", default="head")
+    p_worker = sub.add_parser(
+        "worker", help="serve the embedded models to web processes (OpenAI-compatible API)"
+    )
+    p_worker.add_argument("--host", default="127.0.0.1")
+    p_worker.add_argument("--port", type=int, default=8600)
+    p_worker.add_argument("--threads", type=int, default=64, help="open requests at once")
     sub.add_parser("models", help="list the GGUF models this server can run")
     sub.add_parser("config", help="list the BCHAT_* settings and their defaults")
     args = parser.parse_args(argv)
@@ -110,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.host, args.port)
     if args.command == "db":
         db_upgrade(args.revision)
+        return 0
+    if args.command == "worker":
+        from .worker import run_worker
+
+        run_worker(args.host, args.port, args.threads)
         return 0
     if args.command == "models":
         return list_models()

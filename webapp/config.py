@@ -41,6 +41,12 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "WS_MAX_FRAME_BYTES": (256 * 1024, _INT, "largest websocket frame accepted"),
     "PRELOAD_MODELS": (False, _bool, "load embedded models at start instead of on first use"),
     "COOKIE_SECURE": (False, _bool, "mark the owner cookie Secure (set when served over https)"),
+    "WORKER_URL": (None, str, "a `bchat worker` serving the embedded models, e.g. http://127.0.0.1:8600"),
+    "WORKER_API_KEY": (None, str, "a shared secret between `bchat worker` and the web app (optional)"),
+    "OPENAI_BASE_URL": (None, str, "one OpenAI-compatible upstream, e.g. http://127.0.0.1:8080/v1"),
+    "OPENAI_API_KEY": (None, str, "its API key (never sent to browsers, never logged)"),
+    "OPENAI_MODELS": ([], _list, "models to offer from it (comma-separated); default: all it lists"),
+    "UPSTREAMS_FILE": (None, str, "a TOML or JSON file describing several upstreams (see README)"),
     "MAX_UPLOAD_BYTES": (16 * 1024 * 1024, _INT, "largest request body (conversation imports)"),
     "PROXY_FIX": (0, _INT, "number of trusted reverse proxies in front (X-Forwarded-* headers)"),
 }
@@ -101,3 +107,46 @@ def describe() -> str:
         shown = "(computed)" if default is None else repr(default)
         lines.append(f"BCHAT_{name:<20} {shown:<12} {help_text}")
     return "\n".join(lines)
+
+
+def load_upstreams(config: Mapping) -> list:
+    """Upstream servers from BCHAT_OPENAI_* and BCHAT_UPSTREAMS_FILE, in that order."""
+    import json
+    import tomllib
+    from urllib.parse import urlsplit
+
+    from .engines.openai_compat import UpstreamConfig
+
+    upstreams: list[UpstreamConfig] = []
+    if config.get("OPENAI_BASE_URL"):
+        url = str(config["OPENAI_BASE_URL"])
+        upstreams.append(UpstreamConfig(
+            name=urlsplit(url).hostname or "openai",
+            base_url=url,
+            api_key=config.get("OPENAI_API_KEY") or "none",
+            models=tuple(config.get("OPENAI_MODELS") or ()),
+        ))
+    path = config.get("UPSTREAMS_FILE")
+    if path:
+        text = Path(path).read_text()
+        data = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
+        entries = data.get("upstream", data.get("upstreams", []))
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: expected a list of [[upstream]] tables")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not entry.get("base_url"):
+                raise ValueError(f"{path}: upstream #{i + 1} needs a base_url")
+            key = entry.get("api_key")
+            if entry.get("api_key_env"):  # keeps the secret itself out of the file
+                key = os.environ.get(entry["api_key_env"])
+                if not key:
+                    raise ValueError(f"{path}: ${entry['api_key_env']} is not set")
+            upstreams.append(UpstreamConfig(
+                name=str(entry.get("name") or urlsplit(entry["base_url"]).hostname or f"upstream{i + 1}"),
+                base_url=str(entry["base_url"]),
+                api_key=key or "none",
+                models=tuple(entry.get("models") or ()),
+                connect_timeout=float(entry.get("connect_timeout", 5)),
+                read_timeout=float(entry.get("read_timeout", 120)),
+            ))
+    return upstreams

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from typing import Any
@@ -28,11 +29,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("socket", __name__)
 sock = Sock()
 
-WATCH_SECONDS = 0.05  # how soon the watcher notices that a reply has ended
-
-
 class _Turn:
-    """What the relay and its watcher share about one reply."""
+    """What the relay and the reader thread share about one reply."""
 
     def __init__(self) -> None:
         self.cancel = threading.Event()
@@ -65,6 +63,16 @@ def _check_handshake():
 @sock.route("/ws", bp=bp)
 def chat_socket(ws) -> None:
     ChatSocket(ws, owner_id(create=False)).run()
+
+
+def _is_stop(raw: Any) -> bool:
+    if not isinstance(raw, str) or '"stop"' not in raw:
+        return False
+    try:
+        frame = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(frame, dict) and frame.get("type") == "stop"
 
 
 def parse_options(raw: Any, config) -> GenerationOptions:
@@ -102,14 +110,23 @@ def parse_options(raw: Any, config) -> GenerationOptions:
     )
 
 
+_CLOSED = object()  # the reader's last word: the client has gone
+
+
 class ChatSocket:
+    """One open socket. A reader thread owns ``ws.receive``: it acts on ``stop`` and on a
+    closed connection at once (even while the model is still reading a long prompt) and hands
+    every other frame to this thread through ``inbox``. Nothing polls: on a 2-core machine
+    every needless wake-up is time taken from llama.cpp's own threads."""
+
     def __init__(self, ws, owner: str) -> None:
         self.ws = ws
         self.owner = owner
         self.services = get_services()
         self.config = current_app.config
-        self.pending: list[Any] = []  # frames the watcher read as a reply ended
-        self._send_lock = threading.Lock()  # the relay and its watcher both send
+        self.inbox: queue.Queue = queue.Queue()
+        self.turn: _Turn | None = None  # the reply being written, if any
+        self._send_lock = threading.Lock()  # this thread and the reader both send
 
     # -- plumbing --------------------------------------------------------------------------
     def send(self, frame: dict[str, Any]) -> bool:
@@ -137,15 +154,37 @@ class ChatSocket:
             raise ProtocolError("bad_frame", 'a frame is a JSON object with a "type"')
         return frame
 
-    def run(self) -> None:
+    def read(self) -> None:
+        """The reader thread: every receive has a timeout, so a dead peer cannot pin it."""
         timeout = self.config["WS_RECEIVE_TIMEOUT"]
-        while self.ws.connected or self.pending:
-            try:
-                raw = self.pending.pop(0) if self.pending else self.ws.receive(timeout=timeout)
-            except ConnectionClosed:
-                break
-            if raw is None:
-                continue  # timeout: look at ws.connected again
+        try:
+            while True:
+                try:
+                    raw = self.ws.receive(timeout=timeout)
+                except ConnectionClosed:
+                    return
+                if raw is None:
+                    if not self.ws.connected:
+                        return
+                    continue
+                turn = self.turn
+                if turn is not None and _is_stop(raw):
+                    turn.stop_reason = turn.stop_reason or "user"
+                    turn.cancel.set()
+                    continue
+                self.inbox.put(raw)
+        finally:
+            turn = self.turn
+            if turn is not None:
+                turn.disconnected()
+            self.inbox.put(_CLOSED)
+
+    def run(self) -> None:
+        threading.Thread(target=self.read, name="bchat-ws-reader", daemon=True).start()
+        while True:
+            raw = self.inbox.get()
+            if raw is _CLOSED:
+                return
             try:
                 frame = self.decode(raw)
                 if frame["type"] == "chat":
@@ -158,6 +197,8 @@ class ChatSocket:
                     raise ProtocolError("unknown_type", f"unknown frame type {frame['type']!r}")
             except ProtocolError as exc:
                 self.send_error(exc.code, exc.message)
+            if not self.ws.connected and self.inbox.empty():
+                return
 
     # -- one chat turn ---------------------------------------------------------------------
     def chat(self, frame: dict[str, Any]) -> None:
@@ -197,22 +238,18 @@ class ChatSocket:
         self.relay(conv["id"], reply_id, model, history, options)
 
     def relay(self, conversation_id, reply_id, model, history, options) -> None:
-        """Stream the reply to the client while a watcher thread reads the socket.
-
-        The watcher sleeps in ``receive`` and wakes only for a frame or a closed socket, so
-        the token path costs one thread wake-up per token: on a 2-core machine every extra
-        runnable thread steals time from llama.cpp's own threads.
-        """
+        """Stream the reply to the client; frames that arrive meanwhile are answered between
+        tokens (stop and hang-ups were already acted on by the reader)."""
         engines = self.services.engines
         engine = engines.engine_for(model)
-        turn = _Turn()
-        watcher = threading.Thread(target=self.watch, args=(turn,), name="bchat-watch", daemon=True)
+        turn = self.turn = _Turn()
+        if not self.ws.connected:
+            turn.disconnected()
         log.info("chat %s: generating with %s", short(conversation_id), model)
         parts: list[str] = []
         finished: Finished | None = None
         error: Exception | None = None
         started = time.perf_counter()
-        watcher.start()
         try:
             for item in engines.stream(model, history, options, turn.cancel):
                 if isinstance(item, Token):
@@ -224,50 +261,38 @@ class ChatSocket:
                         turn.disconnected()
                 elif isinstance(item, Finished):
                     finished = item
+                if not self.inbox.empty():
+                    self.answer_while_generating()
         except Exception as exc:  # stored as a failed reply and reported below
             error = exc
         finally:
-            turn.done.set()
-            watcher.join()
+            self.turn = None
         self.store_reply(
             conversation_id, reply_id, model, engine, "".join(parts),
             finished, error, turn.stop_reason, turn.connected, time.perf_counter() - started,
         )
 
-    def watch(self, turn: _Turn) -> None:
-        """Runs beside a generation: handles stop, refuses a second chat, notices a hang-up."""
-        while not turn.done.is_set():
+    def answer_while_generating(self) -> None:
+        while True:
             try:
-                raw = self.ws.receive(timeout=WATCH_SECONDS)
-            except ConnectionClosed:
-                turn.disconnected()
+                raw = self.inbox.get_nowait()
+            except queue.Empty:
                 return
-            if raw is None:
-                continue
-            if turn.done.is_set():
-                self.pending.append(raw)  # arrived as the reply ended: the main loop takes it
+            if raw is _CLOSED:
+                self.inbox.put(_CLOSED)  # for run() to see after the reply is stored
                 return
-            if self.frame_while_generating(raw, turn.cancel):
-                turn.stop_reason = turn.stop_reason or "user"
-
-    def frame_while_generating(self, raw: Any, cancel: threading.Event) -> bool:
-        """Handle a frame that arrived mid-reply; True when it was a stop."""
-        try:
-            frame = self.decode(raw)
-            if frame["type"] == "stop":
-                cancel.set()
-                return True
-            if frame["type"] == "chat":
-                raise ProtocolError(
-                    "busy", "a reply is still being written on this socket; stop it first"
-                )
-            if frame["type"] == "ping":
-                self.send({"type": "pong"})
-                return False
-            raise ProtocolError("unknown_type", f"unknown frame type {frame['type']!r}")
-        except ProtocolError as exc:
-            self.send_error(exc.code, exc.message)
-        return False
+            try:
+                frame = self.decode(raw)
+                if frame["type"] == "chat":
+                    raise ProtocolError(
+                        "busy", "a reply is still being written on this socket; stop it first"
+                    )
+                if frame["type"] == "ping":
+                    self.send({"type": "pong"})
+                elif frame["type"] != "stop":
+                    raise ProtocolError("unknown_type", f"unknown frame type {frame['type']!r}")
+            except ProtocolError as exc:
+                self.send_error(exc.code, exc.message)
 
     def store_reply(
         self, conversation_id, reply_id, model, engine, text, finished, error, stop_reason,

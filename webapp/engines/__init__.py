@@ -47,3 +47,31 @@ class EngineRegistry:
     def close(self) -> None:
         for engine in self.engines:
             engine.close()
+
+
+def build_engines(config, catalogue) -> EngineRegistry:
+    """The server engines a deployment asked for: the embedded models in this process, or
+    through a shared `bchat worker`, then any OpenAI-compatible upstreams."""
+    from ..config import load_upstreams
+    from .llamacpp import LlamaCppEngine
+    from .openai_compat import OpenAICompatEngine, UpstreamConfig
+
+    engines: list[Engine] = []
+    if config.get("WORKER_URL"):
+        engines.append(OpenAICompatEngine(UpstreamConfig(
+            name="worker",
+            base_url=str(config["WORKER_URL"]).rstrip("/") + "/v1",
+            api_key=config.get("WORKER_API_KEY") or "none",
+            connect_timeout=5.0,
+            read_timeout=600.0,  # queued behind other chats, the first token can be far off
+        )))
+    elif len(catalogue):
+        engines.append(LlamaCppEngine(
+            catalogue,
+            n_ctx=config["N_CTX"],
+            n_threads=config["N_THREADS"],
+            n_gpu_layers=config["N_GPU_LAYERS"],
+            preload=config["PRELOAD_MODELS"],
+        ))
+    engines.extend(OpenAICompatEngine(upstream) for upstream in load_upstreams(config))
+    return EngineRegistry(engines)

@@ -36,6 +36,12 @@ class Queued:
 
 
 @dataclass(frozen=True)
+class Idle:
+    """Nothing new for a while (only from engines asked for heartbeats): lets a caller check
+    on its client, e.g. write a keepalive that fails fast once the client is gone."""
+
+
+@dataclass(frozen=True)
 class Finished:
     finish_reason: str  # "stop" | "length" | "stopped"
     prompt_tokens: int
@@ -44,7 +50,7 @@ class Finished:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-Chunk = Token | Queued | Finished
+Chunk = Token | Queued | Idle | Finished
 
 
 class EngineError(Exception):

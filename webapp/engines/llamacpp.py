@@ -25,6 +25,7 @@ from .base import (
     EngineError,
     Finished,
     GenerationOptions,
+    Idle,
     ModelInfo,
     Queued,
     Token,
@@ -130,7 +131,11 @@ class ModelWorker:
 
     # -- called from request threads -------------------------------------------------------
     def submit(
-        self, messages: list[dict[str, str]], options: GenerationOptions, cancel: threading.Event
+        self,
+        messages: list[dict[str, str]],
+        options: GenerationOptions,
+        cancel: threading.Event,
+        heartbeat: float | None = None,
     ) -> Iterator[Chunk]:
         request = _Request(messages=messages, options=options, cancel=cancel)
         with self._lock:
@@ -139,12 +144,16 @@ class ModelWorker:
             self._requests.put(request)
         if ahead:
             request.out.put(Queued(position=ahead))
-        return self._drain(request)
+        return self._drain(request, heartbeat)
 
-    def _drain(self, request: _Request) -> Iterator[Chunk]:
+    def _drain(self, request: _Request, heartbeat: float | None) -> Iterator[Chunk]:
         try:
             while True:
-                item = request.out.get()
+                try:
+                    item = request.out.get(timeout=heartbeat)
+                except queue.Empty:
+                    yield Idle()
+                    continue
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):
@@ -153,6 +162,10 @@ class ModelWorker:
         finally:
             # The consumer went away (or finished): make sure the thread stops working for it.
             request.cancel.set()
+
+    def activity(self) -> dict[str, Any]:
+        with self._lock:
+            return {"running": self._current_cancel is not None, "waiting": len(self._waiting)}
 
     def wait_loaded(self, timeout: float | None = None) -> None:
         self._loaded.wait(timeout)
@@ -325,6 +338,16 @@ class LlamaCppEngine:
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(id=m.id, engine=self.name, facts=m.facts()) for m in self.catalogue]
 
+    def activity(self) -> dict[str, dict[str, Any]]:
+        """Per loaded model: is it generating, and how many requests wait for it."""
+        with self._lock:
+            workers = dict(self._workers)
+        return {mid: w.activity() for mid, w in workers.items()}
+
+    def loaded_models(self) -> list[str]:
+        with self._lock:
+            return [mid for mid, w in self._workers.items() if w._loaded.is_set() and not w._load_error]
+
     def worker(self, model_id: str) -> ModelWorker:
         with self._lock:
             worker = self._workers.get(model_id)
@@ -341,8 +364,9 @@ class LlamaCppEngine:
         messages: list[dict[str, str]],
         options: GenerationOptions,
         cancel: threading.Event,
+        heartbeat: float | None = None,
     ) -> Iterator[Chunk]:
-        return self.worker(model).submit(messages, options, cancel)
+        return self.worker(model).submit(messages, options, cancel, heartbeat)
 
     def close(self) -> None:
         with self._lock:
