@@ -28,8 +28,10 @@ def _list(value: str) -> list[str]:
 SETTINGS: dict[str, tuple[object, object, str]] = {
     "DATABASE_URL": (None, str, "SQLAlchemy URL; default: sqlite file bchat.sqlite3 in the instance folder"),
     "MODEL_PATH": (None, str, "a .gguf file or a directory of them; default: the bundled SmolLM2-135M"),
-    "N_CTX": (4096, _INT, "context window (tokens) for embedded models"),
+    "N_CTX": (4096, _INT, "context window (tokens) of each chat on embedded models"),
     "N_THREADS": (0, _INT, "CPU threads for embedded models; 0 = number of cores"),
+    "PARALLEL": (4, _INT, "chats decoded together per embedded model (1 = one at a time)"),
+    "CHAT_TEMPLATE": (None, str, 'for GGUFs without one: "chatml" or a Jinja template file'),
     "N_GPU_LAYERS": (0, _INT, "layers offloaded to the GPU (-1 = all); needs a GPU build"),
     "SECRET_KEY": (None, str, "signs the owner cookie; default: a random key kept in the instance folder"),
     "ALLOWED_ORIGINS": ([], _list, "extra Origins allowed to open the websocket (comma-separated)"),

@@ -210,6 +210,8 @@ def create_worker_app(config: dict[str, Any] | None = None) -> Flask:
         n_threads=app.config["N_THREADS"],
         n_gpu_layers=app.config["N_GPU_LAYERS"],
         preload=app.config.get("PRELOAD_MODELS", True),
+        parallel=app.config["PARALLEL"],
+        chat_template=app.config["CHAT_TEMPLATE"],
     )
     app.extensions[ENGINE_KEY] = engine
     app.register_blueprint(bp)

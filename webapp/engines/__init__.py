@@ -72,6 +72,8 @@ def build_engines(config, catalogue) -> EngineRegistry:
             n_threads=config["N_THREADS"],
             n_gpu_layers=config["N_GPU_LAYERS"],
             preload=config["PRELOAD_MODELS"],
+            parallel=config["PARALLEL"],
+            chat_template=config["CHAT_TEMPLATE"],
         ))
     engines.extend(OpenAICompatEngine(upstream) for upstream in load_upstreams(config))
     return EngineRegistry(engines)

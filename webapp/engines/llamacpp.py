@@ -44,21 +44,42 @@ class _Request:
     options: GenerationOptions
     cancel: threading.Event
     out: queue.Queue = field(default_factory=queue.Queue)
+    position: int = 0  # last place in the queue the request was told
 
 
 _DONE = object()  # end-of-stream marker on a request's out queue
 
 
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def fallback_template(setting: str | None) -> str | None:
+    """BCHAT_CHAT_TEMPLATE: "chatml", or a file holding a Jinja chat template."""
+    if not setting:
+        return None
+    if setting == "chatml":
+        return CHATML_TEMPLATE
+    from pathlib import Path
+
+    return Path(setting).read_text()
+
+
 class PromptBuilder:
     """Formats messages with the model's own chat template and fits them into the context."""
 
-    def __init__(self, llama) -> None:
+    def __init__(self, llama, fallback: str | None = None) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        template = llama.metadata.get("tokenizer.chat_template")
+        template = llama.metadata.get("tokenizer.chat_template") or fallback
         if not template:
             raise EngineError(
-                "this model has no chat template in its GGUF metadata, so it cannot chat",
+                "this model has no chat template in its GGUF metadata, so it cannot chat "
+                "(a base model? BCHAT_CHAT_TEMPLATE can supply one)",
                 code="no_chat_template",
             )
         eos_id, bos_id = llama.token_eos(), llama.token_bos()
@@ -113,8 +134,12 @@ class PromptBuilder:
 class ModelWorker:
     """One inference thread that owns one loaded ``Llama`` and serves requests in order."""
 
-    def __init__(self, model: ModelFile, *, n_ctx: int, n_threads: int, n_gpu_layers: int) -> None:
+    def __init__(
+        self, model: ModelFile, *, n_ctx: int, n_threads: int, n_gpu_layers: int,
+        chat_template: str | None = None,
+    ) -> None:
         self.model = model
+        self.chat_template = chat_template
         self.n_ctx = min(n_ctx, model.context_length or n_ctx)
         self.n_threads = n_threads
         self.n_gpu_layers = n_gpu_layers
@@ -206,7 +231,7 @@ class ModelWorker:
     def _run(self) -> None:
         try:
             llama = self._load()
-            builder = PromptBuilder(llama)
+            builder = PromptBuilder(llama, self.chat_template)
         except BaseException as exc:  # reported to every request, never a dead silent thread
             log.exception("could not load model %s", self.model.id)
             self._load_error = exc
@@ -326,9 +351,13 @@ class LlamaCppEngine:
         n_threads: int,
         n_gpu_layers: int = 0,
         preload: bool = False,
+        parallel: int = 1,
+        chat_template: str | None = None,
     ) -> None:
         self.catalogue = catalogue
-        self._settings = dict(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+        self.parallel = parallel
+        self._settings = dict(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                              chat_template=fallback_template(chat_template))
         self._workers: dict[str, ModelWorker] = {}
         self._lock = threading.Lock()
         if preload:
@@ -355,7 +384,13 @@ class LlamaCppEngine:
                 model = self.catalogue.get(model_id)
                 if model is None:
                     raise UnknownModel(f"no model named {model_id!r}")
-                worker = self._workers[model_id] = ModelWorker(model, **self._settings)
+                if self.parallel > 1:
+                    from .batched import BatchedModelWorker
+
+                    worker = BatchedModelWorker(model, parallel=self.parallel, **self._settings)
+                else:
+                    worker = ModelWorker(model, **self._settings)
+                self._workers[model_id] = worker
             return worker
 
     def stream(
