@@ -163,7 +163,8 @@ class FakeUpstream(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path.endswith("/models"):
-            names = ["rate-limited", "broken", "locked", "ctx", "sse-error", "half"]
+            names = ["rate-limited", "broken", "locked", "forbidden", "ctx", "sse-error", "half",
+                     "vanished"]
             self._json(200, {"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
         else:
             self._json(404, {"error": {"message": "no"}})
@@ -179,6 +180,8 @@ class FakeUpstream(BaseHTTPRequestHandler):
             self._json(500, {"error": {"message": "kaboom", "type": "server_error"}})
         elif model == "locked":
             self._json(401, {"error": {"message": "bad key", "type": "auth"}})
+        elif model == "forbidden":
+            self._json(403, {"error": {"message": "not for you", "type": "permission"}})
         elif model == "ctx":
             self._json(400, {"error": {"code": 400, "type": "exceed_context_size_error",
                                        "message": "the request exceeds the available context size"}})
@@ -210,6 +213,8 @@ def fake_upstream():
         ("rate-limited", "upstream_rate_limited"),
         ("broken", "upstream_error"),
         ("locked", "upstream_auth"),
+        ("forbidden", "upstream_auth"),
+        ("vanished", "unknown_model"),  # listed, then gone: 404 on the request
         ("ctx", "context_too_long"),
         ("sse-error", "upstream_error"),
         ("half", "upstream_disconnected"),
