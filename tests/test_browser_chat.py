@@ -110,3 +110,19 @@ def test_model_output_is_sanitised(server):
         user = page.locator('[data-role="user"] .body')
         expect(user).to_have_text("<img src=x onerror=alert(1)>")  # shown as typed, not parsed
         assert page.evaluate("window.pwned") is None
+
+
+def test_hidden_panels_stay_hidden(server):
+    """The share box and the browser-engine status are laid out with flex; hidden must win."""
+    from playwright.sync_api import expect
+
+    with chromium() as context:
+        page = context.new_page()
+        page.goto(server.url + "/")
+        expect(page.get_by_test_id("connection")).to_have_text("connected")
+        for testid in ("share-box", "browser-status", "stop", "error", "use-server"):
+            expect(page.get_by_test_id(testid)).to_be_hidden()
+        page.get_by_test_id("engine-select").select_option("browser")
+        expect(page.get_by_test_id("browser-status")).to_be_visible()
+        page.get_by_test_id("engine-select").select_option("server")
+        expect(page.get_by_test_id("browser-status")).to_be_hidden()
