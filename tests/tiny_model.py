@@ -1,7 +1,7 @@
 """Writes a tiny random-weight llama GGUF for fast tests of the real llama.cpp path.
 
 2 layers, 64 dims, ~800 tokens (the 256 byte tokens included, so any text tokenizes), a
-ChatML chat template whose end token is the EOS. ~400 KB, loads in milliseconds. Its replies
+ChatML chat template whose end token is the EOS. ~750 KB, loads in milliseconds. Its replies
 are gibberish, but they are produced by real llama.cpp code: tokenize, decode, sample, detokenize.
 Rows of the output matrix for control and byte tokens are zero, so greedy decoding picks
 ordinary word pieces and never ends early by itself.
