@@ -146,13 +146,14 @@ def test_a_long_prompt_is_evaluated_in_chunks_without_freezing_the_others(engine
     short.start()
     while not received:
         time.sleep(0.001)
-    long_prompt = "water fire tree moon " * 60  # ~700 tokens: three chunks of 256
+    long_prompt = "water fire tree moon " * 60  # 721 tokens: three chunks of 256
+    submitted = time.perf_counter()
     stream("long", long_prompt, 5)
     short.join(30)
-    first_long = next(i for i, (label, _) in enumerate(received) if label == "long")
-    during = [label for label, _ in received[:first_long]]
-    # tokens of the short chat kept coming while the long prompt was read
-    assert during.count("short") > 3
+    first_long = next(at for label, at in received if label == "long")
+    during = [label for label, at in received if submitted < at < first_long]
+    # the short chat got a token in each step that read a chunk of the long prompt
+    assert during.count("short") >= 2, received[:10]
 
 
 def test_slot_context_is_enforced_per_chat(tiny_model):
