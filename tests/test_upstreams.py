@@ -171,7 +171,6 @@ class FakeUpstream(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
-        self.headers_seen = dict(self.headers)
         FakeUpstream.last_auth = self.headers.get("Authorization")
         model = json.loads(self.rfile.read(length))["model"]
         if model == "rate-limited":

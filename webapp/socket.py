@@ -210,7 +210,7 @@ class ChatSocket:
         if not isinstance(model, str):
             raise ProtocolError("unknown_model", "no model is available on this server")
         try:
-            services.engines.engine_for(model)
+            engine = services.engines.engine_for(model)
         except UnknownModel as exc:
             raise ProtocolError("unknown_model", exc.message) from None
         options = parse_options(frame.get("options"), self.config)
@@ -235,13 +235,11 @@ class ChatSocket:
             }
         )
         history = services.chats.history(self.owner, conv["id"])
-        self.relay(conv["id"], reply_id, model, history, options)
+        self.relay(conv["id"], reply_id, model, engine, history, options)
 
-    def relay(self, conversation_id, reply_id, model, history, options) -> None:
+    def relay(self, conversation_id, reply_id, model, engine, history, options) -> None:
         """Stream the reply to the client; frames that arrive meanwhile are answered between
         tokens (stop and hang-ups were already acted on by the reader)."""
-        engines = self.services.engines
-        engine = engines.engine_for(model)
         turn = self.turn = _Turn()
         if not self.ws.connected:
             turn.disconnected()
@@ -251,7 +249,7 @@ class ChatSocket:
         error: Exception | None = None
         started = time.perf_counter()
         try:
-            for item in engines.stream(model, history, options, turn.cancel):
+            for item in engine.stream(model, history, options, turn.cancel):
                 if isinstance(item, Token):
                     parts.append(item.text)
                     if turn.connected and not self.send({"type": "token", "text": item.text}):

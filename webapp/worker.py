@@ -110,9 +110,10 @@ def parse_request(body: Any) -> tuple[str, list[dict[str, str]], GenerationOptio
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 512
     if not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
         raise ValueError(f"max_tokens must be from 1 to {limit}")
+    temperature, top_p = body.get("temperature"), body.get("top_p")
     options = GenerationOptions(
-        temperature=float(body.get("temperature", 0.7) if body.get("temperature") is not None else 0.7),
-        top_p=float(body.get("top_p", 0.95) if body.get("top_p") is not None else 0.95),
+        temperature=float(0.7 if temperature is None else temperature),
+        top_p=float(0.95 if top_p is None else top_p),
         max_tokens=max_tokens,
         seed=body.get("seed") if isinstance(body.get("seed"), int) else None,
     )

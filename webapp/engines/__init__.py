@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-
-from .base import Chunk, Engine, GenerationOptions, ModelInfo, UnknownModel
+from .base import Engine, ModelInfo, UnknownModel
 
 
 class EngineRegistry:
@@ -34,15 +31,6 @@ class EngineRegistry:
             if any(info.id == model_id for info in engine.models()):
                 return engine
         raise UnknownModel(f"no model named {model_id!r} on this server")
-
-    def stream(
-        self,
-        model_id: str,
-        messages: list[dict[str, str]],
-        options: GenerationOptions,
-        cancel: threading.Event,
-    ) -> Iterator[Chunk]:
-        return self.engine_for(model_id).stream(model_id, messages, options, cancel)
 
     def close(self) -> None:
         for engine in self.engines:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import EngineError, Finished, Queued, Token
+from .base import EngineError, Finished, Token
 from .llamacpp import _DONE, ModelWorker, PromptBuilder, _Request
 
 log = logging.getLogger(__name__)
@@ -52,32 +52,17 @@ class BatchedModelWorker(ModelWorker):
     """A ModelWorker whose inference thread runs up to ``parallel`` requests at once."""
 
     def __init__(self, model, *, parallel: int, **settings) -> None:
-        self.parallel = parallel
+        self.parallel = self.slots = parallel
         self._slots: list[_Slot] = []
         super().__init__(model, **settings)
 
     # -- called from request threads -------------------------------------------------------
-    def submit(self, messages, options, cancel, heartbeat=None):
-        request = _Request(messages=messages, options=options, cancel=cancel)
-        with self._lock:
-            self._waiting.append(request)
-            self._requests.put(request)
-            self._tell_positions()
-        return self._drain(request, heartbeat)
-
-    def _tell_positions(self) -> None:
-        """Tell each waiting request its place once all slots are taken (lock held)."""
-        busy = sum(1 for s in self._slots if s.request is not None) if self._slots else 0
-        free = max(0, self.parallel - busy)
-        for index, waiting in enumerate(self._waiting):
-            position = index - free + 1
-            if position > 0 and position != waiting.position:
-                waiting.position = position
-                waiting.out.put(Queued(position=position))
+    def _busy_slots(self) -> int:
+        return sum(1 for s in self._slots if s.request is not None)
 
     def activity(self) -> dict[str, Any]:
         with self._lock:
-            running = sum(1 for s in self._slots if s.request is not None)
+            running = self._busy_slots()
             return {"running": running > 0, "active": running, "waiting": len(self._waiting),
                     "slots": self.parallel}
 
@@ -90,10 +75,7 @@ class BatchedModelWorker(ModelWorker):
             builder = PromptBuilder(llama, self.chat_template)
             ctx, batch = self._new_context(llama)
         except BaseException as exc:
-            log.exception("could not load model %s", self.model.id)
-            self._load_error = exc
-            self._loaded.set()
-            self._fail_forever()
+            self._load_failed(exc)
             return
         self._loaded.set()
         self._llama, self._builder, self._ctx, self._batch = llama, builder, ctx, batch
@@ -141,16 +123,6 @@ class BatchedModelWorker(ModelWorker):
             raise EngineError(f"llama.cpp could not create a context of {params.n_ctx} tokens")
         batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         return ctx, batch
-
-    def _fail_forever(self) -> None:
-        while True:
-            request = self._requests.get()
-            if request is None:
-                return
-            with self._lock:
-                self._waiting.remove(request)
-            request.out.put(EngineError(f"model {self.model.id} failed to load: {self._load_error}"))
-            request.out.put(_DONE)
 
     # -- admission ---------------------------------------------------------------------------
     def _admit(self) -> bool:
@@ -213,7 +185,6 @@ class BatchedModelWorker(ModelWorker):
         if dropped:
             slot.meta["trimmed_messages"] = dropped
         with self._lock:
-            self._current_cancel = request.cancel  # some request is running
             self._tell_positions()
 
     def _sampler(self, opts):
@@ -324,9 +295,6 @@ class BatchedModelWorker(ModelWorker):
         slot.request = None
         slot.pending = []
         slot.last_token = None
-        with self._lock:
-            if all(s.request is None for s in self._slots):
-                self._current_cancel = None
 
     def _decode_failed(self, result: int) -> None:
         from llama_cpp import llama_cpp
@@ -341,6 +309,4 @@ class BatchedModelWorker(ModelWorker):
                 slot.sampler = None
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
             slot.cached, slot.pending, slot.last_token = [], [], None
-        with self._lock:
-            self._current_cancel = None
 

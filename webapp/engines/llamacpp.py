@@ -134,6 +134,8 @@ class PromptBuilder:
 class ModelWorker:
     """One inference thread that owns one loaded ``Llama`` and serves requests in order."""
 
+    slots = 1  # requests generating at once
+
     def __init__(
         self, model: ModelFile, *, n_ctx: int, n_threads: int, n_gpu_layers: int,
         chat_template: str | None = None,
@@ -164,12 +166,23 @@ class ModelWorker:
     ) -> Iterator[Chunk]:
         request = _Request(messages=messages, options=options, cancel=cancel)
         with self._lock:
-            ahead = len(self._waiting) + (1 if self._current_cancel is not None else 0)
             self._waiting.append(request)
             self._requests.put(request)
-        if ahead:
-            request.out.put(Queued(position=ahead))
+            self._tell_positions()
         return self._drain(request, heartbeat)
+
+    def _busy_slots(self) -> int:
+        """How many requests are generating now (lock held)."""
+        return 1 if self._current_cancel is not None else 0
+
+    def _tell_positions(self) -> None:
+        """Tell each waiting request its place once every slot is taken (lock held)."""
+        free = max(0, self.slots - self._busy_slots())
+        for index, waiting in enumerate(self._waiting):
+            position = index - free + 1
+            if position > 0 and position != waiting.position:
+                waiting.position = position
+                waiting.out.put(Queued(position=position))
 
     def _drain(self, request: _Request, heartbeat: float | None) -> Iterator[Chunk]:
         try:
@@ -232,13 +245,10 @@ class ModelWorker:
         try:
             llama = self._load()
             builder = PromptBuilder(llama, self.chat_template)
-        except BaseException as exc:  # reported to every request, never a dead silent thread
-            log.exception("could not load model %s", self.model.id)
-            self._load_error = exc
-            self._loaded.set()
-            llama = builder = None
-        else:
-            self._loaded.set()
+        except BaseException as exc:
+            self._load_failed(exc)
+            return
+        self._loaded.set()
         while True:
             request = self._requests.get()
             if request is None:
@@ -246,14 +256,9 @@ class ModelWorker:
             with self._lock:
                 self._waiting.remove(request)
                 self._current_cancel = request.cancel
-                for position, waiting in enumerate(self._waiting, start=1):
-                    waiting.out.put(Queued(position=position))
+                self._tell_positions()
             try:
-                if self._load_error is not None:
-                    request.out.put(
-                        EngineError(f"model {self.model.id} failed to load: {self._load_error}")
-                    )
-                elif request.cancel.is_set():
+                if request.cancel.is_set():
                     request.out.put(Finished("stopped", 0, 0, None))
                 else:
                     self._generate(llama, builder, request)
@@ -266,6 +271,20 @@ class ModelWorker:
                 with self._lock:
                     self._current_cancel = None
                 request.out.put(_DONE)
+
+    def _load_failed(self, exc: BaseException) -> None:
+        """Report the failure to every request from now on: never a dead, silent thread."""
+        log.exception("could not load model %s", self.model.id, exc_info=exc)
+        self._load_error = exc
+        self._loaded.set()
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            with self._lock:
+                self._waiting.remove(request)
+            request.out.put(EngineError(f"model {self.model.id} failed to load: {exc}"))
+            request.out.put(_DONE)
 
     def _generate(self, llama, builder: PromptBuilder, request: _Request) -> None:
         from llama_cpp import llama_cpp
