@@ -12,7 +12,7 @@ def owner(live_server):
 
 
 def test_healthz_and_models(client):
-    assert client.get("/healthz").get_json() == {"status": "ok", "models": 1}
+    assert client.get("/healthz").get_json() == {"status": "ok", "models": 1, "runs": 0}
     body = client.get("/api/models").get_json()
     assert body["default"] == "tiny-chat"
     (model,) = body["models"]

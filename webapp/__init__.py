@@ -22,6 +22,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from .db import Database
     from .engines import build_engines
     from .model_files import ModelCatalogue
+    from .runs import RunService
     from .services import EXTENSION_KEY, Services
     from .shares import ShareService
 
@@ -52,13 +53,20 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         model = catalogue.get(model_id)
         return model.facts() if model else None
 
+    runs = RunService(chats, engines, app.config)
     app.extensions[EXTENSION_KEY] = Services(
         db=db,
         chats=chats,
         catalogue=catalogue,
         engines=engines,
         shares=ShareService(db, chats, app.config["SECRET_KEY"], model_facts),
+        runs=runs,
     )
+    try:
+        # Replies left "streaming" by a process that died become "interrupted", text kept.
+        runs.reap_stale()
+    except Exception as exc:  # e.g. a database not migrated yet: `bchat serve` says so itself
+        logging.getLogger(__name__).warning("could not check for interrupted replies: %s", exc)
 
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)

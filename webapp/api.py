@@ -13,6 +13,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from .chats import Invalid, NotFound, Provenance
+from .errors import AppError
 from .exchange import export_json, export_markdown, parse_import
 from .model_files import browser_url
 from .security import owner_id
@@ -36,6 +37,11 @@ def _error(status: int, code: str, message: str):
 @bp.errorhandler(ApiError)
 def _api_error(exc: ApiError):
     return _error(exc.status, exc.code, exc.message)
+
+
+@bp.errorhandler(AppError)
+def _app_error(exc: AppError):
+    return jsonify({"error": exc.to_dict()}), exc.status
 
 
 @bp.errorhandler(NotFound)
@@ -67,7 +73,14 @@ def healthz():
     services = get_services()
     with services.db.read() as session:
         session.connection().exec_driver_sql("SELECT 1")
-    return {"status": "ok", "models": len(services.engines.models())}
+    # A dead or stuck inference thread fails every chat to its model: say so, naming it.
+    problems = services.engines.health(current_app.config["WATCHDOG_SECONDS"])
+    body = {"status": "unhealthy" if problems else "ok", "models": len(services.engines.models()),
+            "runs": len(services.runs.live_runs())}
+    if problems:
+        body["problems"] = problems
+        return body, 503
+    return body
 
 
 @bp.get("/api/models")
@@ -106,7 +119,12 @@ def create_conversation():
 
 @bp.get("/api/conversations/<conversation_id>")
 def get_conversation(conversation_id: str):
-    return get_services().chats.get_conversation(owner_id(), conversation_id)
+    services = get_services()
+    conversation = services.chats.get_conversation(owner_id(), conversation_id)
+    streaming = [m["id"] for m in conversation["messages"] if m["status"] == "streaming"]
+    if streaming and services.runs.reap_stale(streaming):  # their writer died: now interrupted
+        conversation = services.chats.get_conversation(owner_id(), conversation_id)
+    return conversation
 
 
 @bp.patch("/api/conversations/<conversation_id>")
@@ -176,6 +194,21 @@ def add_message(conversation_id: str):
         owner, conversation_id, content, body.get("status", "complete"), provenance
     )
     return message, 201
+
+
+@bp.patch("/api/conversations/<conversation_id>/messages/<message_id>")
+def update_message(conversation_id: str, message_id: str):
+    """A reply the page is writing (browser engine): its text as it grows, at least every
+    2 s, then its final status and provenance once. Also sent on pagehide with
+    ``fetch(…, {keepalive: true})`` and status "interrupted", so a closed tab keeps its text."""
+    body = json_body()
+    chats = get_services().chats
+    content = chats.check_content(body.get("content"), allow_empty=True)
+    provenance = _provenance(body["provenance"]) if body.get("provenance") is not None else None
+    return chats.update_browser_reply(
+        owner_id(), conversation_id, message_id, content, body.get("status", "streaming"),
+        provenance,
+    )
 
 
 # -- sharing -------------------------------------------------------------------------------

@@ -10,26 +10,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from .db import Database
-from .models import ENGINES, ROLES, STATUSES, Conversation, Message, new_public_id, utcnow
+from .errors import AppError, Invalid, NotFound
+from .models import ENGINES, FINAL_STATUSES, ROLES, Conversation, Message, new_public_id, utcnow
+
+__all__ = ["ChatService", "Invalid", "NotFound", "Provenance"]
 
 TITLE_MAX = 200
 DEFAULT_TITLE = "New chat"
-
-
-class NotFound(LookupError):
-    """The conversation does not exist or belongs to someone else (callers answer 404)."""
-
-
-class Invalid(ValueError):
-    """Input that breaks a rule; ``code`` is the machine-readable reason."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -93,6 +83,42 @@ def conversation_dict(conv: Conversation, *, with_messages: bool = False) -> dic
     return data
 
 
+# What a page may set on a reply it writes (the browser engine); "interrupted" is for pagehide.
+STATUSES_FROM_PAGE = ("streaming", "complete", "stopped", "failed", "interrupted")
+
+
+def model_history(messages: list[Message]) -> list[dict[str, str]]:
+    """The turns a model sees: role and content, oldest first.
+
+    Failed replies with no text are left out; partial (stopped/failed/interrupted) replies stay
+    in, as the user saw them. Many chat templates (Mistral, Gemma) refuse anything but strict
+    alternation, so when a message follows one of its own role (a user message after a reply
+    that failed empty), the later one stands for both: the earlier one never got an answer,
+    and keeping it would fail again in the same way (too long, or a template that raises).
+    """
+    turns: list[dict[str, str]] = []
+    for m in messages:
+        if m.status == "streaming" or not (m.content or m.status == "complete"):
+            continue
+        turn = {"role": m.role, "content": m.content}
+        if turns and turns[-1]["role"] == m.role and m.role != "system":
+            turns[-1] = turn
+        else:
+            turns.append(turn)
+    return turns
+
+
+def _apply_provenance(message: Message, provenance: Provenance) -> None:
+    message.engine = provenance.engine
+    message.backend = provenance.backend
+    message.model = provenance.model
+    message.prompt_tokens = provenance.prompt_tokens
+    message.completion_tokens = provenance.completion_tokens
+    message.tokens_per_second = provenance.tokens_per_second
+    message.finish_reason = provenance.finish_reason
+    message.meta = provenance.meta or None
+
+
 def title_from(content: str) -> str:
     line = " ".join(content.split())
     return (line[:60] + "…") if len(line) > 60 else (line or DEFAULT_TITLE)
@@ -111,7 +137,7 @@ class ChatService:
             )
         )
         if conv is None:
-            raise NotFound(public_id)
+            raise NotFound()
         return conv
 
     def list_conversations(self, owner_id: str) -> list[dict[str, Any]]:
@@ -128,18 +154,8 @@ class ChatService:
             return conversation_dict(self.owned(session, owner_id, public_id), with_messages=True)
 
     def history(self, owner_id: str, public_id: str) -> list[dict[str, str]]:
-        """The messages a model sees: role and content, oldest first.
-
-        Failed replies with no text are left out; partial (stopped/failed) replies stay in, as
-        the user saw them.
-        """
         with self.db.read() as session:
-            conv = self.owned(session, owner_id, public_id)
-            return [
-                {"role": m.role, "content": m.content}
-                for m in conv.messages
-                if m.content or m.status == "complete"
-            ]
+            return model_history(self.owned(session, owner_id, public_id).messages)
 
     # -- changes ---------------------------------------------------------------------------
     def create_conversation(self, owner_id: str, title: str | None = None) -> dict[str, Any]:
@@ -183,6 +199,191 @@ class ChatService:
             session.flush()
             return conversation_dict(conv), message_dict(message)
 
+    def begin_reply(
+        self, owner_id: str, conversation_id: str | None, provenance: Provenance, *,
+        run_owner: str, user_content: str | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any], list[dict[str, str]]]:
+        """One transaction before any model runs: the user's message (when given; a new
+        conversation when ``conversation_id`` is None) and the run's assistant row, status
+        "streaming". Returns (conversation, user message, reply, the history the model sees).
+
+        One reply is written at a time per conversation: a second would see half of the first
+        in its history. Refused before anything is stored."""
+        if user_content is not None:
+            self.check_content(user_content)
+        with self.db.write() as session:
+            if conversation_id is None:
+                if user_content is None:
+                    raise Invalid("empty_content", "the message is empty")
+                conv = Conversation(owner_id=owner_id, title=title_from(user_content))
+                session.add(conv)
+            else:
+                conv = self.owned(session, owner_id, conversation_id)
+                if any(m.status == "streaming" for m in conv.messages):
+                    raise AppError("busy", "a reply is still being written in this conversation; "
+                                   "stop it or wait for it first", status=409)
+                if user_content is not None and conv.title == DEFAULT_TITLE and not conv.messages:
+                    conv.title = title_from(user_content)
+            now = utcnow()
+            user_message = None
+            if user_content is not None:
+                user_message = Message(role="user", content=user_content, status="complete")
+                conv.messages.append(user_message)
+            history = model_history(conv.messages)
+            message = Message(
+                role="assistant", content="", status="streaming",
+                engine=provenance.engine, backend=provenance.backend, model=provenance.model,
+                meta=provenance.meta or None, updated_at=now, run_owner=run_owner,
+            )
+            conv.messages.append(message)
+            conv.updated_at = now
+            session.flush()
+            return (conversation_dict(conv), message_dict(user_message) if user_message else None,
+                    message_dict(message), history)
+
+    def finish_reply(
+        self, message_id: str, content: str, status: str, provenance: Provenance
+    ) -> dict[str, Any] | None:
+        """The final state of a run's row; None when the row is gone (conversation deleted)."""
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"not a final status: {status}")
+        with self.db.write() as session:
+            message = session.scalar(select(Message).where(Message.public_id == message_id))
+            if message is None:
+                return None
+            _apply_provenance(message, provenance)
+            message.content = content
+            message.status = status
+            message.updated_at = utcnow()
+            message.run_owner = None
+            message.stop_requested = False
+            session.flush()
+            return message_dict(message)
+
+    def flush_runs(
+        self, contents: dict[str, str], vouch: list[str]
+    ) -> set[str]:
+        """One short transaction for every live run of a process: write the text that grew
+        (``contents``: message id -> text), renew the lease of the rest (``vouch``), and
+        return the ids whose stop another process asked for."""
+        now = utcnow()
+        ids = list(contents) + [v for v in vouch if v not in contents]
+        if not ids:
+            return set()
+        with self.db.write() as session:
+            for message_id, text in contents.items():
+                session.execute(
+                    update(Message)
+                    .where(Message.public_id == message_id, Message.status == "streaming")
+                    .values(content=text, updated_at=now)
+                )
+            others = [v for v in vouch if v not in contents]
+            if others:
+                session.execute(
+                    update(Message)
+                    .where(Message.public_id.in_(others), Message.status == "streaming")
+                    .values(updated_at=now)
+                )
+            rows = session.execute(
+                select(Message.public_id).where(Message.public_id.in_(ids), Message.stop_requested)
+            )
+            return {row[0] for row in rows}
+
+    def reply_state(self, owner_id: str, message_id: str) -> dict[str, Any]:
+        """A reply as stored now (for resuming a run that another process writes)."""
+        with self.db.read() as session:
+            message = session.scalar(
+                select(Message).join(Conversation).where(
+                    Message.public_id == message_id, Conversation.owner_id == owner_id,
+                    Message.role == "assistant",
+                )
+            )
+            if message is None:
+                raise NotFound("reply")
+            data = message_dict(message)
+            data["conversation_id"] = message.conversation.public_id
+            data["run_owner"] = message.run_owner
+            data["lease_at"] = message.updated_at
+            return data
+
+    def request_stop(self, owner_id: str, message_id: str) -> bool:
+        """Ask whichever process writes this reply to stop it; False if it is not streaming."""
+        with self.db.write() as session:
+            result = session.execute(
+                update(Message)
+                .where(
+                    Message.public_id == message_id,
+                    Message.status == "streaming",
+                    Message.conversation_id.in_(
+                        select(Conversation.id).where(Conversation.owner_id == owner_id)
+                    ),
+                )
+                .values(stop_requested=True)
+                .execution_options(synchronize_session=False)
+            )
+            return bool(result.rowcount)
+
+    def streaming_replies(self) -> list[tuple[str, str | None, str | None, Any]]:
+        """(message id, run owner, engine, last renewed) of every row still streaming."""
+        with self.db.read() as session:
+            rows = session.execute(
+                select(Message.public_id, Message.run_owner, Message.engine, Message.updated_at)
+                .where(Message.status == "streaming")
+            )
+            return [tuple(row) for row in rows]
+
+    def interrupt(self, message_ids: list[str], reason: str) -> int:
+        """Rows whose writer died: keep what they hold, marked "interrupted"."""
+        if not message_ids:
+            return 0
+        with self.db.write() as session:
+            count = 0
+            for message in session.scalars(
+                select(Message).where(Message.public_id.in_(message_ids),
+                                      Message.status == "streaming")
+            ):
+                message.status = "interrupted"
+                message.finish_reason = "interrupted"
+                message.meta = {**(message.meta or {}), "stop_reason": reason}
+                message.run_owner = None
+                message.updated_at = utcnow()
+                count += 1
+            return count
+
+    def update_browser_reply(
+        self, owner_id: str, conversation_id: str, message_id: str, content: str,
+        status: str, provenance: Provenance | None,
+    ) -> dict[str, Any]:
+        """A reply the page is writing: it grows while "streaming", then settles once."""
+        if status not in STATUSES_FROM_PAGE:
+            raise Invalid("bad_status", f"status must be one of {', '.join(STATUSES_FROM_PAGE)}")
+        with self.db.write() as session:
+            conv = self.owned(session, owner_id, conversation_id)
+            message = session.scalar(
+                select(Message).where(Message.public_id == message_id,
+                                      Message.conversation_id == conv.id)
+            )
+            if message is None or message.role != "assistant":
+                raise NotFound("reply")
+            if message.engine != "browser":
+                raise Invalid("bad_engine", "only replies written in the page can be updated")
+            if message.status != "streaming":
+                raise AppError("already_final", f"this reply is already {message.status}",
+                               status=409)
+            if provenance is not None:
+                if provenance.engine != "browser":
+                    raise Invalid("bad_engine", "replies posted through the API come from the "
+                                  "browser engine")
+                _apply_provenance(message, provenance)
+            message.content = content
+            message.status = status
+            message.updated_at = utcnow()
+            if status != "streaming":
+                message.run_owner = None
+            conv.updated_at = utcnow()
+            session.flush()
+            return message_dict(message)
+
     def add_reply(
         self,
         owner_id: str,
@@ -193,9 +394,10 @@ class ChatService:
         *,
         public_id: str | None = None,
     ) -> dict[str, Any]:
-        """Store an assistant reply: complete, or the partial text of a stopped/failed one."""
-        if status not in STATUSES:
-            raise Invalid("bad_status", f"status must be one of {', '.join(STATUSES)}")
+        """Store an assistant reply written in the page: complete, the partial text of a
+        stopped/failed one, or the start of one that will grow ("streaming")."""
+        if status not in STATUSES_FROM_PAGE:
+            raise Invalid("bad_status", f"status must be one of {', '.join(STATUSES_FROM_PAGE)}")
         if provenance.engine not in ENGINES:
             raise Invalid("bad_engine", f"engine must be one of {', '.join(ENGINES)}")
         with self.db.write() as session:
@@ -213,6 +415,8 @@ class ChatService:
                 tokens_per_second=provenance.tokens_per_second,
                 finish_reason=provenance.finish_reason,
                 meta=provenance.meta or None,
+                updated_at=utcnow(),
+                run_owner="browser" if status == "streaming" else None,
             )
             conv.messages.append(message)
             conv.updated_at = utcnow()
@@ -239,7 +443,9 @@ class ChatService:
                     Message(
                         role=data["role"],
                         content=data["content"],
-                        status=data.get("status", "complete"),
+                        # A copy never grows: a reply caught mid-stream stays as it was.
+                        status=("interrupted" if data.get("status") == "streaming"
+                                else data.get("status", "complete")),
                         created_at=parse_time(data.get("created_at")) or utcnow(),
                         engine=data.get("engine"),
                         backend=data.get("backend"),

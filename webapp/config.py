@@ -51,7 +51,16 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "UPSTREAMS_FILE": (None, str, "a TOML or JSON file describing several upstreams (see README)"),
     "MAX_UPLOAD_BYTES": (16 * 1024 * 1024, _INT, "largest request body (conversation imports)"),
     "PROXY_FIX": (0, _INT, "number of trusted reverse proxies in front (X-Forwarded-* headers)"),
+    "RUN_GRACE_SECONDS": (30.0, float, "a reply goes on this long after its last watching socket closed"),
+    "MAX_SOCKETS": (None, _INT, "open websockets per process; default: server threads minus a reserve"),
+    "SOCKET_RETRY_AFTER": (5, _INT, "Retry-After (seconds) sent with a refused websocket handshake"),
+    "RATE_LIMIT": ("30/minute", str, "chats a visitor may start (an address: 10x that), e.g. 30/minute"),
+    "MAX_QUEUED_PER_VISITOR": (3, _INT, "replies one visitor may have queued or running at once"),
+    "WATCHDOG_SECONDS": (120.0, float, "an inference thread busy this long without progress is stuck"),
 }
+
+# Threads kept free for page loads and API calls when sockets take the rest (see MAX_SOCKETS).
+SOCKET_RESERVE_MIN = 2
 
 
 def bundled_model_path() -> Path:
@@ -94,7 +103,21 @@ def load_config(instance_path: str | Path, environ: Mapping[str, str] | None = N
         config["MODEL_PATH"] = str(bundled_model_path())
     if config["N_THREADS"] in (0, None):
         config["N_THREADS"] = os.cpu_count() or 1
+    if config["MAX_SOCKETS"] is None:
+        config["MAX_SOCKETS"] = default_max_sockets(environ)
     return config
+
+
+def default_max_sockets(environ: Mapping[str, str]) -> int:
+    """gunicorn's threads per worker minus a reserve (a quarter, at least 2), so page loads and
+    API calls always find a free thread. ``webapp.gunicorn_conf`` passes the thread count in
+    BCHAT_SERVER_THREADS; the development server starts a thread per connection, so there the
+    cap only bounds the total."""
+    threads = environ.get("BCHAT_SERVER_THREADS")
+    if threads and threads.isdigit():
+        n = int(threads)
+        return max(1, n - max(SOCKET_RESERVE_MIN, n // 4))
+    return 100
 
 
 def resolve_secret_key(config: dict, instance_path: str | Path) -> None:

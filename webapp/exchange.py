@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from .chats import Invalid, parse_time
-from .models import ENGINES, ROLES, STATUSES, utcnow
+from .models import ENGINES, FINAL_STATUSES, ROLES, utcnow
 
 FORMAT = "bchat.conversation"
 VERSION = 1
@@ -99,8 +99,10 @@ def parse_import(data: Any, max_chars: int) -> tuple[str, datetime | None, list[
         if not isinstance(content, str) or len(content) > limit:
             raise _fail(f"{where}.content", f"must be a string of at most {limit} characters")
         status = message.get("status", "complete")
-        if status not in STATUSES:
-            raise _fail(f"{where}.status", f"must be one of {', '.join(STATUSES)}")
+        if status == "streaming":  # exported mid-reply: the copy will never grow
+            status = "interrupted"
+        if status not in FINAL_STATUSES:
+            raise _fail(f"{where}.status", f"must be one of {', '.join(FINAL_STATUSES)}")
         engine = message.get("engine")
         if engine is not None and engine not in ENGINES:
             raise _fail(f"{where}.engine", f"must be one of {', '.join(ENGINES)} or null")

@@ -9,7 +9,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, MetaData, String, Text
+from sqlalchemy import JSON, ForeignKey, Index, MetaData, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # A naming convention gives every constraint a stable name, which Alembic's batch mode
@@ -23,7 +23,10 @@ NAMING_CONVENTION = {
 }
 
 ROLES = ("system", "user", "assistant")
-STATUSES = ("complete", "stopped", "failed")
+# A reply is "streaming" while a run writes it (its row exists from the start and grows), then
+# ends as one of FINAL_STATUSES: "interrupted" when the process (or the page) running it died.
+FINAL_STATUSES = ("complete", "stopped", "failed", "interrupted")
+STATUSES = ("streaming", *FINAL_STATUSES)
 ENGINES = ("server", "browser")
 
 
@@ -69,7 +72,7 @@ class Message(Base):
     )
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="complete")
+    status: Mapped[str] = mapped_column(String(16), default="complete", index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Provenance of assistant replies: who wrote it, with what, how fast.
     engine: Mapped[str | None] = mapped_column(String(16))
@@ -81,6 +84,13 @@ class Message(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     # Anything else worth keeping about how the reply was made (trimmed turns, error text).
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # While streaming: when the row last grew or was vouched for, and which process writes it
+    # ("host|pid|nonce"), so another process can tell a live run from a dead one.
+    updated_at: Mapped[datetime | None]
+    run_owner: Mapped[str | None] = mapped_column(String(120))
+    # Set by a process that cannot reach the run itself (another gunicorn worker); the
+    # owning process sees it on its next flush and stops the run.
+    stop_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
 

@@ -10,6 +10,7 @@ from .chats import ChatService
 from .db import Database
 from .engines import EngineRegistry
 from .model_files import ModelCatalogue
+from .runs import RunService
 from .shares import ShareService
 
 EXTENSION_KEY = "bchat"
@@ -22,8 +23,10 @@ class Services:
     catalogue: ModelCatalogue
     engines: EngineRegistry
     shares: ShareService
+    runs: RunService
 
     def close(self) -> None:
+        self.runs.shutdown()
         self.engines.close()
         self.db.dispose()
 

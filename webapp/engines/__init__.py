@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .base import Engine, ModelInfo, UnknownModel
 
 
@@ -31,6 +33,15 @@ class EngineRegistry:
             if any(info.id == model_id for info in engine.models()):
                 return engine
         raise UnknownModel(f"no model named {model_id!r} on this server")
+
+    def health(self, stuck_after: float) -> list[dict[str, Any]]:
+        """Problems that fail every chat to a model: a dead or stuck inference thread."""
+        problems: list[dict[str, Any]] = []
+        for engine in self.engines:
+            check = getattr(engine, "health", None)
+            if check is not None:
+                problems.extend(check(stuck_after))
+        return problems
 
     def close(self) -> None:
         for engine in self.engines:

@@ -13,14 +13,63 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+OPTION_NAMES = ("system", "temperature", "top_p", "max_tokens", "seed")
+SEED_LIMIT = 2**32  # llama.cpp samplers take a uint32 seed
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
+    """How to write one reply: the one options model of the socket, the worker and the API."""
+
     system: str | None = None
     temperature: float = 0.7
     top_p: float = 0.95
     max_tokens: int = 512
     seed: int | None = None
+
+    @classmethod
+    def parse(
+        cls, raw: Any, *, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
+        max_system_chars: int = 32_000,
+    ) -> GenerationOptions:
+        """Validated options from a client's dict; ``Invalid("bad_options")`` on any bad value."""
+        from ..errors import Invalid
+
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise Invalid("bad_options", "options must be an object")
+        unknown = set(raw) - set(OPTION_NAMES)
+        if unknown:
+            raise Invalid("bad_options", f"unknown options: {', '.join(sorted(map(str, unknown)))}")
+
+        def number(name: str, low: float, high: float, default: float, *, integer: bool = False):
+            value = raw.get(name)
+            if value is None:
+                return default
+            ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+            # "low <= value <= high" is False for NaN, so NaN is refused here too.
+            if isinstance(value, bool) or not ok_type or not (low <= value <= high):
+                kind = "an integer" if integer else "a number"
+                raise Invalid("bad_options", f"{name} must be {kind} from {low} to {high}")
+            return value
+
+        system = raw.get("system")
+        if system is not None and (not isinstance(system, str) or len(system) > max_system_chars):
+            raise Invalid("bad_options", "system must be a string within the message limit")
+        seed = raw.get("seed")
+        if seed is not None:
+            seed = number("seed", 0, SEED_LIMIT - 1, 0, integer=True)
+        return cls(
+            system=system or None,
+            temperature=float(number("temperature", 0.0, 2.0, 0.7)),
+            top_p=float(number("top_p", 0.0, 1.0, 0.95)),
+            max_tokens=int(number("max_tokens", 1, max_tokens_limit, default_max_tokens, integer=True)),
+            seed=seed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in OPTION_NAMES}
 
 
 @dataclass(frozen=True)

@@ -84,10 +84,19 @@ class BatchedModelWorker(ModelWorker):
         self._slots = [_Slot(seq_id=i) for i in range(self.parallel)]
         try:
             while True:
-                if not self._admit():
-                    return  # closed
-                if any(s.request is not None for s in self._slots):
-                    self._step()
+                try:
+                    if not self._admit():
+                        return  # closed
+                    if any(s.request is not None for s in self._slots):
+                        self._step()
+                except Exception as exc:
+                    # Whatever broke, it breaks the chats in flight, never the thread: every
+                    # later chat to this model would hang.
+                    log.exception("the batch of %s failed; failing its running chats", self.model.id)
+                    for slot in self._slots:
+                        if slot.request is not None:
+                            self._fail_slot(slot, exc)
+                self._beat = time.monotonic()
         finally:
             llama_cpp.llama_batch_free(batch)
             llama_cpp.llama_free(ctx)
@@ -147,8 +156,11 @@ class BatchedModelWorker(ModelWorker):
                 continue
             try:
                 self._start(request, free)
-            except EngineError as exc:
-                request.out.put(exc)
+            except Exception as exc:  # a template that raises, text that cannot be encoded…
+                for slot in self._slots:
+                    if slot.request is request:
+                        self._release(slot)
+                request.out.put(_as_engine_error(exc, "the model could not read this conversation"))
                 request.out.put(_DONE)
 
     def _start(self, request: _Request, free: list[_Slot]) -> None:
@@ -241,25 +253,34 @@ class BatchedModelWorker(ModelWorker):
         for slot in self._slots:
             if slot.request is None or slot.logits_index < 0:
                 continue
-            token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.logits_index)
-            if slot.first_at is None:
-                slot.first_at = now
-                slot.meta["prompt_ms"] = round((now - slot.started) * 1000, 1)
-            if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                self._finish(slot, "stop")
-                continue
-            slot.n_generated += 1
-            slot.last_at = now
-            text = slot.decoder.decode(self._llama.detokenize([token]))
-            if text:
-                slot.request.out.put(Token(text))
-            if slot.n_generated >= slot.max_tokens:
-                self._finish(slot, "length")
-            elif len(slot.cached) + 1 >= self.n_ctx:
-                slot.meta["context_full"] = True
-                self._finish(slot, "length")
-            else:
-                slot.last_token = token
+            try:
+                self._sample(slot, now)
+            except Exception as exc:  # this chat fails; the others in the batch go on
+                log.exception("sampling failed for a chat on %s", self.model.id)
+                self._fail_slot(slot, exc)
+
+    def _sample(self, slot: _Slot, now: float) -> None:
+        from llama_cpp import llama_cpp
+
+        token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.logits_index)
+        if slot.first_at is None:
+            slot.first_at = now
+            slot.meta["prompt_ms"] = round((now - slot.started) * 1000, 1)
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(slot, "stop")
+            return
+        slot.n_generated += 1
+        slot.last_at = now
+        text = slot.decoder.decode(self._llama.detokenize([token]))
+        if text:
+            slot.request.out.put(Token(text))
+        if slot.n_generated >= slot.max_tokens:
+            self._finish(slot, "length")
+        elif len(slot.cached) + 1 >= self.n_ctx:
+            slot.meta["context_full"] = True
+            self._finish(slot, "length")
+        else:
+            slot.last_token = token
 
     def _add(self, batch, n: int, slot: _Slot, token: int, *, logits: bool) -> int:
         batch.token[n] = token
@@ -296,6 +317,26 @@ class BatchedModelWorker(ModelWorker):
         slot.pending = []
         slot.last_token = None
 
+    def _release(self, slot: _Slot) -> None:
+        """Free a slot and forget its cache (its state is unknown after a failure)."""
+        from llama_cpp import llama_cpp
+
+        if slot.sampler is not None:
+            llama_cpp.llama_sampler_free(slot.sampler)
+        llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
+        slot.sampler = None
+        slot.request = None
+        slot.cached, slot.pending, slot.last_token = [], [], None
+
+    def _fail_slot(self, slot: _Slot, exc: BaseException) -> None:
+        request = slot.request
+        self._release(slot)
+        if request is not None:
+            request.out.put(_as_engine_error(exc, "the model failed while replying"))
+            request.out.put(_DONE)
+        with self._lock:
+            self._tell_positions()
+
     def _decode_failed(self, result: int) -> None:
         from llama_cpp import llama_cpp
 
@@ -310,3 +351,9 @@ class BatchedModelWorker(ModelWorker):
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
             slot.cached, slot.pending, slot.last_token = [], [], None
 
+
+
+def _as_engine_error(exc: BaseException, what: str) -> EngineError:
+    if isinstance(exc, EngineError):
+        return exc
+    return EngineError(f"{what}: {type(exc).__name__}: {str(exc)[:300]}")

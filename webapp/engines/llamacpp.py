@@ -151,6 +151,8 @@ class ModelWorker:
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._current_cancel: threading.Event | None = None
+        self._beat = time.monotonic()  # last sign of progress of the inference thread
+        self._closed = False
         self._thread = threading.Thread(
             target=self._run, name=f"llama:{model.id}", daemon=True
         )
@@ -205,12 +207,31 @@ class ModelWorker:
         with self._lock:
             return {"running": self._current_cancel is not None, "waiting": len(self._waiting)}
 
+    def busy(self) -> bool:
+        with self._lock:
+            return self._busy_slots() > 0
+
+    def health(self, stuck_after: float) -> dict[str, Any] | None:
+        """None when well; else what is wrong with the inference thread (for /healthz)."""
+        if self._closed:
+            return None
+        if not self._thread.is_alive():
+            return {"model": self.model.id, "problem": "dead",
+                    "message": f"the inference thread of {self.model.id} has stopped"}
+        idle = time.monotonic() - self._beat
+        if self.busy() and idle > stuck_after:
+            return {"model": self.model.id, "problem": "stuck",
+                    "message": f"the inference thread of {self.model.id} has made no progress "
+                               f"for {idle:.0f} s"}
+        return None
+
     def wait_loaded(self, timeout: float | None = None) -> None:
         self._loaded.wait(timeout)
         if self._load_error:
             raise EngineError(f"model {self.model.id} failed to load: {self._load_error}")
 
     def close(self) -> None:
+        self._closed = True
         self._requests.put(None)
 
     # -- the inference thread --------------------------------------------------------------
@@ -257,6 +278,7 @@ class ModelWorker:
                 self._waiting.remove(request)
                 self._current_cancel = request.cancel
                 self._tell_positions()
+            self._beat = time.monotonic()
             try:
                 if request.cancel.is_set():
                     request.out.put(Finished("stopped", 0, 0, None))
@@ -316,6 +338,7 @@ class ModelWorker:
         try:
             for token in tokens:
                 now = time.perf_counter()
+                self._beat = time.monotonic()
                 if first_at is None:
                     first_at = now
                     meta["prompt_ms"] = round((now - started) * 1000, 1)
@@ -391,6 +414,11 @@ class LlamaCppEngine:
         with self._lock:
             workers = dict(self._workers)
         return {mid: w.activity() for mid, w in workers.items()}
+
+    def health(self, stuck_after: float) -> list[dict[str, Any]]:
+        with self._lock:
+            workers = list(self._workers.values())
+        return [problem for w in workers if (problem := w.health(stuck_after))]
 
     def loaded_models(self) -> list[str]:
         with self._lock:

@@ -1,0 +1,522 @@
+"""Replies as runs: a reply being generated belongs to the server, not to the socket that asked.
+
+A run owns everything about one reply: the validated options, the history the model sees, the
+engine stream, tok/s and provenance, and persistence. Its assistant row is inserted before the
+model starts (status ``streaming``) and a keeper thread writes the text to the database as it
+grows (every ``FLUSH_SECONDS``), so a crash loses at most that much. Sockets (and later other
+adapters) *watch* runs: a watcher gets the text from an offset, then the live tokens, then the
+final frame. A run whose last watcher left is stopped after ``BCHAT_RUN_GRACE_SECONDS``; an
+explicit stop ends it at once.
+
+Several processes (``gunicorn -w N``) share one database: each streaming row names the process
+writing it (``run_owner``) and is vouched for every ``LEASE_RENEW_SECONDS``. A process that
+finds a row whose writer is dead (its pid gone, or its lease run out) marks it ``interrupted``
+with what it holds; a watcher on another process follows the row as it is flushed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Any, Protocol
+
+from .chats import ChatService, Provenance
+from .engines import EngineRegistry
+from .engines.base import EngineError, Finished, GenerationOptions, Queued, Token, UnknownModel
+from .errors import AppError, Invalid, RateLimited
+from .models import utcnow
+from .security import short
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.25  # text reaches the database at least this often while it grows
+LEASE_RENEW_SECONDS = 2.0  # a live run's row is vouched for at least this often
+SERVER_LEASE_SECONDS = 10.0  # a streaming row nobody vouched for this long has a dead writer
+BROWSER_LEASE_SECONDS = 120.0  # pages in background tabs may only wake once a minute
+REMOTE_POLL_SECONDS = 0.25  # how often a watcher on another process re-reads the row
+
+HOST = socket.gethostname()
+_LIVE_IDENTITIES: set[str] = set()  # run services alive in this process
+
+
+class Watcher(Protocol):
+    """Something that relays a run's frames to a client. ``deliver`` must not block."""
+
+    def deliver(self, frame: dict[str, Any]) -> None: ...
+
+    @property
+    def active(self) -> bool: ...
+
+
+def parse_rate(value: str) -> tuple[int, float]:
+    """ "30/minute", "5/second", "100/hour" or "30/60" (per seconds) -> (count, window)."""
+    count, _, per = str(value).partition("/")
+    windows = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+    window = windows.get(per.strip().lower()) if per else 60.0
+    if window is None:
+        window = float(per)
+    return int(count), window
+
+
+class SlidingWindow:
+    """At most ``limit`` events per ``window`` seconds for each key."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window = limit, window
+        self._events: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, key: str, now: float) -> float:
+        """Seconds to wait before the next event is allowed (0: allowed, and counted)."""
+        if self.limit <= 0:
+            return 0.0
+        with self._lock:
+            events = self._events.setdefault(key, deque())
+            while events and events[0] <= now - self.window:
+                events.popleft()
+            if len(events) >= self.limit:
+                return events[0] + self.window - now
+            events.append(now)
+            if len(self._events) > 10_000:  # forget idle keys rather than grow for ever
+                for stale in [k for k, v in self._events.items() if not v][:5_000]:
+                    del self._events[stale]
+            return 0.0
+
+
+class Run:
+    """One reply being written in this process."""
+
+    def __init__(self, *, message_id: str, conversation_id: str, owner: str, model: str,
+                 engine: Any, options: GenerationOptions, history: list[dict[str, str]],
+                 started_frame: dict[str, Any]) -> None:
+        self.message_id = message_id
+        self.conversation_id = conversation_id
+        self.owner = owner
+        self.model = model
+        self.engine = engine
+        self.options = options
+        self.history = history
+        self.started_frame = started_frame
+        self.lock = threading.Lock()
+        self.parts: list[str] = []
+        self.length = 0  # in code points, as offsets are counted
+        self.position: int | None = None  # place in the model's queue while waiting
+        self.watchers: list[Watcher] = []
+        self.cancel = threading.Event()
+        self.stop_reason: str | None = None
+        self.final_frame: dict[str, Any] | None = None
+        self.finished = threading.Event()
+        self.flushed = 0
+        self.vouched_at = time.monotonic()
+        self.orphaned_at: float | None = time.monotonic()
+        self.started_at = time.perf_counter()
+
+    @property
+    def text(self) -> str:
+        with self.lock:
+            return "".join(self.parts)
+
+    def _send(self, frame: dict[str, Any]) -> None:  # lock held
+        for watcher in list(self.watchers):
+            if watcher.active:
+                watcher.deliver(frame)
+            else:
+                self.watchers.remove(watcher)
+        if not self.watchers and self.orphaned_at is None:
+            self.orphaned_at = time.monotonic()
+
+    def append(self, text: str) -> None:
+        with self.lock:
+            frame = {"type": "token", "message_id": self.message_id, "offset": self.length,
+                     "text": text}
+            self.parts.append(text)
+            self.length += len(text)
+            self.position = None
+            self._send(frame)
+
+    def queued(self, position: int) -> None:
+        with self.lock:
+            self.position = position
+            self._send({"type": "queued", "message_id": self.message_id, "position": position})
+
+    def attach(self, watcher: Watcher, offset: int = 0) -> None:
+        """Send ``watcher`` the text from ``offset`` and keep it posted until the end. Under
+        the lock, so no token can slip between the catch-up and the live ones."""
+        with self.lock:
+            if self.final_frame is not None:
+                watcher.deliver(self.final_frame)
+                return
+            if offset < self.length:
+                text = "".join(self.parts)
+                watcher.deliver({"type": "token", "message_id": self.message_id,
+                                 "offset": offset, "text": text[offset:]})
+            if self.position:
+                watcher.deliver({"type": "queued", "message_id": self.message_id,
+                                 "position": self.position})
+            if watcher not in self.watchers:
+                self.watchers.append(watcher)
+            self.orphaned_at = None
+
+    def detach(self, watcher: Watcher) -> None:
+        with self.lock:
+            if watcher in self.watchers:
+                self.watchers.remove(watcher)
+            if not self.watchers and self.orphaned_at is None:
+                self.orphaned_at = time.monotonic()
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.cancel.set()
+
+    def settle(self, frame: dict[str, Any]) -> None:
+        with self.lock:
+            self.final_frame = frame
+            self._send(frame)
+            self.watchers.clear()
+        self.finished.set()
+
+
+def final_frame(message: dict[str, Any]) -> dict[str, Any]:
+    """What a watcher gets when a reply is over: ``done``, or ``error`` for a failed one."""
+    if message["status"] == "failed":
+        error = (message.get("meta") or {}).get("error") or {}
+        return {"type": "error", "code": error.get("code", "model_failed"),
+                "message": error.get("message", "the model failed"),
+                "message_id": message["id"], "reply": message}
+    return {"type": "done", "message_id": message["id"], "message": message}
+
+
+class RunService:
+    """Starts, watches, stops and persists the runs of one app instance."""
+
+    def __init__(self, chats: ChatService, engines: EngineRegistry, config: dict) -> None:
+        self.chats = chats
+        self.engines = engines
+        self.config = config
+        self.grace = float(config.get("RUN_GRACE_SECONDS", 30))
+        self.max_live_per_visitor = int(config.get("MAX_QUEUED_PER_VISITOR", 3))
+        count, window = parse_rate(config.get("RATE_LIMIT", "30/minute"))
+        self.per_visitor = SlidingWindow(count, window)
+        self.per_ip = SlidingWindow(count * int(config.get("RATE_LIMIT_IP_FACTOR", 10)), window)
+        self.identity = f"{HOST}|{os.getpid()}|{secrets.token_hex(4)}"
+        self.runs: dict[str, Run] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        _LIVE_IDENTITIES.add(self.identity)
+        self._keeper = threading.Thread(target=self._keep, name="bchat-run-keeper", daemon=True)
+        self._keeper.start()
+        # A server stopped with SIGTERM (gunicorn, or bchat serve) keeps its partial replies.
+        ref = weakref.ref(self)
+        atexit.register(lambda: (svc := ref()) and svc.shutdown())
+
+    # -- starting ---------------------------------------------------------------------------
+    def options(self, raw: Any) -> GenerationOptions:
+        return GenerationOptions.parse(
+            raw,
+            default_max_tokens=self.config["MAX_TOKENS"],
+            max_tokens_limit=self.config["MAX_TOKENS_LIMIT"],
+            max_system_chars=self.config["MAX_MESSAGE_CHARS"],
+        )
+
+    def admit(self, owner: str, ip: str | None) -> None:
+        """Limits before any model call: replies at once per visitor, chats per minute per
+        visitor and per address."""
+        with self._lock:
+            live = sum(1 for run in self.runs.values() if run.owner == owner)
+        if live >= self.max_live_per_visitor > 0:
+            raise RateLimited(f"you already have {live} replies being written; wait for one "
+                              "to finish or stop it", retry_after=5)
+        now = time.monotonic()
+        wait = self.per_visitor.check(f"v:{owner}", now)
+        if not wait and ip:
+            wait = self.per_ip.check(f"ip:{ip}", now)
+        if wait:
+            raise RateLimited(f"too many messages; try again in {max(1, round(wait))} s",
+                              retry_after=wait)
+
+    def start(
+        self, owner: str, conversation_id: str | None, content: Any, *, model: Any = None,
+        options: Any = None, ip: str | None = None, watcher: Watcher | None = None,
+    ) -> Run:
+        """Validate, store the user's message and the reply's row, and start the model."""
+        if conversation_id is not None and not isinstance(conversation_id, str):
+            raise Invalid("bad_frame", "conversation_id must be a string or null")
+        parsed = self.options(options)
+        model = model or self.engines.default_model
+        if not isinstance(model, str):
+            raise AppError("unknown_model", "no model is available on this server", status=404)
+        try:
+            engine = self.engines.engine_for(model)
+        except UnknownModel as exc:
+            raise AppError("unknown_model", exc.message, status=404) from None
+        self.chats.check_content(content)
+        self.admit(owner, ip)
+        provenance = Provenance(engine="server", backend=getattr(engine, "name", None),
+                                model=model, meta={"options": parsed.to_dict()})
+        conv, user_message, reply, history = self.chats.begin_reply(
+            owner, conversation_id, provenance, run_owner=self.identity, user_content=content
+        )
+        started = {"type": "started", "conversation_id": conv["id"], "conversation": conv,
+                   "user_message": user_message, "message_id": reply["id"], "model": model,
+                   "reply": reply}
+        run = Run(message_id=reply["id"], conversation_id=conv["id"], owner=owner, model=model,
+                  engine=engine, options=parsed, history=history, started_frame=started)
+        if watcher is not None:
+            run.attach(watcher)  # before the model starts: no token can go unseen
+        with self._lock:
+            self.runs[run.message_id] = run
+        self._wake.set()
+        log.info("chat %s: reply %s with %s", short(conv["id"]), short(run.message_id), model)
+        threading.Thread(target=self._drive, args=(run,), name="bchat-run", daemon=True).start()
+        return run
+
+    # -- watching and stopping -------------------------------------------------------------
+    def watch(self, owner: str, message_id: Any, offset: Any, watcher: Watcher) -> None:
+        """Resume: the text of ``message_id`` from ``offset``, the live tokens, the end."""
+        if not isinstance(message_id, str):
+            raise Invalid("bad_frame", "message_id must be a string")
+        if offset is None:
+            offset = 0
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= 2**31:
+            raise Invalid("bad_frame", "offset must be a non-negative integer")
+        with self._lock:
+            run = self.runs.get(message_id)
+        if run is not None and run.owner == owner:
+            run.attach(watcher, offset)
+            return
+        state = self.chats.reply_state(owner, message_id)  # NotFound for someone else's
+        if state["status"] == "streaming" and self.reap_stale([message_id]):
+            state = self.chats.reply_state(owner, message_id)
+        if state["status"] != "streaming":
+            watcher.deliver(final_frame(_public(state)))
+            return
+        # Written by another process: follow its row as that process flushes it.
+        threading.Thread(target=self._follow_remote, args=(owner, message_id, offset, watcher),
+                         name="bchat-run-follow", daemon=True).start()
+
+    def _follow_remote(self, owner: str, message_id: str, offset: int, watcher: Watcher) -> None:
+        sent = offset
+        try:
+            while watcher.active and not self._closing.is_set():
+                state = self.chats.reply_state(owner, message_id)
+                if state["status"] == "streaming" and self.reap_stale([message_id]):
+                    continue
+                content = state["content"]
+                if len(content) > sent:
+                    watcher.deliver({"type": "token", "message_id": message_id, "offset": sent,
+                                     "text": content[sent:]})
+                    sent = len(content)
+                if state["status"] != "streaming":
+                    watcher.deliver(final_frame(_public(state)))
+                    return
+                self._closing.wait(REMOTE_POLL_SECONDS)
+        except AppError as exc:  # the conversation was deleted meanwhile
+            watcher.deliver({"type": "error", "message_id": message_id, **exc.to_dict()})
+        except Exception:
+            log.exception("following reply %s failed", short(message_id))
+            watcher.deliver({"type": "error", "code": "internal", "message_id": message_id,
+                             "message": "the server failed while following the reply"})
+
+    def detach(self, watcher: Watcher, message_ids: list[str]) -> None:
+        with self._lock:
+            runs = [self.runs[m] for m in message_ids if m in self.runs]
+        for run in runs:
+            run.detach(watcher)
+
+    def stop(self, owner: str, message_id: Any, reason: str = "user") -> bool:
+        if not isinstance(message_id, str):
+            raise Invalid("bad_frame", "message_id must be a string")
+        with self._lock:
+            run = self.runs.get(message_id)
+        if run is not None and run.owner == owner:
+            run.stop(reason)
+            return True
+        return self.chats.request_stop(owner, message_id)  # another process writes it
+
+    def live_runs(self, owner: str | None = None) -> list[Run]:
+        with self._lock:
+            return [r for r in self.runs.values() if owner is None or r.owner == owner]
+
+    # -- the run itself -------------------------------------------------------------------
+    def _drive(self, run: Run) -> None:
+        finished: Finished | None = None
+        error: EngineError | None = None
+        try:
+            for item in run.engine.stream(run.model, run.history, run.options, run.cancel):
+                if isinstance(item, Token):
+                    run.append(item.text)
+                elif isinstance(item, Queued):
+                    run.queued(item.position)
+                elif isinstance(item, Finished):
+                    finished = item
+        except EngineError as exc:
+            error = exc
+        except Exception as exc:  # reported as a failed reply: never a silent, dead run
+            log.exception("chat %s: the run failed", short(run.conversation_id))
+            error = EngineError(f"the server failed while writing the reply ({type(exc).__name__})",
+                                code="internal")
+        try:
+            self._settle(run, finished, error)
+        finally:
+            with self._lock:
+                self.runs.pop(run.message_id, None)
+
+    def _settle(self, run: Run, finished: Finished | None, error: EngineError | None) -> None:
+        meta: dict[str, Any] = dict(finished.meta) if finished else {}
+        meta["options"] = run.options.to_dict()
+        if error is not None:
+            status, finish_reason = "failed", "error"
+            meta["error"] = {"code": error.code, "message": error.message}
+        elif finished is None or finished.finish_reason == "stopped":
+            reason = run.stop_reason or "user"
+            status = "interrupted" if reason == "shutdown" else "stopped"
+            finish_reason = "stopped"
+            meta["stop_reason"] = reason
+        else:
+            status, finish_reason = "complete", finished.finish_reason
+        provenance = Provenance(
+            engine="server",
+            backend=getattr(run.engine, "name", None),
+            model=run.model,
+            prompt_tokens=finished.prompt_tokens if finished else None,
+            completion_tokens=finished.completion_tokens if finished else None,
+            tokens_per_second=finished.tokens_per_second if finished else None,
+            finish_reason=finish_reason,
+            meta=meta,
+        )
+        try:
+            stored = self.chats.finish_reply(run.message_id, run.text, status, provenance)
+        except Exception:
+            # The row stays "streaming" with its last flush; the reaper interrupts it later.
+            log.exception("chat %s: could not store the reply", short(run.conversation_id))
+            run.settle({"type": "error", "code": "internal", "message_id": run.message_id,
+                        "message": "the reply could not be stored"})
+            return
+        if stored is None:
+            log.warning("chat %s: deleted during generation; reply dropped",
+                        short(run.conversation_id))
+            run.settle({"type": "error", "code": "not_found", "message_id": run.message_id,
+                        "message": "the conversation was deleted while replying"})
+            return
+        log.info("chat %s: reply %s (%s tokens, %.1fs)", short(run.conversation_id), status,
+                 provenance.completion_tokens, time.perf_counter() - run.started_at)
+        run.settle(final_frame(stored))
+
+    # -- persistence ------------------------------------------------------------------------
+    def _keep(self) -> None:
+        """Flushes growing text, renews leases, and stops runs nobody watches any more."""
+        while not self._closing.is_set():
+            runs = self.live_runs()
+            if not runs:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                self.flush(runs)
+            except Exception:
+                log.exception("flushing replies failed; retrying")
+            self._closing.wait(FLUSH_SECONDS)
+
+    def flush(self, runs: list[Run]) -> None:
+        now = time.monotonic()
+        contents: dict[str, str] = {}
+        lengths: dict[str, int] = {}
+        vouch: list[str] = []
+        for run in runs:
+            if run.orphaned_at is not None and now - run.orphaned_at >= self.grace:
+                run.stop("disconnect")
+            with run.lock:
+                if run.final_frame is not None:
+                    continue
+                if run.length != run.flushed:
+                    contents[run.message_id] = "".join(run.parts)
+                    lengths[run.message_id] = run.length
+                elif now - run.vouched_at >= LEASE_RENEW_SECONDS:
+                    vouch.append(run.message_id)
+        if not contents and not vouch:
+            return
+        stops = self.chats.flush_runs(contents, vouch)
+        by_id = {run.message_id: run for run in runs}
+        for message_id, length in lengths.items():
+            by_id[message_id].flushed = length
+        for message_id in list(contents) + vouch:
+            by_id[message_id].vouched_at = now
+        for message_id in stops:
+            by_id[message_id].stop("user")
+
+    def reap_stale(self, message_ids: list[str] | None = None) -> int:
+        """Mark "interrupted" the streaming rows whose writer is dead; how many were."""
+        now = utcnow()
+        dead = []
+        for message_id, run_owner, engine, renewed in self.chats.streaming_replies():
+            if message_ids is not None and message_id not in message_ids:
+                continue
+            if message_id in self.runs:
+                continue
+            if _writer_dead(run_owner, engine, renewed, now):
+                dead.append(message_id)
+        count = self.chats.interrupt(dead, "server_restart")
+        if count:
+            log.warning("marked %d replies whose writer died as interrupted", count)
+        return count
+
+    def shutdown(self, timeout: float = 3.0) -> None:
+        """Stop every run and keep what it wrote, marked "interrupted"."""
+        if self._closing.is_set():
+            return
+        runs = self.live_runs()
+        for run in runs:
+            run.stop("shutdown")
+        deadline = time.monotonic() + timeout
+        for run in runs:
+            run.finished.wait(max(0.0, deadline - time.monotonic()))
+        left = [run for run in runs if not run.finished.is_set()]
+        if left:
+            try:
+                self.chats.flush_runs({run.message_id: run.text for run in left}, [])
+                self.chats.interrupt([run.message_id for run in left], "shutdown")
+            except Exception:
+                log.exception("could not keep %d partial replies at shutdown", len(left))
+        self._closing.set()
+        self._wake.set()
+        _LIVE_IDENTITIES.discard(self.identity)
+
+
+def _public(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k not in ("conversation_id", "run_owner", "lease_at")}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _writer_dead(run_owner: str | None, engine: str | None, renewed, now) -> bool:
+    age = (now - renewed).total_seconds() if renewed is not None else float("inf")
+    if engine == "browser" or run_owner == "browser":
+        return age > BROWSER_LEASE_SECONDS
+    if not run_owner or run_owner.count("|") != 2:
+        return True
+    host, pid_text, _nonce = run_owner.split("|")
+    if host == HOST and pid_text.isdigit():
+        pid = int(pid_text)
+        if pid == os.getpid():
+            return run_owner not in _LIVE_IDENTITIES
+        if not _pid_alive(pid):
+            return True
+    return age > SERVER_LEASE_SECONDS
+
