@@ -15,8 +15,10 @@ from werkzeug.exceptions import HTTPException
 from .chats import Invalid, NotFound, Provenance
 from .exchange import export_json, export_markdown, parse_import
 from .model_files import browser_url
+from .openapi import OPENAPI
 from .security import owner_id
 from .services import get_services
+from .validation import check_number, parse_json_text
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +56,23 @@ def _http_error(exc: HTTPException):
 
 
 def json_body() -> dict[str, Any]:
+    """The request's JSON object, parsed by validation's strict rules (400 with a code).
+
+    ``get_data`` raises 413 for a body over MAX_CONTENT_LENGTH, also a chunked one with no
+    Content-Length; ``get_json(silent=True)`` used to swallow that into a 400.
+    """
     if not request.is_json:
         raise ApiError(415, "json_required", "send a JSON body (Content-Type: application/json)")
-    body = request.get_json(silent=True)
+    body = parse_json_text(request.get_data(cache=True), max_bytes=current_app.config["MAX_UPLOAD_BYTES"])
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "the body must be a JSON object")
     return body
+
+
+@bp.get("/api/openapi.json")
+def openapi():
+    """The JSON API described for clients and for the schemathesis tests that keep it true."""
+    return OPENAPI
 
 
 @bp.get("/healthz")
@@ -132,11 +145,17 @@ def _provenance(raw: Any) -> Provenance:
         raise Invalid("bad_provenance", f"provenance takes: {', '.join(sorted(_PROVENANCE_FIELDS))}")
     for name in ("prompt_tokens", "completion_tokens"):
         value = raw.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise Invalid("bad_provenance", f"{name} must be a non-negative integer")
+        if value is not None:
+            try:
+                check_number(value, name, integer=True)
+            except Invalid as exc:
+                raise Invalid("bad_provenance", f"{name} must be a non-negative integer") from exc
     tps = raw.get("tokens_per_second")
-    if tps is not None and (not isinstance(tps, int | float) or isinstance(tps, bool) or tps < 0):
-        raise Invalid("bad_provenance", "tokens_per_second must be a non-negative number")
+    if tps is not None:
+        try:
+            check_number(tps, "tokens_per_second")
+        except Invalid as exc:
+            raise Invalid("bad_provenance", "tokens_per_second must be a non-negative number") from exc
     for name in ("backend", "model", "finish_reason"):
         value = raw.get(name)
         if value is not None and (not isinstance(value, str) or len(value) > 200):
@@ -182,7 +201,8 @@ def add_message(conversation_id: str):
 
 
 def _with_url(share: dict) -> dict:
-    share["url"] = url_for("pages.shared", token=share.pop("token"), _external=True)
+    token = share.pop("token")  # None when the sealed copy no longer opens (secret key changed)
+    share["url"] = url_for("pages.shared", token=token, _external=True) if token else None
     return share
 
 
