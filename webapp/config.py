@@ -51,6 +51,9 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "UPSTREAMS_FILE": (None, str, "a TOML or JSON file describing several upstreams (see README)"),
     "MAX_UPLOAD_BYTES": (16 * 1024 * 1024, _INT, "largest request body (conversation imports)"),
     "PROXY_FIX": (0, _INT, "number of trusted reverse proxies in front (X-Forwarded-* headers)"),
+    "ALLOWED_HOSTS": ([], _list, "Host names served besides loopback (comma-separated; * = any)"),
+    "BIND_HOST": (None, str, "the address `bchat serve --host` bound: allowed as a Host (set by serve)"),
+    "PASSCODE": (None, str, "a passcode visitors enter once before they can chat (share links stay open)"),
 }
 
 
