@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .chats import Invalid, NotFound, Provenance
 from .exchange import export_json, export_markdown, parse_import
@@ -58,12 +58,17 @@ def _http_error(exc: HTTPException):
 def json_body() -> dict[str, Any]:
     """The request's JSON object, parsed by validation's strict rules (400 with a code).
 
-    ``get_data`` raises 413 for a body over MAX_CONTENT_LENGTH, also a chunked one with no
-    Content-Length; ``get_json(silent=True)`` used to swallow that into a 400.
+    ``get_data`` raises 413 for a Content-Length over MAX_CONTENT_LENGTH, but a chunked body
+    (no Content-Length) is silently cut at the limit, which then read as a 400 bad_json: a
+    body that fills the limit is taken as one that went over it.
     """
     if not request.is_json:
         raise ApiError(415, "json_required", "send a JSON body (Content-Type: application/json)")
-    body = parse_json_text(request.get_data(cache=True), max_bytes=current_app.config["MAX_UPLOAD_BYTES"])
+    limit = current_app.config["MAX_UPLOAD_BYTES"]
+    data = request.get_data(cache=True)
+    if request.content_length is None and len(data) >= limit:
+        raise RequestEntityTooLarge()
+    body = parse_json_text(data, max_bytes=limit)
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "the body must be a JSON object")
     return body
