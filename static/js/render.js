@@ -56,6 +56,9 @@ const SANITIZE = {
   FORBID_TAGS,
   FORBID_ATTR,
   ALLOW_DATA_ATTR: false,
+  // id="x" and name="x" would otherwise clobber window.x and document.x for the page's own
+  // code; DOMPurify prefixes them with "user-content-".
+  SANITIZE_NAMED_PROPS: true,
 };
 
 function renderPlain(element, text) {
