@@ -12,6 +12,25 @@ from typing import Any
 _ID = {"type": "string", "minLength": 1, "maxLength": 64}
 _TIME = {"type": "string", "format": "date-time"}
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 9007199254740991, "nullable": True}
+# Request bodies say exactly what the app accepts (schemathesis checks that valid data is
+# accepted): numbers within ±2**53 (webapp/validation.py), text with something besides
+# spaces, times as the API writes them, meta values as flat scalars.
+_SPEED = {"type": "number", "minimum": 0, "maximum": 9007199254740991, "nullable": True}
+# Python's str.strip() also strips \x1c-\x1f, which a regex \S counts as visible.
+_VISIBLE = r"[^\s\x1c-\x1f]"
+_TEXT = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": _VISIBLE}
+_TIME_IN = {
+    "type": "string", "nullable": True,
+    "pattern": r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
+               r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?Z$",
+}
+_META_IN = {
+    "type": "object", "nullable": True,
+    "additionalProperties": {"nullable": True, "anyOf": [
+        {"type": "string"}, {"type": "boolean"},
+        {"type": "number", "minimum": -9007199254740991, "maximum": 9007199254740991},
+    ]},
+}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -95,19 +114,58 @@ SCHEMAS: dict[str, Any] = {
             "model": {"type": "string", "maxLength": 200, "nullable": True},
             "prompt_tokens": _COUNT,
             "completion_tokens": _COUNT,
-            "tokens_per_second": {"type": "number", "minimum": 0, "nullable": True},
+            "tokens_per_second": _SPEED,
             "finish_reason": {"type": "string", "maxLength": 200, "nullable": True},
-            "meta": {"type": "object", "nullable": True},
+            "meta": _META_IN,
         },
     },
     "NewMessage": {
         "type": "object",
+        "additionalProperties": False,
         "required": ["role", "content"],
         "properties": {
             "role": {"type": "string", "enum": ["user", "assistant"]},
-            "content": {"type": "string", "maxLength": 32000},
+            "content": {"type": "string", "maxLength": 32000, "pattern": _VISIBLE},
             "status": {"type": "string", "enum": ["complete", "stopped", "failed"]},
             "provenance": _ref("Provenance"),
+        },
+    },
+    "ImportMessage": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+            "content": {"type": "string", "maxLength": 32000},
+            "status": {"type": "string", "enum": ["complete", "stopped", "failed"]},
+            "created_at": _TIME_IN,
+            "engine": {"type": "string", "enum": ["server", "browser"], "nullable": True},
+            "backend": {"type": "string", "maxLength": 200, "nullable": True},
+            "model": {"type": "string", "maxLength": 200, "nullable": True},
+            "usage": {
+                "type": "object", "additionalProperties": False, "nullable": True,
+                "properties": {"prompt_tokens": _COUNT, "completion_tokens": _COUNT},
+            },
+            "tokens_per_second": _SPEED,
+            "finish_reason": {"type": "string", "maxLength": 200, "nullable": True},
+            "meta": _META_IN,
+        },
+    },
+    "Import": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["format", "version", "conversation", "messages"],
+        "properties": {
+            "format": {"type": "string", "enum": ["bchat.conversation"]},
+            "version": {"type": "integer", "enum": [1]},
+            "exported_at": {"type": "string"},
+            "conversation": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["title"],
+                "properties": {"title": _TEXT, "created_at": _TIME_IN, "updated_at": {"type": "string"}},
+            },
+            "messages": {"type": "array", "maxItems": 50, "items": _ref("ImportMessage")},
         },
     },
     "Share": {
@@ -175,14 +233,14 @@ PATHS: dict[str, Any] = {
         },
         "post": {
             "operationId": "create_conversation", "summary": "a new, empty conversation",
-            "requestBody": _body({"type": "object", "properties": {
-                "title": {"type": "string", "minLength": 1, "maxLength": 200}}}),
+            "requestBody": _body({"type": "object", "additionalProperties": False,
+                                  "properties": {"title": _TEXT}}),
             "responses": _responses("201", _ref("Conversation"), "created"),
         },
     },
     "/api/conversations/import": {"post": {
         "operationId": "import_conversation", "summary": "an export file back into a new conversation",
-        "requestBody": _body(_ref("Export")),
+        "requestBody": _body(_ref("Import")),
         "responses": _responses("201", _ref("Conversation"), "imported"),
     }},
     "/api/conversations/{conversation_id}": {
@@ -193,8 +251,8 @@ PATHS: dict[str, Any] = {
         },
         "patch": {
             "operationId": "rename_conversation", "summary": "rename",
-            "requestBody": _body({"type": "object", "required": ["title"], "properties": {
-                "title": {"type": "string", "minLength": 1, "maxLength": 200}}}),
+            "requestBody": _body({"type": "object", "additionalProperties": False,
+                                  "required": ["title"], "properties": {"title": _TEXT}}),
             "responses": _responses("200", _ref("Conversation"), "renamed"),
         },
         "delete": {
@@ -215,7 +273,8 @@ PATHS: dict[str, Any] = {
         "parameters": [_CONVERSATION_ID],
         "post": {
             "operationId": "share_conversation", "summary": "create or refresh the share link",
-            "requestBody": _body({"type": "object", "properties": {"new_link": {"type": "boolean"}}}),
+            "requestBody": _body({"type": "object", "additionalProperties": False,
+                                  "properties": {"new_link": {"type": "boolean"}}}),
             "responses": _responses("200", _ref("Share"), "the link"),
         },
         "delete": {
