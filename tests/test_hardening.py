@@ -299,3 +299,26 @@ def test_passcode_next_never_leaves_the_site(make_app):
         response = client.post("/passcode", data={"passcode": "p", "next": target})
         assert response.headers["Location"] == "/", target
         client = make_app(PASSCODE="p").test_client()
+
+
+# -- bchat serve on a public address ----------------------------------------------------------------
+
+
+def test_serve_on_a_public_address_without_passcode_warns(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BCHAT_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite3'}"}
+    env.pop("BCHAT_PASSCODE", None)
+    # an unmigrated database makes serve stop right after its checks, before listening
+    public = subprocess.run([sys.executable, "-m", "webapp.cli", "serve", "--host", "0.0.0.0"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert public.returncode == 2
+    assert "WARNING" in public.stderr and "BCHAT_PASSCODE" in public.stderr
+    local = subprocess.run([sys.executable, "-m", "webapp.cli", "serve", "--host", "127.0.0.1"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert local.returncode == 2 and "WARNING" not in local.stderr
+    guarded = subprocess.run([sys.executable, "-m", "webapp.cli", "serve", "--host", "0.0.0.0"],
+                             env={**env, "BCHAT_PASSCODE": "x"}, capture_output=True, text=True, timeout=60)
+    assert guarded.returncode == 2 and "WARNING" not in guarded.stderr
