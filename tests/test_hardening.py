@@ -316,6 +316,7 @@ def test_serve_on_a_public_address_without_passcode_warns(tmp_path):
                             env=env, capture_output=True, text=True, timeout=60)
     assert public.returncode == 2
     assert "WARNING" in public.stderr and "BCHAT_PASSCODE" in public.stderr
+    assert "BCHAT_ALLOWED_HOSTS" in public.stderr
     local = subprocess.run([sys.executable, "-m", "webapp.cli", "serve", "--host", "127.0.0.1"],
                            env=env, capture_output=True, text=True, timeout=60)
     assert local.returncode == 2 and "WARNING" not in local.stderr

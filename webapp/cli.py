@@ -90,6 +90,12 @@ def serve(host: str, port: int) -> int:
             "BCHAT_ALLOWED_HOSTS to the names visitors type (see README, Security).",
             file=sys.stderr,
         )
+    if host in ("0.0.0.0", "::") and not config.get("ALLOWED_HOSTS"):
+        print(
+            "note: only loopback Host names are answered (others get 400); set\n"
+            "BCHAT_ALLOWED_HOSTS to this machine's name or address to reach it from elsewhere.",
+            file=sys.stderr,
+        )
     if not schema_is_current(config["DATABASE_URL"]):
         print(
             "the database is not at the latest schema: run `bchat db upgrade` first",
