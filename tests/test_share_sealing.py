@@ -107,3 +107,15 @@ def test_version_1_links_keep_working_and_are_resealed(tmp_path, tiny_model):
         assert client.get(f"/s/{token}").status_code == 200
     finally:
         app.extensions["bchat"].close()
+
+
+def test_downgrade_refuses_to_strand_version_2_links(client, app):
+    import pytest
+
+    conv = client.post("/api/conversations", json={"title": "t"}).get_json()
+    client.post(f"/api/conversations/{conv['id']}/share", json={})
+    cfg = alembic_config(app.config["DATABASE_URL"])
+    app.extensions["bchat"].db.dispose()
+    with pytest.raises(RuntimeError, match="sealed with version 2"):
+        command.downgrade(cfg, "0002")
+    assert sealed_rows(app)[0][2] == 2, "nothing changed"
