@@ -25,6 +25,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from .runs import RunService
     from .services import EXTENSION_KEY, Services
     from .shares import ShareService
+    from .validation import StrictJSONProvider
 
     app = Flask(
         __name__,
@@ -32,6 +33,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         static_folder=str(ROOT / "static"),
         template_folder=str(ROOT / "templates"),
     )
+    app.json = StrictJSONProvider(app)  # never reads or writes NaN/Infinity, huge ints, lone surrogates
     app.config.update(load_config(app.instance_path))
     app.config.update(config or {})
     resolve_secret_key(app.config, app.instance_path)

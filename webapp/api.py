@@ -10,14 +10,16 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .chats import Invalid, NotFound, Provenance
 from .errors import AppError
 from .exchange import export_json, export_markdown, parse_import
 from .model_files import browser_url
+from .openapi import OPENAPI
 from .security import owner_id
 from .services import get_services
+from .validation import check_number, parse_json_text
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +62,28 @@ def _http_error(exc: HTTPException):
 
 
 def json_body() -> dict[str, Any]:
+    """The request's JSON object, parsed by validation's strict rules (400 with a code).
+
+    ``get_data`` raises 413 for a Content-Length over MAX_CONTENT_LENGTH, but a chunked body
+    (no Content-Length) is silently cut at the limit, which then read as a 400 bad_json: a
+    body that fills the limit is taken as one that went over it.
+    """
     if not request.is_json:
         raise ApiError(415, "json_required", "send a JSON body (Content-Type: application/json)")
-    body = request.get_json(silent=True)
+    limit = current_app.config["MAX_UPLOAD_BYTES"]
+    data = request.get_data(cache=True)
+    if request.content_length is None and len(data) >= limit:
+        raise RequestEntityTooLarge()
+    body = parse_json_text(data, max_bytes=limit)
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "the body must be a JSON object")
     return body
+
+
+@bp.get("/api/openapi.json")
+def openapi():
+    """The JSON API described for clients and for the schemathesis tests that keep it true."""
+    return OPENAPI
 
 
 @bp.get("/healthz")
@@ -150,11 +168,17 @@ def _provenance(raw: Any) -> Provenance:
         raise Invalid("bad_provenance", f"provenance takes: {', '.join(sorted(_PROVENANCE_FIELDS))}")
     for name in ("prompt_tokens", "completion_tokens"):
         value = raw.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise Invalid("bad_provenance", f"{name} must be a non-negative integer")
+        if value is not None:
+            try:
+                check_number(value, name, integer=True)
+            except Invalid as exc:
+                raise Invalid("bad_provenance", f"{name} must be a non-negative integer") from exc
     tps = raw.get("tokens_per_second")
-    if tps is not None and (not isinstance(tps, int | float) or isinstance(tps, bool) or tps < 0):
-        raise Invalid("bad_provenance", "tokens_per_second must be a non-negative number")
+    if tps is not None:
+        try:
+            check_number(tps, "tokens_per_second")
+        except Invalid as exc:
+            raise Invalid("bad_provenance", "tokens_per_second must be a non-negative number") from exc
     for name in ("backend", "model", "finish_reason"):
         value = raw.get(name)
         if value is not None and (not isinstance(value, str) or len(value) > 200):
@@ -215,7 +239,8 @@ def update_message(conversation_id: str, message_id: str):
 
 
 def _with_url(share: dict) -> dict:
-    share["url"] = url_for("pages.shared", token=share.pop("token"), _external=True)
+    token = share.pop("token")  # None when the sealed copy no longer opens (secret key changed)
+    share["url"] = url_for("pages.shared", token=token, _external=True) if token else None
     return share
 
 

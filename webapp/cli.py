@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -74,8 +75,27 @@ def list_models() -> int:
     return 0
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
 def serve(host: str, port: int) -> int:
+    # The Host the site is reached by must be allowed (security.check_host): the address
+    # bound here is, through the same setting gunicorn users set by hand.
+    os.environ["BCHAT_BIND_HOST"] = host
     config = _settings()
+    if host not in LOOPBACK and not config.get("PASSCODE"):
+        print(
+            f"WARNING: bchat is listening on {host}, beyond this machine, with no BCHAT_PASSCODE:\n"
+            "anyone who can reach the port can chat and use the models. Set BCHAT_PASSCODE, and\n"
+            "BCHAT_ALLOWED_HOSTS to the names visitors type (see README, Security).",
+            file=sys.stderr,
+        )
+    if host in ("0.0.0.0", "::") and not config.get("ALLOWED_HOSTS"):
+        print(
+            "note: only loopback Host names are answered (others get 400); set\n"
+            "BCHAT_ALLOWED_HOSTS to this machine's name or address to reach it from elsewhere.",
+            file=sys.stderr,
+        )
     if not schema_is_current(config["DATABASE_URL"]):
         print(
             "the database is not at the latest schema: run `bchat db upgrade` first",

@@ -57,6 +57,9 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "RATE_LIMIT": ("30/minute", str, "chats a visitor may start (an address: 10x that), e.g. 30/minute"),
     "MAX_QUEUED_PER_VISITOR": (3, _INT, "replies one visitor may have queued or running at once"),
     "WATCHDOG_SECONDS": (120.0, float, "an inference thread busy this long without progress is stuck"),
+    "ALLOWED_HOSTS": ([], _list, "Host names served besides loopback (comma-separated; * = any)"),
+    "BIND_HOST": (None, str, "the address `bchat serve --host` bound: allowed as a Host (set by serve)"),
+    "PASSCODE": (None, str, "a passcode visitors enter once before they can chat (share links stay open)"),
 }
 
 # Threads kept free for page loads and API calls when sockets take the rest (see MAX_SOCKETS).

@@ -9,8 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from .chats import Invalid, parse_time
+from .chats import Invalid
 from .models import ENGINES, FINAL_STATUSES, ROLES, utcnow
+from .validation import check_number, check_text, check_time
 
 FORMAT = "bchat.conversation"
 VERSION = 1
@@ -62,11 +63,23 @@ def _optional(value: Any, kinds: tuple[type, ...], where: str, *, minimum: float
         return None
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise _fail(where, f"must be {' or '.join(k.__name__ for k in kinds)} or null")
-    if minimum is not None and value < minimum:
-        raise _fail(where, f"must be at least {minimum}")
+    try:
+        if isinstance(value, str):
+            check_text(value, where)
+        else:  # finite, within ±2**53: SQLite and browsers hold it exactly
+            check_number(value, where, minimum=minimum, integer=kinds == (int,))
+    except Invalid as exc:
+        raise _fail(where, exc.message) from exc
     if isinstance(value, str) and len(value) > 200:
         raise _fail(where, "is too long")
     return value
+
+
+def _time(value: Any, where: str) -> datetime | None:
+    try:
+        return check_time(value, where)
+    except Invalid as exc:
+        raise _fail(where, "must be an ISO 8601 time") from exc
 
 
 def parse_import(data: Any, max_chars: int) -> tuple[str, datetime | None, list[dict[str, Any]]]:
@@ -81,6 +94,8 @@ def parse_import(data: Any, max_chars: int) -> tuple[str, datetime | None, list[
     title = conversation.get("title")
     if not isinstance(title, str) or not title.strip():
         raise _fail("conversation.title", "must be a non-empty string")
+    check_text(title, "conversation.title")
+    created_at = _time(conversation.get("created_at"), "conversation.created_at")
     messages = data.get("messages")
     if not isinstance(messages, list):
         raise _fail("messages", "must be a list")
@@ -98,6 +113,7 @@ def parse_import(data: Any, max_chars: int) -> tuple[str, datetime | None, list[
         limit = max_chars * (REPLY_CHARS_FACTOR if role == "assistant" else 1)
         if not isinstance(content, str) or len(content) > limit:
             raise _fail(f"{where}.content", f"must be a string of at most {limit} characters")
+        check_text(content, f"{where}.content")
         status = message.get("status", "complete")
         if status == "streaming":  # exported mid-reply: the copy will never grow
             status = "interrupted"
@@ -113,8 +129,7 @@ def parse_import(data: Any, max_chars: int) -> tuple[str, datetime | None, list[
         if meta is not None and not isinstance(meta, dict):
             raise _fail(f"{where}.meta", "must be an object")
         created = message.get("created_at")
-        if created is not None and parse_time(created) is None:
-            raise _fail(f"{where}.created_at", "must be an ISO 8601 time")
+        _time(created, f"{where}.created_at")  # chats.parse_time reads it again; it must not overflow
         clean.append({
             "role": role,
             "content": content,
@@ -133,4 +148,4 @@ def parse_import(data: Any, max_chars: int) -> tuple[str, datetime | None, list[
             "finish_reason": _optional(message.get("finish_reason"), (str,), f"{where}.finish_reason"),
             "meta": meta,
         })
-    return title, parse_time(conversation.get("created_at")), clean
+    return title, created_at, clean

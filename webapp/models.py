@@ -99,8 +99,9 @@ class Share(Base):
     """A read-only snapshot of a conversation, reachable by whoever holds its link.
 
     Only a hash of the link's token is stored for lookups; ``token_sealed`` lets the owner see
-    the link again (it is the token XOR a key derived from the app's secret key, so a copy of
-    the database alone reveals no working link). The snapshot is a copy: deleting the
+    the link again (the token encrypted and authenticated with keys derived from the app's
+    secret key, so a copy of the database alone reveals no working link; ``seal_version`` says
+    how, see shares.py: rows from before migration 0003 are version 1). The snapshot is a copy: deleting the
     conversation leaves the share readable until the owner revokes it.
     """
 
@@ -113,7 +114,8 @@ class Share(Base):
         ForeignKey("conversation.id", ondelete="SET NULL"), unique=True
     )
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    token_sealed: Mapped[str] = mapped_column(String(64))
+    token_sealed: Mapped[str] = mapped_column(String(160))
+    seal_version: Mapped[int] = mapped_column(default=2, server_default="1")
     title: Mapped[str] = mapped_column(String(200))
     snapshot: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

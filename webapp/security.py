@@ -5,8 +5,15 @@
 - Origin check: the websocket handshake is refused unless Origin is our own origin or listed
   in BCHAT_ALLOWED_ORIGINS (simple-websocket checks nothing, and cookies ride along on
   cross-site websocket handshakes).
+- Host check: a request whose Host is not ours (BCHAT_ALLOWED_HOSTS, loopback, the bound
+  address) gets 400 before anything else runs. The origin check and every absolute URL are
+  built from Host, so without this a DNS-rebinding page could talk to a loopback bchat as if
+  it were same-origin.
+- Passcode (BCHAT_PASSCODE): when set, a visitor enters it once (rate-limited per address,
+  compared in constant time) before getting an identity; share links stay readable.
 - Headers: a strict CSP, and COOP/COEP so the page is cross-origin isolated (the browser
-  engine needs that for multi-threaded WebAssembly).
+  engine needs that for multi-threaded WebAssembly); private answers are never cached.
+- Logs: Flask's exception log goes through redact(), so it never prints a full id or token.
 """
 
 from __future__ import annotations
@@ -16,14 +23,25 @@ import hmac
 import logging
 import re
 import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from datetime import timedelta
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, abort, current_app, request, session
+from flask import Flask, Response, abort, current_app, jsonify, redirect, request, session, url_for
 
 log = logging.getLogger(__name__)
 
 OWNER_KEY = "owner"
+FORM_SEED_KEY = "form"
+PASS_KEY = "pass"
+ATTEMPTS_KEY = "bchat.passcode_attempts"
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# A Host header: a bracketed IPv6 address or a DNS name / IPv4 address, then an optional port.
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::\d{1,5})?")
 
 CSP = "; ".join(
     [
@@ -66,21 +84,156 @@ def redact(text: str) -> str:
     return _PRIVATE_SEGMENT.sub(r"\1\2…", text)
 
 
-def continue_token(owner: str) -> str:
+def _form_seed(*, create: bool) -> str | None:
+    """A random value in the visitor's cookie that forms are bound to. It is not an identity,
+    so a visitor who has not entered the passcode yet can still be shown a form."""
+    seed = session.get(FORM_SEED_KEY)
+    if seed is None and create:
+        seed = session[FORM_SEED_KEY] = secrets.token_urlsafe(12)
+        session.permanent = True
+    return seed
+
+
+def continue_token() -> str:
     """Ties the "continue this conversation" form to the visitor's own cookie (CSRF).
 
     An Origin check cannot do this job on the shared page: its no-referrer policy makes
     browsers send "Origin: null" with the form.
     """
     key = current_app.config["SECRET_KEY"].encode()
-    return hmac.new(key, b"continue|" + owner.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(key, b"continue|" + _form_seed(create=True).encode(), hashlib.sha256).hexdigest()
 
 
-def check_continue_token(value: str | None) -> str:
-    owner = owner_id(create=False)
-    if owner is None or not value or not hmac.compare_digest(value, continue_token(owner)):
+def check_continue_token(value: str | None) -> None:
+    seed = _form_seed(create=False)
+    if seed is None or not value or not hmac.compare_digest(value, continue_token()):
         abort(403, description="this form has expired: open the shared link again")
-    return owner
+
+
+# -- hosts ----------------------------------------------------------------------------------
+
+
+def _host_name(host: str) -> str | None:
+    host = host.strip().lower()
+    match = _HOST.fullmatch(host)
+    return match.group(1).rstrip(".") if match else None
+
+
+def allowed_hosts(config) -> list[str]:
+    """Loopback, the address ``bchat serve`` bound (unless a wildcard), BCHAT_ALLOWED_HOSTS."""
+    hosts = list(LOOPBACK_HOSTS)
+    bound = (config.get("BIND_HOST") or "").strip().lower()
+    if bound and bound not in ("0.0.0.0", "::", "[::]"):
+        hosts.append(f"[{bound.strip('[]')}]" if ":" in bound else bound)
+    hosts.extend(h.strip().lower() for h in config.get("ALLOWED_HOSTS") or ())
+    return hosts
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """Django's ALLOWED_HOSTS rules: exact names, ``.example.com`` for it and its subdomains,
+    ``*`` for any. Ports are ignored."""
+    name = _host_name(host)
+    if name is None:
+        return False
+    for pattern in allowed:
+        if pattern == "*" or name == pattern.rstrip("."):
+            return True
+        if pattern.startswith(".") and (name == pattern[1:] or name.endswith(pattern)):
+            return True
+    return False
+
+
+def check_host() -> None:
+    if not host_allowed(request.host, current_app.config["BCHAT_HOSTS"]):
+        log.warning("refused request for host %r (not in BCHAT_ALLOWED_HOSTS)", request.host[:100])
+        abort(400, description="unknown host: add it to BCHAT_ALLOWED_HOSTS")
+
+
+# -- passcode ---------------------------------------------------------------------------------
+
+
+class Attempts:
+    """Failed passcode tries per client address in a sliding window (per process)."""
+
+    def __init__(self, limit: int = 5, window: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.window, self.clock = limit, window, clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str) -> deque[float]:
+        now = self.clock()
+        failures = self._failures.setdefault(address, deque())
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        return failures
+
+    def retry_after(self, address: str) -> int:
+        """Seconds until this address may try again; 0 when it may try now."""
+        with self._lock:
+            failures = self._recent(address)
+            if len(failures) < self.limit:
+                return 0
+            return max(1, int(failures[0] + self.window - self.clock() + 0.999))
+
+    def fail(self, address: str) -> None:
+        with self._lock:
+            if len(self._failures) > 10_000:  # bounded memory under a spray of addresses
+                self._failures = {a: f for a, f in self._failures.items() if self._recent(a)}
+            self._recent(address).append(self.clock())
+
+
+def _passcode_mark() -> str:
+    """What the cookie holds once the passcode was entered; changing the passcode voids it."""
+    key = current_app.config["SECRET_KEY"].encode()
+    passcode = current_app.config["PASSCODE"].encode()
+    return hmac.new(key, b"passcode|" + passcode, hashlib.sha256).hexdigest()[:32]
+
+
+def passcode_required() -> bool:
+    """True when the site has a passcode and this visitor has not entered it."""
+    if not current_app.config.get("PASSCODE"):
+        return False
+    return not hmac.compare_digest(str(session.get(PASS_KEY, "")), _passcode_mark())
+
+
+def try_passcode(value: str | None) -> bool:
+    """Check a typed passcode: 429 when this address failed too often, else True/False."""
+    attempts: Attempts = current_app.extensions[ATTEMPTS_KEY]
+    address = request.remote_addr or "-"
+    wait = attempts.retry_after(address)
+    if wait:
+        response = jsonify({"error": {"code": "too_many_tries", "message": f"try again in {wait} s"}})
+        response.status_code, response.headers["Retry-After"] = 429, str(wait)
+        abort(response)
+    expected = hashlib.sha256(current_app.config["PASSCODE"].encode()).digest()
+    given = hashlib.sha256((value or "").encode("utf-8", "replace")).digest()
+    if not hmac.compare_digest(given, expected):  # digests: equal length, so no length leak
+        attempts.fail(address)
+        log.warning("wrong passcode from %s", address)
+        return False
+    session[PASS_KEY] = _passcode_mark()
+    session.permanent = True
+    return True
+
+
+# Reachable without the passcode: the form itself, share links (the continue form asks for
+# the passcode itself), static files, the health check and the API description.
+_OPEN_ENDPOINTS = {"static", "pages.passcode", "pages.shared", "pages.continue_shared",
+                   "api.healthz", "api.openapi"}
+
+
+def check_passcode():
+    if not passcode_required() or request.endpoint in _OPEN_ENDPOINTS or request.endpoint is None:
+        return None
+    if request.blueprint == "api":
+        response = jsonify({"error": {"code": "passcode_required",
+                                      "message": "enter the site's passcode first"}})
+        response.status_code = 401
+        return response
+    if request.method == "GET" and request.headers.get("Upgrade", "").lower() != "websocket":
+        return redirect(url_for("pages.passcode", next=request.full_path.rstrip("?")))
+    abort(401, description="enter the site's passcode first")
 
 
 def _origin_of(url: str) -> str:
@@ -108,6 +261,10 @@ def require_same_origin() -> None:
 
 def set_security_headers(response: Response) -> Response:
     headers = response.headers
+    # Conversations, exports and pages are one visitor's own: no shared or disk cache may keep
+    # them. Static files and model files set their own caching.
+    if request.endpoint != "static" and not (request.endpoint or "").startswith("model_files."):
+        headers.setdefault("Cache-Control", "private, no-store")
     headers.setdefault("Content-Security-Policy", CSP)
     headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
     headers.setdefault("Cross-Origin-Embedder-Policy", "require-corp")
@@ -126,8 +283,26 @@ def init_app(app: Flask) -> None:
         SESSION_COOKIE_SECURE=app.config["COOKIE_SECURE"],
         PERMANENT_SESSION_LIFETIME=timedelta(days=400),
         MAX_CONTENT_LENGTH=app.config["MAX_UPLOAD_BYTES"],
+        BCHAT_HOSTS=allowed_hosts(app.config),
     )
+    app.extensions[ATTEMPTS_KEY] = Attempts()
+    # Order matters: an unknown Host is refused before the passcode gate says anything.
+    app.before_request(check_host)
+    app.before_request(check_passcode)
     app.after_request(set_security_headers)
+    if not any(isinstance(f, RedactingFilter) for f in app.logger.filters):
+        app.logger.addFilter(RedactingFilter())
+
+
+class RedactingFilter(logging.Filter):
+    """Flask logs an unhandled exception as "Exception on /c/<full id> [GET]" with its
+    traceback: cut ids and tokens in both before any handler sees them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
 
 
 def redacting_request_handler():

@@ -22,6 +22,7 @@ from flask_sock import ConnectionClosed, Sock
 from .errors import AppError, Invalid
 from .security import owner_id, require_same_origin
 from .services import get_services
+from .validation import parse_json_text
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +92,14 @@ def chat_socket(ws) -> None:
 
 
 def decode(raw: Any) -> dict[str, Any]:
+    """A client frame under the API's JSON rules (no NaN, no lone surrogates, bounded depth
+    and numbers): a bad one is an ``error`` frame and the socket stays open."""
     if isinstance(raw, bytes):
         raise Invalid("bad_frame", "send JSON text frames, not binary")
-    try:
-        frame = json.loads(raw, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise Invalid("bad_json", "the frame is nested too deeply") from None
-    except ValueError:
-        raise Invalid("bad_json", "the frame is not valid JSON") from None
+    frame = parse_json_text(raw)
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         raise Invalid("bad_frame", 'a frame is a JSON object with a "type"')
     return frame
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 class ChatSocket:

@@ -1,0 +1,351 @@
+"""The JSON API as an OpenAPI 3.0 document, served at ``/api/openapi.json``.
+
+Written by hand, next to the views it describes: ``tests/test_openapi.py`` fails when a route
+of ``api.bp`` is missing here, and schemathesis checks the app against it (no 5xx, documented
+status codes and shapes). The websocket is described in docs/protocol.md, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ID = {"type": "string", "minLength": 1, "maxLength": 64}
+_TIME = {"type": "string", "format": "date-time"}
+_COUNT = {"type": "integer", "minimum": 0, "maximum": 9007199254740991, "nullable": True}
+# Request bodies say exactly what the app accepts (schemathesis checks that valid data is
+# accepted): numbers within ±2**53 (webapp/validation.py), text with something besides
+# spaces, times as the API writes them, meta values as flat scalars.
+_SPEED = {"type": "number", "minimum": 0, "maximum": 9007199254740991, "nullable": True}
+# Python's str.strip() also strips \x1c-\x1f, which a regex \S counts as visible.
+_VISIBLE = r"[^\s\x1c-\x1f]"
+_TEXT = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": _VISIBLE}
+_TIME_IN = {
+    "type": "string", "nullable": True,
+    "pattern": r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
+               r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?Z$",
+}
+_META_IN = {
+    "type": "object", "nullable": True,
+    "additionalProperties": {"nullable": True, "anyOf": [
+        {"type": "string"}, {"type": "boolean"},
+        {"type": "number", "minimum": -9007199254740991, "maximum": 9007199254740991},
+    ]},
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERRORS = {
+    "400": _json(_ref("Error"), "the input breaks a rule; error.code says which"),
+    "401": _json(_ref("Error"), "BCHAT_PASSCODE is set and was not entered"),
+    "404": _json(_ref("Error"), "no such conversation (or it belongs to someone else)"),
+    "405": _json(_ref("Error"), "method not allowed"),
+    "413": _json(_ref("Error"), "the body is over BCHAT_MAX_UPLOAD_BYTES"),
+    "415": _json(_ref("Error"), "a write without a JSON body"),
+}
+
+
+def _responses(ok: str, schema: dict[str, Any] | None, description: str) -> dict[str, Any]:
+    responses: dict[str, Any] = dict(_ERRORS)
+    responses[ok] = {"description": description} if schema is None else _json(schema, description)
+    return responses
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+_CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": _ID}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            }
+        },
+    },
+    "Conversation": {
+        "type": "object",
+        "required": ["id", "title", "created_at", "updated_at"],
+        "properties": {
+            "id": _ID, "title": {"type": "string"}, "created_at": _TIME, "updated_at": _TIME,
+            "shared": {"type": "boolean"},
+            "messages": {"type": "array", "items": _ref("Message")},
+        },
+    },
+    "Message": {
+        "type": "object",
+        "required": ["id", "role", "content", "status", "created_at"],
+        "properties": {
+            "id": _ID,
+            "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+            "content": {"type": "string"},
+            "status": {"type": "string",
+                       "enum": ["streaming", "complete", "stopped", "failed", "interrupted"]},
+            "created_at": _TIME,
+            "engine": {"type": "string", "enum": ["server", "browser"], "nullable": True},
+            "backend": {"type": "string", "nullable": True},
+            "model": {"type": "string", "nullable": True},
+            "usage": {
+                "type": "object",
+                "properties": {"prompt_tokens": _COUNT, "completion_tokens": _COUNT},
+            },
+            "tokens_per_second": {"type": "number", "minimum": 0, "nullable": True},
+            "finish_reason": {"type": "string", "nullable": True},
+            "meta": {"type": "object"},
+        },
+    },
+    "Provenance": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "engine": {"type": "string", "enum": ["browser"]},
+            "backend": {"type": "string", "maxLength": 200, "nullable": True},
+            "model": {"type": "string", "maxLength": 200, "nullable": True},
+            "prompt_tokens": _COUNT,
+            "completion_tokens": _COUNT,
+            "tokens_per_second": _SPEED,
+            "finish_reason": {"type": "string", "maxLength": 200, "nullable": True},
+            "meta": _META_IN,
+        },
+    },
+    "NewMessage": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string", "enum": ["user", "assistant"]},
+            "content": {"type": "string", "maxLength": 32000, "pattern": _VISIBLE},
+            "status": {"type": "string",
+                       "enum": ["streaming", "complete", "stopped", "failed", "interrupted"]},
+            "provenance": _ref("Provenance"),
+        },
+    },
+    "ImportMessage": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+            "content": {"type": "string", "maxLength": 32000},
+            "status": {"type": "string",
+                       "enum": ["streaming", "complete", "stopped", "failed", "interrupted"]},
+            "created_at": _TIME_IN,
+            "engine": {"type": "string", "enum": ["server", "browser"], "nullable": True},
+            "backend": {"type": "string", "maxLength": 200, "nullable": True},
+            "model": {"type": "string", "maxLength": 200, "nullable": True},
+            "usage": {
+                "type": "object", "additionalProperties": False, "nullable": True,
+                "properties": {"prompt_tokens": _COUNT, "completion_tokens": _COUNT},
+            },
+            "tokens_per_second": _SPEED,
+            "finish_reason": {"type": "string", "maxLength": 200, "nullable": True},
+            "meta": _META_IN,
+        },
+    },
+    "Import": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["format", "version", "conversation", "messages"],
+        "properties": {
+            "format": {"type": "string", "enum": ["bchat.conversation"]},
+            "version": {"type": "integer", "enum": [1]},
+            "exported_at": {"type": "string"},
+            "conversation": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["title"],
+                "properties": {"title": _TEXT, "created_at": _TIME_IN, "updated_at": {"type": "string"}},
+            },
+            "messages": {"type": "array", "maxItems": 50, "items": _ref("ImportMessage")},
+        },
+    },
+    "Share": {
+        "type": "object",
+        "required": ["id", "url", "title", "conversation_id", "messages"],
+        "properties": {
+            "id": _ID,
+            "url": {"type": "string", "nullable": True},
+            "title": {"type": "string"},
+            "conversation_id": _ID,
+            "conversation_exists": {"type": "boolean"},
+            "messages": {"type": "integer", "minimum": 0},
+            "created_at": _TIME,
+            "updated_at": _TIME,
+        },
+    },
+    "Export": {
+        "type": "object",
+        "required": ["format", "version", "conversation", "messages"],
+        "properties": {
+            "format": {"type": "string", "enum": ["bchat.conversation"]},
+            "version": {"type": "integer", "enum": [1]},
+            "exported_at": _TIME,
+            "conversation": {
+                "type": "object",
+                "required": ["title"],
+                "properties": {
+                    "title": {"type": "string", "minLength": 1, "maxLength": 200},
+                    "created_at": {**_TIME, "nullable": True},
+                    "updated_at": {**_TIME, "nullable": True},
+                },
+            },
+            "messages": {"type": "array", "items": _ref("Message")},
+        },
+    },
+}
+
+PATHS: dict[str, Any] = {
+    "/healthz": {"get": {
+        "operationId": "healthz",
+        "summary": "the database answers; how many models; 503 naming a dead or stuck model",
+        "responses": {**_responses("200", {
+            "type": "object", "required": ["status", "models"],
+            "properties": {"status": {"type": "string"}, "models": {"type": "integer"},
+                           "runs": {"type": "integer"}},
+        }, "healthy"), "503": {"description": "an inference thread is dead or stuck"}},
+    }},
+    "/api/openapi.json": {"get": {
+        "operationId": "openapi", "summary": "this document",
+        "responses": _responses("200", {"type": "object"}, "the OpenAPI document"),
+    }},
+    "/api/models": {"get": {
+        "operationId": "models", "summary": "every model, where it runs, and its facts",
+        "responses": _responses("200", {
+            "type": "object", "required": ["models"],
+            "properties": {"models": {"type": "array", "items": {"type": "object"}},
+                           "default": {"type": "string", "nullable": True}},
+        }, "the models"),
+    }},
+    "/api/conversations": {
+        "get": {
+            "operationId": "list_conversations", "summary": "your conversations, newest first",
+            "responses": _responses("200", {
+                "type": "object", "required": ["conversations"],
+                "properties": {"conversations": {"type": "array", "items": _ref("Conversation")}},
+            }, "the list"),
+        },
+        "post": {
+            "operationId": "create_conversation", "summary": "a new, empty conversation",
+            "requestBody": _body({"type": "object", "additionalProperties": False,
+                                  "properties": {"title": _TEXT}}),
+            "responses": _responses("201", _ref("Conversation"), "created"),
+        },
+    },
+    "/api/conversations/import": {"post": {
+        "operationId": "import_conversation", "summary": "an export file back into a new conversation",
+        "requestBody": _body(_ref("Import")),
+        "responses": _responses("201", _ref("Conversation"), "imported"),
+    }},
+    "/api/conversations/{conversation_id}": {
+        "parameters": [_CONVERSATION_ID],
+        "get": {
+            "operationId": "get_conversation", "summary": "a conversation with its messages",
+            "responses": _responses("200", _ref("Conversation"), "the conversation"),
+        },
+        "patch": {
+            "operationId": "rename_conversation", "summary": "rename",
+            "requestBody": _body({"type": "object", "additionalProperties": False,
+                                  "required": ["title"], "properties": {"title": _TEXT}}),
+            "responses": _responses("200", _ref("Conversation"), "renamed"),
+        },
+        "delete": {
+            "operationId": "delete_conversation", "summary": "delete, with its messages",
+            "responses": _responses("204", None, "deleted"),
+        },
+    },
+    "/api/conversations/{conversation_id}/messages": {
+        "parameters": [_CONVERSATION_ID],
+        "post": {
+            "operationId": "add_message",
+            "summary": "store a message written in the page (browser engine)",
+            "requestBody": _body(_ref("NewMessage")),
+            "responses": _responses("201", _ref("Message"), "stored"),
+        },
+    },
+    "/api/conversations/{conversation_id}/messages/{message_id}": {
+        "parameters": [_CONVERSATION_ID, {"name": "message_id", "in": "path", "required": True,
+                                          "schema": _ID}],
+        "patch": {
+            "operationId": "update_message",
+            "summary": "grow or settle a reply the page is writing (browser engine)",
+            "requestBody": _body({
+                "type": "object", "additionalProperties": False, "required": ["content"],
+                "properties": {
+                    "content": {"type": "string", "maxLength": 32000},
+                    "status": {"type": "string", "enum": ["streaming", "complete", "stopped",
+                                                          "failed", "interrupted"]},
+                    "provenance": _ref("Provenance"),
+                },
+            }),
+            "responses": {**_responses("200", _ref("Message"), "updated"),
+                          "409": {"description": "the reply is already final"}},
+        },
+    },
+    "/api/conversations/{conversation_id}/share": {
+        "parameters": [_CONVERSATION_ID],
+        "post": {
+            "operationId": "share_conversation", "summary": "create or refresh the share link",
+            "requestBody": _body({"type": "object", "additionalProperties": False,
+                                  "properties": {"new_link": {"type": "boolean"}}}),
+            "responses": _responses("200", _ref("Share"), "the link"),
+        },
+        "delete": {
+            "operationId": "revoke_share", "summary": "revoke the link",
+            "responses": _responses("204", None, "revoked"),
+        },
+    },
+    "/api/conversations/{conversation_id}/export": {
+        "parameters": [_CONVERSATION_ID],
+        "get": {
+            "operationId": "export_conversation", "summary": "download as JSON or Markdown",
+            "parameters": [{"name": "format", "in": "query", "required": False,
+                            "schema": {"type": "string", "enum": ["json", "md", "markdown"]}}],
+            "responses": {
+                **_ERRORS,
+                "200": {"description": "the file", "content": {
+                    "application/json": {"schema": _ref("Export")},
+                    "text/markdown": {"schema": {"type": "string"}},
+                }},
+            },
+        },
+    },
+    "/api/shares": {"get": {
+        "operationId": "list_shares", "summary": "your share links",
+        "responses": _responses("200", {
+            "type": "object", "required": ["shares"],
+            "properties": {"shares": {"type": "array", "items": _ref("Share")}},
+        }, "the links"),
+    }},
+    "/api/shares/{share_id}": {
+        "parameters": [{"name": "share_id", "in": "path", "required": True, "schema": _ID}],
+        "delete": {
+            "operationId": "revoke_share_by_id", "summary": "revoke a link from the list",
+            "responses": _responses("204", None, "revoked"),
+        },
+    },
+}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "bchat JSON API",
+        "version": "1",
+        "description": "Conversations belong to the browser whose signed cookie made them. "
+                       "Writes need Content-Type: application/json. Errors are "
+                       '{"error": {"code", "message"}}.',
+    },
+    "paths": PATHS,
+    "components": {"schemas": SCHEMAS},
+}
