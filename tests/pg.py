@@ -98,7 +98,9 @@ class PostgresCluster:
     def create_database(self, template: str | None = None, name: str | None = None) -> str:
         """A new empty database (or a copy of ``template``); returns its SQLAlchemy URL."""
         name = name or f"test_{next(self._names)}"
-        self._admin(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+        # FILE_COPY: a copy of the small template in ~50 ms; WAL_LOG (15's default) takes ~250 ms
+        self._admin(f'CREATE DATABASE "{name}"'
+                    + (f' TEMPLATE "{template}" STRATEGY FILE_COPY' if template else ""))
         return self.url(name)
 
     def drop_database(self, name: str) -> None:
