@@ -14,7 +14,7 @@ import pytest
 from alembic import command
 from sqlalchemy import DateTime, Integer, String, column, insert, select, table, text
 
-from webapp.cli import alembic_config
+from webapp.cli import alembic_config, schema_is_current
 from webapp.db import Database, normalise_url
 from webapp.models import Message
 
@@ -30,9 +30,9 @@ def test_the_cluster_is_a_real_postgresql(db_url):
         with db.read() as session:
             assert session.execute(text("SELECT version()")).scalar().startswith("PostgreSQL ")
             assert session.execute(text("SELECT current_database()")).scalar() == db_url.rsplit("/", 1)[1]
-            assert session.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
     finally:
         db.dispose()
+    assert schema_is_current(db_url), "a copy of the migrated template is at head"
 
 
 def test_postgres_urls_mean_psycopg_3():
