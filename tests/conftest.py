@@ -1,7 +1,12 @@
 """Fixtures in the Flask tutorial's shape: a fresh app and database per test.
 
-Everything here is real: a SQLite file migrated by Alembic, llama.cpp loading a tiny GGUF the
-tests write themselves, and (for live_server) a threaded HTTP server on a free loopback port.
+Everything here is real: a SQLite file (or a PostgreSQL database on a throwaway cluster)
+migrated by Alembic, llama.cpp loading a tiny GGUF the tests write themselves, and (for
+live_server) a threaded HTTP server on a free loopback port.
+
+Tests run on SQLite. A test or module marked ``@pytest.mark.databases("sqlite", "postgresql")``
+runs once per database: its ``db_url`` (and so its ``make_app``) is a fresh database of that
+kind. The PostgreSQL cluster starts once per session, only if such a test is selected.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from werkzeug.serving import make_server
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import HttpSession  # noqa: E402
+from pg import PostgresCluster, PostgresUnavailable  # noqa: E402
 from tiny_model import write_tiny_model  # noqa: E402
 
 from webapp import create_app  # noqa: E402
@@ -42,15 +48,83 @@ def migrate(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
 
 
+DATABASES = ("sqlite", "postgresql")
+PG_TEMPLATE = "bchat_template"
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "databases(*kinds): run the test once per database kind (sqlite, postgresql)"
+    )
+
+
+def pytest_generate_tests(metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("databases")
+    if marker and "db_backend" in metafunc.fixturenames:
+        kinds = marker.args or DATABASES
+        unknown = set(kinds) - set(DATABASES)
+        assert not unknown, f"unknown database kinds {unknown}"
+        metafunc.parametrize("db_backend", kinds, ids=kinds, indirect=True)
+
+
 @pytest.fixture
-def make_app(tmp_path, tiny_model):
-    """Build an app on a fresh migrated SQLite file; keyword overrides go into its config."""
+def db_backend(request) -> str:
+    """"sqlite" unless the test is marked to run on several databases."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway cluster for the session, with a migrated template database to copy."""
+    try:
+        cluster = PostgresCluster().start()
+    except PostgresUnavailable as err:
+        pytest.fail(f"PostgreSQL tests need a local server: {err}\n"
+                    "(or deselect them with -k 'not postgresql')", pytrace=False)
+    try:
+        migrate(cluster.create_database(name=PG_TEMPLATE))
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def new_database(request, db_backend, tmp_path):
+    """Factory: a fresh database URL of this test's kind, migrated to head unless told not to."""
+    made: list[str] = []
+
+    def factory(migrated: bool = True) -> str:
+        if db_backend == "sqlite":
+            url = f"sqlite:///{tmp_path / f'bchat-{len(made)}.sqlite3'}"
+            if migrated:
+                migrate(url)
+        else:
+            # CREATE DATABASE ... TEMPLATE copies the migrated schema in milliseconds.
+            cluster = request.getfixturevalue("postgres")
+            url = cluster.create_database(template=PG_TEMPLATE if migrated else None)
+        made.append(url)
+        return url
+
+    yield factory
+    if db_backend == "postgresql":
+        cluster = request.getfixturevalue("postgres")
+        for url in made:
+            cluster.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+def db_url(new_database) -> str:
+    """This test's fresh, migrated database (make_app's first app uses it)."""
+    return new_database()
+
+
+@pytest.fixture
+def make_app(db_url, new_database, tiny_model):
+    """Build an app on a fresh migrated database; keyword overrides go into its config."""
     apps = []
 
     def factory(**overrides):
-        db_file = tmp_path / f"bchat-{len(apps)}.sqlite3"
-        url = f"sqlite:///{db_file}"
-        migrate(url)
+        url = overrides.get("DATABASE_URL") or (db_url if not apps else new_database())
         config = {
             "TESTING": True,
             "DATABASE_URL": url,
@@ -85,7 +159,10 @@ class LiveServer:
         self.server = make_server("127.0.0.1", 0, app, threaded=True)
         self.port = self.server.server_port
         self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # serve_forever checks for shutdown() every poll_interval: 0.5 s by default, which made
+        # every live-server test's teardown take half a second
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
         self.thread.start()
 
     def session(self) -> HttpSession:

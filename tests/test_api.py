@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.databases("sqlite", "postgresql")
+
 
 def owner(live_server):
     visitor = live_server.session()

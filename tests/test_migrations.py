@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -12,8 +13,9 @@ from webapp.db import make_engine
 from webapp.models import Base
 
 
-def test_empty_to_head_and_back(tmp_path):
-    url = f"sqlite:///{tmp_path / 'm.sqlite3'}"
+@pytest.mark.databases("sqlite", "postgresql")
+def test_empty_to_head_and_back(new_database):
+    url = new_database(migrated=False)
     cfg = alembic_config(url)
     command.upgrade(cfg, "head")
     engine = make_engine(url)

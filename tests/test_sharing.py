@@ -6,13 +6,18 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sqlite3
 import subprocess
 import sys
 import time
 
+import pytest
 from conftest import migrate
 from helpers import HttpSession
+from sqlalchemy import inspect, text
+
+from webapp.db import make_engine
+
+pytestmark = pytest.mark.databases("sqlite", "postgresql")
 
 GREEDY = {"temperature": 0, "max_tokens": 8}
 
@@ -149,11 +154,8 @@ def test_unknown_tokens_are_404(live_server):
     assert visitor.request("GET", "/s/short")[0] == 404
 
 
-def test_tokens_are_long_random_and_only_hashed_at_rest(make_app, make_live_server, tmp_path):
-    db_file = tmp_path / "shares.sqlite3"
-    url = f"sqlite:///{db_file}"
-    migrate(url)
-    server = make_live_server(make_app(DATABASE_URL=url))
+def test_tokens_are_long_random_and_only_hashed_at_rest(make_app, make_live_server, db_url):
+    server = make_live_server(make_app())
     owner = server.session()
     tokens = []
     for i in range(5):
@@ -164,9 +166,16 @@ def test_tokens_are_long_random_and_only_hashed_at_rest(make_app, make_live_serv
         assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token), "token_urlsafe(32): 256 bits"
     alphabet = set("".join(tokens))
     assert len(alphabet) > 40, "spread over the whole urlsafe alphabet"
-    with sqlite3.connect(db_file) as db:
-        rows = db.execute("SELECT token_hash, token_sealed, snapshot FROM share").fetchall()
-        dump = "\n".join(db.iterdump())
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as db:
+            rows = db.execute(text("SELECT token_hash, token_sealed, snapshot FROM share")).all()
+            dump = "\n".join(  # every row of every table, as text
+                repr(row) for table in inspect(db).get_table_names()
+                for row in db.execute(text(f'SELECT * FROM "{table}"'))
+            )
+    finally:
+        engine.dispose()
     assert {r[0] for r in rows} == {hashlib.sha256(t.encode()).hexdigest() for t in tokens}
     for token in tokens:
         assert token not in dump, "the token itself is nowhere in the database"

@@ -1,4 +1,4 @@
-"""The websocket protocol on a real app, a real socket and a real SQLite file."""
+"""The websocket protocol on a real app, a real socket and a real database (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import time
 import pytest
 import websocket
 from helpers import text_of
+
+pytestmark = pytest.mark.databases("sqlite", "postgresql")
 
 GREEDY = {"temperature": 0, "max_tokens": 16}
 

@@ -1,4 +1,4 @@
-"""The ``bchat`` command: serve, db upgrade, models, config."""
+"""The ``bchat`` command: serve, db upgrade, models (list/pull/remove), doctor, config."""
 
 from __future__ import annotations
 
@@ -75,6 +75,41 @@ def list_models() -> int:
     return 0
 
 
+def pull_model(source: str, name: str | None, sha256: str | None, dest: str | None) -> int:
+    from .model_pull import PullError, models_dir, pull
+
+    config = _settings()
+    folder = Path(dest) if dest else models_dir(config, ROOT / "instance")
+    try:
+        result = pull(source, folder, name=name, sha256=sha256)
+    except PullError as err:
+        print(f"bchat: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nbchat: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    how = {"hub": "matches the hub's sha256", "given": "matches --sha256"}.get(
+        result.checked_against or "", "recorded (no published checksum to compare)")
+    print(f"{result.path} ({result.size / 2**20:.1f} MiB), sha256 {result.sha256} {how}")
+    model_path = Path(str(config["MODEL_PATH"]))
+    if not (model_path.is_dir() and model_path.resolve() == folder.resolve()):
+        print(f"to serve it, set BCHAT_MODEL_PATH={folder}", file=sys.stderr)
+    return 0
+
+
+def remove_model(name: str, dest: str | None) -> int:
+    from .model_pull import PullError, models_dir, remove
+
+    folder = Path(dest) if dest else models_dir(_settings(), ROOT / "instance")
+    try:
+        for path in remove(name, folder):
+            print(f"removed {path}")
+    except PullError as err:
+        print(f"bchat: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -128,7 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     p_worker.add_argument("--host", default="127.0.0.1")
     p_worker.add_argument("--port", type=int, default=8600)
     p_worker.add_argument("--threads", type=int, default=64, help="open requests at once")
-    sub.add_parser("models", help="list the GGUF models this server can run")
+    p_models = sub.add_parser("models", help="list (default), pull or remove GGUF models")
+    models_sub = p_models.add_subparsers(dest="models_command")
+    models_sub.add_parser("list", help="the GGUF models this server can run, with their facts")
+    p_pull = models_sub.add_parser(
+        "pull", help="download a GGUF into the models folder (resumable, checksum-verified)"
+    )
+    p_pull.add_argument("source", help="hf://USER/REPO[@REVISION]/FILE.gguf or an http(s):// URL")
+    p_pull.add_argument("--name", help="file name to save as (default: the source's)")
+    p_pull.add_argument("--sha256", help="expected sha256 (else the hub's, else only recorded)")
+    p_pull.add_argument("--dir", help="models folder (default: BCHAT_MODEL_PATH if a folder, "
+                                      "else instance/models)")
+    p_remove = models_sub.add_parser("remove", help="delete a pulled model and its checksum file")
+    p_remove.add_argument("name")
+    p_remove.add_argument("--dir", help="models folder (as for pull)")
+    sub.add_parser("doctor", help="check this installation and say what needs fixing")
     sub.add_parser("config", help="list the BCHAT_* settings and their defaults")
     args = parser.parse_args(argv)
 
@@ -143,7 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(args.host, args.port, args.threads)
         return 0
     if args.command == "models":
+        if args.models_command == "pull":
+            return pull_model(args.source, args.name, args.sha256, args.dir)
+        if args.models_command == "remove":
+            return remove_model(args.name, args.dir)
         return list_models()
+    if args.command == "doctor":
+        from .doctor import run_doctor
+
+        return run_doctor()
     if args.command == "config":
         print(describe())
         return 0

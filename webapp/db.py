@@ -3,6 +3,11 @@
 Two kinds of session: ``read()`` for lookups and ``write()`` for changes. On SQLite a write
 starts with ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout instead of failing
 half-way with "database is locked"; sessions are short and never held while tokens stream.
+
+PostgreSQL (``postgresql+psycopg://``) lets writers run side by side at READ COMMITTED, so a
+read-then-write that must not interleave with another (e.g. "create the share unless one
+exists") takes a row lock first with ``lock_row()``; on SQLite that is a no-op because
+``BEGIN IMMEDIATE`` has already serialised every writer.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# An unreachable PostgreSQL server fails a request in seconds, not after the OS's TCP timeout.
+PG_CONNECT_TIMEOUT_S = 10
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -34,12 +42,44 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def normalise_url(url: str) -> str:
+    """``postgres://`` and bare ``postgresql://`` mean psycopg 3, the driver bchat installs.
+
+    (SQLAlchemy would otherwise pick psycopg2, which is not installed, and fail with an import
+    error that does not mention the URL.)
+    """
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
 def make_engine(url: str) -> Engine:
+    url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         _configure_sqlite(engine)
         return engine
+    if make_url(url).get_backend_name() == "postgresql":
+        # pre_ping: a pooled connection the server (or a proxy) closed is replaced, not handed
+        # out. The pool stays at SQLAlchemy's 5 + 10 overflow per process: sessions are short,
+        # and 4 gunicorn workers x 15 stay well under PostgreSQL's default max_connections=100.
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S, "application_name": "bchat"},
+        )
     return create_engine(url, pool_pre_ping=True)
+
+
+def lock_row(session: Session, model: type, pk: int) -> None:
+    """Hold ``model``'s row ``pk`` until this write commits (``SELECT ... FOR UPDATE``).
+
+    Two writers that both read "no share yet" and both insert would collide on a unique
+    constraint on PostgreSQL; locking the parent row first makes the second wait and then see
+    the first one's row. SQLite's compiler drops FOR UPDATE: BEGIN IMMEDIATE already queued it.
+    """
+    session.execute(select(model.id).where(model.id == pk).with_for_update())
 
 
 class Database:

@@ -41,12 +41,77 @@ class ModelFile:
     context_length: int | None
     has_chat_template: bool
     version: str  # changes whenever the file does; part of the browser download URL
+    n_layers: int | None = None
+    # KV cache bytes per token of context (f16 K and V over every layer), from the header.
+    kv_bytes_per_token: int | None = None
 
-    def facts(self) -> dict[str, Any]:
+    def memory_needed(self, n_ctx: int, parallel: int = 1) -> int:
+        """Rough RAM to run this model: the weights plus ~20% (compute buffers, runtime) plus
+        the KV cache for ``parallel`` chats of ``n_ctx`` tokens (capped at the model's own)."""
+        if self.context_length:
+            n_ctx = min(n_ctx, self.context_length)
+        kv = (self.kv_bytes_per_token or 0) * n_ctx * max(parallel, 1)
+        return int(self.file_size * WEIGHTS_OVERHEAD) + kv
+
+    def fits_server(self, n_ctx: int | None = None, parallel: int | None = None) -> dict[str, Any]:
+        """Whether this machine has the memory free to load it now (None where unknown)."""
+        n_ctx = n_ctx or _default_setting("N_CTX")
+        parallel = parallel or _default_setting("PARALLEL")
+        needed = self.memory_needed(n_ctx, parallel)
+        available = mem_available()
+        return {
+            "fits": None if available is None else needed <= available,
+            "memory_needed": needed,
+            "mem_available": available,
+            "n_ctx": min(n_ctx, self.context_length or n_ctx),
+            "parallel": parallel,
+        }
+
+    def facts(self, n_ctx: int | None = None, parallel: int | None = None) -> dict[str, Any]:
         data = asdict(self)
         data.pop("path")
         data.pop("id")
+        # file_size and kv_bytes_per_token let a page estimate its own fit for its own context.
+        data["fits_server"] = self.fits_server(n_ctx, parallel)
         return data
+
+
+# The weights are mapped whole; compute buffers and the runtime add roughly a fifth on top.
+WEIGHTS_OVERHEAD = 1.2
+
+
+def _default_setting(name: str) -> int:
+    from .config import SETTINGS
+
+    return int(SETTINGS[name][0])  # type: ignore[call-overload]
+
+
+def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Linux's MemAvailable (what can be allocated without swapping), in bytes; None elsewhere."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    except (OSError, ValueError, IndexError):
+        log.warning("could not read MemAvailable from %s", meminfo)
+    return None
+
+
+def _kv_bytes_per_token(reader, arch: str) -> tuple[int | None, int | None]:
+    """(layers, KV bytes per token) for a llama.cpp f16 cache, or (None, None) if unknown."""
+    def number(key: str) -> int | None:
+        value = _field_value(reader, f"{arch}.{key}")
+        if isinstance(value, list):  # per-layer head counts (some architectures): take the largest
+            value = max(value) if value else None
+        return int(value) if value is not None else None
+
+    layers, embd, heads = number("block_count"), number("embedding_length"), number("attention.head_count")
+    if not layers or not embd or not heads:
+        return layers, None
+    heads_kv = number("attention.head_count_kv") or heads
+    key_len = number("attention.key_length") or embd // heads
+    value_len = number("attention.value_length") or embd // heads
+    return layers, layers * heads_kv * (key_len + value_len) * 2
 
 
 def _field_value(reader, key: str) -> Any:
@@ -81,6 +146,7 @@ def read_model_file(path: Path, model_id: str | None = None) -> ModelFile:
     file_type = _field_value(reader, "general.file_type")
     quant = _FILE_TYPES.get(int(file_type), f"type {file_type}") if file_type is not None else "?"
     ctx = _field_value(reader, f"{arch}.context_length")
+    n_layers, kv_per_token = _kv_bytes_per_token(reader, arch)
     return ModelFile(
         id=model_id or path.stem,
         path=path.resolve(),
@@ -93,6 +159,8 @@ def read_model_file(path: Path, model_id: str | None = None) -> ModelFile:
         context_length=int(ctx) if ctx is not None else None,
         has_chat_template=_field_value(reader, "tokenizer.chat_template") is not None,
         version=_file_version(path, stat),
+        n_layers=n_layers,
+        kv_bytes_per_token=kv_per_token,
     )
 
 

@@ -28,6 +28,7 @@ ROLES = ("system", "user", "assistant")
 FINAL_STATUSES = ("complete", "stopped", "failed", "interrupted")
 STATUSES = ("streaming", *FINAL_STATUSES)
 ENGINES = ("server", "browser")
+PROVENANCE_TEXT_MAX = 200  # backend, model, finish_reason
 
 
 def new_public_id() -> str:
@@ -74,14 +75,16 @@ class Message(Base):
     content: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="complete", index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # Provenance of assistant replies: who wrote it, with what, how fast.
+    # Provenance of assistant replies: who wrote it, with what, how fast. The free-text fields
+    # are as wide as the API and imports accept (200 characters): PostgreSQL enforces VARCHAR
+    # lengths, so a narrower column turned a valid request into a server error there.
     engine: Mapped[str | None] = mapped_column(String(16))
-    backend: Mapped[str | None] = mapped_column(String(32))
-    model: Mapped[str | None] = mapped_column(String(200))
+    backend: Mapped[str | None] = mapped_column(String(PROVENANCE_TEXT_MAX))
+    model: Mapped[str | None] = mapped_column(String(PROVENANCE_TEXT_MAX))
     prompt_tokens: Mapped[int | None]
     completion_tokens: Mapped[int | None]
     tokens_per_second: Mapped[float | None]
-    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    finish_reason: Mapped[str | None] = mapped_column(String(PROVENANCE_TEXT_MAX))
     # Anything else worth keeping about how the reply was made (trimmed turns, error text).
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # While streaming: when the row last grew or was vouched for, and which process writes it

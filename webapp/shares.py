@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import select
 
 from .chats import ChatService, NotFound, conversation_dict, message_dict
-from .db import Database
+from .db import Database, lock_row
 from .models import Conversation, Share, new_public_id, utcnow
 
 TOKEN_BYTES = 32
@@ -144,6 +144,7 @@ class ShareService:
     def share(self, owner_id: str, conversation_id: str, *, new_link: bool = False) -> dict:
         with self.db.write() as session:
             conv = self.chats.owned(session, owner_id, conversation_id)
+            lock_row(session, Conversation, conv.id)  # concurrent shares: one inserts, others update
             share = session.scalar(select(Share).where(Share.conversation_id == conv.id))
             token = None
             if share is None:

@@ -1,0 +1,147 @@
+"""Storage behaviour that differs between SQLite and PostgreSQL, checked on both: column
+widths PostgreSQL enforces, the 0004 migration both ways, concurrent shares, and many
+processes writing at once."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from alembic import command
+from sqlalchemy import DateTime, Integer, String, column, insert, select, table, text
+
+from webapp.cli import alembic_config, schema_is_current
+from webapp.db import Database, normalise_url
+from webapp.models import Message
+
+BOTH = pytest.mark.databases("sqlite", "postgresql")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.databases("postgresql")
+def test_the_cluster_is_a_real_postgresql(db_url):
+    assert db_url.startswith("postgresql+psycopg://postgres@127.0.0.1:")
+    db = Database(db_url)
+    try:
+        with db.read() as session:
+            assert session.execute(text("SELECT version()")).scalar().startswith("PostgreSQL ")
+            assert session.execute(text("SELECT current_database()")).scalar() == db_url.rsplit("/", 1)[1]
+    finally:
+        db.dispose()
+    assert schema_is_current(db_url), "a copy of the migrated template is at head"
+
+
+def test_postgres_urls_mean_psycopg_3():
+    assert normalise_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalise_url("postgresql://u:p@h:5432/db") == "postgresql+psycopg://u:p@h:5432/db"
+    assert normalise_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalise_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+@BOTH
+def test_provenance_as_long_as_the_api_accepts_is_stored(live_server):
+    visitor = live_server.session()
+    visitor.visit()
+    _, conv = visitor.json("POST", "/api/conversations", {})
+    path = f"/api/conversations/{conv['id']}/messages"
+    long = {"engine": "browser", "backend": "b" * 200, "model": "m" * 200, "finish_reason": "f" * 200}
+    status, reply = visitor.json("POST", path, {"role": "assistant", "content": "x", "provenance": long})
+    assert status == 201, reply
+    stored = visitor.json("GET", f"/api/conversations/{conv['id']}")[1]["messages"][0]
+    assert (stored["backend"], stored["model"], stored["finish_reason"]) == ("b" * 200, "m" * 200, "f" * 200)
+    too_long = {**long, "backend": "b" * 201}
+    status, error = visitor.json("POST", path, {"role": "assistant", "content": "x", "provenance": too_long})
+    assert status == 400 and error["error"]["code"] == "bad_provenance"
+
+
+@BOTH
+def test_0004_widens_provenance_and_downgrade_cuts_to_fit(new_database):
+    url = new_database(migrated=False)
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "0002")
+    db = Database(url)
+    # the tables as they are at 0002, not as the models describe them now
+    at = datetime(2026, 1, 1)
+    conversation = table("conversation", column("id", Integer), column("public_id", String),
+                         column("owner_id", String), column("title", String),
+                         column("created_at", DateTime), column("updated_at", DateTime))
+    message = table("message", column("public_id", String), column("conversation_id", Integer),
+                    column("role", String), column("content", String), column("status", String),
+                    column("created_at", DateTime), column("backend", String),
+                    column("finish_reason", String))
+
+    def add_message(session, public_id: str, backend: str) -> None:
+        conv_id = session.execute(select(conversation.c.id)).scalar_one()
+        session.execute(insert(message).values(
+            public_id=public_id, conversation_id=conv_id, role="assistant", content="x",
+            status="complete", created_at=at, backend=backend, finish_reason="stop"))
+
+    try:
+        with db.write() as session:
+            session.execute(insert(conversation).values(
+                public_id="c", owner_id="o", title="t", created_at=at, updated_at=at))
+            add_message(session, "m1", "b" * 32)
+        db.dispose()
+        command.upgrade(cfg, "head")
+        with db.write() as session:
+            add_message(session, "m2", "w" * 200)
+        with db.read() as session:
+            backends = dict(session.execute(select(Message.public_id, Message.backend)).all())
+        assert backends == {"m1": "b" * 32, "m2": "w" * 200}
+        db.dispose()
+        command.downgrade(cfg, "0002")
+        with db.read() as session:
+            backends = dict(session.execute(text("SELECT public_id, backend FROM message")).all())
+        assert backends == {"m1": "b" * 32, "m2": "w" * 32}, "cut to fit, not refused"
+    finally:
+        db.dispose()
+
+
+@BOTH
+def test_concurrent_shares_of_one_conversation_make_one_share(app):
+    """Eight requests share one new conversation at the same moment: on PostgreSQL they would
+    all see "no share yet" and all but one insert would break the unique constraint, unless
+    the conversation row is locked first."""
+    services = app.extensions["bchat"]
+    conv, _ = services.chats.add_user_message("owner", None, "share me")
+    start = threading.Barrier(8)
+    results, errors = [], []
+
+    def share() -> None:
+        start.wait(timeout=30)
+        try:
+            results.append(services.shares.share("owner", conv["id"]))
+        except Exception as err:  # collected: the assertion below shows which
+            errors.append(err)
+
+    threads = [threading.Thread(target=share) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert len(results) == 8 and len({r["id"] for r in results}) == 1
+    assert len({r["token"] for r in results}) == 1, "one link, not eight"
+    assert len(services.shares.list_for("owner")) == 1
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("db_concurrency", ROOT / "bench" / "db_concurrency.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@BOTH
+def test_four_processes_of_eight_writers_lose_nothing(db_url, tiny_model):
+    report = _bench().run_workload(db_url, str(tiny_model), processes=4, threads=8, messages=5)
+    print(report.line())
+    assert report.error_samples == [] and report.errors == 0
+    assert report.requests == 4 * 8 * (5 + 1), "five messages and one share per thread"
+    assert report.lost == 0 and report.duplicated == 0
+    assert report.shares_per_conversation == [1, 1, 1, 1]
