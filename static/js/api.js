@@ -46,4 +46,15 @@ export const api = {
   exportUrl: (id, format) => `/api/conversations/${encodeURIComponent(id)}/export?format=${format}`,
   addMessage: (id, message) =>
     request("POST", `/api/conversations/${encodeURIComponent(id)}/messages`, message),
+  updateMessage: (id, messageId, body) =>
+    request("PATCH", messagePath(id, messageId), body),
+  // For pagehide: the browser finishes a keepalive request after the page is gone.
+  updateMessageOnExit: (id, messageId, body) => fetch(messagePath(id, messageId), {
+    method: "PATCH", keepalive: true, credentials: "same-origin",
+    headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  }).catch(() => {}),
 };
+
+function messagePath(id, messageId) {
+  return `/api/conversations/${encodeURIComponent(id)}/messages/${encodeURIComponent(messageId)}`;
+}

@@ -13,8 +13,71 @@ const $ = (testid) => root.querySelector(`[data-testid="${testid}"]`);
 
 const state = {
   conversationId: root.dataset.conversationId || null,
-  generating: null, // AbortController of the reply being written
 };
+
+// Replies being written that this page follows, by message id. A reply goes on while the user
+// looks at another conversation; coming back shows it still growing.
+const live = new Map();
+
+class LiveReply {
+  constructor({ conversationId, model, controller }) {
+    this.conversationId = conversationId;
+    this.model = model;
+    this.controller = controller;
+    this.messageId = null;
+    this.text = "";
+    this.view = null; // the message view's handle while this conversation is on screen
+    this.position = null;
+  }
+
+  identify(messageId) {
+    this.messageId = messageId;
+    live.set(messageId, this);
+    if (this.view?.node) this.view.node.dataset.messageId = messageId;
+  }
+
+  token(text) {
+    this.text += text;
+    this.position = null;
+    this.view?.append(text);
+  }
+
+  queued(position) {
+    this.position = position;
+    this.view?.queued(position);
+  }
+
+  show() {
+    this.view = view.startReply(this.model, { id: this.messageId, text: this.text });
+    if (this.position) this.view.queued(this.position);
+    return this.view;
+  }
+
+  settle(message) {
+    this.view?.settle(message);
+    this.end();
+  }
+
+  end() {
+    if (this.messageId) live.delete(this.messageId);
+    this.view = null;
+    updateControls();
+  }
+}
+
+function liveFor(conversationId) {
+  if (!conversationId) return null;
+  for (const reply of live.values()) if (reply.conversationId === conversationId) return reply;
+  return pendingSend?.conversationId === conversationId ? pendingSend : null;
+}
+
+let pendingSend = null; // a reply asked for whose message id is not known yet
+
+function updateControls() {
+  const active = liveFor(state.conversationId);
+  stopButton.hidden = !active;
+  sendButton.disabled = Boolean(active);
+}
 
 const socket = new ChatSocket();
 const engines = { server: createServerEngine(socket), browser: createBrowserEngine({ api }) };
@@ -60,10 +123,11 @@ function replyOptions() {
   return options;
 }
 
-function showError(message, { offerServer = false } = {}) {
+function showError(message, { offerServer = false, cause = "" } = {}) {
   $("error-text").textContent = message;
   $("use-server").hidden = !offerServer;
   errorBox.hidden = !message;
+  errorBox.dataset.cause = cause; // a socket problem clears itself when the socket is back
 }
 
 $("use-server").addEventListener("click", () => {
@@ -71,12 +135,6 @@ $("use-server").addEventListener("click", () => {
   engineChanged();
   showError("");
 });
-
-function setGenerating(controller) {
-  state.generating = controller;
-  stopButton.hidden = !controller;
-  sendButton.disabled = Boolean(controller);
-}
 
 const list = new ConversationList($("conversation-list"), {
   onOpen: (id) => openConversation(id, { push: true }),
@@ -162,10 +220,16 @@ async function loadModels() {
   engineChanged();
 }
 
+function detachViews() {
+  for (const reply of live.values()) reply.view = null;
+  if (pendingSend) pendingSend.view = null;
+}
+
 function newChat({ push }) {
-  if (state.generating) return;
   state.conversationId = null;
+  detachViews();
   view.clear();
+  updateControls();
   sharing.open(null);
   title.textContent = "New chat";
   if (push) history.pushState({}, "", "/");
@@ -173,14 +237,51 @@ function newChat({ push }) {
   composer.focus();
 }
 
+// A reply still being written when its conversation is opened: the page's own (shown as
+// it grows), or a server run to resume from the text stored so far.
+function showStreaming(message, conversationId) {
+  const mine = live.get(message.id);
+  if (mine) {
+    mine.show();
+    return;
+  }
+  if (message.engine !== "server") {
+    view.add(message); // written by another page: shown as stored
+    return;
+  }
+  const reply = new LiveReply({ conversationId, model: message.model, controller: new AbortController() });
+  reply.text = message.content;
+  reply.identify(message.id);
+  reply.show();
+  engines.server.follow(message.id, message.content, {
+    signal: reply.controller.signal,
+    onToken: (text) => reply.token(text),
+    onQueued: (position) => reply.queued(position),
+  }).then((stored) => reply.settle(stored), (err) => {
+    if (err.reply) reply.settle(err.reply);
+    else reply.end();
+    if (state.conversationId === conversationId) showError(err.message);
+  });
+}
+
+let opening = 0; // the latest openConversation wins when clicks overlap
+
 async function openConversation(id, { push }) {
-  if (state.generating) return;
+  const ticket = ++opening;
   try {
     const conversation = await api.conversation(id);
+    if (ticket !== opening) return;
     state.conversationId = conversation.id;
     title.textContent = conversation.title;
+    detachViews();
     view.clear();
-    conversation.messages.forEach((m) => view.add(m));
+    for (const m of conversation.messages) {
+      if (m.status === "streaming") showStreaming(m, conversation.id);
+      else view.add(m);
+    }
+    const pending = pendingSend?.conversationId === conversation.id ? pendingSend : null;
+    if (pending && !pending.messageId) pending.show();
+    updateControls();
     if (push) history.pushState({}, "", `/c/${encodeURIComponent(id)}`);
     showError("");
     await refreshList();
@@ -193,14 +294,15 @@ async function openConversation(id, { push }) {
 
 async function send() {
   const content = composer.value;
-  if (!content.trim() || state.generating) return;
+  if (!content.trim() || liveFor(state.conversationId) || pendingSend) return;
   showError("");
-  const controller = new AbortController();
-  setGenerating(controller);
   const engineName = engineSelect.value;
   const engine = engines[engineName];
   const model = modelSelect.value;
-  let reply = null;
+  const reply = new LiveReply({ conversationId: state.conversationId, model, controller: new AbortController() });
+  pendingSend = reply;
+  updateControls();
+  const onScreen = () => state.conversationId === reply.conversationId;
   try {
     const stored = await engine.generate(
       {
@@ -212,35 +314,49 @@ async function send() {
         options: replyOptions(),
       },
       {
-        signal: controller.signal,
-        onStarted: (conversation, userMessage) => {
+        signal: reply.controller.signal,
+        onStarted: (conversation, userMessage, frame) => {
+          const wasOnScreen = onScreen();
           composer.value = ""; // stored on the server: safe to clear
-          if (state.conversationId !== conversation.id) {
-            state.conversationId = conversation.id;
-            history.pushState({}, "", `/c/${encodeURIComponent(conversation.id)}`);
+          reply.conversationId = conversation.id;
+          if (wasOnScreen) {
+            if (state.conversationId !== conversation.id) {
+              state.conversationId = conversation.id;
+              history.pushState({}, "", `/c/${encodeURIComponent(conversation.id)}`);
+            }
+            title.textContent = conversation.title;
+            sharing.open(conversation.id, { shared: isShared(conversation.id) });
+            view.add(userMessage);
+            reply.show();
           }
-          title.textContent = conversation.title;
-          sharing.open(conversation.id, { shared: isShared(conversation.id) });
-          view.add(userMessage);
-          reply = view.startReply(model);
+          if (frame?.message_id) reply.identify(frame.message_id);
+          updateControls();
           refreshList().catch(() => {});
         },
-        onQueued: (position) => reply?.queued(position),
+        onReplyCreated: (message) => reply.identify(message.id),
+        onQueued: (position) => reply.queued(position),
         onLoad: (progress) => {
           browserStatus.update(modelInfo(model), progress);
-          if (progress.phase !== "ready") reply?.loading();
+          if (progress.phase !== "ready") reply.view?.loading();
         },
-        onToken: (text) => reply?.append(text),
+        onToken: (text) => reply.token(text),
       },
     );
-    reply?.settle(stored);
+    reply.settle(stored);
   } catch (err) {
-    if (err.reply && reply) reply.settle(err.reply);
-    else if (reply) reply.settle({ role: "assistant", content: reply.text, status: "failed", model });
-    const loadProblem = ["load_failed", "webgpu_unavailable", "not_in_browser"].includes(err.code);
-    showError(err.message, { offerServer: engineName === "browser" && loadProblem });
+    if (err.reply) reply.settle(err.reply);
+    else {
+      reply.view?.settle({ role: "assistant", content: reply.text, status: "failed", model });
+      reply.end();
+    }
+    if (onScreen()) {
+      const loadProblem = ["load_failed", "webgpu_unavailable", "not_in_browser"].includes(err.code);
+      showError(err.message, { offerServer: engineName === "browser" && loadProblem,
+                               cause: err.code === "disconnected" ? "socket" : "" });
+    }
   } finally {
-    setGenerating(null);
+    if (pendingSend === reply) pendingSend = null;
+    updateControls();
     refreshList().catch(() => {});
   }
 }
@@ -255,7 +371,17 @@ root.querySelector(".composer-form").addEventListener("submit", (event) => {
   event.preventDefault();
   send();
 });
-stopButton.addEventListener("click", () => state.generating?.abort());
+function stopCurrent() {
+  liveFor(state.conversationId)?.controller.abort();
+}
+
+stopButton.addEventListener("click", stopCurrent);
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && liveFor(state.conversationId)) {
+    event.preventDefault();
+    stopCurrent();
+  }
+});
 $("new-chat").addEventListener("click", () => newChat({ push: true }));
 Object.values(settings).forEach((input) => input.addEventListener("change", saveSettings));
 modelSelect.addEventListener("change", () => {
@@ -274,6 +400,7 @@ const connection = $("connection");
 socket.on("status", (status) => {
   connection.textContent = { open: "connected", connecting: "connecting…", closed: "reconnecting…" }[status];
   connection.dataset.status = status;
+  if (status === "open" && errorBox.dataset.cause === "socket") showError("");
 });
 socket.connect();
 

@@ -15,6 +15,7 @@ const COMPAT = {
   wasm: "/static/vendor/wllama-compat/wllama.wasm",
 };
 const N_CTX = 4096;
+const FLUSH_MS = 2000; // the reply's row grows at least this often (and on pagehide)
 const CHARS_PER_TOKEN = 3; // rough, errs long: used only to drop old turns before sending
 
 export const BACKENDS = ["auto", "webgpu", "wasm-mt", "wasm-st"];
@@ -181,7 +182,7 @@ export function createBrowserEngine({ api }) {
     },
     preload: (modelInfo, preference, onLoad) => ensureLoaded(modelInfo, preference, onLoad),
 
-    async generate(request, { onStarted, onToken, onLoad, signal } = {}) {
+    async generate(request, { onStarted, onReplyCreated, onToken, onLoad, signal } = {}) {
       const { modelInfo, options = {} } = request;
       if (!modelInfo?.browser) {
         throw new EngineError("not_in_browser", `${request.model} cannot run in the browser; use the server engine`);
@@ -208,12 +209,39 @@ export function createBrowserEngine({ api }) {
       }
 
       // 3. Generate, streaming into the page.
-      const history = conversation.messages
-        .filter((m) => m.content || m.status === "complete")
-        .map((m) => ({ role: m.role, content: m.content }));
+      const history = modelHistory(conversation.messages);
       const { turns, dropped } = fitHistory(history, options.system);
       const messages = options.system ? [{ role: "system", content: options.system }, ...turns] : turns;
+      // 3a. The reply's row exists from the start and grows as the page writes it, so a tab
+      // closed (or crashed) mid-reply leaves what was written, marked "interrupted".
+      const started = await api.addMessage(conversationId, {
+        role: "assistant", content: "", status: "streaming",
+        provenance: { engine: "browser", backend: runtime.backend, model: modelInfo.id },
+      });
+      onReplyCreated?.(started);
       let text = "";
+      let flushing = false;
+      const flush = async () => {
+        if (flushing) return;
+        flushing = true;
+        try {
+          // Sent even when the text has not grown: it tells the server the page is alive.
+          await api.updateMessage(conversationId, started.id, { content: text, status: "streaming" });
+        } catch {
+          /* the next tick tries again; the final update below must succeed */
+        } finally {
+          flushing = false;
+        }
+      };
+      const timer = setInterval(flush, FLUSH_MS);
+      const onPageHide = () => {
+        api.updateMessageOnExit(conversationId, started.id, {
+          content: text, status: "interrupted",
+          provenance: { engine: "browser", backend: runtime.backend, model: modelInfo.id,
+                        finish_reason: "interrupted", meta: { stop_reason: "page_closed" } },
+        });
+      };
+      window.addEventListener("pagehide", onPageHide);
       let pieces = 0;
       let firstAt = null;
       let lastAt = null;
@@ -259,6 +287,9 @@ export function createBrowserEngine({ api }) {
         }
       }
 
+      clearInterval(timer);
+      window.removeEventListener("pagehide", onPageHide);
+
       // 4. Store what was written, with where and how fast.
       const completionTokens = timings?.predicted_n ?? usage?.completion_tokens ?? pieces;
       const measured = pieces > 1 && lastAt > firstAt ? (pieces - 1) / ((lastAt - firstAt) / 1000) : null;
@@ -273,8 +304,7 @@ export function createBrowserEngine({ api }) {
       if (runtime.note) meta.backend_note = runtime.note;
       if (status === "stopped") meta.stop_reason = "user";
       if (failure) meta.error = { code: failure.code, message: failure.message };
-      const reply = await api.addMessage(conversationId, {
-        role: "assistant",
+      const reply = await api.updateMessage(conversationId, started.id, {
         content: text,
         status,
         provenance: {
@@ -297,6 +327,20 @@ export function createBrowserEngine({ api }) {
       return reply;
     },
   };
+}
+
+// The turns the model sees, by the server's rule (chats.model_history): failed empty replies
+// are left out, and a message after one of its own role (a user message after a reply that
+// failed empty) stands for both, since many chat templates insist on alternation.
+export function modelHistory(messages) {
+  const turns = [];
+  for (const m of messages) {
+    if (m.status === "streaming" || !(m.content || m.status === "complete")) continue;
+    const turn = { role: m.role, content: m.content };
+    if (turns.length && turns.at(-1).role === m.role && m.role !== "system") turns[turns.length - 1] = turn;
+    else turns.push(turn);
+  }
+  return turns;
 }
 
 function describeLoadError(err) {

@@ -1,7 +1,10 @@
-// The server engine: the model runs on the server and tokens arrive over the chat socket.
-// Implements the page's engine interface:
-//   generate({conversationId, content, model, options}, {onStarted, onToken, onQueued, signal})
-//   -> Promise<stored assistant message>; rejects with an Error carrying .code and .reply.
+// The server engine: the model runs on the server as a *run* that outlives this page's socket;
+// tokens arrive over the chat socket. Implements the page's engine interface:
+//   generate({conversationId, content, model, options}, handlers) -> Promise<stored message>
+//   follow(messageId, text, handlers) -> Promise<stored message>   (resume a streaming reply)
+// handlers: {onStarted, onToken, onQueued, onConnection, signal}. A dropped connection does not
+// end the reply: the socket reconnects and resumes from the characters already shown.
+// Rejects with an EngineError carrying .code (and .reply when a failed reply was stored).
 
 export class EngineError extends Error {
   constructor(code, message, reply = null) {
@@ -11,49 +14,115 @@ export class EngineError extends Error {
   }
 }
 
+// Offsets count Unicode code points, as the server's Python strings do.
+export const codePoints = (text) => {
+  let n = 0;
+  for (const _ of text) n += 1;
+  return n;
+};
+
+let nextRequestId = 1;
+
 export function createServerEngine(socket) {
+  // Relay one reply's frames (by message id) until its final frame.
+  function relay(messageId, initialText, { onToken, onQueued, onConnection, signal } = {}) {
+    let length = codePoints(initialText ?? "");
+    return new Promise((resolve, reject) => {
+      const offs = [];
+      const finish = (fn, value) => {
+        offs.forEach((off) => off());
+        signal?.removeEventListener("abort", onAbort);
+        fn(value);
+      };
+      const resume = () => {
+        try {
+          socket.send({ type: "resume", message_id: messageId, offset: length });
+        } catch {
+          /* not connected: the reconnect below resumes */
+        }
+      };
+      const onAbort = () => {
+        try {
+          socket.send({ type: "stop", message_id: messageId });
+        } catch {
+          /* offline: sent again once the socket is back (see "status") */
+        }
+      };
+      offs.push(socket.on("token", (frame) => {
+        if (frame.message_id !== messageId) return;
+        const pieces = [...frame.text];
+        if (frame.offset > length) {
+          resume(); // a gap (frames lost across a reconnect): ask for the rest again
+          return;
+        }
+        const skip = length - frame.offset; // already shown (a resume overlaps live frames)
+        if (skip >= pieces.length) return;
+        const fresh = skip ? pieces.slice(skip).join("") : frame.text;
+        length += pieces.length - skip;
+        onToken?.(fresh);
+      }));
+      offs.push(socket.on("queued", (frame) => {
+        if (frame.message_id === messageId) onQueued?.(frame.position);
+      }));
+      offs.push(socket.on("done", (frame) => {
+        if (frame.message_id === messageId) finish(resolve, frame.message);
+      }));
+      offs.push(socket.on("error", (frame) => {
+        if (frame.message_id !== messageId) return;
+        finish(reject, new EngineError(frame.code, frame.message, frame.reply ?? null));
+      }));
+      offs.push(socket.on("status", (status) => {
+        onConnection?.(status);
+        if (status === "open") {
+          resume(); // a new socket: pick the reply up where the page left it
+          if (signal?.aborted) onAbort();
+        }
+      }));
+      signal?.addEventListener("abort", onAbort);
+      if (signal?.aborted) onAbort();
+    });
+  }
+
   return {
     name: "server",
-    async generate(request, { onStarted, onToken, onQueued, signal } = {}) {
+
+    follow(messageId, text, handlers = {}) {
+      const done = relay(messageId, text, handlers);
+      if (socket.isOpen) socket.send({ type: "resume", message_id: messageId, offset: codePoints(text ?? "") });
+      return done;
+    },
+
+    async generate(request, handlers = {}) {
       await socket.ready();
-      return new Promise((resolve, reject) => {
-        let started = false;
+      const requestId = `r${nextRequestId++}`;
+      const started = new Promise((resolve, reject) => {
         const offs = [];
         const finish = (fn, value) => {
           offs.forEach((off) => off());
-          signal?.removeEventListener("abort", onAbort);
           fn(value);
         };
-        const onAbort = () => {
-          try {
-            socket.send({ type: "stop" });
-          } catch {
-            /* the socket is gone: the server stops the reply itself */
-          }
-        };
         offs.push(socket.on("started", (frame) => {
-          started = true;
-          onStarted?.(frame.conversation, frame.user_message, frame);
+          if (frame.request_id === requestId) finish(resolve, frame);
         }));
-        offs.push(socket.on("token", (frame) => onToken?.(frame.text)));
-        offs.push(socket.on("queued", (frame) => onQueued?.(frame.position)));
-        offs.push(socket.on("done", (frame) => finish(resolve, frame.message)));
         offs.push(socket.on("error", (frame) => {
-          // Errors about another frame (e.g. "busy") do not end this reply.
-          if (started && !frame.reply && frame.code === "busy") return;
-          finish(reject, new EngineError(frame.code, frame.message, frame.reply ?? null));
+          if (frame.request_id === requestId) finish(reject, new EngineError(frame.code, frame.message));
         }));
         offs.push(socket.on("disconnect", () => finish(reject, new EngineError(
-          "disconnected", "the connection dropped; the partial reply is kept on the server"))));
-        signal?.addEventListener("abort", onAbort);
-        socket.send({
-          type: "chat",
-          conversation_id: request.conversationId ?? null,
-          content: request.content,
-          model: request.model || undefined,
-          options: request.options ?? {},
-        });
+          "disconnected", "the connection dropped before the message was stored; send it again"))));
       });
+      socket.send({
+        type: "chat",
+        request_id: requestId,
+        conversation_id: request.conversationId ?? null,
+        content: request.content,
+        model: request.model || undefined,
+        options: request.options ?? {},
+      });
+      const frame = await started;
+      handlers.onStarted?.(frame.conversation, frame.user_message, frame);
+      // This socket already watches the run; its token frames are separate socket events, so
+      // none can arrive before relay() listens (this runs in the same task as "started").
+      return relay(frame.message_id, "", handlers);
     },
   };
 }

@@ -39,7 +39,7 @@ export class MessageView {
     const meta = node.querySelector(".meta");
     meta.replaceChildren();
     if (message.status && message.status !== "complete" && message.status !== "streaming") {
-      meta.append(el("span", "status", message.status === "stopped" ? "stopped" : "failed"));
+      meta.append(el("span", "status", message.status));
       const error = message.meta?.error?.message;
       if (error) meta.append(` — ${error}`);
       meta.append(" · ");
@@ -63,10 +63,12 @@ export class MessageView {
     return node;
   }
 
-  // A reply being written: returns handles to append tokens and to settle it.
-  startReply(model) {
-    const node = this.add({ role: "assistant", content: "", status: "streaming", model });
+  // A reply being written (from its start, or picked up mid-way with the text so far):
+  // returns handles to append tokens and to settle it.
+  startReply(model, { id = null, text = "" } = {}) {
+    const node = this.add({ id, role: "assistant", content: "", status: "streaming", model });
     const renderer = createStreamRenderer(node.querySelector(".body"));
+    if (text) renderer.append(text);
     return {
       node,
       append: (text) => {
