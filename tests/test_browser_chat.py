@@ -126,3 +126,104 @@ def test_hidden_panels_stay_hidden(server):
         expect(page.get_by_test_id("browser-status")).to_be_visible()
         page.get_by_test_id("engine-select").select_option("server")
         expect(page.get_by_test_id("browser-status")).to_be_hidden()
+
+
+def rendered_text(page, markdown: str) -> str:
+    """``markdown`` as the page's own renderer shows it (its innerText)."""
+    return page.evaluate("""async (text) => {
+      const { renderMarkdown } = await import("/static/js/render.js");
+      const box = document.createElement("div");
+      box.className = "body";
+      document.querySelector("[data-testid=messages]").append(box);
+      renderMarkdown(box, text);
+      const shown = box.innerText;
+      box.remove();
+      return shown;
+    }""", markdown)
+
+
+def test_switching_conversations_mid_reply_and_back_finds_it_still_streaming(server):
+    from playwright.sync_api import expect
+
+    with chromium() as context:
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url + "/")
+        expect(page.get_by_test_id("connection")).to_have_text("connected")
+        # An older conversation to switch to.
+        page.get_by_test_id("settings").locator("summary").click()
+        page.get_by_test_id("max-tokens").fill("8")
+        page.get_by_test_id("settings").locator("summary").click()
+        page.get_by_test_id("composer").fill("an older chat")
+        page.get_by_test_id("composer").press("Enter")
+        expect(page.locator('[data-role="assistant"]').first).to_have_attribute(
+            "data-status", "complete", timeout=30_000)
+        page.get_by_test_id("new-chat").click()
+
+        page.get_by_test_id("settings").locator("summary").click()
+        page.get_by_test_id("max-tokens").fill("2500")
+        page.get_by_test_id("settings").locator("summary").click()
+        page.get_by_test_id("composer").fill("a long one")
+        page.get_by_test_id("composer").press("Enter")
+        reply = page.locator('[data-role="assistant"]').first
+        expect(reply).to_have_attribute("data-status", "streaming")
+        expect(reply.locator(".body")).not_to_be_empty()
+        long_url = page.url
+
+        page.get_by_test_id("conversation").filter(has_text="an older chat").click()
+        expect(page.get_by_test_id("message")).to_have_count(2)
+        expect(page.locator('[data-role="assistant"]').first).to_have_attribute("data-status", "complete")
+        expect(page.get_by_test_id("stop")).to_be_hidden()
+        page.get_by_test_id("conversation").filter(has_text="a long one").click()
+        expect(page).to_have_url(long_url)
+        reply = page.locator('[data-role="assistant"]').first
+        expect(reply).to_have_attribute("data-status", "streaming")
+        before = len(reply.locator(".body").inner_text())
+        page.wait_for_function(
+            "n => document.querySelector('[data-role=assistant] .body').innerText.length > n",
+            arg=before,
+        )
+        expect(page.get_by_test_id("stop")).to_be_visible()
+        expect(reply).to_have_attribute("data-status", "complete", timeout=120_000)
+        expect(reply.locator(".meta")).to_contain_text("2500 tokens")
+        conversation_id = page.url.rsplit("/c/", 1)[1]
+        stored = page.evaluate(
+            "async id => (await (await fetch(`/api/conversations/${id}`)).json()).messages[1]",
+            conversation_id)
+        assert stored["status"] == "complete"
+        assert reply.locator(".body").inner_text() == rendered_text(page, stored["content"])
+        assert errors == []
+
+
+def test_the_page_reconnects_and_resumes_the_reply_it_was_showing(server):
+    from playwright.sync_api import expect
+
+    with chromium() as context:
+        page = context.new_page()
+        page.goto(server.url + "/")
+        expect(page.get_by_test_id("connection")).to_have_text("connected")
+        page.get_by_test_id("settings").locator("summary").click()
+        page.get_by_test_id("max-tokens").fill("2000")
+        page.get_by_test_id("settings").locator("summary").click()
+        page.get_by_test_id("composer").fill("keep going")
+        page.get_by_test_id("composer").press("Enter")
+        reply = page.locator('[data-role="assistant"]').first
+        expect(reply.locator(".body")).not_to_be_empty()
+        # Drop the connection from the server's side, as a flaky network would; the page
+        # reconnects by itself and resumes from what it shows.
+        services = server.app.extensions["bchat"]
+        with services.sockets_lock:
+            open_sockets = list(services.sockets)
+        assert open_sockets
+        for chat_socket in open_sockets:
+            chat_socket.ws.close()
+        expect(page.get_by_test_id("connection")).to_have_text("reconnecting…")
+        expect(page.get_by_test_id("connection")).to_have_text("connected")
+        expect(reply).to_have_attribute("data-status", "complete", timeout=120_000)
+        conversation_id = page.url.rsplit("/c/", 1)[1]
+        stored = page.evaluate(
+            "async id => (await (await fetch(`/api/conversations/${id}`)).json()).messages[1]",
+            conversation_id)
+        shown = reply.locator(".body").inner_text()
+        assert shown == rendered_text(page, stored["content"]), "each character shown once"

@@ -8,6 +8,7 @@ that llama.cpp cannot use (no shader-f16): detection and fallback are tested for
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -234,3 +235,43 @@ def test_forced_webgpu_without_a_usable_gpu_offers_the_server(page, server):
     # ...and the server engine takes over in the same conversation
     reply = send(page, "Hello again?")
     expect(reply).to_have_attribute("data-status", "complete", timeout=REPLY_TIMEOUT)
+
+
+def test_a_tab_closed_mid_reply_leaves_an_interrupted_reply(browser, server):
+    """The reply's row exists from the start and grows; closing the tab (pagehide) keeps it."""
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    expect(page.get_by_test_id("connection")).to_have_text("connected")
+    use_browser_engine(page)
+    settings(page, max_tokens=400)
+    reply = send(page, "Write a long story about a lighthouse keeper and the sea.")
+    expect(reply).to_have_attribute("data-message-id", re.compile(".+"), timeout=REPLY_TIMEOUT)
+    page.wait_for_function(
+        "() => document.querySelector('[data-role=assistant] .body').innerText.length > 60",
+        timeout=REPLY_TIMEOUT,
+    )
+    conversation_id = page.url.rsplit("/c/", 1)[1]
+    message_id = reply.get_attribute("data-message-id")
+    shown = reply.locator(".body").inner_text()
+    page.close(run_before_unload=True)
+
+    checker = browser.new_page()  # same profile: the same visitor
+    checker.goto(server.url + "/")
+    checker.wait_for_function(
+        """async ([cid, mid]) => {
+          const c = await (await fetch(`/api/conversations/${cid}`)).json();
+          return c.messages.find((m) => m.id === mid)?.status === "interrupted";
+        }""",
+        arg=[conversation_id, message_id], polling=200, timeout=20_000,
+    )
+    stored = checker.evaluate(
+        "async ([cid, mid]) => (await (await fetch(`/api/conversations/${cid}`)).json())"
+        ".messages.find((m) => m.id === mid)",
+        [conversation_id, message_id],
+    )
+    checker.close()
+    assert stored["status"] == "interrupted" and stored["engine"] == "browser"
+    assert stored["meta"]["stop_reason"] == "page_closed"
+    assert len(stored["content"].strip()) >= 40, "the partial text was kept"
+    words = shown.split()[:5]
+    assert all(word in stored["content"] for word in words)

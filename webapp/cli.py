@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -141,9 +142,19 @@ def serve(host: str, port: int) -> int:
     from .security import redacting_request_handler
 
     app = create_app()
+    services = app.extensions["bchat"]
+
+    def on_term(_signum, _frame) -> None:
+        # Python's default SIGTERM ends the process at once; keep the partial replies first.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     print(f"bchat on http://{host}:{port}/  (development server; see README for gunicorn)")
-    app.run(host=host, port=port, threaded=True, use_reloader=False,
-            request_handler=redacting_request_handler())
+    try:
+        app.run(host=host, port=port, threaded=True, use_reloader=False,
+                request_handler=redacting_request_handler())
+    finally:
+        services.shutdown()
     return 0
 
 

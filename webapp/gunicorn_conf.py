@@ -14,5 +14,23 @@ def post_fork(server, worker) -> None:  # gunicorn's hook: runs in the worker be
     os.environ["BCHAT_SERVER_THREADS"] = str(worker.cfg.threads)
 
 
+def post_worker_init(worker) -> None:
+    """On SIGTERM, keep the partial replies and close the sockets at once: gunicorn would
+    otherwise wait up to its graceful timeout for every open websocket to end."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGTERM)
+    services = getattr(worker.wsgi, "extensions", {}).get("bchat")
+
+    def on_term(signum, frame) -> None:
+        if services is not None:
+            threading.Thread(target=services.shutdown, name="bchat-shutdown").start()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 worker_class = "gthread"
 

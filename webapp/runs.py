@@ -300,6 +300,8 @@ class RunService:
             watcher.deliver(final_frame(_public(state)))
             return
         # Written by another process: follow its row as that process flushes it.
+        log.info("reply %s: following it from the database (written by another process)",
+                 short(message_id))
         threading.Thread(target=self._follow_remote, args=(owner, message_id, offset, watcher),
                          name="bchat-run-follow", daemon=True).start()
 

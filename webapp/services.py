@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from typing import Any
 
 from flask import current_app
 
@@ -24,9 +26,22 @@ class Services:
     engines: EngineRegistry
     shares: ShareService
     runs: RunService
+    # Open chat sockets, so a shutdown can close them (with 1001, "going away") instead of
+    # waiting for every visitor to leave.
+    sockets: set[Any] = field(default_factory=set)
+    sockets_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def shutdown(self) -> None:
+        """The server is stopping (SIGTERM): keep every partial reply, marked "interrupted",
+        and close the sockets so pages reconnect to whichever process serves next."""
+        self.runs.shutdown()
+        with self.sockets_lock:
+            sockets = list(self.sockets)
+        for chat_socket in sockets:
+            chat_socket.going_away()
 
     def close(self) -> None:
-        self.runs.shutdown()
+        self.shutdown()
         self.engines.close()
         self.db.dispose()
 

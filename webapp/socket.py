@@ -150,7 +150,17 @@ class ChatSocket:
         finally:
             self.inbox.put(_CLOSED)
 
+    def going_away(self) -> None:
+        """The server shuts down: end this socket now (the page reconnects and resumes)."""
+        self.inbox.put(_CLOSED)
+        try:
+            self.ws.close(reason=1001, message="the server is restarting")
+        except Exception:  # already closed: nothing to do
+            pass
+
     def run(self) -> None:
+        with self.services.sockets_lock:
+            self.services.sockets.add(self)
         threading.Thread(target=self.read, name="bchat-ws-reader", daemon=True).start()
         try:
             while True:
@@ -170,6 +180,8 @@ class ChatSocket:
                                "message": "the server failed on that frame"})
         finally:
             self.connected = False
+            with self.services.sockets_lock:
+                self.services.sockets.discard(self)
             # The runs go on for the grace period: a page that reconnects resumes them.
             self.services.runs.detach(self, self.watching)
 
