@@ -271,3 +271,23 @@ def test_someone_elses_conversation_is_not_found_over_the_socket(live_server):
     assert error["code"] == "not_found"
     owner.close()
     intruder.close()
+
+
+def test_an_oversized_frame_closes_with_1009_and_frees_the_server_thread(make_app, make_live_server):
+    server = make_live_server(make_app(WS_MAX_FRAME_BYTES=1024))
+
+    def handler_threads() -> int:
+        return sum(t.name.startswith("Thread") and "process_request" in t.name
+                   for t in threading.enumerate())
+
+    ws = server.session().ws()
+    busy = handler_threads()
+    ws.send("x" * 5000)
+    opcode, frame = ws.conn.recv_data_frame(True)
+    assert opcode == websocket.ABNF.OPCODE_CLOSE
+    assert int.from_bytes(frame.data[:2], "big") == 1009
+    deadline = time.time() + 5
+    while handler_threads() >= busy and time.time() < deadline:
+        time.sleep(0.05)
+    assert handler_threads() < busy, "the server thread is released without the client closing"
+    ws.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import socket
 import threading
 from typing import Any
 
@@ -88,7 +89,21 @@ def _release(_exc) -> None:
 
 @sock.route("/ws", bp=bp)
 def chat_socket(ws) -> None:
-    ChatSocket(ws, owner_id(create=False), request.remote_addr).run()
+    try:
+        ChatSocket(ws, owner_id(create=False), request.remote_addr).run()
+    finally:
+        if getattr(ws, "mode", None) == "werkzeug":
+            # The development server would go on reading the connection for a next HTTP
+            # request, holding its thread until the client closes TCP (e.g. after a 1009
+            # close for an oversized frame): end the connection from our side.
+            try:
+                ws.close()
+            except Exception:  # already closed (ConnectionClosed): the usual case here
+                pass
+            try:
+                ws.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def decode(raw: Any) -> dict[str, Any]:
