@@ -36,6 +36,13 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(database_url())
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Batch mode rebuilds a table by copying it and dropping the original; with
+            # foreign keys on, that DROP deletes every row that references the table (ON DELETE
+            # CASCADE), e.g. all messages when the conversation table is rebuilt. The pragma
+            # only takes effect outside a transaction, hence on the raw connection (in
+            # autocommit mode: webapp.db issues BEGIN itself) before SQLAlchemy begins one.
+            connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
         context.configure(
             connection=connection,
             target_metadata=target_metadata,

@@ -326,18 +326,16 @@ def test_stale_streaming_rows_become_interrupted_with_their_text(make_app):
 
     app = make_app()
     services = app.extensions["bchat"]
-    conv, _ = services.chats.add_user_message("owner", None, "hello")
-    _c, _u, reply, _h = services.chats.begin_reply(
-        "owner", conv["id"], Provenance(engine="server", model="tiny-chat"),
+    _c, _u, reply, _h = services.chats.begin_turn(
+        "owner", None, "hello", Provenance(engine="server", model="tiny-chat"),
         run_owner="another-host|4242|dead",
     )
     services.chats.flush_runs({reply["id"]: "half a repl"}, [])
     assert services.runs.reap_stale() == 0, "another host's fresh lease is respected"
     from webapp.runs import HOST
 
-    _c, _u, reply2, _h = services.chats.begin_reply(
-        "owner", services.chats.create_conversation("owner")["id"],
-        Provenance(engine="server"), run_owner=f"{HOST}|999999|gone",
+    _c, _u, reply2, _h = services.chats.begin_turn(
+        "owner", None, "hello again", Provenance(engine="server"), run_owner=f"{HOST}|999999|gone",
     )
     assert services.runs.reap_stale() == 1, "a pid that no longer exists on this host is dead"
     stored = services.chats.reply_state("owner", reply2["id"])

@@ -225,9 +225,13 @@ def test_export_import_round_trip_is_lossless(live_server):
     again = json.loads(owner.request("GET", f"/api/conversations/{imported['id']}/export")[2])
 
     def strip(messages):
-        return [{k: v for k, v in m.items() if k != "id"} for m in messages]
+        """Ids are new on import; the tree's shape (each message's parent, by position) stays."""
+        position = {m["id"]: i for i, m in enumerate(messages)}
+        return [{**{k: v for k, v in m.items() if k not in ("id", "parent_id")},
+                 "parent": position.get(m["parent_id"])} for m in messages]
 
     assert strip(again["messages"]) == strip(exported["messages"])
+    assert [m["parent"] for m in strip(exported["messages"])] == [None, 0, 1, 2, 3, 4]
     assert again["conversation"]["title"] == exported["conversation"]["title"]
     assert again["conversation"]["created_at"] == exported["conversation"]["created_at"]
     assert len(exported["messages"]) == 6

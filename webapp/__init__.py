@@ -49,7 +49,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     db = Database(app.config["DATABASE_URL"])
     catalogue = ModelCatalogue(app.config["MODEL_PATH"])
     engines = build_engines(app.config, catalogue)
-    chats = ChatService(db, max_message_chars=app.config["MAX_MESSAGE_CHARS"])
+    chats = ChatService(db, max_message_chars=app.config["MAX_MESSAGE_CHARS"],
+                        max_tokens_limit=app.config["MAX_TOKENS_LIMIT"])
 
     def model_facts(model_id: str) -> dict | None:
         model = catalogue.get(model_id)

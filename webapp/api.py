@@ -12,7 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .chats import Invalid, NotFound, Provenance
+from .chats import MISSING, Invalid, NotFound, Provenance
 from .errors import AppError
 from .exchange import export_json, export_markdown, parse_import
 from .model_files import browser_url
@@ -146,9 +146,26 @@ def get_conversation(conversation_id: str):
 
 
 @bp.patch("/api/conversations/<conversation_id>")
-def rename_conversation(conversation_id: str):
+def update_conversation(conversation_id: str):
+    """Rename (``title``), switch branch (``current_message_id``: any message; the branch
+    continues to its newest leaf), or change the conversation's ``settings``."""
     body = json_body()
-    return get_services().chats.rename(owner_id(), conversation_id, body.get("title"))
+    fields = {k: body[k] for k in ("title", "current_message_id", "settings") if k in body}
+    if not fields:
+        raise Invalid("nothing_to_change", "send title, current_message_id or settings")
+    return get_services().chats.update(owner_id(), conversation_id, **fields)
+
+
+@bp.get("/api/defaults")
+def get_defaults():
+    """The visitor's defaults: the settings a new conversation starts from."""
+    return {"settings": get_services().chats.get_defaults(owner_id())}
+
+
+@bp.put("/api/defaults")
+def put_defaults():
+    body = json_body()
+    return {"settings": get_services().chats.set_defaults(owner_id(), body.get("settings"))}
 
 
 @bp.delete("/api/conversations/<conversation_id>")
@@ -205,8 +222,10 @@ def add_message(conversation_id: str):
     chats = get_services().chats
     owner = owner_id()
     role = chats.check_role(body.get("role"))
+    parent_id = body.get("parent_id", MISSING)  # absent: after the current leaf; null: a root
     if role == "user":
-        _conv, message = chats.add_user_message(owner, conversation_id, body.get("content"))
+        _conv, message = chats.add_user_message(owner, conversation_id, body.get("content"),
+                                                parent_id=parent_id)
         return message, 201
     if role != "assistant":
         raise Invalid("bad_role", "only user and assistant messages can be posted")
@@ -215,7 +234,8 @@ def add_message(conversation_id: str):
     if provenance.engine != "browser":
         raise Invalid("bad_engine", "replies posted through the API come from the browser engine")
     message = chats.add_reply(
-        owner, conversation_id, content, body.get("status", "complete"), provenance
+        owner, conversation_id, content, body.get("status", "complete"), provenance,
+        parent_id=parent_id,
     )
     return message, 201
 
@@ -297,8 +317,11 @@ def export_conversation(conversation_id: str):
 def import_conversation():
     """A JSON export back into a new conversation; a bad file creates nothing."""
     body = json_body()
-    title, created_at, messages = parse_import(body, current_app.config["MAX_MESSAGE_CHARS"])
-    conversation = get_services().chats.import_messages(
-        owner_id(), title, messages, created_at=created_at
+    parsed = parse_import(body, current_app.config["MAX_MESSAGE_CHARS"])
+    chats = get_services().chats
+    settings = chats.clean_settings(parsed.settings) if parsed.settings else None
+    conversation = chats.import_messages(
+        owner_id(), parsed.title, parsed.messages, created_at=parsed.created_at,
+        settings=settings, current_message_id=parsed.current_message_id,
     )
     return conversation, 201

@@ -6,6 +6,8 @@ views, the websocket relay) never hold a session while a model is generating.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +16,16 @@ from sqlalchemy import select, update
 
 from .db import Database
 from .errors import AppError, Invalid, NotFound
-from .models import ENGINES, FINAL_STATUSES, ROLES, Conversation, Message, new_public_id, utcnow
+from .models import (
+    ENGINES,
+    FINAL_STATUSES,
+    ROLES,
+    Conversation,
+    Message,
+    VisitorSettings,
+    new_public_id,
+    utcnow,
+)
 
 __all__ = ["ChatService", "Invalid", "NotFound", "Provenance"]
 
@@ -51,9 +62,23 @@ def parse_time(value: object) -> datetime | None:
     return parsed.replace(tzinfo=None)
 
 
-def message_dict(message: Message) -> dict[str, Any]:
+MISSING: Any = object()  # "not given", as opposed to an explicit null (e.g. parent_id)
+SETTING_NAMES = ("system", "temperature", "top_p", "max_tokens", "seed", "model", "engine")
+_THINK = re.compile(r"<think>.*?</think>\s*", re.S)
+
+
+def message_dict(message: Message, parents: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """The one mapping of a message to its dict (API, socket, export, shares, provenance).
+    ``parents`` maps internal ids to public ids when a whole tree is being written."""
+    parent_id = None
+    if message.parent_id is not None:
+        if parents is not None and message.parent_id in parents:
+            parent_id = parents[message.parent_id]
+        elif message.parent is not None:
+            parent_id = message.parent.public_id
     return {
         "id": message.public_id,
+        "parent_id": parent_id,
         "role": message.role,
         "content": message.content,
         "status": message.status,
@@ -71,36 +96,111 @@ def message_dict(message: Message) -> dict[str, Any]:
     }
 
 
+def message_from_dict(data: Mapping[str, Any]) -> Message:
+    """A new row from a validated message dict (import, continuing a share); its place in the
+    tree (parent) is set by the caller, its status can no longer be "streaming"."""
+    usage = data.get("usage") or {}
+    return Message(
+        role=data["role"],
+        content=data["content"],
+        # A copy never grows: a reply caught mid-stream stays as it was.
+        status="interrupted" if data.get("status") == "streaming" else data.get("status", "complete"),
+        created_at=parse_time(data.get("created_at")) or utcnow(),
+        engine=data.get("engine"),
+        backend=data.get("backend"),
+        model=data.get("model"),
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        tokens_per_second=data.get("tokens_per_second"),
+        finish_reason=data.get("finish_reason"),
+        meta=data.get("meta") or None,
+    )
+
+
+class Tree:
+    """A conversation's messages as a tree: paths, leaves, siblings."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages = messages
+        self.by_id = {m.id: m for m in messages}
+        self.children: dict[int | None, list[Message]] = {}
+        for m in messages:  # ordered by id: children oldest first
+            self.children.setdefault(m.parent_id, []).append(m)
+
+    def path(self, message_id: int | None) -> list[Message]:
+        """From the root to ``message_id``, inclusive."""
+        path: list[Message] = []
+        seen: set[int] = set()
+        node = self.by_id.get(message_id) if message_id is not None else None
+        while node is not None and node.id not in seen:
+            seen.add(node.id)
+            path.append(node)
+            node = self.by_id.get(node.parent_id) if node.parent_id is not None else None
+        path.reverse()
+        return path
+
+    def leaf_from(self, message_id: int) -> int:
+        """The newest leaf below ``message_id``: where its branch continues."""
+        node = message_id
+        while self.children.get(node):
+            node = self.children[node][-1].id
+        return node
+
+    def current(self, conv: Conversation) -> int | None:
+        if conv.current_message_id in self.by_id:
+            return conv.current_message_id
+        return self.leaf_from(self.messages[-1].id) if self.messages else None
+
+    def public_ids(self) -> dict[int, str]:
+        return {m.id: m.public_id for m in self.messages}
+
+
 def conversation_dict(conv: Conversation, *, with_messages: bool = False) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": conv.public_id,
         "title": conv.title,
         "created_at": _iso(conv.created_at),
         "updated_at": _iso(conv.updated_at),
+        "settings": conv.settings or {},
     }
     if with_messages:
-        data["messages"] = [message_dict(m) for m in conv.messages]
+        tree = Tree(conv.messages)
+        parents = tree.public_ids()
+        data["messages"] = [message_dict(m, parents) for m in conv.messages]
+        current = tree.current(conv)
+        data["current_message_id"] = parents.get(current) if current is not None else None
     return data
 
+
+def current_branch(conv: Conversation) -> list[Message]:
+    """The messages on screen: the path from the root to the current leaf."""
+    tree = Tree(conv.messages)
+    return tree.path(tree.current(conv))
+
+
+# Replies that can be continued: cut off by the token limit, a stop, or an interruption.
+CONTINUABLE = ("complete", "stopped", "interrupted")
 
 # What a page may set on a reply it writes (the browser engine); "interrupted" is for pagehide.
 STATUSES_FROM_PAGE = ("streaming", "complete", "stopped", "failed", "interrupted")
 
 
 def model_history(messages: list[Message]) -> list[dict[str, str]]:
-    """The turns a model sees: role and content, oldest first.
+    """The turns a model sees, from a path of the tree: role and content, oldest first.
 
     Failed replies with no text are left out; partial (stopped/failed/interrupted) replies stay
-    in, as the user saw them. Many chat templates (Mistral, Gemma) refuse anything but strict
-    alternation, so when a message follows one of its own role (a user message after a reply
-    that failed empty), the later one stands for both: the earlier one never got an answer,
-    and keeping it would fail again in the same way (too long, or a template that raises).
+    in, as the user saw them; a reasoning model's ``<think>`` text is not sent back. Many chat
+    templates (Mistral, Gemma) refuse anything but strict alternation, so when a message
+    follows one of its own role (a user message after a reply that failed empty), the later
+    one stands for both: the earlier one never got an answer, and keeping it would fail again
+    in the same way (too long, or a template that raises).
     """
     turns: list[dict[str, str]] = []
     for m in messages:
         if m.status == "streaming" or not (m.content or m.status == "complete"):
             continue
-        turn = {"role": m.role, "content": m.content}
+        content = _THINK.sub("", m.content) if m.role == "assistant" else m.content
+        turn = {"role": m.role, "content": content}
         if turns and turns[-1]["role"] == m.role and m.role != "system":
             turns[-1] = turn
         else:
@@ -125,9 +225,10 @@ def title_from(content: str) -> str:
 
 
 class ChatService:
-    def __init__(self, db: Database, *, max_message_chars: int) -> None:
+    def __init__(self, db: Database, *, max_message_chars: int, max_tokens_limit: int = 4096) -> None:
         self.db = db
         self.max_message_chars = max_message_chars
+        self.max_tokens_limit = max_tokens_limit
 
     # -- lookups ---------------------------------------------------------------------------
     def owned(self, session, owner_id: str, public_id: str) -> Conversation:
@@ -139,6 +240,18 @@ class ChatService:
         if conv is None:
             raise NotFound()
         return conv
+
+    def owned_message(self, session, owner_id: str, message_id: Any) -> Message:
+        if not isinstance(message_id, str):
+            raise Invalid("bad_frame", "message_id must be a string")
+        message = session.scalar(
+            select(Message).join(Conversation).where(
+                Message.public_id == message_id, Conversation.owner_id == owner_id
+            )
+        )
+        if message is None:
+            raise NotFound("message")
+        return message
 
     def list_conversations(self, owner_id: str) -> list[dict[str, Any]]:
         with self.db.read() as session:
@@ -153,93 +266,254 @@ class ChatService:
         with self.db.read() as session:
             return conversation_dict(self.owned(session, owner_id, public_id), with_messages=True)
 
-    def history(self, owner_id: str, public_id: str) -> list[dict[str, str]]:
+    def conversation_settings(self, owner_id: str, public_id: str | None) -> dict[str, Any]:
+        """What a reply in this conversation starts from (a new one: the visitor's defaults)."""
+        if public_id is None:
+            return self.get_defaults(owner_id)
         with self.db.read() as session:
-            return model_history(self.owned(session, owner_id, public_id).messages)
+            return dict(self.owned(session, owner_id, public_id).settings or {})
+
+    def history(self, owner_id: str, public_id: str) -> list[dict[str, str]]:
+        """What a model would see for a new reply on the current branch."""
+        with self.db.read() as session:
+            conv = self.owned(session, owner_id, public_id)
+            return model_history(current_branch(conv))
+
+    # -- settings --------------------------------------------------------------------------
+    def clean_settings(self, raw: Any) -> dict[str, Any]:
+        """Validated conversation settings; a null value removes a setting."""
+        from .engines.base import GenerationOptions
+
+        if not isinstance(raw, dict):
+            raise Invalid("bad_settings", "settings must be an object")
+        unknown = set(raw) - set(SETTING_NAMES)
+        if unknown:
+            raise Invalid("bad_settings", f"unknown settings: {', '.join(sorted(map(str, unknown)))[:200]}")
+        options = {k: v for k, v in raw.items() if k not in ("model", "engine") and v is not None}
+        try:
+            GenerationOptions.parse(options, max_tokens_limit=self.max_tokens_limit,
+                                    max_system_chars=self.max_message_chars)
+        except Invalid as exc:
+            raise Invalid("bad_settings", exc.message) from None
+        model = raw.get("model")
+        if model is not None and (not isinstance(model, str) or not 0 < len(model) <= 200):
+            raise Invalid("bad_settings", "model must be a model id")
+        engine = raw.get("engine")
+        if engine is not None and engine not in ENGINES:
+            raise Invalid("bad_settings", f"engine must be one of {', '.join(ENGINES)}")
+        return dict(raw)
+
+    @staticmethod
+    def _merge(base: dict[str, Any] | None, changes: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(base or {})
+        for key, value in changes.items():
+            if value is None or (key == "system" and value == ""):
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        return merged
+
+    def get_defaults(self, owner_id: str) -> dict[str, Any]:
+        with self.db.read() as session:
+            row = session.get(VisitorSettings, owner_id)
+            return dict(row.settings) if row else {}
+
+    def set_defaults(self, owner_id: str, raw: Any) -> dict[str, Any]:
+        changes = self.clean_settings(raw)
+        with self.db.write() as session:
+            row = session.get(VisitorSettings, owner_id)
+            if row is None:
+                row = VisitorSettings(owner_id=owner_id, settings={})
+                session.add(row)
+            row.settings = self._merge(row.settings, changes)
+            row.updated_at = utcnow()
+            return dict(row.settings)
 
     # -- changes ---------------------------------------------------------------------------
     def create_conversation(self, owner_id: str, title: str | None = None) -> dict[str, Any]:
+        defaults = self.get_defaults(owner_id)
         with self.db.write() as session:
-            conv = Conversation(owner_id=owner_id, title=self._clean_title(title or DEFAULT_TITLE))
+            conv = Conversation(owner_id=owner_id, title=self._clean_title(title or DEFAULT_TITLE),
+                                settings=defaults or None)
             session.add(conv)
             session.flush()
             return conversation_dict(conv)
 
-    def rename(self, owner_id: str, public_id: str, title: str) -> dict[str, Any]:
+    def update(self, owner_id: str, public_id: str, *, title: Any = MISSING,
+               current_message_id: Any = MISSING, settings: Any = MISSING) -> dict[str, Any]:
+        """Rename, switch branch (to the newest leaf below the given message), change settings."""
+        changes = self.clean_settings(settings) if settings is not MISSING else None
         with self.db.write() as session:
             conv = self.owned(session, owner_id, public_id)
-            conv.title = self._clean_title(title)
-            conv.updated_at = utcnow()
+            if title is not MISSING:
+                conv.title = self._clean_title(title)
+                conv.updated_at = utcnow()
+            if current_message_id is not MISSING:
+                if not isinstance(current_message_id, str):
+                    raise Invalid("bad_message_id", "current_message_id must be a message id")
+                tree = Tree(conv.messages)
+                target = next((m for m in conv.messages if m.public_id == current_message_id), None)
+                if target is None:
+                    raise NotFound("message")
+                conv.current_message_id = tree.leaf_from(target.id)
+            if changes is not None:
+                conv.settings = self._merge(conv.settings, changes) or None
             session.flush()
-            return conversation_dict(conv)
+            return conversation_dict(conv, with_messages=current_message_id is not MISSING)
+
+    def rename(self, owner_id: str, public_id: str, title: str) -> dict[str, Any]:
+        return self.update(owner_id, public_id, title=title)
 
     def delete(self, owner_id: str, public_id: str) -> None:
         with self.db.write() as session:
             session.delete(self.owned(session, owner_id, public_id))
 
-    def add_user_message(
-        self, owner_id: str, conversation_id: str | None, content: str
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Store what the user typed, before any model runs. Creates the conversation if needed.
+    def _parent(self, conv: Conversation, parent_id: Any) -> Message | None:
+        """Where a new message goes: MISSING = after the current leaf, None = a new root."""
+        if parent_id is MISSING:
+            current = Tree(conv.messages).current(conv)
+            return next((m for m in conv.messages if m.id == current), None)
+        if parent_id is None:
+            return None
+        if not isinstance(parent_id, str):
+            raise Invalid("bad_parent", "parent_id must be a message id or null")
+        parent = next((m for m in conv.messages if m.public_id == parent_id), None)
+        if parent is None:
+            raise NotFound("message")
+        return parent
 
-        Returns (conversation, message).
-        """
+    @staticmethod
+    def _refuse_busy(conv: Conversation) -> None:
+        if any(m.status == "streaming" for m in conv.messages):
+            raise AppError("busy", "a reply is still being written in this conversation; "
+                           "stop it or wait for it first", status=409)
+
+    def _new_conversation(self, session, owner_id: str, content: str,
+                          settings: dict[str, Any] | None) -> Conversation:
+        merged = self._merge(self.get_defaults(owner_id), settings or {})
+        conv = Conversation(owner_id=owner_id, title=title_from(content), settings=merged or None)
+        session.add(conv)
+        return conv
+
+    def add_user_message(
+        self, owner_id: str, conversation_id: str | None, content: str, *,
+        parent_id: Any = MISSING, settings: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Store what the user typed, before any model runs (the browser engine's path).
+        Creates the conversation if needed. Returns (conversation, message)."""
         self.check_content(content)
         with self.db.write() as session:
             if conversation_id is None:
-                conv = Conversation(owner_id=owner_id, title=title_from(content))
-                session.add(conv)
+                conv = self._new_conversation(session, owner_id, content, settings)
+                parent = None
             else:
                 conv = self.owned(session, owner_id, conversation_id)
                 if conv.title == DEFAULT_TITLE and not conv.messages:
                     conv.title = title_from(content)
-            message = Message(role="user", content=content, status="complete")
+                parent = self._parent(conv, parent_id)
+            message = Message(role="user", content=content, status="complete",
+                              parent_id=parent.id if parent else None)
             conv.messages.append(message)
             conv.updated_at = utcnow()
             session.flush()
-            return conversation_dict(conv), message_dict(message)
+            conv.current_message_id = message.id
+            parents = {parent.id: parent.public_id} if parent else {}
+            return conversation_dict(conv), message_dict(message, parents)
 
-    def begin_reply(
-        self, owner_id: str, conversation_id: str | None, provenance: Provenance, *,
-        run_owner: str, user_content: str | None = None,
-    ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any], list[dict[str, str]]]:
-        """One transaction before any model runs: the user's message (when given; a new
-        conversation when ``conversation_id`` is None) and the run's assistant row, status
-        "streaming". Returns (conversation, user message, reply, the history the model sees).
+    def begin_turn(
+        self, owner_id: str, conversation_id: str | None, content: str, provenance: Provenance, *,
+        run_owner: str, parent_id: Any = MISSING, settings: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[dict[str, str]]]:
+        """One transaction before any model runs: the user's message (under ``parent_id``, by
+        default after the current leaf; a new conversation when ``conversation_id`` is None)
+        and the run's assistant row, status "streaming". Returns (conversation, user message,
+        reply, the history the model sees: the path to the user message).
 
-        One reply is written at a time per conversation: a second would see half of the first
-        in its history. Refused before anything is stored."""
-        if user_content is not None:
-            self.check_content(user_content)
+        One reply is written at a time per conversation: a second would race the first for
+        the current branch. Refused before anything is stored."""
+        self.check_content(content)
         with self.db.write() as session:
             if conversation_id is None:
-                if user_content is None:
-                    raise Invalid("empty_content", "the message is empty")
-                conv = Conversation(owner_id=owner_id, title=title_from(user_content))
-                session.add(conv)
+                conv = self._new_conversation(session, owner_id, content, settings)
+                parent = None
             else:
                 conv = self.owned(session, owner_id, conversation_id)
-                if any(m.status == "streaming" for m in conv.messages):
-                    raise AppError("busy", "a reply is still being written in this conversation; "
-                                   "stop it or wait for it first", status=409)
-                if user_content is not None and conv.title == DEFAULT_TITLE and not conv.messages:
-                    conv.title = title_from(user_content)
-            now = utcnow()
-            user_message = None
-            if user_content is not None:
-                user_message = Message(role="user", content=user_content, status="complete")
-                conv.messages.append(user_message)
-            history = model_history(conv.messages)
-            message = Message(
-                role="assistant", content="", status="streaming",
-                engine=provenance.engine, backend=provenance.backend, model=provenance.model,
-                meta=provenance.meta or None, updated_at=now, run_owner=run_owner,
-            )
-            conv.messages.append(message)
-            conv.updated_at = now
+                self._refuse_busy(conv)
+                if conv.title == DEFAULT_TITLE and not conv.messages:
+                    conv.title = title_from(content)
+                parent = self._parent(conv, parent_id)
+            user = Message(role="user", content=content, status="complete",
+                           parent_id=parent.id if parent else None)
+            conv.messages.append(user)
             session.flush()
-            return (conversation_dict(conv), message_dict(user_message) if user_message else None,
-                    message_dict(message), history)
+            reply = self._reply_row(conv, user, provenance, run_owner)
+            session.flush()
+            conv.current_message_id = reply.id
+            tree = Tree(conv.messages)
+            parents = tree.public_ids()
+            return (conversation_dict(conv), message_dict(user, parents), message_dict(reply, parents),
+                    model_history(tree.path(user.id)))
+
+    def begin_regenerate(
+        self, owner_id: str, message_id: Any, provenance: Provenance, *, run_owner: str
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[dict[str, str]]]:
+        """A new reply beside ``message_id`` (a sibling under the same user message); the
+        model sees the path to that user message, never the sibling."""
+        with self.db.write() as session:
+            original = self.owned_message(session, owner_id, message_id)
+            if original.role != "assistant" or original.parent_id is None:
+                raise Invalid("not_a_reply", "only a reply can be regenerated")
+            conv = original.conversation
+            self._refuse_busy(conv)
+            tree = Tree(conv.messages)
+            asked = tree.by_id[original.parent_id]
+            reply = self._reply_row(conv, asked, provenance, run_owner)
+            session.flush()
+            conv.current_message_id = reply.id
+            parents = {**tree.public_ids(), reply.id: reply.public_id}
+            return (conversation_dict(conv), message_dict(asked, parents), message_dict(reply, parents),
+                    model_history(tree.path(asked.id)))
+
+    def begin_continue(
+        self, owner_id: str, message_id: Any, *, run_owner: str
+    ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, str]]]:
+        """Reopen a reply cut off (by the token limit, a stop or an interruption) to write
+        more into the same message. The history ends with the reply itself, as the prefix
+        the model continues. Returns (conversation, reply as it was, history)."""
+        with self.db.write() as session:
+            reply = self.owned_message(session, owner_id, message_id)
+            conv = reply.conversation
+            if reply.role != "assistant" or reply.status not in CONTINUABLE:
+                raise Invalid("not_continuable", "only a reply that was cut off (by the token "
+                              "limit, a stop or an interruption) can be continued")
+            if reply.status == "complete" and reply.finish_reason != "length":
+                raise Invalid("not_continuable", "this reply is finished; regenerate it instead")
+            self._refuse_busy(conv)
+            tree = Tree(conv.messages)
+            if tree.children.get(reply.id):
+                raise Invalid("not_continuable", "only the last reply of a branch can be continued")
+            before = message_dict(reply, tree.public_ids())
+            history = model_history(tree.path(reply.parent_id))
+            history.append({"role": "assistant", "content": reply.content})
+            reply.status = "streaming"
+            reply.run_owner = run_owner
+            reply.updated_at = utcnow()
+            conv.current_message_id = reply.id
+            conv.updated_at = utcnow()
+            return conversation_dict(conv), before, history
+
+    @staticmethod
+    def _reply_row(conv: Conversation, parent: Message, provenance: Provenance,
+                   run_owner: str) -> Message:
+        now = utcnow()
+        reply = Message(
+            role="assistant", content="", status="streaming", parent_id=parent.id,
+            engine=provenance.engine, backend=provenance.backend, model=provenance.model,
+            meta=provenance.meta or None, updated_at=now, run_owner=run_owner,
+        )
+        conv.messages.append(reply)
+        conv.updated_at = now
+        return reply
 
     def finish_reply(
         self, message_id: str, content: str, status: str, provenance: Provenance
@@ -393,6 +667,7 @@ class ChatService:
         provenance: Provenance,
         *,
         public_id: str | None = None,
+        parent_id: Any = MISSING,
     ) -> dict[str, Any]:
         """Store an assistant reply written in the page: complete, the partial text of a
         stopped/failed one, or the start of one that will grow ("streaming")."""
@@ -402,8 +677,10 @@ class ChatService:
             raise Invalid("bad_engine", f"engine must be one of {', '.join(ENGINES)}")
         with self.db.write() as session:
             conv = self.owned(session, owner_id, conversation_id)
+            parent = self._parent(conv, parent_id)
             message = Message(
                 public_id=public_id or new_public_id(),
+                parent_id=parent.id if parent else None,
                 role="assistant",
                 content=content,
                 status=status,
@@ -421,7 +698,8 @@ class ChatService:
             conv.messages.append(message)
             conv.updated_at = utcnow()
             session.flush()
-            return message_dict(message)
+            conv.current_message_id = message.id
+            return message_dict(message, {parent.id: parent.public_id} if parent else {})
 
     def import_messages(
         self,
@@ -430,34 +708,36 @@ class ChatService:
         messages: list[dict[str, Any]],
         *,
         created_at: datetime | None = None,
+        settings: dict[str, Any] | None = None,
+        current_message_id: str | None = None,
     ) -> dict[str, Any]:
-        """A new conversation holding copies of ``messages`` (already validated message dicts,
-        as message_dict() writes them): continuing a share, or importing an export."""
+        """A new conversation holding copies of ``messages`` (validated message dicts, as
+        message_dict() writes them): continuing a share, or importing an export. Messages with
+        ``parent_id`` keep their tree (ids are new); without, they form one branch in order."""
         with self.db.write() as session:
-            conv = Conversation(owner_id=owner_id, title=self._clean_title(title or DEFAULT_TITLE))
+            conv = Conversation(owner_id=owner_id, title=self._clean_title(title or DEFAULT_TITLE),
+                                settings=settings or None)
             if created_at:
                 conv.created_at = created_at
-            for data in messages:
-                usage = data.get("usage") or {}
-                conv.messages.append(
-                    Message(
-                        role=data["role"],
-                        content=data["content"],
-                        # A copy never grows: a reply caught mid-stream stays as it was.
-                        status=("interrupted" if data.get("status") == "streaming"
-                                else data.get("status", "complete")),
-                        created_at=parse_time(data.get("created_at")) or utcnow(),
-                        engine=data.get("engine"),
-                        backend=data.get("backend"),
-                        model=data.get("model"),
-                        prompt_tokens=usage.get("prompt_tokens"),
-                        completion_tokens=usage.get("completion_tokens"),
-                        tokens_per_second=data.get("tokens_per_second"),
-                        finish_reason=data.get("finish_reason"),
-                        meta=data.get("meta") or None,
-                    )
-                )
             session.add(conv)
+            rows: dict[str, Message] = {}
+            previous: Message | None = None
+            tree_shaped = any("parent_id" in data for data in messages)
+            for data in messages:
+                message = message_from_dict(data)
+                if tree_shaped:
+                    parent = rows.get(data.get("parent_id")) if data.get("parent_id") else None
+                else:
+                    parent = previous
+                conv.messages.append(message)
+                session.flush()
+                message.parent_id = parent.id if parent else None
+                if data.get("id"):
+                    rows[data["id"]] = message
+                previous = message
+            session.flush()
+            current = rows.get(current_message_id) if current_message_id else None
+            conv.current_message_id = current.id if current else (previous.id if previous else None)
             session.flush()
             return conversation_dict(conv, with_messages=True)
 

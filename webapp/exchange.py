@@ -1,11 +1,15 @@
 """Conversation files: export as JSON (complete and re-importable) or Markdown, and import.
 
-The JSON holds every message as the API shows it, provenance included, so an export imported
-and exported again gives the same messages (only ids are new).
+The JSON (version 2) holds every message of the tree as the API shows it (ids, parent ids,
+provenance and the options each reply was made with), the conversation's settings and its
+current branch, so an export imported and exported again gives the same conversation (only
+ids are new). Version 1 files (a flat list, no settings) still import, as one branch. The
+Markdown export is the branch on screen.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -14,9 +18,19 @@ from .models import ENGINES, FINAL_STATUSES, ROLES, utcnow
 from .validation import check_number, check_text, check_time
 
 FORMAT = "bchat.conversation"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
 MAX_MESSAGES = 10_000
 REPLY_CHARS_FACTOR = 4  # replies may be longer than what a user may type
+
+
+@dataclass(frozen=True)
+class ParsedImport:
+    title: str
+    created_at: datetime | None
+    messages: list[dict[str, Any]]
+    settings: dict[str, Any] | None = None
+    current_message_id: str | None = None
 
 
 def export_json(conversation: dict[str, Any]) -> dict[str, Any]:
@@ -28,9 +42,24 @@ def export_json(conversation: dict[str, Any]) -> dict[str, Any]:
             "title": conversation["title"],
             "created_at": conversation["created_at"],
             "updated_at": conversation["updated_at"],
+            "settings": conversation.get("settings") or {},
+            "current_message_id": conversation.get("current_message_id"),
         },
         "messages": conversation["messages"],
     }
+
+
+def current_branch(conversation: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages from the root to the current leaf of a conversation dict."""
+    by_id = {m["id"]: m for m in conversation["messages"]}
+    node = by_id.get(conversation.get("current_message_id"))
+    if node is None:
+        return list(conversation["messages"])
+    path = []
+    while node is not None and len(path) <= len(by_id):
+        path.append(node)
+        node = by_id.get(node.get("parent_id"))
+    return path[::-1]
 
 
 def _provenance_line(message: dict[str, Any]) -> str:
@@ -44,7 +73,7 @@ def _provenance_line(message: dict[str, Any]) -> str:
 
 def export_markdown(conversation: dict[str, Any]) -> str:
     lines = [f"# {conversation['title']}", "", f"_Exported from bchat, {conversation['created_at']}_", ""]
-    for message in conversation["messages"]:
+    for message in current_branch(conversation):
         heading = {"user": "User", "assistant": "Assistant", "system": "System"}[message["role"]]
         lines.append(f"## {heading}")
         provenance = _provenance_line(message) if message["role"] == "assistant" else ""
@@ -82,12 +111,13 @@ def _time(value: Any, where: str) -> datetime | None:
         raise _fail(where, "must be an ISO 8601 time") from exc
 
 
-def parse_import(data: Any, max_chars: int) -> tuple[str, datetime | None, list[dict[str, Any]]]:
-    """Validate an export file; returns (title, created_at, messages) or raises Invalid."""
+def parse_import(data: Any, max_chars: int) -> ParsedImport:
+    """Validate an export file (version 1 or 2) or raise Invalid."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise _fail("file", f'not a bchat conversation export (expected "format": "{FORMAT}")')
-    if data.get("version") != VERSION:
-        raise _fail("version", f"this bchat reads version {VERSION} files")
+    version = data.get("version")
+    if isinstance(version, bool) or version not in READS:
+        raise _fail("version", f"this bchat reads version {' and '.join(map(str, READS))} files")
     conversation = data.get("conversation")
     if not isinstance(conversation, dict):
         raise _fail("conversation", "must be an object")
@@ -102,10 +132,22 @@ def parse_import(data: Any, max_chars: int) -> tuple[str, datetime | None, list[
     if len(messages) > MAX_MESSAGES:
         raise _fail("messages", f"at most {MAX_MESSAGES} messages")
     clean: list[dict[str, Any]] = []
+    seen_ids: set[str] = set()
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise _fail(where, "must be an object")
+        tree_fields: dict[str, Any] = {}
+        if version >= 2:
+            message_id, parent_id = message.get("id"), message.get("parent_id")
+            if not isinstance(message_id, str) or not 0 < len(message_id) <= 64:
+                raise _fail(f"{where}.id", "must be a string (the message's id in this file)")
+            if message_id in seen_ids:
+                raise _fail(f"{where}.id", "is used twice")
+            if parent_id is not None and parent_id not in seen_ids:
+                raise _fail(f"{where}.parent_id", "must be null or the id of an earlier message")
+            seen_ids.add(message_id)
+            tree_fields = {"id": message_id, "parent_id": parent_id}
         role = message.get("role")
         if role not in ROLES:
             raise _fail(f"{where}.role", f"must be one of {', '.join(ROLES)}")
@@ -131,6 +173,7 @@ def parse_import(data: Any, max_chars: int) -> tuple[str, datetime | None, list[
         created = message.get("created_at")
         _time(created, f"{where}.created_at")  # chats.parse_time reads it again; it must not overflow
         clean.append({
+            **tree_fields,
             "role": role,
             "content": content,
             "status": status,
@@ -148,4 +191,10 @@ def parse_import(data: Any, max_chars: int) -> tuple[str, datetime | None, list[
             "finish_reason": _optional(message.get("finish_reason"), (str,), f"{where}.finish_reason"),
             "meta": meta,
         })
-    return title, created_at, clean
+    settings = conversation.get("settings") if version >= 2 else None
+    if settings is not None and not isinstance(settings, dict):
+        raise _fail("conversation.settings", "must be an object")
+    current = conversation.get("current_message_id") if version >= 2 else None
+    if current is not None and current not in seen_ids:
+        raise _fail("conversation.current_message_id", "must be the id of a message in the file")
+    return ParsedImport(title, created_at, clean, settings or None, current)

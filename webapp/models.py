@@ -52,6 +52,13 @@ class Conversation(Base):
     title: Mapped[str] = mapped_column(String(200), default="New chat")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The messages form a tree (Message.parent_id); this is the leaf of the branch on screen.
+    # A plain pointer, not a foreign key: conversation -> message -> conversation would be a
+    # cycle of constraints; the chat service keeps it valid and falls back to the newest leaf.
+    current_message_id: Mapped[int | None]
+    # The conversation's own reply settings (system, temperature, top_p, max_tokens, model,
+    # engine): a new conversation starts from the visitor's defaults, never from another's.
+    settings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="conversation",
@@ -70,6 +77,11 @@ class Message(Base):
     public_id: Mapped[str] = mapped_column(String(32), unique=True, default=new_public_id)
     conversation_id: Mapped[int] = mapped_column(
         ForeignKey("conversation.id", ondelete="CASCADE"), index=True
+    )
+    # The message this one answers or follows; None for a conversation's first message.
+    # Siblings (same parent) are alternatives: an edited prompt, a regenerated reply.
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("message.id", ondelete="CASCADE"), index=True
     )
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
@@ -96,6 +108,7 @@ class Message(Base):
     stop_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
+    parent: Mapped[Message | None] = relationship(remote_side=[id], viewonly=True)
 
 
 class Share(Base):
@@ -122,4 +135,14 @@ class Share(Base):
     title: Mapped[str] = mapped_column(String(200))
     snapshot: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VisitorSettings(Base):
+    """A visitor's defaults for new conversations (the "Defaults" panel)."""
+
+    __tablename__ = "visitor_settings"
+
+    owner_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

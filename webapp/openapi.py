@@ -75,12 +75,28 @@ SCHEMAS: dict[str, Any] = {
             }
         },
     },
+    "Settings": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "a conversation's (or the visitor's default) reply settings; null removes one",
+        "properties": {
+            "system": {"type": "string", "maxLength": 32000, "nullable": True},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2, "nullable": True},
+            "top_p": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
+            "max_tokens": {"type": "integer", "minimum": 1, "maximum": 4096, "nullable": True},
+            "seed": {"type": "integer", "minimum": 0, "maximum": 4294967295, "nullable": True},
+            "model": {"type": "string", "minLength": 1, "maxLength": 200, "nullable": True},
+            "engine": {"type": "string", "enum": ["server", "browser"], "nullable": True},
+        },
+    },
     "Conversation": {
         "type": "object",
         "required": ["id", "title", "created_at", "updated_at"],
         "properties": {
             "id": _ID, "title": {"type": "string"}, "created_at": _TIME, "updated_at": _TIME,
             "shared": {"type": "boolean"},
+            "settings": {"type": "object"},
+            "current_message_id": {**_ID, "nullable": True},
             "messages": {"type": "array", "items": _ref("Message")},
         },
     },
@@ -89,6 +105,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["id", "role", "content", "status", "created_at"],
         "properties": {
             "id": _ID,
+            "parent_id": {**_ID, "nullable": True},
             "role": {"type": "string", "enum": ["system", "user", "assistant"]},
             "content": {"type": "string"},
             "status": {"type": "string",
@@ -130,6 +147,8 @@ SCHEMAS: dict[str, Any] = {
             "status": {"type": "string",
                        "enum": ["streaming", "complete", "stopped", "failed", "interrupted"]},
             "provenance": _ref("Provenance"),
+            "parent_id": {**_ID, "nullable": True,
+                          "description": "absent: after the current leaf; null: a new root"},
         },
     },
     "ImportMessage": {
@@ -155,6 +174,8 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "Import": {
+        "description": "a version 1 export (the fuzzed subset); version 2 exports, with message "
+                       "ids, parent ids, settings and current_message_id, import too",
         "type": "object",
         "additionalProperties": False,
         "required": ["format", "version", "conversation", "messages"],
@@ -190,7 +211,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["format", "version", "conversation", "messages"],
         "properties": {
             "format": {"type": "string", "enum": ["bchat.conversation"]},
-            "version": {"type": "integer", "enum": [1]},
+            "version": {"type": "integer", "enum": [2]},
             "exported_at": _TIME,
             "conversation": {
                 "type": "object",
@@ -255,14 +276,33 @@ PATHS: dict[str, Any] = {
             "responses": _responses("200", _ref("Conversation"), "the conversation"),
         },
         "patch": {
-            "operationId": "rename_conversation", "summary": "rename",
-            "requestBody": _body({"type": "object", "additionalProperties": False,
-                                  "required": ["title"], "properties": {"title": _TEXT}}),
-            "responses": _responses("200", _ref("Conversation"), "renamed"),
+            "operationId": "update_conversation",
+            "summary": "rename, switch branch (to the newest leaf below a message), change settings",
+            "requestBody": _body({"type": "object", "additionalProperties": False, "minProperties": 1,
+                                  "properties": {"title": _TEXT, "current_message_id": _ID,
+                                                 "settings": _ref("Settings")}}),
+            "responses": _responses("200", _ref("Conversation"), "changed"),
         },
         "delete": {
             "operationId": "delete_conversation", "summary": "delete, with its messages",
             "responses": _responses("204", None, "deleted"),
+        },
+    },
+    "/api/defaults": {
+        "get": {
+            "operationId": "get_defaults", "summary": "the settings a new conversation starts from",
+            "responses": _responses("200", {"type": "object", "required": ["settings"],
+                                            "properties": {"settings": {"type": "object"}}},
+                                    "the visitor's defaults"),
+        },
+        "put": {
+            "operationId": "put_defaults", "summary": "change the visitor's defaults",
+            "requestBody": _body({"type": "object", "additionalProperties": False,
+                                  "required": ["settings"],
+                                  "properties": {"settings": _ref("Settings")}}),
+            "responses": _responses("200", {"type": "object", "required": ["settings"],
+                                            "properties": {"settings": {"type": "object"}}},
+                                    "stored"),
         },
     },
     "/api/conversations/{conversation_id}/messages": {

@@ -27,9 +27,17 @@ import weakref
 from collections import deque
 from typing import Any, Protocol
 
-from .chats import ChatService, Provenance
+from .chats import MISSING, ChatService, Provenance
 from .engines import EngineRegistry
-from .engines.base import EngineError, Finished, GenerationOptions, Queued, Token, UnknownModel
+from .engines.base import (
+    OPTION_NAMES,
+    EngineError,
+    Finished,
+    GenerationOptions,
+    Queued,
+    Token,
+    UnknownModel,
+)
 from .errors import AppError, Invalid, RateLimited
 from .models import utcnow
 from .security import short
@@ -117,6 +125,7 @@ class Run:
         self.vouched_at = time.monotonic()
         self.orphaned_at: float | None = time.monotonic()
         self.started_at = time.perf_counter()
+        self.continues: dict[str, Any] | None = None  # the reply as it was, when continuing it
 
     @property
     def text(self) -> str:
@@ -243,39 +252,114 @@ class RunService:
             raise RateLimited(f"too many messages; try again in {max(1, round(wait))} s",
                               retry_after=wait)
 
+    def _prepare(self, owner: str, conversation_id: str | None, options: Any, model: Any,
+                 settings: Any = None) -> tuple[GenerationOptions, str, Any, dict[str, Any] | None]:
+        """The reply's options: the conversation's settings (a new conversation: the visitor's
+        defaults and the ``settings`` sent with it), overridden by the frame's ``options``."""
+        if options is not None and not isinstance(options, dict):
+            raise Invalid("bad_options", "options must be an object")
+        new_settings = self.chats.clean_settings(settings) if settings is not None else None
+        base = self.chats.conversation_settings(owner, conversation_id)
+        if new_settings:
+            base.update({k: v for k, v in new_settings.items() if v is not None})
+        raw = {k: base[k] for k in OPTION_NAMES if base.get(k) is not None}
+        raw.update(options or {})
+        parsed = self.options(raw)
+        chosen = model or base.get("model") or self.engines.default_model
+        if not isinstance(chosen, str):
+            raise AppError("unknown_model", "no model is available on this server", status=404)
+        try:
+            engine = self.engines.engine_for(chosen)
+        except UnknownModel as exc:
+            if model or not self.engines.default_model:
+                raise AppError("unknown_model", exc.message, status=404) from None
+            # The conversation's model is gone from this server: use the default one.
+            chosen = self.engines.default_model
+            engine = self.engines.engine_for(chosen)
+        return parsed, chosen, engine, new_settings
+
+    @staticmethod
+    def _provenance(engine: Any, model: str, options: GenerationOptions) -> Provenance:
+        return Provenance(engine="server", backend=getattr(engine, "name", None), model=model,
+                          meta={"options": options.to_dict()})
+
     def start(
         self, owner: str, conversation_id: str | None, content: Any, *, model: Any = None,
         options: Any = None, ip: str | None = None, watcher: Watcher | None = None,
+        parent_id: Any = MISSING, settings: Any = None,
     ) -> Run:
-        """Validate, store the user's message and the reply's row, and start the model."""
+        """A new user message (after the current leaf, or under ``parent_id``: an edit is a
+        new message beside the one edited) and its reply."""
         if conversation_id is not None and not isinstance(conversation_id, str):
             raise Invalid("bad_frame", "conversation_id must be a string or null")
-        parsed = self.options(options)
-        model = model or self.engines.default_model
-        if not isinstance(model, str):
-            raise AppError("unknown_model", "no model is available on this server", status=404)
-        try:
-            engine = self.engines.engine_for(model)
-        except UnknownModel as exc:
-            raise AppError("unknown_model", exc.message, status=404) from None
+        parsed, model, engine, new_settings = self._prepare(owner, conversation_id, options,
+                                                            model, settings)
         self.chats.check_content(content)
         self.admit(owner, ip)
-        provenance = Provenance(engine="server", backend=getattr(engine, "name", None),
-                                model=model, meta={"options": parsed.to_dict()})
-        conv, user_message, reply, history = self.chats.begin_reply(
-            owner, conversation_id, provenance, run_owner=self.identity, user_content=content
+        conv, user_message, reply, history = self.chats.begin_turn(
+            owner, conversation_id, content, self._provenance(engine, model, parsed),
+            run_owner=self.identity, parent_id=parent_id, settings=new_settings,
         )
         started = {"type": "started", "conversation_id": conv["id"], "conversation": conv,
                    "user_message": user_message, "message_id": reply["id"], "model": model,
                    "reply": reply}
-        run = Run(message_id=reply["id"], conversation_id=conv["id"], owner=owner, model=model,
-                  engine=engine, options=parsed, history=history, started_frame=started)
+        return self._launch(owner, conv["id"], model, engine, parsed, history, started, watcher)
+
+    def regenerate(self, owner: str, message_id: Any, *, model: Any = None, options: Any = None,
+                   ip: str | None = None, watcher: Watcher | None = None) -> Run:
+        """Another reply to the same user message, as a sibling of ``message_id``."""
+        conversation_id = self.chats.reply_state(owner, message_id)["conversation_id"]
+        parsed, model, engine, _ = self._prepare(owner, conversation_id, options, model)
+        self.admit(owner, ip)
+        conv, asked, reply, history = self.chats.begin_regenerate(
+            owner, message_id, self._provenance(engine, model, parsed), run_owner=self.identity
+        )
+        started = {"type": "started", "kind": "regenerate", "conversation_id": conv["id"],
+                   "conversation": conv, "user_message": asked, "message_id": reply["id"],
+                   "model": model, "reply": reply, "regenerates": message_id}
+        return self._launch(owner, conv["id"], model, engine, parsed, history, started, watcher)
+
+    def continue_reply(self, owner: str, message_id: Any, *, options: Any = None,
+                       ip: str | None = None, watcher: Watcher | None = None) -> Run:
+        """More text in the same message, for a reply cut off by the token limit (or a stop,
+        or an interruption), written by the model that wrote it when it is still here."""
+        state = self.chats.reply_state(owner, message_id)
+        same = state["model"] if state["engine"] == "server" and self._serves(state["model"]) else None
+        parsed, model, engine, _ = self._prepare(owner, state["conversation_id"], options, same)
+        self.admit(owner, ip)
+        conv, before, history = self.chats.begin_continue(owner, message_id, run_owner=self.identity)
+        started = {"type": "started", "kind": "continue", "conversation_id": conv["id"],
+                   "conversation": conv, "user_message": None, "message_id": before["id"],
+                   "model": model, "reply": {**before, "status": "streaming"}}
+        return self._launch(owner, conv["id"], model, engine, parsed, history, started, watcher,
+                            continues=before)
+
+    def _serves(self, model: Any) -> bool:
+        try:
+            self.engines.engine_for(model)
+        except UnknownModel:
+            return False
+        return isinstance(model, str)
+
+    def _launch(self, owner: str, conversation_id: str, model: str, engine: Any,
+                options: GenerationOptions, history: list[dict[str, str]],
+                started: dict[str, Any], watcher: Watcher | None,
+                continues: dict[str, Any] | None = None) -> Run:
+        run = Run(message_id=started["message_id"], conversation_id=conversation_id, owner=owner,
+                  model=model, engine=engine, options=options, history=history,
+                  started_frame=started)
+        if continues is not None:
+            run.continues = continues
+            run.parts = [continues["content"]]
+            run.length = run.flushed = len(continues["content"])
         if watcher is not None:
-            run.attach(watcher)  # before the model starts: no token can go unseen
+            # Before the model starts, so no token goes unseen; a continued reply's text so
+            # far is already with the client that asked.
+            run.attach(watcher, run.length)
         with self._lock:
             self.runs[run.message_id] = run
         self._wake.set()
-        log.info("chat %s: reply %s with %s", short(conv["id"]), short(run.message_id), model)
+        log.info("chat %s: reply %s with %s", short(conversation_id), short(run.message_id), model)
         threading.Thread(target=self._drive, args=(run,), name="bchat-run", daemon=True).start()
         return run
 
@@ -375,6 +459,11 @@ class RunService:
     def _settle(self, run: Run, finished: Finished | None, error: EngineError | None) -> None:
         meta: dict[str, Any] = dict(finished.meta) if finished else {}
         meta["options"] = run.options.to_dict()
+        earlier_tokens = 0
+        if run.continues is not None:  # the same message, written in more than one go
+            before = run.continues
+            earlier_tokens = (before.get("usage") or {}).get("completion_tokens") or 0
+            meta["continued"] = int((before.get("meta") or {}).get("continued", 0)) + 1
         if error is not None:
             status, finish_reason = "failed", "error"
             meta["error"] = {"code": error.code, "message": error.message}
@@ -390,7 +479,8 @@ class RunService:
             backend=getattr(run.engine, "name", None),
             model=run.model,
             prompt_tokens=finished.prompt_tokens if finished else None,
-            completion_tokens=finished.completion_tokens if finished else None,
+            completion_tokens=(finished.completion_tokens + earlier_tokens) if finished
+            else (earlier_tokens or None),
             tokens_per_second=finished.tokens_per_second if finished else None,
             finish_reason=finish_reason,
             meta=meta,

@@ -31,7 +31,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from .chats import ChatService, NotFound, conversation_dict, message_dict
+from .chats import ChatService, NotFound, conversation_dict, current_branch, message_dict
 from .db import Database, lock_row
 from .models import Conversation, Share, new_public_id, utcnow
 
@@ -119,9 +119,13 @@ class ShareService:
 
     # -- snapshots -------------------------------------------------------------------------
     def _snapshot(self, conv: Conversation) -> dict[str, Any]:
+        """The branch on screen (root to current leaf) with the conversation's settings: what
+        a visitor reads, and what "continue" copies."""
         messages = []
-        for message in conv.messages:
-            data = message_dict(message)
+        branch = current_branch(conv)
+        parents = {m.id: m.public_id for m in branch}
+        for message in branch:
+            data = message_dict(message, parents)
             facts = self._model_facts(message.model) if message.model else None
             if facts:
                 data["quantization"] = facts.get("quantization")
@@ -215,4 +219,6 @@ class ShareService:
     def continue_as(self, token: str, owner_id: str) -> dict[str, Any]:
         """Copy the snapshot into a new conversation owned by ``owner_id``."""
         snapshot = self.lookup(token)
-        return self.chats.import_messages(owner_id, snapshot["title"], snapshot["messages"])
+        settings = snapshot.get("conversation", {}).get("settings") or None
+        return self.chats.import_messages(owner_id, snapshot["title"], snapshot["messages"],
+                                          settings=settings)

@@ -20,6 +20,7 @@ from typing import Any
 from flask import Blueprint, Response, abort, current_app, g, request
 from flask_sock import ConnectionClosed, Sock
 
+from .chats import MISSING
 from .errors import AppError, Invalid
 from .security import owner_id, require_same_origin
 from .services import get_services
@@ -209,12 +210,21 @@ class ChatSocket:
                                        or isinstance(request_id, bool) or len(str(request_id)) > 64):
             raise Invalid("bad_frame", "request_id must be a short string or integer")
         try:
-            if kind == "chat":
-                run = runs.start(
-                    self.owner, frame.get("conversation_id"), frame.get("content"),
-                    model=frame.get("model"), options=frame.get("options"), ip=self.ip,
-                    watcher=self,
-                )
+            if kind in ("chat", "regenerate", "continue"):
+                if kind == "chat":
+                    run = runs.start(
+                        self.owner, frame.get("conversation_id"), frame.get("content"),
+                        model=frame.get("model"), options=frame.get("options"), ip=self.ip,
+                        watcher=self, parent_id=frame.get("parent_id", MISSING),
+                        settings=frame.get("settings"),
+                    )
+                elif kind == "regenerate":
+                    run = runs.regenerate(self.owner, frame.get("message_id"),
+                                          model=frame.get("model"), options=frame.get("options"),
+                                          ip=self.ip, watcher=self)
+                else:
+                    run = runs.continue_reply(self.owner, frame.get("message_id"),
+                                              options=frame.get("options"), ip=self.ip, watcher=self)
                 started = dict(run.started_frame)
                 if request_id is not None:
                     started["request_id"] = request_id

@@ -92,7 +92,14 @@ class PromptBuilder:
         )
 
     def tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        prompt = self._formatter(messages=messages).prompt
+        """The prompt, formatted by the model's template. A trailing assistant message is a
+        reply being continued: the prompt opens the assistant turn and ends with its text, so
+        the model writes on from there instead of starting a new turn."""
+        prefix = ""
+        if messages and messages[-1]["role"] == "assistant":
+            prefix = messages[-1]["content"]
+            messages = messages[:-1]
+        prompt = self._formatter(messages=messages).prompt + prefix
         # The template writes BOS itself when the model wants one.
         return self._llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
@@ -110,12 +117,14 @@ class PromptBuilder:
             head, messages = messages[:1], messages[1:]
         reserve = min(max_tokens, max(n_ctx // 4, MIN_REPLY_TOKENS))
         turns = list(messages)
+        # The newest message, and a reply being continued after it, are never dropped.
+        keep = 2 if len(turns) > 1 and turns[-1]["role"] == "assistant" else 1
         dropped = 0
         while True:
             tokens = self.tokens(head + turns)
             if len(tokens) + reserve <= n_ctx:
                 break
-            if len(turns) <= 1:
+            if len(turns) <= keep:
                 if len(tokens) + MIN_REPLY_TOKENS <= n_ctx:
                     break  # the newest message fits, with a shorter reply than asked
                 raise ContextTooLong(
@@ -125,7 +134,7 @@ class PromptBuilder:
             # Drop from the front, keeping the turns starting with a user message.
             turns.pop(0)
             dropped += 1
-            while len(turns) > 1 and turns[0]["role"] != "user":
+            while len(turns) > keep and turns[0]["role"] != "user":
                 turns.pop(0)
                 dropped += 1
         return tokens, dropped, min(max_tokens, n_ctx - len(tokens))
