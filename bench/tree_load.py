@@ -1,0 +1,92 @@
+"""How long `GET /api/conversations/<id>` takes on a large conversation tree.
+
+Builds a conversation of N messages (default 1,000) with branches — every 10th reply
+regenerated, every 25th user message edited — in a fresh SQLite file, then times the JSON
+API in-process (Flask's test client: the figure is the app's own work, no network).
+
+    .venv/bin/python bench/tree_load.py [--messages 1000] [--runs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+
+    from conftest import migrate
+    from tiny_model import write_tiny_model
+
+    from webapp import create_app
+    from webapp.chats import Provenance
+
+    tmp = Path(tempfile.mkdtemp(prefix="bchat-tree-"))
+    url = f"sqlite:///{tmp / 'tree.sqlite3'}"
+    migrate(url)
+    app = create_app({"DATABASE_URL": url, "MODEL_PATH": str(write_tiny_model(tmp / "t.gguf")),
+                      "SECRET_KEY": "bench", "TESTING": True})
+    services = app.extensions["bchat"]
+    chats = services.chats
+    client = app.test_client()
+    client.get("/")
+    with client.session_transaction() as session:
+        owner = session["owner"]
+
+    started = time.perf_counter()
+    conv, _ = chats.add_user_message(owner, None, "the first question")
+    cid = conv["id"]
+    count = 1
+    turn = 0
+    while count < args.messages:
+        turn += 1
+        reply = chats.add_reply(owner, cid, f"answer {turn} " * 20, "complete",
+                                Provenance(engine="browser", model="tiny-chat"))
+        count += 1
+        if turn % 10 == 0 and count < args.messages:  # a regenerated sibling
+            chats.add_reply(owner, cid, f"another answer {turn} " * 20, "complete",
+                            Provenance(engine="browser", model="tiny-chat"),
+                            parent_id=reply["parent_id"])
+            count += 1
+        if count >= args.messages:
+            break
+        user = chats.add_user_message(owner, cid, f"question {turn}")[1]
+        count += 1
+        if turn % 25 == 0 and count < args.messages:  # an edited prompt beside it
+            chats.add_user_message(owner, cid, f"question {turn}, edited", parent_id=user["parent_id"])
+            count += 1
+    built = time.perf_counter() - started
+
+    times = []
+    for _ in range(args.runs):
+        began = time.perf_counter()
+        response = client.get(f"/api/conversations/{cid}")
+        times.append((time.perf_counter() - began) * 1000)
+        assert response.status_code == 200
+    body = response.get_json()
+    branch, node = 0, body["current_message_id"]
+    by_id = {m["id"]: m for m in body["messages"]}
+    while node:
+        branch += 1
+        node = by_id[node]["parent_id"]
+    services.close()
+    print(f"tree of {len(body['messages'])} messages (current branch {branch} long), "
+          f"{len(response.data) / 1024:.0f} KiB of JSON, built in {built:.1f} s")
+    print(f"GET /api/conversations/<id>: median {statistics.median(times):.1f} ms, "
+          f"p95 {statistics.quantiles(times, n=20)[18]:.1f} ms, min {min(times):.1f} ms "
+          f"({args.runs} runs, in-process)")
+
+
+if __name__ == "__main__":
+    main()
