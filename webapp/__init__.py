@@ -18,6 +18,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from werkzeug.middleware.proxy_fix import ProxyFix
 
     from . import api, model_files, pages, security, socket
+    from .benchmarks import BenchmarkService
     from .chats import ChatService
     from .db import Database
     from .engines import build_engines
@@ -64,6 +65,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         engines=engines,
         shares=ShareService(db, chats, app.config["SECRET_KEY"], model_facts),
         runs=runs,
+        benchmarks=BenchmarkService(db, engines, catalogue, runs),
     )
     try:
         # Replies left "streaming" by a process that died become "interrupted", text kept.

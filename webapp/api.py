@@ -325,3 +325,36 @@ def import_conversation():
         settings=settings, current_message_id=parsed.current_message_id,
     )
     return conversation, 201
+
+
+# -- benchmarks ----------------------------------------------------------------------------
+
+
+@bp.get("/api/benchmarks")
+def list_benchmarks():
+    """Everyone's runs of the fixed prompt set (newest first), and the prompt set itself."""
+    from .benchmarks import DEFAULT_TOKENS, PROMPTS, SEED
+
+    services = get_services()
+    return {"benchmarks": services.benchmarks.list(owner_id()),
+            "prompts": PROMPTS, "tokens": DEFAULT_TOKENS, "seed": SEED}
+
+
+@bp.post("/api/benchmarks")
+def add_benchmark():
+    """A page's run of the prompt set on its own device (the browser engine)."""
+    return get_services().benchmarks.add_browser(owner_id(), json_body()), 201
+
+
+@bp.post("/api/benchmarks/server")
+def run_server_benchmark():
+    """Run the prompt set on a server model now (the same as `bchat bench`)."""
+    from .benchmarks import DEFAULT_TOKENS
+
+    body = json_body()
+    services = get_services()
+    owner = owner_id()
+    services.runs.admit(owner, request.remote_addr)
+    record = services.benchmarks.run_server(body.get("model"), owner=owner,
+                                            tokens=body.get("tokens", DEFAULT_TOKENS))
+    return record, 201

@@ -454,6 +454,34 @@ class ChatService:
             return (conversation_dict(conv), message_dict(user, parents), message_dict(reply, parents),
                     model_history(tree.path(user.id)))
 
+    def begin_compare(
+        self, owner_id: str, conversation_id: str | None, content: str,
+        provenances: list[Provenance], *, run_owner: str, parent_id: Any = MISSING,
+        settings: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], list[dict[str, str]]]:
+        """One user message and a reply row per compared (engine, model), siblings streaming
+        side by side; the first is the current branch until the user picks another."""
+        self.check_content(content)
+        with self.db.write() as session:
+            if conversation_id is None:
+                conv = self._new_conversation(session, owner_id, content, settings)
+                parent = None
+            else:
+                conv = self.owned(session, owner_id, conversation_id)
+                self._refuse_busy(conv)
+                parent = self._parent(conv, parent_id)
+            user = Message(role="user", content=content, status="complete",
+                           parent_id=parent.id if parent else None)
+            conv.messages.append(user)
+            session.flush()
+            replies = [self._reply_row(conv, user, provenance, run_owner) for provenance in provenances]
+            session.flush()
+            conv.current_message_id = replies[0].id if replies else user.id
+            tree = Tree(conv.messages)
+            parents = tree.public_ids()
+            return (conversation_dict(conv), message_dict(user, parents),
+                    [message_dict(r, parents) for r in replies], model_history(tree.path(user.id)))
+
     def begin_regenerate(
         self, owner_id: str, message_id: Any, provenance: Provenance, *, run_owner: str
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[dict[str, str]]]:

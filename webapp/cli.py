@@ -158,6 +158,35 @@ def serve(host: str, port: int) -> int:
     return 0
 
 
+def bench(models: list[str] | None, tokens: int | None, *, store: bool) -> int:
+    """The server side of the benchmark, from the shell: the page's prompt set and table."""
+    from . import create_app
+    from .benchmarks import DEFAULT_TOKENS, table
+    from .errors import AppError
+
+    config = _settings()
+    if store and not schema_is_current(config["DATABASE_URL"]):
+        print("the database is not at the latest schema: run `bchat db upgrade` first "
+              "(or use --no-store)", file=sys.stderr)
+        return 2
+    app = create_app()
+    services = app.extensions["bchat"]
+    try:
+        chosen = models or [m.id for m in services.engines.models()]
+        records = []
+        for model in chosen:
+            try:
+                records.append(services.benchmarks.run_server(
+                    model, tokens=tokens or DEFAULT_TOKENS, store=store))
+            except AppError as exc:
+                print(f"{model}: {exc.message}", file=sys.stderr)
+                return 1
+        print(table(records))
+    finally:
+        services.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bchat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     p_remove.add_argument("--dir", help="models folder (as for pull)")
     sub.add_parser("doctor", help="check this installation and say what needs fixing")
     sub.add_parser("config", help="list the BCHAT_* settings and their defaults")
+    p_bench = sub.add_parser("bench", help="run the benchmark prompt set on the server's models")
+    p_bench.add_argument("--model", action="append", help="a model id (repeat; default: all)")
+    p_bench.add_argument("--tokens", type=int, default=None, help="tokens per prompt")
+    p_bench.add_argument("--no-store", action="store_true", help="print only; store nothing")
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -212,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor import run_doctor
 
         return run_doctor()
+    if args.command == "bench":
+        return bench(args.model, args.tokens, store=not args.no_store)
     if args.command == "config":
         print(describe())
         return 0

@@ -63,6 +63,10 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 
 _CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": _ID}
 
+# A benchmark's figures: measured values, bounded so a typo cannot pose as a result.
+_FIGURE = {"type": "number", "minimum": 0, "maximum": 10_000_000, "nullable": True}
+_TALLY = {"type": "integer", "minimum": 0, "maximum": 10_000_000, "nullable": True}
+
 SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -288,6 +292,47 @@ PATHS: dict[str, Any] = {
             "responses": _responses("204", None, "deleted"),
         },
     },
+    "/api/benchmarks": {
+        "get": {
+            "operationId": "list_benchmarks",
+            "summary": "everyone's runs of the fixed prompt set, newest first, and the prompt set",
+            "responses": _responses("200", {"type": "object", "required": ["benchmarks", "prompts"],
+                                            "properties": {"benchmarks": {"type": "array"},
+                                                           "prompts": {"type": "array"},
+                                                           "tokens": {"type": "integer"},
+                                                           "seed": {"type": "integer"}}},
+                                    "the runs"),
+        },
+        "post": {
+            "operationId": "add_benchmark", "summary": "store a run made in the page (browser engine)",
+            "requestBody": _body({
+                "type": "object", "additionalProperties": False,
+                "required": ["backend", "model", "results"],
+                "properties": {
+                    "backend": {"type": "string", "enum": ["webgpu", "wasm-mt", "wasm-st"]},
+                    "model": {"type": "string", "minLength": 1, "maxLength": 200},
+                    "device": {"type": "object"},
+                    "results": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
+                        "type": "object", "required": ["prompt"],
+                        "properties": {"prompt": {"type": "string", "enum": ["short", "long"]},
+                                       "prompt_tokens": _TALLY, "prompt_cached": _TALLY,
+                                       "completion_tokens": _TALLY, "prompt_ms": _FIGURE,
+                                       "prompt_tps": _FIGURE, "decode_tps": _FIGURE,
+                                       "ttft_ms": _FIGURE, "cold": {"type": "boolean"}}}},
+                },
+            }),
+            "responses": _responses("201", {"type": "object"}, "stored"),
+        },
+    },
+    "/api/benchmarks/server": {"post": {
+        "operationId": "run_server_benchmark", "summary": "run the prompt set on a server model now",
+        "requestBody": _body({"type": "object", "additionalProperties": False, "properties": {
+            "model": {"type": "string", "minLength": 1, "maxLength": 200},
+            "tokens": {"type": "integer", "minimum": 1, "maximum": 8}}}),
+        "responses": {**_responses("201", {"type": "object"}, "the run, stored"),
+                      "409": {"description": "another server benchmark is running"},
+                      "429": {"description": "rate-limited"}},
+    }},
     "/api/defaults": {
         "get": {
             "operationId": "get_defaults", "summary": "the settings a new conversation starts from",

@@ -49,6 +49,7 @@ LEASE_RENEW_SECONDS = 2.0  # a live run's row is vouched for at least this often
 SERVER_LEASE_SECONDS = 10.0  # a streaming row nobody vouched for this long has a dead writer
 BROWSER_LEASE_SECONDS = 120.0  # pages in background tabs may only wake once a minute
 REMOTE_POLL_SECONDS = 0.25  # how often a watcher on another process re-reads the row
+COMPARE_MAX = 4  # replies one comparison runs side by side
 
 HOST = socket.gethostname()
 _LIVE_IDENTITIES: set[str] = set()  # run services alive in this process
@@ -236,12 +237,13 @@ class RunService:
             max_system_chars=self.config["MAX_MESSAGE_CHARS"],
         )
 
-    def admit(self, owner: str, ip: str | None) -> None:
+    def admit(self, owner: str, ip: str | None, needed: int = 1) -> None:
         """Limits before any model call: replies at once per visitor, chats per minute per
-        visitor and per address."""
+        visitor and per address. A comparison may run up to COMPARE_MAX replies at once."""
         with self._lock:
             live = sum(1 for run in self.runs.values() if run.owner == owner)
-        if live >= self.max_live_per_visitor > 0:
+        limit = max(self.max_live_per_visitor, COMPARE_MAX) if needed > 1 else self.max_live_per_visitor
+        if live + needed > limit > 0:
             raise RateLimited(f"you already have {live} replies being written; wait for one "
                               "to finish or stop it", retry_after=5)
         now = time.monotonic()
@@ -304,6 +306,36 @@ class RunService:
                    "user_message": user_message, "message_id": reply["id"], "model": model,
                    "reply": reply}
         return self._launch(owner, conv["id"], model, engine, parsed, history, started, watcher)
+
+    def compare(self, owner: str, conversation_id: str | None, content: Any, targets: Any, *,
+                options: Any = None, ip: str | None = None, watcher: Watcher | None = None,
+                parent_id: Any = MISSING, settings: Any = None) -> list[Run]:
+        """One prompt, several server models at once: sibling replies, each its own run (the
+        batched worker decodes them together). Browser targets are the page's own."""
+        if conversation_id is not None and not isinstance(conversation_id, str):
+            raise Invalid("bad_frame", "conversation_id must be a string or null")
+        if not isinstance(targets, list) or not 1 <= len(targets) <= COMPARE_MAX or not all(
+                isinstance(t, dict) and isinstance(t.get("model"), str) for t in targets):
+            raise Invalid("bad_targets", f"targets is a list of 1 to {COMPARE_MAX} "
+                          '{"model": ID} objects (server models)')
+        prepared = [self._prepare(owner, conversation_id, options, t["model"], settings)
+                    for t in targets]
+        self.chats.check_content(content)
+        self.admit(owner, ip, needed=len(prepared))
+        conv, user, replies, history = self.chats.begin_compare(
+            owner, conversation_id, content,
+            [self._provenance(engine, model, parsed) for parsed, model, engine, _ in prepared],
+            run_owner=self.identity, parent_id=parent_id, settings=prepared[0][3],
+        )
+        runs = []
+        for (parsed, model, engine, _), reply in zip(prepared, replies, strict=True):
+            started = {"type": "started", "kind": "compare", "conversation_id": conv["id"],
+                       "conversation": conv, "user_message": user, "message_id": reply["id"],
+                       "model": model, "reply": reply,
+                       "message_ids": [r["id"] for r in replies]}
+            runs.append(self._launch(owner, conv["id"], model, engine, parsed, history, started,
+                                     watcher))
+        return runs
 
     def regenerate(self, owner: str, message_id: Any, *, model: Any = None, options: Any = None,
                    ip: str | None = None, watcher: Watcher | None = None) -> Run:

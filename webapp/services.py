@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import current_app
 
+from .benchmarks import BenchmarkService
 from .chats import ChatService
 from .db import Database
 from .engines import EngineRegistry
@@ -26,6 +27,7 @@ class Services:
     engines: EngineRegistry
     shares: ShareService
     runs: RunService
+    benchmarks: BenchmarkService
     # Open chat sockets, so a shutdown can close them (with 1001, "going away") instead of
     # waiting for every visitor to leave.
     sockets: set[Any] = field(default_factory=set)

@@ -210,7 +210,20 @@ class ChatSocket:
                                        or isinstance(request_id, bool) or len(str(request_id)) > 64):
             raise Invalid("bad_frame", "request_id must be a short string or integer")
         try:
-            if kind in ("chat", "regenerate", "continue"):
+            if kind == "compare":
+                runs_started = runs.compare(
+                    self.owner, frame.get("conversation_id"), frame.get("content"),
+                    frame.get("targets"), options=frame.get("options"), ip=self.ip, watcher=self,
+                    parent_id=frame.get("parent_id", MISSING), settings=frame.get("settings"),
+                )
+                first = dict(runs_started[0].started_frame)
+                first["replies"] = [run.started_frame["reply"] for run in runs_started]
+                if request_id is not None:
+                    first["request_id"] = request_id
+                self.send(first)
+                for run in runs_started:
+                    self._watch(run.message_id)
+            elif kind in ("chat", "regenerate", "continue"):
                 if kind == "chat":
                     run = runs.start(
                         self.owner, frame.get("conversation_id"), frame.get("content"),

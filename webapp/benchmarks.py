@@ -1,0 +1,234 @@
+"""Benchmarks: one fixed prompt set, run on the server's models (here or with `bchat bench`)
+and in visitors' browsers (the page posts its figures), stored so a class sees its devices
+next to the server.
+
+The prompt set is fixed and documented (docs/benchmark.md): a short and a long prompt, greedy,
+a fixed seed, ``DEFAULT_TOKENS`` tokens each. Figures are what the engine measured (llama.cpp's
+own prompt and decode timings where it gives them). A run whose prompt came from a warm cache
+says so (``cold: false``), and a server run made while other chats were running says how many
+(``busy``), so nobody mistakes a shared server's figure for an idle one.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import select
+
+from .db import Database
+from .engines.base import EngineError, Finished, GenerationOptions, Token
+from .errors import AppError, Invalid
+from .models import Benchmark
+
+SEED = 1234
+DEFAULT_TOKENS = 64
+MAX_TOKENS = 256
+LIST_LIMIT = 200
+
+PROMPTS: list[dict[str, str]] = [
+    {"name": "short", "text": "Name three colours of the rainbow."},
+    {"name": "long", "text": (
+        "Read the following notes and then summarise them in two sentences.\n\n"
+        + " ".join(
+            f"Note {i}: the lighthouse keeper logged the weather at dawn, the passing ships at "
+            f"noon, and the state of the lamp at dusk, as every keeper before had done."
+            for i in range(1, 13)
+        )
+    )},
+]
+PROMPT_NAMES = tuple(p["name"] for p in PROMPTS)
+ENGINES = ("server", "browser")
+BACKENDS = ("llamacpp", "webgpu", "wasm-mt", "wasm-st")
+DEVICE_KEYS = {"cores": int, "device_memory": float, "gpu": str, "browser": str, "os": str}
+
+
+def server_device() -> dict[str, Any]:
+    import os
+
+    return {"cores": os.cpu_count() or 1, "os": platform.system(), "gpu": None,
+            "browser": None, "device_memory": None}
+
+
+def run_prompt(engine: Any, model: str, prompt: dict[str, str], tokens: int) -> dict[str, Any]:
+    """One prompt through a server engine, timed as the engine reports it."""
+    cancel = threading.Event()
+    options = GenerationOptions(temperature=0.0, seed=SEED, max_tokens=tokens)
+    started = time.perf_counter()
+    first_at = None
+    finished: Finished | None = None
+    queued = 0
+    for item in engine.stream(model, [{"role": "user", "content": prompt["text"]}], options, cancel):
+        if isinstance(item, Token) and first_at is None:
+            first_at = time.perf_counter()
+        elif isinstance(item, Finished):
+            finished = item
+        elif getattr(item, "position", None):
+            queued = max(queued, item.position)
+    if finished is None:
+        raise EngineError("the engine ended without a result")
+    meta = finished.meta or {}
+    cached = int(meta.get("prompt_cached") or 0)
+    prompt_ms = meta.get("prompt_ms")
+    evaluated = max(0, finished.prompt_tokens - cached)
+    prompt_tps = round(evaluated / (prompt_ms / 1000), 1) if prompt_ms and evaluated else None
+    return {
+        "prompt": prompt["name"],
+        "prompt_tokens": finished.prompt_tokens,
+        "prompt_cached": cached,
+        "prompt_ms": prompt_ms,
+        "prompt_tps": prompt_tps,
+        "decode_tps": finished.tokens_per_second,
+        "completion_tokens": finished.completion_tokens,
+        "ttft_ms": round((first_at - started) * 1000, 1) if first_at else None,
+        "cold": cached == 0,
+        "queued": queued,
+    }
+
+
+class BenchmarkService:
+    def __init__(self, db: Database, engines: Any, catalogue: Any, runs: Any) -> None:
+        self.db = db
+        self.engines = engines
+        self.catalogue = catalogue
+        self.runs = runs
+        self._lock = threading.Lock()  # one server benchmark at a time: they would skew each other
+
+    def model_facts(self, model: str) -> dict[str, Any]:
+        local = self.catalogue.get(model)
+        if local is None:
+            return {}
+        facts = local.facts()
+        return {k: facts.get(k) for k in ("quantization", "bits_per_weight", "file_size",
+                                          "parameters", "architecture")}
+
+    def run_server(self, model: str | None, *, tokens: int = DEFAULT_TOKENS,
+                   owner: str | None = None, store: bool = True) -> dict[str, Any]:
+        model = model or self.engines.default_model
+        if not isinstance(model, str):
+            raise AppError("unknown_model", "no model is available on this server", status=404)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= MAX_TOKENS:
+            raise Invalid("bad_tokens", f"tokens must be from 1 to {MAX_TOKENS}")
+        try:
+            engine = self.engines.engine_for(model)
+        except EngineError as exc:
+            raise AppError("unknown_model", exc.message, status=404) from None
+        if not self._lock.acquire(blocking=False):
+            raise AppError("busy", "a server benchmark is already running; try again shortly",
+                           status=409)
+        try:
+            busy = len(self.runs.live_runs()) if self.runs is not None else 0
+            try:
+                results = [run_prompt(engine, model, prompt, tokens) for prompt in PROMPTS]
+            except EngineError as exc:
+                raise AppError(exc.code, exc.message, status=502) from None
+        finally:
+            self._lock.release()
+        for result in results:
+            result["busy"] = busy
+        record = {"engine": "server", "backend": getattr(engine, "name", "server"), "model": model,
+                  "model_facts": self.model_facts(model), "device": server_device(),
+                  "results": results}
+        return self._store(owner, record) if store else {**record, "id": None}
+
+    def add_browser(self, owner: str, body: Any) -> dict[str, Any]:
+        """A page's own run of the prompt set, validated strictly (it is only numbers)."""
+        if not isinstance(body, dict):
+            raise Invalid("bad_benchmark", "the body must be an object")
+        backend, model = body.get("backend"), body.get("model")
+        if backend not in BACKENDS[1:]:
+            raise Invalid("bad_benchmark", f"backend must be one of {', '.join(BACKENDS[1:])}")
+        if not isinstance(model, str) or not 0 < len(model) <= 200:
+            raise Invalid("bad_benchmark", "model must be a model id")
+        results = body.get("results")
+        if not isinstance(results, list) or not 0 < len(results) <= len(PROMPTS):
+            raise Invalid("bad_benchmark", "results must list the prompts' figures")
+        clean_results = [self._clean_result(r) for r in results]
+        record = {"engine": "browser", "backend": backend, "model": model,
+                  "model_facts": self.model_facts(model),
+                  "device": self._clean_device(body.get("device")), "results": clean_results}
+        return self._store(owner, record)
+
+    @staticmethod
+    def _number(value: Any, name: str, *, integer: bool = False, high: float = 1e7) -> Any:
+        if value is None:
+            return None
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+                or not 0 <= value <= high:
+            raise Invalid("bad_benchmark", f"{name} must be a number from 0 to {high:g}")
+        return value
+
+    def _clean_result(self, raw: Any) -> dict[str, Any]:
+        if not isinstance(raw, dict) or raw.get("prompt") not in PROMPT_NAMES:
+            raise Invalid("bad_benchmark", f"each result names its prompt: {', '.join(PROMPT_NAMES)}")
+        result = {"prompt": raw["prompt"]}
+        for name in ("prompt_tokens", "prompt_cached", "completion_tokens", "queued", "busy"):
+            result[name] = self._number(raw.get(name), name, integer=True)
+        for name in ("prompt_ms", "prompt_tps", "decode_tps", "ttft_ms"):
+            result[name] = self._number(raw.get(name), name)
+        result["cold"] = bool(raw.get("cold", (result["prompt_cached"] or 0) == 0))
+        return result
+
+    @staticmethod
+    def _clean_device(raw: Any) -> dict[str, Any]:
+        """Only coarse facts: cores, memory class, GPU adapter name, browser and OS family."""
+        raw = raw if isinstance(raw, dict) else {}
+        device: dict[str, Any] = {}
+        for key, kind in DEVICE_KEYS.items():
+            value = raw.get(key)
+            if kind is str:
+                device[key] = value[:80] if isinstance(value, str) and value.isprintable() else None
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1024
+                device[key] = value if ok else None
+            else:
+                ok = isinstance(value, int | float) and not isinstance(value, bool) \
+                    and math.isfinite(value) and 0 < value <= 1024
+                device[key] = value if ok else None
+        return device
+
+    def _store(self, owner: str | None, record: dict[str, Any]) -> dict[str, Any]:
+        with self.db.write() as session:
+            row = Benchmark(owner_id=owner, **record)
+            session.add(row)
+            session.flush()
+            return self._dict(row, owner)
+
+    @staticmethod
+    def _dict(row: Benchmark, viewer: str | None) -> dict[str, Any]:
+        return {"id": row.public_id, "created_at": row.created_at.isoformat(timespec="seconds") + "Z",
+                "engine": row.engine, "backend": row.backend, "model": row.model,
+                "model_facts": row.model_facts, "device": row.device, "results": row.results,
+                "mine": viewer is not None and row.owner_id == viewer}
+
+    def list(self, viewer: str | None) -> list[dict[str, Any]]:
+        """Everyone's runs, newest first: the class's devices next to the server."""
+        with self.db.read() as session:
+            rows = session.scalars(select(Benchmark).order_by(Benchmark.id.desc()).limit(LIST_LIMIT))
+            return [self._dict(row, viewer) for row in rows]
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """The figures as a plain table (for `bchat bench`)."""
+    header = ("engine", "backend", "model", "quant", "bpw", "prompt", "tokens", "prompt tok/s",
+              "decode tok/s", "first token", "cache")
+    rows = []
+    for record in records:
+        facts = record.get("model_facts") or {}
+        for r in record["results"]:
+            rows.append((
+                record["engine"], record["backend"], record["model"], str(facts.get("quantization") or "?"),
+                f"{facts['bits_per_weight']:.2f}" if facts.get("bits_per_weight") else "?",
+                r["prompt"], str(r["prompt_tokens"]),
+                f"{r['prompt_tps']:.1f}" if r.get("prompt_tps") else "-",
+                f"{r['decode_tps']:.1f}" if r.get("decode_tps") else "-",
+                f"{r['ttft_ms']:.0f} ms" if r.get("ttft_ms") is not None else "-",
+                "cold" if r.get("cold") else "warm",
+            ))
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in [header, *rows])
