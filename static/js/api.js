@@ -43,6 +43,7 @@ export const api = {
   shares: () => request("GET", "/api/shares"),
   revokeShare: (shareId) => request("DELETE", `/api/shares/${encodeURIComponent(shareId)}`),
   importConversation: (data) => request("POST", "/api/conversations/import", data),
+  search: (query) => request("GET", `/api/search?q=${encodeURIComponent(query)}`),
   exportUrl: (id, format) => `/api/conversations/${encodeURIComponent(id)}/export?format=${format}`,
   addMessage: (id, message) =>
     request("POST", `/api/conversations/${encodeURIComponent(id)}/messages`, message),
