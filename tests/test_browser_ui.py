@@ -249,8 +249,9 @@ def test_rich_replies_copy_math_thinking(server, shots, scheme):
         reply.get_by_test_id("copy").click()
         expect(reply.get_by_test_id("copy")).to_have_attribute("data-copied", "true")
         assert page.evaluate("navigator.clipboard.readText()") == RICH_REPLY
-        page.locator('[data-role="user"]').get_by_test_id("copy").click()
-        expect(page.locator('[data-role="user"]').get_by_test_id("copy")).to_have_attribute("data-copied", "true")
+        user_copy = page.locator('[data-role="user"]').get_by_test_id("copy")
+        user_copy.click()
+        expect(user_copy).to_have_attribute("data-copied", "true")
         assert page.evaluate("navigator.clipboard.readText()") == "Tell me about Euler's identity"
         assert problems == []
 
@@ -350,7 +351,8 @@ def test_shortcuts_banners_and_theme(server, shots):
         expect(page.locator("html")).to_have_attribute("data-theme", "dark")
         page.reload()
         expect(page.locator("html")).to_have_attribute("data-theme", "dark")
-        expect(page.get_by_test_id("theme-toggle")).to_have_attribute("aria-label", "Switch to the light theme")
+        expect(page.get_by_test_id("theme-toggle")).to_have_attribute(
+            "aria-label", "Switch to the light theme")
         assert page.evaluate("getComputedStyle(document.body).backgroundColor") != background_light
         keyword_dark = page.evaluate("""() => {
           const s = document.createElement('span'); s.className = 'hljs-keyword';
@@ -412,13 +414,15 @@ def test_axe_finds_nothing_serious(server, shots, scheme, viewport):
             found["chat, drawer"] = axe_violations(page)
             page.keyboard.press("Escape")
         share = page.evaluate("""async (id) => (await (await fetch(`/api/conversations/${id}/share`,
-          {method: "POST", headers: {"Content-Type": "application/json"}, body: "{}"})).json())""", ids["Axe"])
+          {method: "POST", headers: {"Content-Type": "application/json"}, body: "{}"})).json())""",
+                              ids["Axe"])
         page.goto(share["url"])
         expect(page.get_by_test_id("message")).to_have_count(2)
         expect(page.locator(".body math")).to_have_count(2)
         shoot(page, shots, f"{size}-{scheme}-shared")
         found["shared"] = axe_violations(page)
-        page.evaluate("""async (id) => fetch(`/api/conversations/${id}/share`, {method: "DELETE"})""", ids["Axe"])
+        page.evaluate("""async (id) => fetch(`/api/conversations/${id}/share`, {method: "DELETE"})""",
+                      ids["Axe"])
         response = page.goto(share["url"])
         assert response.status == 404
         expect(page.get_by_test_id("error-title")).to_have_text("This shared link no longer works")

@@ -38,6 +38,8 @@ function need(name) {
     for (const element of again) {
       if (element.isConnected && sources.has(element)) renderMarkdown(element, sources.get(element));
     }
+    // Highlighted code and laid-out math change heights: a view following the end re-scrolls.
+    document.dispatchEvent(new CustomEvent("bchat:rerendered"));
   }, (error) => console.warn(`could not load ${name}:`, error));
 }
 

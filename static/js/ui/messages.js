@@ -37,6 +37,11 @@ export class MessageView {
     this.container = container;
     this.scroller = scroller;
     this.onChange = onChange;
+    this.pinned = true; // following the end, until the reader scrolls up
+    scroller.addEventListener("scroll", () => {
+      this.pinned = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 120;
+    }, { passive: true });
+    document.addEventListener("bchat:rerendered", () => this.scrollToEnd());
   }
 
   get count() {
@@ -50,9 +55,9 @@ export class MessageView {
 
   // Follow the end only while the reader is there: scrolling up to read stops the following.
   scrollToEnd({ force = false } = {}) {
-    const s = this.scroller;
-    const nearEnd = s.scrollHeight - s.scrollTop - s.clientHeight < 120;
-    if (force || nearEnd) s.scrollTop = s.scrollHeight;
+    if (!force && !this.pinned) return;
+    this.scroller.scrollTop = this.scroller.scrollHeight;
+    this.pinned = true;
   }
 
   setMeta(node, message) {
