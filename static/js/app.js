@@ -218,11 +218,14 @@ async function runSearch() {
   const query = searchQuery;
   if (!query) {
     list.render(lastList, state.conversationId);
+    $("search-status").textContent = "";
     return;
   }
   try {
     const { results } = await api.search(query);
-    if (ticket === searchTicket) list.renderResults(results, query);
+    if (ticket !== searchTicket) return;
+    list.renderResults(results, query);
+    $("search-status").textContent = `${results.length || "No"} conversation${results.length === 1 ? "" : "s"} found`;
   } catch (err) {
     showError(err.message, { cause: "search" });
   }
@@ -579,6 +582,8 @@ const sidebarToggle = $("sidebar-toggle");
 function setDrawer(open, { focus = true } = {}) {
   root.dataset.drawer = open ? "open" : "closed";
   $("scrim").hidden = !open;
+  // While the drawer covers the page, Tab and screen readers stay in it.
+  root.querySelector("main.chat").inert = open;
   sidebarToggle.setAttribute("aria-expanded", String(open));
   if (open && focus) $("new-chat").focus();
   else if (!open && focus && root.querySelector(".sidebar").contains(document.activeElement)) sidebarToggle.focus();
@@ -607,6 +612,7 @@ function layoutChanged() {
   } else {
     root.dataset.drawer = "closed";
     $("scrim").hidden = true;
+    root.querySelector("main.chat").inert = false;
     root.dataset.sidebar = localStorage.getItem("bchat.sidebar") === "collapsed" ? "collapsed" : "open";
     sidebarToggle.setAttribute("aria-expanded", String(root.dataset.sidebar !== "collapsed"));
   }
