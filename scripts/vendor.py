@@ -29,15 +29,8 @@ TEST_VENDOR = ROOT / "tests" / "vendor"
 PACKAGES: dict[str, tuple[str, str, dict[str, str]]] = {
     "marked": ("18.2.1", "marked", {"lib/marked.esm.js": "marked.esm.js"}),
     "dompurify": ("3.4.18", "dompurify", {"dist/purify.es.mjs": "purify.es.mjs"}),
-    "@highlightjs/cdn-assets": (
-        "11.12.0",
-        "highlight",
-        {
-            "es/highlight.min.js": "highlight.min.js",
-            "styles/github.min.css": "github.min.css",
-            "styles/github-dark.min.css": "github-dark.min.css",
-        },
-    ),
+    # Its token colours come from static/css/app.css, so they follow the page's theme.
+    "@highlightjs/cdn-assets": ("11.12.0", "highlight", {"es/highlight.min.js": "highlight.min.js"}),
     # llama.cpp in WebAssembly (one wasm for single-thread, multi-thread and WebGPU).
     "@wllama/wllama": (
         "3.13.0",
