@@ -203,12 +203,11 @@ const sharing = new Sharing(root, {
 let searchQuery = "";
 
 async function refreshList() {
-  const shares = sharing.refreshList(); // in parallel: neither waits for the other
-  const { conversations } = await api.conversations();
+  // side by side: neither list waits for the other
+  const [{ conversations }] = await Promise.all([api.conversations(), sharing.refreshList()]);
   lastList = conversations;
   if (searchQuery) await runSearch();
   else list.render(conversations, state.conversationId);
-  await shares;
 }
 
 let searchTicket = 0;
@@ -660,6 +659,7 @@ function typing(target) {
 
 document.addEventListener("keydown", (event) => {
   const mod = event.ctrlKey || event.metaKey;
+  if (document.querySelector("dialog[open]")) return; // a dialog has the keyboard (Escape closes it)
   if (event.key === "Escape") {
     if (liveFor(state.conversationId)) {
       event.preventDefault();
