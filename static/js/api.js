@@ -8,6 +8,13 @@ export class ApiError extends Error {
   }
 }
 
+// An answer boot.js asked for before this module loaded: used once, then gone.
+function prefetched(method, path) {
+  const early = method === "GET" ? globalThis.bchatPrefetch?.[path] : undefined;
+  if (early) delete globalThis.bchatPrefetch[path];
+  return early;
+}
+
 async function request(method, path, body) {
   const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
   if (body !== undefined) {
@@ -16,7 +23,7 @@ async function request(method, path, body) {
   }
   let response;
   try {
-    response = await fetch(path, init);
+    response = await (prefetched(method, path) ?? fetch(path, init));
   } catch (err) {
     throw new ApiError(0, "network", `the server could not be reached (${err.message})`);
   }

@@ -699,6 +699,7 @@ loadSettings();
   try {
     // The model list, the conversation list and the open conversation load side by side.
     const opened = state.conversationId ? api.conversation(state.conversationId).catch(() => null) : null;
+    // (boot.js has already asked for all of these; api.js picks its answers up)
     await Promise.all([loadModels(), refreshList()]);
     if (state.conversationId) await openConversation(state.conversationId, { push: false, prefetched: opened });
     else view.clear();
