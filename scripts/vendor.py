@@ -5,6 +5,9 @@ Each package is fetched with `npm pack NAME@VERSION` (pinned below), only the fi
 uses are copied, together with the package's licence, and static/vendor/manifest.json records
 version, tarball integrity and a sha256 of every copied file. Run it after changing a pin;
 commit what it writes. Nothing here runs at app start or in the browser.
+
+Packages only the tests use (axe-core) go under tests/vendor/, outside what the app serves,
+and are marked "test_only" in the manifest.
 """
 
 from __future__ import annotations
@@ -20,20 +23,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENDOR = ROOT / "static" / "vendor"
+TEST_VENDOR = ROOT / "tests" / "vendor"
 
 # package -> (version, target folder, {file in package: file in folder})
 PACKAGES: dict[str, tuple[str, str, dict[str, str]]] = {
     "marked": ("18.2.1", "marked", {"lib/marked.esm.js": "marked.esm.js"}),
     "dompurify": ("3.4.18", "dompurify", {"dist/purify.es.mjs": "purify.es.mjs"}),
-    "@highlightjs/cdn-assets": (
-        "11.12.0",
-        "highlight",
-        {
-            "es/highlight.min.js": "highlight.min.js",
-            "styles/github.min.css": "github.min.css",
-            "styles/github-dark.min.css": "github-dark.min.css",
-        },
-    ),
+    # Its token colours come from static/css/app.css, so they follow the page's theme.
+    "@highlightjs/cdn-assets": ("11.12.0", "highlight", {"es/highlight.min.js": "highlight.min.js"}),
     # llama.cpp in WebAssembly (one wasm for single-thread, multi-thread and WebGPU).
     "@wllama/wllama": (
         "3.13.0",
@@ -47,6 +44,14 @@ PACKAGES: dict[str, tuple[str, str, dict[str, str]]] = {
         "wllama-compat",
         {"wasm/wllama.js": "wllama.js", "wasm/wllama.wasm": "wllama.wasm"},
     ),
+    # TeX math. Only the ES module: the page asks KaTeX for MathML, which browsers lay out
+    # themselves, so neither KaTeX's CSS (inline style attributes the CSP refuses) nor its fonts
+    # are needed. Loaded on the first message that has math in it.
+    "katex": ("0.19.1", "katex", {"dist/katex.mjs": "katex.mjs"}),
+}
+# Test-only: accessibility checks in the browser tests; never served by the app.
+TEST_PACKAGES: dict[str, tuple[str, str, dict[str, str]]] = {
+    "axe-core": ("4.14.1", "axe-core", {"axe.min.js": "axe.min.js"}),
 }
 LICENSE_NAMES = ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE", "license")
 # Packages that ship no licence file of their own: (licence, where the text comes from).
@@ -72,10 +77,12 @@ def fetch(name: str, version: str, workdir: Path) -> tuple[Path, dict]:
 
 def main() -> int:
     manifest: dict[str, dict] = {}
+    everything = [(name, pin, VENDOR) for name, pin in PACKAGES.items()]
+    everything += [(name, pin, TEST_VENDOR) for name, pin in TEST_PACKAGES.items()]
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (version, folder, files) in PACKAGES.items():
+        for name, (version, folder, files), root in everything:
             package_dir, info = fetch(name, version, Path(tmp))
-            target = VENDOR / folder
+            target = root / folder
             if target.exists():
                 shutil.rmtree(target)
             target.mkdir(parents=True)
@@ -98,7 +105,10 @@ def main() -> int:
                 "integrity": info.get("integrity"),
                 "files": copied,
             }
-            print(f"{name}@{version} -> static/vendor/{folder}")
+            if root is TEST_VENDOR:
+                manifest[name]["test_only"] = True
+                manifest[name]["folder"] = f"tests/vendor/{folder}"
+            print(f"{name}@{version} -> {target.relative_to(ROOT)}")
     (VENDOR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return 0
 

@@ -125,6 +125,11 @@ def test_a_consumer_that_goes_away_frees_its_slot(engine, solo_texts):
     next(stream)
     stream.close()  # the websocket relay went away: generator closed
     assert cancel.is_set()
+    # The inference thread frees the slot at its next step (between two tokens).
+    deadline = time.monotonic() + 10
+    while engine.activity()["tiny-chat"]["active"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.activity()["tiny-chat"]["active"] == 0
     # all four slots serve new requests, with their solo texts
     results = run_together(engine, PROMPTS[:4])
     assert all(results[i][0] == solo_texts[PROMPTS[i]] for i in range(4))
@@ -190,7 +195,9 @@ def test_follow_up_turn_reuses_its_slots_cache(engine):
 
 
 def test_queued_frames_reach_the_browser_through_the_socket(make_app, make_live_server):
-    server = make_live_server(make_app(PARALLEL=2))
+    # No keepalive pings: these test clients do not read (so do not answer pings) while
+    # waiting on one another, and a loaded machine can make that wait long.
+    server = make_live_server(make_app(PARALLEL=2, WS_PING_INTERVAL=0))
     clients = [server.session().ws() for _ in range(3)]
     for i, ws in enumerate(clients):
         ws.chat(f"chat {i}", options={"temperature": 0, "max_tokens": 3000 if i < 2 else 10})

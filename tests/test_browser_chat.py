@@ -75,8 +75,8 @@ def test_send_stream_stop_reload(server):
         # 4. new chat, then delete the old one from the list
         page.get_by_test_id("new-chat").click()
         expect(page.get_by_test_id("message")).to_have_count(0)
-        page.once("dialog", lambda dialog: dialog.accept())
         page.get_by_test_id("conversation").first.get_by_test_id("delete").click()
+        page.get_by_test_id("delete-dialog-confirm").click()  # the page's own dialog, not confirm()
         expect(page.get_by_test_id("conversation")).to_have_count(0)
         assert errors == []
 

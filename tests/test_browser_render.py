@@ -55,6 +55,9 @@ AUDIT = """
     try { return new URL(v, document.baseURI).origin !== location.origin; } catch { return true; }
   };
   for (const el of root.querySelectorAll("*")) {
+    // The page's own controls (copy buttons) carry data-ui, which model output cannot: the
+    // sanitiser drops every data attribute.
+    if (el.closest("[data-ui]")) continue;
     const tag = el.nodeName.toLowerCase();
     if (["script", "style", "iframe", "frame", "frameset", "object", "embed", "form", "input",
          "button", "link", "meta", "base"].includes(tag)) findings.push(`<${tag}>`);

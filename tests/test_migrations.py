@@ -13,6 +13,12 @@ from webapp.db import make_engine
 from webapp.models import Base
 
 
+def _modelled(name, type_, _parent) -> bool:
+    """The search index (SQLite FTS5, migration 0007: a virtual table and its shadow tables)
+    lives only in the migrations, like its triggers: no model describes it."""
+    return not (type_ == "table" and name and name.startswith("message_search"))
+
+
 @pytest.mark.databases("sqlite", "postgresql")
 def test_empty_to_head_and_back(new_database):
     url = new_database(migrated=False)
@@ -23,7 +29,8 @@ def test_empty_to_head_and_back(new_database):
         tables = set(inspect(engine).get_table_names())
         assert {"conversation", "message", "alembic_version"} <= tables
         with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True,
+                                                               "include_name": _modelled}),
                                     Base.metadata)
         assert diff == [], f"models and migrations disagree: {diff}"
     finally:

@@ -17,6 +17,7 @@ from .errors import AppError
 from .exchange import export_json, export_markdown, parse_import
 from .model_files import browser_url
 from .openapi import OPENAPI
+from .search import MAX_QUERY_CHARS, search
 from .security import owner_id
 from .services import get_services
 from .validation import check_number, parse_json_text
@@ -358,3 +359,12 @@ def run_server_benchmark():
     record = services.benchmarks.run_server(body.get("model"), owner=owner,
                                             tokens=body.get("tokens", DEFAULT_TOKENS))
     return record, 201
+
+
+@bp.get("/api/search")
+def search_conversations():
+    """Your conversations whose title or messages hold every word of ``q``."""
+    query = request.args.get("q", "")
+    if len(query) > MAX_QUERY_CHARS:
+        raise ApiError(400, "query_too_long", f"search for at most {MAX_QUERY_CHARS} characters")
+    return {"results": search(get_services().db, owner_id(), query)}

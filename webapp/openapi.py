@@ -413,6 +413,25 @@ PATHS: dict[str, Any] = {
             "properties": {"shares": {"type": "array", "items": _ref("Share")}},
         }, "the links"),
     }},
+    "/api/search": {"get": {
+        "operationId": "search_conversations",
+        "summary": "your conversations whose title or messages hold every word of q",
+        "parameters": [{"name": "q", "in": "query", "required": True,
+                        "schema": {"type": "string", "maxLength": 200}}],
+        "responses": _responses("200", {
+            "type": "object", "required": ["results"],
+            "properties": {"results": {"type": "array", "items": {
+                "type": "object",
+                "required": ["conversation_id", "title", "updated_at", "message_id", "snippet"],
+                "properties": {
+                    "conversation_id": _ID, "title": {"type": "string"}, "updated_at": _TIME,
+                    "message_id": {**_ID, "nullable": True},
+                    "snippet": {"type": "string",
+                                "description": "the words around the first matching message"},
+                },
+            }}},
+        }, "matches, most recently active first (at most 30)"),
+    }},
     "/api/shares/{share_id}": {
         "parameters": [{"name": "share_id", "in": "path", "required": True, "schema": _ID}],
         "delete": {

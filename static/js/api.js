@@ -8,6 +8,13 @@ export class ApiError extends Error {
   }
 }
 
+// An answer boot.js asked for before this module loaded: used once, then gone.
+function prefetched(method, path) {
+  const early = method === "GET" ? globalThis.bchatPrefetch?.[path] : undefined;
+  if (early) delete globalThis.bchatPrefetch[path];
+  return early;
+}
+
 async function request(method, path, body) {
   const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
   if (body !== undefined) {
@@ -16,7 +23,7 @@ async function request(method, path, body) {
   }
   let response;
   try {
-    response = await fetch(path, init);
+    response = await (prefetched(method, path) ?? fetch(path, init));
   } catch (err) {
     throw new ApiError(0, "network", `the server could not be reached (${err.message})`);
   }
@@ -43,6 +50,7 @@ export const api = {
   shares: () => request("GET", "/api/shares"),
   revokeShare: (shareId) => request("DELETE", `/api/shares/${encodeURIComponent(shareId)}`),
   importConversation: (data) => request("POST", "/api/conversations/import", data),
+  search: (query) => request("GET", `/api/search?q=${encodeURIComponent(query)}`),
   exportUrl: (id, format) => `/api/conversations/${encodeURIComponent(id)}/export?format=${format}`,
   addMessage: (id, message) =>
     request("POST", `/api/conversations/${encodeURIComponent(id)}/messages`, message),

@@ -1,12 +1,15 @@
 // The chat page: wires the conversation list, the message view, the composer and the engines.
+// The browser engine (wllama, 275 KB before its wasm) is imported only when it is picked.
 import { api } from "./api.js";
 import { ChatSocket } from "./socket.js";
 import { createServerEngine } from "./engines/server.js";
-import { createBrowserEngine } from "./engines/browser.js";
 import { BrowserStatus } from "./ui/browser_status.js";
 import { Sharing } from "./ui/sharing.js";
 import { ConversationList } from "./ui/conversations.js";
 import { MessageView } from "./ui/messages.js";
+import { fillIcons, icon } from "./ui/icons.js";
+import { Composer } from "./ui/composer.js";
+import { ContextMeter } from "./ui/context.js";
 
 const root = document.getElementById("app");
 const $ = (testid) => root.querySelector(`[data-testid="${testid}"]`);
@@ -14,6 +17,8 @@ const $ = (testid) => root.querySelector(`[data-testid="${testid}"]`);
 const state = {
   conversationId: root.dataset.conversationId || null,
 };
+
+fillIcons(root);
 
 // Replies being written that this page follows, by message id. A reply goes on while the user
 // looks at another conversation; coming back shows it still growing.
@@ -55,6 +60,7 @@ class LiveReply {
 
   settle(message) {
     this.view?.settle(message);
+    if (this.conversationId === state.conversationId) meter.fromMessage(message);
     this.end();
   }
 
@@ -76,12 +82,32 @@ let pendingSend = null; // a reply asked for whose message id is not known yet
 function updateControls() {
   const active = liveFor(state.conversationId);
   stopButton.hidden = !active;
-  sendButton.disabled = Boolean(active);
+  sendButton.hidden = Boolean(active);
+  sendButton.disabled = Boolean(active) || !composerState.canSend;
 }
 
 const socket = new ChatSocket();
-const engines = { server: createServerEngine(socket), browser: createBrowserEngine({ api }) };
-const view = new MessageView($("messages"));
+const engines = { server: createServerEngine(socket), browser: null };
+let browserEngineLoading = null;
+
+function loadBrowserEngine() {
+  browserEngineLoading ??= import("./engines/browser.js").then((module) => {
+    engines.browser = module.createBrowserEngine({ api });
+    return engines.browser;
+  }, (err) => {
+    browserEngineLoading = null; // a later pick tries again
+    throw err;
+  });
+  return browserEngineLoading;
+}
+
+const welcome = $("welcome");
+const view = new MessageView($("messages"), {
+  scroller: $("scroller"),
+  onChange: (count) => {
+    welcome.hidden = count > 0;
+  },
+});
 const composer = $("composer");
 const sendButton = $("send");
 const stopButton = $("stop");
@@ -123,12 +149,20 @@ function replyOptions() {
   return options;
 }
 
+// A banner says what went wrong until its cause is gone (the socket is back, another
+// conversation is opened, the next message is sent) or the reader dismisses it.
 function showError(message, { offerServer = false, cause = "" } = {}) {
   $("error-text").textContent = message;
   $("use-server").hidden = !offerServer;
   errorBox.hidden = !message;
-  errorBox.dataset.cause = cause; // a socket problem clears itself when the socket is back
+  errorBox.dataset.cause = cause;
 }
+
+function clearError(cause) {
+  if (!errorBox.hidden && (!cause || errorBox.dataset.cause === cause)) showError("");
+}
+
+$("dismiss-error").addEventListener("click", () => showError(""));
 
 $("use-server").addEventListener("click", () => {
   engineSelect.value = "server";
@@ -166,11 +200,34 @@ const sharing = new Sharing(root, {
   onImported: (id) => openConversation(id, { push: true }),
 });
 
+let searchQuery = "";
+
 async function refreshList() {
-  const { conversations } = await api.conversations();
+  // side by side: neither list waits for the other
+  const [{ conversations }] = await Promise.all([api.conversations(), sharing.refreshList()]);
   lastList = conversations;
-  list.render(conversations, state.conversationId);
-  await sharing.refreshList();
+  if (searchQuery) await runSearch();
+  else list.render(conversations, state.conversationId);
+}
+
+let searchTicket = 0;
+
+async function runSearch() {
+  const ticket = ++searchTicket;
+  const query = searchQuery;
+  if (!query) {
+    list.render(lastList, state.conversationId);
+    $("search-status").textContent = "";
+    return;
+  }
+  try {
+    const { results } = await api.search(query);
+    if (ticket !== searchTicket) return;
+    list.renderResults(results, query);
+    $("search-status").textContent = `${results.length || "No"} conversation${results.length === 1 ? "" : "s"} found`;
+  } catch (err) {
+    showError(err.message, { cause: "search" });
+  }
 }
 
 function isShared(id) {
@@ -181,6 +238,18 @@ let models = [];
 
 function modelInfo(id) {
   return models.find((m) => m.id === id);
+}
+
+// The tokens the chosen model can see at once here: the server runs embedded models with
+// BCHAT_N_CTX, the browser engine with its own 4,096; neither beyond the model's own.
+const BROWSER_N_CTX = 4096;
+
+function contextLength() {
+  const facts = modelInfo(modelSelect.value)?.facts ?? {};
+  const limits = [facts.context_length, facts.n_ctx,
+    engineSelect.value === "browser" ? BROWSER_N_CTX : Number(root.dataset.nCtx)];
+  const known = limits.filter((n) => Number.isFinite(n) && n > 0);
+  return known.length ? Math.min(...known) : null;
 }
 
 function engineChanged() {
@@ -194,8 +263,59 @@ function engineChanged() {
     const usable = [...modelSelect.options].find((o) => !o.disabled);
     if (usable) modelSelect.value = usable.value;
   }
-  if (engine === "browser") browserStatus.describe(modelInfo(modelSelect.value), engines.browser.loaded);
-  else browserStatus.hide();
+  if (engine === "browser") {
+    browserStatus.describe(modelInfo(modelSelect.value), engines.browser?.loaded);
+    loadBrowserEngine().then((browser) => {
+      if (engineSelect.value === "browser") browserStatus.describe(modelInfo(modelSelect.value), browser.loaded);
+    }, (err) => showError(`The browser engine could not be loaded: ${err.message}`, { cause: "engine" }));
+  } else {
+    browserStatus.hide();
+  }
+  showModelCard();
+  meter.update();
+}
+
+const MiB = 2 ** 20;
+
+function size(bytes) {
+  return bytes >= 2 ** 30 ? `${(bytes / 2 ** 30).toFixed(1)} GiB` : `${Math.round(bytes / MiB)} MiB`;
+}
+
+function parameterCount(n) {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(n >= 1e10 ? 0 : 1)}B`;
+  if (n >= 1e6) return `${Math.round(n / 1e6)}M`;
+  if (n >= 1e3) return `${Math.round(n / 1e3)}K`;
+  return `${n}`;
+}
+
+// The welcome state's model card: what will answer, and where it runs.
+function showModelCard() {
+  const card = $("model-card");
+  const model = modelInfo(modelSelect.value);
+  if (!model) {
+    card.hidden = true;
+    return;
+  }
+  const f = model.facts ?? {};
+  const name = $("model-card-name");
+  name.replaceChildren(icon("spark", { size: 18 }), f.name && f.name !== model.id ? `${f.name} (${model.id})` : model.id);
+  const facts = [
+    ["Parameters", f.parameters ? parameterCount(f.parameters) : null],
+    ["Quantisation", f.quantization],
+    ["Size", f.file_size ? size(f.file_size) : null],
+    ["Context", contextLength() ? `${contextLength().toLocaleString("en")} tokens` : null],
+    ["Runs", engineSelect.value === "browser" ? "in this browser" : `on the server${model.served_by && model.served_by !== "llamacpp" ? ` (${model.served_by})` : ""}`],
+  ].filter(([, value]) => value);
+  $("model-facts").replaceChildren(...facts.map(([term, value]) => {
+    const row = document.createElement("div");
+    const dt = document.createElement("dt");
+    dt.textContent = term;
+    const dd = document.createElement("dd");
+    dd.textContent = value;
+    row.append(dt, dd);
+    return row;
+  }));
+  card.hidden = false;
 }
 
 async function loadModels() {
@@ -214,7 +334,7 @@ async function loadModels() {
   );
   modelSelect.value = localStorage.getItem("bchat.model") || defaultModel || "";
   if (!modelSelect.value && models.length) modelSelect.value = models[0].id;
-  if (!models.length) showError("This server has no models: see BCHAT_MODEL_PATH in the README.");
+  if (!models.length) showError("This server has no models: see BCHAT_MODEL_PATH in the README.", { cause: "models" });
   engineSelect.value = localStorage.getItem("bchat.engine") || "server";
   backendSelect.value = localStorage.getItem("bchat.backend") || "auto";
   engineChanged();
@@ -229,6 +349,9 @@ function newChat({ push }) {
   state.conversationId = null;
   detachViews();
   view.clear();
+  meter.reset();
+  clearError("conversation");
+  closeDrawerOnPhone();
   updateControls();
   sharing.open(null);
   title.textContent = "New chat";
@@ -266,10 +389,10 @@ function showStreaming(message, conversationId) {
 
 let opening = 0; // the latest openConversation wins when clicks overlap
 
-async function openConversation(id, { push }) {
+async function openConversation(id, { push, prefetched = null }) {
   const ticket = ++opening;
   try {
-    const conversation = await api.conversation(id);
+    const conversation = (await prefetched) ?? await api.conversation(id);
     if (ticket !== opening) return;
     state.conversationId = conversation.id;
     title.textContent = conversation.title;
@@ -277,8 +400,11 @@ async function openConversation(id, { push }) {
     view.clear();
     for (const m of conversation.messages) {
       if (m.status === "streaming") showStreaming(m, conversation.id);
-      else view.add(m);
+      else view.add(m, { follow: false });
     }
+    view.scrollToEnd({ force: true });
+    meter.fromMessages(conversation.messages);
+    closeDrawerOnPhone();
     const pending = pendingSend?.conversationId === conversation.id ? pendingSend : null;
     if (pending && !pending.messageId) pending.show();
     updateControls();
@@ -287,7 +413,8 @@ async function openConversation(id, { push }) {
     await refreshList();
     sharing.open(conversation.id, { shared: isShared(conversation.id) });
   } catch (err) {
-    showError(err.status === 404 ? "That conversation does not exist (or is not yours)." : err.message);
+    showError(err.status === 404 ? "That conversation does not exist (or is not yours)." : err.message,
+      { cause: "conversation" });
     state.conversationId = null;
   }
 }
@@ -295,15 +422,16 @@ async function openConversation(id, { push }) {
 async function send() {
   const content = composer.value;
   if (!content.trim() || liveFor(state.conversationId) || pendingSend) return;
+  if (!composerState.check()) return; // over a limit: the note under the composer says which
   showError("");
   const engineName = engineSelect.value;
-  const engine = engines[engineName];
   const model = modelSelect.value;
   const reply = new LiveReply({ conversationId: state.conversationId, model, controller: new AbortController() });
   pendingSend = reply;
   updateControls();
   const onScreen = () => state.conversationId === reply.conversationId;
   try {
+    const engine = engineName === "browser" ? await loadBrowserEngine() : engines.server;
     const stored = await engine.generate(
       {
         conversationId: state.conversationId,
@@ -318,6 +446,7 @@ async function send() {
         onStarted: (conversation, userMessage, frame) => {
           const wasOnScreen = onScreen();
           composer.value = ""; // stored on the server: safe to clear
+          composerState.changed();
           reply.conversationId = conversation.id;
           if (wasOnScreen) {
             if (state.conversationId !== conversation.id) {
@@ -367,6 +496,13 @@ composer.addEventListener("keydown", (event) => {
     send();
   }
 });
+for (const example of root.querySelectorAll('[data-testid="example"]')) {
+  example.addEventListener("click", () => {
+    composer.value = example.textContent;
+    composerState.changed();
+    composer.focus();
+  });
+}
 root.querySelector(".composer-form").addEventListener("submit", (event) => {
   event.preventDefault();
   send();
@@ -376,14 +512,9 @@ function stopCurrent() {
 }
 
 stopButton.addEventListener("click", stopCurrent);
-document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && liveFor(state.conversationId)) {
-    event.preventDefault();
-    stopCurrent();
-  }
-});
 $("new-chat").addEventListener("click", () => newChat({ push: true }));
 Object.values(settings).forEach((input) => input.addEventListener("change", saveSettings));
+settings.maxTokens.addEventListener("input", () => composerState.changed());
 modelSelect.addEventListener("change", () => {
   localStorage.setItem("bchat.model", modelSelect.value);
   engineChanged();
@@ -400,18 +531,182 @@ const connection = $("connection");
 socket.on("status", (status) => {
   connection.textContent = { open: "connected", connecting: "connecting…", closed: "reconnecting…" }[status];
   connection.dataset.status = status;
-  if (status === "open" && errorBox.dataset.cause === "socket") showError("");
+  if (status === "open") clearError("socket");
 });
 socket.connect();
+
+// ---- the context meter and the composer's limits ---------------------------------------
+const meter = new ContextMeter($("context-meter"), { contextLength });
+const composerState = new Composer(composer, {
+  counter: $("composer-counter"),
+  note: $("composer-note"),
+  maxChars: Number(root.dataset.maxMessageChars) || 32000,
+  contextLength,
+  replyTokens: () => Number.parseInt(settings.maxTokens.value, 10) || 0,
+  usedTokens: () => meter.used,
+  onChange: () => {
+    updateControls();
+    meter.update(composerState.estimate);
+  },
+});
+
+// ---- theme ------------------------------------------------------------------------------
+const themeToggle = $("theme-toggle");
+const systemDark = matchMedia("(prefers-color-scheme: dark)");
+
+function currentTheme() {
+  return document.documentElement.dataset.theme || (systemDark.matches ? "dark" : "light");
+}
+
+function showTheme() {
+  const next = currentTheme() === "dark" ? "light" : "dark";
+  themeToggle.replaceChildren(icon(next === "dark" ? "moon" : "sun"));
+  themeToggle.setAttribute("aria-label", `Switch to the ${next} theme`);
+  themeToggle.title = `Switch to the ${next} theme`;
+}
+
+themeToggle.addEventListener("click", () => {
+  const theme = currentTheme() === "dark" ? "light" : "dark";
+  document.documentElement.dataset.theme = theme;
+  localStorage.setItem("bchat.theme", theme);
+  showTheme();
+});
+systemDark.addEventListener("change", showTheme);
+showTheme();
+
+// ---- the sidebar: a column on a desktop, a drawer on a phone ---------------------------
+const phone = matchMedia("(max-width: 760px)");
+const sidebarToggle = $("sidebar-toggle");
+
+function setDrawer(open, { focus = true } = {}) {
+  root.dataset.drawer = open ? "open" : "closed";
+  $("scrim").hidden = !open;
+  // While the drawer covers the page, Tab and screen readers stay in it.
+  root.querySelector("main.chat").inert = open;
+  sidebarToggle.setAttribute("aria-expanded", String(open));
+  if (open && focus) $("new-chat").focus();
+  else if (!open && focus && root.querySelector(".sidebar").contains(document.activeElement)) sidebarToggle.focus();
+}
+
+function closeDrawerOnPhone() {
+  if (root.dataset.drawer === "open") setDrawer(false, { focus: false });
+}
+
+sidebarToggle.addEventListener("click", () => {
+  if (phone.matches) {
+    setDrawer(root.dataset.drawer !== "open");
+  } else {
+    const collapsed = root.dataset.sidebar !== "collapsed";
+    root.dataset.sidebar = collapsed ? "collapsed" : "open";
+    sidebarToggle.setAttribute("aria-expanded", String(!collapsed));
+    localStorage.setItem("bchat.sidebar", root.dataset.sidebar);
+  }
+});
+$("sidebar-close").addEventListener("click", () => setDrawer(false));
+$("scrim").addEventListener("click", () => setDrawer(false));
+
+function layoutChanged() {
+  if (phone.matches) {
+    setDrawer(false, { focus: false });
+  } else {
+    root.dataset.drawer = "closed";
+    $("scrim").hidden = true;
+    root.querySelector("main.chat").inert = false;
+    root.dataset.sidebar = localStorage.getItem("bchat.sidebar") === "collapsed" ? "collapsed" : "open";
+    sidebarToggle.setAttribute("aria-expanded", String(root.dataset.sidebar !== "collapsed"));
+  }
+}
+phone.addEventListener("change", layoutChanged);
+layoutChanged();
+
+$("import-button").addEventListener("click", () => $("import").click());
+
+// ---- search -------------------------------------------------------------------------------
+const searchBox = $("search");
+let searchTimer = null;
+searchBox.addEventListener("input", () => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => {
+    searchQuery = searchBox.value.trim();
+    clearError("search");
+    runSearch();
+  }, 150);
+});
+searchBox.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && searchBox.value) {
+    event.stopPropagation();
+    searchBox.value = "";
+    searchQuery = "";
+    runSearch();
+  }
+});
+
+// ---- menus close on outside clicks ---------------------------------------------------------
+document.addEventListener("click", (event) => {
+  for (const menu of root.querySelectorAll("details.menu[open]")) {
+    // outside it, or on the phone sheet's backdrop (the <details>' own ::before)
+    if (!menu.contains(event.target) || event.target === menu) menu.open = false;
+  }
+});
+
+// ---- keyboard shortcuts ------------------------------------------------------------------
+const shortcuts = $("shortcuts");
+$("shortcuts-button").addEventListener("click", () => shortcuts.showModal());
+
+function typing(target) {
+  return target instanceof HTMLElement && (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName));
+}
+
+document.addEventListener("keydown", (event) => {
+  const mod = event.ctrlKey || event.metaKey;
+  if (document.querySelector("dialog[open]")) return; // a dialog has the keyboard (Escape closes it)
+  if (event.key === "Escape") {
+    if (liveFor(state.conversationId)) {
+      event.preventDefault();
+      stopCurrent();
+      return;
+    }
+    const openMenu = root.querySelector("details.menu[open]");
+    if (openMenu) {
+      openMenu.open = false;
+      openMenu.querySelector("summary").focus();
+    } else if (root.dataset.drawer === "open") {
+      setDrawer(false);
+    }
+    return;
+  }
+  if (mod && event.shiftKey && event.key.toLowerCase() === "o") {
+    event.preventDefault();
+    newChat({ push: true });
+  } else if (mod && !event.shiftKey && event.key.toLowerCase() === "k") {
+    event.preventDefault();
+    if (phone.matches) setDrawer(true, { focus: false });
+    else if (root.dataset.sidebar === "collapsed") sidebarToggle.click();
+    searchBox.focus();
+    searchBox.select();
+  } else if (mod && event.key === "/") {
+    event.preventDefault();
+    closeDrawerOnPhone();
+    composer.focus();
+  } else if (event.key === "?" && !mod && !typing(event.target) && !shortcuts.open) {
+    event.preventDefault();
+    shortcuts.showModal();
+  }
+});
 
 loadSettings();
 (async () => {
   try {
-    await loadModels();
-    await refreshList();
-    if (state.conversationId) await openConversation(state.conversationId, { push: false });
+    // The model list, the conversation list and the open conversation load side by side.
+    const opened = state.conversationId ? api.conversation(state.conversationId).catch(() => null) : null;
+    // (boot.js has already asked for all of these; api.js picks its answers up)
+    await Promise.all([loadModels(), refreshList()]);
+    if (state.conversationId) await openConversation(state.conversationId, { push: false, prefetched: opened });
+    else view.clear();
   } catch (err) {
     showError(err.message);
   }
-  composer.focus();
+  composerState.changed();
+  if (!phone.matches) composer.focus(); // on a phone focusing would pop the keyboard up
+  performance.mark("bchat:interactive"); // models listed, list shown: bench/page_weight.py reads it
 })();

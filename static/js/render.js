@@ -8,11 +8,108 @@
 // a renderer that relies on it alone leaks whenever the CSP is loosened. And a message must
 // never stop the page: if the sanitiser returns nothing or throws (DOMPurify returns null for a
 // top-level <frameset>), the message is shown as plain text and the next one renders as usual.
+//
+// Besides markdown: TeX math ($…$, $$…$$, \(…\), \[…\]) becomes MathML through KaTeX, inside the
+// HTML the sanitiser sees; a reasoning model's leading <think>…</think> becomes a folded
+// "Thinking" block (its text rendered through the same sanitiser); code blocks get a header
+// with their language and a copy button. highlight.js and KaTeX are loaded on first need, and
+// what was rendered without them is rendered again once they are here.
 import { marked } from "../vendor/marked/marked.esm.js";
 import createDOMPurify from "../vendor/dompurify/purify.es.mjs";
-import hljs from "../vendor/highlight/highlight.min.js";
+import { copyWithFeedback, icon } from "./ui/icons.js";
 
-marked.setOptions({ gfm: true, breaks: false });
+const LIBRARIES = {
+  hljs: "../vendor/highlight/highlight.min.js",
+  katex: "../vendor/katex/katex.mjs",
+};
+const loaded = { hljs: null, katex: null };
+const loading = {};
+const waiting = new Set(); // elements rendered before a library they needed was here
+const sources = new WeakMap(); // element -> the text it shows, to render it again
+let rendering = null; // the element renderMarkdown is working on
+
+function need(name) {
+  if (rendering) waiting.add(rendering);
+  if (loading[name]) return;
+  loading[name] = import(new URL(LIBRARIES[name], import.meta.url).href).then((module) => {
+    loaded[name] = module.default;
+    const again = [...waiting];
+    waiting.clear();
+    for (const element of again) {
+      if (element.isConnected && sources.has(element)) renderMarkdown(element, sources.get(element));
+    }
+    // Highlighted code and laid-out math change heights: a view following the end re-scrolls.
+    document.dispatchEvent(new CustomEvent("bchat:rerendered"));
+  }, (error) => console.warn(`could not load ${name}:`, error));
+}
+
+// Resolves once the libraries asked for so far are loaded (tests, and the shared page's print).
+export function libraries() {
+  return Promise.all(Object.values(loading));
+}
+
+function escapeHtml(text) {
+  return text.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+// KaTeX's MathML output: no style attributes (the CSP refuses them) and no fonts to fetch.
+// <annotation> (the TeX source) is dropped here because the sanitiser unwraps it, which would
+// show the source next to the formula.
+function renderMath(tex, display, raw) {
+  if (!loaded.katex) {
+    need("katex");
+    return `<code class="math-pending">${escapeHtml(raw)}</code>`;
+  }
+  let html;
+  try {
+    html = loaded.katex.renderToString(tex, { output: "mathml", displayMode: display, throwOnError: false });
+  } catch {
+    return `<code>${escapeHtml(raw)}</code>`;
+  }
+  html = html.replace(/<annotation[^>]*>[\s\S]*?<\/annotation>/g, "");
+  return display ? `<div class="math-display">${html}</div>` : html;
+}
+
+const BLOCK_MATH = [/^\$\$([\s\S]+?)\$\$[^\S\n]*(?:\n|$)/, /^\\\[([\s\S]+?)\\\][^\S\n]*(?:\n|$)/];
+// $…$ must hug its text and not be followed by a digit, so "$5 and $10" stays prices.
+const INLINE_MATH = [
+  [/^\$\$([^$]+?)\$\$/, true],
+  [/^\$(?![\s$])((?:\\.|[^\\$\n])+?)(?<!\s)\$(?![0-9])/, false],
+  [/^\\\((.+?)\\\)/, false],
+];
+
+marked.use({
+  gfm: true,
+  breaks: false,
+  extensions: [
+    {
+      name: "mathBlock",
+      level: "block",
+      start: (src) => src.match(/\$\$|\\\[/)?.index,
+      tokenizer(src) {
+        for (const pattern of BLOCK_MATH) {
+          const match = pattern.exec(src);
+          if (match) return { type: "mathBlock", raw: match[0], text: match[1].trim() };
+        }
+        return undefined;
+      },
+      renderer: (token) => renderMath(token.text, true, token.raw.trim()),
+    },
+    {
+      name: "mathInline",
+      level: "inline",
+      start: (src) => src.match(/\$|\\\(/)?.index,
+      tokenizer(src) {
+        for (const [pattern, display] of INLINE_MATH) {
+          const match = pattern.exec(src);
+          if (match) return { type: "mathInline", raw: match[0], text: match[1], display };
+        }
+        return undefined;
+      },
+      renderer: (token) => renderMath(token.text, token.display, token.raw),
+    },
+  ],
+});
 
 // Our own instance: hooks added here do not change DOMPurify for any other code on the page.
 const purifier = createDOMPurify(window);
@@ -66,30 +163,102 @@ function renderPlain(element, text) {
   element.textContent = text;
 }
 
+function toFragment(source) {
+  const fragment = purifier.sanitize(marked.parse(source), SANITIZE);
+  if (!(fragment instanceof DocumentFragment)) throw new Error(`sanitiser returned ${fragment}`);
+  for (const link of fragment.querySelectorAll("a[href]")) {
+    link.setAttribute("rel", "noopener noreferrer nofollow");
+    link.setAttribute("target", "_blank");
+  }
+  return fragment;
+}
+
+// Controls the renderer adds are marked data-ui: model output cannot carry data attributes
+// (the sanitiser drops them), so the mark tells our buttons from anything a message brings.
+function dressCodeBlocks(fragment) {
+  const blocks = fragment.querySelectorAll("pre > code");
+  if (blocks.length && !loaded.hljs) need("hljs");
+  for (const code of blocks) {
+    if (loaded.hljs) {
+      try {
+        loaded.hljs.highlightElement(code);
+      } catch {
+        /* unknown language: leave it plain */
+      }
+    }
+    const pre = code.parentElement;
+    const language = /\blanguage-([\w+#.-]+)/.exec(code.className)?.[1] ?? "";
+    const frame = document.createElement("div");
+    frame.className = "code-block";
+    const head = document.createElement("div");
+    head.className = "code-head";
+    head.dataset.lang = language || "text"; // shown by CSS, so it is not part of the copied text
+    const copy = document.createElement("button");
+    copy.type = "button";
+    copy.className = "icon-button";
+    copy.dataset.testid = "copy-code";
+    copy.dataset.ui = "";
+    copy.setAttribute("aria-label", `Copy ${language || "code"}`);
+    copy.title = "Copy code";
+    copy.append(icon("copy", { size: 16 }));
+    // marked ends every code block with a newline the author did not write
+    copy.addEventListener("click", () => copyWithFeedback(copy, code.textContent.replace(/\n$/, "")));
+    head.append(copy);
+    pre.replaceWith(frame);
+    frame.append(head, pre);
+  }
+  for (const table of fragment.querySelectorAll("table")) {
+    const scroller = document.createElement("div");
+    scroller.className = "table-scroll"; // wide tables scroll on their own, not the page
+    table.replaceWith(scroller);
+    scroller.append(table);
+  }
+}
+
+// A reasoning model starts with <think>…</think> (unclosed while it is still thinking).
+const THINKING = /^\s*<think>([\s\S]*?)(?:<\/think>\s*|$)/;
+const thinkingOpen = new WeakMap(); // element -> the reader's choice, kept across re-renders
+
+function thinkingBlock(element, thought, done) {
+  const details = document.createElement("details");
+  details.className = "thinking";
+  details.dataset.testid = "thinking";
+  details.open = thinkingOpen.get(element) ?? !done;
+  const summary = document.createElement("summary");
+  summary.dataset.ui = "";
+  summary.append(icon("brain", { size: 16 }), done ? "Thinking" : "Thinking…");
+  const body = document.createElement("div");
+  body.className = "thinking-body";
+  body.append(toFragment(thought));
+  details.append(summary, body);
+  details.addEventListener("toggle", () => thinkingOpen.set(element, details.open));
+  return details;
+}
+
 export function renderMarkdown(element, text) {
   const source = typeof text === "string" ? text : String(text ?? "");
-  let fragment;
+  sources.set(element, source);
+  rendering = element;
+  const parts = [];
   try {
-    fragment = purifier.sanitize(marked.parse(source), SANITIZE);
-    if (!(fragment instanceof DocumentFragment)) throw new Error(`sanitiser returned ${fragment}`);
-    for (const link of fragment.querySelectorAll("a[href]")) {
-      link.setAttribute("rel", "noopener noreferrer nofollow");
-      link.setAttribute("target", "_blank");
+    const thinking = THINKING.exec(source);
+    if (thinking) {
+      const done = thinking[0].includes("</think>");
+      parts.push(thinkingBlock(element, thinking[1], done));
+      parts.push(toFragment(source.slice(thinking[0].length)));
+    } else {
+      parts.push(toFragment(source));
     }
+    for (const part of parts) dressCodeBlocks(part);
   } catch (error) {
     console.warn("rendering a message as plain text:", error);
     renderPlain(element, source);
     return;
-  }
-  for (const block of fragment.querySelectorAll("pre code")) {
-    try {
-      hljs.highlightElement(block);
-    } catch {
-      /* unknown language: leave it plain */
-    }
+  } finally {
+    rendering = null;
   }
   element.classList.remove("plain");
-  element.replaceChildren(fragment);
+  element.replaceChildren(...parts);
 }
 
 export function createStreamRenderer(element) {

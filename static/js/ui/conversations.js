@@ -1,4 +1,27 @@
-// The conversation list: open, rename, delete. Owns no state beyond what it renders.
+// The conversation list, grouped by date (Today, Yesterday, Previous 7 days, Older): open,
+// rename, delete (in-page dialogs), and search results in the same place. Owns no state beyond
+// what it renders.
+import { ask } from "./dialog.js";
+import { icon, iconButton } from "./icons.js";
+
+const DAY = 24 * 60 * 60 * 1000;
+
+// Which group a conversation last touched at `when` belongs to, seen from `now` (local days).
+export function dateGroup(when, now = new Date()) {
+  const startOfToday = new Date(now.getFullYear(), now.getMonth(), now.getDate()).getTime();
+  const t = when.getTime();
+  if (t >= startOfToday) return "Today";
+  if (t >= startOfToday - DAY) return "Yesterday";
+  if (t >= startOfToday - 7 * DAY) return "Previous 7 days";
+  return "Older";
+}
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
 
 export class ConversationList {
   constructor(container, { onOpen, onRename, onDelete }) {
@@ -9,7 +32,54 @@ export class ConversationList {
 
   render(conversations, activeId = this.activeId) {
     this.activeId = activeId;
-    this.container.replaceChildren(...conversations.map((c) => this.item(c)));
+    if (!conversations.length) {
+      this.container.replaceChildren(el("p", "list-empty", "No conversations yet."));
+      return;
+    }
+    const groups = new Map();
+    for (const c of conversations) {
+      const name = dateGroup(new Date(c.updated_at));
+      if (!groups.has(name)) groups.set(name, []);
+      groups.get(name).push(c);
+    }
+    this.container.replaceChildren(...[...groups].map(([name, items], index) => {
+      const section = el("section", "list-group");
+      const heading = el("h2", "list-heading", name);
+      heading.id = `group-${index}`;
+      const list = el("ul", "conversations");
+      list.setAttribute("aria-labelledby", heading.id);
+      list.append(...items.map((c) => this.item(c)));
+      section.append(heading, list);
+      return section;
+    }));
+  }
+
+  // Search results: a conversation and the words around the match.
+  renderResults(results, query) {
+    if (!results.length) {
+      this.container.replaceChildren(el("p", "list-empty", `Nothing matches “${query}”.`));
+      return;
+    }
+    const heading = el("h2", "list-heading", `${results.length} found`);
+    heading.id = "search-heading";
+    const list = el("ul", "conversations results");
+    list.setAttribute("aria-labelledby", heading.id);
+    list.append(...results.map((r) => {
+      const li = el("li");
+      li.dataset.testid = "search-result";
+      li.dataset.conversationId = r.conversation_id;
+      const link = el("a", "result-link");
+      link.href = `/c/${encodeURIComponent(r.conversation_id)}`;
+      link.append(el("span", "result-title", r.title));
+      if (r.snippet) link.append(el("span", "result-snippet", r.snippet));
+      link.addEventListener("click", (event) => {
+        event.preventDefault();
+        this.handlers.onOpen(r.conversation_id);
+      });
+      li.append(link);
+      return li;
+    }));
+    this.container.replaceChildren(heading, list);
   }
 
   item(conversation) {
@@ -20,31 +90,43 @@ export class ConversationList {
     if (conversation.id === this.activeId) li.classList.add("active");
     const link = document.createElement("a");
     link.href = `/c/${encodeURIComponent(conversation.id)}`;
-    link.textContent = conversation.title;
     link.title = conversation.title;
+    if (conversation.id === this.activeId) link.setAttribute("aria-current", "page");
+    link.append(el("span", "conversation-title", conversation.title));
+    if (conversation.shared) {
+      const mark = el("span", "shared-mark");
+      mark.title = "Shared";
+      mark.append(icon("link", { size: 14 }), el("span", "sr-only", " (shared)"));
+      link.append(mark);
+    }
     link.addEventListener("click", (event) => {
       event.preventDefault();
       this.handlers.onOpen(conversation.id);
     });
-    const rename = iconButton("✎", "Rename", "rename", () => {
-      const title = prompt("Rename conversation", conversation.title);
-      if (title && title.trim()) this.handlers.onRename(conversation.id, title.trim());
+    const rename = iconButton("pencil", `Rename “${conversation.title}”`, {
+      testid: "rename",
+      onClick: async () => {
+        const title = await ask({
+          title: "Rename conversation", input: { label: "Title", value: conversation.title },
+          confirmLabel: "Rename", testid: "rename-dialog",
+        });
+        if (title) this.handlers.onRename(conversation.id, title);
+      },
     });
-    const remove = iconButton("✕", "Delete", "delete", () => {
-      if (confirm(`Delete "${conversation.title}"?`)) this.handlers.onDelete(conversation.id);
+    const remove = iconButton("trash", `Delete “${conversation.title}”`, {
+      testid: "delete",
+      onClick: async () => {
+        const sure = await ask({
+          title: "Delete conversation?",
+          message: `“${conversation.title}” and its messages will be gone for good. Links you shared keep their snapshot until you revoke them.`,
+          confirmLabel: "Delete", danger: true, testid: "delete-dialog",
+        });
+        if (sure) this.handlers.onDelete(conversation.id);
+      },
     });
-    li.append(link, rename, remove);
+    const actions = el("span", "item-actions");
+    actions.append(rename, remove);
+    li.append(link, actions);
     return li;
   }
-}
-
-function iconButton(icon, label, testid, onClick) {
-  const button = document.createElement("button");
-  button.type = "button";
-  button.textContent = icon;
-  button.title = label;
-  button.setAttribute("aria-label", label);
-  button.dataset.testid = testid;
-  button.addEventListener("click", onClick);
-  return button;
 }

@@ -1,5 +1,7 @@
-// The message view: one element per message, with its provenance line.
+// The message view: one element per message: who wrote it, the text, the provenance line,
+// and a toolbar (.message-actions) with copy; edit/regenerate/branch controls go there too.
 import { createStreamRenderer, renderMarkdown } from "../render.js";
+import { copyWithFeedback, icon, iconButton } from "./icons.js";
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -22,17 +24,40 @@ export function describeProvenance(message) {
   return parts.join(" · ");
 }
 
+const ROLE_NAMES = { user: "You", assistant: "Assistant", system: "System" };
+let labelCount = 0;
+
+// The exact text a message holds (what copy puts on the clipboard), by its element.
+const texts = new WeakMap();
+
 export class MessageView {
-  constructor(container) {
+  // scroller: the element that scrolls (the messages' column sits inside it);
+  // onChange(count): after a message is added or the view is cleared (the welcome state).
+  constructor(container, { scroller = container, onChange = () => {} } = {}) {
     this.container = container;
+    this.scroller = scroller;
+    this.onChange = onChange;
+    this.pinned = true; // following the end, until the reader scrolls up
+    scroller.addEventListener("scroll", () => {
+      this.pinned = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 120;
+    }, { passive: true });
+    document.addEventListener("bchat:rerendered", () => this.scrollToEnd());
+  }
+
+  get count() {
+    return this.container.querySelectorAll('[data-testid="message"]').length;
   }
 
   clear() {
     this.container.replaceChildren();
+    this.onChange(0);
   }
 
-  scrollToEnd() {
-    this.container.scrollTop = this.container.scrollHeight;
+  // Follow the end only while the reader is there: scrolling up to read stops the following.
+  scrollToEnd({ force = false } = {}) {
+    if (!force && !this.pinned) return;
+    this.scroller.scrollTop = this.scroller.scrollHeight;
+    this.pinned = true;
   }
 
   setMeta(node, message) {
@@ -47,19 +72,35 @@ export class MessageView {
     meta.append(describeProvenance(message));
   }
 
-  add(message) {
+  add(message, { follow = true } = {}) {
     const node = el("article", "message");
     node.dataset.testid = "message";
     node.dataset.role = message.role;
     node.dataset.status = message.status ?? "complete";
     if (message.id) node.dataset.messageId = message.id;
+    // Screen readers announce each message with who wrote it.
+    const label = el("div", "role-label");
+    label.id = `message-label-${++labelCount}`;
+    label.append(icon(message.role === "user" ? "user" : "spark", { size: 16 }),
+      el("span", "role-name", ROLE_NAMES[message.role] ?? message.role));
+    if (message.role === "assistant" && message.model) label.append(el("span", "role-model", message.model));
+    node.setAttribute("aria-labelledby", label.id);
     const body = el("div", "body");
     if (message.role === "assistant") renderMarkdown(body, message.content);
     else body.textContent = message.content; // what the user typed is shown as typed
-    node.append(body, el("div", "meta"));
+    texts.set(node, message.content ?? "");
+    const actions = el("div", "message-actions");
+    const copy = iconButton("copy", "Copy message", {
+      testid: "copy",
+      onClick: () => copyWithFeedback(copy, texts.get(node) ?? ""),
+    });
+    copy.dataset.ui = ""; // ours, not the message's: see render.js
+    actions.append(copy);
+    node.append(label, body, el("div", "meta"), actions);
     this.setMeta(node, message);
     this.container.append(node);
-    this.scrollToEnd();
+    this.onChange(this.count);
+    this.scrollToEnd({ force: follow });
     return node;
   }
 
@@ -69,10 +110,12 @@ export class MessageView {
     const node = this.add({ id, role: "assistant", content: "", status: "streaming", model });
     const renderer = createStreamRenderer(node.querySelector(".body"));
     if (text) renderer.append(text);
+    texts.set(node, text);
     return {
       node,
-      append: (text) => {
-        renderer.append(text);
+      append: (piece) => {
+        renderer.append(piece);
+        texts.set(node, renderer.text);
         this.scrollToEnd();
       },
       queued: (position) => {
@@ -83,6 +126,7 @@ export class MessageView {
       },
       settle: (message) => {
         renderer.finish(message.content);
+        texts.set(node, message.content ?? "");
         node.dataset.status = message.status;
         if (message.id) node.dataset.messageId = message.id;
         this.setMeta(node, message);

@@ -2,6 +2,7 @@
 // stop), export links, the list of shared links (revocable even after the conversation is
 // deleted) and importing an exported file.
 import { api } from "../api.js";
+import { copyWithFeedback, icon, iconButton } from "./icons.js";
 
 export class Sharing {
   constructor(root, { onError, onChanged, onImported }) {
@@ -20,9 +21,10 @@ export class Sharing {
     $("refresh-share").addEventListener("click", () => this.run(() => this.share(false)));
     $("new-share-link").addEventListener("click", () => this.run(() => this.share(true)));
     $("unshare").addEventListener("click", () => this.run(() => this.unshare()));
-    $("copy-share").addEventListener("click", async () => {
+    this.shareButton = $("share");
+    $("copy-share").addEventListener("click", async (event) => {
       this.url.select();
-      await navigator.clipboard?.writeText(this.url.value).catch(() => {});
+      await copyWithFeedback(event.currentTarget, this.url.value);
     });
     $("import").addEventListener("change", (event) => this.run(() => this.importFile(event.target)));
   }
@@ -42,22 +44,30 @@ export class Sharing {
     if (conversationId) {
       this.exportJson.href = api.exportUrl(conversationId, "json");
       this.exportMd.href = api.exportUrl(conversationId, "markdown");
-      this.actions.querySelector('[data-testid="share"]').textContent = shared ? "Shared 🔗" : "Share";
+      this.showShared(shared);
     }
+  }
+
+  showShared(shared) {
+    const label = document.createElement("span");
+    label.className = "button-label";
+    label.textContent = shared ? "Shared" : "Share";
+    this.shareButton.replaceChildren(icon("link", { size: 16 }), label);
+    this.shareButton.dataset.shared = String(shared);
   }
 
   async share(newLink) {
     const share = await api.share(this.conversationId, newLink);
     this.url.value = share.url;
     this.box.hidden = false;
-    this.actions.querySelector('[data-testid="share"]').textContent = "Shared 🔗";
+    this.showShared(true);
     await this.handlers.onChanged();
   }
 
   async unshare() {
     await api.unshare(this.conversationId);
     this.box.hidden = true;
-    this.actions.querySelector('[data-testid="share"]').textContent = "Share";
+    this.showShared(false);
     await this.handlers.onChanged();
   }
 
@@ -71,18 +81,22 @@ export class Sharing {
       link.href = share.url;
       link.target = "_blank";
       link.rel = "noopener noreferrer";
-      link.textContent = share.conversation_exists ? share.title : `${share.title} (deleted chat)`;
-      const revoke = document.createElement("button");
-      revoke.type = "button";
-      revoke.textContent = "✕";
-      revoke.title = "Revoke this link";
-      revoke.dataset.testid = "revoke";
-      revoke.addEventListener("click", () => this.run(async () => {
-        await api.revokeShare(share.id);
-        if (share.conversation_id === this.conversationId) this.box.hidden = true;
-        await this.handlers.onChanged();
-      }));
-      li.append(link, revoke);
+      const title = document.createElement("span");
+      title.className = "conversation-title";
+      title.textContent = share.conversation_exists ? share.title : `${share.title} (deleted chat)`;
+      link.replaceChildren(icon("link", { size: 14 }), title);
+      const revoke = iconButton("x", `Revoke the link to “${share.title}”`, {
+        testid: "revoke",
+        onClick: () => this.run(async () => {
+          await api.revokeShare(share.id);
+          if (share.conversation_id === this.conversationId) this.box.hidden = true;
+          await this.handlers.onChanged();
+        }),
+      });
+      const actions = document.createElement("span");
+      actions.className = "item-actions";
+      actions.append(revoke);
+      li.append(link, actions);
       return li;
     }));
   }

@@ -1,0 +1,9 @@
+// Starts the page's first API requests while app.js and its modules are still being fetched
+// and compiled (no imports, so it runs as soon as the document is parsed). api.js takes each
+// answer once, by path, instead of asking again.
+const app = document.getElementById("app");
+const paths = ["/api/models", "/api/conversations", "/api/shares"];
+if (app?.dataset.conversationId) paths.push(`/api/conversations/${encodeURIComponent(app.dataset.conversationId)}`);
+globalThis.bchatPrefetch = Object.fromEntries(paths.map((path) => [path, fetch(path, {
+  headers: { Accept: "application/json" }, credentials: "same-origin",
+})]));

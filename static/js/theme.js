@@ -1,0 +1,11 @@
+// Loaded before the stylesheet (a classic, blocking script: the CSP allows no inline one) so a
+// theme the visitor chose is on <html> before the first paint. Without a choice the page
+// follows prefers-color-scheme in CSS. app.js owns the toggle.
+(() => {
+  try {
+    const theme = localStorage.getItem("bchat.theme");
+    if (theme === "light" || theme === "dark") document.documentElement.dataset.theme = theme;
+  } catch {
+    /* storage refused (private mode): follow the system */
+  }
+})();
