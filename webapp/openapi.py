@@ -81,7 +81,21 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": _ID, "title": {"type": "string"}, "created_at": _TIME, "updated_at": _TIME,
             "shared": {"type": "boolean"},
+            "source": {"type": "string", "enum": ["chat", "api"],
+                       "description": "api: stored by a /v1 call made with an API key"},
             "messages": {"type": "array", "items": _ref("Message")},
+        },
+    },
+    "ApiKey": {
+        "type": "object",
+        "required": ["id", "name", "prefix", "created_at", "revoked"],
+        "properties": {
+            "id": _ID, "name": {"type": "string"},
+            "prefix": {"type": "string", "description": "the token's first characters"},
+            "created_at": _TIME,
+            "last_used_at": {**_TIME, "nullable": True},
+            "revoked": {"type": "boolean"},
+            "revoked_at": {**_TIME, "nullable": True},
         },
     },
     "Message": {
@@ -332,6 +346,35 @@ PATHS: dict[str, Any] = {
         "parameters": [{"name": "share_id", "in": "path", "required": True, "schema": _ID}],
         "delete": {
             "operationId": "revoke_share_by_id", "summary": "revoke a link from the list",
+            "responses": _responses("204", None, "revoked"),
+        },
+    },
+    "/api/keys": {
+        "get": {
+            "operationId": "list_keys", "summary": "your API keys for /v1 (revoked ones too)",
+            "responses": _responses("200", {
+                "type": "object", "required": ["keys"],
+                "properties": {"keys": {"type": "array", "items": _ref("ApiKey")}},
+            }, "the keys, newest first"),
+        },
+        "post": {
+            "operationId": "create_key",
+            "summary": "make a key for /v1 (Authorization: Bearer <token>) acting as you",
+            "requestBody": _body({
+                "type": "object", "required": ["name"],
+                "properties": {"name": {**_TEXT, "maxLength": 100}},
+            }),
+            "responses": _responses("201", {
+                "type": "object", "required": ["key", "token"],
+                "properties": {"key": _ref("ApiKey"),
+                               "token": {"type": "string", "description": "shown only now"}},
+            }, "the key, and its token (never shown again)"),
+        },
+    },
+    "/api/keys/{key_id}": {
+        "parameters": [{"name": "key_id", "in": "path", "required": True, "schema": _ID}],
+        "delete": {
+            "operationId": "revoke_key", "summary": "revoke a key: calls made with it get 401",
             "responses": _responses("204", None, "revoked"),
         },
     },

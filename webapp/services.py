@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from flask import current_app
 
+from .api_keys import KeyService
 from .chats import ChatService
 from .db import Database
 from .engines import EngineRegistry
@@ -24,6 +25,7 @@ class Services:
     engines: EngineRegistry
     shares: ShareService
     runs: RunService
+    keys: KeyService
 
     def close(self) -> None:
         self.runs.shutdown()
