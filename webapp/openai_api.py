@@ -62,7 +62,7 @@ def openai_error(status: int, message: str, code: str | None = None, *, kind: st
 
 def engine_failure(code: str) -> int:
     """The HTTP status for a reply that failed with engine error ``code``."""
-    if code in REQUEST_FAULTS:
+    if code in REQUEST_FAULTS or code == "upstream_rejected":
         return 400
     if code == "unknown_model":
         return 404

@@ -122,10 +122,75 @@ def check_stop(value: Any) -> tuple[str, ...]:
 # -- grammars -----------------------------------------------------------------------------------
 
 
-def _converter():
-    from llama_cpp.llama_grammar import SchemaConverter
+INT_DIGITS = 16  # as the converter's own integer rule: at most 16 digits
 
-    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+def _digit_ranges(low: int, high: int) -> list[str]:
+    """GBNF alternatives matching exactly the decimal numbers low..high (0 <= low <= high):
+    split into runs that share a prefix and end in whole digit ranges (as to-regex-range)."""
+
+    def nines(value: int, n: int) -> int:
+        text = str(value)
+        return int(text[:-n] + "9" * n) if n < len(text) else int("9" * n)
+
+    stops = {high}
+    n = 1
+    while low <= (stop := nines(low, n)) < high:
+        stops.add(stop)
+        n += 1
+    n = 1
+    while low < (stop := (high + 1) - (high + 1) % 10**n - 1) <= high:
+        stops.add(stop)
+        n += 1
+    out, start = [], low
+    for stop in sorted(stops):
+        parts = []
+        for a, b in zip(str(start), str(stop), strict=True):
+            parts.append(f'"{a}"' if a == b else f"[{a}-{b}]")
+        out.append(" ".join(parts))
+        start = stop + 1
+    return out
+
+
+def integer_rule(schema: dict[str, Any]) -> str:
+    """An integer between the schema's bounds (missing ones: 16 digits), exactly."""
+    limit = 10**INT_DIGITS - 1
+    low = schema.get("minimum", -limit)
+    high = schema.get("maximum", limit)
+    if isinstance(schema.get("exclusiveMinimum"), int | float):
+        low = max(low, int(schema["exclusiveMinimum"]) + 1)
+    if isinstance(schema.get("exclusiveMaximum"), int | float):
+        high = min(high, -int(-schema["exclusiveMaximum"]) - 1)
+    low, high = -(-low // 1), high // 1  # whole numbers inside fractional bounds
+    low, high = max(int(low), -limit), min(int(high), limit)
+    if low > high:
+        raise SchemaError(f"no integer lies between {low} and {high}")
+    alternatives = []
+    if low < 0:
+        alternatives += [f'"-" {p}' for p in _digit_ranges(max(1, -high), -low)]
+    if high >= 0:
+        alternatives += _digit_ranges(max(0, low), high)
+    return "(" + " | ".join(f"({a})" for a in alternatives) + ") space"
+
+
+def _converter():
+    from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
+
+    class Converter(SchemaConverter):
+        """The vendored converter ignores integer bounds (its own TODO); llama.cpp's C++ one
+        enforces them. Enforced here too, or a schema's "maximum": 9 would let 4343434343
+        through."""
+
+        def visit(self, schema, name):
+            bounds = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+            if isinstance(schema, dict) and schema.get("type") == "integer" and any(
+                    isinstance(schema.get(b), int | float) and not isinstance(schema.get(b), bool)
+                    for b in bounds):
+                rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+                return self._add_rule(rule_name, integer_rule(schema))
+            return super().visit(schema, name)
+
+    return Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
 
 
 def _rules(schema: dict[str, Any], name: str) -> str:
@@ -137,6 +202,8 @@ def _rules(schema: dict[str, Any], name: str) -> str:
         grammar = converter.format_grammar()
     except RecursionError:
         raise SchemaError("the JSON schema nests too deeply to be turned into a grammar") from None
+    except SchemaError:
+        raise
     except Exception as exc:  # the converter reports with asserts and KeyErrors
         raise SchemaError(f"the JSON schema cannot be turned into a grammar: "
                           f"{str(exc)[:200] or type(exc).__name__}") from None
