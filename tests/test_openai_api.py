@@ -389,3 +389,18 @@ def test_stop_matcher_holds_back_a_possible_stop_string():
     assert matcher.feed("..ST") == ("..", False)
     assert matcher.feed("OP and more") == ("", True)
     assert StopMatcher(()).feed("anything") == ("anything", False)
+
+
+@pytest.mark.parametrize("parallel", [1, 4], ids=["one-at-a-time", "batched"])
+def test_a_grammar_llama_cpp_refuses_fails_that_request_only(make_app, parallel):
+    from webapp.engines.base import EngineError, Finished
+
+    engine = make_app(PARALLEL=parallel).extensions["bchat"].engines.engines[0]
+    user = [{"role": "user", "content": "hi"}]
+    with pytest.raises(EngineError) as err:
+        list(engine.stream("tiny-chat", user, GenerationOptions(grammar="root ::= nowhere"),
+                           threading.Event()))
+    assert err.value.code == "bad_grammar"
+    after = list(engine.stream("tiny-chat", user, GenerationOptions(max_tokens=3, temperature=0),
+                               threading.Event()))
+    assert isinstance(after[-1], Finished) and after[-1].completion_tokens == 3
