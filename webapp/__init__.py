@@ -17,7 +17,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The app factory: settings, database, engines, blueprints, socket, headers."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, model_files, pages, security, socket
+    from . import api, model_files, openai_api, pages, security, socket
+    from .api_keys import KeyService
     from .benchmarks import BenchmarkService
     from .chats import ChatService
     from .db import Database
@@ -66,6 +67,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         shares=ShareService(db, chats, app.config["SECRET_KEY"], model_facts),
         runs=runs,
         benchmarks=BenchmarkService(db, engines, catalogue, runs),
+        keys=KeyService(db),
     )
     try:
         # Replies left "streaming" by a process that died become "interrupted", text kept.
@@ -77,6 +79,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(socket.bp)
     app.register_blueprint(model_files.bp)
+    app.register_blueprint(openai_api.bp)
     if app.config["PROXY_FIX"]:
         n = app.config["PROXY_FIX"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]

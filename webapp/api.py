@@ -368,3 +368,31 @@ def search_conversations():
     if len(query) > MAX_QUERY_CHARS:
         raise ApiError(400, "query_too_long", f"search for at most {MAX_QUERY_CHARS} characters")
     return {"results": search(get_services().db, owner_id(), query)}
+
+
+# -- API keys (for /v1) ------------------------------------------------------------------------
+
+
+def _public_key(key: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in key.items() if k != "owner"}
+
+
+@bp.post("/api/keys")
+def create_key():
+    """A key for /v1 acting as this visitor; the token is in this answer only."""
+    key, token = get_services().keys.create(owner_id(), json_body().get("name"))
+    return {"key": _public_key(key), "token": token}, 201
+
+
+@bp.get("/api/keys")
+def list_keys():
+    return {"keys": [_public_key(k) for k in get_services().keys.list_for(owner_id())]}
+
+
+@bp.delete("/api/keys/<key_id>")
+def revoke_key(key_id: str):
+    try:
+        get_services().keys.revoke(owner_id(), key_id)
+    except NotFound:
+        raise AppError("not_found", "no such API key", status=404) from None
+    return "", 204

@@ -63,7 +63,8 @@ def parse_time(value: object) -> datetime | None:
 
 
 MISSING: Any = object()  # "not given", as opposed to an explicit null (e.g. parent_id)
-SETTING_NAMES = ("system", "temperature", "top_p", "max_tokens", "seed", "model", "engine")
+SETTING_NAMES = ("system", "temperature", "top_p", "max_tokens", "seed", "model", "engine",
+                 "response_format", "stop", "presence_penalty", "frequency_penalty")
 _THINK = re.compile(r"<think>.*?</think>\s*", re.S)
 
 
@@ -162,6 +163,7 @@ def conversation_dict(conv: Conversation, *, with_messages: bool = False) -> dic
         "created_at": _iso(conv.created_at),
         "updated_at": _iso(conv.updated_at),
         "settings": conv.settings or {},
+        "source": conv.source or "chat",
     }
     if with_messages:
         tree = Tree(conv.messages)
@@ -793,3 +795,40 @@ class ChatService:
         if not isinstance(title, str) or not title.strip():
             raise Invalid("bad_title", "title must be a non-empty string")
         return " ".join(title.split())[:TITLE_MAX]
+
+    # -- calls made through /v1 ------------------------------------------------------------
+    def begin_api_reply(
+        self, owner_id: str, messages: list[dict[str, Any]], provenance: Provenance, *,
+        run_owner: str,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A stored /v1 call: a new conversation (``source`` "api") holding the request's
+        messages and the run's assistant row, status "streaming". Returns (conversation,
+        reply). Tool turns are kept as the text the model saw, with their OpenAI fields in
+        ``meta.openai``, so the page shows them and they export like any other message."""
+        from .engines.structured import render_messages
+
+        first_user = next((m for m in messages if m.get("role") == "user"), None)
+        title = title_from(render_messages([first_user])[0]["content"]) if first_user else "API call"
+        with self.db.write() as session:
+            conv = Conversation(owner_id=owner_id, title=self._clean_title(title), source="api")
+            for original in messages:
+                turn = render_messages([original])[0]
+                extra = {k: original[k] for k in ("tool_calls", "tool_call_id", "name")
+                         if k in original}
+                if original.get("role") not in ROLES:
+                    extra["role"] = original.get("role")
+                conv.messages.append(Message(
+                    role=turn["role"], content=turn["content"], status="complete",
+                    meta={"openai": extra} if extra else None,
+                ))
+            now = utcnow()
+            message = Message(
+                role="assistant", content="", status="streaming",
+                engine=provenance.engine, backend=provenance.backend, model=provenance.model,
+                meta=provenance.meta or None, updated_at=now, run_owner=run_owner,
+            )
+            conv.messages.append(message)
+            conv.updated_at = now
+            session.add(conv)
+            session.flush()
+            return conversation_dict(conv), message_dict(message)

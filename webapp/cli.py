@@ -1,4 +1,4 @@
-"""The ``bchat`` command: serve, db upgrade, models (list/pull/remove), doctor, config."""
+"""The ``bchat`` command: serve, db upgrade, models (list/pull/remove), keys, doctor, config."""
 
 from __future__ import annotations
 
@@ -187,6 +187,49 @@ def bench(models: list[str] | None, tokens: int | None, *, store: bool) -> int:
     return 0
 
 
+def manage_keys(args) -> int:
+    """`bchat keys create|list|revoke`: API keys for /v1, for an admin at the shell."""
+    import secrets
+
+    from .api_keys import KeyService
+    from .db import Database
+    from .errors import AppError
+
+    config = _settings()
+    if not schema_is_current(config["DATABASE_URL"]):
+        print("the database is not at the latest schema: run `bchat db upgrade` first",
+              file=sys.stderr)
+        return 1
+    db = Database(config["DATABASE_URL"])
+    keys = KeyService(db)
+    try:
+        if args.keys_command == "create":
+            owner = args.owner or secrets.token_urlsafe(18)
+            key, token = keys.create(owner, args.name)
+            print(f"key {key['id']} ({key['name']}) for owner {owner}")
+            print(token)
+            print("This is the only time the key is shown: keep it somewhere safe.",
+                  file=sys.stderr)
+            return 0
+        if args.keys_command == "revoke":
+            key = keys.revoke(None, args.id)
+            print(f"revoked {key['id']} ({key['name']})")
+            return 0
+        listed = keys.list_for(args.owner)
+        for key in listed:
+            state = "revoked" if key["revoked"] else f"last used {key['last_used_at'] or 'never'}"
+            print(f"{key['id']}  {key['prefix']}…  {key['name']}  owner {key['owner']}  "
+                  f"created {key['created_at']}  {state}")
+        if not listed:
+            print("no API keys", file=sys.stderr)
+        return 0
+    except AppError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bchat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     p_remove = models_sub.add_parser("remove", help="delete a pulled model and its checksum file")
     p_remove.add_argument("name")
     p_remove.add_argument("--dir", help="models folder (as for pull)")
+    p_keys = sub.add_parser("keys", help="API keys for /v1: create, list (default), revoke")
+    keys_sub = p_keys.add_subparsers(dest="keys_command")
+    p_create = keys_sub.add_parser("create", help="make a key and print it (once)")
+    p_create.add_argument("--name", required=True, help="what the key is for")
+    p_create.add_argument("--owner", help="the owner id it acts as (a visitor's, to see its "
+                                          "calls in their chat list); default: a new owner")
+    p_list = keys_sub.add_parser("list", help="every key (or one owner's), revoked ones too")
+    p_list.add_argument("--owner")
+    p_revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    p_revoke.add_argument("id")
     sub.add_parser("doctor", help="check this installation and say what needs fixing")
     sub.add_parser("config", help="list the BCHAT_* settings and their defaults")
     p_bench = sub.add_parser("bench", help="run the benchmark prompt set on the server's models")
@@ -241,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.models_command == "remove":
             return remove_model(args.name, args.dir)
         return list_models()
+    if args.command == "keys":
+        if args.keys_command is None:
+            args.owner = None
+        return manage_keys(args)
     if args.command == "doctor":
         from .doctor import run_doctor
 

@@ -1,4 +1,4 @@
-"""The stored data: conversations, their messages, and share snapshots.
+"""The stored data: conversations, their messages, share snapshots and API keys.
 
 Integer primary keys stay internal; URLs and the API use random ``public_id`` strings.
 """
@@ -28,6 +28,7 @@ ROLES = ("system", "user", "assistant")
 FINAL_STATUSES = ("complete", "stopped", "failed", "interrupted")
 STATUSES = ("streaming", *FINAL_STATUSES)
 ENGINES = ("server", "browser")
+SOURCES = ("chat", "api")
 PROVENANCE_TEXT_MAX = 200  # backend, model, finish_reason
 
 
@@ -59,6 +60,8 @@ class Conversation(Base):
     # The conversation's own reply settings (system, temperature, top_p, max_tokens, model,
     # engine): a new conversation starts from the visitor's defaults, never from another's.
     settings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Where it came from: "chat" (the page) or "api" (a /v1 call made with an API key).
+    source: Mapped[str] = mapped_column(String(16), default="chat", server_default="chat")
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="conversation",
@@ -164,3 +167,21 @@ class Benchmark(Base):
     model_facts: Mapped[dict[str, Any]] = mapped_column(JSON)
     device: Mapped[dict[str, Any]] = mapped_column(JSON)
     results: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+
+
+class ApiKey(Base):
+    """A key for ``/v1``: calls made with it act as ``owner_id``. Only a sha256 of the token
+    is stored (the token is 256 random bits: no salt or slow hash is needed); ``prefix`` is
+    its first characters, so the owner can tell keys apart in a list."""
+
+    __tablename__ = "api_key"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True, default=new_public_id)
+    owner_id: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]

@@ -101,7 +101,21 @@ SCHEMAS: dict[str, Any] = {
             "shared": {"type": "boolean"},
             "settings": {"type": "object"},
             "current_message_id": {**_ID, "nullable": True},
+            "source": {"type": "string", "enum": ["chat", "api"],
+                       "description": "api: stored by a /v1 call made with an API key"},
             "messages": {"type": "array", "items": _ref("Message")},
+        },
+    },
+    "ApiKey": {
+        "type": "object",
+        "required": ["id", "name", "prefix", "created_at", "revoked"],
+        "properties": {
+            "id": _ID, "name": {"type": "string"},
+            "prefix": {"type": "string", "description": "the token's first characters"},
+            "created_at": _TIME,
+            "last_used_at": {**_TIME, "nullable": True},
+            "revoked": {"type": "boolean"},
+            "revoked_at": {**_TIME, "nullable": True},
         },
     },
     "Message": {
@@ -311,9 +325,14 @@ PATHS: dict[str, Any] = {
                 "properties": {
                     "backend": {"type": "string", "enum": ["webgpu", "wasm-mt", "wasm-st"]},
                     "model": {"type": "string", "minLength": 1, "maxLength": 200},
-                    "device": {"type": "object"},
+                    "device": {"type": "object", "additionalProperties": False, "properties": {
+                        "cores": {"type": "integer", "minimum": 1, "maximum": 1024},
+                        "device_memory": {"type": "number", "minimum": 0, "maximum": 1024},
+                        "gpu": {"type": "string", "maxLength": 80, "nullable": True},
+                        "browser": {"type": "string", "maxLength": 80, "nullable": True},
+                        "os": {"type": "string", "maxLength": 80, "nullable": True}}},
                     "results": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
-                        "type": "object", "required": ["prompt"],
+                        "type": "object", "required": ["prompt"], "additionalProperties": False,
                         "properties": {"prompt": {"type": "string", "enum": ["short", "long"]},
                                        "prompt_tokens": _TALLY, "prompt_cached": _TALLY,
                                        "completion_tokens": _TALLY, "prompt_ms": _FIGURE,
@@ -436,6 +455,35 @@ PATHS: dict[str, Any] = {
         "parameters": [{"name": "share_id", "in": "path", "required": True, "schema": _ID}],
         "delete": {
             "operationId": "revoke_share_by_id", "summary": "revoke a link from the list",
+            "responses": _responses("204", None, "revoked"),
+        },
+    },
+    "/api/keys": {
+        "get": {
+            "operationId": "list_keys", "summary": "your API keys for /v1 (revoked ones too)",
+            "responses": _responses("200", {
+                "type": "object", "required": ["keys"],
+                "properties": {"keys": {"type": "array", "items": _ref("ApiKey")}},
+            }, "the keys, newest first"),
+        },
+        "post": {
+            "operationId": "create_key",
+            "summary": "make a key for /v1 (Authorization: Bearer <token>) acting as you",
+            "requestBody": _body({
+                "type": "object", "required": ["name"],
+                "properties": {"name": {**_TEXT, "maxLength": 100}},
+            }),
+            "responses": _responses("201", {
+                "type": "object", "required": ["key", "token"],
+                "properties": {"key": _ref("ApiKey"),
+                               "token": {"type": "string", "description": "shown only now"}},
+            }, "the key, and its token (never shown again)"),
+        },
+    },
+    "/api/keys/{key_id}": {
+        "parameters": [{"name": "key_id", "in": "path", "required": True, "schema": _ID}],
+        "delete": {
+            "operationId": "revoke_key", "summary": "revoke a key: calls made with it get 401",
             "responses": _responses("204", None, "revoked"),
         },
     },

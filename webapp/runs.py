@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from .chats import MISSING, ChatService, Provenance
 from .engines import EngineRegistry
 from .engines.base import (
+    EXTRA_OPTION_NAMES,
     OPTION_NAMES,
     EngineError,
     Finished,
@@ -39,7 +40,7 @@ from .engines.base import (
     UnknownModel,
 )
 from .errors import AppError, Invalid, RateLimited
-from .models import utcnow
+from .models import new_public_id, utcnow
 from .security import short
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class SlidingWindow:
 
 class Run:
     """One reply being written in this process."""
+
+    stored = True  # False for a /v1 call with "store": false: nothing reaches the database
 
     def __init__(self, *, message_id: str, conversation_id: str, owner: str, model: str,
                  engine: Any, options: GenerationOptions, history: list[dict[str, str]],
@@ -264,7 +267,7 @@ class RunService:
         base = self.chats.conversation_settings(owner, conversation_id)
         if new_settings:
             base.update({k: v for k, v in new_settings.items() if v is not None})
-        raw = {k: base[k] for k in OPTION_NAMES if base.get(k) is not None}
+        raw = {k: base[k] for k in OPTION_NAMES + EXTRA_OPTION_NAMES if base.get(k) is not None}
         raw.update(options or {})
         parsed = self.options(raw)
         chosen = model or base.get("model") or self.engines.default_model
@@ -489,6 +492,9 @@ class RunService:
                 self.runs.pop(run.message_id, None)
 
     def _settle(self, run: Run, finished: Finished | None, error: EngineError | None) -> None:
+        if not run.stored:
+            self._settle_unstored(run, finished, error)
+            return
         meta: dict[str, Any] = dict(finished.meta) if finished else {}
         meta["options"] = run.options.to_dict()
         earlier_tokens = 0
@@ -535,6 +541,71 @@ class RunService:
                  provenance.completion_tokens, time.perf_counter() - run.started_at)
         run.settle(final_frame(stored))
 
+    # -- runs for /v1: the client's whole message list, stored or not ------------------------
+    def start_api(
+        self, owner: str, messages: list[dict[str, Any]], *, model: Any, options: GenerationOptions,
+        store: bool, ip: str | None = None, watcher: Watcher | None = None,
+    ) -> Run:
+        """A reply to ``messages`` as an OpenAI client sent them (tool turns included). With
+        ``store`` the call becomes a conversation of ``owner`` (source "api") that grows like
+        any reply; without, nothing is written and the final frame carries the reply."""
+        model = model or self.engines.default_model
+        if not isinstance(model, str):
+            raise AppError("unknown_model", "no model is available on this server", status=404)
+        try:
+            engine = self.engines.engine_for(model)
+        except UnknownModel as exc:
+            raise AppError("unknown_model", exc.message, status=404) from None
+        self.admit(owner, ip)
+        provenance = Provenance(engine="server", backend=getattr(engine, "name", None),
+                                model=model, meta={"options": options.to_dict()})
+        if store:
+            conv, reply = self.chats.begin_api_reply(owner, messages, provenance,
+                                                     run_owner=self.identity)
+            message_id, conversation_id = reply["id"], conv["id"]
+        else:
+            conv, reply = None, None
+            message_id, conversation_id = new_public_id(), ""
+        started = {"type": "started", "conversation_id": conversation_id or None,
+                   "conversation": conv, "message_id": message_id, "model": model, "reply": reply}
+        run = Run(message_id=message_id, conversation_id=conversation_id, owner=owner, model=model,
+                  engine=engine, options=options, history=messages, started_frame=started)
+        run.stored = store
+        if watcher is not None:
+            run.attach(watcher)
+        with self._lock:
+            self.runs[run.message_id] = run
+        self._wake.set()
+        log.info("api call: reply %s with %s (%s)", short(message_id), model,
+                 "stored" if store else "not stored")
+        threading.Thread(target=self._drive, args=(run,), name="bchat-run", daemon=True).start()
+        return run
+
+    def _settle_unstored(self, run: Run, finished: Finished | None,
+                         error: EngineError | None) -> None:
+        """The final frame of a run kept only in memory: the same message dict a stored
+        reply's final frame carries."""
+        meta: dict[str, Any] = dict(finished.meta) if finished else {}
+        meta["options"] = run.options.to_dict()
+        if error is not None:
+            status, finish_reason = "failed", "error"
+            meta["error"] = {"code": error.code, "message": error.message}
+        elif finished is None or finished.finish_reason == "stopped":
+            status, finish_reason = "stopped", "stopped"
+            meta["stop_reason"] = run.stop_reason or "user"
+        else:
+            status, finish_reason = "complete", finished.finish_reason
+        message = {
+            "id": run.message_id, "role": "assistant", "content": run.text, "status": status,
+            "created_at": None, "engine": "server", "backend": getattr(run.engine, "name", None),
+            "model": run.model,
+            "usage": {"prompt_tokens": finished.prompt_tokens if finished else None,
+                      "completion_tokens": finished.completion_tokens if finished else None},
+            "tokens_per_second": finished.tokens_per_second if finished else None,
+            "finish_reason": finish_reason, "meta": meta,
+        }
+        run.settle(final_frame(message))
+
     # -- persistence ------------------------------------------------------------------------
     def _keep(self) -> None:
         """Flushes growing text, renews leases, and stops runs nobody watches any more."""
@@ -559,7 +630,7 @@ class RunService:
             if run.orphaned_at is not None and now - run.orphaned_at >= self.grace:
                 run.stop("disconnect")
             with run.lock:
-                if run.final_frame is not None:
+                if run.final_frame is not None or not run.stored:
                     continue
                 if run.length != run.flushed:
                     contents[run.message_id] = "".join(run.parts)

@@ -10,7 +10,8 @@
   built from Host, so without this a DNS-rebinding page could talk to a loopback bchat as if
   it were same-origin.
 - Passcode (BCHAT_PASSCODE): when set, a visitor enters it once (rate-limited per address,
-  compared in constant time) before getting an identity; share links stay readable.
+  compared in constant time) before getting an identity; share links stay readable. ``/v1``
+  (the OpenAI-compatible API) is not behind it: an API key is its gate (openai_api.py).
 - Headers: a strict CSP, and COOP/COEP so the page is cross-origin isolated (the browser
   engine needs that for multi-threaded WebAssembly); private answers are never cached.
 - Logs: Flask's exception log goes through redact(), so it never prints a full id or token.
@@ -226,6 +227,8 @@ _OPEN_ENDPOINTS = {"static", "pages.passcode", "pages.shared", "pages.continue_s
 def check_passcode():
     if not passcode_required() or request.endpoint in _OPEN_ENDPOINTS or request.endpoint is None:
         return None
+    if request.path.startswith("/v1/"):
+        return None  # the OpenAI-compatible API: API keys are its gate, not the page's cookie
     if request.blueprint == "api":
         response = jsonify({"error": {"code": "passcode_required",
                                       "message": "enter the site's passcode first"}})

@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import current_app
 
+from .api_keys import KeyService
 from .benchmarks import BenchmarkService
 from .chats import ChatService
 from .db import Database
@@ -28,6 +29,7 @@ class Services:
     shares: ShareService
     runs: RunService
     benchmarks: BenchmarkService
+    keys: KeyService
     # Open chat sockets, so a shutdown can close them (with 1001, "going away") instead of
     # waiting for every visitor to leave.
     sockets: set[Any] = field(default_factory=set)

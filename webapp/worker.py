@@ -1,5 +1,7 @@
 """`bchat worker`: the embedded llama.cpp models in a process of their own, served over an
-OpenAI-compatible HTTP API (``/v1/models``, streaming ``/v1/chat/completions``).
+OpenAI-compatible HTTP API (``/v1/models``, streaming ``/v1/chat/completions``). Requests are
+read and replies shaped by the same code as the main app's ``/v1`` (openai_api.py), so
+``response_format``, ``tools``, ``stop`` and the rest are enforced here too.
 
 Any number of web processes (``gunicorn -w N``) point ``BCHAT_WORKER_URL`` at it, so each
 model is loaded once on the machine, and requests from every web worker queue for its one
@@ -11,11 +13,10 @@ a failed write ends the generator, which cancels the request.
 from __future__ import annotations
 
 import hmac
-import json
+import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,14 +27,16 @@ from .engines.base import (
     ContextTooLong,
     EngineError,
     Finished,
-    GenerationOptions,
     Idle,
     Queued,
     Token,
     UnknownModel,
 )
 from .engines.llamacpp import LlamaCppEngine
+from .errors import AppError
 from .model_files import ModelCatalogue
+from .openai_api import CompletionShaper, parse_chat_request, sse
+from .validation import parse_json_text
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ def error_response(status: int, message: str, kind: str, code: str | None = None
 def engine_error_payload(exc: EngineError) -> tuple[int, str]:
     if isinstance(exc, ContextTooLong):
         return 400, "exceed_context_size_error"  # as llama-server names it
+    if exc.code == "bad_grammar":
+        return 400, "invalid_request_error"
     if isinstance(exc, UnknownModel):
         return 404, "model_not_found"
     return 500, exc.code
@@ -87,87 +92,69 @@ def list_models():
     }
 
 
-def parse_request(body: Any) -> tuple[str, list[dict[str, str]], GenerationOptions, bool, bool]:
-    if not isinstance(body, dict):
-        raise ValueError("the body must be a JSON object")
-    model = body.get("model")
-    messages = body.get("messages")
-    if not isinstance(model, str):
-        raise ValueError("model is required")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list")
-    clean = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise ValueError("each message needs a role of system, user or assistant")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI's content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if not isinstance(content, str):
-            raise ValueError("message content must be text")
-        clean.append({"role": m["role"], "content": content})
-    limit = current_app.config["MAX_TOKENS_LIMIT"]
-    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 512
-    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
-        raise ValueError(f"max_tokens must be from 1 to {limit}")
-    temperature, top_p = body.get("temperature"), body.get("top_p")
-    options = GenerationOptions(
-        temperature=float(0.7 if temperature is None else temperature),
-        top_p=float(0.95 if top_p is None else top_p),
-        max_tokens=max_tokens,
-        seed=body.get("seed") if isinstance(body.get("seed"), int) else None,
-    )
-    usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    return model, clean, options, bool(body.get("stream")), usage
-
-
-def _chunk(base: dict, **fields) -> bytes:
-    return f"data: {json.dumps({**base, **fields}, ensure_ascii=False)}\n\n".encode()
+def _request_options() -> dict[str, int]:
+    config = current_app.config
+    return {"default_max_tokens": config["MAX_TOKENS"],
+            "max_tokens_limit": config["MAX_TOKENS_LIMIT"],
+            "max_message_chars": config["MAX_MESSAGE_CHARS"]}
 
 
 @bp.post("/v1/chat/completions")
 def chat_completions():
     engine: LlamaCppEngine = current_app.extensions[ENGINE_KEY]
     try:
-        model, messages, options, stream, include_usage = parse_request(request.get_json(silent=True))
-    except ValueError as exc:
-        return error_response(400, str(exc), "invalid_request_error")
+        body = parse_json_text(request.get_data(cache=True),
+                               max_bytes=current_app.config["MAX_UPLOAD_BYTES"])
+        call = parse_chat_request(body, **_request_options())
+    except AppError as exc:
+        return error_response(exc.status, exc.message, "invalid_request_error", exc.code)
+    model = call.model
+    if model is None:
+        models = engine.models()
+        if not models:
+            return error_response(404, "this worker serves no models", "model_not_found")
+        model = models[0].id
     cancel = threading.Event()
     try:
-        chunks = engine.stream(model, messages, options, cancel, heartbeat=HEARTBEAT_SECONDS)
+        chunks = engine.stream(model, call.messages, call.options, cancel, heartbeat=HEARTBEAT_SECONDS)
     except UnknownModel as exc:
         return error_response(404, exc.message, "model_not_found")
-    base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": model}
-    if not stream:
-        return _complete(chunks, cancel, base)
+    shaper = CompletionShaper(model, call.options, include_usage=call.include_usage)
+    if not call.stream:
+        return _complete(chunks, cancel, shaper)
+
+    # The first item decides between an error status and a stream (a grammar llama.cpp
+    # cannot compile, a prompt too long: 400 like any other bad request).
+    try:
+        first = next(chunks)
+    except StopIteration:
+        first = None
+    except EngineError as exc:
+        cancel.set()
+        status, kind = engine_error_payload(exc)
+        return error_response(status, exc.message, kind)
 
     def events() -> Iterator[bytes]:
         try:
-            yield _chunk(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None}])
-            for item in chunks:
+            yield sse(shaper.first())
+            for item in itertools.chain([first] if first is not None else [], chunks):
                 if isinstance(item, Token):
-                    yield _chunk(base, choices=[{"index": 0, "delta": {"content": item.text},
-                                                 "finish_reason": None}])
+                    for chunk in shaper.feed(item.text):
+                        yield sse(chunk)
                 elif isinstance(item, Queued):
-                    yield _chunk(base, choices=[], bchat_queued=item.position)
+                    yield sse(shaper.chunk(None, bchat_queued=item.position))
                 elif isinstance(item, Idle):
                     yield b": keepalive\n\n"  # fails fast once the client has gone
                 elif isinstance(item, Finished):
-                    reason = "length" if item.finish_reason == "length" else "stop"
-                    yield _chunk(base, choices=[{"index": 0, "delta": {}, "finish_reason": reason}],
-                                 timings={"bchat": item.meta,
-                                          "predicted_per_second": item.tokens_per_second})
-                    if include_usage:
-                        yield _chunk(base, choices=[], usage={
-                            "prompt_tokens": item.prompt_tokens,
-                            "completion_tokens": item.completion_tokens,
-                            "total_tokens": item.prompt_tokens + item.completion_tokens})
+                    usage = {"prompt_tokens": item.prompt_tokens,
+                             "completion_tokens": item.completion_tokens}
+                    timings = {"bchat": item.meta, "predicted_per_second": item.tokens_per_second}
+                    for chunk in shaper.finish(item.finish_reason, usage, {}, timings):
+                        yield sse(chunk)
             yield b"data: [DONE]\n\n"
         except EngineError as exc:
             status, kind = engine_error_payload(exc)
-            yield _chunk({}, error={"message": exc.message, "type": kind, "code": status})
+            yield sse({"error": {"message": exc.message, "type": kind, "code": status}})
         finally:
             cancel.set()  # the client went away (GeneratorExit) or we are done: free the model
 
@@ -175,20 +162,16 @@ def chat_completions():
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _complete(chunks, cancel: threading.Event, base: dict):
+def _complete(chunks, cancel: threading.Event, shaper: CompletionShaper):
     parts: list[str] = []
     try:
         for item in chunks:
             if isinstance(item, Token):
                 parts.append(item.text)
             elif isinstance(item, Finished):
-                reason = "length" if item.finish_reason == "length" else "stop"
-                return {**base, "object": "chat.completion",
-                        "choices": [{"index": 0, "finish_reason": reason,
-                                     "message": {"role": "assistant", "content": "".join(parts)}}],
-                        "usage": {"prompt_tokens": item.prompt_tokens,
-                                  "completion_tokens": item.completion_tokens,
-                                  "total_tokens": item.prompt_tokens + item.completion_tokens}}
+                usage = {"prompt_tokens": item.prompt_tokens,
+                         "completion_tokens": item.completion_tokens}
+                return shaper.complete("".join(parts), item.finish_reason, usage, {})
     except EngineError as exc:
         status, kind = engine_error_payload(exc)
         return error_response(status, exc.message, kind)

@@ -5,7 +5,7 @@ Existing conversations become single branches: each message's parent is the one 
 and the current leaf is the newest message.
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0006
 Create Date: 2026-11-29 14:40:00
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0008'
-down_revision = '0005'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 

@@ -14,32 +14,49 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 OPTION_NAMES = ("system", "temperature", "top_p", "max_tokens", "seed")
+# Options a client may also send (the socket, the worker, /v1), kept out of to_dict() unless set.
+EXTRA_OPTION_NAMES = ("stop", "presence_penalty", "frequency_penalty", "response_format")
+TOOL_OPTION_NAMES = ("tools", "tool_choice")  # OpenAI request bodies only
 SEED_LIMIT = 2**32  # llama.cpp samplers take a uint32 seed
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """How to write one reply: the one options model of the socket, the worker and the API."""
+    """How to write one reply: the one options model of the socket, the worker and the API.
+
+    ``response_format``, ``tools`` and ``tool_choice`` are kept as OpenAI spells them (an
+    upstream gets them as given); ``grammar`` is the GBNF the embedded engines enforce for
+    them, built (and so checked) when the options are parsed."""
 
     system: str | None = None
     temperature: float = 0.7
     top_p: float = 0.95
     max_tokens: int = 512
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = field(default=None, compare=False)
+    tool_choice: Any = None
+    grammar: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def parse(
         cls, raw: Any, *, default_max_tokens: int = 512, max_tokens_limit: int = 4096,
-        max_system_chars: int = 32_000,
+        max_system_chars: int = 32_000, allow_tools: bool = False,
     ) -> GenerationOptions:
-        """Validated options from a client's dict; ``Invalid("bad_options")`` on any bad value."""
+        """Validated options from a client's dict; ``Invalid("bad_options")`` on any bad value.
+        ``allow_tools``: also ``tools``/``tool_choice`` (OpenAI request bodies)."""
         from ..errors import Invalid
+        from .structured import SchemaError, build_grammar, check_response_format, check_stop, check_tools
 
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
             raise Invalid("bad_options", "options must be an object")
-        unknown = set(raw) - set(OPTION_NAMES)
+        known = OPTION_NAMES + EXTRA_OPTION_NAMES + (TOOL_OPTION_NAMES if allow_tools else ())
+        unknown = set(raw) - set(known)
         if unknown:
             raise Invalid("bad_options", f"unknown options: {', '.join(sorted(map(str, unknown)))}")
 
@@ -60,16 +77,45 @@ class GenerationOptions:
         seed = raw.get("seed")
         if seed is not None:
             seed = number("seed", 0, SEED_LIMIT - 1, 0, integer=True)
+        try:
+            stop = check_stop(raw.get("stop"))
+            response_format = check_response_format(raw.get("response_format"))
+            tools, tool_choice = check_tools(raw.get("tools"), raw.get("tool_choice"))
+            grammar = build_grammar(response_format, tools, tool_choice)
+        except SchemaError as exc:
+            raise Invalid("bad_options", str(exc)) from None
         return cls(
             system=system or None,
             temperature=float(number("temperature", 0.0, 2.0, 0.7)),
             top_p=float(number("top_p", 0.0, 1.0, 0.95)),
             max_tokens=int(number("max_tokens", 1, max_tokens_limit, default_max_tokens, integer=True)),
             seed=seed,
+            stop=stop,
+            presence_penalty=float(number("presence_penalty", -2.0, 2.0, 0.0)),
+            frequency_penalty=float(number("frequency_penalty", -2.0, 2.0, 0.0)),
+            response_format=response_format,
+            tools=tools,
+            tool_choice=tool_choice,
+            grammar=grammar,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in OPTION_NAMES}
+        """What a reply's provenance records (compact: a schema's name, the tools' names)."""
+        data: dict[str, Any] = {name: getattr(self, name) for name in OPTION_NAMES}
+        if self.stop:
+            data["stop"] = list(self.stop)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                data[name] = getattr(self, name)
+        if self.response_format:
+            data["response_format"] = {"type": self.response_format["type"]}
+            name = (self.response_format.get("json_schema") or {}).get("name")
+            if isinstance(name, str):
+                data["response_format"]["name"] = name[:100]
+        if self.tools:
+            data["tools"] = [t["function"]["name"] for t in self.tools]
+            data["tool_choice"] = self.tool_choice
+        return data
 
 
 @dataclass(frozen=True)

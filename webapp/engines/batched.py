@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import EngineError, Finished, Token
-from .llamacpp import _DONE, ModelWorker, PromptBuilder, _Request
+from .llamacpp import _DONE, ModelWorker, PromptBuilder, _Request, penalties_sampler, start_grammar
+from .structured import StopMatcher, render_messages
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class _Slot:
     first_at: float | None = None
     last_at: float | None = None
     decoder: Any = None
+    stop: StopMatcher | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     logits_index: int = -1  # where this slot's logits are in the current batch, or -1
 
@@ -167,8 +169,9 @@ class BatchedModelWorker(ModelWorker):
         from llama_cpp import llama_cpp
 
         opts = request.options
+        messages = render_messages(request.messages, opts.tools, opts.tool_choice)
         prompt, dropped, max_tokens = self._builder.fit(
-            request.messages, opts.system, self.n_ctx, opts.max_tokens
+            messages, opts.system, self.n_ctx, opts.max_tokens
         )
         # The free slot whose cache shares the longest start with this prompt.
         def shared(slot: _Slot) -> int:
@@ -193,6 +196,7 @@ class BatchedModelWorker(ModelWorker):
         slot.started = time.perf_counter()
         slot.first_at = slot.last_at = None
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot.stop = StopMatcher(opts.stop)
         slot.meta = {"n_ctx": self.n_ctx, "parallel": self.parallel, "prompt_cached": keep}
         if dropped:
             slot.meta["trimmed_messages"] = dropped
@@ -200,9 +204,19 @@ class BatchedModelWorker(ModelWorker):
             self._tell_positions()
 
     def _sampler(self, opts):
+        """This request's own sampler chain: its grammar (if any) first, so a schema or tool
+        call constrains this slot only, never another chat in the batch."""
         from llama_cpp import llama_cpp
 
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        try:
+            if opts.grammar:
+                llama_cpp.llama_sampler_chain_add(chain, start_grammar(self._vocab, opts.grammar))
+            if opts.presence_penalty or opts.frequency_penalty:
+                llama_cpp.llama_sampler_chain_add(chain, penalties_sampler(opts))
+        except BaseException:
+            llama_cpp.llama_sampler_free(chain)
+            raise
         if opts.temperature <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain
@@ -271,10 +285,13 @@ class BatchedModelWorker(ModelWorker):
             return
         slot.n_generated += 1
         slot.last_at = now
-        text = slot.decoder.decode(self._llama.detokenize([token]))
+        text, stopped = slot.stop.feed(slot.decoder.decode(self._llama.detokenize([token])))
         if text:
             slot.request.out.put(Token(text))
-        if slot.n_generated >= slot.max_tokens:
+        if stopped:
+            slot.meta["stop_string"] = True
+            self._finish(slot, "stop")
+        elif slot.n_generated >= slot.max_tokens:
             self._finish(slot, "length")
         elif len(slot.cached) + 1 >= self.n_ctx:
             slot.meta["context_full"] = True
@@ -298,6 +315,13 @@ class BatchedModelWorker(ModelWorker):
 
         request = slot.request
         tail = slot.decoder.decode(b"", final=True)
+        if slot.stop is not None:
+            if slot.meta.get("stop_string"):
+                tail = ""  # the reply ended at the stop string: nothing after it is sent
+            else:
+                tail, hit = slot.stop.feed(tail)
+                tail += "" if hit else slot.stop.flush()
+            slot.stop = None
         if tail:
             request.out.put(Token(tail))
         if reason == "stopped":

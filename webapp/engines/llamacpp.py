@@ -34,6 +34,8 @@ from .base import (
 
 log = logging.getLogger(__name__)
 
+PENALTY_LAST_N = 64  # tokens the presence/frequency penalties look back over
+
 # Smallest reply room worth generating into when a long prompt barely fits.
 MIN_REPLY_TOKENS = 16
 
@@ -67,6 +69,29 @@ def fallback_template(setting: str | None) -> str | None:
     from pathlib import Path
 
     return Path(setting).read_text()
+
+
+def start_grammar(vocab, grammar: str):
+    """A grammar sampler for ``grammar`` (GBNF, root rule "root"); EngineError when llama.cpp
+    cannot compile it (it returns NULL and logs why), failing that request only."""
+    from llama_cpp import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise EngineError("llama.cpp could not compile the grammar for this response format",
+                          code="bad_grammar")
+    return sampler
+
+
+def penalties_sampler(options: GenerationOptions):
+    """OpenAI's presence and frequency penalties, over the last PENALTY_LAST_N tokens."""
+    from llama_cpp import llama_cpp
+
+    # The binding declares an older five-argument form (n_vocab first) while newer llama.cpp
+    # takes four: both integers get the same value, so either reading means "last 64 tokens".
+    return llama_cpp.llama_sampler_init_penalties(
+        PENALTY_LAST_N, PENALTY_LAST_N, 1.0, options.frequency_penalty, options.presence_penalty
+    )
 
 
 class PromptBuilder:
@@ -318,15 +343,25 @@ class ModelWorker:
             request.out.put(_DONE)
 
     def _generate(self, llama, builder: PromptBuilder, request: _Request) -> None:
-        from llama_cpp import llama_cpp
+        from llama_cpp import LlamaGrammar, llama_cpp
+
+        from .structured import StopMatcher, render_messages
 
         opts = request.options
+        messages = render_messages(request.messages, opts.tools, opts.tool_choice)
         prompt, dropped, max_tokens = builder.fit(
-            request.messages, opts.system, self.n_ctx, opts.max_tokens
+            messages, opts.system, self.n_ctx, opts.max_tokens
         )
         if opts.seed is not None:
             llama.set_seed(opts.seed)
         vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        grammar = None
+        if opts.grammar:
+            # Compiled once here to see that it compiles: Llama.generate adds a NULL sampler
+            # to its chain without looking, which would crash the process.
+            llama_cpp.llama_sampler_free(start_grammar(vocab, opts.grammar))
+            grammar = LlamaGrammar.from_string(opts.grammar)
+        stop = StopMatcher(opts.stop)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         meta: dict[str, Any] = {"n_ctx": self.n_ctx}
         if dropped:
@@ -342,6 +377,9 @@ class ModelWorker:
             top_k=40,
             min_p=0.05,
             repeat_penalty=1.0,
+            frequency_penalty=opts.frequency_penalty,
+            presence_penalty=opts.presence_penalty,
+            grammar=grammar,
             reset=True,  # reuses the longest cached prefix (earlier turns of this chat)
         )
         try:
@@ -359,9 +397,13 @@ class ModelWorker:
                     break
                 n_generated += 1
                 last_at = now
-                text = decoder.decode(llama.detokenize([token]))
+                text, hit = stop.feed(decoder.decode(llama.detokenize([token])))
                 if text:
                     request.out.put(Token(text))
+                if hit:
+                    finish = "stop"
+                    meta["stop_string"] = True
+                    break
                 if n_generated >= max_tokens:
                     finish = "length"
                     break
@@ -372,7 +414,10 @@ class ModelWorker:
                 raise EngineError(f"llama.cpp failed: {exc}") from exc
         finally:
             tokens.close()
-        tail = decoder.decode(b"", final=True)
+        tail = ""
+        if not meta.get("stop_string"):  # else the reply ended at the stop string
+            tail, hit = stop.feed(decoder.decode(b"", final=True))
+            tail += "" if hit else stop.flush()
         if tail:
             request.out.put(Token(tail))
         tps = None

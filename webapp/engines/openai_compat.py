@@ -121,6 +121,19 @@ class OpenAICompatEngine:
         )
         if options.seed is not None:
             request["seed"] = options.seed
+        # Passed through as the client gave them: the upstream enforces its own formats.
+        if options.stop:
+            request["stop"] = list(options.stop)
+        if options.presence_penalty:
+            request["presence_penalty"] = options.presence_penalty
+        if options.frequency_penalty:
+            request["frequency_penalty"] = options.frequency_penalty
+        if options.response_format:
+            request["response_format"] = options.response_format
+        if options.tools:
+            request["tools"] = options.tools
+            if options.tool_choice is not None:
+                request["tool_choice"] = options.tool_choice
         started = time.perf_counter()
         # The raw event stream, parsed here with json.loads: building the package's typed
         # chunk object costs ~140 us a token, CPU taken from the model on a small machine.
@@ -145,6 +158,8 @@ class OpenAICompatEngine:
         finish_reason = None
         usage: dict[str, Any] | None = None
         extra_meta: dict[str, Any] = {}
+        calls: dict[int, dict[str, Any]] = {}  # streamed tool calls, by index
+        reasoning: list[str] = []
         try:
             for line in response.iter_lines():
                 if not line.startswith("data:"):
@@ -165,7 +180,12 @@ class OpenAICompatEngine:
                 if isinstance(chunk.get("timings"), dict):
                     extra_meta["upstream_timings"] = chunk["timings"]
                 for choice in chunk.get("choices") or ():
-                    text = (choice.get("delta") or {}).get("content")
+                    delta = choice.get("delta") or {}
+                    _merge_tool_calls(calls, delta.get("tool_calls"))
+                    thought = delta.get("reasoning_content") or delta.get("reasoning")
+                    if isinstance(thought, str):
+                        reasoning.append(thought)
+                    text = delta.get("content")
                     if text:
                         now = time.perf_counter()
                         first_at = first_at or now
@@ -195,6 +215,10 @@ class OpenAICompatEngine:
         if first_at and last_at and last_at > first_at and completion > 1:
             tps = round((completion - 1) / (last_at - first_at), 2)
         meta = {"upstream": self.name, **extra_meta}
+        if calls:
+            meta["tool_calls"] = [calls[i] for i in sorted(calls)]
+        if reasoning:
+            meta["reasoning_content"] = "".join(reasoning)
         if first_at:
             meta["prompt_ms"] = round((first_at - started) * 1000, 1)
         yield Finished(
@@ -255,6 +279,26 @@ class OpenAICompatEngine:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _merge_tool_calls(calls: dict[int, dict[str, Any]], deltas: Any) -> None:
+    """OpenAI streams a tool call in pieces: the id and name first, then the arguments."""
+    if not isinstance(deltas, list):
+        return
+    for delta in deltas:
+        if not isinstance(delta, dict):
+            continue
+        index = delta.get("index") if isinstance(delta.get("index"), int) else len(calls)
+        call = calls.setdefault(index, {"id": "", "type": "function",
+                                        "function": {"name": "", "arguments": ""}})
+        if isinstance(delta.get("id"), str):
+            call["id"] = delta["id"]
+        function = delta.get("function") or {}
+        name = function.get("name")
+        if isinstance(name, str) and name and not call["function"]["name"]:
+            call["function"]["name"] = name  # sent once, with the first piece
+        if isinstance(function.get("arguments"), str):
+            call["function"]["arguments"] += function["arguments"]
 
 
 class _StreamError(Exception):
