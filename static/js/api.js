@@ -42,6 +42,9 @@ export const api = {
   conversations: () => request("GET", "/api/conversations"),
   conversation: (id) => request("GET", `/api/conversations/${encodeURIComponent(id)}`),
   createConversation: (title) => request("POST", "/api/conversations", { title }),
+  updateConversation: (id, changes) => request("PATCH", `/api/conversations/${encodeURIComponent(id)}`, changes),
+  defaults: () => request("GET", "/api/defaults"),
+  saveDefaults: (settings) => request("PUT", "/api/defaults", { settings }),
   rename: (id, title) => request("PATCH", `/api/conversations/${encodeURIComponent(id)}`, { title }),
   remove: (id) => request("DELETE", `/api/conversations/${encodeURIComponent(id)}`),
   share: (id, newLink = false) =>

@@ -8,6 +8,7 @@ import { Sharing } from "./ui/sharing.js";
 import { ConversationList } from "./ui/conversations.js";
 import { MessageView } from "./ui/messages.js";
 import { fillIcons, icon } from "./ui/icons.js";
+import { pathTo, siblingsByParent } from "./tree.js";
 import { Composer } from "./ui/composer.js";
 import { ContextMeter } from "./ui/context.js";
 
@@ -16,6 +17,7 @@ const $ = (testid) => root.querySelector(`[data-testid="${testid}"]`);
 
 const state = {
   conversationId: root.dataset.conversationId || null,
+  conversation: null, // the open conversation's tree, as GET /api/conversations/<id> gives it
 };
 
 fillIcons(root);
@@ -123,29 +125,55 @@ const settings = {
   maxTokens: $("max-tokens"),
 };
 
-// Reply settings persist per browser; the server validates them again.
-function loadSettings() {
-  const saved = JSON.parse(localStorage.getItem("bchat.settings") || "{}");
-  if (saved.system !== undefined) settings.system.value = saved.system;
-  if (saved.temperature !== undefined) settings.temperature.value = saved.temperature;
-  if (saved.maxTokens !== undefined) settings.maxTokens.value = saved.maxTokens;
+// Reply settings belong to the conversation (stored on the server with it, in its export and
+// share); a new conversation starts from the visitor's defaults, never from another's.
+let defaults = {};
+let pendingSettings = {}; // a conversation not created yet: sent with its first message
+
+function currentSettings() {
+  return state.conversation ? state.conversation.settings ?? {} : pendingSettings;
 }
 
-function saveSettings() {
-  localStorage.setItem("bchat.settings", JSON.stringify({
-    system: settings.system.value,
-    temperature: settings.temperature.value,
-    maxTokens: settings.maxTokens.value,
-  }));
+function showSettings(values = currentSettings()) {
+  settings.system.value = values.system ?? "";
+  settings.temperature.value = values.temperature ?? 0.7;
+  settings.maxTokens.value = values.max_tokens ?? root.dataset.defaultMaxTokens ?? 512;
+  if (values.model && modelInfo(values.model)) modelSelect.value = values.model;
+  if (values.engine) engineSelect.value = values.engine;
 }
 
-function replyOptions() {
-  const options = {};
-  if (settings.system.value.trim()) options.system = settings.system.value;
+function readSettings() {
+  const values = { system: settings.system.value.trim() ? settings.system.value : null };
   const temperature = Number.parseFloat(settings.temperature.value);
-  if (Number.isFinite(temperature)) options.temperature = temperature;
+  values.temperature = Number.isFinite(temperature) ? temperature : null;
   const maxTokens = Number.parseInt(settings.maxTokens.value, 10);
-  if (Number.isFinite(maxTokens)) options.max_tokens = maxTokens;
+  values.max_tokens = Number.isFinite(maxTokens) ? maxTokens : null;
+  values.model = modelSelect.value || null;
+  values.engine = engineSelect.value || null;
+  return values;
+}
+
+async function settingsChanged() {
+  const values = readSettings();
+  if (!state.conversation) {
+    pendingSettings = Object.fromEntries(Object.entries(values).filter(([, v]) => v !== null));
+    return;
+  }
+  try {
+    const updated = await api.updateConversation(state.conversation.id, { settings: values });
+    if (state.conversation?.id === updated.id) state.conversation.settings = updated.settings;
+  } catch (err) {
+    showError(err.message, { cause: "settings" });
+  }
+}
+
+// The options a reply is made with, for the engine that runs in this page (the server reads
+// the conversation's own settings).
+function replyOptions(values = currentSettings()) {
+  const options = {};
+  for (const name of ["system", "temperature", "top_p", "max_tokens", "seed"]) {
+    if (values[name] !== undefined && values[name] !== null && values[name] !== "") options[name] = values[name];
+  }
   return options;
 }
 
@@ -252,9 +280,9 @@ function contextLength() {
   return known.length ? Math.min(...known) : null;
 }
 
-function engineChanged() {
+function engineChanged({ save = true } = {}) {
   const engine = engineSelect.value;
-  localStorage.setItem("bchat.engine", engine);
+  if (save) localStorage.setItem("bchat.engine", engine);
   root.querySelector(".backend-choice").hidden = engine !== "browser";
   for (const option of modelSelect.options) {
     option.disabled = !modelInfo(option.value)?.engines.includes(engine);
@@ -347,6 +375,9 @@ function detachViews() {
 
 function newChat({ push }) {
   state.conversationId = null;
+  state.conversation = null;
+  pendingSettings = { ...defaults };
+  showSettings(pendingSettings);
   detachViews();
   view.clear();
   meter.reset();
@@ -389,24 +420,78 @@ function showStreaming(message, conversationId) {
 
 let opening = 0; // the latest openConversation wins when clicks overlap
 
+// The branch on screen (root to current leaf), each message with its tree controls.
+function render(conversation, { follow = true } = {}) {
+  detachViews();
+  view.clear();
+  const groups = siblingsByParent(conversation.messages);
+  const branch = pathTo(conversation.messages, conversation.current_message_id);
+  const busy = Boolean(liveFor(conversation.id));
+  for (const m of branch) {
+    const siblings = groups.get(m.parent_id ?? null) ?? [m];
+    const position = siblings.indexOf(m) + 1;
+    const controls = {
+      siblings: { position, count: siblings.length,
+                  prev: () => switchTo(siblings[position - 2]), next: () => switchTo(siblings[position]) },
+    };
+    if (m.status === "streaming") {
+      showStreaming(m, conversation.id);
+      continue;
+    }
+    if (!busy && m.role === "user") controls.edit = (text) => send({ content: text, parentId: m.parent_id ?? null });
+    if (!busy && m.role === "assistant" && m.parent_id) {
+      controls.regenerate = () => send({ regenerate: m });
+      const cutOff = (m.status === "complete" && m.finish_reason === "length")
+        || m.status === "stopped" || m.status === "interrupted";
+      const last = !conversation.messages.some((other) => other.parent_id === m.id);
+      if (cutOff && last) controls.continue = () => send({ continueFrom: m });
+    }
+    view.add(m, { follow: false, controls });
+  }
+  const pending = pendingSend?.conversationId === conversation.id ? pendingSend : null;
+  if (pending && !pending.messageId && pending.view === null) pending.show();
+  if (follow) view.scrollToEnd({ force: true });
+  meter.fromMessages(branch);
+}
+
+// ‹ › : show another version of a message (and the branch that continues from it).
+async function switchTo(message) {
+  if (!message || !state.conversation) return;
+  try {
+    const conversation = await api.updateConversation(state.conversation.id, { current_message_id: message.id });
+    if (state.conversation?.id !== conversation.id) return;
+    state.conversation = conversation;
+    render(conversation, { follow: false });
+  } catch (err) {
+    showError(err.message, { cause: "conversation" });
+  }
+}
+
+// The open conversation as the server has it now (after a reply is over).
+async function refreshConversation(id) {
+  if (state.conversationId !== id) return;
+  try {
+    const conversation = await api.conversation(id);
+    if (state.conversationId !== id || liveFor(id)) return;
+    state.conversation = conversation;
+    render(conversation, { follow: view.pinned });
+  } catch {
+    /* the next open shows it */
+  }
+}
+
 async function openConversation(id, { push, prefetched = null }) {
   const ticket = ++opening;
   try {
     const conversation = (await prefetched) ?? await api.conversation(id);
     if (ticket !== opening) return;
     state.conversationId = conversation.id;
+    state.conversation = conversation;
     title.textContent = conversation.title;
-    detachViews();
-    view.clear();
-    for (const m of conversation.messages) {
-      if (m.status === "streaming") showStreaming(m, conversation.id);
-      else view.add(m, { follow: false });
-    }
-    view.scrollToEnd({ force: true });
-    meter.fromMessages(conversation.messages);
+    showSettings(conversation.settings ?? {});
+    engineChanged({ save: false });
+    render(conversation);
     closeDrawerOnPhone();
-    const pending = pendingSend?.conversationId === conversation.id ? pendingSend : null;
-    if (pending && !pending.messageId) pending.show();
     updateControls();
     if (push) history.pushState({}, "", `/c/${encodeURIComponent(id)}`);
     showError("");
@@ -419,58 +504,96 @@ async function openConversation(id, { push, prefetched = null }) {
   }
 }
 
-async function send() {
-  const content = composer.value;
-  if (!content.trim() || liveFor(state.conversationId) || pendingSend) return;
-  if (!composerState.check()) return; // over a limit: the note under the composer says which
+// Merge what a run's "started" said into the open conversation's tree and show it: the new
+// user message (if any) and the reply (streaming) become the current branch.
+function applyStarted(conversationId, { conversation = null, userMessage = null, reply = null } = {}) {
+  if (state.conversationId !== conversationId) return;
+  if (conversation?.messages) {
+    state.conversation = conversation;
+  } else if (state.conversation?.id === conversationId) {
+    if (conversation) Object.assign(state.conversation, { title: conversation.title, settings: conversation.settings });
+  } else {
+    state.conversation = { ...(conversation ?? { id: conversationId }), messages: [], current_message_id: null };
+  }
+  const tree = state.conversation;
+  for (const message of [userMessage, reply]) {
+    if (!message) continue;
+    const index = tree.messages.findIndex((m) => m.id === message.id);
+    if (index >= 0) tree.messages[index] = { ...tree.messages[index], ...message };
+    else tree.messages.push(message);
+  }
+  tree.current_message_id = reply?.id ?? userMessage?.id ?? tree.current_message_id;
+  render(tree);
+}
+
+// Send the composer's text, or: an edited message ({content, parentId}), a regenerated
+// reply ({regenerate: reply}), more of a cut-off reply ({continueFrom: reply}).
+async function send(action = null) {
+  const content = action ? action.content : composer.value;
+  if ((!action && !content.trim()) || liveFor(state.conversationId) || pendingSend) return;
+  if (!action && !composerState.check()) return; // over a limit: the note under the composer says which
   showError("");
-  const engineName = engineSelect.value;
-  const model = modelSelect.value;
+  // Continuing runs on the server: the page's engine cannot reopen a stored reply.
+  const engineName = action?.continueFrom ? "server" : engineSelect.value;
+  const model = action?.continueFrom?.engine === "server" ? action.continueFrom.model : modelSelect.value;
   const reply = new LiveReply({ conversationId: state.conversationId, model, controller: new AbortController() });
+  if (action?.continueFrom) reply.text = action.continueFrom.content;
   pendingSend = reply;
   updateControls();
   const onScreen = () => state.conversationId === reply.conversationId;
+  const newConversation = !state.conversationId;
+  const settingsForNew = newConversation ? { ...pendingSettings, ...readSettings() } : null;
   try {
     const engine = engineName === "browser" ? await loadBrowserEngine() : engines.server;
-    const stored = await engine.generate(
-      {
-        conversationId: state.conversationId,
-        content,
-        model,
-        modelInfo: modelInfo(model),
-        backend: backendSelect.value,
-        options: replyOptions(),
-      },
-      {
-        signal: reply.controller.signal,
-        onStarted: (conversation, userMessage, frame) => {
-          const wasOnScreen = onScreen();
+    const request = {
+      conversationId: state.conversationId,
+      content,
+      model,
+      modelInfo: modelInfo(model),
+      backend: backendSelect.value,
+      options: engineName === "browser" ? replyOptions(settingsForNew ?? currentSettings()) : {},
+      settings: settingsForNew ? Object.fromEntries(Object.entries(settingsForNew).filter(([, v]) => v !== null)) : null,
+    };
+    if (action && "parentId" in action) request.parentId = action.parentId;
+    if (action?.regenerate) {
+      request.regenerate = action.regenerate.id;
+      request.parentId = action.regenerate.parent_id;
+    }
+    if (action?.continueFrom) request.continueFrom = action.continueFrom;
+    const stored = await engine.generate(request, {
+      signal: reply.controller.signal,
+      onStarted: (conversation, userMessage, frame) => {
+        const wasOnScreen = onScreen();
+        if (!action) {
           composer.value = ""; // stored on the server: safe to clear
           composerState.changed();
-          reply.conversationId = conversation.id;
-          if (wasOnScreen) {
-            if (state.conversationId !== conversation.id) {
-              state.conversationId = conversation.id;
-              history.pushState({}, "", `/c/${encodeURIComponent(conversation.id)}`);
-            }
-            title.textContent = conversation.title;
-            sharing.open(conversation.id, { shared: isShared(conversation.id) });
-            view.add(userMessage);
-            reply.show();
+        }
+        reply.conversationId = conversation.id;
+        if (frame?.message_id) reply.identify(frame.message_id);
+        if (wasOnScreen) {
+          if (state.conversationId !== conversation.id) {
+            state.conversationId = conversation.id;
+            state.conversation = null;
+            history.pushState({}, "", `/c/${encodeURIComponent(conversation.id)}`);
           }
-          if (frame?.message_id) reply.identify(frame.message_id);
-          updateControls();
-          refreshList().catch(() => {});
-        },
-        onReplyCreated: (message) => reply.identify(message.id),
-        onQueued: (position) => reply.queued(position),
-        onLoad: (progress) => {
-          browserStatus.update(modelInfo(model), progress);
-          if (progress.phase !== "ready") reply.view?.loading();
-        },
-        onToken: (text) => reply.token(text),
+          title.textContent = conversation.title;
+          sharing.open(conversation.id, { shared: isShared(conversation.id) });
+          applyStarted(conversation.id, { conversation, userMessage, reply: frame?.reply ?? null });
+        }
+        updateControls();
+        refreshList().catch(() => {});
       },
-    );
+      onReplyCreated: (message) => {
+        reply.identify(message.id);
+        applyStarted(reply.conversationId, { reply: message });
+      },
+      onQueued: (position) => reply.queued(position),
+      onLoad: (progress) => {
+        browserStatus.update(modelInfo(model), progress);
+        if (progress.phase !== "ready") reply.view?.loading(progress);
+      },
+      onToken: (text) => reply.token(text),
+    });
     reply.settle(stored);
   } catch (err) {
     if (err.reply) reply.settle(err.reply);
@@ -486,6 +609,7 @@ async function send() {
   } finally {
     if (pendingSend === reply) pendingSend = null;
     updateControls();
+    if (reply.conversationId) refreshConversation(reply.conversationId);
     refreshList().catch(() => {});
   }
 }
@@ -507,19 +631,32 @@ root.querySelector(".composer-form").addEventListener("submit", (event) => {
   event.preventDefault();
   send();
 });
+$("save-defaults").addEventListener("click", async () => {
+  try {
+    const { settings: saved } = await api.saveDefaults(readSettings());
+    defaults = saved;
+    $("defaults-status").textContent = "Saved: new conversations start from these.";
+  } catch (err) {
+    showError(err.message, { cause: "settings" });
+  }
+});
 function stopCurrent() {
   liveFor(state.conversationId)?.controller.abort();
 }
 
 stopButton.addEventListener("click", stopCurrent);
 $("new-chat").addEventListener("click", () => newChat({ push: true }));
-Object.values(settings).forEach((input) => input.addEventListener("change", saveSettings));
+Object.values(settings).forEach((input) => input.addEventListener("change", settingsChanged));
 settings.maxTokens.addEventListener("input", () => composerState.changed());
 modelSelect.addEventListener("change", () => {
   localStorage.setItem("bchat.model", modelSelect.value);
   engineChanged();
+  settingsChanged();
 });
-engineSelect.addEventListener("change", engineChanged);
+engineSelect.addEventListener("change", () => {
+  engineChanged();
+  settingsChanged();
+});
 backendSelect.addEventListener("change", () => localStorage.setItem("bchat.backend", backendSelect.value));
 window.addEventListener("popstate", () => {
   const match = location.pathname.match(/^\/c\/([^/]+)$/);
@@ -694,13 +831,18 @@ document.addEventListener("keydown", (event) => {
   }
 });
 
-loadSettings();
 (async () => {
   try {
     // The model list, the conversation list and the open conversation load side by side.
     const opened = state.conversationId ? api.conversation(state.conversationId).catch(() => null) : null;
     // (boot.js has already asked for all of these; api.js picks its answers up)
-    await Promise.all([loadModels(), refreshList()]);
+    await Promise.all([loadModels(), refreshList(),
+      api.defaults().then(({ settings: saved }) => { defaults = saved; }, () => {})]);
+    if (!state.conversationId) {
+      pendingSettings = { ...defaults };
+      showSettings(pendingSettings);
+      engineChanged({ save: false });
+    }
     if (state.conversationId) await openConversation(state.conversationId, { push: false, prefetched: opened });
     else view.clear();
   } catch (err) {

@@ -6,6 +6,7 @@
 // stopped or failed) is stored through the API with its provenance.
 import { Wllama } from "../../vendor/wllama/index.js";
 import { EngineError } from "./server.js";
+import { modelHistory, pathTo } from "../tree.js";
 
 const WASM = { default: "/static/vendor/wllama/wllama.wasm" };
 // Browsers without JSPI/Memory64 (Safari, older Firefox) need wllama's "compat" build; by
@@ -187,10 +188,21 @@ export function createBrowserEngine({ api }) {
       if (!modelInfo?.browser) {
         throw new EngineError("not_in_browser", `${request.model} cannot run in the browser; use the server engine`);
       }
-      // 1. The user's message is stored before any model runs.
+      // 1. The user's message is stored before any model runs (under request.parentId when
+      // it is an edit); a regenerated reply (request.regenerate) answers an existing one.
       let conversationId = request.conversationId;
-      if (!conversationId) conversationId = (await api.createConversation()).id;
-      const userMessage = await api.addMessage(conversationId, { role: "user", content: request.content });
+      if (!conversationId) {
+        conversationId = (await api.createConversation()).id;
+        if (request.settings) await api.updateConversation(conversationId, { settings: request.settings });
+      }
+      let userMessage = null;
+      let answering = request.parentId;
+      if (!request.regenerate) {
+        const body = { role: "user", content: request.content };
+        if (request.parentId !== undefined) body.parent_id = request.parentId;
+        userMessage = await api.addMessage(conversationId, body);
+        answering = userMessage.id;
+      }
       const conversation = await api.conversation(conversationId);
       onStarted?.(conversation, userMessage);
 
@@ -201,7 +213,7 @@ export function createBrowserEngine({ api }) {
       } catch (err) {
         const error = err instanceof EngineError ? err : new EngineError("load_failed", describeLoadError(err));
         error.reply = await api.addMessage(conversationId, {
-          role: "assistant", content: "", status: "failed",
+          role: "assistant", content: "", status: "failed", parent_id: answering,
           provenance: { engine: "browser", model: modelInfo.id, finish_reason: "error",
                         meta: { error: { code: error.code, message: error.message } } },
         });
@@ -209,13 +221,14 @@ export function createBrowserEngine({ api }) {
       }
 
       // 3. Generate, streaming into the page.
-      const history = modelHistory(conversation.messages);
+      // The path to the message answered: never a sibling branch.
+      const history = modelHistory(pathTo(conversation.messages, answering));
       const { turns, dropped } = fitHistory(history, options.system);
       const messages = options.system ? [{ role: "system", content: options.system }, ...turns] : turns;
       // 3a. The reply's row exists from the start and grows as the page writes it, so a tab
       // closed (or crashed) mid-reply leaves what was written, marked "interrupted".
       const started = await api.addMessage(conversationId, {
-        role: "assistant", content: "", status: "streaming",
+        role: "assistant", content: "", status: "streaming", parent_id: answering,
         provenance: { engine: "browser", backend: runtime.backend, model: modelInfo.id },
       });
       onReplyCreated?.(started);
@@ -327,20 +340,6 @@ export function createBrowserEngine({ api }) {
       return reply;
     },
   };
-}
-
-// The turns the model sees, by the server's rule (chats.model_history): failed empty replies
-// are left out, and a message after one of its own role (a user message after a reply that
-// failed empty) stands for both, since many chat templates insist on alternation.
-export function modelHistory(messages) {
-  const turns = [];
-  for (const m of messages) {
-    if (m.status === "streaming" || !(m.content || m.status === "complete")) continue;
-    const turn = { role: m.role, content: m.content };
-    if (turns.length && turns.at(-1).role === m.role && m.role !== "system") turns[turns.length - 1] = turn;
-    else turns.push(turn);
-  }
-  return turns;
 }
 
 function describeLoadError(err) {

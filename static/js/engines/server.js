@@ -92,6 +92,9 @@ export function createServerEngine(socket) {
       return done;
     },
 
+    // A new message (after the current leaf, or under request.parentId: an edit), a
+    // regenerated sibling (request.regenerate = the reply's id) or more of a cut-off reply
+    // (request.continueFrom = the reply), all as runs on the server.
     async generate(request, handlers = {}) {
       await socket.ready();
       const requestId = `r${nextRequestId++}`;
@@ -110,19 +113,23 @@ export function createServerEngine(socket) {
         offs.push(socket.on("disconnect", () => finish(reject, new EngineError(
           "disconnected", "the connection dropped before the message was stored; send it again"))));
       });
-      socket.send({
-        type: "chat",
-        request_id: requestId,
-        conversation_id: request.conversationId ?? null,
-        content: request.content,
-        model: request.model || undefined,
-        options: request.options ?? {},
-      });
+      const common = { request_id: requestId, model: request.model || undefined, options: request.options ?? {} };
+      if (request.continueFrom) {
+        socket.send({ type: "continue", message_id: request.continueFrom.id, ...common });
+      } else if (request.regenerate) {
+        socket.send({ type: "regenerate", message_id: request.regenerate, ...common });
+      } else {
+        const frame = { type: "chat", conversation_id: request.conversationId ?? null,
+                        content: request.content, ...common };
+        if (request.parentId !== undefined) frame.parent_id = request.parentId;
+        if (!request.conversationId && request.settings) frame.settings = request.settings;
+        socket.send(frame);
+      }
       const frame = await started;
       handlers.onStarted?.(frame.conversation, frame.user_message, frame);
       // This socket already watches the run; its token frames are separate socket events, so
       // none can arrive before relay() listens (this runs in the same task as "started").
-      return relay(frame.message_id, "", handlers);
+      return relay(frame.message_id, request.continueFrom?.content ?? "", handlers);
     },
   };
 }

@@ -24,6 +24,30 @@ export function describeProvenance(message) {
   return parts.join(" · ");
 }
 
+// What a reply was generated with (meta.options), shown on demand.
+function describeOptions(options, message) {
+  const box = el("dl", "reply-options");
+  box.dataset.testid = "reply-options-box";
+  const rows = [
+    ["System prompt", options.system || "(none)"],
+    ["Temperature", options.temperature],
+    ["Top p", options.top_p],
+    ["Max tokens", options.max_tokens],
+    ["Seed", options.seed ?? "random"],
+    ["Reply format", options.response_format ? options.response_format.type : "text"],
+    ["Prompt", message.usage?.prompt_tokens != null ? `${message.usage.prompt_tokens} tokens` +
+      (message.meta?.prompt_cached ? ` (${message.meta.prompt_cached} from cache)` : "") : null],
+    ["Time to first token", message.meta?.prompt_ms != null ? `${Math.round(message.meta.prompt_ms)} ms` : null],
+  ];
+  for (const [term, value] of rows) {
+    if (value === null || value === undefined) continue;
+    const row = el("div");
+    row.append(el("dt", "", term), el("dd", "", String(value)));
+    box.append(row);
+  }
+  return box;
+}
+
 const ROLE_NAMES = { user: "You", assistant: "Assistant", system: "System" };
 let labelCount = 0;
 
@@ -69,10 +93,20 @@ export class MessageView {
       if (error) meta.append(` — ${error}`);
       meta.append(" · ");
     }
+    if (message.role === "assistant" && message.finish_reason === "length" && message.status === "complete") {
+      const cut = el("span", "status cut-off", "cut off at the token limit");
+      cut.dataset.testid = "cut-off";
+      meta.append(cut, " · ");
+    }
     meta.append(describeProvenance(message));
   }
 
-  add(message, { follow = true } = {}) {
+  // controls (optional): the conversation-tree actions of this message:
+  //   siblings: {position, count, prev(), next()}   the ‹ 2/3 › switcher, when it has siblings
+  //   edit(text)        a user message: resend an edited copy beside it
+  //   regenerate()      a reply: another one beside it
+  //   continue()        a reply cut off by the token limit, a stop or an interruption
+  add(message, { follow = true, controls = null } = {}) {
     const node = el("article", "message");
     node.dataset.testid = "message";
     node.dataset.role = message.role;
@@ -97,11 +131,98 @@ export class MessageView {
     copy.dataset.ui = ""; // ours, not the message's: see render.js
     actions.append(copy);
     node.append(label, body, el("div", "meta"), actions);
+    if (controls) this.addControls(node, message, controls);
     this.setMeta(node, message);
     this.container.append(node);
     this.onChange(this.count);
     this.scrollToEnd({ force: follow });
     return node;
+  }
+
+  addControls(node, message, controls) {
+    const actions = node.querySelector(".message-actions");
+    const button = (name, label, testid, onClick) => {
+      const b = iconButton(name, label, { testid, onClick });
+      b.dataset.ui = "";
+      actions.append(b);
+      return b;
+    };
+    if (controls.edit) button("pencil", "Edit and resend", "edit", () => this.editInline(node, message, controls.edit));
+    if (controls.regenerate) button("refresh", "Regenerate this reply", "regenerate", controls.regenerate);
+    if (controls.continue) button("forward", "Continue this reply", "continue", controls.continue);
+    const options = message.meta?.options;
+    if (message.role === "assistant" && options) {
+      const info = button("info", "How this reply was made", "reply-options", () => {
+        const open = node.querySelector(".reply-options");
+        if (open) {
+          open.remove();
+          info.setAttribute("aria-expanded", "false");
+          return;
+        }
+        info.setAttribute("aria-expanded", "true");
+        node.insertBefore(describeOptions(options, message), actions.nextSibling);
+      });
+      info.setAttribute("aria-expanded", "false");
+    }
+    const siblings = controls.siblings;
+    if (siblings && siblings.count > 1) {
+      const nav = el("div", "branch-nav");
+      nav.setAttribute("role", "group");
+      nav.setAttribute("aria-label", "Versions of this message");
+      const prev = iconButton("chevron-left", "Previous version", { testid: "branch-prev", onClick: siblings.prev });
+      const next = iconButton("chevron", "Next version", { testid: "branch-next", onClick: siblings.next });
+      prev.disabled = siblings.position <= 1;
+      next.disabled = siblings.position >= siblings.count;
+      const pos = el("span", "branch-pos", `${siblings.position}/${siblings.count}`);
+      pos.dataset.testid = "branch-pos";
+      for (const part of [prev, next]) part.dataset.ui = "";
+      nav.append(prev, pos, next);
+      actions.prepend(nav);
+    }
+  }
+
+  // Edit in place: the message becomes a text box; "Send" stores the new text as a sibling
+  // (the old one stays reachable with ‹ ›).
+  editInline(node, message, onSend) {
+    if (node.querySelector(".edit-box")) return;
+    const body = node.querySelector(".body");
+    const box = el("form", "edit-box");
+    const area = el("textarea", "text-input");
+    area.value = message.content;
+    area.rows = Math.min(12, Math.max(2, message.content.split("\n").length));
+    area.setAttribute("aria-label", "Edited message");
+    area.dataset.testid = "edit-text";
+    const send = el("button", "button primary", "Send");
+    send.type = "submit";
+    send.dataset.testid = "edit-send";
+    const cancel = el("button", "button", "Cancel");
+    cancel.type = "button";
+    const close = () => {
+      box.remove();
+      body.hidden = false;
+    };
+    cancel.addEventListener("click", close);
+    box.addEventListener("submit", (event) => {
+      event.preventDefault();
+      if (!area.value.trim()) return;
+      close();
+      onSend(area.value);
+    });
+    area.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.stopPropagation();
+        close();
+      } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        box.requestSubmit();
+      }
+    });
+    const buttons = el("div", "edit-actions");
+    buttons.append(cancel, send);
+    box.append(area, buttons);
+    body.hidden = true;
+    body.after(box);
+    area.focus();
   }
 
   // A reply being written (from its start, or picked up mid-way with the text so far):

@@ -1,0 +1,39 @@
+// A conversation is a tree of messages (each with parent_id); the page shows one branch.
+
+// The messages from the root to `messageId`, inclusive.
+export function pathTo(messages, messageId) {
+  const byId = new Map(messages.map((m) => [m.id, m]));
+  const path = [];
+  for (let node = byId.get(messageId); node && path.length <= messages.length; node = byId.get(node.parent_id)) {
+    path.push(node);
+  }
+  return path.reverse();
+}
+
+// Messages that share a parent (alternatives: edits, regenerations, compared replies), in the
+// order they were written, by parent id (null for the first messages).
+export function siblingsByParent(messages) {
+  const groups = new Map();
+  for (const m of messages) {
+    const key = m.parent_id ?? null;
+    if (!groups.has(key)) groups.set(key, []);
+    groups.get(key).push(m);
+  }
+  return groups;
+}
+
+// The turns the model sees, by the server's rule (chats.model_history): failed empty replies
+// are left out, reasoning (<think>) is not sent back, and a message after one of its own role
+// (a user message after a reply that failed empty) stands for both, since many chat templates
+// insist on alternation.
+export function modelHistory(messages) {
+  const turns = [];
+  for (const m of messages) {
+    if (m.status === "streaming" || !(m.content || m.status === "complete")) continue;
+    const content = m.role === "assistant" ? m.content.replace(/<think>[\s\S]*?<\/think>\s*/g, "") : m.content;
+    const turn = { role: m.role, content };
+    if (turns.length && turns.at(-1).role === m.role && m.role !== "system") turns[turns.length - 1] = turn;
+    else turns.push(turn);
+  }
+  return turns;
+}
