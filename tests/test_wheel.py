@@ -107,3 +107,15 @@ def test_wheel_installs_and_serves_outside_the_checkout(tmp_path_factory, tiny_m
         proc.terminate()
         output = proc.communicate(timeout=20)[0]
     assert (instance / "secret_key").is_file(), output  # the server used the same instance folder
+
+
+def test_instance_folder_in_a_checkout_and_its_override(tmp_path):
+    from webapp.config import instance_path
+
+    assert instance_path({}) == ROOT / "instance"  # what the README's checkout commands use
+    assert instance_path({"BCHAT_INSTANCE_PATH": str(tmp_path / "here")}) == tmp_path / "here"
+
+    from webapp import PACKAGE_DIR
+
+    for inside in ("static/js/app.js", "templates/chat.html", "migrations/env.py", "alembic.ini"):
+        assert (PACKAGE_DIR / inside).is_file(), inside
