@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Refresh the browser libraries under static/vendor/ from the npm registry.
+"""Refresh the browser libraries under webapp/static/vendor/ from the npm registry.
 
 Each package is fetched with `npm pack NAME@VERSION` (pinned below), only the files the page
-uses are copied, together with the package's licence, and static/vendor/manifest.json records
+uses are copied, together with the package's licence, and webapp/static/vendor/manifest.json records
 version, tarball integrity and a sha256 of every copied file. Run it after changing a pin;
 commit what it writes. Nothing here runs at app start or in the browser.
 
@@ -22,14 +22,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VENDOR = ROOT / "static" / "vendor"
+VENDOR = ROOT / "webapp" / "static" / "vendor"
 TEST_VENDOR = ROOT / "tests" / "vendor"
 
 # package -> (version, target folder, {file in package: file in folder})
 PACKAGES: dict[str, tuple[str, str, dict[str, str]]] = {
     "marked": ("18.2.1", "marked", {"lib/marked.esm.js": "marked.esm.js"}),
     "dompurify": ("3.4.18", "dompurify", {"dist/purify.es.mjs": "purify.es.mjs"}),
-    # Its token colours come from static/css/app.css, so they follow the page's theme.
+    # Its token colours come from webapp/static/css/app.css, so they follow the page's theme.
     "@highlightjs/cdn-assets": ("11.12.0", "highlight", {"es/highlight.min.js": "highlight.min.js"}),
     # llama.cpp in WebAssembly (one wasm for single-thread, multi-thread and WebGPU).
     "@wllama/wllama": (

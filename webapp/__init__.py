@@ -8,9 +8,11 @@ from typing import Any
 
 from flask import Flask
 
-from .config import load_config, resolve_secret_key
+from .config import instance_path, load_config, resolve_secret_key
 
-ROOT = Path(__file__).resolve().parent.parent
+# Templates, static files, migrations and alembic.ini live inside the package, so a wheel
+# carries them; nothing is looked up relative to a checkout.
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
@@ -31,10 +33,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     app = Flask(
         __name__,
+        instance_path=str(instance_path()),  # the same folder cli, doctor and worker use
         instance_relative_config=True,
-        static_folder=str(ROOT / "static"),
-        template_folder=str(ROOT / "templates"),
-    )
+    )  # static_folder="static" and template_folder="templates" (Flask's defaults) are in the package
     app.json = StrictJSONProvider(app)  # never reads or writes NaN/Infinity, huge ints, lone surrogates
     app.config.update(load_config(app.instance_path))
     app.config.update(config or {})

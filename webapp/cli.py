@@ -8,21 +8,21 @@ import signal
 import sys
 from pathlib import Path
 
-from . import ROOT
-from .config import describe, load_config
+from . import PACKAGE_DIR
+from .config import describe, instance_path, load_config
 
 
 def alembic_config(database_url: str):
     from alembic.config import Config
 
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg = Config(str(PACKAGE_DIR / "alembic.ini"))
+    cfg.set_main_option("script_location", str(PACKAGE_DIR / "migrations"))
     cfg.attributes["database_url"] = database_url  # attributes: no %-interpolation of URLs
     return cfg
 
 
 def _settings() -> dict:
-    config = load_config(ROOT / "instance")
+    config = load_config(instance_path())
     url = str(config["DATABASE_URL"])
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def pull_model(source: str, name: str | None, sha256: str | None, dest: str | No
     from .model_pull import PullError, models_dir, pull
 
     config = _settings()
-    folder = Path(dest) if dest else models_dir(config, ROOT / "instance")
+    folder = Path(dest) if dest else models_dir(config, instance_path())
     try:
         result = pull(source, folder, name=name, sha256=sha256)
     except PullError as err:
@@ -101,7 +101,7 @@ def pull_model(source: str, name: str | None, sha256: str | None, dest: str | No
 def remove_model(name: str, dest: str | None) -> int:
     from .model_pull import PullError, models_dir, remove
 
-    folder = Path(dest) if dest else models_dir(_settings(), ROOT / "instance")
+    folder = Path(dest) if dest else models_dir(_settings(), instance_path())
     try:
         for path in remove(name, folder):
             print(f"removed {path}")

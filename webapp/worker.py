@@ -181,9 +181,9 @@ def _complete(chunks, cancel: threading.Event, shaper: CompletionShaper):
 
 
 def create_worker_app(config: dict[str, Any] | None = None) -> Flask:
-    from . import ROOT
+    from .config import instance_path
 
-    app = Flask(__name__, instance_path=str(ROOT / "instance"))
+    app = Flask(__name__, instance_path=str(instance_path()))
     app.config.update(load_config(app.instance_path))
     app.config.update(config or {})
     if not logging.getLogger().handlers:

@@ -16,9 +16,9 @@ def database_url() -> str:
     url = config.attributes.get("database_url") or config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from webapp import ROOT
+    from webapp.config import instance_path
 
-    return load_config(ROOT / "instance")["DATABASE_URL"]
+    return load_config(instance_path())["DATABASE_URL"]
 
 
 def run_migrations_offline() -> None:
