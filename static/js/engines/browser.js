@@ -182,17 +182,41 @@ export function createBrowserEngine({ api }) {
     },
     preload: (modelInfo, preference, onLoad) => ensureLoaded(modelInfo, preference, onLoad),
 
+    // One completion straight from the model, stored nowhere (the benchmark): the engine's
+    // own timings, the backend it really ran on, and the time to the first token.
+    async measure(modelInfo, preference, messages, options = {}, { onLoad, signal } = {}) {
+      const runtime = await ensureLoaded(modelInfo, preference, onLoad);
+      const sent = performance.now();
+      let firstAt = null;
+      let usage = null;
+      let timings = null;
+      const stream = await wllama.createChatCompletion({
+        messages, stream: true, max_tokens: options.max_tokens ?? 64,
+        temperature: options.temperature ?? 0, seed: options.seed ?? 1234, abortSignal: signal,
+      });
+      for await (const chunk of stream) {
+        if (chunk.choices?.[0]?.delta?.content) firstAt ??= performance.now();
+        if (chunk.usage) usage = chunk.usage;
+        if (chunk.timings) timings = chunk.timings;
+      }
+      return { backend: runtime.backend, threads: runtime.threads, usage, timings,
+               ttftMs: firstAt === null ? null : firstAt - sent };
+    },
+
     async generate(request, { onStarted, onReplyCreated, onToken, onLoad, signal } = {}) {
       const { modelInfo, options = {} } = request;
       if (!modelInfo?.browser) {
         throw new EngineError("not_in_browser", `${request.model} cannot run in the browser; use the server engine`);
       }
       // 1. The user's message is stored before any model runs.
+      // (request.parentId: a reply to a user message already stored, e.g. a compare's sibling)
       let conversationId = request.conversationId;
       if (!conversationId) conversationId = (await api.createConversation()).id;
-      const userMessage = await api.addMessage(conversationId, { role: "user", content: request.content });
+      const parentId = request.parentId ?? null;
+      const userMessage = parentId ? null : await api.addMessage(conversationId, { role: "user", content: request.content });
       const conversation = await api.conversation(conversationId);
-      onStarted?.(conversation, userMessage);
+      if (!parentId) onStarted?.(conversation, userMessage);
+      const below = parentId ? { parent_id: parentId } : {};
 
       // 2. The model: from the browser's cache, or downloaded once from this app.
       let runtime;
@@ -201,7 +225,7 @@ export function createBrowserEngine({ api }) {
       } catch (err) {
         const error = err instanceof EngineError ? err : new EngineError("load_failed", describeLoadError(err));
         error.reply = await api.addMessage(conversationId, {
-          role: "assistant", content: "", status: "failed",
+          ...below, role: "assistant", content: "", status: "failed",
           provenance: { engine: "browser", model: modelInfo.id, finish_reason: "error",
                         meta: { error: { code: error.code, message: error.message } } },
         });
@@ -209,13 +233,13 @@ export function createBrowserEngine({ api }) {
       }
 
       // 3. Generate, streaming into the page.
-      const history = modelHistory(conversation.messages);
+      const history = modelHistory(parentId ? pathTo(conversation.messages, parentId) : conversation.messages);
       const { turns, dropped } = fitHistory(history, options.system);
       const messages = options.system ? [{ role: "system", content: options.system }, ...turns] : turns;
       // 3a. The reply's row exists from the start and grows as the page writes it, so a tab
       // closed (or crashed) mid-reply leaves what was written, marked "interrupted".
       const started = await api.addMessage(conversationId, {
-        role: "assistant", content: "", status: "streaming",
+        ...below, role: "assistant", content: "", status: "streaming",
         provenance: { engine: "browser", backend: runtime.backend, model: modelInfo.id },
       });
       onReplyCreated?.(started);
@@ -327,6 +351,14 @@ export function createBrowserEngine({ api }) {
       return reply;
     },
   };
+}
+
+// The messages from the root down to (and with) one message, by parent_id.
+export function pathTo(messages, id) {
+  const byId = new Map(messages.map((m) => [m.id, m]));
+  const path = [];
+  for (let m = byId.get(id); m; m = m.parent_id ? byId.get(m.parent_id) : null) path.unshift(m);
+  return path;
 }
 
 // The turns the model sees, by the server's rule (chats.model_history): failed empty replies
