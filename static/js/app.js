@@ -10,6 +10,11 @@ import { MessageView } from "./ui/messages.js";
 import { fillIcons, icon } from "./ui/icons.js";
 import { Composer } from "./ui/composer.js";
 import { ContextMeter } from "./ui/context.js";
+// ui2: compare, benchmark, API keys, reply format
+import { initCompare } from "./ui/compare.js";
+import { initBenchmark } from "./ui/benchmark.js";
+import { initApiKeys } from "./ui/api_keys.js";
+import { initReplyFormat, watchStructured } from "./ui/reply_format.js";
 
 const root = document.getElementById("app");
 const $ = (testid) => root.querySelector(`[data-testid="${testid}"]`);
@@ -710,3 +715,14 @@ loadSettings();
   if (!phone.matches) composer.focus(); // on a phone focusing would pop the keyboard up
   performance.mark("bchat:interactive"); // models listed, list shown: bench/page_weight.py reads it
 })();
+
+// ---- ui2: compare, benchmark, API keys, reply format --------------------------------------
+initCompare($("compare"), {
+  socket, loadBrowserEngine, models: () => models, backend: () => backendSelect.value,
+  conversationId: () => state.conversationId,
+  openConversation: (id) => openConversation(id, { push: id !== state.conversationId }),
+});
+initBenchmark($("benchmark"), { loadBrowserEngine, models: () => models });
+initApiKeys($("api-keys"));
+initReplyFormat(root.querySelector(".reply-format"), { api, conversationId: () => state.conversationId, onError: showError });
+watchStructured($("messages"), { api, conversationId: () => state.conversationId }); // until messages.js calls renderStructured
