@@ -161,12 +161,15 @@ export function watchStructured(container, { api, conversationId }) {
       return;
     }
     const byId = new Map(conversation.messages.map((m) => [m.id, m]));
+    let changed = false;
     for (const node of pending) {
       const message = byId.get(node.dataset.messageId);
       if (!message || message.status === "streaming") continue;
       node.dataset.structuredChecked = node.dataset.status;
-      renderStructured(node.querySelector(".body"), message);
+      changed = renderStructured(node.querySelector(".body"), message) || changed;
     }
+    // taller now: a view following the end scrolls to it again
+    if (changed) document.dispatchEvent(new CustomEvent("bchat:rerendered"));
   };
   new MutationObserver(() => {
     clearTimeout(timer);
