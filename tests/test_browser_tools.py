@@ -116,13 +116,15 @@ def test_compare_the_browser_and_the_server_then_pick_the_browser_reply(server, 
     ids = {columns.nth(i).get_attribute("data-engine"): columns.nth(i).get_attribute("data-message-id")
            for i in range(2)}
     assert set(ids) == {"server", "browser"} and all(ids.values())
-    cid = page.evaluate("() => document.querySelector('[data-testid=compare-columns]').dataset.conversationId")
+    cid = page.evaluate(
+        "() => document.querySelector('[data-testid=compare-columns]').dataset.conversationId")
     conversation = fetch_json(page, f"/api/conversations/{cid}")
     replies = {m["id"]: m for m in conversation["messages"] if m["role"] == "assistant"}
     server_reply, browser_reply = replies[ids["server"]], replies[ids["browser"]]
     assert server_reply["engine"] == "server" and browser_reply["engine"] == "browser"
     assert server_reply["parent_id"] == browser_reply["parent_id"], "siblings under one user message"
-    assert [m["content"] for m in conversation["messages"] if m["role"] == "user"] == ["which engine is faster?"]
+    users = [m["content"] for m in conversation["messages"] if m["role"] == "user"]
+    assert users == ["which engine is faster?"]
     assert browser_reply["tokens_per_second"] > 0 and server_reply["tokens_per_second"] > 0
 
     browser_column = panel.locator('[data-testid="compare-column"][data-engine="browser"]')
@@ -181,7 +183,8 @@ def test_benchmark_runs_both_engines_and_draws_them(server, pages, shots):
     labels = {f"{r['engine']} ({r['backend']})" for r in runs}
     assert len(labels) == len(runs) == 1 + len(enabled)
     for metric in ("prompt_tps", "decode_tps"):
-        bars = panel.locator(f'[data-testid="benchmark-chart"][data-metric="{metric}"] [data-testid="benchmark-bar"]')
+        bars = panel.locator(f'[data-testid="benchmark-chart"][data-metric="{metric}"] '
+                             '[data-testid="benchmark-bar"]')
         expect(bars).to_have_count(len(runs) * len(prompts))
         drawn = bars.evaluate_all("(bars) => bars.map((b) => [b.dataset.label, b.dataset.prompt])")
         assert sorted(map(tuple, drawn)) == sorted((label, p) for label in labels for p in prompts)
@@ -245,7 +248,8 @@ def test_api_keys_token_shown_once_works_then_revoked(server, pages, shots):
     page.get_by_test_id("revoke-key-dialog-confirm").click()
     expect(row).to_have_attribute("data-revoked", "true")
     assert v1_status(server.url, token) == 401
-    for viewport, name, scheme in ((PHONE, "phone", "dark"), (DESKTOP, "desktop", "dark"), (PHONE, "phone", "light")):
+    for viewport, name, scheme in ((PHONE, "phone", "dark"), (DESKTOP, "desktop", "dark"),
+                                   (PHONE, "phone", "light")):
         other = pages(viewport, scheme)
         open_chat(other, server.url)
         open_tool(other, "api-keys")
@@ -282,7 +286,8 @@ def test_a_json_schema_reply_renders_as_valid_formatted_json(server, pages, shot
     page.screenshot(path=str(shots / "reply-format-desktop-light.png"))
     cid = page.url.rsplit("/", 1)[1]
     settings = fetch_json(page, f"/api/conversations/{cid}")["settings"]
-    assert settings["response_format"] == {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA}}
+    assert settings["response_format"] == {"type": "json_schema",
+                                           "json_schema": {"name": "reply", "schema": SCHEMA}}
     page.get_by_test_id("settings").locator("summary").click()
 
     page.get_by_test_id("composer").fill("a person, please")
@@ -301,11 +306,13 @@ def test_a_json_schema_reply_renders_as_valid_formatted_json(server, pages, shot
     page.reload()
     second = page.locator('[data-testid="message"][data-role="assistant"]').nth(1)
     expect(second.get_by_test_id("structured-mark")).to_have_attribute("data-valid", "true")
-    expect(page.locator('[data-testid="message"][data-role="assistant"]').first.get_by_test_id("structured-mark")).to_have_count(0)
+    plain = page.locator('[data-testid="message"][data-role="assistant"]').first
+    expect(plain.get_by_test_id("structured-mark")).to_have_count(0)
     # the settings menu shows the conversation's format
     page.get_by_test_id("settings").locator("summary").click()
     expect(page.get_by_test_id("reply-format")).to_have_value("json_schema")
-    for viewport, name, scheme in ((PHONE, "phone", "dark"), (DESKTOP, "desktop", "dark"), (PHONE, "phone", "light")):
+    for viewport, name, scheme in ((PHONE, "phone", "dark"), (DESKTOP, "desktop", "dark"),
+                                   (PHONE, "phone", "light")):
         other = pages(viewport, scheme)
         other.context.add_cookies(page.context.cookies())
         open_chat(other, server.url, f"/c/{cid}")

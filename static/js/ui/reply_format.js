@@ -115,8 +115,13 @@ export function initReplyFormat(container, { api, conversationId, onError = () =
     save.disabled = Boolean(problem) || !conversationId();
   };
   controls = { kind, schema, refresh };
-  kind.addEventListener("change", refresh);
-  schema.addEventListener("input", refresh);
+  let edits = 0; // the reader's changes win over a conversation's settings still loading
+  const edited = () => {
+    edits += 1;
+    refresh();
+  };
+  kind.addEventListener("change", edited);
+  schema.addEventListener("input", edited);
   save.addEventListener("click", async () => {
     const format = readReplyFormat();
     const id = conversationId();
@@ -136,8 +141,10 @@ export function initReplyFormat(container, { api, conversationId, onError = () =
     const id = conversationId();
     refresh();
     if (!id) return;
+    const before = edits;
     try {
-      showReplyFormat((await api.conversation(id)).settings);
+      const { settings } = await api.conversation(id);
+      if (edits === before && id === conversationId()) showReplyFormat(settings);
     } catch {
       /* the conversation is gone: the controls keep what they show */
     }
