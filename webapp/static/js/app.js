@@ -11,6 +11,11 @@ import { fillIcons, icon } from "./ui/icons.js";
 import { pathTo, siblingsByParent } from "./tree.js";
 import { Composer } from "./ui/composer.js";
 import { ContextMeter } from "./ui/context.js";
+// ui2: compare, benchmark, API keys, reply format
+import { initCompare } from "./ui/compare.js";
+import { initBenchmark } from "./ui/benchmark.js";
+import { initApiKeys } from "./ui/api_keys.js";
+import { initReplyFormat, readReplyFormat, showReplyFormat } from "./ui/reply_format.js";
 
 const root = document.getElementById("app");
 const $ = (testid) => root.querySelector(`[data-testid="${testid}"]`);
@@ -135,6 +140,7 @@ function currentSettings() {
 }
 
 function showSettings(values = currentSettings()) {
+  showReplyFormat(values);
   settings.system.value = values.system ?? "";
   settings.temperature.value = values.temperature ?? 0.7;
   settings.maxTokens.value = values.max_tokens ?? root.dataset.defaultMaxTokens ?? 512;
@@ -543,6 +549,8 @@ async function send(action = null) {
   const onScreen = () => state.conversationId === reply.conversationId;
   const newConversation = !state.conversationId;
   const settingsForNew = newConversation ? { ...pendingSettings, ...readSettings() } : null;
+  const replyFormat = readReplyFormat();
+  if (settingsForNew && replyFormat) settingsForNew.response_format = replyFormat;
   try {
     const engine = engineName === "browser" ? await loadBrowserEngine() : engines.server;
     const request = {
@@ -852,3 +860,13 @@ document.addEventListener("keydown", (event) => {
   if (!phone.matches) composer.focus(); // on a phone focusing would pop the keyboard up
   performance.mark("bchat:interactive"); // models listed, list shown: bench/page_weight.py reads it
 })();
+
+// ---- ui2: compare, benchmark, API keys, reply format --------------------------------------
+initCompare($("compare"), {
+  socket, loadBrowserEngine, models: () => models, backend: () => backendSelect.value,
+  conversationId: () => state.conversationId,
+  openConversation: (id) => openConversation(id, { push: id !== state.conversationId }),
+});
+initBenchmark($("benchmark"), { loadBrowserEngine, models: () => models });
+initApiKeys($("api-keys"));
+initReplyFormat(root.querySelector(".reply-format"), { api, conversationId: () => state.conversationId, onError: showError });

@@ -183,6 +183,27 @@ export function createBrowserEngine({ api }) {
     },
     preload: (modelInfo, preference, onLoad) => ensureLoaded(modelInfo, preference, onLoad),
 
+    // One completion straight from the model, stored nowhere (the benchmark): the engine's
+    // own timings, the backend it really ran on, and the time to the first token.
+    async measure(modelInfo, preference, messages, options = {}, { onLoad, signal } = {}) {
+      const runtime = await ensureLoaded(modelInfo, preference, onLoad);
+      const sent = performance.now();
+      let firstAt = null;
+      let usage = null;
+      let timings = null;
+      const stream = await wllama.createChatCompletion({
+        messages, stream: true, max_tokens: options.max_tokens ?? 64,
+        temperature: options.temperature ?? 0, seed: options.seed ?? 1234, abortSignal: signal,
+      });
+      for await (const chunk of stream) {
+        if (chunk.choices?.[0]?.delta?.content) firstAt ??= performance.now();
+        if (chunk.usage) usage = chunk.usage;
+        if (chunk.timings) timings = chunk.timings;
+      }
+      return { backend: runtime.backend, threads: runtime.threads, usage, timings,
+               ttftMs: firstAt === null ? null : firstAt - sent };
+    },
+
     async generate(request, { onStarted, onReplyCreated, onToken, onLoad, signal } = {}) {
       const { modelInfo, options = {} } = request;
       if (!modelInfo?.browser) {
@@ -196,8 +217,9 @@ export function createBrowserEngine({ api }) {
         if (request.settings) await api.updateConversation(conversationId, { settings: request.settings });
       }
       let userMessage = null;
-      let answering = request.parentId;
-      if (!request.regenerate) {
+      // request.replyTo: a reply to a user message already stored (a compare's sibling).
+      let answering = request.replyTo ?? request.parentId;
+      if (!request.regenerate && !request.replyTo) {
         const body = { role: "user", content: request.content };
         if (request.parentId !== undefined) body.parent_id = request.parentId;
         userMessage = await api.addMessage(conversationId, body);

@@ -1,6 +1,7 @@
 // The message view: one element per message: who wrote it, the text, the provenance line,
 // and a toolbar (.message-actions) with copy; edit/regenerate/branch controls go there too.
 import { createStreamRenderer, renderMarkdown } from "../render.js";
+import { renderStructured } from "./reply_format.js";
 import { copyWithFeedback, icon, iconButton } from "./icons.js";
 
 function el(tag, className, text) {
@@ -120,8 +121,12 @@ export class MessageView {
     if (message.role === "assistant" && message.model) label.append(el("span", "role-model", message.model));
     node.setAttribute("aria-labelledby", label.id);
     const body = el("div", "body");
-    if (message.role === "assistant") renderMarkdown(body, message.content);
-    else body.textContent = message.content; // what the user typed is shown as typed
+    // A reply made under a JSON schema shows as formatted JSON, checked against it.
+    if (message.role === "assistant") {
+      if (!renderStructured(body, message)) renderMarkdown(body, message.content);
+    } else {
+      body.textContent = message.content; // what the user typed is shown as typed
+    }
     texts.set(node, message.content ?? "");
     const actions = el("div", "message-actions");
     const copy = iconButton("copy", "Copy message", {
@@ -247,6 +252,7 @@ export class MessageView {
       },
       settle: (message) => {
         renderer.finish(message.content);
+        renderStructured(node.querySelector(".body"), message);
         texts.set(node, message.content ?? "");
         node.dataset.status = message.status;
         if (message.id) node.dataset.messageId = message.id;

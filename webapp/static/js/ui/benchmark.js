@@ -1,0 +1,308 @@
+// The benchmark panel: the fixed prompt set (docs/benchmark.md) on the server's models
+// (POST /api/benchmarks/server) and in this browser, once per backend it has, by calling the
+// browser engine directly (greedy, the set's seed and token count); each browser run is stored
+// (POST /api/benchmarks). Prompt and decode tok/s are drawn as bar charts (SVG, drawn here),
+// with a table of the figures, and everyone's stored runs below: a class sees its devices next
+// to the server.
+import { call, createPanel, el, field, option, rate, selectBox, size } from "./panel.js";
+
+const SVG = "http://www.w3.org/2000/svg";
+const BROWSER_BACKENDS = [
+  ["wasm-mt", "WASM, multi-thread"],
+  ["wasm-st", "WASM, one thread"],
+  ["webgpu", "WebGPU"],
+];
+
+function svg(tag, attributes = {}, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+export function runLabel(run) {
+  return run.engine === "server" ? `server (${run.backend})` : `browser (${run.backend})`;
+}
+
+// Coarse device facts, as docs/benchmark.md allows: no user agent string is sent.
+async function deviceFacts(gpuName) {
+  const data = navigator.userAgentData;
+  const brand = data?.brands?.find((b) => !/Not.A.Brand|Chromium/i.test(b.brand))?.brand
+    ?? data?.brands?.find((b) => /Chromium/.test(b.brand))?.brand;
+  const ua = navigator.userAgent;
+  const browser = brand ?? (/Firefox\//.test(ua) ? "Firefox" : /Edg\//.test(ua) ? "Edge" : /Chrome\//.test(ua) ? "Chrome" : /Safari\//.test(ua) ? "Safari" : null);
+  const os = data?.platform || (/Android/.test(ua) ? "Android" : /iPhone|iPad/.test(ua) ? "iOS" : /Mac OS X/.test(ua) ? "macOS" : /Windows/.test(ua) ? "Windows" : /Linux/.test(ua) ? "Linux" : null);
+  return { cores: navigator.hardwareConcurrency || null, device_memory: navigator.deviceMemory ?? null,
+           gpu: gpuName, browser, os };
+}
+
+// One bar chart: groups by prompt, one bar per run (engine/backend) in each group.
+export function barChart(runs, metric, title) {
+  const prompts = [...new Set(runs.flatMap((r) => r.results.map((x) => x.prompt)))];
+  const bars = prompts.flatMap((prompt) => runs.map((run, series) => {
+    const result = run.results.find((x) => x.prompt === prompt);
+    return { prompt, series, run, result, value: result?.[metric] ?? 0 };
+  }));
+  const max = Math.max(1, ...bars.map((b) => b.value));
+  const barHeight = 18;
+  const gap = 6;
+  const labelWidth = 64;
+  const width = 560;
+  const plot = width - labelWidth - 70;
+  const groupHeight = runs.length * (barHeight + 4) + gap * 2;
+  const height = prompts.length * groupHeight + 8;
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "bench-chart", role: "img" });
+  chart.dataset.testid = "benchmark-chart";
+  chart.dataset.metric = metric;
+  chart.setAttribute("aria-label", `${title}: ${bars.map((b) => `${b.prompt}, ${runLabel(b.run)}: ${rate(b.value)}`).join("; ")}`);
+  chart.append(svg("title", {}, title));
+  prompts.forEach((prompt, group) => {
+    const top = group * groupHeight + gap;
+    chart.append(svg("text", { x: 0, y: top + groupHeight / 2 - gap, class: "bench-axis" }, prompt));
+    chart.append(svg("line", { x1: labelWidth - 6, x2: labelWidth - 6, y1: top, y2: top + groupHeight - gap * 2, class: "bench-rule" }));
+    runs.forEach((run, series) => {
+      const bar = bars.find((b) => b.prompt === prompt && b.series === series);
+      const y = top + series * (barHeight + 4);
+      const w = Math.max(1, (bar.value / max) * plot);
+      const rect = svg("rect", { x: labelWidth, y, width: w.toFixed(1), height: barHeight, rx: 3,
+                                 class: `bench-bar series-${series % 6}` });
+      rect.dataset.testid = "benchmark-bar";
+      rect.dataset.label = runLabel(run);
+      rect.dataset.prompt = prompt;
+      rect.dataset.value = String(bar.value);
+      rect.append(svg("title", {}, `${runLabel(run)}, ${prompt}: ${rate(bar.value)} tok/s`));
+      chart.append(rect);
+      const flags = [bar.result && !bar.result.cold ? "warm" : "", bar.result?.busy ? `busy ${bar.result.busy}` : ""].filter(Boolean).join(", ");
+      chart.append(svg("text", { x: labelWidth + w + 6, y: y + barHeight - 5, class: "bench-value" },
+        `${rate(bar.value)}${flags ? ` (${flags})` : ""}`));
+    });
+  });
+  return chart;
+}
+
+function legend(runs) {
+  const list = el("ul", "bench-legend");
+  runs.forEach((run, series) => {
+    const item = el("li");
+    const swatch = svg("svg", { width: 12, height: 12, viewBox: "0 0 12 12", "aria-hidden": "true" });
+    swatch.append(svg("rect", { width: 12, height: 12, rx: 2, class: `bench-bar series-${series % 6}` }));
+    item.append(swatch, ` ${runLabel(run)} · ${run.model}`);
+    list.append(item);
+  });
+  return list;
+}
+
+function deviceText(run) {
+  const d = run.device ?? {};
+  return [d.cores ? `${d.cores} cores` : null, d.device_memory ? `${d.device_memory} GB` : null, d.gpu, d.browser, d.os]
+    .filter(Boolean).join(", ") || "–";
+}
+
+// The figures as a table: one row per run and prompt.
+export function figuresTable(runs, { stored = false } = {}) {
+  const table = el("table", "data-table bench-table");
+  table.dataset.testid = stored ? "benchmark-stored" : "benchmark-table";
+  const head = el("tr");
+  const columns = ["Engine", "Model", "Quant", "Bits/weight", "Size", "Prompt", "Prompt tok/s", "Decode tok/s", "First token", "Cache", ...(stored ? ["Device", "When"] : [])];
+  for (const name of columns) head.append(el("th", "", name));
+  table.append(el("thead"), el("tbody"));
+  table.tHead.append(head);
+  for (const run of runs) {
+    const f = run.model_facts ?? {};
+    for (const result of run.results) {
+      const row = el("tr");
+      row.dataset.testid = "benchmark-row";
+      row.dataset.engine = run.engine;
+      row.dataset.backend = run.backend;
+      row.dataset.prompt = result.prompt;
+      if (run.id) row.dataset.runId = run.id;
+      const cache = [result.cold ? "cold" : "warm", result.busy ? `busy (${result.busy})` : "", result.queued ? `queued ${result.queued}` : ""].filter(Boolean).join(", ");
+      const cells = [runLabel(run) + (run.mine ? " · yours" : ""), run.model, f.quantization ?? "–",
+        f.bits_per_weight ? f.bits_per_weight.toFixed(2) : "–", f.file_size ? size(f.file_size) : "–", result.prompt,
+        rate(result.prompt_tps), rate(result.decode_tps), Number.isFinite(result.ttft_ms) ? `${Math.round(result.ttft_ms)} ms` : "–", cache,
+        ...(stored ? [deviceText(run), run.created_at ? new Date(run.created_at).toLocaleString() : "–"] : [])];
+      cells.forEach((text, i) => {
+        const cell = el("td", "", text);
+        if (i === 6) cell.dataset.figure = "prompt-tps";
+        if (i === 7) cell.dataset.figure = "decode-tps";
+        row.append(cell);
+      });
+      table.tBodies[0].append(row);
+    }
+  }
+  const scroll = el("div", "table-scroll");
+  scroll.append(table);
+  return scroll;
+}
+
+// hooks: loadBrowserEngine() -> Promise<engine>, models() -> the /api/models list
+export function initBenchmark(button, { loadBrowserEngine, models }) {
+  if (!button) return;
+  const panel = createPanel({ title: "Benchmark", testid: "benchmark-panel", className: "bench-panel" });
+  const intro = el("p", "modal-message",
+    "The same fixed prompts on the server and in this browser: greedy, one fresh turn each. Figures are the engines' own.");
+  const serverGroup = el("fieldset", "bench-choices");
+  serverGroup.append(el("legend", "field-label", "Server models"));
+  const browserGroup = el("fieldset", "bench-choices");
+  browserGroup.append(el("legend", "field-label", "In this browser"));
+  const browserModel = selectBox("Model to run in this browser", [], "benchmark-browser-model");
+  const backendList = el("div", "bench-checks");
+  browserGroup.append(browserModel.wrap, backendList);
+  const tokens = el("input", "text-input");
+  tokens.type = "number";
+  tokens.min = "1";
+  tokens.max = "256";
+  tokens.dataset.testid = "benchmark-tokens";
+  const run = el("button", "button primary", "Run the benchmark");
+  run.type = "button";
+  run.dataset.testid = "benchmark-run";
+  const status = el("p", "field-help bench-status");
+  status.dataset.testid = "benchmark-status";
+  status.setAttribute("role", "status");
+  const controls = el("div", "bench-controls");
+  const tokenField = field("Tokens per reply", tokens);
+  tokenField.classList.add("narrow");
+  const runRow = el("div", "compare-actions");
+  runRow.append(tokenField, el("span", "spacer"), run);
+  controls.append(serverGroup, browserGroup);
+  const results = el("section", "bench-results");
+  results.dataset.testid = "benchmark-results";
+  results.setAttribute("aria-label", "This run's figures");
+  const storedHeading = el("h3", "panel-subtitle", "Everyone's stored runs");
+  const stored = el("div", "bench-stored");
+  panel.body.append(intro, controls, runRow, status, results, storedHeading, stored);
+
+  let prompts = [];
+  let seed = 1234;
+  let webgpu = { usable: false, reason: "not checked yet" };
+
+  function check(value, label, { checked = true, disabled = false, note = "" } = {}, testid) {
+    const wrap = el("label", "check");
+    const box = el("input");
+    box.type = "checkbox";
+    box.value = value;
+    box.checked = checked && !disabled;
+    box.disabled = disabled;
+    box.dataset.testid = testid;
+    wrap.append(box, ` ${label}`);
+    if (note) wrap.append(el("span", "field-help", ` — ${note}`));
+    return wrap;
+  }
+
+  async function loadStored() {
+    const listing = await call("GET", "/api/benchmarks");
+    prompts = listing.prompts;
+    seed = listing.seed;
+    if (!tokens.value) tokens.value = String(listing.tokens);
+    stored.replaceChildren(listing.benchmarks.length ? figuresTable(listing.benchmarks, { stored: true }) : el("p", "field-help", "No runs stored yet."));
+    return listing;
+  }
+
+  async function prepare() {
+    const serverModels = models().filter((m) => m.engines?.includes("server"));
+    serverGroup.replaceChildren(el("legend", "field-label", "Server models"),
+      ...serverModels.map((m, i) => check(m.id, `${m.id}${m.facts?.quantization ? ` (${m.facts.quantization})` : ""}`, { checked: i === 0 }, "benchmark-server-model")));
+    const browserModels = models().filter((m) => m.engines?.includes("browser"));
+    browserModel.select.replaceChildren(option("", "None"), ...browserModels.map((m, i) => option(m.id, m.id, i === 0)));
+    try {
+      const module = await import("../engines/browser.js");
+      webgpu = await module.detectWebGPU();
+    } catch (err) {
+      webgpu = { usable: false, reason: err.message };
+    }
+    const isolated = globalThis.crossOriginIsolated;
+    backendList.replaceChildren(...BROWSER_BACKENDS.map(([value, label]) => {
+      const disabled = (value === "webgpu" && !webgpu.usable) || (value === "wasm-mt" && !isolated);
+      const note = value === "webgpu" && !webgpu.usable ? webgpu.reason
+        : value === "wasm-mt" && !isolated ? "needs a cross-origin isolated page" : "";
+      return check(value, label, { disabled, note }, "benchmark-backend");
+    }));
+    await loadStored();
+  }
+
+  function browserResult(prompt, measured) {
+    const t = measured.timings ?? {};
+    const cached = t.cache_n ?? 0;
+    const promptTps = t.prompt_per_second ?? (t.prompt_ms > 0 ? t.prompt_n / (t.prompt_ms / 1000) : null);
+    const result = {
+      prompt: prompt.name,
+      prompt_tokens: measured.usage?.prompt_tokens ?? (t.prompt_n != null ? t.prompt_n + cached : null),
+      prompt_cached: cached,
+      prompt_ms: t.prompt_ms != null ? Math.round(t.prompt_ms * 10) / 10 : null,
+      prompt_tps: promptTps != null ? Math.round(promptTps * 100) / 100 : null,
+      decode_tps: t.predicted_per_second != null ? Math.round(t.predicted_per_second * 100) / 100 : null,
+      completion_tokens: t.predicted_n ?? measured.usage?.completion_tokens ?? null,
+      ttft_ms: measured.ttftMs != null ? Math.round(measured.ttftMs * 10) / 10 : null,
+      cold: cached === 0,
+    };
+    return Object.fromEntries(Object.entries(result).filter(([, v]) => v !== null && v !== undefined));
+  }
+
+  function show(runs) {
+    if (!runs.length) {
+      results.replaceChildren();
+      return;
+    }
+    const charts = el("div", "bench-charts");
+    for (const [metric, title] of [["prompt_tps", "Prompt tok/s (reading)"], ["decode_tps", "Decode tok/s (writing)"]]) {
+      const figure = el("figure", "bench-figure");
+      figure.append(el("figcaption", "field-label", title), barChart(runs, metric, title));
+      charts.append(figure);
+    }
+    results.replaceChildren(legend(runs), charts, figuresTable(runs));
+  }
+
+  run.addEventListener("click", async () => {
+    panel.problem("");
+    run.disabled = true;
+    const runs = [];
+    const n = Number.parseInt(tokens.value, 10) || 64;
+    try {
+      await loadStored();
+      const chosenServer = [...serverGroup.querySelectorAll("input:checked")].map((b) => b.value);
+      for (const model of chosenServer) {
+        status.textContent = `Running the prompt set on the server (${model})…`;
+        runs.push(await call("POST", "/api/benchmarks/server", { model, tokens: n }));
+        show(runs);
+      }
+      const info = models().find((m) => m.id === browserModel.select.value);
+      const backends = [...backendList.querySelectorAll("input:checked")].map((b) => b.value);
+      if (info && backends.length) {
+        const engine = await loadBrowserEngine();
+        const device = await deviceFacts(webgpu.usable ? webgpu.reason.replace(/^WebGPU adapter /, "") : null);
+        for (const backend of backends) {
+          const results = [];
+          let actual = backend;
+          for (const prompt of prompts) {
+            status.textContent = `Running “${prompt.name}” in this browser (${backend})…`;
+            const measured = await engine.measure(info, backend, [{ role: "user", content: prompt.text }],
+              { max_tokens: n, temperature: 0, seed }, {
+                onLoad: (p) => {
+                  if (p.phase === "downloading" && p.total) status.textContent = `Loading ${info.id} for ${backend}: ${Math.round((p.loaded / p.total) * 100)}%`;
+                },
+              });
+            actual = measured.backend;
+            results.push(browserResult(prompt, measured));
+          }
+          if (actual !== backend && runs.some((r) => r.engine === "browser" && r.backend === actual)) continue; // the same backend again
+          runs.push(await call("POST", "/api/benchmarks", { backend: actual, model: info.id, device, results }));
+          show(runs);
+        }
+      }
+      status.textContent = runs.length ? `Done: ${runs.length} run${runs.length === 1 ? "" : "s"} stored.` : "Pick a server model or a browser backend.";
+      await loadStored();
+    } catch (err) {
+      status.textContent = "";
+      panel.problem(`The benchmark stopped: ${err.message}`);
+    } finally {
+      run.disabled = false;
+      show(runs);
+    }
+  });
+
+  button.addEventListener("click", () => {
+    button.closest("details")?.removeAttribute("open");
+    panel.open();
+    prepare().catch((err) => panel.problem(err.message));
+  });
+}

@@ -1,0 +1,341 @@
+// Compare: one prompt to 2–4 (engine, model) pairs at once. The server's replies come from one
+// "compare" socket frame (sibling replies under one user message, streaming side by side);
+// a browser target runs in this page and stores its reply under the same user message.
+// Each column shows the reply and its figures; "Use this reply" makes it the current branch.
+import { createServerEngine } from "../engines/server.js";
+import { createStreamRenderer } from "../render.js";
+import { iconButton } from "./icons.js";
+import { call, createPanel, el, field, option, rate, selectBox, size } from "./panel.js";
+
+const MAX_TARGETS = 4;
+let nextRequest = 1;
+
+// The figures of one stored reply (and the time to its first token, measured here).
+export function replyFigures(message, facts = {}, ttftMs = null) {
+  const usage = message?.usage ?? {};
+  const meta = message?.meta ?? {};
+  const evaluated = meta.prompt_evaluated ?? (usage.prompt_tokens != null ? usage.prompt_tokens - (meta.prompt_cached ?? 0) : null);
+  const promptTps = meta.prompt_ms > 0 && evaluated > 0 ? evaluated / (meta.prompt_ms / 1000) : null;
+  return [
+    ["First token", Number.isFinite(ttftMs) ? `${Math.round(ttftMs)} ms` : "–", "ttft"],
+    ["Prompt", promptTps ? `${rate(promptTps)} tok/s` : "–", "prompt-tps"],
+    ["Decode", message?.tokens_per_second ? `${rate(message.tokens_per_second)} tok/s` : "–", "decode-tps"],
+    ["Tokens", usage.completion_tokens != null ? String(usage.completion_tokens) : "–", "tokens"],
+    ["Quantisation", facts.quantization ?? "–", "quant"],
+    ["Size", facts.file_size ? size(facts.file_size) : "–", "size"],
+  ];
+}
+
+// hooks: socket (the page's ChatSocket), loadBrowserEngine() -> Promise<engine>, models() ->
+// the /api/models list, backend() -> the browser backend picked, conversationId() -> the open
+// conversation (or null), openConversation(id) -> show it in the normal view.
+export function initCompare(button, hooks) {
+  if (!button) return;
+  const { socket, loadBrowserEngine, models, backend, conversationId, openConversation } = hooks;
+  const server = createServerEngine(socket);
+  const panel = createPanel({ title: "Compare models", testid: "compare-panel", className: "compare-panel" });
+
+  const targetList = el("div", "compare-targets");
+  targetList.setAttribute("role", "group");
+  targetList.setAttribute("aria-label", "Models to compare");
+  const addTarget = el("button", "button small", "Add a model");
+  addTarget.type = "button";
+  addTarget.dataset.testid = "compare-add";
+  const prompt = el("textarea", "text-input");
+  prompt.rows = 3;
+  prompt.dataset.testid = "compare-prompt";
+  prompt.placeholder = "One message, sent to every model";
+  const maxTokens = el("input", "text-input");
+  maxTokens.type = "number";
+  maxTokens.min = "1";
+  maxTokens.value = "128";
+  maxTokens.dataset.testid = "compare-max-tokens";
+  const send = el("button", "button primary", "Compare");
+  send.type = "submit";
+  send.dataset.testid = "compare-send";
+  const stop = el("button", "button danger", "Stop all");
+  stop.type = "button";
+  stop.dataset.testid = "compare-stop";
+  stop.hidden = true;
+  const form = el("form", "compare-form");
+  const actions = el("div", "compare-actions");
+  const tokensField = field("Max reply tokens", maxTokens);
+  tokensField.classList.add("narrow");
+  actions.append(tokensField, el("span", "spacer"), stop, send);
+  form.append(targetList, addTarget, field("Message", prompt), actions);
+
+  const tabs = el("div", "compare-tabs");
+  tabs.setAttribute("role", "tablist");
+  tabs.setAttribute("aria-label", "Replies");
+  const columns = el("div", "compare-columns");
+  columns.dataset.testid = "compare-columns";
+  panel.body.append(form, tabs, columns);
+
+  function modelsFor(engine) {
+    return models().filter((m) => m.engines?.includes(engine));
+  }
+
+  function fillModels(select, engine, preferred) {
+    const usable = modelsFor(engine);
+    select.replaceChildren(...usable.map((m) => option(m.id, `${m.id}${m.facts?.quantization ? ` (${m.facts.quantization})` : ""}`)));
+    if (usable.some((m) => m.id === preferred)) select.value = preferred;
+  }
+
+  function addRow(engine = "server", model = null) {
+    const index = targetList.children.length + 1;
+    const row = el("div", "compare-target");
+    row.dataset.testid = "compare-target";
+    const engines = [option("server", "Server")];
+    if (modelsFor("browser").length) engines.push(option("browser", "This browser"));
+    const engineBox = selectBox(`Where model ${index} runs`, engines, "compare-engine");
+    engineBox.select.value = engine;
+    const modelBox = selectBox(`Model ${index}`, [], "compare-model");
+    modelBox.wrap.classList.add("grow");
+    fillModels(modelBox.select, engineBox.select.value, model);
+    engineBox.select.addEventListener("change", () => fillModels(modelBox.select, engineBox.select.value, modelBox.select.value));
+    const remove = iconButton("x", `Remove model ${index}`, { testid: "compare-remove", onClick: () => {
+      row.remove();
+      updateRows();
+    } });
+    row.append(engineBox.wrap, modelBox.wrap, remove);
+    targetList.append(row);
+    updateRows();
+  }
+
+  function updateRows() {
+    const count = targetList.children.length;
+    addTarget.disabled = count >= MAX_TARGETS;
+    for (const remove of targetList.querySelectorAll('[data-testid="compare-remove"]')) remove.disabled = count <= 2;
+  }
+
+  function targets() {
+    return [...targetList.children].map((row) => ({
+      engine: row.querySelector('[data-testid="compare-engine"]').value,
+      model: row.querySelector('[data-testid="compare-model"]').value,
+    })).filter((t) => t.model);
+  }
+
+  addTarget.addEventListener("click", () => addRow("server", modelsFor("server")[0]?.id));
+
+  let running = null; // {controllers}
+
+  function selectTab(index) {
+    [...tabs.children].forEach((tab, i) => {
+      tab.setAttribute("aria-selected", String(i === index));
+      tab.tabIndex = i === index ? 0 : -1;
+    });
+    [...columns.children].forEach((column, i) => column.classList.toggle("active", i === index));
+  }
+
+  tabs.addEventListener("keydown", (event) => {
+    const current = [...tabs.children].findIndex((t) => t.getAttribute("aria-selected") === "true");
+    const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+    if (!step) return;
+    const next = (current + step + tabs.children.length) % tabs.children.length;
+    selectTab(next);
+    tabs.children[next].focus();
+  });
+
+  function makeColumn(target, index, state) {
+    const info = models().find((m) => m.id === target.model);
+    const column = el("section", "compare-column");
+    column.dataset.testid = "compare-column";
+    column.dataset.engine = target.engine;
+    column.id = `compare-column-${index}`;
+    column.setAttribute("role", "tabpanel");
+    const label = `${target.engine === "browser" ? "This browser" : "Server"} · ${target.model}`;
+    const tab = el("button", "compare-tab", `${index + 1}. ${target.model}`);
+    tab.type = "button";
+    tab.setAttribute("role", "tab");
+    tab.setAttribute("aria-controls", column.id);
+    tab.id = `compare-tab-${index}`;
+    tab.addEventListener("click", () => selectTab(index));
+    column.setAttribute("aria-labelledby", tab.id);
+    tabs.append(tab);
+    const head = el("header", "compare-column-head");
+    head.append(el("span", "compare-engine", target.engine === "browser" ? "This browser" : "Server"), el("strong", "compare-model", target.model));
+    const status = el("span", "compare-status", "waiting…");
+    status.dataset.testid = "compare-status";
+    head.append(status);
+    const body = el("div", "body compare-body");
+    const renderer = createStreamRenderer(body);
+    const stats = el("dl", "compare-stats");
+    stats.dataset.testid = "compare-stats";
+    const use = el("button", "button small primary", "Use this reply");
+    use.type = "button";
+    use.dataset.testid = "compare-use";
+    use.disabled = true;
+    use.setAttribute("aria-label", `Use the reply of ${label}`);
+    column.append(head, body, stats, use);
+    columns.append(column);
+    let firstAt = null;
+    const showFigures = (message) => {
+      stats.replaceChildren(...replyFigures(message, info?.facts, firstAt === null ? null : firstAt - state.sentAt).map(([term, value, key]) => {
+        const row = el("div");
+        row.dataset.figure = key;
+        row.append(el("dt", "", term), el("dd", "", value));
+        return row;
+      }));
+    };
+    showFigures(null);
+    use.addEventListener("click", async () => {
+      try {
+        await call("PATCH", `/api/conversations/${encodeURIComponent(state.conversationId)}`, { current_message_id: column.dataset.messageId });
+        panel.dialog.close();
+        await openConversation(state.conversationId);
+      } catch (err) {
+        panel.problem(err.message);
+      }
+    });
+    return {
+      identify(id) {
+        column.dataset.messageId = id;
+      },
+      token(text) {
+        firstAt ??= performance.now();
+        status.textContent = "writing…";
+        renderer.append(text);
+      },
+      status(text) {
+        status.textContent = text;
+      },
+      settle(message) {
+        renderer.finish(message.content ?? renderer.text);
+        if (message.id) column.dataset.messageId = message.id;
+        column.dataset.status = message.status;
+        status.textContent = message.status === "complete" ? "done" : message.status;
+        showFigures(message);
+        use.disabled = !column.dataset.messageId;
+      },
+      fail(message) {
+        column.dataset.status = "failed";
+        status.textContent = "failed";
+        panel.problem(message);
+        use.disabled = !column.dataset.messageId;
+      },
+    };
+  }
+
+  async function startServer(list, state, content, options) {
+    await socket.ready();
+    const requestId = `compare-${nextRequest++}`;
+    const frame = await new Promise((resolve, reject) => {
+      const offs = [];
+      const finish = (fn, value) => {
+        offs.forEach((off) => off());
+        fn(value);
+      };
+      offs.push(socket.on("started", (f) => f.request_id === requestId && finish(resolve, f)));
+      offs.push(socket.on("error", (f) => f.request_id === requestId && finish(reject, new Error(f.message))));
+      offs.push(socket.on("disconnect", () => finish(reject, new Error("the connection dropped before the message was stored; send it again"))));
+      socket.send({ type: "compare", request_id: requestId, conversation_id: state.conversationId,
+                    content, targets: list.map(({ target }) => ({ model: target.model })), options });
+    });
+    state.conversationId = frame.conversation_id;
+    state.userMessageId = frame.user_message.id;
+    // Followed in this task: no token frame can come before its listener.
+    return list.map(({ column }, i) => {
+      const id = frame.message_ids[i];
+      column.identify(id);
+      const controller = new AbortController();
+      state.controllers.push(controller);
+      return server.follow(id, "", {
+        signal: controller.signal,
+        onToken: (text) => column.token(text),
+        onQueued: (position) => column.status(`queued (${position} ahead)`),
+      }).then((message) => column.settle(message), (err) => {
+        if (err.reply) column.settle(err.reply);
+        else column.fail(err.message);
+      });
+    });
+  }
+
+  async function runBrowser(list, state, content, options) {
+    for (const { target, column } of list) {
+      if (state.stopped) break;
+      const controller = new AbortController();
+      state.controllers.push(controller);
+      try {
+        const engine = await loadBrowserEngine();
+        const info = models().find((m) => m.id === target.model);
+        const stored = await engine.generate({
+          conversationId: state.conversationId, replyTo: state.userMessageId ?? undefined, content,
+          model: target.model, modelInfo: info, backend: backend(), options,
+        }, {
+          signal: controller.signal,
+          onStarted: (conversation, userMessage) => {
+            state.conversationId = conversation.id;
+            if (userMessage) state.userMessageId = userMessage.id;
+          },
+          onReplyCreated: (message) => column.identify(message.id),
+          onLoad: (progress) => column.status(progress.phase === "ready" ? "running…" : `loading the model (${progress.phase})…`),
+          onToken: (text) => column.token(text),
+        });
+        column.settle(stored);
+      } catch (err) {
+        if (err.reply) column.settle(err.reply);
+        column.fail(err.message);
+      }
+    }
+  }
+
+  async function run() {
+    const chosen = targets();
+    const content = prompt.value;
+    if (running || !content.trim()) return;
+    if (chosen.length < 2) {
+      panel.problem("Pick at least two models to compare.");
+      return;
+    }
+    panel.problem("");
+    tabs.replaceChildren();
+    columns.replaceChildren();
+    columns.dataset.count = String(chosen.length);
+    const state = { conversationId: conversationId(), userMessageId: null, controllers: [], stopped: false, sentAt: performance.now() };
+    const laid = chosen.map((target, i) => ({ target, column: makeColumn(target, i, state) }));
+    selectTab(0);
+    const options = {};
+    const max = Number.parseInt(maxTokens.value, 10);
+    if (Number.isFinite(max) && max > 0) options.max_tokens = max;
+    running = state;
+    send.hidden = true;
+    stop.hidden = false;
+    try {
+      const servers = laid.filter((l) => l.target.engine === "server");
+      const browsers = laid.filter((l) => l.target.engine === "browser");
+      // The server's replies are under way before the browser starts (it needs their user message).
+      const pending = servers.length ? await startServer(servers, state, content, options) : [];
+      prompt.value = "";
+      await Promise.all([...pending, runBrowser(browsers, state, content, options)]);
+    } catch (err) {
+      panel.problem(err.message);
+    } finally {
+      running = null;
+      send.hidden = false;
+      stop.hidden = true;
+      columns.dataset.conversationId = state.conversationId ?? "";
+    }
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    run();
+  });
+  stop.addEventListener("click", () => {
+    if (!running) return;
+    running.stopped = true;
+    for (const controller of running.controllers) controller.abort();
+  });
+
+  button.addEventListener("click", () => {
+    button.closest("details")?.removeAttribute("open");
+    if (!targetList.children.length) {
+      const serverModels = modelsFor("server");
+      addRow("server", serverModels[0]?.id);
+      if (modelsFor("browser").length) addRow("browser", modelsFor("browser")[0].id);
+      else addRow("server", serverModels[1]?.id ?? serverModels[0]?.id);
+    }
+    panel.open();
+    prompt.focus();
+  });
+}

@@ -1,0 +1,154 @@
+// The reply format setting (text, or JSON following a schema) and structured replies' view.
+// The setting is the conversation's: PATCH /api/conversations/<id> {"settings":
+// {"response_format": {...}}} (null clears it); the server runs the model under a grammar.
+//   readReplyFormat()          -> the response_format to send (null for plain text), or
+//                                 undefined while the schema is invalid
+//   showReplyFormat(settings)  -> show a conversation's settings in the controls
+//   renderStructured(element, message) -> true when the message was a structured reply and
+//                                 is now shown as formatted JSON with a valid/invalid mark
+import { renderMarkdown } from "../render.js";
+import { call, el } from "./panel.js";
+
+let controls = null;
+
+export function schemaProblem(text) {
+  let schema;
+  try {
+    schema = JSON.parse(text);
+  } catch (err) {
+    return { problem: `not JSON: ${err.message}` };
+  }
+  if (!schema || typeof schema !== "object" || Array.isArray(schema)) return { problem: "the schema must be a JSON object" };
+  if (!("type" in schema)) return { problem: 'the schema needs a "type" (e.g. "object")' };
+  return { schema };
+}
+
+export function readReplyFormat() {
+  if (!controls || controls.kind.value !== "json_schema") return null;
+  const { schema } = schemaProblem(controls.schema.value);
+  if (!schema) return undefined;
+  return { type: "json_schema", json_schema: { name: "reply", schema } };
+}
+
+export function showReplyFormat(settings) {
+  if (!controls) return;
+  const format = settings?.response_format;
+  const schema = format?.json_schema?.schema ?? format?.schema;
+  controls.kind.value = format?.type === "json_schema" && schema ? "json_schema" : "text";
+  if (schema) controls.schema.value = JSON.stringify(schema, null, 2);
+  controls.refresh();
+}
+
+const TYPES = {
+  object: (v) => v !== null && typeof v === "object" && !Array.isArray(v),
+  array: Array.isArray,
+  string: (v) => typeof v === "string",
+  number: (v) => typeof v === "number",
+  integer: Number.isInteger,
+  boolean: (v) => typeof v === "boolean",
+  null: (v) => v === null,
+};
+
+function typeMatches(type, value) {
+  const types = Array.isArray(type) ? type : [type];
+  return types.some((t) => (TYPES[t] ? TYPES[t](value) : true));
+}
+
+// A light check, not a validator: JSON, the top-level type, required keys, their basic types.
+export function checkStructured(text, schema) {
+  let value;
+  try {
+    value = JSON.parse(text);
+  } catch {
+    return { value: undefined, problems: ["not valid JSON"] };
+  }
+  const problems = [];
+  if (schema?.type && !typeMatches(schema.type, value)) problems.push(`not of type ${schema.type}`);
+  if (TYPES.object(value)) {
+    for (const key of schema?.required ?? []) if (!(key in value)) problems.push(`"${key}" is missing`);
+    for (const [key, sub] of Object.entries(schema?.properties ?? {})) {
+      if (key in value && sub?.type && !typeMatches(sub.type, value[key])) problems.push(`"${key}" is not of type ${sub.type}`);
+    }
+  }
+  return { value, problems };
+}
+
+export function renderStructured(element, message) {
+  const format = message?.meta?.options?.response_format;
+  if (!format || message.role !== "assistant" || message.status === "streaming") return false;
+  const schema = format.json_schema?.schema ?? format.schema ?? (format.type === "json_object" ? { type: "object" } : null);
+  const { value, problems } = checkStructured(message.content ?? "", schema);
+  const text = value === undefined ? message.content ?? "" : JSON.stringify(value, null, 2);
+  // Through the sanitising renderer, as a fenced block: the longest backtick run plus one.
+  const fence = "`".repeat(Math.max(3, ...[...text.matchAll(/`+/g)].map((m) => m[0].length + 1)));
+  const code = el("div", "structured-code");
+  renderMarkdown(code, `${fence}json\n${text}\n${fence}`);
+  const valid = problems.length === 0;
+  const mark = el("p", "structured-mark", valid ? "Valid JSON for the schema" : `Does not match the schema: ${problems.join("; ")}`);
+  mark.dataset.testid = "structured-mark";
+  mark.dataset.valid = String(valid);
+  element.replaceChildren(mark, code);
+  element.dataset.structured = "true";
+  return true;
+}
+
+// An example to start from.
+const EXAMPLE = { type: "object", properties: { answer: { type: "string" } }, required: ["answer"] };
+
+// container: an element in the reply settings (chat.html's reply-format block);
+// conversationId(): the open conversation's id or null; api: static/js/api.js's client.
+export function initReplyFormat(container, { api, conversationId, onError = () => {} }) {
+  if (!container) return;
+  const kind = container.querySelector('[data-testid="reply-format"]');
+  const schema = container.querySelector('[data-testid="reply-schema"]');
+  const note = container.querySelector('[data-testid="reply-schema-note"]');
+  const save = container.querySelector('[data-testid="reply-format-save"]');
+  if (!schema.value) schema.value = JSON.stringify(EXAMPLE, null, 2);
+  const refresh = () => {
+    const json = kind.value === "json_schema";
+    schema.closest(".field").hidden = !json;
+    const { problem } = json ? schemaProblem(schema.value) : {};
+    schema.setAttribute("aria-invalid", String(Boolean(problem)));
+    note.dataset.level = problem ? "bad" : "ok";
+    note.textContent = !json ? "Replies are plain text (markdown)."
+      : problem ? `Invalid schema: ${problem}` : conversationId() ? "A valid schema." : "A valid schema: it is saved once the conversation has its first message.";
+    save.disabled = Boolean(problem) || !conversationId();
+  };
+  controls = { kind, schema, refresh };
+  let edits = 0; // the reader's changes win over a conversation's settings still loading
+  const edited = () => {
+    edits += 1;
+    refresh();
+  };
+  kind.addEventListener("change", edited);
+  schema.addEventListener("input", edited);
+  save.addEventListener("click", async () => {
+    const format = readReplyFormat();
+    const id = conversationId();
+    if (format === undefined || !id) return;
+    try {
+      await call("PATCH", `/api/conversations/${encodeURIComponent(id)}`, { settings: { response_format: format } });
+      note.textContent = format ? "Saved: replies in this conversation follow the schema." : "Saved: replies are plain text.";
+      note.dataset.level = "ok";
+    } catch (err) {
+      onError(err.message);
+    }
+  });
+  // The settings menu shows the open conversation's own format each time it opens.
+  const menu = container.closest("details");
+  menu?.addEventListener("toggle", async () => {
+    if (!menu.open) return;
+    const id = conversationId();
+    refresh();
+    if (!id) return;
+    const before = edits;
+    try {
+      const { settings } = await api.conversation(id);
+      if (edits === before && id === conversationId()) showReplyFormat(settings);
+    } catch {
+      /* the conversation is gone: the controls keep what they show */
+    }
+  });
+  refresh();
+}
+
