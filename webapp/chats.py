@@ -433,28 +433,11 @@ class ChatService:
 
         One reply is written at a time per conversation: a second would race the first for
         the current branch. Refused before anything is stored."""
-        self.check_content(content)
-        with self.db.write() as session:
-            if conversation_id is None:
-                conv = self._new_conversation(session, owner_id, content, settings)
-                parent = None
-            else:
-                conv = self.owned(session, owner_id, conversation_id)
-                self._refuse_busy(conv)
-                if conv.title == DEFAULT_TITLE and not conv.messages:
-                    conv.title = title_from(content)
-                parent = self._parent(conv, parent_id)
-            user = Message(role="user", content=content, status="complete",
-                           parent_id=parent.id if parent else None)
-            conv.messages.append(user)
-            session.flush()
-            reply = self._reply_row(conv, user, provenance, run_owner)
-            session.flush()
-            conv.current_message_id = reply.id
-            tree = Tree(conv.messages)
-            parents = tree.public_ids()
-            return (conversation_dict(conv), message_dict(user, parents), message_dict(reply, parents),
-                    model_history(tree.path(user.id)))
+        conv, user, (reply,), history = self.begin_compare(
+            owner_id, conversation_id, content, [provenance], run_owner=run_owner,
+            parent_id=parent_id, settings=settings,
+        )
+        return conv, user, reply, history
 
     def begin_compare(
         self, owner_id: str, conversation_id: str | None, content: str,
@@ -471,6 +454,8 @@ class ChatService:
             else:
                 conv = self.owned(session, owner_id, conversation_id)
                 self._refuse_busy(conv)
+                if conv.title == DEFAULT_TITLE and not conv.messages:
+                    conv.title = title_from(content)
                 parent = self._parent(conv, parent_id)
             user = Message(role="user", content=content, status="complete",
                            parent_id=parent.id if parent else None)
