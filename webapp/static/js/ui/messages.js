@@ -165,7 +165,9 @@ export class MessageView {
           return;
         }
         info.setAttribute("aria-expanded", "true");
-        node.insertBefore(describeOptions(options, message), actions.nextSibling);
+        const box = describeOptions(options, message);
+        node.insertBefore(box, actions.nextSibling);
+        box.scrollIntoView({ block: "nearest" });
       });
       info.setAttribute("aria-expanded", "false");
     }
