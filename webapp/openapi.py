@@ -470,7 +470,7 @@ PATHS: dict[str, Any] = {
             "operationId": "create_key",
             "summary": "make a key for /v1 (Authorization: Bearer <token>) acting as you",
             "requestBody": _body({
-                "type": "object", "required": ["name"],
+                "type": "object", "required": ["name"], "additionalProperties": False,
                 "properties": {"name": {**_TEXT, "maxLength": 100}},
             }),
             "responses": _responses("201", {
