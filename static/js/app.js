@@ -196,6 +196,16 @@ function engineChanged() {
   }
   if (engine === "browser") browserStatus.describe(modelInfo(modelSelect.value), engines.browser.loaded);
   else browserStatus.hide();
+  preloadBrowser();
+}
+
+// Picking the browser engine starts the wasm and model download (and reads the open
+// conversation into the model's cache), so Send does not wait for them.
+function preloadBrowser() {
+  const info = modelInfo(modelSelect.value);
+  if (engineSelect.value !== "browser" || !info?.browser) return;
+  engines.browser.preload(info, backendSelect.value, (progress) => browserStatus.update(info, progress),
+                          { conversationId: state.conversationId, options: replyOptions() }).catch(() => {});
 }
 
 async function loadModels() {
@@ -286,6 +296,7 @@ async function openConversation(id, { push }) {
     showError("");
     await refreshList();
     sharing.open(conversation.id, { shared: isShared(conversation.id) });
+    preloadBrowser();
   } catch (err) {
     showError(err.status === 404 ? "That conversation does not exist (or is not yours)." : err.message);
     state.conversationId = null;
@@ -337,7 +348,7 @@ async function send() {
         onQueued: (position) => reply.queued(position),
         onLoad: (progress) => {
           browserStatus.update(modelInfo(model), progress);
-          if (progress.phase !== "ready") reply.view?.loading();
+          if (progress.phase !== "ready") reply.view?.loading(progress);
         },
         onToken: (text) => reply.token(text),
       },
@@ -389,7 +400,10 @@ modelSelect.addEventListener("change", () => {
   engineChanged();
 });
 engineSelect.addEventListener("change", engineChanged);
-backendSelect.addEventListener("change", () => localStorage.setItem("bchat.backend", backendSelect.value));
+backendSelect.addEventListener("change", () => {
+  localStorage.setItem("bchat.backend", backendSelect.value);
+  preloadBrowser();
+});
 window.addEventListener("popstate", () => {
   const match = location.pathname.match(/^\/c\/([^/]+)$/);
   if (match) openConversation(decodeURIComponent(match[1]), { push: false });
