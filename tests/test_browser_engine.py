@@ -208,7 +208,7 @@ def test_history_is_read_with_progress_before_the_first_browser_turn(page, serve
     steps = [re.match(r"Reading the conversation: (\d+)/(\d+) tokens", line)
              for line, _ in page.evaluate("window.statusLog")]
     steps = [(int(m[1]), int(m[2])) for m in steps if m]
-    # First the history (in 64-token steps), then the reply's own prompt, which starts from it.
+    # First the history (in 128-token steps), then the reply's own prompt, which starts from it.
     total = steps[0][1]
     history = [n for n, t in steps if t == total]
     assert total > 100 and history == sorted(history) and history[-1] == total, steps

@@ -277,7 +277,12 @@ def derive(model: ModelFile, fmt: str, folder: Path) -> Path:
         )
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize returned {rc}")
-        os.replace(partial, target)
+        try:
+            # Not os.replace: when several processes start at once (gunicorn workers) the first
+            # file stays, so every process computes the same version, hence the same URL.
+            os.link(partial, target)
+        except FileExistsError:
+            pass
     finally:
         partial.unlink(missing_ok=True)
     # Older derivations of this model (an earlier version of the original) only take space.

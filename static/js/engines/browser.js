@@ -16,10 +16,13 @@ const COMPAT = {
 };
 const N_CTX = 4096;
 // Prompt tokens llama.cpp decodes per step. On WASM the matrix products are compute-bound
-// (SIMD128 has no int8 dot product), so a larger batch barely speeds prompt reading up, while
-// each step is when the page learns how far it got: 64 keeps "reading the conversation:
-// 230/458 tokens" moving every few seconds on a slow phone. Measured by bench/browser_speed.py.
-const N_BATCH = 64;
+// (ggml has no batched GEMM kernel for SIMD128: a batch costs what its tokens cost one by one),
+// so batch size does not buy arithmetic; what it changes is (a) how often the page learns how
+// far it got ("reading the conversation: 128/458 tokens" comes once per step) and (b) how many
+// thread barriers a prompt costs (~750 per step), which on a busy machine with descheduled
+// threads made 64-token steps 2-3x slower than 512. 128 keeps progress moving every few
+// seconds at a quarter of 64's barriers. Measured by bench/browser_speed.py --batch.
+const N_BATCH = 128;
 const FLUSH_MS = 2000; // the reply's row grows at least this often (and on pagehide)
 const CHARS_PER_TOKEN = 3; // rough, errs long: used only to drop old turns before sending
 
