@@ -103,6 +103,10 @@ export function createBrowserEngine({ api }) {
     const key = `${url}|${preference}`;
     if (loaded?.key === key) return loaded;
     if (wllama) {
+      // Another backend was picked: a reply being written finishes on the old instance first,
+      // and background reading for the old one is dropped.
+      warming?.controller.abort();
+      await Promise.all([generating, warming?.promise]).catch(() => {});
       await wllama.exit().catch(() => {});
       wllama = null;
       loaded = null;
