@@ -24,11 +24,12 @@ REPLY_TIMEOUT = 180_000  # ms; WASM on 2 cores evaluates prompts at ~10-20 token
 
 
 class ModelRequestCounter:
-    """WSGI middleware: counts requests for model files, by method."""
+    """WSGI middleware: counts requests for model files, by method, and keeps their paths."""
 
     def __init__(self, app) -> None:
         self.app = app
         self.counts: dict[str, int] = {}
+        self.paths: list[str] = []
         self.lock = threading.Lock()
 
     def __call__(self, environ, start_response):
@@ -38,6 +39,7 @@ class ModelRequestCounter:
                 ranged = "HTTP_RANGE" in environ
                 key = f"{method}{' range' if ranged else ''}"
                 self.counts[key] = self.counts.get(key, 0) + 1
+                self.paths.append(environ["PATH_INFO"])
         return self.app(environ, start_response)
 
 
@@ -102,19 +104,8 @@ def use_browser_engine(page, backend: str = "auto") -> None:
     page.get_by_test_id("backend-select").select_option(backend)
 
 
-def test_page_is_cross_origin_isolated_and_shows_the_download_first(page):
-    assert page.evaluate("crossOriginIsolated") is True
-    use_browser_engine(page)
-    status = page.get_by_test_id("browser-status-text")
-    expect(status).to_contain_text("SmolLM2-135M-Instruct.Q4_1")
-    expect(status).to_contain_text("MiB")
-    expect(status).to_contain_text("downloaded once")
-
-
-def test_wasm_multi_thread_reply_streams_and_is_stored_with_provenance(page, server):
-    use_browser_engine(page)
-    settings(page, max_tokens=24)
-    # Record every status line and progress value the page shows during the download.
+def record_status(page) -> None:
+    """Record every status line and progress value the page shows from now on."""
     page.evaluate("""() => {
         window.statusLog = [];
         const text = document.querySelector('[data-testid="browser-status-text"]');
@@ -122,14 +113,38 @@ def test_wasm_multi_thread_reply_streams_and_is_stored_with_provenance(page, ser
         new MutationObserver(() => window.statusLog.push([text.textContent, bar.value]))
             .observe(text, {childList: true, characterData: true, subtree: true});
     }""")
-    reply = send(page, "Say hello in one short sentence.")
-    expect(reply).to_have_attribute("data-status", "complete", timeout=REPLY_TIMEOUT)
+
+
+def test_picking_the_browser_engine_downloads_the_served_format_before_any_send(page, server):
+    assert page.evaluate("crossOriginIsolated") is True
+    listing = page.evaluate("fetch('/api/models').then((r) => r.json())")
+    (model,) = listing["models"]
+    # The page runs the format bench/browser_speed.py measured fastest in WASM (the default of
+    # BCHAT_BROWSER_FORMAT), derived from the shipped Q4_1; the server keeps the Q4_1.
+    assert model["browser"]["format"] == "Q8_0" and "fastest in the page" in model["browser"]["reason"]
+    assert model["server"]["format"] == "Q4_1" == model["facts"]["quantization"]
+    assert model["browser"]["url"].endswith("/SmolLM2-135M-Instruct.Q4_1.Q8_0.gguf")
+    record_status(page)
+    use_browser_engine(page)
+    status = page.get_by_test_id("browser-status-text")
+    expect(status).to_contain_text("runs in this browser", timeout=REPLY_TIMEOUT)
     log = page.evaluate("window.statusLog")
+    assert any("(Q8_0, 135M parameters) is downloaded once" in line for line, _ in log), log
     assert any(line.startswith("Preparing") and "can store" in line for line, _ in log), log
     downloading = [(line, value) for line, value in log if line.startswith("Downloading")]
     assert downloading, log
     assert "MiB/s" in downloading[-1][0] and "%" in downloading[-1][0]
     assert downloading[-1][1] == 1, "the bar reaches the end"
+    assert server.counter.counts.get("GET", 0) == 1, server.counter.counts
+    assert [p for p in server.counter.paths if p.endswith(".gguf")][-1] == model["browser"]["url"]
+    assert page.locator('[data-role="assistant"]').count() == 0, "nothing was sent"
+
+
+def test_wasm_multi_thread_reply_streams_and_is_stored_with_provenance(page, server):
+    use_browser_engine(page)
+    settings(page, max_tokens=24)
+    reply = send(page, "Say hello in one short sentence.")
+    expect(reply).to_have_attribute("data-status", "complete", timeout=REPLY_TIMEOUT)
     status = page.get_by_test_id("browser-status-text").inner_text()
     assert "wasm-mt" in status and "2 threads" in status
     assert "shader-f16" in status, "the SwiftShader adapter is found and refused, and the UI says so"
@@ -141,10 +156,74 @@ def test_wasm_multi_thread_reply_streams_and_is_stored_with_provenance(page, ser
     assert assistant["model"] == "SmolLM2-135M-Instruct.Q4_1"
     assert assistant["status"] == "complete" and assistant["content"].strip()
     assert 0 < assistant["usage"]["completion_tokens"] <= 24
-    assert assistant["usage"]["prompt_tokens"] > 5
     assert assistant["tokens_per_second"] > 0
     assert assistant["meta"]["threads"] == 2
-    assert server.counter.counts.get("GET", 0) == 1, server.counter.counts
+    # Prompt facts as server replies record them, and consistent with each other: nothing was
+    # cached in a fresh conversation, the whole templated prompt was evaluated.
+    meta, prompt_tokens = assistant["meta"], assistant["usage"]["prompt_tokens"]
+    assert prompt_tokens > 5
+    assert meta["prompt_evaluated"] + meta["prompt_cached"] == prompt_tokens
+    assert meta["prompt_evaluated"] >= prompt_tokens - 1, meta  # at most the BOS was reused
+    assert 0 < meta["prompt_ms"] < REPLY_TIMEOUT
+    assert meta["prompt_per_second"] == pytest.approx(meta["prompt_evaluated"] / meta["prompt_ms"] * 1000,
+                                                      rel=0.05)
+    assert server.counter.counts.get("GET", 0) == 1, "loaded from the browser's storage, no second GET"
+
+
+def test_history_is_read_with_progress_before_the_first_browser_turn(page, server):
+    """A conversation written elsewhere, opened with the browser engine picked: the page reads
+    its history into the model's cache at once, saying how far it got, and the first turn waits
+    for that reading instead of starting over."""
+    conversation_id = page.evaluate("""async () => {
+        const post = (path, body) => fetch(path, {method: 'POST', body: JSON.stringify(body),
+            headers: {'Content-Type': 'application/json'}}).then((r) => r.json());
+        const c = await post('/api/conversations', {title: 'history'});
+        for (let i = 0; i < 2; i++) {
+            await post(`/api/conversations/${c.id}/messages`, {role: 'user',
+                content: `Question ${i + 1}: what is bread made of, and how is it baked at home?`});
+            await post(`/api/conversations/${c.id}/messages`, {role: 'assistant', provenance:
+                {engine: 'browser', model: 'SmolLM2-135M-Instruct.Q4_1'}, content: 'Bread is flour, ' +
+                'water, salt and yeast, mixed into a dough that rises, is shaped and baked in a hot ' +
+                'oven until the crust is brown and the loaf sounds hollow when tapped.'});
+        }
+        return c.id;
+    }""")
+    page.evaluate("localStorage.setItem('bchat.engine', 'browser');"
+                  "localStorage.setItem('bchat.backend', 'auto')")
+    page.goto(f"{server.url}/c/{conversation_id}")  # a reload: nothing of this history in the page
+    record_status(page)
+    settings(page, max_tokens=8)
+    page.evaluate("""() => {
+        window.metaLog = [];
+        new MutationObserver(() => {
+            const meta = document.querySelector('[data-role=assistant][data-status=streaming] .meta');
+            if (meta) window.metaLog.push(meta.textContent);
+        }).observe(document.body, {childList: true, characterData: true, subtree: true});
+    }""")
+    status = page.get_by_test_id("browser-status-text")
+    expect(status).to_contain_text("Reading the conversation", timeout=REPLY_TIMEOUT)
+    reply = send(page, "Thanks!")  # while the history is being read
+    expect(reply).to_have_attribute("data-status", "complete", timeout=REPLY_TIMEOUT)
+
+    steps = [re.match(r"Reading the conversation: (\d+)/(\d+) tokens", line)
+             for line, _ in page.evaluate("window.statusLog")]
+    steps = [(int(m[1]), int(m[2])) for m in steps if m]
+    # First the history (in 128-token steps), then the reply's own prompt, which starts from it.
+    total = steps[0][1]
+    history = [n for n, t in steps if t == total]
+    assert total > 100 and history == sorted(history) and history[-1] == total, steps
+    assert len(set(history)) >= 3, f"progress moved in steps: {steps}"
+    assert all(n >= total for n, t in steps if t != total), steps
+    meta_log = page.evaluate("window.metaLog")
+    assert any(re.fullmatch(r"reading the conversation: \d+/\d+ tokens…", m) for m in meta_log), meta_log
+    assert not any("loading the model" in m for m in meta_log[meta_log.index(next(
+        m for m in meta_log if m.startswith("reading"))):]), meta_log
+
+    assistant = stored_messages(page, server)[-1]
+    meta = assistant["meta"]
+    assert meta["prompt_cached"] >= total - 2, "the history read in the background was reused"
+    assert meta["prompt_evaluated"] < 30, meta
+    assert assistant["usage"]["prompt_tokens"] == meta["prompt_cached"] + meta["prompt_evaluated"]
 
 
 def test_follow_up_only_evaluates_the_new_tokens(page, server):

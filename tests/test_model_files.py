@@ -87,3 +87,43 @@ def test_models_without_a_chat_template_are_server_listed_but_not_offered_to_bro
     (model,) = client.get("/api/models").get_json()["models"]
     assert model["engines"] == ["server"] and "browser" not in model
     assert model["facts"]["has_chat_template"] is False
+
+
+def test_browsers_get_the_derived_format_and_the_server_keeps_the_original(make_app, tmp_path,
+                                                                          bundled_model):
+    """The bundled Q4_1 is re-quantised once to the format measured fastest in WASM (Q8_0),
+    cached under BROWSER_MODELS_DIR by the original's version; both files stay downloadable."""
+    from gguf import GGUFReader
+
+    folder = tmp_path / "browser-models"
+    client = make_app(MODEL_PATH=str(bundled_model), BROWSER_MODELS_DIR=str(folder)).test_client()
+    (model,) = client.get("/api/models").get_json()["models"]
+    assert model["server"]["format"] == "Q4_1" and model["browser"]["format"] == "Q8_0"
+    (derived,) = folder.rglob("*.gguf")
+    assert derived.name == "SmolLM2-135M-Instruct.Q4_1.Q8_0.gguf"
+    assert derived.parent.name == model["facts"]["version"], "keyed by the original's version"
+    assert int(GGUFReader(str(derived)).fields["general.file_type"].contents()) == 7  # Q8_0
+    url = model["browser"]["url"]
+    assert url.endswith("/" + derived.name) and model["browser"]["size"] == derived.stat().st_size
+    assert client.head(url).status_code == 200
+    assert int(client.head(url).headers["Content-Length"]) == derived.stat().st_size
+    # A second start reuses the file: same bytes, same URL.
+    mtime = derived.stat().st_mtime_ns
+    again = make_app(MODEL_PATH=str(bundled_model), BROWSER_MODELS_DIR=str(folder)).test_client()
+    assert again.get("/api/models").get_json()["models"][0]["browser"]["url"] == url
+    assert derived.stat().st_mtime_ns == mtime
+    # The original's URL (another version) is not served under the derived name, nor vice versa.
+    version = url.split("/")[3]
+    assert client.get(f"/models/{model['id']}/{version}/SmolLM2-135M-Instruct.Q4_1.gguf").status_code == 404
+
+
+def test_small_files_and_original_are_served_as_is(make_app, tmp_path, tiny_model):
+    folder = tmp_path / "browser-models"
+    client = make_app(BROWSER_MODELS_DIR=str(folder)).test_client()
+    (model,) = client.get("/api/models").get_json()["models"]
+    assert model["browser"]["url"].endswith("/tiny-chat.gguf")
+    assert "served as is" in model["browser"]["reason"]
+    assert not folder.exists(), "nothing derived for a test-sized model"
+    client = make_app(BROWSER_FORMAT="original", BROWSER_MODELS_DIR=str(folder)).test_client()
+    (model,) = client.get("/api/models").get_json()["models"]
+    assert "BCHAT_BROWSER_FORMAT=original" in model["browser"]["reason"]

@@ -50,7 +50,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     }
 
     db = Database(app.config["DATABASE_URL"])
-    catalogue = ModelCatalogue(app.config["MODEL_PATH"])
+    # Deriving a missing browser format happens here, once per model version (~1 s for the
+    # bundled model; `bchat models prepare` does it ahead of time).
+    catalogue = ModelCatalogue(app.config["MODEL_PATH"], app.config["BROWSER_FORMAT"],
+                               app.config["BROWSER_MODELS_DIR"])
     engines = build_engines(app.config, catalogue)
     chats = ChatService(db, max_message_chars=app.config["MAX_MESSAGE_CHARS"],
                         max_tokens_limit=app.config["MAX_TOKENS_LIMIT"])

@@ -111,10 +111,17 @@ def models():
         local_file = services.catalogue.get(info.id)
         facts = local_file.facts() if local_file else info.facts
         entry = {"id": info.id, "served_by": info.engine, "engines": ["server"], "facts": facts}
-        url = browser_url(local_file) if local_file else None
+        # Each engine's format and why: the server runs the file as configured, pages run the
+        # format measured fastest in WASM (model_files.browser_file).
+        browser_file = services.catalogue.browser(info.id) if local_file else None
+        url = browser_url(local_file, browser_file) if local_file else None
+        if local_file:
+            entry["server"] = {"format": local_file.quantization,
+                               "reason": "the model file as configured: native llama.cpp runs it"}
         if url:
             entry["engines"].append("browser")
-            entry["browser"] = {"url": url, "size": local_file.file_size}
+            entry["browser"] = {"url": url, "size": browser_file.size, "format": browser_file.format,
+                                "reason": browser_file.reason}
         listing.append(entry)
     return {"models": listing, "default": services.engines.default_model}
 

@@ -76,6 +76,23 @@ def list_models() -> int:
     return 0
 
 
+def prepare_models() -> int:
+    """Derive the format browsers run for every model now (app start would do it otherwise)."""
+    from .model_files import browser_file, discover
+
+    config = _settings()
+    models = discover(config["MODEL_PATH"])
+    if not models:
+        print(f"no readable .gguf files at {config['MODEL_PATH']}", file=sys.stderr)
+        return 1
+    folder = Path(str(config["BROWSER_MODELS_DIR"]))
+    for model in models:
+        file = browser_file(model, str(config["BROWSER_FORMAT"]), folder)
+        print(f"{model.id}: server {model.quantization}, browser {file.format} "
+              f"({file.size / 2**20:.1f} MiB, {file.path.name}): {file.reason}")
+    return 0
+
+
 def pull_model(source: str, name: str | None, sha256: str | None, dest: str | None) -> int:
     from .model_pull import PullError, models_dir, pull
 
@@ -257,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     p_pull.add_argument("--sha256", help="expected sha256 (else the hub's, else only recorded)")
     p_pull.add_argument("--dir", help="models folder (default: BCHAT_MODEL_PATH if a folder, "
                                       "else instance/models)")
+    models_sub.add_parser(
+        "prepare", help="derive the format browsers run (BCHAT_BROWSER_FORMAT) for every model"
+    )
     p_remove = models_sub.add_parser("remove", help="delete a pulled model and its checksum file")
     p_remove.add_argument("name")
     p_remove.add_argument("--dir", help="models folder (as for pull)")
@@ -293,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             return pull_model(args.source, args.name, args.sha256, args.dir)
         if args.models_command == "remove":
             return remove_model(args.name, args.dir)
+        if args.models_command == "prepare":
+            return prepare_models()
         return list_models()
     if args.command == "keys":
         if args.keys_command is None:

@@ -31,6 +31,10 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "N_CTX": (4096, _INT, "context window (tokens) of each chat on embedded models"),
     "N_THREADS": (0, _INT, "CPU threads for embedded models; 0 = number of cores"),
     "PARALLEL": (4, _INT, "chats decoded together per embedded model (1 = one at a time)"),
+    "BROWSER_FORMAT": ("Q8_0", str, "format pages run (derived once from each Q4_0/Q4_1/Q8_0/F16 model; "
+                       "Q8_0 measured fastest in WASM by bench/browser_speed.py); original = as is"),
+    "BROWSER_MODELS_DIR": (None, str, "where derived browser formats are kept; default: "
+                           "browser-models in the instance folder"),
     "CHAT_TEMPLATE": (None, str, 'for GGUFs without one: "chatml" or a Jinja template file'),
     "N_GPU_LAYERS": (0, _INT, "layers offloaded to the GPU (-1 = all); needs a GPU build"),
     "SECRET_KEY": (None, str, "signs the owner cookie; default: a random key kept in the instance folder"),
@@ -125,6 +129,8 @@ def load_config(instance_path: str | Path, environ: Mapping[str, str] | None = N
         config["DATABASE_URL"] = f"sqlite:///{instance_path / 'bchat.sqlite3'}"
     if config["MODEL_PATH"] is None:
         config["MODEL_PATH"] = str(bundled_model_path())
+    if config["BROWSER_MODELS_DIR"] is None:
+        config["BROWSER_MODELS_DIR"] = str(instance_path / "browser-models")
     if config["N_THREADS"] in (0, None):
         config["N_THREADS"] = os.cpu_count() or 1
     if config["MAX_SOCKETS"] is None:

@@ -193,9 +193,18 @@ def discover(model_path: str | os.PathLike) -> list[ModelFile]:
 class ModelCatalogue:
     """The models found at start; looked up by id for inference and for browser downloads."""
 
-    def __init__(self, model_path: str | os.PathLike) -> None:
+    def __init__(self, model_path: str | os.PathLike, browser_format: str | None = None,
+                 browser_dir: str | os.PathLike | None = None) -> None:
         self.model_path = str(model_path)
         self._models = {m.id: m for m in discover(model_path)}
+        # What each model's page download is: the file itself, or a format derived from it.
+        self._browser = {
+            m.id: browser_file(m, browser_format, Path(browser_dir) if browser_dir else None)
+            for m in self._models.values()
+        }
+
+    def browser(self, model_id: str) -> BrowserFile | None:
+        return self._browser.get(model_id)
 
     def __iter__(self):
         return iter(self._models.values())
@@ -211,6 +220,118 @@ class ModelCatalogue:
         return next(iter(self._models), None)
 
 
+# -- the format browsers run ----------------------------------------------------------------
+#
+# llama.cpp in the page (WASM SIMD128) is compute-bound, not memory-bound like native code, so
+# the format that decodes fastest there is not the one that is fastest natively: 8-bit blocks
+# need no nibble unpacking in the inner dot product. bench/browser_speed.py measures every
+# format llama.cpp can derive from the bundled Q4_1 (Q4_1, Q8_0, Q4_0, F16) on both WASM
+# backends; its winner is BCHAT_BROWSER_FORMAT's default. The server engine keeps the file
+# as configured.
+BROWSER_REASON = (
+    "{fmt} runs fastest in the page (bench/browser_speed.py: decode and prompt tok/s of Q4_1, "
+    "Q8_0, Q4_0 and F16 in chromium's WASM, where 8-bit blocks skip the 4-bit unpacking); "
+    "derived once from {source} with llama.cpp's quantizer"
+)
+# llama_ftype values llama.cpp's quantizer takes for the formats offered to browsers.
+_DERIVABLE = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "F16": 1}
+# Below this a file is served as is: deriving costs more than it could save (test models).
+DERIVE_MIN_BYTES = 8 * 1024**2
+
+
+@dataclass(frozen=True)
+class BrowserFile:
+    """The GGUF a page downloads for a model: the model's own file or one derived from it."""
+
+    path: Path
+    version: str
+    size: int
+    format: str
+    reason: str
+
+
+def derived_path(model: ModelFile, fmt: str, folder: Path) -> Path:
+    """Where the ``fmt`` copy of ``model`` is cached: keyed by the original's version, so a
+    replaced original is derived again (and gets a new, immutable URL)."""
+    return folder / model.id / model.version / f"{model.path.stem}.{fmt}.gguf"
+
+
+def derive(model: ModelFile, fmt: str, folder: Path) -> Path:
+    """Write the ``fmt`` copy of ``model`` (once; atomically, so concurrent starts are safe)."""
+    import ctypes
+
+    import llama_cpp
+
+    target = derived_path(model, fmt, folder)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = _DERIVABLE[fmt]
+    params.allow_requantize = True  # the source is already quantised: that is the point
+    params.nthread = max(1, min(os.cpu_count() or 1, 4))
+    try:
+        rc = llama_cpp.llama_model_quantize(
+            str(model.path).encode(), str(partial).encode(), ctypes.byref(params)
+        )
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize returned {rc}")
+        try:
+            # Not os.replace: when several processes start at once (gunicorn workers) the first
+            # file stays, so every process computes the same version, hence the same URL.
+            os.link(partial, target)
+        except FileExistsError:
+            pass
+    finally:
+        partial.unlink(missing_ok=True)
+    # Older derivations of this model (an earlier version of the original) only take space.
+    for old in (folder / model.id).iterdir():
+        if old.is_dir() and old.name != model.version:
+            for stale in old.glob("*.gguf"):
+                stale.unlink(missing_ok=True)
+            if not any(old.iterdir()):
+                old.rmdir()
+    log.info("derived %s for browsers from %s", target.name, model.path.name)
+    return target
+
+
+def browser_file(model: ModelFile, fmt: str | None, folder: Path | None, *,
+                 create: bool = True) -> BrowserFile:
+    """The file browsers get for ``model``: the ``fmt`` copy when it can be derived (and
+    ``create`` allows deriving a missing one), else the original, with the reason either way."""
+    def original(reason: str) -> BrowserFile:
+        return BrowserFile(model.path, model.version, model.file_size, model.quantization, reason)
+
+    if not fmt or fmt.lower() == "original" or folder is None:
+        return original("the model file as configured (BCHAT_BROWSER_FORMAT=original)")
+    fmt = fmt.upper()
+    if fmt == model.quantization:
+        return original(BROWSER_REASON.format(fmt=fmt, source="the original").split(";")[0]
+                        + "; the model file already is")
+    if fmt not in _DERIVABLE:
+        return original(f"{fmt} is not a format bchat derives ({', '.join(_DERIVABLE)})")
+    if model.quantization not in _DERIVABLE:
+        # K-quants and others already have WASM kernels of their own; requantising them to a
+        # legacy format would lose quality for an unmeasured gain.
+        return original(f"{model.quantization} is served as is: only {', '.join(_DERIVABLE)} "
+                        "files are re-quantised for browsers")
+    if model.file_size < DERIVE_MIN_BYTES:
+        return original(f"the file is under {DERIVE_MIN_BYTES >> 20} MiB: served as is")
+    path = derived_path(model, fmt, folder)
+    if not path.is_file():
+        if not create:
+            return original(f"the {fmt} copy is not prepared yet (bchat models prepare)")
+        try:
+            path = derive(model, fmt, folder)
+        except Exception:
+            log.exception("could not derive %s of %s; browsers get the original", fmt, model.id)
+            return original(f"deriving {fmt} failed (see the server log): the original is served")
+    stat = path.stat()
+    return BrowserFile(path.resolve(), _file_version(path, stat), stat.st_size, fmt,
+                       BROWSER_REASON.format(fmt=fmt, source=f"the {model.quantization} original"))
+
+
 # -- serving model files to browsers (the browser engine downloads and runs them) -----------
 
 # Larger files cannot be loaded into a page in one piece (ArrayBuffer limit); they stay
@@ -220,13 +341,14 @@ BROWSER_MAX_BYTES = 2 * 1024**3 - 1
 bp = Blueprint("model_files", __name__)
 
 
-def browser_url(model: ModelFile) -> str | None:
-    """Where a page downloads ``model``; the version in the path makes the URL immutable."""
-    if not model.has_chat_template or model.file_size > BROWSER_MAX_BYTES:
+def browser_url(model: ModelFile, file: BrowserFile | None = None) -> str | None:
+    """Where a page downloads ``model`` (as ``file``, by default the model's own file); the
+    version in the path makes the URL immutable."""
+    version, path, size = (file.version, file.path, file.size) if file else (
+        model.version, model.path, model.file_size)
+    if not model.has_chat_template or size > BROWSER_MAX_BYTES:
         return None
-    return url_for(
-        "model_files.download", model_id=model.id, version=model.version, filename=model.path.name
-    )
+    return url_for("model_files.download", model_id=model.id, version=version, filename=path.name)
 
 
 @bp.get("/models/<model_id>/<version>/<filename>")
@@ -238,16 +360,25 @@ def download(model_id: str, version: str, filename: str):
     """
     from .services import get_services
 
-    model = get_services().catalogue.get(model_id)
-    if model is None or model.version != version or model.path.name != filename:
+    catalogue = get_services().catalogue
+    model = catalogue.get(model_id)
+    if model is None:
+        abort(404)
+    # The original (the server's file) or the format derived for browsers.
+    candidates = [(model.path, model.version)]
+    derived = catalogue.browser(model_id)
+    if derived:
+        candidates.append((derived.path, derived.version))
+    path = next((p for p, v in candidates if v == version and p.name == filename), None)
+    if path is None:
         abort(404)
     response = send_file(
-        model.path,
+        path,
         mimetype="application/octet-stream",
         conditional=True,
-        etag=f"{model.id}-{model.version}",
+        etag=f"{model.id}-{version}",
         max_age=365 * 24 * 3600,
-        download_name=model.path.name,
+        download_name=path.name,
     )
     response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
     response.headers["Accept-Ranges"] = "bytes"

@@ -300,13 +300,24 @@ function engineChanged({ save = true } = {}) {
   if (engine === "browser") {
     browserStatus.describe(modelInfo(modelSelect.value), engines.browser?.loaded);
     loadBrowserEngine().then((browser) => {
-      if (engineSelect.value === "browser") browserStatus.describe(modelInfo(modelSelect.value), browser.loaded);
+      if (engineSelect.value !== "browser") return;
+      browserStatus.describe(modelInfo(modelSelect.value), browser.loaded);
+      preloadBrowser();
     }, (err) => showError(`The browser engine could not be loaded: ${err.message}`, { cause: "engine" }));
   } else {
     browserStatus.hide();
   }
   showModelCard();
   meter.update();
+}
+
+// Picking the browser engine starts the wasm and model download (and reads the open
+// conversation's branch into the model's cache), so Send does not wait for them.
+function preloadBrowser() {
+  const info = modelInfo(modelSelect.value);
+  if (engineSelect.value !== "browser" || !info?.browser || !engines.browser) return;
+  engines.browser.preload(info, backendSelect.value, (progress) => browserStatus.update(info, progress),
+                          { conversationId: state.conversationId, options: replyOptions() }).catch(() => {});
 }
 
 const MiB = 2 ** 20;
@@ -503,6 +514,7 @@ async function openConversation(id, { push, prefetched = null }) {
     showError("");
     await refreshList();
     sharing.open(conversation.id, { shared: isShared(conversation.id) });
+    preloadBrowser();
   } catch (err) {
     showError(err.status === 404 ? "That conversation does not exist (or is not yours)." : err.message,
       { cause: "conversation" });
@@ -665,7 +677,10 @@ engineSelect.addEventListener("change", () => {
   engineChanged();
   settingsChanged();
 });
-backendSelect.addEventListener("change", () => localStorage.setItem("bchat.backend", backendSelect.value));
+backendSelect.addEventListener("change", () => {
+  localStorage.setItem("bchat.backend", backendSelect.value);
+  preloadBrowser();
+});
 window.addEventListener("popstate", () => {
   const match = location.pathname.match(/^\/c\/([^/]+)$/);
   if (match) openConversation(decodeURIComponent(match[1]), { push: false });

@@ -16,6 +16,14 @@ const COMPAT = {
   wasm: "/static/vendor/wllama-compat/wllama.wasm",
 };
 const N_CTX = 4096;
+// Prompt tokens llama.cpp decodes per step. On WASM the matrix products are compute-bound
+// (ggml has no batched GEMM kernel for SIMD128: a batch costs what its tokens cost one by one),
+// so batch size does not buy arithmetic; what it changes is (a) how often the page learns how
+// far it got ("reading the conversation: 128/458 tokens" comes once per step) and (b) how many
+// thread barriers a prompt costs (~750 per step), which on a busy machine with descheduled
+// threads made 64-token steps 2-3x slower than 512. 128 keeps progress moving every few
+// seconds at a quarter of 64's barriers. Measured by bench/browser_speed.py --batch.
+const N_BATCH = 128;
 const FLUSH_MS = 2000; // the reply's row grows at least this often (and on pagehide)
 const CHARS_PER_TOKEN = 3; // rough, errs long: used only to drop old turns before sending
 
@@ -46,10 +54,26 @@ export function threadCount(backend) {
   return Math.max(1, Math.min(navigator.hardwareConcurrency || 1, 8));
 }
 
+// wllama's load parameters, shared with bench/browser_speed.py so it measures what pages run.
+export function loadParams({ contextLength = null, threads, gpu = false }) {
+  return {
+    useCache: true,
+    n_ctx: Math.min(N_CTX, contextLength || N_CTX),
+    n_threads: threads,
+    n_gpu_layers: gpu ? 999 : 0, // 0 skips WebGPU initialisation entirely
+    n_parallel: 1, // one chat per page: the whole context, and its KV cache kept between turns
+    n_batch: N_BATCH,
+    n_ubatch: N_BATCH,
+  };
+}
+
 export function createBrowserEngine({ api }) {
   let wllama = null;
   let loaded = null; // {key, modelId, backend, threads, note}
   let loading = null;
+  let loadChain = Promise.resolve(); // loads run one after another: each replaces the last
+  let warming = null; // {conversationId, key, promise, controller, listeners, progress}
+  let generating = Promise.resolve(); // a reply being written: wllama runs one request at a time
 
   async function storageFacts() {
     const facts = { quota: null, usage: null, persisted: false };
@@ -80,6 +104,10 @@ export function createBrowserEngine({ api }) {
     const key = `${url}|${preference}`;
     if (loaded?.key === key) return loaded;
     if (wllama) {
+      // Another backend was picked: a reply being written finishes on the old instance first,
+      // and background reading for the old one is dropped.
+      warming?.controller.abort();
+      await Promise.all([generating, warming?.promise]).catch(() => {});
       await wllama.exit().catch(() => {});
       wllama = null;
       loaded = null;
@@ -112,11 +140,7 @@ export function createBrowserEngine({ api }) {
     const cached = (await instance.modelManager.getModels()).some((m) => m.url === url);
     try {
       await instance.loadModelFromUrl(url, {
-        useCache: true,
-        n_ctx: Math.min(N_CTX, modelInfo.facts?.context_length || N_CTX),
-        n_threads: threads,
-        n_gpu_layers: wantGpu ? 999 : 0, // 0 skips WebGPU initialisation entirely
-        n_parallel: 1, // one chat per page: the whole context, and its KV cache kept between turns
+        ...loadParams({ contextLength: modelInfo.facts?.context_length, threads, gpu: wantGpu }),
         progressCallback: ({ loaded: bytes, total }) => {
           const seconds = (performance.now() - started) / 1000;
           onLoad?.({ phase: "downloading", loaded: bytes, total, bytesPerSecond: bytes / Math.max(seconds, 0.001) });
@@ -152,11 +176,69 @@ export function createBrowserEngine({ api }) {
     // One load at a time: a second send while downloading waits for the same load.
     const key = `${modelInfo.browser?.url}|${preference}`;
     if (loading?.key === key) return loading.promise;
-    const promise = load(modelInfo, preference, onLoad).finally(() => {
+    if (loaded?.key === `${new URL(modelInfo.browser.url, location.href).href}|${preference}` && !loading) {
+      return Promise.resolve(loaded);
+    }
+    // Chained: a second load (another backend) must not start while the first still owns wllama.
+    const promise = loadChain.catch(() => {}).then(() => load(modelInfo, preference, onLoad)).finally(() => {
       if (loading?.promise === promise) loading = null;
     });
     loading = { key, promise };
+    loadChain = promise;
     return promise;
+  }
+
+  // The prompt a conversation's next turn starts with: its history, as the model sees it.
+  // The turns a reply to `upTo` sees (by default the next message on the branch on screen):
+  // the path from the root, never a sibling branch.
+  function promptMessages(conversation, options = {}, upTo = conversation.current_message_id) {
+    const path = pathTo(conversation.messages, upTo);
+    const { turns, dropped } = fitHistory(modelHistory(path), options.system);
+    const messages = options.system ? [{ role: "system", content: options.system }, ...turns] : turns;
+    return { messages, dropped };
+  }
+
+  // Read a conversation's history into the KV cache before anyone sends: the next turn then
+  // only evaluates its own new tokens. Prompt evaluation in WASM runs at about decode speed,
+  // so an 8-turn history costs tens of seconds; read while the user is reading or typing, it
+  // costs nothing visible. wllama cannot save or restore a KV cache, so this is also how a
+  // reloaded page (or a switch back to a conversation) gets its cache back.
+  function warm(conversation, options, onLoad) {
+    const { messages } = promptMessages(conversation, options);
+    if (!messages.length || !wllama) return null;
+    const key = JSON.stringify(messages);
+    if (warming?.key === key) {
+      if (onLoad) warming.listeners.add(onLoad);
+      return warming;
+    }
+    warming?.controller.abort(); // another conversation: its reading is no longer wanted
+    const controller = new AbortController();
+    const entry = { conversationId: conversation.id, key, controller, listeners: new Set(onLoad ? [onLoad] : []),
+                    progress: null, result: null };
+    const report = (progress) => {
+      entry.progress = progress;
+      for (const listener of entry.listeners) listener(progress);
+    };
+    const previous = Promise.all([warming?.promise, generating]);
+    entry.promise = previous.catch(() => {}).then(async () => {
+      if (controller.signal.aborted) return null;
+      let timings = null;
+      const stream = await wllama.createChatCompletion({
+        messages, stream: true, max_tokens: 1, temperature: 0, return_progress: true,
+        abortSignal: controller.signal,
+      });
+      for await (const chunk of stream) {
+        if (chunk.prompt_progress) report(readingProgress(chunk.prompt_progress));
+        if (chunk.timings) timings = chunk.timings;
+      }
+      entry.result = timings;
+      if (timings && loaded) report({ phase: "ready", ...loaded }); // the status line stops saying "reading"
+      return timings;
+    }).catch(() => null).finally(() => {
+      if (warming === entry) warming = null;
+    });
+    warming = entry;
+    return entry;
   }
 
   function fitHistory(messages, system) {
@@ -181,7 +263,21 @@ export function createBrowserEngine({ api }) {
     get loaded() {
       return loaded;
     },
-    preload: (modelInfo, preference, onLoad) => ensureLoaded(modelInfo, preference, onLoad),
+    // Called when the user picks the browser engine (and when a conversation opens with it
+    // picked): the wasm and the model download now, not at Send, and the open conversation's
+    // history is read into the KV cache in the background.
+    async preload(modelInfo, preference, onLoad, { conversationId = null, options = {} } = {}) {
+      if (!modelInfo?.browser) return null;
+      const runtime = await ensureLoaded(modelInfo, preference, onLoad);
+      if (conversationId) {
+        const conversation = await api.conversation(conversationId);
+        warm(conversation, options, onLoad);
+      }
+      return runtime;
+    },
+    get warming() {
+      return warming && { conversationId: warming.conversationId, progress: warming.progress };
+    },
 
     // One completion straight from the model, stored nowhere (the benchmark): the engine's
     // own timings, the backend it really ran on, and the time to the first token.
@@ -244,9 +340,7 @@ export function createBrowserEngine({ api }) {
 
       // 3. Generate, streaming into the page.
       // The path to the message answered: never a sibling branch.
-      const history = modelHistory(pathTo(conversation.messages, answering));
-      const { turns, dropped } = fitHistory(history, options.system);
-      const messages = options.system ? [{ role: "system", content: options.system }, ...turns] : turns;
+      const { messages, dropped } = promptMessages(conversation, options, answering);
       // 3a. The reply's row exists from the start and grows as the page writes it, so a tab
       // closed (or crashed) mid-reply leaves what was written, marked "interrupted".
       const started = await api.addMessage(conversationId, {
@@ -277,18 +371,42 @@ export function createBrowserEngine({ api }) {
         });
       };
       window.addEventListener("pagehide", onPageHide);
+      // 3b. If this conversation's history is being read into the cache in the background,
+      // that reading is this turn's prompt evaluation already under way: wait for it (showing
+      // its progress) rather than start over; reading another conversation is abandoned.
+      let finished;
+      generating = new Promise((resolve) => {
+        finished = resolve;
+      });
+      const pending = warming;
+      if (pending) {
+        if (pending.conversationId === conversationId) {
+          if (onLoad) pending.listeners.add(onLoad);
+          if (pending.progress) onLoad?.(pending.progress);
+        } else {
+          pending.controller.abort();
+        }
+        const stopWarming = () => pending.controller.abort();
+        signal?.addEventListener("abort", stopWarming);
+        await pending.promise;
+        signal?.removeEventListener("abort", stopWarming);
+        pending.listeners.delete(onLoad);
+      }
       let pieces = 0;
       let firstAt = null;
       let lastAt = null;
       let finishReason = null;
       let usage = null;
       let timings = null;
+      let progress = null; // the last "reading the conversation" step: prompt facts if stopped early
+      const promptStarted = performance.now();
       let status = "complete";
       let failure = null;
       try {
         const stream = await wllama.createChatCompletion({
           messages,
           stream: true,
+          return_progress: true, // a chunk per prompt batch: "reading the conversation: 230/458"
           max_tokens: options.max_tokens ?? 512,
           temperature: options.temperature ?? 0.7,
           top_p: options.top_p ?? 0.95,
@@ -296,9 +414,14 @@ export function createBrowserEngine({ api }) {
           abortSignal: signal,
         });
         for await (const chunk of stream) {
+          if (chunk.prompt_progress) {
+            progress = readingProgress(chunk.prompt_progress);
+            onLoad?.(progress);
+          }
           const choice = chunk.choices?.[0];
           const delta = choice?.delta?.content;
           if (delta) {
+            if (firstAt === null && progress) onLoad?.({ phase: "ready", ...runtime }); // read: now writing
             const now = performance.now();
             firstAt ??= now;
             lastAt = now;
@@ -322,6 +445,7 @@ export function createBrowserEngine({ api }) {
         }
       }
 
+      finished();
       clearInterval(timer);
       window.removeEventListener("pagehide", onPageHide);
 
@@ -330,10 +454,22 @@ export function createBrowserEngine({ api }) {
       const measured = pieces > 1 && lastAt > firstAt ? (pieces - 1) / ((lastAt - firstAt) / 1000) : null;
       const meta = {};
       if (dropped) meta.trimmed_messages = dropped;
+      // Prompt facts as the server engines record them: from llama.cpp's timings, else (a reply
+      // stopped while the prompt was read) from the last progress step, else the page's clock.
+      let promptTokens = usage?.prompt_tokens ?? null;
       if (timings) {
         meta.prompt_evaluated = timings.prompt_n; // only the new tokens when the KV cache is reused
         meta.prompt_cached = timings.cache_n;
-        meta.prompt_ms = Math.round(timings.prompt_ms);
+        meta.prompt_ms = Math.round(timings.prompt_ms * 10) / 10;
+        if (timings.prompt_per_second) meta.prompt_per_second = Math.round(timings.prompt_per_second * 10) / 10;
+        promptTokens ??= timings.prompt_n + timings.cache_n;
+      } else if (progress) {
+        meta.prompt_evaluated = progress.processed - progress.cached;
+        meta.prompt_cached = progress.cached;
+        meta.prompt_ms = progress.ms;
+        promptTokens ??= progress.total;
+      } else if (firstAt) {
+        meta.prompt_ms = Math.round(firstAt - promptStarted);
       }
       meta.threads = runtime.threads;
       if (runtime.note) meta.backend_note = runtime.note;
@@ -346,7 +482,7 @@ export function createBrowserEngine({ api }) {
           engine: "browser",
           backend: runtime.backend,
           model: modelInfo.id,
-          prompt_tokens: usage?.prompt_tokens ?? (timings ? timings.prompt_n + timings.cache_n : null),
+          prompt_tokens: promptTokens,
           completion_tokens: completionTokens,
           tokens_per_second: timings?.predicted_per_second && status === "complete"
             ? Math.round(timings.predicted_per_second * 100) / 100
@@ -362,6 +498,13 @@ export function createBrowserEngine({ api }) {
       return reply;
     },
   };
+}
+
+// llama.cpp's prompt_progress (total, cache, processed, time_ms): processed counts the cached
+// tokens too, so "230/458" reads as how much of the conversation the model has in mind.
+function readingProgress(p) {
+  return { phase: "reading", processed: p.processed, total: p.total, cached: p.cache ?? 0,
+           ms: Math.round(p.time_ms ?? 0) };
 }
 
 function describeLoadError(err) {

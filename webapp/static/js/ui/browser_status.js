@@ -33,7 +33,8 @@ export class BrowserStatus {
     if (loaded?.modelId === model.id) return this.ready(loaded);
     this.progress.hidden = true;
     const f = model.facts ?? {};
-    this.show(`${model.id}: ${size(model.browser.size)} (${f.quantization ?? "?"}, ` +
+    // The page may run another format than the server (model.browser.reason says why).
+    this.show(`${model.id}: ${size(model.browser.size)} (${model.browser.format ?? f.quantization ?? "?"}, ` +
       `${((f.parameters ?? 0) / 1e6).toFixed(0)}M parameters) is downloaded once from this ` +
       "server and kept in this browser; it runs here, on your device.");
   }
@@ -62,6 +63,11 @@ export class BrowserStatus {
         `(${Math.round(fraction * 100)}%) at ${size(progress.bytesPerSecond)}/s`);
     } else if (progress.phase === "ready") {
       this.ready(progress);
+    } else if (progress.phase === "reading") {
+      // The history is evaluated into the model's cache (prompt speed), not a download.
+      this.progress.hidden = false;
+      this.progress.value = progress.total ? progress.processed / progress.total : 0;
+      this.show(`Reading the conversation: ${progress.processed}/${progress.total} tokens`);
     }
   }
 }

@@ -249,8 +249,10 @@ export class MessageView {
       queued: (position) => {
         node.querySelector(".meta").textContent = `waiting for the model (${position} ahead)…`;
       },
-      loading: () => {
-        node.querySelector(".meta").textContent = "loading the model in this browser…";
+      loading: (progress) => {
+        node.querySelector(".meta").textContent = progress?.phase === "reading"
+          ? `reading the conversation: ${progress.processed}/${progress.total} tokens…`
+          : "loading the model in this browser…";
       },
       settle: (message) => {
         renderer.finish(message.content);
