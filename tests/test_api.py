@@ -127,3 +127,11 @@ def test_posted_browser_reply_is_stored_with_provenance(live_server):
     stored = visitor.json("GET", f"/api/conversations/{conv['id']}")[1]["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant"]
     assert stored[0]["content"] == "hi"
+
+
+def test_model_fit_is_judged_for_the_settings_the_server_runs(make_app):
+    client = make_app(N_CTX=1024, PARALLEL=2).test_client()
+    (model,) = client.get("/api/models").get_json()["models"]
+    fit = model["facts"]["fits_server"]
+    assert fit["n_ctx"] == 1024 and fit["parallel"] == 2
+    assert fit["memory_needed"] >= model["facts"]["file_size"]

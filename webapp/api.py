@@ -109,7 +109,9 @@ def models():
     listing = []
     for info in services.engines.models():
         local_file = services.catalogue.get(info.id)
-        facts = local_file.facts() if local_file else info.facts
+        # Whether it fits this server, for the context and parallel chats it is really run with.
+        facts = (local_file.facts(n_ctx=current_app.config["N_CTX"], parallel=current_app.config["PARALLEL"])
+                 if local_file else info.facts)
         entry = {"id": info.id, "served_by": info.engine, "engines": ["server"], "facts": facts}
         # Each engine's format and why: the server runs the file as configured, pages run the
         # format measured fastest in WASM (model_files.browser_file).
