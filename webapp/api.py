@@ -27,19 +27,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
 def _error(status: int, code: str, message: str):
     return jsonify({"error": {"code": code, "message": message}}), status
-
-
-@bp.errorhandler(ApiError)
-def _api_error(exc: ApiError):
-    return _error(exc.status, exc.code, exc.message)
 
 
 @bp.errorhandler(AppError)
@@ -70,14 +59,16 @@ def json_body() -> dict[str, Any]:
     body that fills the limit is taken as one that went over it.
     """
     if not request.is_json:
-        raise ApiError(415, "json_required", "send a JSON body (Content-Type: application/json)")
+        raise AppError("json_required", "send a JSON body (Content-Type: application/json)",
+                       status=415)
     limit = current_app.config["MAX_UPLOAD_BYTES"]
     data = request.get_data(cache=True)
     if request.content_length is None and len(data) >= limit:
         raise RequestEntityTooLarge()
     body = parse_json_text(data, max_bytes=limit)
     if not isinstance(body, dict):
-        raise ApiError(400, "bad_json", "the body must be a JSON object")
+        raise AppError("bad_json", "the body must be a JSON object",
+                       status=400)
     return body
 
 
@@ -318,7 +309,8 @@ def export_conversation(conversation_id: str):
         response = Response(export_markdown(conversation), mimetype="text/markdown")
         filename = f"{stem or 'conversation'}.md"
     else:
-        raise ApiError(400, "bad_format", "format is json or markdown")
+        raise AppError("bad_format", "format is json or markdown",
+                       status=400)
     response.headers["Content-Disposition"] = f'attachment; filename="{filename.strip()}"'
     return response
 
@@ -375,7 +367,8 @@ def search_conversations():
     """Your conversations whose title or messages hold every word of ``q``."""
     query = request.args.get("q", "")
     if len(query) > MAX_QUERY_CHARS:
-        raise ApiError(400, "query_too_long", f"search for at most {MAX_QUERY_CHARS} characters")
+        raise AppError("query_too_long", f"search for at most {MAX_QUERY_CHARS} characters",
+                       status=400)
     return {"results": search(get_services().db, owner_id(), query)}
 
 

@@ -41,7 +41,6 @@ PROMPTS: list[dict[str, str]] = [
     )},
 ]
 PROMPT_NAMES = tuple(p["name"] for p in PROMPTS)
-ENGINES = ("server", "browser")
 BACKENDS = ("llamacpp", "webgpu", "wasm-mt", "wasm-st")
 DEVICE_KEYS = {"cores": int, "device_memory": float, "gpu": str, "browser": str, "os": str}
 

@@ -397,6 +397,29 @@ class ChatService:
         session.add(conv)
         return conv
 
+    def _add_user(self, session, owner_id: str, conversation_id: str | None, content: str,
+                  parent_id: Any, settings: dict[str, Any] | None, *,
+                  refuse_busy: bool) -> tuple[Conversation, Message, Message | None]:
+        """The user's message in its place (a new conversation when ``conversation_id`` is
+        None): the one step every way of writing a message shares. Returns (conversation,
+        message, its parent)."""
+        if conversation_id is None:
+            conv = self._new_conversation(session, owner_id, content, settings)
+            parent = None
+        else:
+            conv = self.owned(session, owner_id, conversation_id)
+            if refuse_busy:
+                self._refuse_busy(conv)
+            if conv.title == DEFAULT_TITLE and not conv.messages:
+                conv.title = title_from(content)
+            parent = self._parent(conv, parent_id)
+        message = Message(role="user", content=content, status="complete",
+                          parent_id=parent.id if parent else None)
+        conv.messages.append(message)
+        conv.updated_at = utcnow()
+        session.flush()
+        return conv, message, parent
+
     def add_user_message(
         self, owner_id: str, conversation_id: str | None, content: str, *,
         parent_id: Any = MISSING, settings: dict[str, Any] | None = None,
@@ -405,19 +428,8 @@ class ChatService:
         Creates the conversation if needed. Returns (conversation, message)."""
         self.check_content(content)
         with self.db.write() as session:
-            if conversation_id is None:
-                conv = self._new_conversation(session, owner_id, content, settings)
-                parent = None
-            else:
-                conv = self.owned(session, owner_id, conversation_id)
-                if conv.title == DEFAULT_TITLE and not conv.messages:
-                    conv.title = title_from(content)
-                parent = self._parent(conv, parent_id)
-            message = Message(role="user", content=content, status="complete",
-                              parent_id=parent.id if parent else None)
-            conv.messages.append(message)
-            conv.updated_at = utcnow()
-            session.flush()
+            conv, message, parent = self._add_user(session, owner_id, conversation_id, content,
+                                                   parent_id, settings, refuse_busy=False)
             conv.current_message_id = message.id
             parents = {parent.id: parent.public_id} if parent else {}
             return conversation_dict(conv), message_dict(message, parents)
@@ -448,19 +460,8 @@ class ChatService:
         side by side; the first is the current branch until the user picks another."""
         self.check_content(content)
         with self.db.write() as session:
-            if conversation_id is None:
-                conv = self._new_conversation(session, owner_id, content, settings)
-                parent = None
-            else:
-                conv = self.owned(session, owner_id, conversation_id)
-                self._refuse_busy(conv)
-                if conv.title == DEFAULT_TITLE and not conv.messages:
-                    conv.title = title_from(content)
-                parent = self._parent(conv, parent_id)
-            user = Message(role="user", content=content, status="complete",
-                           parent_id=parent.id if parent else None)
-            conv.messages.append(user)
-            session.flush()
+            conv, user, _parent = self._add_user(session, owner_id, conversation_id, content,
+                                                 parent_id, settings, refuse_busy=True)
             replies = [self._reply_row(conv, user, provenance, run_owner) for provenance in provenances]
             session.flush()
             conv.current_message_id = replies[0].id if replies else user.id
