@@ -1,6 +1,8 @@
 """Tokens/s of a 128-token reply through bchat's websocket vs llama-cpp-python directly.
 
-Same model file, same thread count, same prompt, greedy decoding. Prints a table of medians.
+Same model file, same thread count, same prompt, greedy decoding. Prints a table of medians:
+bchat with the model in its runner process (the default) and in the web process
+(BCHAT_MODEL_RUNNER=inline), so the cost of the process hop shows in tok/s and first token.
 
     .venv/bin/python bench/chat_speed.py [--model PATH] [--threads N] [--runs 3] [--tokens 128]
 """
@@ -53,10 +55,11 @@ def start_bchat(model_path: str, threads: int, extra_env: dict | None = None):
     raise RuntimeError("bchat did not start")
 
 
-def through_bchat(model_path: str, threads: int, tokens: int, runs: int) -> list[dict]:
+def through_bchat(model_path: str, threads: int, tokens: int, runs: int,
+                  runner: str = "process") -> list[dict]:
     from helpers import HttpSession, timed_reply
 
-    proc, base = start_bchat(model_path, threads)
+    proc, base = start_bchat(model_path, threads, {"BCHAT_MODEL_RUNNER": runner})
     results = []
     try:
         ws = HttpSession(base).ws()
@@ -110,7 +113,8 @@ def main() -> None:
     args = parser.parse_args()
 
     d = direct(args.model, args.threads, args.tokens, args.runs)
-    b = through_bchat(args.model, args.threads, args.tokens, args.runs)
+    b = through_bchat(args.model, args.threads, args.tokens, args.runs, "process")
+    i = through_bchat(args.model, args.threads, args.tokens, args.runs, "inline")
 
     def med(rows, key):
         return statistics.median(r[key] for r in rows)
@@ -120,10 +124,14 @@ def main() -> None:
     print(f"{'path':<28}{'tokens':>8}{'tok/s':>10}{'first token':>14}")
     print(f"{'llama-cpp-python direct':<28}{med(d, 'tokens'):>8.0f}{med(d, 'tok_s'):>10.1f}"
           f"{med(d, 'ttft_s') * 1000:>11.0f} ms")
-    print(f"{'bchat websocket':<28}{med(b, 'tokens'):>8.0f}{med(b, 'tok_s'):>10.1f}"
+    print(f"{'bchat websocket, runner':<28}{med(b, 'tokens'):>8.0f}{med(b, 'tok_s'):>10.1f}"
           f"{med(b, 'ttft_s') * 1000:>11.0f} ms")
-    print(f"bchat / direct tok/s ratio: {med(b, 'tok_s') / med(d, 'tok_s'):.3f}  "
+    print(f"{'bchat websocket, inline':<28}{med(i, 'tokens'):>8.0f}{med(i, 'tok_s'):>10.1f}"
+          f"{med(i, 'ttft_s') * 1000:>11.0f} ms")
+    print(f"bchat (runner) / direct tok/s ratio: {med(b, 'tok_s') / med(d, 'tok_s'):.3f}  "
           f"(bchat's own reported decode rate: {med(b, 'reported_tok_s'):.1f} tok/s)")
+    print(f"process hop: first token {(med(b, 'ttft_s') - med(i, 'ttft_s')) * 1000:+.1f} ms, "
+          f"tok/s x{med(b, 'tok_s') / med(i, 'tok_s'):.3f} (runner vs inline)")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,10 @@ def make_app(db_url, new_database, tiny_model):
             "SECRET_KEY": "test-secret",
             "N_THREADS": 2,
             "N_CTX": 4096,
+            # The model in this process: most tests are about the app, and a runner process per
+            # app would add a process start to each. test_runner.py, the gunicorn, serve and
+            # durability tests run the default (a supervised runner process per model).
+            "MODEL_RUNNER": "inline",
         }
         config.update(overrides)
         app = create_app(config)

@@ -11,7 +11,7 @@ import pytest
 from alembic import command
 
 from webapp.cli import alembic_config
-from webapp.doctor import check_database, gunicorn_settings, llama_backends
+from webapp.doctor import check_database, check_decode, gunicorn_settings, llama_backends
 
 BCHAT = [sys.executable, "-m", "webapp.cli"]
 
@@ -40,6 +40,8 @@ def test_a_healthy_install_passes_and_says_what_it_found(db_url, tiny_model):
     assert "llama-cpp-python 0.3" in text and "backends: CPU" in text and "system info: CPU :" in text
     (model,) = [line for line in text.splitlines() if "tiny-chat:" in line]
     assert model.startswith("ok") and "F32" in model and "MiB available" in model
+    (decoded,) = lines(text, "ok    decode")
+    assert "F32 (tiny-chat): decoded 4 tokens after a" in decoded
     assert "reachable, schema at the latest revision" in text
     assert "1 worker(s) x 16 threads, -k gthread, from GUNICORN_CMD_ARGS" in text
     assert "BCHAT_MAX_SOCKETS=8 leaves 8 threads" in text
@@ -95,3 +97,27 @@ def test_settings_parsing():
     cuda = "CUDA : ARCHS = 890 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | CPU : SSE3 = 1 | AVX = 1 |"
     assert llama_backends(cuda) == ["CUDA", "CPU"]
     assert llama_backends("Metal : EMBED_LIBRARY = 1 | CPU : NEON = 1 |") == ["Metal", "CPU"]
+
+
+@pytest.mark.parametrize("sig", ["SIGILL", "SIGSEGV"])
+def test_a_decoding_child_that_crashes_is_a_failure_that_names_the_signal(tiny_model, sig):
+    """What a native build with AMX kernels did on the first decode: the smoke test's child
+    dies by a signal, and doctor (and so scripts/setup) says FAIL with the signal and the fix."""
+    crashing = [sys.executable, "-c", f"import os, signal; os.kill(os.getpid(), signal.{sig})"]
+    (check,) = check_decode({"MODEL_PATH": str(tiny_model), "N_THREADS": 1}, command=crashing)
+    assert check.status == "FAIL"
+    assert f"F32 (tiny-chat): the decoding process crashed with {sig}" in check.detail
+    assert "GGML_NATIVE=OFF" in check.detail and "./scripts/setup" in check.detail
+
+
+def test_smoke_only_is_what_setup_runs_and_exits_by_its_verdict(tiny_model, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BCHAT_", "GUNICORN_"))}
+    ok = subprocess.run(BCHAT + ["doctor", "--smoke-only"], capture_output=True, text=True, timeout=120,
+                        env={**env, "BCHAT_MODEL_PATH": str(tiny_model)})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "decoded 4 tokens" in ok.stdout and "database" not in ok.stdout
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(tiny_model.read_bytes()[:4096])  # a header with no weights
+    bad = subprocess.run(BCHAT + ["doctor", "--smoke-only"], capture_output=True, text=True, timeout=120,
+                         env={**env, "BCHAT_MODEL_PATH": str(broken)})
+    assert bad.returncode == 1 and "FAIL" in bad.stdout, bad.stdout

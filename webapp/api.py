@@ -87,6 +87,9 @@ def healthz():
     problems = services.engines.health(current_app.config["WATCHDOG_SECONDS"])
     body = {"status": "unhealthy" if problems else "ok", "models": len(services.engines.models()),
             "runs": len(services.runs.live_runs())}
+    runners = services.engines.runners()
+    if runners:
+        body["runners"] = runners
     if problems:
         body["problems"] = problems
         return body, 503
@@ -103,6 +106,8 @@ def models():
         # Whether it fits this server, for the context and parallel chats it is really run with.
         facts = (local_file.facts(n_ctx=current_app.config["N_CTX"], parallel=current_app.config["PARALLEL"])
                  if local_file else info.facts)
+        if info.facts.get("unavailable"):  # its runner kept crashing: say why, keep it listed
+            facts = {**facts, "unavailable": info.facts["unavailable"]}
         entry = {"id": info.id, "served_by": info.engine, "engines": ["server"], "facts": facts}
         # Each engine's format and why: the server runs the file as configured, pages run the
         # format measured fastest in WASM (model_files.browser_file).

@@ -171,7 +171,7 @@ def serve(host: str, port: int) -> int:
         app.run(host=host, port=port, threaded=True, use_reloader=False,
                 request_handler=redacting_request_handler())
     finally:
-        services.shutdown()
+        services.close()  # keeps partial replies, then stops the model runners
     return 0
 
 
@@ -290,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     p_list.add_argument("--owner")
     p_revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
     p_revoke.add_argument("id")
-    sub.add_parser("doctor", help="check this installation and say what needs fixing")
+    p_doctor = sub.add_parser("doctor", help="check this installation and say what needs fixing")
+    p_doctor.add_argument("--smoke-only", action="store_true",
+                          help="only check that llama.cpp imports and decodes each model type "
+                               "(what ./scripts/setup runs)")
     sub.add_parser("config", help="list the BCHAT_* settings and their defaults")
     p_bench = sub.add_parser("bench", help="run the benchmark prompt set on the server's models")
     p_bench.add_argument("--model", action="append", help="a model id (repeat; default: all)")
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from .doctor import run_doctor
 
-        return run_doctor()
+        return run_doctor(smoke_only=args.smoke_only)
     if args.command == "bench":
         return bench(args.model, args.tokens, store=not args.no_store)
     if args.command == "config":

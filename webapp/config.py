@@ -45,7 +45,10 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "WS_RECEIVE_TIMEOUT": (1.0, float, "seconds one websocket receive waits before re-checking the socket"),
     "WS_PING_INTERVAL": (25, _INT, "seconds between websocket keepalive pings"),
     "WS_MAX_FRAME_BYTES": (256 * 1024, _INT, "largest websocket frame accepted"),
-    "PRELOAD_MODELS": (False, _bool, "load embedded models at start instead of on first use"),
+    "PRELOAD_MODELS": (False, _bool, "inline runner only: load models at start instead of on first use"),
+    "MODEL_RUNNER": ("process", str, "process = each embedded model in a supervised process of its own "
+                     "(a crash costs its replies, never the site); inline = in the web process"),
+    "RUNNER_NICE": (10, _INT, "CPU niceness added to model processes, so pages stay fast under load"),
     "COOKIE_SECURE": (False, _bool, "mark the owner cookie Secure (set when served over https)"),
     "WORKER_URL": (None, str, "a `bchat worker` serving the embedded models, e.g. http://127.0.0.1:8600"),
     "WORKER_API_KEY": (None, str, "a shared secret between `bchat worker` and the web app (optional)"),
@@ -133,6 +136,8 @@ def load_config(instance_path: str | Path, environ: Mapping[str, str] | None = N
         config["BROWSER_MODELS_DIR"] = str(instance_path / "browser-models")
     if config["N_THREADS"] in (0, None):
         config["N_THREADS"] = os.cpu_count() or 1
+    if config["MODEL_RUNNER"] not in ("process", "inline"):
+        raise ValueError(f"BCHAT_MODEL_RUNNER must be process or inline, not {config['MODEL_RUNNER']!r}")
     if config["MAX_SOCKETS"] is None:
         config["MAX_SOCKETS"] = default_max_sockets(environ)
     return config

@@ -70,6 +70,71 @@ def check_llama(config: Mapping) -> Iterator[Check]:
                     "backend: reinstall llama-cpp-python with e.g. CMAKE_ARGS=\"-DGGML_CUDA=on\"")
 
 
+SMOKE_TIMEOUT_SECONDS = 300.0
+SMOKE_PROMPT = ("The quick brown fox jumps over the lazy dog. " * 6).strip()
+REBUILD_ADVICE = (
+    "this llama.cpp build crashes on this CPU. Rebuild it portable: remove ~/.cache/bchat/wheels "
+    "and run ./scripts/setup again (it builds with -DGGML_NATIVE=OFF unless CMAKE_ARGS says "
+    "otherwise); if you set CMAKE_ARGS yourself, drop -DGGML_NATIVE=ON"
+)
+
+
+def smoke_models(config: Mapping) -> list:
+    """One model per quantisation type the server will run (the smallest file of each)."""
+    from .model_files import discover
+
+    smallest: dict[str, Any] = {}
+    for model in discover(str(config.get("MODEL_PATH"))):
+        kept = smallest.get(model.quantization)
+        if kept is None or model.file_size < kept.file_size:
+            smallest[model.quantization] = model
+    return list(smallest.values())
+
+
+def smoke_decode(path: str, n_threads: int) -> None:
+    """Evaluate a prompt and decode a few tokens (run in a child: a crash must not be ours)."""
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=path, n_ctx=256, n_threads=n_threads, n_threads_batch=n_threads,
+                  verbose=False)
+    out = llama.create_completion(SMOKE_PROMPT, max_tokens=4, temperature=0.0)
+    print(f"decoded {out['usage']['completion_tokens']} tokens after a "
+          f"{out['usage']['prompt_tokens']}-token prompt")
+
+
+def check_decode(config: Mapping, command: list[str] | None = None) -> Iterator[Check]:
+    """Decode with each quantisation type in a child process: a llama.cpp build that crashes on
+    this CPU (the AMX kernels of a native build) is named here, with its signal, not found by
+    the first visitor. ``command`` replaces the child (the tests give one that crashes)."""
+    import subprocess
+
+    from .model_runner import describe_exit
+
+    threads = int(config.get("N_THREADS") or os.cpu_count() or 1)
+    models = smoke_models(config)
+    if not models:
+        yield Check("FAIL", "decode", f"no readable .gguf files at {config.get('MODEL_PATH')} "
+                    "(BCHAT_MODEL_PATH): nothing to decode")
+    for model in models:
+        argv = command or [sys.executable, "-m", "webapp.doctor", "smoke", str(model.path), str(threads)]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_SECONDS,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            yield Check("FAIL", "decode", f"{model.quantization} ({model.id}): no answer in "
+                        f"{SMOKE_TIMEOUT_SECONDS:.0f} s")
+            continue
+        if done.returncode == 0:
+            said = (done.stdout.strip().splitlines() or ["ok"])[-1]
+            yield Check("ok", "decode", f"{model.quantization} ({model.id}): {said}")
+        elif done.returncode < 0:
+            yield Check("FAIL", "decode", f"{model.quantization} ({model.id}): the decoding process "
+                        f"{describe_exit(done.returncode)}; {REBUILD_ADVICE}")
+        else:
+            error = (done.stderr.strip().splitlines() or ["no message"])[-1][:300]
+            yield Check("FAIL", "decode", f"{model.quantization} ({model.id}): {error}")
+
+
 def check_models(config: Mapping) -> Iterator[Check]:
     from .model_files import discover
 
@@ -205,6 +270,7 @@ def collect(config: Mapping, environ: Mapping[str, str]) -> list[Check]:
         ("python", check_python),
         ("llama.cpp", lambda: check_llama(config)),
         ("models", lambda: check_models(config)),
+        ("decode", lambda: check_decode(config)),
         ("database", lambda: check_database(config)),
         ("gunicorn", lambda: check_serving(config, environ)),
         ("access", lambda: check_access(config, environ)),
@@ -218,11 +284,20 @@ def collect(config: Mapping, environ: Mapping[str, str]) -> list[Check]:
     return checks
 
 
-def run_doctor(environ: Mapping[str, str] | None = None, stream: IO[str] | None = None) -> int:
+def smoke_checks(config: Mapping) -> list[Check]:
+    """What `scripts/setup` runs after installing: does llama.cpp import and decode here?"""
+    checks = [*check_python(), *check_llama(config)]
+    if not any(c.status == "FAIL" for c in checks):
+        checks.extend(check_decode(config))
+    return checks
+
+
+def run_doctor(environ: Mapping[str, str] | None = None, stream: IO[str] | None = None,
+               smoke_only: bool = False) -> int:
     environ = os.environ if environ is None else environ
     stream = stream or sys.stdout
     config = load_config(instance_path(environ), environ)
-    checks = collect(config, environ)
+    checks = smoke_checks(config) if smoke_only else collect(config, environ)
     width = max(len(c.topic) for c in checks)
     for check in checks:
         print(f"{check.status:<4}  {check.topic:<{width}}  {check.detail}", file=stream)
@@ -230,3 +305,10 @@ def run_doctor(environ: Mapping[str, str] | None = None, stream: IO[str] | None 
     warned = [c for c in checks if c.status == "warn"]
     print(f"\n{len(failed)} problem(s), {len(warned)} warning(s)", file=stream)
     return 1 if failed else 0
+
+
+if __name__ == "__main__":  # python -m webapp.doctor smoke MODEL THREADS: check_decode's child
+    if len(sys.argv) == 4 and sys.argv[1] == "smoke":
+        smoke_decode(sys.argv[2], int(sys.argv[3]))
+    else:
+        sys.exit("usage: python -m webapp.doctor smoke MODEL_PATH N_THREADS")

@@ -43,17 +43,31 @@ class EngineRegistry:
                 problems.extend(check(stuck_after))
         return problems
 
+    def runners(self) -> list[dict[str, Any]]:
+        """The model processes and what became of them (pid, restarts, last exit)."""
+        found: list[dict[str, Any]] = []
+        for engine in self.engines:
+            listing = getattr(engine, "runners", None)
+            if listing is not None:
+                found.extend(listing())
+        return found
+
     def close(self) -> None:
         for engine in self.engines:
             engine.close()
 
 
 def build_engines(config, catalogue) -> EngineRegistry:
-    """The server engines a deployment asked for: the embedded models in this process, or
-    through a shared `bchat worker`, then any OpenAI-compatible upstreams."""
+    """The server engines a deployment asked for: the embedded models in runner processes
+    (or, with BCHAT_MODEL_RUNNER=inline, in this one), or through a shared `bchat worker`,
+    then any OpenAI-compatible upstreams."""
+    import os
+
     from ..config import load_upstreams
+    from ..model_runner import RUNNER_DIR_ENV, start_supervisor
     from .llamacpp import LlamaCppEngine
     from .openai_compat import OpenAICompatEngine, UpstreamConfig
+    from .runner import RunnerEngine
 
     engines: list[Engine] = []
     if config.get("WORKER_URL"):
@@ -64,6 +78,12 @@ def build_engines(config, catalogue) -> EngineRegistry:
             connect_timeout=5.0,
             read_timeout=600.0,  # queued behind other chats, the first token can be far off
         )))
+    elif len(catalogue) and config["MODEL_RUNNER"] == "process":
+        if os.environ.get(RUNNER_DIR_ENV):  # gunicorn's master supervises them (gunicorn_conf)
+            engines.append(RunnerEngine(catalogue, os.environ[RUNNER_DIR_ENV]))
+        else:
+            supervisor = start_supervisor(config, [m.id for m in catalogue])
+            engines.append(RunnerEngine(catalogue, supervisor.directory, supervisor))
     elif len(catalogue):
         engines.append(LlamaCppEngine(
             catalogue,

@@ -185,9 +185,13 @@ function replyOptions(values = currentSettings()) {
 
 // A banner says what went wrong until its cause is gone (the socket is back, another
 // conversation is opened, the next message is sent) or the reader dismisses it.
-function showError(message, { offerServer = false, cause = "" } = {}) {
+let retryAction = null;
+
+function showError(message, { offerServer = false, cause = "", retry = null } = {}) {
   $("error-text").textContent = message;
   $("use-server").hidden = !offerServer;
+  retryAction = retry;
+  $("retry").hidden = !retry;
   errorBox.hidden = !message;
   errorBox.dataset.cause = cause;
 }
@@ -197,6 +201,12 @@ function clearError(cause) {
 }
 
 $("dismiss-error").addEventListener("click", () => showError(""));
+
+$("retry").addEventListener("click", () => {
+  const retry = retryAction;
+  showError("");
+  retry?.();
+});
 
 $("use-server").addEventListener("click", () => {
   engineSelect.value = "server";
@@ -623,8 +633,13 @@ async function send(action = null) {
     }
     if (onScreen()) {
       const loadProblem = ["load_failed", "webgpu_unavailable", "not_in_browser"].includes(err.code);
+      // The server's model process stopped (or is starting again): the partial reply is
+      // kept, and Retry writes a new one beside it once the model is back.
+      const modelDown = ["model_crashed", "model_starting"].includes(err.code);
+      const failed = err.reply;
       showError(err.message, { offerServer: engineName === "browser" && loadProblem,
-                               cause: err.code === "disconnected" ? "socket" : "" });
+                               cause: err.code === "disconnected" ? "socket" : "",
+                               retry: modelDown && failed?.parent_id ? () => send({ regenerate: failed }) : null });
     }
   } finally {
     if (pendingSend === reply) pendingSend = null;
