@@ -78,13 +78,14 @@ if os.path.isdir(variants):  # GGML_BACKEND_DL: llama-cpp-python does not look i
     ggml = ctypes.CDLL(os.path.join(lib, "libggml.so"))
     ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
     ggml.ggml_backend_load_all_from_path(variants.encode())
-if extra_bufts == "0":
-    default = llama_cpp.llama_model_default_params
+if extra_bufts == "0":  # Llama() reads its defaults from llama_cpp.llama_cpp, then loads
+    import llama_cpp.llama_cpp as low
+    default = low.llama_model_default_params
     def without_extra_bufts():
         params = default()
         params.use_extra_bufts = False
         return params
-    llama_cpp.llama_model_default_params = without_extra_bufts
+    low.llama_model_default_params = without_extra_bufts
 info = llama_cpp.llama_print_system_info().decode()
 from llama_cpp import Llama
 llm = Llama(model, n_ctx=2048, n_threads=int(threads), n_threads_batch=int(threads), n_batch=512,
@@ -94,16 +95,14 @@ prompt = llm.tokenize(" ".join(words).encode())[: int(prompt_n)]
 rows = []
 for _ in range(int(runs) + 1):
     llm.reset()
-    llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
     start = time.perf_counter()
     llm.eval(prompt)
     prompt_s = time.perf_counter() - start
     start = time.perf_counter()
     n = 0
-    for token in llm.generate(prompt, temp=0.0, reset=False):
+    while n < int(decode_n):  # one token at a time, as a chat decodes
+        llm.eval([llm.sample(temp=0.0)])
         n += 1
-        if n >= int(decode_n):
-            break
     decode_s = time.perf_counter() - start
     rows.append((len(prompt) / prompt_s, n / decode_s))
 rows = rows[1:]
