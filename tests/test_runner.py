@@ -270,6 +270,7 @@ def test_gunicorn_workers_share_one_runner_per_model(tmp_path, tiny_model):
         assert sorted(pid for pid, cmd in descendants(proc.pid) if "model_runner" not in cmd) \
             == sorted(web_workers), "no web worker was restarted"
         assert visitor.json("GET", "/healthz")[1]["runners"][0]["restarts"] == 1
+        ws.close()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
@@ -322,3 +323,25 @@ def test_the_page_says_at_once_that_the_model_stopped_and_retry_answers(make_app
         retried = page.locator('[data-testid="message"][data-role="assistant"]').last
         expect(retried).to_have_attribute("data-status", "complete", timeout=60_000)
         assert errors == []
+
+
+def test_a_stop_reaches_the_runner_at_once_and_the_finish_keeps_the_counts(make_app):
+    app = runner_app(make_app)
+    engine = app.extensions["bchat"].engines.engines[0]
+    wait_status(engine, "tiny-chat", "ready")
+    cancel = threading.Event()
+    chunks = engine.stream("tiny-chat", [{"role": "user", "content": "a long answer"}],
+                           GenerationOptions(max_tokens=4000, temperature=0), cancel)
+    seen = []
+    for chunk in chunks:
+        seen.append(chunk)
+        if len(seen) == 5:
+            cancel.set()
+    finish = seen[-1]
+    assert finish.finish_reason == "stopped"
+    assert 5 <= finish.completion_tokens < 4000 and finish.prompt_tokens > 0
+    # the runner goes on serving: the same model answers the next request
+    again = list(engine.stream("tiny-chat", [{"role": "user", "content": "hi"}],
+                               GenerationOptions(max_tokens=3, temperature=0), threading.Event()))
+    assert again[-1].finish_reason in ("stop", "length")
+    assert engine.state.runner("tiny-chat")["restarts"] == 0

@@ -100,15 +100,37 @@ class RunnerEngine:
         if self.catalogue.get(model) is None:
             raise UnknownModel(f"no model named {model!r}")
         record = self._ready(model, cancel)
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        request = json.dumps({"messages": messages, "options": encode_options(options)},
+                             ensure_ascii=False).encode() + b"\n"
         try:
-            conn.connect(record["socket"])
-            request = {"messages": messages, "options": encode_options(options)}
-            conn.sendall(json.dumps(request, ensure_ascii=False).encode() + b"\n")
+            conn = self._connect(record)
+        except OSError:
+            # The runner died a moment ago and the supervisor has not said so yet: nothing was
+            # sent, so wait for the next runner and ask it instead.
+            generation = record.get("generation")
+            self.state.wait(model, lambda r: r.get("generation") != generation or
+                            r["status"] == "unavailable", EXIT_WAIT_SECONDS)
+            record = self._ready(model, cancel)
+            try:
+                conn = self._connect(record)
+            except OSError as exc:
+                raise self._broken(model, record, exc) from None
+        try:
+            conn.sendall(request)
         except OSError as exc:
             conn.close()
             raise self._broken(model, record, exc) from None
         return self._read(model, record, conn, cancel)
+
+    @staticmethod
+    def _connect(record: dict[str, Any]) -> socket.socket:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(record["socket"])
+        except OSError:
+            conn.close()
+            raise
+        return conn
 
     def _ready(self, model: str, cancel: threading.Event) -> dict[str, Any]:
         record = self.state.wait(
@@ -132,7 +154,9 @@ class RunnerEngine:
             cancel.wait()
             if not done.is_set():
                 try:
-                    conn.shutdown(socket.SHUT_RDWR)  # the runner's recv wakes: it stops at once
+                    # Half-close: the runner's recv sees the end at once and stops generating,
+                    # then still sends its last line (a "stopped" finish with the real counts).
+                    conn.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
 
