@@ -309,7 +309,8 @@ def test_the_page_says_at_once_that_the_model_stopped_and_retry_answers(make_app
 
         banner = page.get_by_test_id("error")
         expect(banner).to_be_visible(timeout=5_000)
-        expect(page.get_by_test_id("error-text")).to_contain_text("model process")
+        expect(page.get_by_test_id("error-text")).to_contain_text(
+            "The model tiny-chat stopped: its process was killed by SIGKILL")
         expect(page.get_by_test_id("error-text")).to_contain_text("SIGKILL")
         expect(reply).to_have_attribute("data-status", "failed")
         assert reply.locator(".body").inner_text().strip(), "the partial reply is kept on screen"

@@ -73,9 +73,9 @@ def check_llama(config: Mapping) -> Iterator[Check]:
 SMOKE_TIMEOUT_SECONDS = 300.0
 SMOKE_PROMPT = ("The quick brown fox jumps over the lazy dog. " * 6).strip()
 REBUILD_ADVICE = (
-    "this llama.cpp build crashes on this CPU. Rebuild it portable: remove ~/.cache/bchat/wheels "
-    "and run ./scripts/setup again (it builds with -DGGML_NATIVE=OFF unless CMAKE_ARGS says "
-    "otherwise); if you set CMAKE_ARGS yourself, drop -DGGML_NATIVE=ON"
+    "this llama.cpp build crashes on this CPU. Install the portable build (-DGGML_NATIVE=OFF, any "
+    "x86-64 with AVX2): BCHAT_LLAMA_BUILD=portable ./scripts/setup (setup falls back to it by "
+    "itself when its own check crashes); with CMAKE_ARGS of your own, drop -DGGML_NATIVE=ON"
 )
 
 

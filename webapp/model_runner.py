@@ -71,9 +71,9 @@ def describe_exit(returncode: int) -> str:
     try:
         name = signal.Signals(-returncode).name
     except ValueError:
-        return f"killed by signal {-returncode}"
+        return f"was killed by signal {-returncode}"
     hints = {
-        "SIGKILL": "killed by SIGKILL (kill -9, or the kernel's out-of-memory killer)",
+        "SIGKILL": "was killed by SIGKILL (kill -9, or the kernel's out-of-memory killer)",
         "SIGSEGV": "crashed with SIGSEGV (a segmentation fault in native code)",
         "SIGILL": "crashed with SIGILL (an instruction this CPU does not run: llama.cpp was "
                   "built for another CPU)",
@@ -81,7 +81,7 @@ def describe_exit(returncode: int) -> str:
         "SIGBUS": "crashed with SIGBUS (the model file changed or vanished while mapped)",
         "SIGFPE": "crashed with SIGFPE (an arithmetic fault in native code)",
     }
-    return hints.get(name, f"killed by {name}")
+    return hints.get(name, f"was killed by {name}")
 
 
 # -- the supervisor --------------------------------------------------------------------------------

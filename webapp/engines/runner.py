@@ -201,9 +201,8 @@ class RunnerEngine:
             after.get("status") in ("restarting", "unavailable") else None
         log.error("the runner of %s broke off a reply: %s", model, cause or exc or "connection closed")
         return EngineError(
-            f"the model process for {model} stopped"
-            f"{' (' + cause + ')' if cause else ''}; the reply so far is kept. "
-            "It is being restarted: try again.", code="model_crashed")
+            f"The model {model} stopped: its process {cause or 'went away'}. The reply so far is "
+            "kept, and the model is being restarted.", code="model_crashed")
 
     # -- watching ----------------------------------------------------------------------------
     def runners(self) -> list[dict[str, Any]]:
