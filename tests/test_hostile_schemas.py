@@ -243,7 +243,7 @@ def branches(children):
 
 schemas = st.recursive(leaves, branches, max_leaves=12)
 
-HOSTILE_SETTINGS = settings(max_examples=40, deadline=None, database=None,
+HOSTILE_SETTINGS = settings(max_examples=25, deadline=None, database=None,
                             suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                    HealthCheck.too_slow])
 
