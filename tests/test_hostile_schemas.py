@@ -98,6 +98,16 @@ def test_limits_are_refused_with_their_name(schema, words):
     assert message is not None and words in message
 
 
+def test_many_large_tools_are_refused_as_a_whole():
+    params = {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "d" * 400}
+                                               for i in range(100)}}
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": params}}
+             for i in range(5)]
+    check_tools(tools[:1], "auto")
+    with pytest.raises(SchemaError, match="the tools are"):
+        check_tools(tools, "auto")
+
+
 def test_deep_nesting_and_ref_chains_are_refused():
     deep = {"type": "string"}
     for _ in range(40):

@@ -66,7 +66,9 @@ MAX_REF_DEPTH = 16  # $refs followed one inside another
 MAX_AMBIGUITY = 16  # ways a reply can be read at once (overlapping anyOf, ambiguous patterns)
 MAX_GRAMMAR_CHARS = 200_000  # the GBNF grammar made from a schema or tools
 MAX_GRAMMAR_RULES = 2_000  # rules of that grammar
-MAX_GRAMMAR_NESTING = 1_100  # groups inside groups in that grammar (llama.cpp recurses on each)
+# Groups inside groups in that grammar: llama.cpp's parser recurses on each, ~0.5 KB of C stack
+# a level (1,100 levels crash a 256 KB thread stack, pass in 512 KB; glibc threads get 8 MB).
+MAX_GRAMMAR_NESTING = 1_100
 
 _START_CLASSES = frozenset('n{["0t')  # what a JSON value can start with: null, {, [, ", digit, t/f
 _TYPE_STARTS = {"null": "n", "object": "{", "array": "[", "string": '"', "number": "0",
@@ -615,6 +617,10 @@ def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict[str, Any]] | No
         description = function.get("description")
         if description is not None and not isinstance(description, str):
             raise SchemaError(f"the description of {name!r} must be a string")
+    size = len(json.dumps(tools, separators=(",", ":")))
+    if size > MAX_SCHEMA_CHARS:  # they all go into the prompt, and into one grammar
+        raise SchemaError(f"the tools are {size} characters as JSON; the limit is "
+                          f"{MAX_SCHEMA_CHARS}")
     if tool_choice is None:
         tool_choice = "auto"
     if isinstance(tool_choice, dict):
