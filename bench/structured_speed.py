@@ -8,7 +8,14 @@
    grammar checks every candidate of the 49k vocabulary) stays meaningful on a busy machine,
    where the end-to-end figures swing with whatever else runs.
 
+3. With --checks (no decoding): how long the schema checks and the grammar's compilation take
+   for an ordinary schema, for the worst ones that pass the limits (README, Security) and for
+   the three that crashed, exhausted or stalled the server (issue 20), and the worst time one
+   token's grammar step takes for each that passes (the whole vocabulary masked, as when the
+   model's own pick is refused), on the model's vocabulary.
+
     .venv/bin/python bench/structured_speed.py [--model PATH] [--threads N] [--tokens 128] [--runs 2]
+    .venv/bin/python bench/structured_speed.py --checks [--model PATH]
 """
 
 from __future__ import annotations
@@ -48,7 +55,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--checks", action="store_true", help="only time checks and grammars")
     args = parser.parse_args()
+    if args.checks:
+        checks(args)
+        return 0
     modes = {
         "free text": {},
         "json_schema": {"response_format": {"type": "json_schema",
@@ -121,6 +132,99 @@ def breakdown(args, modes) -> None:
     for name, (decode, sample, n) in totals.items():
         print(f"  {name:12s} decode {decode / n * 1000:6.2f} ms   sample {sample / n * 1000:6.2f} ms"
               f"   ({n} tokens; sampling {sample / (decode + sample):.0%} of the time)")
+
+
+def _overlapping(n: int) -> dict:
+    return {"anyOf": [{"type": "object", "required": ["x"],
+                       "properties": {"x": {"type": "string", "maxLength": 60 + i}}}
+                      for i in range(n)]}
+
+
+# (name, schema, a text that follows it, to walk the grammar token by token)
+CHECK_CASES = [
+    ("ordinary (the README's person)", {
+        "type": "object", "required": ["name", "age"], "additionalProperties": False,
+        "properties": {"name": {"type": "string", "maxLength": 40},
+                       "age": {"type": "integer", "minimum": 0, "maximum": 130}}},
+     '{"name": "Ada Lovelace", "age": 36}'),
+    ("this bench's people schema", SCHEMA,
+     '{"people": [{"name": "Bo", "age": 7, "mood": "calm", "story": "a dog"}]}'),
+    ("worst passing: maxLength 1000", {"type": "string", "maxLength": 1000}, '"' + "ab " * 300),
+    ("worst passing: pattern a{0,1000}", {"type": "string", "pattern": "^a{0,1000}$"},
+     '"' + "a" * 900),
+    ("worst passing: pattern read 16 ways", {"type": "string", "pattern": "^.{0,15}.{0,15}$"},
+     '"' + "abcdefghijklmnopqrstuvwxyz"),
+    ("worst passing: pattern (a|a|…16)*", {"type": "string", "pattern": "^(" + "|".join(
+        "a" * 16) + ")*$"}, '"' + "a" * 200),
+    ("worst passing: 16 overlapping anyOf", _overlapping(16), '{"x": "' + "ab " * 20),
+    ("worst passing: 100x100 arrays of strings", {
+        "type": "array", "maxItems": 100, "items": {
+            "type": "array", "maxItems": 100, "items": {"type": "string", "maxLength": 100}}},
+     '[["' + "ab " * 30 + '", "x"], ["y'),
+    ("refused: pattern a{0,100000}", {"type": "string", "pattern": "^a{0,100000}$"}, ""),
+    ("refused: maxLength 1e9", {"type": "string", "maxLength": 1_000_000_000}, ""),
+    ("refused: nested repetition", {"type": "string", "pattern": "^((a{0,50}){0,50}){0,50}$"},
+     ""),
+    ("refused: 17 overlapping anyOf", _overlapping(17), ""),
+]
+
+
+def checks(args) -> None:
+    import ctypes
+
+    import numpy as np
+    from llama_cpp import llama_cpp
+
+    from webapp.engines.base import GenerationOptions
+    from webapp.errors import Invalid
+
+    GenerationOptions.parse({"response_format": {"type": "json_object"}})  # imports, once
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(args.model.encode(), params)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    print(f"vocabulary of {Path(args.model).name}: {n_vocab} tokens; times: best of 5 for the "
+          f"checks, the worst token for the grammar")
+    for name, schema, text in CHECK_CASES:
+        raw = {"response_format": {"type": "json_schema",
+                                   "json_schema": {"name": "x", "schema": schema}}}
+        spent, verdict = [], ""
+        for _ in range(5):
+            began = time.perf_counter()
+            try:
+                grammar = GenerationOptions.parse(raw).grammar
+                verdict = f"passes, grammar {len(grammar):,} chars"
+            except Invalid as exc:
+                grammar, verdict = None, f"refused: {exc.message[:90]}"
+            spent.append(time.perf_counter() - began)
+        line = f"  {name:42s} checks+compile {min(spent) * 1000:7.2f} ms  {verdict}"
+        if grammar:
+            began = time.perf_counter()
+            sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+            line += f"; with vocab {(time.perf_counter() - began) * 1000:.2f} ms"
+            tokens = (llama_cpp.llama_token * (len(text) + 8))()
+            n = llama_cpp.llama_tokenize(vocab, text.encode(), len(text.encode()), tokens,
+                                         len(text) + 8, False, False)
+            data = np.empty(n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            worst = 0.0
+            for token in tokens[:n]:
+                data["id"], data["logit"], data["p"] = np.arange(n_vocab), 0.0, 0.0
+                candidates = llama_cpp.llama_token_data_array(
+                    data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+                    size=n_vocab, selected=-1, sorted=False)
+                began = time.perf_counter()
+                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
+                allowed = data["logit"][data["id"] == token][0] != -np.inf
+                if allowed:
+                    llama_cpp.llama_sampler_accept(sampler, token)
+                worst = max(worst, time.perf_counter() - began)
+                if not allowed:
+                    break
+            llama_cpp.llama_sampler_free(sampler)
+            line += f"; worst token {worst * 1000:.1f} ms over {n}"
+        print(line)
+    llama_cpp.llama_model_free(model)
 
 
 if __name__ == "__main__":

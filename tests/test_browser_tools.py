@@ -278,8 +278,11 @@ def test_a_json_schema_reply_renders_as_valid_formatted_json(server, pages, shot
     schema.fill("{not json")
     expect(page.get_by_test_id("reply-schema-note")).to_contain_text("Invalid schema")
     expect(page.get_by_test_id("reply-format-save")).to_be_disabled()
-    schema.fill('{"properties": {}}')
-    expect(page.get_by_test_id("reply-schema-note")).to_contain_text('"type"')
+    # Within the server's limits is the server's verdict, the same a chat or /v1 gets.
+    schema.fill('{"type": "string", "maxLength": 1000000000}')
+    page.get_by_test_id("reply-format-save").click()
+    expect(page.get_by_test_id("reply-schema-note")).to_contain_text("Refused by the server")
+    expect(page.get_by_test_id("reply-schema-note")).to_contain_text("maxLength")
     schema.fill(json.dumps(SCHEMA, indent=2))
     page.get_by_test_id("reply-format-save").click()
     expect(page.get_by_test_id("reply-schema-note")).to_contain_text("Saved")

@@ -42,7 +42,7 @@ MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 OPTION_FIELDS = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty",
                  "response_format", "tools", "tool_choice")
 # Engine failure codes that are the request's fault, and what OpenAI calls them.
-REQUEST_FAULTS = {"bad_grammar": "invalid_request_error",
+REQUEST_FAULTS = {"bad_grammar": "invalid_request_error", "grammar_too_slow": "grammar_too_slow",
                   "context_too_long": "context_length_exceeded"}
 
 

@@ -54,7 +54,7 @@ def error_response(status: int, message: str, kind: str, code: str | None = None
 def engine_error_payload(exc: EngineError) -> tuple[int, str]:
     if isinstance(exc, ContextTooLong):
         return 400, "exceed_context_size_error"  # as llama-server names it
-    if exc.code == "bad_grammar":
+    if exc.code in ("bad_grammar", "grammar_too_slow"):
         return 400, "invalid_request_error"
     if isinstance(exc, UnknownModel):
         return 404, "model_not_found"

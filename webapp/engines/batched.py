@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 
 PROMPT_CHUNK = 256  # prompt tokens per step: bounds how long the other chats wait for a step
 N_BATCH = 512
+# The longest one slot's grammar may take to choose one token before that chat fails with
+# grammar_too_slow: every other chat in the batch waits for it. The schema limits keep a
+# grammar's worst token near 0.3 s (SmolLM2's 49k vocabulary, bench/structured_speed.py).
+GRAMMAR_TOKEN_SECONDS = 2.0
+# A step (one token for every chat, plus at most PROMPT_CHUNK prompt tokens) longer than this
+# is slow; a batch whose steps are all slow for the watchdog's time is reported by /healthz.
+SLOW_STEP_SECONDS = 2.0
 
 
 @dataclass
@@ -57,6 +64,8 @@ _TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]
 
 class BatchedModelWorker(ModelWorker):
     """A ModelWorker whose inference thread runs up to ``parallel`` requests at once."""
+
+    grammar_token_seconds = GRAMMAR_TOKEN_SECONDS
 
     def __init__(self, model, *, parallel: int, **settings) -> None:
         self.parallel = self.slots = parallel
@@ -99,7 +108,14 @@ class BatchedModelWorker(ModelWorker):
                     if not self._admit():
                         return  # closed
                     if any(s.request is not None for s in self._slots):
+                        began = time.monotonic()
                         self._step()
+                        if time.monotonic() - began <= SLOW_STEP_SECONDS:
+                            self._slow_since = None
+                        elif self._slow_since is None:
+                            self._slow_since = began
+                    else:
+                        self._slow_since = None
                 except Exception as exc:
                     # Whatever broke, it breaks the chats in flight, never the thread: every
                     # later chat to this model would hang.
@@ -282,14 +298,24 @@ class BatchedModelWorker(ModelWorker):
             try:
                 self._sample(slot, now)
             except Exception as exc:  # this chat fails; the others in the batch go on
-                log.exception("sampling failed for a chat on %s", self.model.id)
+                if getattr(exc, "code", None) == "grammar_too_slow":
+                    log.warning("%s on %s", exc, self.model.id)
+                else:
+                    log.exception("sampling failed for a chat on %s", self.model.id)
                 self._fail_slot(slot, exc)
 
     def _sample(self, slot: _Slot, now: float) -> None:
         from llama_cpp import llama_cpp
 
         if slot.grammar is not None:
+            began = time.perf_counter()
             token = self._sample_constrained(slot)
+            spent = time.perf_counter() - began
+            if spent > self.grammar_token_seconds:
+                raise EngineError(
+                    f"the response format's grammar took {spent:.1f} s to choose one token (the "
+                    f"limit is {self.grammar_token_seconds:g} s, as every other chat waits for "
+                    f"it): simplify the schema", code="grammar_too_slow")
         else:
             token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.logits_index)
         if slot.first_at is None:

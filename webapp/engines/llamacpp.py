@@ -186,6 +186,7 @@ class ModelWorker:
         self._load_error: BaseException | None = None
         self._current_cancel: threading.Event | None = None
         self._beat = time.monotonic()  # last sign of progress of the inference thread
+        self._slow_since: float | None = None  # when the steps of a busy batch became slow
         self._closed = False
         self._thread = threading.Thread(
             target=self._run, name=f"llama:{model.id}", daemon=True
@@ -257,6 +258,11 @@ class ModelWorker:
             return {"model": self.model.id, "problem": "stuck",
                     "message": f"the inference thread of {self.model.id} has made no progress "
                                f"for {idle:.0f} s"}
+        slow_since = self._slow_since
+        if slow_since is not None and self.busy() and time.monotonic() - slow_since > stuck_after:
+            return {"model": self.model.id, "problem": "slow",
+                    "message": f"every step of {self.model.id}'s batch has been slow for "
+                               f"{time.monotonic() - slow_since:.0f} s: its chats crawl"}
         return None
 
     def wait_loaded(self, timeout: float | None = None) -> None:

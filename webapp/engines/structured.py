@@ -43,6 +43,528 @@ class SchemaError(ValueError):
     """A response_format or tools value that cannot become a grammar; the text says why."""
 
 
+# -- limits on schemas ---------------------------------------------------------------------------
+#
+# A schema becomes a grammar that llama.cpp parses (recursively: one C stack frame per nested
+# group) and then runs for every token of the reply. Its cost there grows with how many ways the
+# reply written so far can be read at once (llama.cpp keeps one "stack" per way and checks every
+# vocabulary entry against each): `^((a{0,50}){0,50}){0,50}$` is a 1 KB grammar that took seconds
+# a token. So a schema is checked here, before anything reaches native code, and refused with a
+# message naming the limit. The README's Security section lists these values.
+
+MAX_SCHEMA_CHARS = 64_000  # a schema (or a tool's parameters) as compact JSON
+MAX_SCHEMA_DEPTH = 24  # subschemas inside subschemas
+MAX_SCHEMA_NODES = 2_000  # subschemas, counting each place a $ref is used
+MAX_PROPERTIES = 128  # properties of one object, entries of one tuple (prefixItems)
+MAX_ENUM = 256  # values of one enum
+MAX_ALTERNATIVES = 64  # entries of one anyOf/oneOf/allOf
+MAX_LITERAL_CHARS = 1_000  # a property name, a const or an enum value (as JSON)
+MAX_REPEAT = 1_000  # minLength/maxLength, minItems/maxItems, and {m,n} in a pattern
+MAX_PATTERN_CHARS = 1_000  # one pattern
+MAX_PATTERN_POSITIONS = 4_000  # characters a pattern matches once its {m,n} are written out
+MAX_REF_DEPTH = 16  # $refs followed one inside another
+MAX_AMBIGUITY = 16  # ways a reply can be read at once (overlapping anyOf, ambiguous patterns)
+MAX_GRAMMAR_CHARS = 200_000  # the GBNF grammar made from a schema or tools
+MAX_GRAMMAR_RULES = 2_000  # rules of that grammar
+# Groups inside groups in that grammar: llama.cpp's parser recurses on each, ~0.5 KB of C stack
+# a level (1,100 levels crash a 256 KB thread stack, pass in 512 KB; glibc threads get 8 MB).
+MAX_GRAMMAR_NESTING = 1_100
+
+_START_CLASSES = frozenset('n{["0t')  # what a JSON value can start with: null, {, [, ", digit, t/f
+_TYPE_STARTS = {"null": "n", "object": "{", "array": "[", "string": '"', "number": "0",
+                "integer": "0", "boolean": "t"}
+_BOUND_KEYS = ("minLength", "maxLength", "minItems", "maxItems")
+
+
+def _value_start(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{"  # a const object: told apart by its text anyway, but cheaply said "any"
+    text = json.dumps(value)
+    return {"f": "t", "-": "0"}.get(text[0], "0" if text[0].isdigit() else text[0])
+
+
+def check_schema(schema: Any, what: str = "the JSON schema") -> None:
+    """SchemaError unless ``schema`` is within every limit above."""
+    if not isinstance(schema, dict):
+        raise SchemaError(f"{what} must be an object")
+    try:
+        size = len(json.dumps(schema, separators=(",", ":")))
+    except (TypeError, ValueError, RecursionError):
+        raise SchemaError(f"{what} is not plain JSON") from None
+    if size > MAX_SCHEMA_CHARS:
+        raise SchemaError(f"{what} is {size} characters; the limit is {MAX_SCHEMA_CHARS}")
+    _SchemaWalk(schema, what).visit(schema, 0, 1, ())
+
+
+class _SchemaWalk:
+    def __init__(self, root: dict[str, Any], what: str) -> None:
+        self.root, self.what, self.nodes = root, what, 0
+        self.seen: set[tuple[str, int]] = set()
+
+    def refuse(self, text: str) -> SchemaError:
+        return SchemaError(f"{self.what}: {text}")
+
+    def resolve(self, ref: Any) -> Any:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise self.refuse(f"$ref {str(ref)[:80]!r} is not a local reference (#/...)")
+        target: Any = self.root
+        for part in ref[1:].split("/")[1:] if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise self.refuse(f"$ref {ref[:80]!r} points at nothing")
+            target = target[part]
+        return target
+
+    def starts(self, schema: Any, refs: tuple[str, ...] = ()) -> frozenset[str]:
+        """What a value of ``schema`` can start with: "n", "[", '"', "0" (a number), "t" (a
+        boolean), "{" (any object) or "{" and its first key (and that key's const value), as
+        the converter writes required properties first. All of them when unsure."""
+        if not isinstance(schema, dict):
+            return _START_CLASSES
+        if "$ref" in schema:
+            ref = schema["$ref"]
+            if ref in refs or len(refs) >= MAX_REF_DEPTH:
+                return _START_CLASSES
+            return self.starts(self.resolve(ref), refs + (ref,))
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            if isinstance(values, list):
+                return frozenset(_value_start(v) for v in values)
+        for key in ("anyOf", "oneOf"):
+            if isinstance(schema.get(key), list):
+                out: frozenset[str] = frozenset()
+                for alternative in schema[key]:
+                    out |= self.starts(alternative, refs)
+                return out
+        kind = schema.get("type")
+        kinds = kind if isinstance(kind, list) else [kind]
+        properties, required = schema.get("properties"), schema.get("required")
+        if kinds == ["object"] or (kind is None and isinstance(properties, dict)):
+            if isinstance(properties, dict) and isinstance(required, list):
+                first = next((k for k in properties if k in required), None)
+                if first is not None:
+                    sub = properties[first]
+                    value = (":" + json.dumps(sub["const"]) if isinstance(sub, dict)
+                             and "const" in sub else "")
+                    return frozenset(["{" + json.dumps(first) + value])
+            return frozenset("{")
+        if all(k in _TYPE_STARTS for k in kinds):
+            return frozenset(_TYPE_STARTS[k] for k in kinds)
+        if "items" in schema or "prefixItems" in schema:
+            return frozenset("[")
+        if "pattern" in schema:
+            return frozenset('"')
+        return _START_CLASSES
+
+    def visit(self, schema: Any, depth: int, ambiguity: int,
+              refs: tuple[tuple[str, int], ...]) -> None:
+        if isinstance(schema, bool):
+            return
+        if not isinstance(schema, dict):
+            raise self.refuse("every subschema must be an object")
+        self.nodes += 1
+        if self.nodes > MAX_SCHEMA_NODES:
+            raise self.refuse(f"more than {MAX_SCHEMA_NODES} subschemas (counting each use of a "
+                              f"$ref); the limit is {MAX_SCHEMA_NODES}")
+        if depth > MAX_SCHEMA_DEPTH:
+            raise self.refuse(f"subschemas nest more than {MAX_SCHEMA_DEPTH} deep")
+        if "$ref" in schema:
+            ref = schema["$ref"]
+            target = self.resolve(ref)
+            entered = dict(refs).get(ref)
+            if entered is not None:
+                if ambiguity > entered:  # each round of the recursion multiplies the readings
+                    raise self.refuse(f"$ref {ref[:80]!r} recurses through overlapping anyOf "
+                                      f"alternatives, so a reply could be read ever more ways "
+                                      f"at once; the limit is {MAX_AMBIGUITY}")
+                return  # recursion: the rest of the walk covers it; the grammar loops there
+            if len(refs) >= MAX_REF_DEPTH:
+                raise self.refuse(f"$refs lead through more than {MAX_REF_DEPTH} others; the "
+                                  f"limit is {MAX_REF_DEPTH}")
+            if (ref, ambiguity) not in self.seen:
+                self.seen.add((ref, ambiguity))
+                self.visit(target, depth + 1, ambiguity, refs + ((ref, ambiguity),))
+            return
+        for key in _BOUND_KEYS:
+            value = schema.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPEAT:
+                raise self.refuse(f"{key} must be an integer from 0 to {MAX_REPEAT} (the repetition "
+                                  f"limit)")
+        for low, high in (("minLength", "maxLength"), ("minItems", "maxItems")):
+            if schema.get(high) is not None and (schema.get(low) or 0) > schema[high]:
+                raise self.refuse(f"{low} is above {high}")
+        if "const" in schema:
+            self.literal(schema["const"], "const")
+        if "enum" in schema:
+            values = schema["enum"]
+            if not isinstance(values, list) or not 0 < len(values) <= MAX_ENUM:
+                raise self.refuse(f"enum must be a list of 1 to {MAX_ENUM} values (the enum limit)")
+            for value in values:
+                self.literal(value, "an enum value")
+        kind = schema.get("type")
+        if isinstance(kind, list) and len(kind) > len(_TYPE_STARTS):
+            raise self.refuse("type lists too many types")
+        if isinstance(kind, list):
+            ambiguity *= self.overlap([{"type": k} for k in kind])
+        pattern = schema.get("pattern")
+        if pattern is not None:
+            if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_CHARS:
+                raise self.refuse(f"pattern must be a string of at most {MAX_PATTERN_CHARS} "
+                                  f"characters")
+            try:
+                states = pattern_ambiguity(pattern)
+            except SchemaError as exc:
+                raise self.refuse(str(exc)) from None
+            self.ambiguous(ambiguity * states)
+        properties = schema.get("properties")
+        if properties is not None:
+            if not isinstance(properties, dict) or len(properties) > MAX_PROPERTIES:
+                raise self.refuse(f"properties must be an object of at most {MAX_PROPERTIES} "
+                                  f"(the property limit)")
+            for name, sub in properties.items():
+                if len(name) > MAX_LITERAL_CHARS:
+                    raise self.refuse(f"a property name is over {MAX_LITERAL_CHARS} characters")
+                self.visit(sub, depth + 1, ambiguity, refs)
+        required = schema.get("required")
+        if required is not None and (not isinstance(required, list)
+                                     or not all(isinstance(r, str) for r in required)):
+            raise self.refuse("required must be a list of property names")
+        if isinstance(schema.get("additionalProperties"), dict):
+            self.visit(schema["additionalProperties"], depth + 1, ambiguity, refs)
+        for key in ("items", "prefixItems"):
+            items = schema.get(key)
+            if isinstance(items, list):
+                if len(items) > MAX_PROPERTIES:
+                    raise self.refuse(f"{key} lists more than {MAX_PROPERTIES} schemas")
+                for sub in items:
+                    self.visit(sub, depth + 1, ambiguity, refs)
+            elif items is not None:
+                self.visit(items, depth + 1, ambiguity, refs)
+        for key in ("anyOf", "oneOf", "allOf"):
+            alternatives = schema.get(key)
+            if alternatives is None:
+                continue
+            if not isinstance(alternatives, list) or not 0 < len(alternatives) <= MAX_ALTERNATIVES:
+                raise self.refuse(f"{key} must list 1 to {MAX_ALTERNATIVES} schemas")
+            inner = ambiguity * (self.overlap(alternatives) if key != "allOf" else 1)
+            self.ambiguous(inner)
+            for sub in alternatives:
+                self.visit(sub, depth + 1, inner, refs)
+        for key in ("$defs", "definitions"):
+            if isinstance(schema.get(key), dict):
+                for sub in schema[key].values():
+                    self.visit(sub, depth + 1, 1, refs)
+
+    def overlap(self, alternatives: list[Any]) -> int:
+        """How many of the alternatives a value can start as at once (an object with a
+        different first key, or a different const there, is told apart at once)."""
+        starts = [self.starts(alternative) for alternative in alternatives]
+        worst = 1
+        for start in frozenset().union(*starts):
+            count = sum(1 for mine in starts if any(
+                a == start or (a == "{" and start.startswith("{")) or (start == "{" and a.startswith("{"))
+                or (a.startswith(start + ":") or start.startswith(a + ":")) for a in mine))
+            worst = max(worst, count)
+        return worst
+
+    def ambiguous(self, ways: int) -> None:
+        if ways > MAX_AMBIGUITY:
+            raise self.refuse(f"a reply could be read {ways} ways at once (overlapping anyOf "
+                              f"alternatives or an ambiguous pattern); the limit is {MAX_AMBIGUITY}")
+
+    def literal(self, value: Any, what: str) -> None:
+        if len(json.dumps(value)) > MAX_LITERAL_CHARS:
+            raise self.refuse(f"{what} is over {MAX_LITERAL_CHARS} characters as JSON")
+
+
+# -- patterns -------------------------------------------------------------------------------------
+#
+# The converter writes a pattern's {m,n} out in full (`a{0,3}` becomes `("a" ("a" ("a")?)?)?`)
+# and llama.cpp follows every way the text so far can match at once. So a pattern is parsed
+# here (the converter's subset of regular expressions), written out the same way into an
+# automaton of at most MAX_PATTERN_POSITIONS characters, and run over every class of input
+# character to find how many positions can be live at once.
+
+_MAX_CHAR = 0x10FFFF
+_PATTERN_WORK = 400_000  # steps the ambiguity search may take before the pattern is refused
+_CLASS_ESCAPES = {"d": ((48, 57),), "w": ((48, 57), (65, 90), (95, 95), (97, 122)),
+                  "s": ((9, 13), (32, 32))}
+_CHAR_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
+
+
+def _normalize(ranges) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if out and low <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], high))
+        else:
+            out.append((low, high))
+    return tuple(out)
+
+
+def _negate(ranges: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    out, start = [], 0
+    for low, high in sorted(ranges):
+        if low > start:
+            out.append((start, low - 1))
+        start = max(start, high + 1)
+    if start <= _MAX_CHAR:
+        out.append((start, _MAX_CHAR))
+    return tuple(out)
+
+
+class _PatternParser:
+    """``^…$`` into a tree: ("set", ranges) | ("seq", [..]) | ("alt", [..]) | ("rep", node, m, n)."""
+
+    def __init__(self, pattern: str) -> None:
+        if not (pattern.startswith("^") and pattern.endswith("$")) or len(pattern) < 2:
+            raise SchemaError("a pattern must start with ^ and end with $")
+        self.text, self.i = pattern[1:-1], 0
+
+    def parse(self):
+        node = self.alternation()
+        if self.i < len(self.text):
+            raise SchemaError(f"unbalanced ) at {self.i + 1} in the pattern")
+        return node
+
+    def alternation(self):
+        branches = [self.sequence()]
+        while self.i < len(self.text) and self.text[self.i] == "|":
+            self.i += 1
+            branches.append(self.sequence())
+        return branches[0] if len(branches) == 1 else ("alt", branches)
+
+    def sequence(self):
+        items = []
+        while self.i < len(self.text) and self.text[self.i] not in "|)":
+            atom = self.atom()
+            while self.i < len(self.text) and self.text[self.i] in "*+?{":
+                atom = self.quantifier(atom)
+            items.append(atom)
+        return ("seq", items)
+
+    def atom(self):
+        c = self.text[self.i]
+        self.i += 1
+        if c == "(":
+            if self.text.startswith("?:", self.i):
+                self.i += 2
+            elif self.text.startswith("?", self.i):
+                raise SchemaError("a pattern may not use (?…) groups other than (?:…)")
+            node = self.alternation()
+            if self.i >= len(self.text) or self.text[self.i] != ")":
+                raise SchemaError("unbalanced ( in the pattern")
+            self.i += 1
+            return node
+        if c == "[":
+            return ("set", self.char_class())
+        if c == ".":
+            return ("set", _negate(((10, 10), (13, 13))))
+        if c == "\\":
+            return ("set", self.escape())
+        if c in "*+?{":
+            raise SchemaError(f"nothing to repeat before {c} in the pattern")
+        return ("set", ((ord(c), ord(c)),))
+
+    def escape(self) -> tuple[tuple[int, int], ...]:
+        if self.i >= len(self.text):
+            raise SchemaError("a pattern may not end with \\")
+        c = self.text[self.i]
+        self.i += 1
+        if c.lower() in _CLASS_ESCAPES:
+            ranges = _CLASS_ESCAPES[c.lower()]
+            return _negate(ranges) if c.isupper() else ranges
+        c = _CHAR_ESCAPES.get(c, c)
+        return ((ord(c), ord(c)),)
+
+    def char_class(self) -> tuple[tuple[int, int], ...]:
+        negated = self.text.startswith("^", self.i)
+        self.i += negated
+        ranges: list[tuple[int, int]] = []
+        first = True
+        while True:
+            if self.i >= len(self.text):
+                raise SchemaError("unbalanced [ in the pattern")
+            c = self.text[self.i]
+            if c == "]" and not first:
+                self.i += 1
+                break
+            first = False
+            self.i += 1
+            if c == "\\":
+                escaped = self.escape()
+                if len(escaped) != 1 or escaped[0][0] != escaped[0][1]:
+                    ranges.extend(escaped)
+                    continue
+                low = escaped[0][0]
+            else:
+                low = ord(c)
+            high = low
+            if self.text.startswith("-", self.i) and self.i + 1 < len(self.text) \
+                    and self.text[self.i + 1] != "]":
+                self.i += 1
+                end = self.text[self.i]
+                self.i += 1
+                if end == "\\":
+                    escaped = self.escape()
+                    end = chr(escaped[0][0])
+                high = ord(end)
+                if high < low:
+                    raise SchemaError("a character range in the pattern runs backwards")
+            ranges.append((low, high))
+        return _negate(tuple(ranges)) if negated else tuple(ranges)
+
+    def quantifier(self, atom):
+        c = self.text[self.i]
+        self.i += 1
+        if c == "*":
+            low, high = 0, None
+        elif c == "+":
+            low, high = 1, None
+        elif c == "?":
+            low, high = 0, 1
+        else:
+            end = self.text.find("}", self.i)
+            if end < 0:
+                raise SchemaError("unbalanced { in the pattern")
+            body, self.i = self.text[self.i:end], end + 1
+            parts = [p.strip() for p in body.split(",")]
+            try:
+                if len(parts) == 1:
+                    low = high = int(parts[0])
+                elif len(parts) == 2:
+                    low = int(parts[0]) if parts[0] else 0
+                    high = int(parts[1]) if parts[1] else None
+                else:
+                    raise ValueError
+            except ValueError:
+                raise SchemaError(f"{{{body[:20]}}} is not a repetition in the pattern") from None
+            if low > MAX_REPEAT or (high is not None and high > MAX_REPEAT):
+                raise SchemaError(f"the pattern repeats something up to {max(low, high or 0)} "
+                                  f"times; the repetition limit is {MAX_REPEAT}")
+            if high is not None and high < low:
+                raise SchemaError(f"{{{body[:20]}}} in the pattern runs backwards")
+        if self.text.startswith("?", self.i):
+            raise SchemaError("a pattern may not use lazy repetition (*?, +?, ??)")
+        return ("rep", atom, low, high)
+
+
+class _Automaton:
+    """A Thompson automaton: ``chars[s]`` the ranges state s reads (None: an empty step),
+    ``moves[s]`` where it goes from there."""
+
+    def __init__(self) -> None:
+        self.chars: list[tuple[tuple[int, int], ...] | None] = []
+        self.moves: list[list[int]] = []
+        self.positions = 0
+
+    def state(self, chars=None) -> int:
+        if chars is not None:
+            self.positions += 1
+            if self.positions > MAX_PATTERN_POSITIONS:
+                raise SchemaError(f"the pattern matches more than {MAX_PATTERN_POSITIONS} "
+                                  f"characters once its repetitions are written out (nested "
+                                  f"repetition?); the limit is {MAX_PATTERN_POSITIONS}")
+        self.chars.append(chars)
+        self.moves.append([])
+        return len(self.chars) - 1
+
+    def build(self, node) -> tuple[int, int]:
+        kind = node[0]
+        if kind == "set":
+            start, end = self.state(_normalize(node[1])), self.state()
+            self.moves[start].append(end)
+            return start, end
+        if kind == "seq":
+            start = end = self.state()
+            for item in node[1]:
+                a, b = self.build(item)
+                self.moves[end].append(a)
+                end = b
+            return start, end
+        if kind == "alt":
+            start, end = self.state(), self.state()
+            for branch in node[1]:
+                a, b = self.build(branch)
+                self.moves[start].append(a)
+                self.moves[b].append(end)
+            return start, end
+        _, item, low, high = node
+        start = end = self.state()
+        for _ in range(low):
+            a, b = self.build(item)
+            self.moves[end].append(a)
+            end = b
+        if high is None:  # a loop
+            a, b = self.build(item)
+            self.moves[end].append(a)
+            self.moves[b].append(a)
+            after = self.state()
+            self.moves[end].append(after)
+            self.moves[b].append(after)
+            return start, after
+        skips = []
+        for _ in range(high - low):
+            a, b = self.build(item)
+            self.moves[end].append(a)
+            skips.append(end)
+            end = b
+        for skip in skips:
+            self.moves[skip].append(end)
+        return start, end
+
+    def closure(self, states) -> frozenset[int]:
+        """The reading states reachable from ``states`` by empty steps."""
+        out, todo, seen = set(), list(states), set(states)
+        while todo:
+            s = todo.pop()
+            if self.chars[s] is not None:
+                out.add(s)
+                continue
+            for t in self.moves[s]:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return frozenset(out)
+
+
+def pattern_ambiguity(pattern: str) -> int:
+    """The most positions of ``pattern`` that can be live at once (1 for an unambiguous one);
+    SchemaError when it breaks a limit or is too tangled to tell."""
+    import bisect
+
+    automaton = _Automaton()
+    start, _ = automaton.build(_PatternParser(pattern).parse())
+    first = automaton.closure([start])
+    seen, todo, worst, work = {first}, [first], len(first), 0
+    while todo:
+        states = todo.pop()
+        bounds = sorted({b for s in states for low, high in automaton.chars[s]
+                         for b in (low, high + 1)})
+        work += len(bounds) * len(states)
+        if work > _PATTERN_WORK:
+            raise SchemaError("the pattern is too tangled to check; simplify it")
+        for char in bounds:
+            targets = []
+            for s in states:
+                ranges = automaton.chars[s]
+                k = bisect.bisect_right(ranges, (char, _MAX_CHAR + 1)) - 1
+                if k >= 0 and ranges[k][0] <= char <= ranges[k][1]:
+                    targets.extend(automaton.moves[s])
+            if not targets:
+                continue
+            following = automaton.closure(targets)
+            worst = max(worst, len(following))
+            if worst > MAX_AMBIGUITY:
+                return worst
+            if following not in seen:
+                seen.add(following)
+                todo.append(following)
+    return worst
+
+
 # -- validation of the OpenAI values ----------------------------------------------------------
 
 
@@ -57,14 +579,15 @@ def check_response_format(value: Any) -> dict[str, Any] | None:
         return None
     if kind == "json_object":
         schema = value.get("schema")  # llama-cpp-python's extension; OpenAI has none
-        if schema is not None and not isinstance(schema, dict):
-            raise SchemaError("response_format.schema must be an object")
+        if schema is not None:
+            check_schema(schema, "response_format.schema")
         return value
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise SchemaError('response_format json_schema needs {"json_schema": {"name": …, '
                               '"schema": {…}}}')
+        check_schema(spec["schema"])
         return value
     raise SchemaError(f"response_format type must be text, json_object or json_schema, not {kind!r}")
 
@@ -89,11 +612,15 @@ def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict[str, Any]] | No
             raise SchemaError(f"two tools are named {name!r}")
         names.add(name)
         parameters = function.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise SchemaError(f"the parameters of {name!r} must be a JSON schema object")
+        if parameters is not None:
+            check_schema(parameters, f"the parameters of {name!r}")
         description = function.get("description")
         if description is not None and not isinstance(description, str):
             raise SchemaError(f"the description of {name!r} must be a string")
+    size = len(json.dumps(tools, separators=(",", ":")))
+    if size > MAX_SCHEMA_CHARS:  # they all go into the prompt, and into one grammar
+        raise SchemaError(f"the tools are {size} characters as JSON; the limit is "
+                          f"{MAX_SCHEMA_CHARS}")
     if tool_choice is None:
         tool_choice = "auto"
     if isinstance(tool_choice, dict):
@@ -220,7 +747,61 @@ def _tool_schema(tool: dict[str, Any]) -> dict[str, Any]:
 
 def build_grammar(response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None,
                   tool_choice: Any) -> str | None:
-    """The GBNF a reply must follow, or None for free text. SchemaError says why not."""
+    """The GBNF a reply must follow, or None for free text, within the grammar limits and
+    compiled once by llama.cpp to see that it compiles. SchemaError says why not."""
+    grammar = _grammar_text(response_format, tools, tool_choice)
+    if grammar is not None:
+        check_grammar(grammar)
+    return grammar
+
+
+def check_grammar(grammar: str) -> None:
+    """SchemaError unless llama.cpp can compile ``grammar`` cheaply: size, rules and nesting
+    within the limits (its parser recurses once per nested group: 100,000 of them crashed
+    the process), then a compilation without a vocabulary (a millisecond at the limits),
+    here in the request's thread rather than on a model's inference thread."""
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise SchemaError(f"the grammar made from this schema is {len(grammar)} characters; the "
+                          f"limit is {MAX_GRAMMAR_CHARS}")
+    rules = grammar.count("::=")
+    if rules > MAX_GRAMMAR_RULES:
+        raise SchemaError(f"the grammar made from this schema has {rules} rules; the limit is "
+                          f"{MAX_GRAMMAR_RULES}")
+    nesting = _grammar_nesting(grammar)
+    if nesting > MAX_GRAMMAR_NESTING:
+        raise SchemaError(f"the grammar made from this schema nests {nesting} groups deep; the "
+                          f"limit is {MAX_GRAMMAR_NESTING}")
+    from llama_cpp import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(None, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise SchemaError("llama.cpp cannot compile the grammar made from this schema (a "
+                          "pattern it does not support, or a repetition it finds too large)")
+    llama_cpp.llama_sampler_free(sampler)
+
+
+def _grammar_nesting(grammar: str) -> int:
+    """How deep ( groups nest in GBNF text, outside "literals" and [classes]."""
+    depth = deepest = 0
+    i, n = 0, len(grammar)
+    while i < n:
+        c = grammar[i]
+        if c in "\"[":
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and grammar[i] != close:
+                i += 2 if grammar[i] == "\\" else 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    return deepest
+
+
+def _grammar_text(response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None,
+                  tool_choice: Any) -> str | None:
     if tools and tool_choice != "none":
         if isinstance(tool_choice, dict):
             name = tool_choice["function"]["name"]

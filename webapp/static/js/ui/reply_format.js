@@ -1,6 +1,9 @@
 // The reply format setting (text, or JSON following a schema) and structured replies' view.
 // The setting is the conversation's: PATCH /api/conversations/<id> {"settings":
 // {"response_format": {...}}} (null clears it); the server runs the model under a grammar.
+// The page checks only that the schema is a JSON object: whether it is within the server's
+// limits (repetitions, sizes, ambiguity) is the server's verdict, the same one a chat or /v1
+// gets, shown here when the schema is saved.
 //   readReplyFormat()          -> the response_format to send (null for plain text), or
 //                                 undefined while the schema is invalid
 //   showReplyFormat(settings)  -> show a conversation's settings in the controls
@@ -19,7 +22,6 @@ export function schemaProblem(text) {
     return { problem: `not JSON: ${err.message}` };
   }
   if (!schema || typeof schema !== "object" || Array.isArray(schema)) return { problem: "the schema must be a JSON object" };
-  if (!("type" in schema)) return { problem: 'the schema needs a "type" (e.g. "object")' };
   return { schema };
 }
 
@@ -131,6 +133,10 @@ export function initReplyFormat(container, { api, conversationId, onError = () =
       note.textContent = format ? "Saved: replies in this conversation follow the schema." : "Saved: replies are plain text.";
       note.dataset.level = "ok";
     } catch (err) {
+      // The server's refusal (a limit, a pattern it cannot follow) belongs next to the schema.
+      note.textContent = `Refused by the server: ${err.message}`;
+      note.dataset.level = "bad";
+      schema.setAttribute("aria-invalid", "true");
       onError(err.message);
     }
   });
