@@ -7,6 +7,7 @@ Host), an ``internal`` error frame, a thread per resume frame, an unlimited benc
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 
@@ -151,3 +152,151 @@ def test_every_malformed_import_field_gets_a_400(make_app):
     # nothing half-written: only the valid imports made conversations
     made = len(client.get("/api/conversations").get_json()["conversations"])
     assert made == 1 + sum(len(values) for values in ACCEPTED.values())
+
+
+# -- /v1: a tool_choice whose function is not an object ------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_v1_tool_choice_with_a_function_that_is_not_an_object_is_a_400(make_app):
+    app = make_app()
+    app.testing = False
+    client = app.test_client()
+    client.get("/")
+    token = client.post("/api/keys", json={"name": "t"}).get_json()["token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    for function in ("get_weather", ["get_weather"], 3, True, {"name": {}}, {"name": ["a"]}, {}):
+        for choice in ({"type": "function", "function": function}, {"function": function}):
+            response = client.post("/v1/chat/completions", headers=auth, json={
+                "model": "tiny-chat", "max_tokens": 2, "tools": [WEATHER_TOOL],
+                "messages": [{"role": "user", "content": "hi"}], "tool_choice": choice})
+            assert response.status_code == 400, (choice, response.data[:200])
+            assert response.get_json()["error"]["type"] == "invalid_request_error"
+
+
+# -- socket frames: a client's mistake is a client error frame -----------------------------------
+
+
+def browser_reply(visitor, content: str = "so far") -> tuple[str, str]:
+    """A reply being written in the page (the browser engine): (conversation id, reply id)."""
+    _, conv = visitor.json("POST", "/api/conversations", {})
+    path = f"/api/conversations/{conv['id']}/messages"
+    assert visitor.json("POST", path, {"role": "user", "content": "hi"})[0] == 201
+    status, reply = visitor.json("POST", path, {
+        "role": "assistant", "content": content, "status": "streaming",
+        "provenance": {"engine": "browser", "backend": "wasm-st", "model": "tiny-chat"}})
+    assert status == 201 and reply["status"] == "streaming"
+    return conv["id"], reply["id"]
+
+
+def settled(ws) -> list[dict]:
+    """Every frame up to the answer to a ping: what the socket sent for the frames before it."""
+    ws.send({"type": "ping"})
+    _, frames = ws.until("pong")
+    return frames[:-1]
+
+
+MALFORMED = [{}, {"a": 1}, [], ["x"], 1, -1, 1.5, True, None]
+
+
+def test_frames_with_malformed_fields_get_client_error_frames(make_app, make_live_server):
+    server = make_live_server(make_app(RATE_LIMIT="1000/minute", MAX_QUEUED_PER_VISITOR=50))
+    visitor = server.session()
+    visitor.visit()
+    _, reply_id = browser_reply(visitor)
+    ws = visitor.ws()
+    internal = []
+    for kind, field in [("continue", "message_id"), ("regenerate", "message_id"),
+                        ("resume", "message_id"), ("stop", "message_id"), ("resume", "offset"),
+                        ("regenerate", "model"), ("regenerate", "options"),
+                        ("continue", "options"), ("chat", "content"),
+                        ("chat", "conversation_id"), ("chat", "options"), ("chat", "settings"),
+                        ("compare", "targets"), ("chat", "request_id")]:
+        for value in MALFORMED:
+            frame = {"type": kind, "message_id": reply_id, "content": "", field: value}
+            if kind == "stop" and value is None:
+                continue  # no message_id: stop everything this socket watches (nothing)
+            ws.send(frame)
+            for answer in settled(ws):
+                if answer["type"] == "error" and answer.get("code") == "internal":
+                    internal.append((kind, field, value))
+    assert not internal, internal
+    ws.send({"type": "continue", "message_id": {"id": reply_id}})
+    error, _ = ws.until("error")
+    assert error["code"] == "bad_frame" and "message_id" in error["message"]
+    ws.close()
+
+
+def reconstruct(frames: list[dict], message_id: str) -> str:
+    text = ""
+    for frame in frames:
+        if frame["type"] == "token" and frame["message_id"] == message_id:
+            text = text[:frame["offset"]] + frame["text"]
+    return text
+
+
+def follow_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "bchat-run-follow"]
+
+
+def test_resume_bursts_reuse_one_follower_per_reply(app, live_server):
+    runs = app.extensions["bchat"].runs
+    visitor = live_server.session()
+    visitor.visit()
+    conv_id, reply_id = browser_reply(visitor, "so far")
+    ws = visitor.ws()
+    settled(ws)  # the socket's own threads are running
+    before = threading.active_count()
+    for i in range(300):
+        ws.send({"type": "resume", "message_id": reply_id, "offset": i % 3})
+    frames = settled(ws)
+    assert len(follow_threads()) == 1
+    assert threading.active_count() <= before + 2  # the follower, and slack for a late one
+    assert runs.followers() == 1
+    assert not [f for f in frames if f["type"] == "error"], frames[:3]
+
+    # the page finishes its reply: the socket gets it, whole, and once
+    status, _ = visitor.json("PATCH", f"/api/conversations/{conv_id}/messages/{reply_id}",
+                             {"content": "so far, and the end", "status": "complete"})
+    assert status == 200
+    done, more = ws.until("done")
+    frames += more
+    assert done["message"]["content"] == "so far, and the end"
+    assert reconstruct(frames, reply_id) in ("so far", "so far, and the end")
+    for thread in follow_threads():
+        thread.join(10)
+    assert not follow_threads() and runs.followers() == 0
+    assert [f for f in settled(ws) if f["type"] == "done"] == []
+    # a resume now gets the stored reply from the database, without a follower
+    ws.send({"type": "resume", "message_id": reply_id, "offset": 0})
+    again, _ = ws.until("done")
+    assert again["message"]["content"] == "so far, and the end"
+    assert not follow_threads()
+    ws.close()
+
+
+def test_followers_end_when_the_socket_closes(app, live_server, monkeypatch):
+    import webapp.runs
+
+    monkeypatch.setattr(webapp.runs, "MAX_FOLLOWS", 2)
+    runs = app.extensions["bchat"].runs
+    visitor = live_server.session()
+    visitor.visit()
+    replies = [browser_reply(visitor)[1] for _ in range(3)]
+    ws = visitor.ws()
+    for reply_id in replies[:2]:
+        for _ in range(20):
+            ws.send({"type": "resume", "message_id": reply_id, "offset": 0})
+    assert not [f for f in settled(ws) if f["type"] == "error"]
+    assert runs.followers() == 2 and len(follow_threads()) == 2
+    ws.send({"type": "resume", "message_id": replies[2], "offset": 0})
+    error, _ = ws.until("error")
+    assert error["code"] == "rate_limited" and "follows 2 replies" in error["message"]
+    threads = follow_threads()
+    ws.close()
+    for thread in threads:
+        thread.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert runs.followers() == 0
