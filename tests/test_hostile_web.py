@@ -300,3 +300,62 @@ def test_followers_end_when_the_socket_closes(app, live_server, monkeypatch):
         thread.join(10)
     assert not any(t.is_alive() for t in threads)
     assert runs.followers() == 0
+
+
+# -- benchmark posts: limited per visitor and per address, removable by an admin ----------------
+
+BROWSER_RUN = {"backend": "wasm-st", "model": "tiny-chat",
+               "results": [{"prompt": "short", "prompt_tokens": 20, "decode_tps": 15.5}]}
+
+
+def test_benchmark_posts_are_limited_per_visitor_and_per_address(make_app):
+    app = make_app(BENCHMARK_RATE_LIMIT="2/hour", RATE_LIMIT_IP_FACTOR=2)
+    first, second, third = (app.test_client() for _ in range(3))
+    for client in (first, second, third):
+        client.get("/")
+    # refused posts do not count
+    for _ in range(3):
+        bad = first.post("/api/benchmarks", json={**BROWSER_RUN, "backend": "gpu"})
+        assert bad.status_code == 400
+    assert [first.post("/api/benchmarks", json=BROWSER_RUN).status_code for _ in range(2)] == [201, 201]
+    limited = first.post("/api/benchmarks", json=BROWSER_RUN)
+    assert limited.status_code == 429
+    assert limited.get_json()["error"]["code"] == "rate_limited"
+    assert 3000 <= int(limited.headers["Retry-After"]) <= 3600
+    # fresh cookies from the same address: the address's limit (2 x 2) holds
+    assert [second.post("/api/benchmarks", json=BROWSER_RUN).status_code for _ in range(2)] == [201, 201]
+    assert third.post("/api/benchmarks", json=BROWSER_RUN).status_code == 429
+    # another address is not held back by this one
+    elsewhere = third.post("/api/benchmarks", json=BROWSER_RUN,
+                           environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    assert elsewhere.status_code == 201
+    assert len(first.get("/api/benchmarks").get_json()["benchmarks"]) == 5
+
+
+def test_an_admin_removes_a_benchmark_post(make_app, db_url, tiny_model):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    app = make_app()
+    client = app.test_client()
+    client.get("/")
+    kept, spam = (client.post("/api/benchmarks", json=BROWSER_RUN).get_json() for _ in range(2))
+    env = {**os.environ, "BCHAT_DATABASE_URL": db_url, "BCHAT_MODEL_PATH": str(tiny_model),
+           "BCHAT_SECRET_KEY": "x"}
+
+    def bchat(*args):
+        return subprocess.run([sys.executable, "-m", "webapp.cli", "bench", *args], env=env,
+                              capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parent.parent)
+
+    listed = bchat("--list")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert spam["id"] in listed.stdout and kept["id"] in listed.stdout
+    removed = bchat("--remove", spam["id"])
+    assert removed.returncode == 0 and f"removed {spam['id']}" in removed.stdout
+    ids = [b["id"] for b in client.get("/api/benchmarks").get_json()["benchmarks"]]
+    assert ids == [kept["id"]]
+    again = bchat("--remove", spam["id"])
+    assert again.returncode == 1 and "no such benchmark" in again.stderr
