@@ -163,7 +163,8 @@ class BenchmarkService:
         if not wait and ip and self.per_ip:
             wait = self.per_ip.check(f"ip:{ip}", now)
         if wait:
-            raise RateLimited(f"too many benchmark posts; try again in {max(1, round(wait))} s",
+            when = f"{round(wait / 60)} min" if wait >= 120 else f"{max(1, round(wait))} s"
+            raise RateLimited(f"too many benchmark runs posted; try again in {when}",
                               retry_after=wait)
 
     def remove(self, benchmark_id: str) -> dict[str, Any]:
