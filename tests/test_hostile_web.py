@@ -291,15 +291,24 @@ def test_followers_end_when_the_socket_closes(app, live_server, monkeypatch):
             ws.send({"type": "resume", "message_id": reply_id, "offset": 0})
     assert not [f for f in settled(ws) if f["type"] == "error"]
     assert runs.followers() == 2 and len(follow_threads()) == 2
+    # a third reply is one too many for this visitor, on this socket or another one
     ws.send({"type": "resume", "message_id": replies[2], "offset": 0})
     error, _ = ws.until("error")
-    assert error["code"] == "rate_limited" and "follows 2 replies" in error["message"]
+    assert error["code"] == "rate_limited" and "follow 2 replies" in error["message"]
+    other_tab = visitor.ws()
+    other_tab.send({"type": "resume", "message_id": replies[2], "offset": 0})
+    assert other_tab.until("error")[0]["code"] == "rate_limited"
     threads = follow_threads()
     ws.close()
     for thread in threads:
         thread.join(10)
     assert not any(t.is_alive() for t in threads)
     assert runs.followers() == 0
+    # the closed socket's followers are gone: the other tab may follow now
+    other_tab.send({"type": "resume", "message_id": replies[2], "offset": 0})
+    assert not [f for f in settled(other_tab) if f["type"] == "error"]
+    assert runs.followers() == 1
+    other_tab.close()
 
 
 # -- benchmark posts: limited per visitor and per address, removable by an admin ----------------

@@ -51,7 +51,7 @@ SERVER_LEASE_SECONDS = 10.0  # a streaming row nobody vouched for this long has 
 BROWSER_LEASE_SECONDS = 120.0  # pages in background tabs may only wake once a minute
 REMOTE_POLL_SECONDS = 0.25  # how often a watcher on another process re-reads the row
 COMPARE_MAX = 4  # replies one comparison runs side by side
-MAX_FOLLOWS = 32  # replies written elsewhere one watcher may follow at once (as a socket's list)
+MAX_FOLLOWS = 16  # replies written elsewhere one visitor may follow at once, all sockets together
 
 HOST = socket.gethostname()
 _LIVE_IDENTITIES: set[str] = set()  # run services alive in this process
@@ -455,15 +455,16 @@ class RunService:
             watcher.deliver(final_frame(_public(state)))
             return
         # Written by another process (or by a page: the browser engine): follow its row as
-        # it is flushed. One follower per reply and watcher, a few per watcher: each is a
+        # it is flushed. One follower per reply and watcher, a few per visitor: each is a
         # thread that reads the database four times a second.
         with self._lock:
             key = (id(watcher), message_id)
             follower = self._followers.get(key)
             if follower is not None and follower.restart(offset):
                 return
-            if sum(1 for f in self._followers.values() if f.watcher is watcher) >= MAX_FOLLOWS:
-                raise RateLimited(f"this connection already follows {MAX_FOLLOWS} replies",
+            if sum(1 for f in self._followers.values() if f.owner == owner) >= MAX_FOLLOWS:
+                raise RateLimited(f"you already follow {MAX_FOLLOWS} replies being written "
+                                  "elsewhere; close a tab or wait for one to end",
                                   retry_after=REMOTE_POLL_SECONDS)
             follower = self._followers[key] = Follower(owner, message_id, offset, watcher)
         log.info("reply %s: following it from the database (written elsewhere)", short(message_id))
@@ -499,7 +500,6 @@ class RunService:
             watcher.deliver({"type": "error", "code": "internal", "message_id": message_id,
                              "message": "the server failed while following the reply"})
         finally:
-            follower.ended.set()
             self._end_follower(follower, force=True)
 
     def _end_follower(self, follower: Follower, *, force: bool = False) -> bool:
