@@ -26,7 +26,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from .db import Database
     from .engines import build_engines
     from .model_files import ModelCatalogue
-    from .runs import RunService
+    from .runs import RunService, SlidingWindow, parse_rate
     from .services import EXTENSION_KEY, Services
     from .shares import ShareService
     from .validation import StrictJSONProvider
@@ -63,6 +63,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         return model.facts() if model else None
 
     runs = RunService(chats, engines, app.config)
+    count, window = parse_rate(app.config["BENCHMARK_RATE_LIMIT"])
+    bench_visitor = SlidingWindow(count, window)
+    bench_ip = SlidingWindow(count * int(app.config.get("RATE_LIMIT_IP_FACTOR", 10)), window)
     app.extensions[EXTENSION_KEY] = Services(
         db=db,
         chats=chats,
@@ -70,7 +73,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         engines=engines,
         shares=ShareService(db, chats, app.config["SECRET_KEY"], model_facts),
         runs=runs,
-        benchmarks=BenchmarkService(db, engines, catalogue, runs),
+        benchmarks=BenchmarkService(db, engines, catalogue, runs, per_visitor=bench_visitor,
+                                    per_ip=bench_ip),
         keys=KeyService(db),
     )
     try:

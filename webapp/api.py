@@ -33,7 +33,11 @@ def _error(status: int, code: str, message: str):
 
 @bp.errorhandler(AppError)
 def _app_error(exc: AppError):
-    return jsonify({"error": exc.to_dict()}), exc.status
+    response = jsonify({"error": exc.to_dict()})
+    response.status_code = exc.status
+    if "retry_after" in exc.extra:  # a 429 says when to come back, for clients that read headers
+        response.headers["Retry-After"] = str(exc.extra["retry_after"])
+    return response
 
 
 @bp.errorhandler(NotFound)
@@ -350,7 +354,7 @@ def list_benchmarks():
 @bp.post("/api/benchmarks")
 def add_benchmark():
     """A page's run of the prompt set on its own device (the browser engine)."""
-    return get_services().benchmarks.add_browser(owner_id(), json_body()), 201
+    return get_services().benchmarks.add_browser(owner_id(), json_body(), request.remote_addr), 201
 
 
 @bp.post("/api/benchmarks/server")

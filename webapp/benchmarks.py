@@ -17,11 +17,11 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from .db import Database
 from .engines.base import EngineError, Finished, GenerationOptions, Token
-from .errors import AppError, Invalid
+from .errors import AppError, Invalid, NotFound, RateLimited
 from .models import Benchmark
 
 SEED = 1234
@@ -89,12 +89,16 @@ def run_prompt(engine: Any, model: str, prompt: dict[str, str], tokens: int) -> 
 
 
 class BenchmarkService:
-    def __init__(self, db: Database, engines: Any, catalogue: Any, runs: Any) -> None:
+    def __init__(self, db: Database, engines: Any, catalogue: Any, runs: Any, *,
+                 per_visitor: Any = None, per_ip: Any = None) -> None:
         self.db = db
         self.engines = engines
         self.catalogue = catalogue
         self.runs = runs
         self._lock = threading.Lock()  # one server benchmark at a time: they would skew each other
+        # Everyone sees every post: without a limit one visitor could fill the page. Sliding
+        # windows (runs.SlidingWindow) per visitor and per address; None: no limit (the CLI).
+        self.per_visitor, self.per_ip = per_visitor, per_ip
 
     def model_facts(self, model: str) -> dict[str, Any]:
         local = self.catalogue.get(model)
@@ -133,8 +137,9 @@ class BenchmarkService:
                   "results": results}
         return self._store(owner, record) if store else {**record, "id": None}
 
-    def add_browser(self, owner: str, body: Any) -> dict[str, Any]:
-        """A page's own run of the prompt set, validated strictly (it is only numbers)."""
+    def add_browser(self, owner: str, body: Any, ip: str | None = None) -> dict[str, Any]:
+        """A page's own run of the prompt set, validated strictly (it is only numbers), and
+        limited per visitor and per address (only posts that would be stored count)."""
         if not isinstance(body, dict):
             raise Invalid("bad_benchmark", "the body must be an object")
         backend, model = body.get("backend"), body.get("model")
@@ -149,7 +154,28 @@ class BenchmarkService:
         record = {"engine": "browser", "backend": backend, "model": model,
                   "model_facts": self.model_facts(model),
                   "device": self._clean_device(body.get("device")), "results": clean_results}
+        self._admit(owner, ip)
         return self._store(owner, record)
+
+    def _admit(self, owner: str, ip: str | None) -> None:
+        now = time.monotonic()
+        wait = self.per_visitor.check(f"v:{owner}", now) if self.per_visitor else 0.0
+        if not wait and ip and self.per_ip:
+            wait = self.per_ip.check(f"ip:{ip}", now)
+        if wait:
+            when = f"{round(wait / 60)} min" if wait >= 120 else f"{max(1, round(wait))} s"
+            raise RateLimited(f"too many benchmark runs posted; try again in {when}",
+                              retry_after=wait)
+
+    def remove(self, benchmark_id: str) -> dict[str, Any]:
+        """Delete one stored run (an admin's `bchat bench --remove ID`); NotFound if none."""
+        with self.db.write() as session:
+            row = session.scalar(select(Benchmark).where(Benchmark.public_id == benchmark_id))
+            if row is None:
+                raise NotFound("benchmark")
+            removed = self._dict(row, None)
+            session.execute(delete(Benchmark).where(Benchmark.id == row.id))
+            return removed
 
     @staticmethod
     def _number(value: Any, name: str, *, integer: bool = False, high: float = 1e7) -> Any:
@@ -204,11 +230,13 @@ class BenchmarkService:
                 "model_facts": row.model_facts, "device": row.device, "results": row.results,
                 "mine": viewer is not None and row.owner_id == viewer}
 
-    def list(self, viewer: str | None) -> list[dict[str, Any]]:
-        """Everyone's runs, newest first: the class's devices next to the server."""
+    def list(self, viewer: str | None, *, with_owner: bool = False) -> list[dict[str, Any]]:
+        """Everyone's runs, newest first: the class's devices next to the server. An admin's
+        listing (``with_owner``) also says whose each one is."""
         with self.db.read() as session:
             rows = session.scalars(select(Benchmark).order_by(Benchmark.id.desc()).limit(LIST_LIMIT))
-            return [self._dict(row, viewer) for row in rows]
+            return [{**self._dict(row, viewer), **({"owner": row.owner_id} if with_owner else {})}
+                    for row in rows]
 
 
 def table(records: list[dict[str, Any]]) -> str:

@@ -204,6 +204,41 @@ def bench(models: list[str] | None, tokens: int | None, *, store: bool) -> int:
     return 0
 
 
+def manage_benchmarks(remove: str | None) -> int:
+    """`bchat bench --list` / `--remove ID`: an admin's view of the stored runs (everyone's
+    page shows them), without loading any model."""
+    from .benchmarks import BenchmarkService
+    from .db import Database
+    from .errors import AppError
+    from .security import short
+
+    config = _settings()
+    if not schema_is_current(config["DATABASE_URL"]):
+        print("the database is not at the latest schema: run `bchat db upgrade` first",
+              file=sys.stderr)
+        return 1
+    db = Database(config["DATABASE_URL"])
+    benchmarks = BenchmarkService(db, None, None, None)
+    try:
+        if remove is not None:
+            record = benchmarks.remove(remove)
+            print(f"removed {record['id']} ({record['engine']} {record['backend']} "
+                  f"{record['model']}, {record['created_at']})")
+            return 0
+        listed = benchmarks.list(None, with_owner=True)
+        for record in listed:
+            print(f"{record['id']}  {record['created_at']}  {record['engine']}  "
+                  f"{record['backend']}  {record['model']}  owner {short(record['owner'])}")
+        if not listed:
+            print("no benchmark runs stored", file=sys.stderr)
+        return 0
+    except AppError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+
+
 def manage_keys(args) -> int:
     """`bchat keys create|list|revoke`: API keys for /v1, for an admin at the shell."""
     import secrets
@@ -299,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--model", action="append", help="a model id (repeat; default: all)")
     p_bench.add_argument("--tokens", type=int, default=None, help="tokens per prompt")
     p_bench.add_argument("--no-store", action="store_true", help="print only; store nothing")
+    p_bench.add_argument("--list", action="store_true",
+                         help="list the stored runs (ids, who posted them) instead of running")
+    p_bench.add_argument("--remove", metavar="ID", help="delete one stored run (see --list)")
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -328,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_doctor(smoke_only=args.smoke_only)
     if args.command == "bench":
+        if args.list or args.remove is not None:
+            return manage_benchmarks(args.remove)
         return bench(args.model, args.tokens, store=not args.no_store)
     if args.command == "config":
         print(describe())

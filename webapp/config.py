@@ -62,6 +62,7 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "MAX_SOCKETS": (None, _INT, "open websockets per process; default: server threads minus a reserve"),
     "SOCKET_RETRY_AFTER": (5, _INT, "Retry-After (seconds) sent with a refused websocket handshake"),
     "RATE_LIMIT": ("30/minute", str, "chats a visitor may start (an address: 10x that), e.g. 30/minute"),
+    "BENCHMARK_RATE_LIMIT": ("6/hour", str, "benchmark runs a visitor may post (an address: 10x that)"),
     "MAX_QUEUED_PER_VISITOR": (3, _INT, "replies one visitor may have queued or running at once"),
     "WATCHDOG_SECONDS": (120.0, float, "an inference thread busy this long without progress is stuck"),
     "ALLOWED_HOSTS": ([], _list, "Host names served besides loopback (comma-separated; * = any)"),

@@ -144,7 +144,7 @@ def parse_import(data: Any, max_chars: int) -> ParsedImport:
                 raise _fail(f"{where}.id", "must be a string (the message's id in this file)")
             if message_id in seen_ids:
                 raise _fail(f"{where}.id", "is used twice")
-            if parent_id is not None and parent_id not in seen_ids:
+            if parent_id is not None and (not isinstance(parent_id, str) or parent_id not in seen_ids):
                 raise _fail(f"{where}.parent_id", "must be null or the id of an earlier message")
             seen_ids.add(message_id)
             tree_fields = {"id": message_id, "parent_id": parent_id}
@@ -195,6 +195,6 @@ def parse_import(data: Any, max_chars: int) -> ParsedImport:
     if settings is not None and not isinstance(settings, dict):
         raise _fail("conversation.settings", "must be an object")
     current = conversation.get("current_message_id") if version >= 2 else None
-    if current is not None and current not in seen_ids:
+    if current is not None and (not isinstance(current, str) or current not in seen_ids):
         raise _fail("conversation.current_message_id", "must be the id of a message in the file")
     return ParsedImport(title, created_at, clean, settings or None, current)

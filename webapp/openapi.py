@@ -340,7 +340,9 @@ PATHS: dict[str, Any] = {
                                        "ttft_ms": _FIGURE, "cold": {"type": "boolean"}}}},
                 },
             }),
-            "responses": _responses("201", {"type": "object"}, "stored"),
+            "responses": {**_responses("201", {"type": "object"}, "stored"),
+                          "429": {"description": "too many posts from this visitor or address "
+                                                 "(BCHAT_BENCHMARK_RATE_LIMIT); see Retry-After"}},
         },
     },
     "/api/benchmarks/server": {"post": {
@@ -495,7 +497,8 @@ OPENAPI: dict[str, Any] = {
         "title": "bchat JSON API",
         "version": "1",
         "description": "Conversations belong to the browser whose signed cookie made them. "
-                       "Writes need Content-Type: application/json. Errors are "
+                       "Writes need Content-Type: application/json; no string in a body may "
+                       "hold a NUL character or a lone surrogate (400 bad_text). Errors are "
                        '{"error": {"code", "message"}}.',
     },
     "paths": PATHS,

@@ -16,11 +16,19 @@ import threading
 from pathlib import Path
 
 from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadHost, HTTPException
 from werkzeug.security import safe_join
 
 from .chats import NotFound
-from .security import check_continue_token, continue_token, owner_id, passcode_required, try_passcode
+from .security import (
+    check_continue_token,
+    continue_token,
+    owner_id,
+    passcode_required,
+    same_site_path,
+    try_passcode,
+    unknown_host_response,
+)
 from .services import get_services
 
 log = logging.getLogger(__name__)
@@ -162,6 +170,8 @@ def _wants_json() -> bool:
 def http_error(exc: HTTPException):
     """A styled page for people; the JSON API's own error shape for programs."""
     code = exc.code or 500
+    if isinstance(exc, BadHost):  # no URLs can be built for this request: no styled page
+        return unknown_host_response()
     if _wants_json():
         name = exc.name.lower().replace(" ", "_")
         return {"error": {"code": name, "message": exc.description or exc.name}}, code
@@ -240,17 +250,11 @@ def continue_shared(token: str):
     return redirect(url_for("pages.chat", conversation_id=conversation["id"]), code=303)
 
 
-def _local_path(target: str | None) -> str:
-    """Where to go after the passcode: only a path on this site, never another site."""
-    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
-        return url_for("pages.chat")
-    return target
-
-
 @bp.route("/passcode", methods=["GET", "POST"])
 def passcode():
     """The one form a visitor sees before the passcode; then an identity, then the chat."""
-    target = _local_path(request.values.get("next"))
+    # Where to go after the passcode: only a path on this site, never another site.
+    target = same_site_path(request.values.get("next"), url_for("pages.chat"))
     if not current_app.config.get("PASSCODE") or not passcode_required():
         return redirect(target, code=303)
     wrong = False

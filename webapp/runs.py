@@ -51,6 +51,7 @@ SERVER_LEASE_SECONDS = 10.0  # a streaming row nobody vouched for this long has 
 BROWSER_LEASE_SECONDS = 120.0  # pages in background tabs may only wake once a minute
 REMOTE_POLL_SECONDS = 0.25  # how often a watcher on another process re-reads the row
 COMPARE_MAX = 4  # replies one comparison runs side by side
+MAX_FOLLOWS = 16  # replies written elsewhere one visitor may follow at once, all sockets together
 
 HOST = socket.gethostname()
 _LIVE_IDENTITIES: set[str] = set()  # run services alive in this process
@@ -98,6 +99,14 @@ class SlidingWindow:
                 for stale in [k for k, v in self._events.items() if not v][:5_000]:
                     del self._events[stale]
             return 0.0
+
+
+def check_message_id(value: Any) -> str:
+    """A message id from a client: a string, or Invalid before it reaches a query (where an
+    object or a list failed as a 500)."""
+    if not isinstance(value, str):
+        raise Invalid("bad_frame", "message_id must be a string")
+    return value
 
 
 class Run:
@@ -197,6 +206,28 @@ class Run:
         self.finished.set()
 
 
+class Follower:
+    """One watcher following a reply written elsewhere, by reading its row as it grows. A
+    second resume of the same reply by the same watcher restarts it from the new offset."""
+
+    def __init__(self, owner: str, message_id: str, offset: int, watcher: Watcher) -> None:
+        self.owner, self.message_id, self.offset, self.watcher = owner, message_id, offset, watcher
+        self.pending: int | None = None  # an offset a later resume asked for
+        self.ended = threading.Event()
+
+    def restart(self, offset: int) -> bool:
+        """Send the text again from ``offset`` (RunService's lock held); False once it ended."""
+        if self.ended.is_set():
+            return False
+        self.pending = offset if self.pending is None else min(self.pending, offset)
+        return True
+
+    def take_restart(self, sent: int) -> int:
+        """Where to send from next (RunService's lock held)."""
+        pending, self.pending = self.pending, None
+        return sent if pending is None else pending
+
+
 def final_frame(message: dict[str, Any]) -> dict[str, Any]:
     """What a watcher gets when a reply is over: ``done``, or ``error`` for a failed one."""
     if message["status"] == "failed":
@@ -224,6 +255,7 @@ class RunService:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()
+        self._followers: dict[tuple[int, str], Follower] = {}  # (id(watcher), message id)
         _LIVE_IDENTITIES.add(self.identity)
         self._keeper = threading.Thread(target=self._keep, name="bchat-run-keeper", daemon=True)
         self._keeper.start()
@@ -343,6 +375,7 @@ class RunService:
     def regenerate(self, owner: str, message_id: Any, *, model: Any = None, options: Any = None,
                    ip: str | None = None, watcher: Watcher | None = None) -> Run:
         """Another reply to the same user message, as a sibling of ``message_id``."""
+        check_message_id(message_id)
         conversation_id = self.chats.reply_state(owner, message_id)["conversation_id"]
         parsed, model, engine, _ = self._prepare(owner, conversation_id, options, model)
         self.admit(owner, ip)
@@ -358,6 +391,7 @@ class RunService:
                        ip: str | None = None, watcher: Watcher | None = None) -> Run:
         """More text in the same message, for a reply cut off by the token limit (or a stop,
         or an interruption), written by the model that wrote it when it is still here."""
+        check_message_id(message_id)
         state = self.chats.reply_state(owner, message_id)
         same = state["model"] if state["engine"] == "server" and self._serves(state["model"]) else None
         parsed, model, engine, _ = self._prepare(owner, state["conversation_id"], options, same)
@@ -401,14 +435,16 @@ class RunService:
     # -- watching and stopping -------------------------------------------------------------
     def watch(self, owner: str, message_id: Any, offset: Any, watcher: Watcher) -> None:
         """Resume: the text of ``message_id`` from ``offset``, the live tokens, the end."""
-        if not isinstance(message_id, str):
-            raise Invalid("bad_frame", "message_id must be a string")
+        check_message_id(message_id)
         if offset is None:
             offset = 0
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= 2**31:
             raise Invalid("bad_frame", "offset must be a non-negative integer")
         with self._lock:
             run = self.runs.get(message_id)
+            follower = self._followers.get((id(watcher), message_id))
+            if follower is not None and follower.restart(offset):
+                return  # a resume of a reply this watcher already follows: no second thread
         if run is not None and run.owner == owner:
             run.attach(watcher, offset)
             return
@@ -418,16 +454,30 @@ class RunService:
         if state["status"] != "streaming":
             watcher.deliver(final_frame(_public(state)))
             return
-        # Written by another process: follow its row as that process flushes it.
-        log.info("reply %s: following it from the database (written by another process)",
-                 short(message_id))
-        threading.Thread(target=self._follow_remote, args=(owner, message_id, offset, watcher),
-                         name="bchat-run-follow", daemon=True).start()
+        # Written by another process (or by a page: the browser engine): follow its row as
+        # it is flushed. One follower per reply and watcher, a few per visitor: each is a
+        # thread that reads the database four times a second.
+        with self._lock:
+            key = (id(watcher), message_id)
+            follower = self._followers.get(key)
+            if follower is not None and follower.restart(offset):
+                return
+            if sum(1 for f in self._followers.values() if f.owner == owner) >= MAX_FOLLOWS:
+                raise RateLimited(f"you already follow {MAX_FOLLOWS} replies being written "
+                                  "elsewhere; close a tab or wait for one to end",
+                                  retry_after=REMOTE_POLL_SECONDS)
+            follower = self._followers[key] = Follower(owner, message_id, offset, watcher)
+        log.info("reply %s: following it from the database (written elsewhere)", short(message_id))
+        threading.Thread(target=self._follow_remote, args=(follower,), name="bchat-run-follow",
+                         daemon=True).start()
 
-    def _follow_remote(self, owner: str, message_id: str, offset: int, watcher: Watcher) -> None:
-        sent = offset
+    def _follow_remote(self, follower: Follower) -> None:
+        owner, message_id, watcher = follower.owner, follower.message_id, follower.watcher
+        sent = follower.offset
         try:
-            while watcher.active and not self._closing.is_set():
+            while watcher.active and not follower.ended.is_set():
+                with self._lock:
+                    sent = follower.take_restart(sent)
                 state = self.chats.reply_state(owner, message_id)
                 if state["status"] == "streaming" and self.reap_stale([message_id]):
                     continue
@@ -438,24 +488,49 @@ class RunService:
                     sent = len(content)
                 if state["status"] != "streaming":
                     watcher.deliver(final_frame(_public(state)))
-                    return
-                self._closing.wait(REMOTE_POLL_SECONDS)
+                    # A resume that came after this read gets its answer from one more turn.
+                    if self._end_follower(follower):
+                        return
+                    continue
+                follower.ended.wait(REMOTE_POLL_SECONDS)
         except AppError as exc:  # the conversation was deleted meanwhile
             watcher.deliver({"type": "error", "message_id": message_id, **exc.to_dict()})
         except Exception:
             log.exception("following reply %s failed", short(message_id))
             watcher.deliver({"type": "error", "code": "internal", "message_id": message_id,
                              "message": "the server failed while following the reply"})
+        finally:
+            self._end_follower(follower, force=True)
+
+    def _end_follower(self, follower: Follower, *, force: bool = False) -> bool:
+        """Take ``follower`` out of the registry, unless a resume is waiting for it."""
+        with self._lock:
+            if not force and follower.pending is not None:
+                return False
+            follower.ended.set()
+            key = (id(follower.watcher), follower.message_id)
+            if self._followers.get(key) is follower:
+                del self._followers[key]
+            return True
+
+    def followers(self, watcher: Watcher | None = None) -> int:
+        """How many replies are being followed from the database (by ``watcher``)."""
+        with self._lock:
+            return sum(1 for f in self._followers.values() if watcher is None or f.watcher is watcher)
 
     def detach(self, watcher: Watcher, message_ids: list[str]) -> None:
         with self._lock:
             runs = [self.runs[m] for m in message_ids if m in self.runs]
+            # A watcher that has gone: its followers end now, not at their next read.
+            gone = [f for f in self._followers.values()
+                    if f.watcher is watcher and (f.message_id in message_ids or not watcher.active)]
+        for follower in gone:
+            follower.ended.set()
         for run in runs:
             run.detach(watcher)
 
     def stop(self, owner: str, message_id: Any, reason: str = "user") -> bool:
-        if not isinstance(message_id, str):
-            raise Invalid("bad_frame", "message_id must be a string")
+        check_message_id(message_id)
         with self._lock:
             run = self.runs.get(message_id)
         if run is not None and run.owner == owner:
@@ -683,6 +758,9 @@ class RunService:
                 log.exception("could not keep %d partial replies at shutdown", len(left))
         self._closing.set()
         self._wake.set()
+        with self._lock:
+            for follower in self._followers.values():
+                follower.ended.set()
         _LIVE_IDENTITIES.discard(self.identity)
 
 

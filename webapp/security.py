@@ -115,9 +115,20 @@ def check_continue_token(value: str | None) -> None:
 
 
 def _host_name(host: str) -> str | None:
+    """The name part of a Host header, or None when it is not a name a URL can hold."""
     host = host.strip().lower()
     match = _HOST.fullmatch(host)
-    return match.group(1).rstrip(".") if match else None
+    if not match:
+        return None
+    name = match.group(1)
+    if name.startswith("["):
+        return name
+    name = name.removesuffix(".")  # one trailing dot: the fully qualified spelling
+    # Empty or over-long labels ("localhost..") are not names: Werkzeug cannot build URLs
+    # for them, so letting one through turned its refusal into a 500.
+    if len(name) > 253 or not all(0 < len(label) <= 63 for label in name.split(".")):
+        return None
+    return name
 
 
 def allowed_hosts(config) -> list[str]:
@@ -147,7 +158,32 @@ def host_allowed(host: str, allowed: list[str]) -> bool:
 def check_host() -> None:
     if not host_allowed(request.host, current_app.config["BCHAT_HOSTS"]):
         log.warning("refused request for host %r (not in BCHAT_ALLOWED_HOSTS)", request.host[:100])
-        abort(400, description="unknown host: add it to BCHAT_ALLOWED_HOSTS")
+        abort(unknown_host_response())
+
+
+def unknown_host_response() -> Response:
+    """A plain answer: the styled error page builds URLs, which need a Host we accept."""
+    response = jsonify({"error": {"code": "unknown_host",
+                                  "message": "unknown host: add it to BCHAT_ALLOWED_HOSTS"}})
+    response.status_code = 400
+    return response
+
+
+# Characters a browser drops from a URL (tab, CR, LF) or reads as "/" (backslash): after
+# that, "/\t/evil.example" or "/\\evil.example" is "//evil.example", another site.
+_UNSAFE_IN_PATH = re.compile(r"[\x00-\x20\x7f\\]")
+
+
+def same_site_path(target: object, fallback: str = "/") -> str:
+    """``target`` when it is a path on this site, else ``fallback`` (never another site)."""
+    if not isinstance(target, str) or len(target) > 2000 or _UNSAFE_IN_PATH.search(target):
+        return fallback
+    if not target.startswith("/") or target.startswith("//"):
+        return fallback
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return fallback
+    return target
 
 
 # -- passcode ---------------------------------------------------------------------------------

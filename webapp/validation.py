@@ -28,13 +28,16 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_text(value: str, where: str = "text") -> str:
-    """``value`` unchanged, or Invalid("bad_text") if it holds a lone surrogate.
+    """``value`` unchanged, or Invalid("bad_text") if it holds a lone surrogate or a NUL.
 
-    Such a string is valid in Python and in JSON's ``\\uXXXX`` escapes, but not UTF-8: the
-    database, the websocket and every file export would fail on it later.
+    A lone surrogate is valid in Python and in JSON's ``\\uXXXX`` escapes, but not UTF-8: the
+    database, the websocket and every file export would fail on it later. PostgreSQL's text
+    and JSON columns cannot hold a NUL character at all (a 500 on write).
     """
     if _SURROGATE.search(value):
         raise Invalid("bad_text", f"{where} holds an unpaired UTF-16 surrogate")
+    if "\x00" in value:
+        raise Invalid("bad_text", f"{where} holds a NUL character")
     return value
 
 
@@ -82,7 +85,8 @@ def parse_json_text(raw: str | bytes, *, max_bytes: int | None = None, max_depth
 
     Codes: ``bad_json`` (not JSON, not UTF-8), ``too_large`` (over ``max_bytes``),
     ``too_deep`` (nested deeper than ``max_depth``), ``bad_number`` (NaN, Infinity, a float
-    overflow, an integer outside ±2**53), ``bad_text`` (a lone surrogate in a string or key).
+    overflow, an integer outside ±2**53), ``bad_text`` (a lone surrogate or a NUL in a string
+    or key).
     """
     if isinstance(raw, bytes | bytearray):
         if max_bytes is not None and len(raw) > max_bytes:

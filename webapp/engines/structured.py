@@ -624,9 +624,10 @@ def check_tools(tools: Any, tool_choice: Any) -> tuple[list[dict[str, Any]] | No
     if tool_choice is None:
         tool_choice = "auto"
     if isinstance(tool_choice, dict):
-        chosen = (tool_choice.get("function") or {}).get("name") if tool_choice.get(
+        function = tool_choice.get("function")
+        chosen = function.get("name") if isinstance(function, dict) and tool_choice.get(
             "type") == "function" else None
-        if chosen not in names:
+        if not isinstance(chosen, str) or chosen not in names:
             raise SchemaError('tool_choice must be "auto", "none", "required" or '
                               '{"type": "function", "function": {"name": <one of the tools>}}')
     elif tool_choice not in ("auto", "none", "required"):
