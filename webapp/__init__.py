@@ -19,7 +19,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The app factory: settings, database, engines, blueprints, socket, headers."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, model_files, openai_api, pages, security, socket
+    from . import api, limits, model_files, openai_api, pages, security, socket
     from .api_keys import KeyService
     from .benchmarks import BenchmarkService
     from .chats import ChatService
@@ -43,6 +43,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    limits_ = limits.init_app(app)  # before security: the passcode's tries are counted there
     security.init_app(app)
     app.config["SOCK_SERVER_OPTIONS"] = {
         "ping_interval": app.config["WS_PING_INTERVAL"],
@@ -62,7 +63,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         model = catalogue.get(model_id)
         return model.facts() if model else None
 
-    runs = RunService(chats, engines, app.config)
+    runs = RunService(chats, engines, app.config, limits_)
     app.extensions[EXTENSION_KEY] = Services(
         db=db,
         chats=chats,

@@ -361,9 +361,9 @@ def run_server_benchmark():
     body = json_body()
     services = get_services()
     owner = owner_id()
-    services.runs.admit(owner, request.remote_addr)
-    record = services.benchmarks.run_server(body.get("model"), owner=owner,
-                                            tokens=body.get("tokens", DEFAULT_TOKENS))
+    with services.runs.admit(owner, request.remote_addr):  # held while the prompts run
+        record = services.benchmarks.run_server(body.get("model"), owner=owner,
+                                                tokens=body.get("tokens", DEFAULT_TOKENS))
     return record, 201
 
 
