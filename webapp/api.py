@@ -33,7 +33,11 @@ def _error(status: int, code: str, message: str):
 
 @bp.errorhandler(AppError)
 def _app_error(exc: AppError):
-    return jsonify({"error": exc.to_dict()}), exc.status
+    response = jsonify({"error": exc.to_dict()})
+    response.status_code = exc.status
+    if "retry_after" in exc.extra:  # rate limits, a busy database
+        response.headers["Retry-After"] = str(exc.extra["retry_after"])
+    return response
 
 
 @bp.errorhandler(NotFound)

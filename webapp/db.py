@@ -17,9 +17,15 @@ from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from .errors import AppError
+
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+BUSY_RETRY_AFTER_S = 2
+# PostgreSQL's "lock not available" and "deadlock detected": like SQLite's busy, a retry helps.
+_PG_BUSY_STATES = {"55P03", "40P01"}
 # An unreachable PostgreSQL server fails a request in seconds, not after the OS's TCP timeout.
 PG_CONNECT_TIMEOUT_S = 10
 
@@ -72,6 +78,12 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _busy(exc: OperationalError) -> bool:
+    if getattr(exc.orig, "sqlstate", None) in _PG_BUSY_STATES:
+        return True
+    return "database is locked" in str(exc.orig) or "database table is locked" in str(exc.orig)
+
+
 def lock_row(session: Session, model: type, pk: int) -> None:
     """Hold ``model``'s row ``pk`` until this write commits (``SELECT ... FOR UPDATE``).
 
@@ -103,8 +115,16 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        with self._writer() as session, session.begin():
-            yield session
+        """A transaction; a database still busy after its timeout is a 503 that says to
+        retry (an AppError with ``retry_after``), never a 500."""
+        try:
+            with self._writer() as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            if not _busy(exc):
+                raise
+            raise AppError("database_busy", "the database is busy; try again in a moment",
+                           status=503, retry_after=BUSY_RETRY_AFTER_S) from exc
 
     def dispose(self) -> None:
         self.engine.dispose()
