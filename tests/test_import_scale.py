@@ -121,3 +121,26 @@ def test_a_v1_file_imports_as_one_branch_in_chunks(client):
     assert response.status_code == 201
     stored = response.get_json()
     assert branch(stored) == [m["content"] for m in messages]
+
+
+def test_a_database_busy_past_its_timeout_is_a_503_with_retry_after(app, client, db_url):
+    """Another process holding SQLite's write lock for longer than the busy timeout (10 s):
+    the write waits it out, then answers 503 database_busy with Retry-After, not 500."""
+    import sqlite3
+
+    conv_id = client.post("/api/conversations", json={"title": "t"}).get_json()["id"]
+    holder = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        response = client.post(f"/api/conversations/{conv_id}/messages",
+                               json={"role": "user", "content": "blocked"})
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "database_busy"
+    assert int(response.headers["Retry-After"]) >= 1
+    # Once the lock is free the same write goes through.
+    response = client.post(f"/api/conversations/{conv_id}/messages",
+                           json={"role": "user", "content": "free"})
+    assert response.status_code == 201

@@ -774,14 +774,17 @@ class ChatService:
             session.add(conv)
             session.flush()
             conv_id = conv.id
+        serialised = self.db.engine.dialect.name == "sqlite"
         try:
             ids: list[int] = []
             for start in range(0, len(rows), IMPORT_CHUNK):
                 began = time.monotonic()
                 self._insert_chunk(conv_id, rows, parents, ids, start)
-                # SQLite hands its write lock to whoever polls first, not to whoever waited
-                # longest: stepping aside as long as the chunk held it lets other writers in.
-                time.sleep(max(0.001, time.monotonic() - began))
+                if serialised:
+                    # SQLite hands its write lock to whoever polls first, not to whoever
+                    # waited longest: stepping aside as long as the chunk held it lets the
+                    # other writers in (PostgreSQL's writers do not queue on one lock).
+                    time.sleep(max(0.001, time.monotonic() - began))
             with self.db.write() as session:
                 session.execute(
                     update(Conversation).where(Conversation.id == conv_id).values(

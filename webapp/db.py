@@ -2,7 +2,9 @@
 
 Two kinds of session: ``read()`` for lookups and ``write()`` for changes. On SQLite a write
 starts with ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout instead of failing
-half-way with "database is locked"; sessions are short and never held while tokens stream.
+half-way with "database is locked" (and writers in one process queue in arrival order before
+that: FairGate); sessions are short and never held while tokens stream. A database still busy
+after the timeout is a 503 with Retry-After, never a 500.
 
 PostgreSQL (``postgresql+psycopg://``) lets writers run side by side at READ COMMITTED, so a
 read-then-write that must not interleave with another (e.g. "create the share unless one
@@ -12,8 +14,10 @@ exists") takes a row lock first with ``lock_row()``; on SQLite that is a no-op b
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
@@ -94,6 +98,50 @@ def lock_row(session: Session, model: type, pk: int) -> None:
     session.execute(select(model.id).where(model.id == pk).with_for_update())
 
 
+class FairGate:
+    """A lock handed to waiters in arrival order. SQLite's own busy handler is not fair: a
+    waiter sleeps (up to 100 ms at a time) and polls, so a writer that commits and begins
+    again at once (an import's chunks) can keep the lock from it for seconds. Writers in this
+    process queue here first; other processes still meet on SQLite's busy timeout."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+        self._held = False
+
+    def acquire(self, timeout: float) -> bool:
+        with self._lock:
+            if not self._held:
+                self._held = True
+                return True
+            turn = threading.Event()
+            self._waiters.append(turn)
+        if turn.wait(timeout):
+            return True
+        with self._lock:
+            if turn.is_set():  # handed over between the timeout and this lock
+                return True
+            self._waiters.remove(turn)
+            return False
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()  # handed straight over: it stays held
+            else:
+                self._held = False
+
+    @contextmanager
+    def held(self, timeout: float) -> Iterator[None]:
+        if not self.acquire(timeout):
+            raise AppError("database_busy", "the database is busy; try again in a moment",
+                           status=503, retry_after=BUSY_RETRY_AFTER_S)
+        try:
+            yield
+        finally:
+            self.release()
+
+
 class Database:
     """Owns the engine and hands out short-lived sessions."""
 
@@ -107,6 +155,7 @@ class Database:
             else self.engine
         )
         self._writer = sessionmaker(writer_bind, expire_on_commit=False, autoflush=False)
+        self._gate = FairGate() if self.engine.dialect.name == "sqlite" else None
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -117,8 +166,9 @@ class Database:
     def write(self) -> Iterator[Session]:
         """A transaction; a database still busy after its timeout is a 503 that says to
         retry (an AppError with ``retry_after``), never a 500."""
+        gate = self._gate.held(SQLITE_BUSY_TIMEOUT_MS / 1000) if self._gate else nullcontext()
         try:
-            with self._writer() as session, session.begin():
+            with gate, self._writer() as session, session.begin():
                 yield session
         except OperationalError as exc:
             if not _busy(exc):
