@@ -50,7 +50,9 @@ def start(runner: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "BCHAT_DATABASE_URL": url, "BCHAT_SECRET_KEY": "bench",
            "BCHAT_MODEL_RUNNER": runner, "BCHAT_BROWSER_FORMAT": "original",
            "BCHAT_INSTANCE_PATH": tmp, "BCHAT_RATE_LIMIT": "100000/minute",
-           "BCHAT_MAX_QUEUED_PER_VISITOR": "100", "BCHAT_PRELOAD_MODELS": "1"}
+           "BCHAT_MAX_QUEUED_PER_VISITOR": "100", "BCHAT_PRELOAD_MODELS": "1",
+           # the whole class comes from 127.0.0.1: no cap per address
+           "BCHAT_MAX_REPLIES_PER_ADDRESS": "0", "BCHAT_SOCKET_SHARE_PER_ADDRESS": "1"}
     proc = subprocess.Popen(
         [str(ROOT / ".venv/bin/gunicorn"), "-c", "python:webapp.gunicorn_conf", "-k", "gthread",
          "--threads", "48", "-w", "1", "--no-control-socket", "-b", f"127.0.0.1:{port}",

@@ -110,7 +110,9 @@ def start_bchat(model: Path, parallel: int, threads: int, n_ctx: int) -> tuple[s
     env = {**os.environ, "BCHAT_DATABASE_URL": url, "BCHAT_MODEL_PATH": str(model),
            "BCHAT_SECRET_KEY": "bench", "BCHAT_PARALLEL": str(parallel),
            "BCHAT_N_THREADS": str(threads), "BCHAT_N_CTX": str(n_ctx), "BCHAT_PRELOAD_MODELS": "1",
-           "BCHAT_CHAT_TEMPLATE": "chatml"}  # used only by models without a template of their own
+           "BCHAT_CHAT_TEMPLATE": "chatml",  # used only by models without a template of their own
+           # every simulated visitor comes from 127.0.0.1: no cap per address
+           "BCHAT_MAX_REPLIES_PER_ADDRESS": "0", "BCHAT_SOCKET_SHARE_PER_ADDRESS": "1"}
     proc = subprocess.Popen([str(ROOT / ".venv/bin/bchat"), "serve", "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

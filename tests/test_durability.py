@@ -159,7 +159,10 @@ def test_resume_lands_on_another_gunicorn_worker_and_is_exact(tmp_path, tiny_mod
 def test_admission_refuses_extra_sockets_fast_and_pages_stay_fast(tmp_path, tiny_model):
     threads = 8
     port = free_port()
-    env = app_env(tmp_path, tiny_model)
+    # The process's total is the point here (test_limits.py covers the shares per visitor and
+    # per address): one visitor may take every slot.
+    env = app_env(tmp_path, tiny_model, BCHAT_SOCKET_SHARE_PER_VISITOR="1",
+                  BCHAT_SOCKET_SHARE_PER_ADDRESS="1")
     log = tmp_path / "admission.log"
     proc = gunicorn(env, log, port, workers=1, threads=threads)
     base = f"http://127.0.0.1:{port}"

@@ -280,7 +280,7 @@ def test_passcode_gates_everything_but_share_links(make_app):
 def test_passcode_tries_are_limited_per_address(make_app):
     app = make_app(PASSCODE="right")
     clock = [1000.0]
-    app.extensions["bchat.passcode_attempts"].clock = lambda: clock[0]
+    app.extensions["bchat.limits"].passcode_failures.clock = lambda: clock[0]
     client = app.test_client()
     for _ in range(5):
         assert client.post("/passcode", data={"passcode": "wrong"}).status_code == 403

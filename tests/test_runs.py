@@ -149,7 +149,7 @@ def test_replies_at_once_per_visitor_are_limited(make_app, make_live_server):
     started, _ = ws.until("started")
     ws.chat("second, elsewhere", options=GREEDY)
     error, _ = ws.until("error")
-    assert error["code"] == "rate_limited"
+    assert error["code"] == "too_many_queued"
     # Another visitor is not held back by this one's limit.
     other = server.session().ws()
     other.chat("hello", options=GREEDY)

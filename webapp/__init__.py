@@ -19,14 +19,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The app factory: settings, database, engines, blueprints, socket, headers."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, model_files, openai_api, pages, security, socket
+    from . import api, limits, model_files, openai_api, pages, security, socket
     from .api_keys import KeyService
     from .benchmarks import BenchmarkService
     from .chats import ChatService
     from .db import Database
     from .engines import build_engines
+    from .limits import SlidingWindow, parse_rate
     from .model_files import ModelCatalogue
-    from .runs import RunService, SlidingWindow, parse_rate
+    from .runs import RunService
     from .services import EXTENSION_KEY, Services
     from .shares import ShareService
     from .validation import StrictJSONProvider
@@ -43,6 +44,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    limits_ = limits.init_app(app)  # before security: the passcode's tries are counted there
     security.init_app(app)
     app.config["SOCK_SERVER_OPTIONS"] = {
         "ping_interval": app.config["WS_PING_INTERVAL"],
@@ -62,7 +64,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         model = catalogue.get(model_id)
         return model.facts() if model else None
 
-    runs = RunService(chats, engines, app.config)
+    runs = RunService(chats, engines, app.config, limits_)
     count, window = parse_rate(app.config["BENCHMARK_RATE_LIMIT"])
     bench_visitor = SlidingWindow(count, window)
     bench_ip = SlidingWindow(count * int(app.config.get("RATE_LIMIT_IP_FACTOR", 10)), window)

@@ -35,7 +35,7 @@ def _error(status: int, code: str, message: str):
 def _app_error(exc: AppError):
     response = jsonify({"error": exc.to_dict()})
     response.status_code = exc.status
-    if "retry_after" in exc.extra:  # a 429 says when to come back, for clients that read headers
+    if "retry_after" in exc.extra:  # a 429 or 503 says when to come back, for clients that read headers
         response.headers["Retry-After"] = str(exc.extra["retry_after"])
     return response
 
@@ -365,9 +365,9 @@ def run_server_benchmark():
     body = json_body()
     services = get_services()
     owner = owner_id()
-    services.runs.admit(owner, request.remote_addr)
-    record = services.benchmarks.run_server(body.get("model"), owner=owner,
-                                            tokens=body.get("tokens", DEFAULT_TOKENS))
+    with services.runs.admit(owner, request.remote_addr):  # held while the prompts run
+        record = services.benchmarks.run_server(body.get("model"), owner=owner,
+                                                tokens=body.get("tokens", DEFAULT_TOKENS))
     return record, 201
 
 

@@ -97,7 +97,7 @@ class BenchmarkService:
         self.runs = runs
         self._lock = threading.Lock()  # one server benchmark at a time: they would skew each other
         # Everyone sees every post: without a limit one visitor could fill the page. Sliding
-        # windows (runs.SlidingWindow) per visitor and per address; None: no limit (the CLI).
+        # windows (limits.SlidingWindow) per visitor and per address; None: no limit (the CLI).
         self.per_visitor, self.per_ip = per_visitor, per_ip
 
     def model_facts(self, model: str) -> dict[str, Any]:
@@ -158,10 +158,11 @@ class BenchmarkService:
         return self._store(owner, record)
 
     def _admit(self, owner: str, ip: str | None) -> None:
-        now = time.monotonic()
-        wait = self.per_visitor.check(f"v:{owner}", now) if self.per_visitor else 0.0
+        from .limits import address_key
+
+        wait = self.per_visitor.check(f"v:{owner}") if self.per_visitor else 0.0
         if not wait and ip and self.per_ip:
-            wait = self.per_ip.check(f"ip:{ip}", now)
+            wait = self.per_ip.check(f"ip:{address_key(ip)}")
         if wait:
             when = f"{round(wait / 60)} min" if wait >= 120 else f"{max(1, round(wait))} s"
             raise RateLimited(f"too many benchmark runs posted; try again in {when}",

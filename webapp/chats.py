@@ -6,13 +6,15 @@ views, the websocket relay) never hold a session while a model is generating.
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, delete, select, update
 
 from .db import Database
 from .errors import AppError, Invalid, NotFound
@@ -29,8 +31,13 @@ from .models import (
 
 __all__ = ["ChatService", "Invalid", "NotFound", "Provenance"]
 
+log = logging.getLogger(__name__)
+
 TITLE_MAX = 200
 DEFAULT_TITLE = "New chat"
+IMPORT_CHUNK = 500  # messages written per transaction by an import
+IMPORTING_OWNER = "~importing~"  # the owner of an import until it is whole (no cookie has "~")
+IMPORT_ABANDONED_AFTER = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -97,25 +104,29 @@ def message_dict(message: Message, parents: Mapping[int, str] | None = None) -> 
     }
 
 
-def message_from_dict(data: Mapping[str, Any]) -> Message:
-    """A new row from a validated message dict (import, continuing a share); its place in the
-    tree (parent) is set by the caller, its status can no longer be "streaming"."""
+def _message_row(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A new message row's columns from a validated message dict (import, continuing a
+    share); its place in the tree (parent) is set by the caller, its status can no longer be
+    "streaming"."""
     usage = data.get("usage") or {}
-    return Message(
-        role=data["role"],
-        content=data["content"],
+    return {
+        "public_id": new_public_id(),
+        "role": data["role"],
+        "content": data["content"],
         # A copy never grows: a reply caught mid-stream stays as it was.
-        status="interrupted" if data.get("status") == "streaming" else data.get("status", "complete"),
-        created_at=parse_time(data.get("created_at")) or utcnow(),
-        engine=data.get("engine"),
-        backend=data.get("backend"),
-        model=data.get("model"),
-        prompt_tokens=usage.get("prompt_tokens"),
-        completion_tokens=usage.get("completion_tokens"),
-        tokens_per_second=data.get("tokens_per_second"),
-        finish_reason=data.get("finish_reason"),
-        meta=data.get("meta") or None,
-    )
+        "status": "interrupted" if data.get("status") == "streaming"
+        else data.get("status", "complete"),
+        "created_at": parse_time(data.get("created_at")) or utcnow(),
+        "engine": data.get("engine"),
+        "backend": data.get("backend"),
+        "model": data.get("model"),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "tokens_per_second": data.get("tokens_per_second"),
+        "finish_reason": data.get("finish_reason"),
+        "meta": data.get("meta") or None,
+    }
+
 
 
 class Tree:
@@ -729,33 +740,114 @@ class ChatService:
     ) -> dict[str, Any]:
         """A new conversation holding copies of ``messages`` (validated message dicts, as
         message_dict() writes them): continuing a share, or importing an export. Messages with
-        ``parent_id`` keep their tree (ids are new); without, they form one branch in order."""
+        ``parent_id`` keep their tree (ids are new); without, they form one branch in order.
+
+        Up to 10,000 messages: they are written IMPORT_CHUNK rows per transaction, so no
+        transaction holds SQLite's write lock for long and other visitors' writes go on
+        between them. The conversation belongs to nobody (a hidden owner) until the last
+        transaction hands it over, so nobody sees it half-written; a failed import deletes it.
+        """
+        tree_shaped = any("parent_id" in data for data in messages)
+        # The tree in memory first: each message's parent as an index into ``messages``. A
+        # parent must come earlier (parse_import checks it; a snapshot is in id order).
+        index_of: dict[str, int] = {}
+        parents: list[int | None] = []
+        for i, data in enumerate(messages):
+            if tree_shaped:
+                parents.append(index_of.get(data["parent_id"]) if data.get("parent_id") else None)
+            else:
+                parents.append(i - 1 if i else None)
+            if data.get("id"):
+                index_of[data["id"]] = i
+        current = index_of.get(current_message_id) if current_message_id else None
+        if current is None and messages:
+            current = len(messages) - 1
+        rows = [_message_row(data) for data in messages]
+
+        hidden = f"{IMPORTING_OWNER}{new_public_id()}"
+        self._sweep_abandoned_imports()
         with self.db.write() as session:
-            conv = Conversation(owner_id=owner_id, title=self._clean_title(title or DEFAULT_TITLE),
-                                settings=settings or None)
+            conv = Conversation(owner_id=hidden, title=self._clean_title(title or DEFAULT_TITLE),
+                                settings=settings or None, updated_at=utcnow())
             if created_at:
                 conv.created_at = created_at
             session.add(conv)
-            rows: dict[str, Message] = {}
-            previous: Message | None = None
-            tree_shaped = any("parent_id" in data for data in messages)
-            for data in messages:
-                message = message_from_dict(data)
-                if tree_shaped:
-                    parent = rows.get(data.get("parent_id")) if data.get("parent_id") else None
-                else:
-                    parent = previous
-                conv.messages.append(message)
-                session.flush()
-                message.parent_id = parent.id if parent else None
-                if data.get("id"):
-                    rows[data["id"]] = message
-                previous = message
             session.flush()
-            current = rows.get(current_message_id) if current_message_id else None
-            conv.current_message_id = current.id if current else (previous.id if previous else None)
-            session.flush()
+            conv_id = conv.id
+        serialised = self.db.engine.dialect.name == "sqlite"
+        try:
+            ids: list[int] = []
+            for start in range(0, len(rows), IMPORT_CHUNK):
+                began = time.monotonic()
+                self._insert_chunk(conv_id, rows, parents, ids, start)
+                if serialised:
+                    # SQLite hands its write lock to whoever polls first, not to whoever
+                    # waited longest: stepping aside as long as the chunk held it lets the
+                    # other writers in (PostgreSQL's writers do not queue on one lock).
+                    time.sleep(max(0.001, time.monotonic() - began))
+            with self.db.write() as session:
+                session.execute(
+                    update(Conversation).where(Conversation.id == conv_id).values(
+                        owner_id=owner_id, updated_at=utcnow(),
+                        current_message_id=ids[current] if current is not None else None))
+        except BaseException:
+            self._drop_hidden(conv_id)
+            raise
+        with self.db.read() as session:
+            conv = session.get(Conversation, conv_id)
             return conversation_dict(conv, with_messages=True)
+
+    def _insert_chunk(self, conv_id: int, rows: list[dict[str, Any]], parents: list[int | None],
+                      ids: list[int], start: int) -> None:
+        """Rows ``start`` … of an import in one transaction; ``ids`` grows by their ids.
+
+        Plain executemany (the driver's fast path: no RETURNING); the new ids are then read
+        back in id order, which is insertion order: ids only grow within one connection's
+        inserts (SQLite's rowid, PostgreSQL's sequence), and nobody else can write to a
+        conversation that has no owner yet."""
+        table = Message.__table__
+        chunk = rows[start:start + IMPORT_CHUNK]
+        after = ids[-1] if ids else 0
+        with self.db.write() as session:
+            values = []
+            for offset, row in enumerate(chunk):
+                parent = parents[start + offset]
+                # A parent in an earlier chunk has its id already; one in this chunk is set
+                # just below, once the rows have theirs.
+                values.append({**row, "conversation_id": conv_id, "stop_requested": False,
+                               "updated_at": None, "run_owner": None,
+                               "parent_id": ids[parent] if parent is not None and parent < start
+                               else None})
+            session.execute(table.insert(), values)
+            new_ids = session.scalars(
+                select(table.c.id).where(table.c.conversation_id == conv_id, table.c.id > after)
+                .order_by(table.c.id)).all()
+            if len(new_ids) != len(chunk):
+                raise RuntimeError(f"import: wrote {len(chunk)} rows, read back {len(new_ids)}")
+            ids.extend(new_ids)
+            inside = [{"row_id": ids[start + offset], "new_parent": ids[parent]}
+                      for offset in range(len(chunk))
+                      if (parent := parents[start + offset]) is not None and parent >= start]
+            if inside:
+                session.execute(table.update().where(table.c.id == bindparam("row_id"))
+                                .values(parent_id=bindparam("new_parent")), inside)
+
+    def _drop_hidden(self, conv_id: int) -> None:
+        try:
+            with self.db.write() as session:
+                session.execute(delete(Conversation).where(Conversation.id == conv_id))
+        except Exception:  # the sweep of abandoned imports removes it later
+            log.exception("could not remove a failed import's rows")
+
+    def _sweep_abandoned_imports(self) -> None:
+        """Imports a crash left hidden (an hour old: no import takes that long) are removed."""
+        cutoff = utcnow() - IMPORT_ABANDONED_AFTER
+        with self.db.read() as session:
+            stale = session.scalars(select(Conversation.id).where(
+                Conversation.owner_id.startswith(IMPORTING_OWNER, autoescape=True),
+                Conversation.updated_at < cutoff)).all()
+        for conv_id in stale:
+            self._drop_hidden(conv_id)
 
     # -- rules -----------------------------------------------------------------------------
     def check_content(self, content: object, *, allow_empty: bool = False) -> str:

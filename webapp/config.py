@@ -64,6 +64,12 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "RATE_LIMIT": ("30/minute", str, "chats a visitor may start (an address: 10x that), e.g. 30/minute"),
     "BENCHMARK_RATE_LIMIT": ("6/hour", str, "benchmark runs a visitor may post (an address: 10x that)"),
     "MAX_QUEUED_PER_VISITOR": (3, _INT, "replies one visitor may have queued or running at once"),
+    "MAX_REPLIES_PER_ADDRESS": (12, _INT, "replies one client address (an IPv6 /64) may have queued or "
+                                "running at once, whatever its cookies; 0 = no cap"),
+    "SOCKET_SHARE_PER_VISITOR": (0.25, float, "the share of BCHAT_MAX_SOCKETS one visitor may hold "
+                                 "(rounded up, at least 1); 1 = no cap"),
+    "SOCKET_SHARE_PER_ADDRESS": (0.5, float, "the share of BCHAT_MAX_SOCKETS one client address (an IPv6 "
+                                 "/64) may hold; 1 = no cap"),
     "WATCHDOG_SECONDS": (120.0, float, "an inference thread busy this long without progress is stuck"),
     "ALLOWED_HOSTS": ([], _list, "Host names served besides loopback (comma-separated; * = any)"),
     "BIND_HOST": (None, str, "the address `bchat serve --host` bound: allowed as a Host (set by serve)"),

@@ -2,7 +2,9 @@
 
 Two kinds of session: ``read()`` for lookups and ``write()`` for changes. On SQLite a write
 starts with ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout instead of failing
-half-way with "database is locked"; sessions are short and never held while tokens stream.
+half-way with "database is locked" (and writers in one process queue in arrival order before
+that: FairGate); sessions are short and never held while tokens stream. A database still busy
+after the timeout is a 503 with Retry-After, never a 500.
 
 PostgreSQL (``postgresql+psycopg://``) lets writers run side by side at READ COMMITTED, so a
 read-then-write that must not interleave with another (e.g. "create the share unless one
@@ -12,14 +14,22 @@ exists") takes a row lock first with ``lock_row()``; on SQLite that is a no-op b
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from .errors import AppError
+
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+BUSY_RETRY_AFTER_S = 2
+# PostgreSQL's "lock not available" and "deadlock detected": like SQLite's busy, a retry helps.
+_PG_BUSY_STATES = {"55P03", "40P01"}
 # An unreachable PostgreSQL server fails a request in seconds, not after the OS's TCP timeout.
 PG_CONNECT_TIMEOUT_S = 10
 
@@ -72,6 +82,12 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _busy(exc: OperationalError) -> bool:
+    if getattr(exc.orig, "sqlstate", None) in _PG_BUSY_STATES:
+        return True
+    return "database is locked" in str(exc.orig) or "database table is locked" in str(exc.orig)
+
+
 def lock_row(session: Session, model: type, pk: int) -> None:
     """Hold ``model``'s row ``pk`` until this write commits (``SELECT ... FOR UPDATE``).
 
@@ -80,6 +96,50 @@ def lock_row(session: Session, model: type, pk: int) -> None:
     the first one's row. SQLite's compiler drops FOR UPDATE: BEGIN IMMEDIATE already queued it.
     """
     session.execute(select(model.id).where(model.id == pk).with_for_update())
+
+
+class FairGate:
+    """A lock handed to waiters in arrival order. SQLite's own busy handler is not fair: a
+    waiter sleeps (up to 100 ms at a time) and polls, so a writer that commits and begins
+    again at once (an import's chunks) can keep the lock from it for seconds. Writers in this
+    process queue here first; other processes still meet on SQLite's busy timeout."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+        self._held = False
+
+    def acquire(self, timeout: float) -> bool:
+        with self._lock:
+            if not self._held:
+                self._held = True
+                return True
+            turn = threading.Event()
+            self._waiters.append(turn)
+        if turn.wait(timeout):
+            return True
+        with self._lock:
+            if turn.is_set():  # handed over between the timeout and this lock
+                return True
+            self._waiters.remove(turn)
+            return False
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()  # handed straight over: it stays held
+            else:
+                self._held = False
+
+    @contextmanager
+    def held(self, timeout: float) -> Iterator[None]:
+        if not self.acquire(timeout):
+            raise AppError("database_busy", "the database is busy; try again in a moment",
+                           status=503, retry_after=BUSY_RETRY_AFTER_S)
+        try:
+            yield
+        finally:
+            self.release()
 
 
 class Database:
@@ -95,6 +155,7 @@ class Database:
             else self.engine
         )
         self._writer = sessionmaker(writer_bind, expire_on_commit=False, autoflush=False)
+        self._gate = FairGate() if self.engine.dialect.name == "sqlite" else None
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -103,8 +164,17 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        with self._writer() as session, session.begin():
-            yield session
+        """A transaction; a database still busy after its timeout is a 503 that says to
+        retry (an AppError with ``retry_after``), never a 500."""
+        gate = self._gate.held(SQLITE_BUSY_TIMEOUT_MS / 1000) if self._gate else nullcontext()
+        try:
+            with gate, self._writer() as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            if not _busy(exc):
+                raise
+            raise AppError("database_busy", "the database is busy; try again in a moment",
+                           status=503, retry_after=BUSY_RETRY_AFTER_S) from exc
 
     def dispose(self) -> None:
         self.engine.dispose()

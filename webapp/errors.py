@@ -41,5 +41,5 @@ class NotFound(AppError, LookupError):
 class RateLimited(AppError):
     status = 429
 
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__("rate_limited", message, retry_after=max(1, round(retry_after)))
+    def __init__(self, message: str, retry_after: float, code: str = "rate_limited") -> None:
+        super().__init__(code, message, retry_after=max(1, round(retry_after)))

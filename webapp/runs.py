@@ -24,7 +24,8 @@ import socket
 import threading
 import time
 import weakref
-from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from .chats import MISSING, ChatService, Provenance
@@ -40,6 +41,7 @@ from .engines.base import (
     UnknownModel,
 )
 from .errors import AppError, Invalid, RateLimited
+from .limits import COMPARE_MAX, Lease, Limits
 from .models import new_public_id, utcnow
 from .security import short
 
@@ -50,7 +52,6 @@ LEASE_RENEW_SECONDS = 2.0  # a live run's row is vouched for at least this often
 SERVER_LEASE_SECONDS = 10.0  # a streaming row nobody vouched for this long has a dead writer
 BROWSER_LEASE_SECONDS = 120.0  # pages in background tabs may only wake once a minute
 REMOTE_POLL_SECONDS = 0.25  # how often a watcher on another process re-reads the row
-COMPARE_MAX = 4  # replies one comparison runs side by side
 MAX_FOLLOWS = 16  # replies written elsewhere one visitor may follow at once, all sockets together
 
 HOST = socket.gethostname()
@@ -64,41 +65,6 @@ class Watcher(Protocol):
 
     @property
     def active(self) -> bool: ...
-
-
-def parse_rate(value: str) -> tuple[int, float]:
-    """ "30/minute", "5/second", "100/hour" or "30/60" (per seconds) -> (count, window)."""
-    count, _, per = str(value).partition("/")
-    windows = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "s": 1.0, "m": 60.0, "h": 3600.0}
-    window = windows.get(per.strip().lower()) if per else 60.0
-    if window is None:
-        window = float(per)
-    return int(count), window
-
-
-class SlidingWindow:
-    """At most ``limit`` events per ``window`` seconds for each key."""
-
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit, self.window = limit, window
-        self._events: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def check(self, key: str, now: float) -> float:
-        """Seconds to wait before the next event is allowed (0: allowed, and counted)."""
-        if self.limit <= 0:
-            return 0.0
-        with self._lock:
-            events = self._events.setdefault(key, deque())
-            while events and events[0] <= now - self.window:
-                events.popleft()
-            if len(events) >= self.limit:
-                return events[0] + self.window - now
-            events.append(now)
-            if len(self._events) > 10_000:  # forget idle keys rather than grow for ever
-                for stale in [k for k, v in self._events.items() if not v][:5_000]:
-                    del self._events[stale]
-            return 0.0
 
 
 def check_message_id(value: Any) -> str:
@@ -139,6 +105,7 @@ class Run:
         self.orphaned_at: float | None = time.monotonic()
         self.started_at = time.perf_counter()
         self.continues: dict[str, Any] | None = None  # the reply as it was, when continuing it
+        self.lease: Lease | None = None  # its place in the visitor's and the address's limits
 
     @property
     def text(self) -> str:
@@ -199,6 +166,8 @@ class Run:
         self.cancel.set()
 
     def settle(self, frame: dict[str, Any]) -> None:
+        if self.lease is not None:  # before the final frame: a client may start the next at once
+            self.lease.release()
         with self.lock:
             self.final_frame = frame
             self._send(frame)
@@ -241,15 +210,13 @@ def final_frame(message: dict[str, Any]) -> dict[str, Any]:
 class RunService:
     """Starts, watches, stops and persists the runs of one app instance."""
 
-    def __init__(self, chats: ChatService, engines: EngineRegistry, config: dict) -> None:
+    def __init__(self, chats: ChatService, engines: EngineRegistry, config: dict,
+                 limits: Limits | None = None) -> None:
         self.chats = chats
         self.engines = engines
         self.config = config
+        self.limits = limits if limits is not None else Limits(config)
         self.grace = float(config.get("RUN_GRACE_SECONDS", 30))
-        self.max_live_per_visitor = int(config.get("MAX_QUEUED_PER_VISITOR", 3))
-        count, window = parse_rate(config.get("RATE_LIMIT", "30/minute"))
-        self.per_visitor = SlidingWindow(count, window)
-        self.per_ip = SlidingWindow(count * int(config.get("RATE_LIMIT_IP_FACTOR", 10)), window)
         self.identity = f"{HOST}|{os.getpid()}|{secrets.token_hex(4)}"
         self.runs: dict[str, Run] = {}
         self._lock = threading.Lock()
@@ -272,22 +239,11 @@ class RunService:
             max_system_chars=self.config["MAX_MESSAGE_CHARS"],
         )
 
-    def admit(self, owner: str, ip: str | None, needed: int = 1) -> None:
-        """Limits before any model call: replies at once per visitor, chats per minute per
-        visitor and per address. A comparison may run up to COMPARE_MAX replies at once."""
-        with self._lock:
-            live = sum(1 for run in self.runs.values() if run.owner == owner)
-        limit = max(self.max_live_per_visitor, COMPARE_MAX) if needed > 1 else self.max_live_per_visitor
-        if live + needed > limit > 0:
-            raise RateLimited(f"you already have {live} replies being written; wait for one "
-                              "to finish or stop it", retry_after=5)
-        now = time.monotonic()
-        wait = self.per_visitor.check(f"v:{owner}", now)
-        if not wait and ip:
-            wait = self.per_ip.check(f"ip:{ip}", now)
-        if wait:
-            raise RateLimited(f"too many messages; try again in {max(1, round(wait))} s",
-                              retry_after=wait)
+    def admit(self, owner: str, ip: str | None, needed: int = 1) -> Lease:
+        """Limits before any model call (webapp/limits.py): replies at once per visitor and
+        per address, chats per minute. The lease is the run's until it ends, whichever way;
+        a caller that does not start a run gives it back (``with`` or ``release``)."""
+        return self.limits.take_replies(owner, ip, needed)
 
     def _prepare(self, owner: str, conversation_id: str | None, options: Any, model: Any,
                  settings: Any = None) -> tuple[GenerationOptions, str, Any, dict[str, Any] | None]:
@@ -332,15 +288,16 @@ class RunService:
         parsed, model, engine, new_settings = self._prepare(owner, conversation_id, options,
                                                             model, settings)
         self.chats.check_content(content)
-        self.admit(owner, ip)
-        conv, user_message, reply, history = self.chats.begin_turn(
-            owner, conversation_id, content, self._provenance(engine, model, parsed),
-            run_owner=self.identity, parent_id=parent_id, settings=new_settings,
-        )
-        started = {"type": "started", "conversation_id": conv["id"], "conversation": conv,
-                   "user_message": user_message, "message_id": reply["id"], "model": model,
-                   "reply": reply}
-        return self._launch(owner, conv["id"], model, engine, parsed, history, started, watcher)
+        with self._admitted(owner, ip) as lease:
+            conv, user_message, reply, history = self.chats.begin_turn(
+                owner, conversation_id, content, self._provenance(engine, model, parsed),
+                run_owner=self.identity, parent_id=parent_id, settings=new_settings,
+            )
+            started = {"type": "started", "conversation_id": conv["id"], "conversation": conv,
+                       "user_message": user_message, "message_id": reply["id"], "model": model,
+                       "reply": reply}
+            return self._launch(owner, conv["id"], model, engine, parsed, history, started,
+                                watcher, lease)
 
     def compare(self, owner: str, conversation_id: str | None, content: Any, targets: Any, *,
                 options: Any = None, ip: str | None = None, watcher: Watcher | None = None,
@@ -356,20 +313,26 @@ class RunService:
         prepared = [self._prepare(owner, conversation_id, options, t["model"], settings)
                     for t in targets]
         self.chats.check_content(content)
-        self.admit(owner, ip, needed=len(prepared))
-        conv, user, replies, history = self.chats.begin_compare(
-            owner, conversation_id, content,
-            [self._provenance(engine, model, parsed) for parsed, model, engine, _ in prepared],
-            run_owner=self.identity, parent_id=parent_id, settings=prepared[0][3],
-        )
+        with self._admitted(owner, ip, len(prepared)) as lease:
+            conv, user, replies, history = self.chats.begin_compare(
+                owner, conversation_id, content,
+                [self._provenance(engine, model, parsed) for parsed, model, engine, _ in prepared],
+                run_owner=self.identity, parent_id=parent_id, settings=prepared[0][3],
+            )
+            parts = lease.split(len(prepared))  # each run gives back its own when it ends
         runs = []
-        for (parsed, model, engine, _), reply in zip(prepared, replies, strict=True):
-            started = {"type": "started", "kind": "compare", "conversation_id": conv["id"],
-                       "conversation": conv, "user_message": user, "message_id": reply["id"],
-                       "model": model, "reply": reply,
-                       "message_ids": [r["id"] for r in replies]}
-            runs.append(self._launch(owner, conv["id"], model, engine, parsed, history, started,
-                                     watcher))
+        try:
+            for (parsed, model, engine, _), reply, part in zip(prepared, replies, parts,
+                                                               strict=True):
+                started = {"type": "started", "kind": "compare", "conversation_id": conv["id"],
+                           "conversation": conv, "user_message": user, "message_id": reply["id"],
+                           "model": model, "reply": reply,
+                           "message_ids": [r["id"] for r in replies]}
+                runs.append(self._launch(owner, conv["id"], model, engine, parsed, history,
+                                         started, watcher, part))
+        finally:
+            for part in parts[len(runs):]:  # the runs that did not start
+                part.release()
         return runs
 
     def regenerate(self, owner: str, message_id: Any, *, model: Any = None, options: Any = None,
@@ -378,14 +341,15 @@ class RunService:
         check_message_id(message_id)
         conversation_id = self.chats.reply_state(owner, message_id)["conversation_id"]
         parsed, model, engine, _ = self._prepare(owner, conversation_id, options, model)
-        self.admit(owner, ip)
-        conv, asked, reply, history = self.chats.begin_regenerate(
-            owner, message_id, self._provenance(engine, model, parsed), run_owner=self.identity
-        )
-        started = {"type": "started", "kind": "regenerate", "conversation_id": conv["id"],
-                   "conversation": conv, "user_message": asked, "message_id": reply["id"],
-                   "model": model, "reply": reply, "regenerates": message_id}
-        return self._launch(owner, conv["id"], model, engine, parsed, history, started, watcher)
+        with self._admitted(owner, ip) as lease:
+            conv, asked, reply, history = self.chats.begin_regenerate(
+                owner, message_id, self._provenance(engine, model, parsed), run_owner=self.identity
+            )
+            started = {"type": "started", "kind": "regenerate", "conversation_id": conv["id"],
+                       "conversation": conv, "user_message": asked, "message_id": reply["id"],
+                       "model": model, "reply": reply, "regenerates": message_id}
+            return self._launch(owner, conv["id"], model, engine, parsed, history, started,
+                                watcher, lease)
 
     def continue_reply(self, owner: str, message_id: Any, *, options: Any = None,
                        ip: str | None = None, watcher: Watcher | None = None) -> Run:
@@ -395,13 +359,14 @@ class RunService:
         state = self.chats.reply_state(owner, message_id)
         same = state["model"] if state["engine"] == "server" and self._serves(state["model"]) else None
         parsed, model, engine, _ = self._prepare(owner, state["conversation_id"], options, same)
-        self.admit(owner, ip)
-        conv, before, history = self.chats.begin_continue(owner, message_id, run_owner=self.identity)
-        started = {"type": "started", "kind": "continue", "conversation_id": conv["id"],
-                   "conversation": conv, "user_message": None, "message_id": before["id"],
-                   "model": model, "reply": {**before, "status": "streaming"}}
-        return self._launch(owner, conv["id"], model, engine, parsed, history, started, watcher,
-                            continues=before)
+        with self._admitted(owner, ip) as lease:
+            conv, before, history = self.chats.begin_continue(owner, message_id,
+                                                              run_owner=self.identity)
+            started = {"type": "started", "kind": "continue", "conversation_id": conv["id"],
+                       "conversation": conv, "user_message": None, "message_id": before["id"],
+                       "model": model, "reply": {**before, "status": "streaming"}}
+            return self._launch(owner, conv["id"], model, engine, parsed, history, started,
+                                watcher, lease, continues=before)
 
     def _serves(self, model: Any) -> bool:
         try:
@@ -410,13 +375,24 @@ class RunService:
             return False
         return isinstance(model, str)
 
+    @contextmanager
+    def _admitted(self, owner: str, ip: str | None, needed: int = 1) -> Iterator[Lease]:
+        """A lease for the block: given back if the block fails before a run owns it."""
+        lease = self.admit(owner, ip, needed)
+        try:
+            yield lease
+        except BaseException:
+            lease.release()
+            raise
+
     def _launch(self, owner: str, conversation_id: str, model: str, engine: Any,
                 options: GenerationOptions, history: list[dict[str, str]],
-                started: dict[str, Any], watcher: Watcher | None,
+                started: dict[str, Any], watcher: Watcher | None, lease: Lease,
                 continues: dict[str, Any] | None = None) -> Run:
         run = Run(message_id=started["message_id"], conversation_id=conversation_id, owner=owner,
                   model=model, engine=engine, options=options, history=history,
                   started_frame=started)
+        run.lease = lease
         if continues is not None:
             run.continues = continues
             run.parts = [continues["content"]]
@@ -429,8 +405,18 @@ class RunService:
             self.runs[run.message_id] = run
         self._wake.set()
         log.info("chat %s: reply %s with %s", short(conversation_id), short(run.message_id), model)
-        threading.Thread(target=self._drive, args=(run,), name="bchat-run", daemon=True).start()
+        self._start_thread(run)
         return run
+
+    def _start_thread(self, run: Run) -> None:
+        try:
+            threading.Thread(target=self._drive, args=(run,), name="bchat-run", daemon=True).start()
+        except BaseException:  # no thread (e.g. the process is out of them): nothing runs it
+            with self._lock:
+                self.runs.pop(run.message_id, None)
+            if run.lease is not None:
+                run.lease.release()
+            raise
 
     # -- watching and stopping -------------------------------------------------------------
     def watch(self, owner: str, message_id: Any, offset: Any, watcher: Watcher) -> None:
@@ -544,6 +530,15 @@ class RunService:
 
     # -- the run itself -------------------------------------------------------------------
     def _drive(self, run: Run) -> None:
+        try:
+            self._generate(run)
+        finally:
+            with self._lock:
+                self.runs.pop(run.message_id, None)
+            if run.lease is not None:  # whichever way it ended: done, stopped, failed, crashed
+                run.lease.release()
+
+    def _generate(self, run: Run) -> None:
         finished: Finished | None = None
         error: EngineError | None = None
         try:
@@ -560,11 +555,7 @@ class RunService:
             log.exception("chat %s: the run failed", short(run.conversation_id))
             error = EngineError(f"the server failed while writing the reply ({type(exc).__name__})",
                                 code="internal")
-        try:
-            self._settle(run, finished, error)
-        finally:
-            with self._lock:
-                self.runs.pop(run.message_id, None)
+        self._settle(run, finished, error)
 
     def _settle(self, run: Run, finished: Finished | None, error: EngineError | None) -> None:
         if not run.stored:
@@ -631,29 +622,32 @@ class RunService:
             engine = self.engines.engine_for(model)
         except UnknownModel as exc:
             raise AppError("unknown_model", exc.message, status=404) from None
-        self.admit(owner, ip)
         provenance = Provenance(engine="server", backend=getattr(engine, "name", None),
                                 model=model, meta={"options": options.to_dict()})
-        if store:
-            conv, reply = self.chats.begin_api_reply(owner, messages, provenance,
-                                                     run_owner=self.identity)
-            message_id, conversation_id = reply["id"], conv["id"]
-        else:
-            conv, reply = None, None
-            message_id, conversation_id = new_public_id(), ""
-        started = {"type": "started", "conversation_id": conversation_id or None,
-                   "conversation": conv, "message_id": message_id, "model": model, "reply": reply}
-        run = Run(message_id=message_id, conversation_id=conversation_id, owner=owner, model=model,
-                  engine=engine, options=options, history=messages, started_frame=started)
-        run.stored = store
-        if watcher is not None:
-            run.attach(watcher)
-        with self._lock:
-            self.runs[run.message_id] = run
-        self._wake.set()
-        log.info("api call: reply %s with %s (%s)", short(message_id), model,
-                 "stored" if store else "not stored")
-        threading.Thread(target=self._drive, args=(run,), name="bchat-run", daemon=True).start()
+        with self._admitted(owner, ip) as lease:
+            if store:
+                conv, reply = self.chats.begin_api_reply(owner, messages, provenance,
+                                                         run_owner=self.identity)
+                message_id, conversation_id = reply["id"], conv["id"]
+            else:
+                conv, reply = None, None
+                message_id, conversation_id = new_public_id(), ""
+            started = {"type": "started", "conversation_id": conversation_id or None,
+                       "conversation": conv, "message_id": message_id, "model": model,
+                       "reply": reply}
+            run = Run(message_id=message_id, conversation_id=conversation_id, owner=owner,
+                      model=model, engine=engine, options=options, history=messages,
+                      started_frame=started)
+            run.stored = store
+            run.lease = lease
+            if watcher is not None:
+                run.attach(watcher)
+            with self._lock:
+                self.runs[run.message_id] = run
+            self._wake.set()
+            log.info("api call: reply %s with %s (%s)", short(message_id), model,
+                     "stored" if store else "not stored")
+            self._start_thread(run)
         return run
 
     def _settle_unstored(self, run: Run, finished: Finished | None,

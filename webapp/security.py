@@ -9,9 +9,10 @@
   address) gets 400 before anything else runs. The origin check and every absolute URL are
   built from Host, so without this a DNS-rebinding page could talk to a loopback bchat as if
   it were same-origin.
-- Passcode (BCHAT_PASSCODE): when set, a visitor enters it once (rate-limited per address,
-  compared in constant time) before getting an identity; share links stay readable. ``/v1``
-  (the OpenAI-compatible API) is not behind it: an API key is its gate (openai_api.py).
+- Passcode (BCHAT_PASSCODE): when set, a visitor enters it once (failed tries limited per
+  address, an IPv6 /64 counting as one: webapp/limits.py; compared in constant time) before
+  getting an identity; share links stay readable. ``/v1`` (the OpenAI-compatible API) is not
+  behind it: an API key is its gate (openai_api.py).
 - Headers: a strict CSP, and COOP/COEP so the page is cross-origin isolated (the browser
   engine needs that for multi-threaded WebAssembly); private answers are never cached.
 - Logs: Flask's exception log goes through redact(), so it never prints a full id or token.
@@ -22,23 +23,21 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
-import threading
-import time
-from collections import deque
-from collections.abc import Callable
 from datetime import timedelta
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, current_app, jsonify, redirect, request, session, url_for
+
+from .limits import get_limits
 
 log = logging.getLogger(__name__)
 
 OWNER_KEY = "owner"
 FORM_SEED_KEY = "form"
 PASS_KEY = "pass"
-ATTEMPTS_KEY = "bchat.passcode_attempts"
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 # A Host header: a bracketed IPv6 address or a DNS name / IPv4 address, then an optional port.
@@ -189,37 +188,6 @@ def same_site_path(target: object, fallback: str = "/") -> str:
 # -- passcode ---------------------------------------------------------------------------------
 
 
-class Attempts:
-    """Failed passcode tries per client address in a sliding window (per process)."""
-
-    def __init__(self, limit: int = 5, window: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit, self.window, self.clock = limit, window, clock
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def _recent(self, address: str) -> deque[float]:
-        now = self.clock()
-        failures = self._failures.setdefault(address, deque())
-        while failures and failures[0] <= now - self.window:
-            failures.popleft()
-        return failures
-
-    def retry_after(self, address: str) -> int:
-        """Seconds until this address may try again; 0 when it may try now."""
-        with self._lock:
-            failures = self._recent(address)
-            if len(failures) < self.limit:
-                return 0
-            return max(1, int(failures[0] + self.window - self.clock() + 0.999))
-
-    def fail(self, address: str) -> None:
-        with self._lock:
-            if len(self._failures) > 10_000:  # bounded memory under a spray of addresses
-                self._failures = {a: f for a, f in self._failures.items() if self._recent(a)}
-            self._recent(address).append(self.clock())
-
-
 def _passcode_mark() -> str:
     """What the cookie holds once the passcode was entered; changing the passcode voids it."""
     key = current_app.config["SECRET_KEY"].encode()
@@ -236,19 +204,21 @@ def passcode_required() -> bool:
 
 def try_passcode(value: str | None) -> bool:
     """Check a typed passcode: 429 when this address failed too often, else True/False."""
-    attempts: Attempts = current_app.extensions[ATTEMPTS_KEY]
-    address = request.remote_addr or "-"
-    wait = attempts.retry_after(address)
-    if wait:
-        response = jsonify({"error": {"code": "too_many_tries", "message": f"try again in {wait} s"}})
+    limits = get_limits()
+    address = request.remote_addr
+    seconds = limits.take_passcode_try(address)
+    if seconds:
+        wait = max(1, math.ceil(seconds))
+        response = jsonify({"error": {"code": "too_many_tries",
+                                      "message": f"try again in {wait} s"}})
         response.status_code, response.headers["Retry-After"] = 429, str(wait)
         abort(response)
     expected = hashlib.sha256(current_app.config["PASSCODE"].encode()).digest()
     given = hashlib.sha256((value or "").encode("utf-8", "replace")).digest()
     if not hmac.compare_digest(given, expected):  # digests: equal length, so no length leak
-        attempts.fail(address)
         log.warning("wrong passcode from %s", address)
         return False
+    limits.passcode_right(address)
     session[PASS_KEY] = _passcode_mark()
     session.permanent = True
     return True
@@ -324,7 +294,6 @@ def init_app(app: Flask) -> None:
         MAX_CONTENT_LENGTH=app.config["MAX_UPLOAD_BYTES"],
         BCHAT_HOSTS=allowed_hosts(app.config),
     )
-    app.extensions[ATTEMPTS_KEY] = Attempts()
     # Order matters: an unknown Host is refused before the passcode gate says anything.
     app.before_request(check_host)
     app.before_request(check_passcode)

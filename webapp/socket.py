@@ -22,6 +22,7 @@ from flask_sock import ConnectionClosed, Sock
 
 from .chats import MISSING
 from .errors import AppError, Invalid
+from .limits import get_limits
 from .security import owner_id, require_same_origin
 from .services import get_services
 from .validation import parse_json_text
@@ -32,60 +33,30 @@ bp = Blueprint("socket", __name__)
 sock = Sock()
 
 _CLOSED = object()  # the reader's last word: the client has gone
-_ADMISSION_KEY = "bchat.socket_admission"
-
-
-class Admission:
-    """At most ``limit`` open sockets per process. Each one holds a server thread for as long
-    as it is open, so without a cap the sockets take every thread and the site stops
-    answering even plain page loads (gunicorn queues them behind the sockets)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.open = 0
-        self._lock = threading.Lock()
-
-    def acquire(self) -> bool:
-        with self._lock:
-            if self.open >= self.limit:
-                return False
-            self.open += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self.open -= 1
-
-
-def admission() -> Admission:
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    found = app.extensions.get(_ADMISSION_KEY)
-    if found is None:
-        found = app.extensions.setdefault(_ADMISSION_KEY, Admission(app.config["MAX_SOCKETS"]))
-    return found
-
-
 @bp.before_request
 def _check_handshake():
     """Runs before the websocket upgrade: a refusal here is a plain HTTP answer."""
     require_same_origin()
-    if owner_id(create=False) is None:
+    owner = owner_id(create=False)
+    if owner is None:
         abort(403, description="open the chat page first: the socket needs its owner cookie")
-    if not admission().acquire():
-        retry = str(current_app.config["SOCKET_RETRY_AFTER"])
-        body = json.dumps({"error": {"code": "too_many_sockets", "retry_after": int(retry),
-                                     "message": "the server has no room for another chat "
-                                                "connection right now; try again shortly"}})
-        return Response(body, status=503, mimetype="application/json",
-                        headers={"Retry-After": retry})
-    g.bchat_socket_admitted = True
+    # Each open socket holds a server thread for as long as it is open: without a cap the
+    # sockets take every thread and the site stops answering even page loads; without a
+    # share per visitor and per network, one of them could take every slot.
+    try:
+        g.bchat_socket_lease = get_limits().take_socket(owner, request.remote_addr)
+    except AppError as exc:
+        body = json.dumps({"error": exc.to_dict()})
+        return Response(body, status=exc.status, mimetype="application/json",
+                        headers={"Retry-After": str(exc.extra["retry_after"])})
     return None
 
 
 @bp.teardown_request
 def _release(_exc) -> None:
-    if g.pop("bchat_socket_admitted", False):
-        admission().release()
+    lease = g.pop("bchat_socket_lease", None)
+    if lease is not None:
+        lease.release()
 
 
 @sock.route("/ws", bp=bp)

@@ -1,0 +1,266 @@
+"""Every limit on what one visitor, or one network, may take of the server: in one place.
+
+Two kinds of limit, both counted per process:
+
+- **Rates** (sliding windows): chats started per visitor and per address (``BCHAT_RATE_LIMIT``),
+  failed passcode tries per address.
+- **Holdings** (leases): replies queued or running (``BCHAT_MAX_QUEUED_PER_VISITOR`` per visitor,
+  ``BCHAT_MAX_REPLIES_PER_ADDRESS`` per address) and open sockets (``BCHAT_MAX_SOCKETS`` in all,
+  a share of them per visitor and per address). A holding is checked and taken in one step
+  under one lock, so a burst of requests cannot all pass the check before any of them counts;
+  the ``Lease`` it returns gives it back exactly once, whatever path the holder ends by.
+
+"Visitor" is the cookie's owner id; "address" is the client address with IPv6 grouped by /64
+(one subscriber usually holds a whole /64, so counting single IPv6 addresses would let one
+person look like 2**64 people) and IPv4 (or IPv4-mapped IPv6) by the address itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
+
+from .errors import AppError, RateLimited
+
+RATE_LIMIT_ADDRESS_FACTOR = 10  # chats per minute per address: this many visitors' worth
+PASSCODE_TRIES = 5  # failed passcode tries per address …
+PASSCODE_WINDOW = 60.0  # … per this many seconds
+COMPARE_MAX = 4  # replies one comparison runs side by side
+
+
+def address_key(address: str | None) -> str:
+    """The network a client address counts as: IPv4 by address, IPv6 by its /64."""
+    if not address:
+        return "-"
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # a zone id ("fe80::1%eth0") is local
+    except ValueError:
+        return address[:64]
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped  # type: ignore[union-attr]
+        if mapped is not None:
+            return str(mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def parse_rate(value: str) -> tuple[int, float]:
+    """ "30/minute", "5/second", "100/hour" or "30/60" (per seconds) -> (count, window)."""
+    count, _, per = str(value).partition("/")
+    windows = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+    window = windows.get(per.strip().lower()) if per else 60.0
+    if window is None:
+        window = float(per)
+    return int(count), window
+
+
+class SlidingWindow:
+    """At most ``limit`` events per ``window`` seconds for each key (``limit`` 0: no limit)."""
+
+    def __init__(self, limit: int, window: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.window, self.clock = limit, window, clock
+        self._events: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+        self._prune_at = 10_000
+
+    def _recent(self, key: str, now: float) -> deque[float]:  # lock held
+        events = self._events.setdefault(key, deque())
+        while events and events[0] <= now - self.window:
+            events.popleft()
+        return events
+
+    def wait(self, key: str) -> float:
+        """Seconds until the next event for ``key`` is allowed (0: now); counts nothing."""
+        if self.limit <= 0:
+            return 0.0
+        with self._lock:
+            now = self.clock()
+            events = self._recent(key, now)
+            if len(events) < self.limit:
+                return 0.0
+            return max(0.001, events[0] + self.window - now)
+
+    def hit(self, key: str) -> None:
+        """Count an event for ``key``."""
+        if self.limit <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            self._recent(key, now).append(now)
+            if len(self._events) >= self._prune_at:
+                # Forget keys with nothing in the window; prune again only when the table
+                # has doubled, so a spray of new keys costs amortised O(1) each.
+                for stale in [k for k, v in self._events.items() if not self._recent(k, now)]:
+                    del self._events[stale]
+                self._prune_at = max(10_000, 2 * len(self._events))
+
+    def forget_one(self, key: str) -> None:
+        """Take back the newest event for ``key`` (one that turned out not to count)."""
+        with self._lock:
+            events = self._events.get(key)
+            if events:
+                events.pop()
+
+    def check(self, key: str) -> float:
+        """``wait`` then ``hit`` in one step: 0 when allowed (and counted)."""
+        if self.limit <= 0:
+            return 0.0
+        with self._lock:  # one lock for both halves: no other event slips between them
+            now = self.clock()
+            events = self._recent(key, now)
+            if len(events) >= self.limit:
+                return max(0.001, events[0] + self.window - now)
+            events.append(now)
+            return 0.0
+
+
+class Lease:
+    """Units of one or more holdings, given back once by ``release`` (idempotent)."""
+
+    def __init__(self, limits: Limits, counts: dict[str, int]) -> None:
+        self._limits = limits
+        self._counts = counts
+
+    def release(self) -> None:
+        counts, self._counts = self._counts, {}
+        if counts:
+            self._limits._give_back(counts)
+
+    def split(self, parts: int) -> list[Lease]:
+        """``parts`` leases, each holding an equal share of this one (which is then empty)."""
+        counts, self._counts = self._counts, {}
+        return [Lease(self._limits, {k: v // parts for k, v in counts.items()})
+                for _ in range(parts)]
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.release()
+
+
+def _share(total: int, fraction: float) -> int:
+    """A fraction of ``total`` slots, rounded up, at least 1 (0 or less: no share limit)."""
+    if fraction <= 0 or fraction >= 1:
+        return 0
+    return max(1, math.ceil(total * fraction))
+
+
+class Limits:
+    """The limits of one app instance (one process). ``config`` is the app's config."""
+
+    def __init__(self, config: Any) -> None:
+        count, window = parse_rate(config.get("RATE_LIMIT", "30/minute"))
+        self.chats_per_visitor = SlidingWindow(count, window)
+        self.chats_per_address = SlidingWindow(count * RATE_LIMIT_ADDRESS_FACTOR, window)
+        self.passcode_failures = SlidingWindow(PASSCODE_TRIES, PASSCODE_WINDOW)
+        self.replies_per_visitor = int(config.get("MAX_QUEUED_PER_VISITOR", 3))
+        self.replies_per_address = int(config.get("MAX_REPLIES_PER_ADDRESS", 12))
+        self.max_sockets = int(config.get("MAX_SOCKETS") or 100)
+        self.sockets_per_visitor = _share(self.max_sockets,
+                                          float(config.get("SOCKET_SHARE_PER_VISITOR", 0.25)))
+        self.sockets_per_address = _share(self.max_sockets,
+                                          float(config.get("SOCKET_SHARE_PER_ADDRESS", 0.5)))
+        self.socket_retry_after = int(config.get("SOCKET_RETRY_AFTER", 5))
+        self._held: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def held(self, key: str) -> int:
+        with self._lock:
+            return self._held[key]
+
+    def _give_back(self, counts: dict[str, int]) -> None:
+        with self._lock:
+            for key, n in counts.items():
+                self._held[key] -= n
+                if self._held[key] <= 0:
+                    del self._held[key]
+
+    def _take(self, counts: dict[str, int]) -> Lease:  # lock held
+        for key, n in counts.items():
+            self._held[key] += n
+        return Lease(self, counts)
+
+    # -- replies -------------------------------------------------------------------------------
+    def take_replies(self, owner: str, address: str | None, needed: int = 1) -> Lease:
+        """Room for ``needed`` replies of ``owner`` from ``address`` (None: not from the
+        network, e.g. the command line): checked against the holdings and the chat rate,
+        and taken, in one step. Raises RateLimited."""
+        per_visitor = self.replies_per_visitor
+        if needed > 1 and per_visitor > 0:  # a comparison may run up to COMPARE_MAX at once
+            per_visitor = max(per_visitor, COMPARE_MAX)
+        visitor, network = f"replies|v|{owner}", None
+        counts = {visitor: needed}
+        if address is not None:
+            network = address_key(address)
+            counts[f"replies|a|{network}"] = needed
+        with self._lock:
+            live = self._held[visitor]
+            if per_visitor > 0 and live + needed > per_visitor:
+                raise RateLimited(f"you already have {live} replies being written; wait for one "
+                                  "to finish or stop it", retry_after=5, code="too_many_queued")
+            if network is not None and self.replies_per_address > 0 and \
+                    self._held[f"replies|a|{network}"] + needed > self.replies_per_address:
+                raise RateLimited("too many replies are being written for your network right "
+                                  "now; try again shortly", retry_after=5, code="too_many_queued")
+            wait = self.chats_per_visitor.wait(owner)
+            if not wait and network is not None:
+                wait = self.chats_per_address.wait(network)
+            if wait:
+                raise RateLimited(f"too many messages; try again in {max(1, round(wait))} s",
+                                  retry_after=wait)
+            self.chats_per_visitor.hit(owner)
+            if network is not None:
+                self.chats_per_address.hit(network)
+            return self._take(counts)
+
+    # -- sockets -------------------------------------------------------------------------------
+    def take_socket(self, owner: str, address: str | None) -> Lease:
+        """A socket slot for ``owner`` from ``address``, or AppError ``too_many_sockets``:
+        503 when the process is full, 429 when this visitor or network holds its share."""
+        network = address_key(address)
+        visitor_key, network_key = f"sockets|v|{owner}", f"sockets|a|{network}"
+        with self._lock:
+            if self._held["sockets"] >= self.max_sockets:
+                raise AppError("too_many_sockets", "the server has no room for another chat "
+                               "connection right now; try again shortly", status=503,
+                               retry_after=self.socket_retry_after)
+            if self.sockets_per_visitor and self._held[visitor_key] >= self.sockets_per_visitor:
+                raise AppError("too_many_sockets", f"you already have {self._held[visitor_key]} "
+                               "chat connections open; close a tab first", status=429,
+                               retry_after=self.socket_retry_after)
+            if self.sockets_per_address and self._held[network_key] >= self.sockets_per_address:
+                raise AppError("too_many_sockets", "your network already holds its share of "
+                               "this server's chat connections; try again shortly", status=429,
+                               retry_after=self.socket_retry_after)
+            return self._take({"sockets": 1, visitor_key: 1, network_key: 1})
+
+    # -- passcode ------------------------------------------------------------------------------
+    def take_passcode_try(self, address: str | None) -> float:
+        """Seconds until ``address`` (its /64 for IPv6) may try the passcode again; 0: it may
+        now, and the try counts as failed until ``passcode_right`` says otherwise. Counting
+        first means a burst of guesses sent at once cannot all pass before any fails."""
+        return self.passcode_failures.check(address_key(address))
+
+    def passcode_right(self, address: str | None) -> None:
+        self.passcode_failures.forget_one(address_key(address))
+
+
+EXTENSION_KEY = "bchat.limits"
+
+
+def init_app(app) -> Limits:
+    limits = app.extensions[EXTENSION_KEY] = Limits(app.config)
+    return limits
+
+
+def get_limits() -> Limits:
+    from flask import current_app
+
+    return current_app.extensions[EXTENSION_KEY]
