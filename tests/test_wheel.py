@@ -60,7 +60,12 @@ def test_wheel_installs_and_serves_outside_the_checkout(tmp_path_factory, tiny_m
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python, bchat = venv / "bin" / "python", venv / "bin" / "bchat"
     constraints = str(ROOT / "constraints.txt")
+    # As the README says: first the llama.cpp build scripts/setup made and smoke-tested here
+    # (pip would compile another one, natively, in minutes), then bchat with its pinned deps.
+    llama_wheel = (ROOT / ".venv" / "llama-cpp-wheel").read_text().strip()
+    _checked([str(python), "-m", "pip", "install", "-q", llama_wheel])
     _checked([str(python), "-m", "pip", "install", "-q", "-c", constraints, str(wheel)])  # deps: PyPI/cache
+    _checked([str(python), "-c", "import llama_cpp; assert llama_cpp.__version__"])
 
     cwd = work / "cwd"
     cwd.mkdir()

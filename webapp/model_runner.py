@@ -322,6 +322,7 @@ class _Connection(socketserver.StreamRequestHandler):
             problems = engine.health(float(request.get("stuck_after") or self.server.stuck_after))
             self._send({"pid": os.getpid(), "problems": problems, "activity": engine.activity()})
             return
+        self._send({"a": 1})  # taken: from here on, a break means this runner died with it
         cancel = threading.Event()
         threading.Thread(target=self._watch_hangup, args=(cancel,), daemon=True).start()
         try:

@@ -99,28 +99,35 @@ class RunnerEngine:
                cancel: threading.Event) -> Iterator[Chunk]:
         if self.catalogue.get(model) is None:
             raise UnknownModel(f"no model named {model!r}")
-        record = self._ready(model, cancel)
         request = json.dumps({"messages": messages, "options": encode_options(options)},
                              ensure_ascii=False).encode() + b"\n"
-        try:
-            conn = self._connect(record)
-        except OSError:
-            # The runner died a moment ago and the supervisor has not said so yet: nothing was
-            # sent, so wait for the next runner and ask it instead.
-            generation = record.get("generation")
-            self.state.wait(model, lambda r: r.get("generation") != generation or
-                            r["status"] == "unavailable", EXIT_WAIT_SECONDS)
-            record = self._ready(model, cancel)
+        return self._stream(model, request, cancel)
+
+    def _stream(self, model: str, request: bytes, cancel: threading.Event) -> Iterator[Chunk]:
+        record = self._ready(model, cancel)
+        for attempt in (1, 2):
+            conn = None
             try:
                 conn = self._connect(record)
-            except OSError as exc:
-                raise self._broken(model, record, exc) from None
-        try:
-            conn.sendall(request)
-        except OSError as exc:
-            conn.close()
-            raise self._broken(model, record, exc) from None
-        return self._read(model, record, conn, cancel)
+                conn.sendall(request)
+                replies = conn.makefile("rb")
+                accepted = json.loads(replies.readline() or b"{}").get("a")
+            except (OSError, ValueError):
+                accepted = False
+            if accepted:
+                yield from self._read(model, record, conn, replies, cancel)
+                return
+            if conn is not None:
+                conn.close()
+            # The runner never took the request: it died a moment ago (its socket may still
+            # have queued the connection) and the supervisor has not said so yet. Nothing ran,
+            # so ask the next runner instead, once.
+            if attempt == 2 or cancel.is_set():
+                raise self._broken(model, record, None)
+            generation = record.get("generation")
+            self.state.wait(model, lambda r, old=generation: r.get("generation") != old or
+                            r["status"] == "unavailable", EXIT_WAIT_SECONDS)
+            record = self._ready(model, cancel)
 
     @staticmethod
     def _connect(record: dict[str, Any]) -> socket.socket:
@@ -146,7 +153,7 @@ class RunnerEngine:
             raise EngineError(f"{model} is unavailable: {record.get('reason')}", code="model_unavailable")
         return record
 
-    def _read(self, model: str, record: dict[str, Any], conn: socket.socket,
+    def _read(self, model: str, record: dict[str, Any], conn: socket.socket, replies,
               cancel: threading.Event) -> Iterator[Chunk]:
         done = threading.Event()
 
@@ -163,7 +170,7 @@ class RunnerEngine:
         threading.Thread(target=close_on_cancel, name="bchat-runner-stop", daemon=True).start()
         finished = False
         try:
-            with conn.makefile("rb") as replies:
+            with replies:
                 for line in replies:
                     data = json.loads(line)
                     if "t" in data:
