@@ -170,3 +170,84 @@ def test_histories_are_fitted_on_the_senders_thread(tiny_model, parallel, monkey
         assert threads == [threading.current_thread().name]
     finally:
         engine.close()
+
+
+# -- through the server: /v1 and the chat socket ------------------------------------------------
+
+BOOK = [{"role": "system", "content": "Book"},
+        {"role": "user", "content": "What is the best book"}] * 1000  # llama.cpp's own case
+
+
+@pytest.mark.parametrize("parallel", [1, 4], ids=["one-at-a-time", "batched"])
+def test_v1_two_thousand_messages_answer_at_once_and_another_chat_goes_on(
+        make_app, make_live_server, parallel):
+    import openai
+
+    server = make_live_server(make_app(PARALLEL=parallel, MAX_QUEUED_PER_VISITOR=8,
+                                       RATE_LIMIT="1000/minute"))
+    visitor = server.session()
+    visitor.visit()
+    status, key = visitor.json("POST", "/api/keys", {"name": "tests"})
+    assert status == 201
+    # Generous timeouts: a busy machine is slow, but a fit of minutes (as before) is not that.
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key["token"], max_retries=0,
+                           timeout=120)
+    other = iter(client.chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "go"}], max_tokens=200,
+        temperature=0, stream=True))
+    next(other)  # the other chat has started
+
+    # The newest message fits: 200, with the oldest turns left out (and said so).
+    reply = client.chat.completions.create(model="tiny-chat", messages=BOOK, max_tokens=4,
+                                           temperature=0)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 4
+    assert reply.usage.prompt_tokens <= 4096 - 4
+    conversation = reply.model_extra["bchat"]["conversation_id"]
+    stored = visitor.json("GET", f"/api/conversations/{conversation}")[1]["messages"]
+    assert len(stored) == 2001 and stored[-1]["status"] == "complete"
+    assert 1000 < stored[-1]["meta"]["trimmed_messages"] < 2000
+
+    # Not even the newest message fits: 400 context_length_exceeded, as OpenAI answers.
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="tiny-chat", max_tokens=4,
+            messages=BOOK[:-1] + [{"role": "user", "content": "water " * 5000}])
+    assert err.value.status_code == 400
+    assert err.value.body["code"] == "context_length_exceeded"
+    assert err.value.body["type"] == "invalid_request_error" and err.value.body["message"]
+    for streamed in (True, False):  # a stream is refused before it starts, the same way
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model="tiny-chat", max_tokens=4, stream=streamed,
+                messages=[{"role": "user", "content": "water " * 5000}])
+        assert err.value.body["code"] == "context_length_exceeded"
+
+    # The other chat went on to its end.
+    finish = None
+    for chunk in other:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+    assert finish == "length"
+    # Nothing is left streaming: every reply ended, the refused ones failed.
+    statuses = []
+    for summary in visitor.json("GET", "/api/conversations")[1]["conversations"]:
+        messages = visitor.json("GET", f"/api/conversations/{summary['id']}")[1]["messages"]
+        statuses.append(messages[-1]["status"])
+        if messages[-1]["status"] == "failed":
+            assert messages[-1]["meta"]["error"]["code"] == "context_too_long"
+    assert sorted(statuses) == ["complete", "complete", "failed", "failed", "failed"]
+
+
+def test_socket_says_context_too_long_and_the_reply_ends_failed(make_app, make_live_server):
+    server = make_live_server(make_app())
+    ws = server.session().ws()
+    ws.chat("water " * 5000, options={"max_tokens": 8})
+    frame, frames = ws.until("error", "done")
+    assert frame["type"] == "error" and frame["code"] == "context_too_long"
+    assert "context holds 4096 tokens" in frame["message"]
+    started = next(f for f in frames if f["type"] == "started")
+    # the same conversation goes on with a message that fits
+    ws.chat("a short one", conversation_id=started["conversation_id"], options={"max_tokens": 4})
+    done, _ = ws.until("done")
+    assert done["message"]["status"] == "complete"
+    ws.close()
