@@ -28,6 +28,10 @@ def history(n: int, words: int = 2) -> list[dict[str, str]]:
             for i in range(n)]
 
 
+BOOK = [{"role": "system", "content": "Book"},
+        {"role": "user", "content": "What is the best book"}] * 1000
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=10_000)
@@ -43,7 +47,7 @@ def main() -> int:
 
     tiny = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny-chat.gguf")
     shapes = [(f"{args.messages} short", history(args.messages)),
-              ("2,000 short (llama.cpp's test_context_size_exceeded)", history(2_000, 1)),
+              ("2,000 of llama.cpp's test_context_size_exceeded", BOOK),
               ("800 short (84 s before)", history(800)),
               ("200 of ~100 words", history(200, 100))]
     print(f"n_ctx {args.n_ctx}, max_tokens 512; milliseconds, best of {args.runs}")

@@ -15,6 +15,7 @@ import queue
 import re
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -125,18 +126,19 @@ class TokenCache:
 
     def __init__(self, max_chars: int = 2_000_000) -> None:
         self.max_chars = max_chars
-        self._entries: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        # Tokens as array("i"): 4 bytes each, where a list of ints takes ~36.
+        self._entries: OrderedDict[str, array] = OrderedDict()
         self._chars = 0
         self._lock = threading.Lock()
 
-    def get(self, text: str) -> tuple[int, ...] | None:
+    def get(self, text: str) -> array | None:
         with self._lock:
             tokens = self._entries.get(text)
             if tokens is not None:
                 self._entries.move_to_end(text)
             return tokens
 
-    def put(self, text: str, tokens: tuple[int, ...]) -> None:
+    def put(self, text: str, tokens: array) -> None:
         if len(text) > self.max_chars // 8:
             return  # one huge text would push out everything else
         with self._lock:
@@ -229,15 +231,14 @@ class PromptBuilder:
                 if match.start() > start:
                     tokens += self._piece(text[start:match.start()])
                     start = match.start()
-        tokens += self._piece(text[start:])
+        if start < len(text):
+            tokens += self._piece(text[start:])
         return tokens
 
-    def _piece(self, text: str) -> tuple[int, ...]:
-        if not text:
-            return ()
+    def _piece(self, text: str) -> array:
         tokens = self._cache.get(text)
         if tokens is None:
-            tokens = tuple(self._llama_tokenize(text.encode("utf-8")))
+            tokens = array("i", self._llama_tokenize(text.encode("utf-8")))
             self._cache.put(text, tokens)
         return tokens
 
