@@ -401,7 +401,7 @@ class ModelWorker:
         self._requests: queue.Queue[_Request | None] = queue.Queue()
         self._waiting: list[_Request] = []  # submitted, not yet started; guarded by _lock
         self._lock = threading.Lock()
-        self._turns = threading.Condition(self._lock)  # tickets of requests that came during load
+        self._turns = threading.Condition(self._lock)  # see submit
         self._tickets = self._turn = 0
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
@@ -422,17 +422,16 @@ class ModelWorker:
         heartbeat: float | None = None,
     ) -> Iterator[Chunk]:
         request = _Request(messages=messages, options=options, cancel=cancel)
-        # Requests that arrive while the model loads are all released at once: they take
-        # their places in the queue in the order they came (tickets), not in the order their
-        # fits happen to end.
-        ticket = None
+        # Requests take their places in the queue in the order they came (tickets), not in the
+        # order their fits happen to end: those that came while the model loaded are released
+        # at once, and a short history must not overtake a long one that came first.
         with self._lock:
-            if not self._loaded.is_set():
-                ticket, self._tickets = self._tickets, self._tickets + 1
+            ticket, self._tickets = self._tickets, self._tickets + 1
         # The history is fitted here, on the caller's thread, before the request is queued:
         # a long one costs its sender milliseconds and never holds up the other chats' tokens,
         # and one that cannot fit fails before it takes a place in the queue.
         outcome: Chunk | EngineError | None = None
+        fitted = False
         try:
             while not self._loaded.wait(LOAD_POLL_SECONDS):
                 if cancel.is_set():
@@ -441,19 +440,22 @@ class ModelWorker:
             else:
                 self.wait_loaded()
                 self._fit(request)
+                fitted = True
         except Exception as exc:
             outcome = as_engine_error(exc, "the model could not read this conversation")
-        with self._turns:
-            while ticket is not None and self._turn != ticket:
-                self._turns.wait()
-            if outcome is None:
-                self._waiting.append(request)
-                self._requests.put(request)
-                self._tell_positions()
-            if ticket is not None:
+        finally:
+            # Whatever happened, the turn passes on: a ticket never served would hold every
+            # later request of this model.
+            with self._turns:
+                while self._turn != ticket:
+                    self._turns.wait()
+                if fitted:
+                    self._waiting.append(request)
+                    self._requests.put(request)
+                    self._tell_positions()
                 self._turn += 1
                 self._turns.notify_all()
-        return self._drain(request, heartbeat) if outcome is None else ended(outcome)
+        return self._drain(request, heartbeat) if fitted else ended(outcome)
 
     def _fit(self, request: _Request) -> None:
         from .structured import render_messages
