@@ -22,7 +22,7 @@ from typing import Any
 
 from .base import EngineError, Finished, Token
 from .llamacpp import _DONE, ModelWorker, PromptBuilder, _Request, penalties_sampler, start_grammar
-from .structured import StopMatcher, render_messages
+from .structured import StopMatcher
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ class BatchedModelWorker(ModelWorker):
         except BaseException as exc:
             self._load_failed(exc)
             return
-        self._loaded.set()
+        # Set before _loaded: request threads fit their histories with the builder (submit).
         self._llama, self._builder, self._ctx, self._batch = llama, builder, ctx, batch
+        self._loaded.set()
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -194,10 +195,7 @@ class BatchedModelWorker(ModelWorker):
         from llama_cpp import llama_cpp
 
         opts = request.options
-        messages = render_messages(request.messages, opts.tools, opts.tool_choice)
-        prompt, dropped, max_tokens = self._builder.fit(
-            messages, opts.system, self.n_ctx, opts.max_tokens
-        )
+        prompt, dropped, max_tokens = request.prompt, request.dropped, request.max_tokens  # see submit
         # The free slot whose cache shares the longest start with this prompt.
         def shared(slot: _Slot) -> int:
             n = 0

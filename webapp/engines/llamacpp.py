@@ -12,8 +12,11 @@ from __future__ import annotations
 import codecs
 import logging
 import queue
+import re
 import threading
 import time
+from array import array
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,9 +50,30 @@ class _Request:
     cancel: threading.Event
     out: queue.Queue = field(default_factory=queue.Queue)
     position: int = 0  # last place in the queue the request was told
+    # Fitted on the request's own thread before it is queued (ModelWorker.submit).
+    prompt: list[int] = field(default_factory=list)
+    dropped: int = 0  # oldest messages left out to fit the context
+    max_tokens: int = 0  # the reply room left
 
 
 _DONE = object()  # end-of-stream marker on a request's out queue
+
+LOAD_POLL_SECONDS = 0.1  # how often a request waiting for its model to load looks at its stop
+
+
+def as_engine_error(exc: BaseException, what: str) -> EngineError:
+    """``exc`` as the EngineError a chat fails with (a template that raises, text that cannot
+    be encoded…): its type and a bounded piece of its message."""
+    if isinstance(exc, EngineError):
+        return exc
+    return EngineError(f"{what}: {type(exc).__name__}: {str(exc)[:300]}")
+
+
+def ended(last: Chunk | EngineError) -> Iterator[Chunk]:
+    """A stream that never reached the inference thread: one Finished, or one failure."""
+    if isinstance(last, EngineError):
+        raise last
+    yield last
 
 
 CHATML_TEMPLATE = (
@@ -94,10 +118,70 @@ def penalties_sampler(options: GenerationOptions):
     )
 
 
+class TokenCache:
+    """Token lists of texts seen lately, least recently used first out, bounded by characters.
+
+    Shared by the request threads that fit histories: the next turn of a conversation finds
+    its earlier messages here and tokenizes only the new one."""
+
+    def __init__(self, max_chars: int = 2_000_000) -> None:
+        self.max_chars = max_chars
+        # Tokens as array("i"): 4 bytes each, where a list of ints takes ~36.
+        self._entries: OrderedDict[str, array] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> array | None:
+        with self._lock:
+            tokens = self._entries.get(text)
+            if tokens is not None:
+                self._entries.move_to_end(text)
+            return tokens
+
+    def put(self, text: str, tokens: array) -> None:
+        if len(text) > self.max_chars // 8:
+            return  # one huge text would push out everything else
+        with self._lock:
+            if text in self._entries:
+                return
+            self._entries[text] = tokens
+            self._chars += len(text)
+            while self._chars > self.max_chars:
+                old, _ = self._entries.popitem(last=False)
+                self._chars -= len(old)
+
+
+def special_splitter(vocab) -> re.Pattern[str] | None:
+    """A pattern finding the special tokens a prompt can be cut before without changing how
+    it tokenizes: llama.cpp splits text at special tokens first and tokenizes the pieces
+    between them one by one, so pieces that start at one tokenize alone the same. Left out:
+    tokens that strip whitespace to their left (the cut would keep it)."""
+    from llama_cpp import llama_cpp
+
+    special = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+               | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
+    texts = set()
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+        if attr & special and not attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP:
+            text = (llama_cpp.llama_vocab_get_text(vocab, token) or b"").decode("utf-8", "replace")
+            if len(text) > 1:  # a one-character "special" token would cut everywhere
+                texts.add(text)
+    if not texts:
+        return None
+    # Longest first, as llama.cpp matches them.
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
 class PromptBuilder:
-    """Formats messages with the model's own chat template and fits them into the context."""
+    """Formats messages with the model's own chat template and fits them into the context.
+
+    Safe to use from any thread while the inference thread decodes: it renders in Python and
+    tokenizes with the model's vocabulary only (llama_tokenize reads the vocabulary, never the
+    context), the way llama-server tokenizes in its HTTP threads."""
 
     def __init__(self, llama, fallback: str | None = None) -> None:
+        from llama_cpp import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = llama.metadata.get("tokenizer.chat_template") or fallback
@@ -108,15 +192,18 @@ class PromptBuilder:
                 code="no_chat_template",
             )
         eos_id, bos_id = llama.token_eos(), llama.token_bos()
-        self._llama = llama
+        self._llama = llama  # holds the model (and so its vocabulary) alive
+        self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
         self._formatter = Jinja2ChatFormatter(
             template=template,
             eos_token=llama._model.token_get_text(eos_id) if eos_id != -1 else "",
             bos_token=llama._model.token_get_text(bos_id) if bos_id != -1 else "",
             stop_token_ids=[eos_id],
         )
+        self._splitter = special_splitter(self._vocab)
+        self._cache = TokenCache()
 
-    def tokens(self, messages: list[dict[str, str]]) -> list[int]:
+    def text(self, messages: list[dict[str, str]]) -> str:
         """The prompt, formatted by the model's template. A trailing assistant message is a
         reply being continued: the prompt opens the assistant turn and ends with its text, so
         the model writes on from there instead of starting a new turn."""
@@ -124,9 +211,49 @@ class PromptBuilder:
         if messages and messages[-1]["role"] == "assistant":
             prefix = messages[-1]["content"]
             messages = messages[:-1]
-        prompt = self._formatter(messages=messages).prompt + prefix
-        # The template writes BOS itself when the model wants one.
-        return self._llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        return self._formatter(messages=messages).prompt + prefix
+
+    def tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt's tokens (the template writes BOS itself when the model wants one)."""
+        return self.tokenize(self.text(messages))
+
+    def tokenize(self, text: str) -> list[int]:
+        """``text`` tokenized as llama.cpp does with special tokens parsed, piece by piece.
+
+        llama.cpp's own special-token pass is quadratic in the number of special tokens (a
+        prompt of 800 short messages takes ~90 ms, 8,000 over 10 s), so the text is cut before
+        each special token, the pieces are tokenized alone (the same tokens: see
+        special_splitter) and remembered: a message seen before costs a dictionary look-up."""
+        tokens: list[int] = []
+        start = 0
+        if self._splitter is not None:
+            for match in self._splitter.finditer(text):
+                if match.start() > start:
+                    tokens += self._piece(text[start:match.start()])
+                    start = match.start()
+        if start < len(text):
+            tokens += self._piece(text[start:])
+        return tokens
+
+    def _piece(self, text: str) -> array:
+        tokens = self._cache.get(text)
+        if tokens is None:
+            tokens = array("i", self._llama_tokenize(text.encode("utf-8")))
+            self._cache.put(text, tokens)
+        return tokens
+
+    def _llama_tokenize(self, data: bytes) -> list[int]:
+        from llama_cpp import llama_cpp
+
+        size = len(data) + 8  # a token covers at least one byte; a space may be prefixed
+        while True:
+            buffer = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, size, False, True)
+            if n >= 0:
+                return buffer[:n]
+            if -n <= size:
+                raise EngineError("llama.cpp could not tokenize this conversation")
+            size = -n
 
     def fit(
         self, messages: list[dict[str, str]], system: str | None, n_ctx: int, max_tokens: int
@@ -135,8 +262,12 @@ class PromptBuilder:
 
         Returns (prompt tokens, number of messages dropped, max_tokens actually allowed). The
         system prompt and the newest message are never dropped; if those alone do not fit,
-        raises ContextTooLong.
-        """
+        raises ContextTooLong. Turns are dropped whole (the kept ones start at a user message);
+        a reply being continued stays with the newest message.
+
+        The answer is the first cut of that sequence whose prompt fits: found by search, not
+        one cut at a time, so a history of 10,000 messages renders a handful of times, never
+        more than what fits plus a little (see FitSearch)."""
         head = [{"role": "system", "content": system}] if system else []
         if not system and messages and messages[0]["role"] == "system":
             head, messages = messages[:1], messages[1:]
@@ -144,25 +275,113 @@ class PromptBuilder:
         turns = list(messages)
         # The newest message, and a reply being continued after it, are never dropped.
         keep = 2 if len(turns) > 1 and turns[-1]["role"] == "assistant" else 1
-        dropped = 0
-        while True:
-            tokens = self.tokens(head + turns)
-            if len(tokens) + reserve <= n_ctx:
-                break
-            if len(turns) <= keep:
-                if len(tokens) + MIN_REPLY_TOKENS <= n_ctx:
-                    break  # the newest message fits, with a shorter reply than asked
+        cuts = cut_points([t["role"] for t in turns], keep)
+        search = FitSearch(self, head, turns, cuts, n_ctx - reserve)
+        best = search.first_fitting()
+        if best is None:
+            best = len(cuts) - 1
+            tokens = search.exact(best)
+            if len(tokens) + MIN_REPLY_TOKENS > n_ctx:
                 raise ContextTooLong(
                     f"the message is {len(tokens)} tokens with its template; this model's "
                     f"context holds {n_ctx} tokens including the reply. Shorten the message."
                 )
-            # Drop from the front, keeping the turns starting with a user message.
-            turns.pop(0)
-            dropped += 1
-            while len(turns) > keep and turns[0]["role"] != "user":
-                turns.pop(0)
-                dropped += 1
-        return tokens, dropped, min(max_tokens, n_ctx - len(tokens))
+            # else the newest message fits, with a shorter reply than asked
+        tokens = search.exact(best)
+        return tokens, cuts[best], min(max_tokens, n_ctx - len(tokens))
+
+
+def cut_points(roles: list[str], keep: int) -> list[int]:
+    """How many of the oldest turns each try drops, in the order trimming tries them: one more
+    turn each time, then on to the next user message, never into the last ``keep`` turns."""
+    n = len(roles)
+    cuts = [0]
+    cut = 0
+    while n - cut > keep:
+        cut += 1
+        while n - cut > keep and roles[cut] != "user":
+            cut += 1
+        cuts.append(cut)
+    return cuts
+
+
+class FitSearch:
+    """The first of the cuts whose prompt has at most ``limit`` tokens.
+
+    A prompt's length only grows with the turns it keeps, so the first fitting cut is found by
+    bisection. An exact length costs a render and the tokens of every kept turn (llama.cpp's
+    BPE tokenizers take ~1 µs a character), so the tries are guided by an estimate: the
+    characters a cut keeps, each turn counted TURN_CHARS longer for its template, times the
+    tokens per character the exact lengths seen so far show. It lands on the answer in two or
+    three tries; if it does not, the search steps back from the newest turns, doubling, then
+    bisects, so it never tokenizes much more than what fits."""
+
+    GUIDED_TRIES = 4
+    TURN_CHARS = 16
+
+    def __init__(self, builder: PromptBuilder, head, turns, cuts: list[int], limit: int) -> None:
+        self.builder, self.head, self.turns, self.cuts, self.limit = builder, head, turns, cuts, limit
+        self._exact: dict[int, list[int]] = {}
+        # after[i]: the weighted characters of turns[i:].
+        after = [0] * (len(turns) + 1)
+        for i in range(len(turns) - 1, -1, -1):
+            after[i] = after[i + 1] + len(turns[i]["content"]) + self.TURN_CHARS
+        self._after = after
+        self._head_chars = sum(len(m["content"]) + self.TURN_CHARS for m in head)
+
+    def exact(self, j: int) -> list[int]:
+        tokens = self._exact.get(j)
+        if tokens is None:
+            tokens = self._exact[j] = self.builder.tokens(self.head + self.turns[self.cuts[j]:])
+        return tokens
+
+    def fits(self, j: int) -> bool:
+        return len(self.exact(j)) <= self.limit
+
+    def _chars(self, j: int) -> int:
+        return self._after[self.cuts[j]]
+
+    def _guess(self, lo: int, hi: int, per_char: float) -> int:
+        """The first cut in (lo, hi] the estimate says fits."""
+        base, low, high = len(self.exact(hi)) - per_char * self._chars(hi), lo + 1, hi
+        while low < high:
+            mid = (low + high) // 2
+            if base + per_char * self._chars(mid) <= self.limit:
+                high = mid
+            else:
+                low = mid + 1
+        return low
+
+    def first_fitting(self) -> int | None:
+        last = len(self.cuts) - 1
+        if not self.fits(last):
+            return None  # nor does any cut keeping more
+        # Each turn is taken to add at least a token, so guided tries keep at most `limit`.
+        n = len(self.turns)
+        floor = next(j for j, cut in enumerate(self.cuts) if n - cut <= self.limit)
+        lo, hi = -1, last
+        per_char = len(self.exact(last)) / max(1, self._head_chars + self._chars(last))
+        tries = 0
+        while hi - lo > 1:
+            if tries < self.GUIDED_TRIES:
+                probe = min(max(self._guess(lo, hi, per_char), lo + 1, floor), hi - 1)
+            elif lo < 0:
+                probe = max(0, hi - 2 * (last - hi + 1))  # step back from the newest, doubling
+            else:
+                probe = (lo + hi) // 2
+            tries += 1
+            if self.fits(probe):
+                hi = probe
+            else:
+                lo = probe
+            # Tokens per character between the nearest exact lengths on either side.
+            near = lo if lo >= 0 else last
+            if near != hi and self._chars(near) != self._chars(hi):
+                slope = ((len(self.exact(near)) - len(self.exact(hi)))
+                         / (self._chars(near) - self._chars(hi)))
+                if slope > 0:
+                    per_char = slope
+        return hi
 
 
 class ModelWorker:
@@ -182,6 +401,8 @@ class ModelWorker:
         self._requests: queue.Queue[_Request | None] = queue.Queue()
         self._waiting: list[_Request] = []  # submitted, not yet started; guarded by _lock
         self._lock = threading.Lock()
+        self._turns = threading.Condition(self._lock)  # see submit
+        self._tickets = self._turn = 0
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._current_cancel: threading.Event | None = None
@@ -202,11 +423,49 @@ class ModelWorker:
         heartbeat: float | None = None,
     ) -> Iterator[Chunk]:
         request = _Request(messages=messages, options=options, cancel=cancel)
+        # Requests take their places in the queue in the order they came (tickets), not in the
+        # order their fits happen to end: those that came while the model loaded are released
+        # at once, and a short history must not overtake a long one that came first.
         with self._lock:
-            self._waiting.append(request)
-            self._requests.put(request)
-            self._tell_positions()
-        return self._drain(request, heartbeat)
+            ticket, self._tickets = self._tickets, self._tickets + 1
+        # The history is fitted here, on the caller's thread, before the request is queued:
+        # a long one costs its sender milliseconds and never holds up the other chats' tokens,
+        # and one that cannot fit fails before it takes a place in the queue.
+        outcome: Chunk | EngineError | None = None
+        fitted = False
+        try:
+            while not self._loaded.wait(LOAD_POLL_SECONDS):
+                if cancel.is_set():
+                    outcome = Finished("stopped", 0, 0, None)
+                    break
+            else:
+                self.wait_loaded()
+                self._fit(request)
+                fitted = True
+        except Exception as exc:
+            outcome = as_engine_error(exc, "the model could not read this conversation")
+        finally:
+            # Whatever happened, the turn passes on: a ticket never served would hold every
+            # later request of this model.
+            with self._turns:
+                while self._turn != ticket:
+                    self._turns.wait()
+                if fitted:
+                    self._waiting.append(request)
+                    self._requests.put(request)
+                    self._tell_positions()
+                self._turn += 1
+                self._turns.notify_all()
+        return self._drain(request, heartbeat) if fitted else ended(outcome)
+
+    def _fit(self, request: _Request) -> None:
+        from .structured import render_messages
+
+        opts = request.options
+        messages = render_messages(request.messages, opts.tools, opts.tool_choice)
+        request.prompt, request.dropped, request.max_tokens = self._builder.fit(
+            messages, opts.system, self.n_ctx, opts.max_tokens
+        )
 
     def _busy_slots(self) -> int:
         """How many requests are generating now (lock held)."""
@@ -305,7 +564,7 @@ class ModelWorker:
     def _run(self) -> None:
         try:
             llama = self._load()
-            builder = PromptBuilder(llama, self.chat_template)
+            self._builder = PromptBuilder(llama, self.chat_template)
         except BaseException as exc:
             self._load_failed(exc)
             return
@@ -323,7 +582,7 @@ class ModelWorker:
                 if request.cancel.is_set():
                     request.out.put(Finished("stopped", 0, 0, None))
                 else:
-                    self._generate(llama, builder, request)
+                    self._generate(llama, request)
             except EngineError as exc:
                 request.out.put(exc)
             except Exception as exc:
@@ -348,16 +607,13 @@ class ModelWorker:
             request.out.put(EngineError(f"model {self.model.id} failed to load: {exc}"))
             request.out.put(_DONE)
 
-    def _generate(self, llama, builder: PromptBuilder, request: _Request) -> None:
+    def _generate(self, llama, request: _Request) -> None:
         from llama_cpp import LlamaGrammar, llama_cpp
 
-        from .structured import StopMatcher, render_messages
+        from .structured import StopMatcher
 
         opts = request.options
-        messages = render_messages(request.messages, opts.tools, opts.tool_choice)
-        prompt, dropped, max_tokens = builder.fit(
-            messages, opts.system, self.n_ctx, opts.max_tokens
-        )
+        prompt, dropped, max_tokens = request.prompt, request.dropped, request.max_tokens
         if opts.seed is not None:
             llama.set_seed(opts.seed)
         vocab = llama_cpp.llama_model_get_vocab(llama.model)
