@@ -5,8 +5,8 @@ visitors each loading the page's API calls in a loop (models, conversations, a n
 rows: what 30 browser-engine users cost the web process), while ``--chats`` websocket
 visitors stream 128-token server replies back to back. Run once per setup:
 
-- inline:  the model in the web process, OpenMP's default (spinning) wait policy
-- runner:  the model in its runner process (the default): niced, OMP_WAIT_POLICY=PASSIVE
+- before:  the model in the web process on every core (bchat's earlier defaults)
+- after:   the model in its runner process, niced, one thread fewer than the cores (today's)
 
 and, with ``--busy``, each again beside one CPU-bound process (another tenant, a test run):
 the case where llama.cpp's spinning threads stalled (16 tokens in 50 s instead of 0.2 s).
@@ -39,7 +39,13 @@ def spin(stop) -> None:
         sum(i * i for i in range(10_000))
 
 
-def start(runner: str) -> tuple[subprocess.Popen, str]:
+SETUPS = {  # name -> environment
+    "before": {"BCHAT_MODEL_RUNNER": "inline", "BCHAT_N_THREADS": str(os.cpu_count() or 1)},
+    "after": {"BCHAT_MODEL_RUNNER": "process"},
+}
+
+
+def start(setup: dict[str, str]) -> tuple[subprocess.Popen, str]:
     from conftest import migrate
     from helpers import free_port, wait_for_http
 
@@ -48,11 +54,11 @@ def start(runner: str) -> tuple[subprocess.Popen, str]:
     migrate(url)
     port = free_port()
     env = {**os.environ, "BCHAT_DATABASE_URL": url, "BCHAT_SECRET_KEY": "bench",
-           "BCHAT_MODEL_RUNNER": runner, "BCHAT_BROWSER_FORMAT": "original",
+           "BCHAT_BROWSER_FORMAT": "original",
            "BCHAT_INSTANCE_PATH": tmp, "BCHAT_RATE_LIMIT": "100000/minute",
            "BCHAT_MAX_QUEUED_PER_VISITOR": "100", "BCHAT_PRELOAD_MODELS": "1",
            # the whole class comes from 127.0.0.1: no cap per address
-           "BCHAT_MAX_REPLIES_PER_ADDRESS": "0", "BCHAT_SOCKET_SHARE_PER_ADDRESS": "1"}
+           "BCHAT_MAX_REPLIES_PER_ADDRESS": "0", "BCHAT_SOCKET_SHARE_PER_ADDRESS": "1", **setup}
     proc = subprocess.Popen(
         [str(ROOT / ".venv/bin/gunicorn"), "-c", "python:webapp.gunicorn_conf", "-k", "gthread",
          "--threads", "48", "-w", "1", "--no-control-socket", "-b", f"127.0.0.1:{port}",
@@ -97,8 +103,8 @@ def chatter(base: str, until: float, tokens: list[int], failures: list[str]) -> 
     ws.close()
 
 
-def run(runner: str, students: int, chats: int, seconds: float, busy: bool) -> dict:
-    proc, base = start(runner)
+def run(setup: str, students: int, chats: int, seconds: float, busy: bool) -> dict:
+    proc, base = start(SETUPS[setup])
     stop_spin = multiprocessing.Event()
     spinner = multiprocessing.Process(target=spin, args=(stop_spin,)) if busy else None
     try:
@@ -141,16 +147,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--busy", action="store_true", help="also run each beside a CPU-bound process")
     args = parser.parse_args()
-    setups = [("inline", False), ("process", False)]
+    setups = [("before", False), ("after", False)]
     if args.busy:
-        setups += [("inline", True), ("process", True)]
+        setups += [("before", True), ("after", True)]
     print(f"{args.students} students (API loop) + {args.chats} server chats (128 tokens each, back "
           f"to back), {args.seconds:.0f} s, {os.cpu_count()} cores, the bundled model")
-    print(f"{'model':<10}{'neighbour':<11}{'calls':>7}{'failed':>8}{'p50 ms':>9}{'p99 ms':>9}"
+    print(f"{'setup':<10}{'neighbour':<11}{'calls':>7}{'failed':>8}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'replies':>9}{'tok/s':>8}")
-    for runner, busy in setups:
-        r = run(runner, args.students, args.chats, args.seconds, busy)
-        print(f"{'runner' if runner == 'process' else 'inline':<10}{'1 busy' if busy else '-':<11}"
+    for setup, busy in setups:
+        r = run(setup, args.students, args.chats, args.seconds, busy)
+        print(f"{setup:<10}{'1 busy' if busy else '-':<11}"
               f"{r['calls']:>7}{r['failures']:>8}{r['p50']:>9.0f}{r['p99']:>9.0f}{r['replies']:>9}"
               f"{r['tok_s']:>8.1f}")
 

@@ -42,7 +42,7 @@ def main() -> None:
     model = catalogue.default_id
     config = {"MODEL_PATH": args.model, "N_CTX": 2048, "N_THREADS": os.cpu_count() or 1,
               "PARALLEL": 4, "RUNNER_NICE": 10, "WATCHDOG_SECONDS": 120}
-    supervisor = start_supervisor(config, [model])
+    supervisor = start_supervisor(config, catalogue)
     engine = RunnerEngine(catalogue, supervisor.directory, supervisor)
     options = GenerationOptions(max_tokens=2000, temperature=0)
     failed, first = [], []

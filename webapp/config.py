@@ -29,7 +29,8 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "DATABASE_URL": (None, str, "SQLAlchemy URL; default: sqlite file bchat.sqlite3 in the instance folder"),
     "MODEL_PATH": (None, str, "a .gguf file or a directory of them; default: the bundled SmolLM2-135M"),
     "N_CTX": (4096, _INT, "context window (tokens) of each chat on embedded models"),
-    "N_THREADS": (0, _INT, "CPU threads for embedded models; 0 = number of cores"),
+    "N_THREADS": (0, _INT, "CPU threads for embedded models; 0 = one fewer than the cores (at least 1), "
+                  "leaving the web process a core: llama.cpp's spinning threads stall when any core is busy"),
     "PARALLEL": (4, _INT, "chats decoded together per embedded model (1 = one at a time)"),
     "BROWSER_FORMAT": ("Q8_0", str, "format pages run (derived once from each Q4_0/Q4_1/Q8_0/F16 model; "
                        "Q8_0 measured fastest in WASM by bench/browser_speed.py); original = as is"),
@@ -142,12 +143,18 @@ def load_config(instance_path: str | Path, environ: Mapping[str, str] | None = N
     if config["BROWSER_MODELS_DIR"] is None:
         config["BROWSER_MODELS_DIR"] = str(instance_path / "browser-models")
     if config["N_THREADS"] in (0, None):
-        config["N_THREADS"] = os.cpu_count() or 1
+        config["N_THREADS"] = default_threads()
     if config["MODEL_RUNNER"] not in ("process", "inline"):
         raise ValueError(f"BCHAT_MODEL_RUNNER must be process or inline, not {config['MODEL_RUNNER']!r}")
     if config["MAX_SOCKETS"] is None:
         config["MAX_SOCKETS"] = default_max_sockets(environ)
     return config
+
+
+def default_threads(cores: int | None = None) -> int:
+    """One thread fewer than the cores, at least one (see N_THREADS and bench/class_load.py)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def default_max_sockets(environ: Mapping[str, str]) -> int:

@@ -7,6 +7,7 @@ models is cheap and the UI can show size and quantisation before anyone download
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -202,6 +203,24 @@ class ModelCatalogue:
             m.id: browser_file(m, browser_format, Path(browser_dir) if browser_dir else None)
             for m in self._models.values()
         }
+
+    @classmethod
+    def of(cls, models: list[ModelFile]) -> ModelCatalogue:
+        """A catalogue of models already read (a model runner gets its one model from the
+        supervisor: reading a GGUF header again costs ~2 s for a 49k-token vocabulary)."""
+        catalogue = cls.__new__(cls)
+        catalogue.model_path = ""
+        catalogue._models = {m.id: m for m in models}
+        catalogue._browser = {}
+        return catalogue
+
+    def to_json(self, model_id: str) -> str:
+        return json.dumps({**asdict(self._models[model_id]), "path": str(self._models[model_id].path)})
+
+    @staticmethod
+    def model_from_json(text: str) -> ModelFile:
+        data = json.loads(text)
+        return ModelFile(**{**data, "path": Path(data["path"])})
 
     def browser(self, model_id: str) -> BrowserFile | None:
         return self._browser.get(model_id)

@@ -17,9 +17,12 @@ which every web process reads (``engines/runner.py``). As Ollama does with its r
   in a process of its own started by ``webapp.gunicorn_conf``, so all web workers share one
   runner per model.
 
-Runners run at a lower CPU priority than the web process (``RUNNER_NICE``) and with OpenMP's
-passive wait policy: llama.cpp's threads then sleep at barriers instead of spinning, so pages
-stay fast on a busy machine and the model slows down instead of stalling (bench/class_load.py).
+Runners run at a lower CPU priority than the web process (``RUNNER_NICE``), and by default
+with one thread fewer than the machine has cores (config.py, N_THREADS): llama.cpp's threads
+spin at barriers, so when any other process keeps a core busy, a model using every core
+stalls at each barrier (SmolLM2 on 2 cores: 241 tok/s idle, 36 beside one busy process),
+while one thread fewer keeps its pace (145 idle and busy) and leaves the web process a core.
+OpenMP's passive wait policy is no cure: it cut idle decoding to 33 tok/s.
 
 ``python -m webapp.model_runner supervise --dir D`` runs a supervisor;
 ``python -m webapp.model_runner runner ...`` is one runner (started by a supervisor only).
@@ -104,8 +107,11 @@ class RunnerRecord:
 class RunnerSupervisor:
     """Starts one runner per model, restarts them when they die, and publishes their state."""
 
-    def __init__(self, settings: Mapping[str, Any], model_ids: list[str],
+    def __init__(self, settings: Mapping[str, Any], catalogue,
                  directory: str | os.PathLike | None = None) -> None:
+        model_ids = [m.id for m in catalogue]
+        # Each runner gets its model's facts as read here (no second read of its GGUF header).
+        self.model_json = {mid: catalogue.to_json(mid) for mid in model_ids}
         self.settings = dict(settings)
         self.owns_directory = directory is None
         # A short path: a Unix socket's path is limited to ~107 bytes.
@@ -196,8 +202,7 @@ class RunnerSupervisor:
         read_end, write_end = os.pipe()
         env = dict(os.environ)
         env["BCHAT_RUNNER_SETTINGS"] = json.dumps(self.settings)
-        # llama.cpp's OpenMP threads sleep at barriers instead of spinning (unless told otherwise).
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env["BCHAT_RUNNER_MODEL"] = self.model_json[model_id]
         command = [sys.executable, "-m", "webapp.model_runner", "runner", "--model", model_id,
                    "--socket", record.socket, "--report-fd", str(write_end)]
         try:
@@ -246,9 +251,10 @@ class RunnerSupervisor:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_supervisor(config: Mapping[str, Any], model_ids: list[str],
+def start_supervisor(config: Mapping[str, Any], catalogue,
                      directory: str | os.PathLike | None = None) -> RunnerSupervisor:
-    return RunnerSupervisor(runner_settings(config), model_ids, directory).start()
+    """Runners for every model of ``catalogue`` (a model_files.ModelCatalogue)."""
+    return RunnerSupervisor(runner_settings(config), catalogue, directory).start()
 
 
 # -- one runner: the process that owns a model -------------------------------------------------------
@@ -369,7 +375,7 @@ def run_runner(model_id: str, socket_path: str, report_fd: int) -> int:
     from .model_files import ModelCatalogue
 
     engine = LlamaCppEngine(
-        ModelCatalogue(settings["MODEL_PATH"]),
+        ModelCatalogue.of([ModelCatalogue.model_from_json(os.environ["BCHAT_RUNNER_MODEL"])]),
         n_ctx=int(settings["N_CTX"]),
         n_threads=int(settings["N_THREADS"]),
         n_gpu_layers=int(settings.get("N_GPU_LAYERS") or 0),
@@ -417,8 +423,7 @@ def run_supervisor(directory: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _die_with_parent()
     config = load_config(instance_path())
-    model_ids = [m.id for m in ModelCatalogue(config["MODEL_PATH"])]
-    supervisor = start_supervisor(config, model_ids, directory)
+    supervisor = start_supervisor(config, ModelCatalogue(config["MODEL_PATH"]), directory)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -82,7 +82,7 @@ def build_engines(config, catalogue) -> EngineRegistry:
         if os.environ.get(RUNNER_DIR_ENV):  # gunicorn's master supervises them (gunicorn_conf)
             engines.append(RunnerEngine(catalogue, os.environ[RUNNER_DIR_ENV]))
         else:
-            supervisor = start_supervisor(config, [m.id for m in catalogue])
+            supervisor = start_supervisor(config, catalogue)
             engines.append(RunnerEngine(catalogue, supervisor.directory, supervisor))
     elif len(catalogue):
         engines.append(LlamaCppEngine(
