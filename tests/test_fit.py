@@ -206,6 +206,7 @@ def test_v1_two_thousand_messages_answer_at_once_and_another_chat_goes_on(
     stored = visitor.json("GET", f"/api/conversations/{conversation}")[1]["messages"]
     assert len(stored) == 2001 and stored[-1]["status"] == "complete"
     assert 1000 < stored[-1]["meta"]["trimmed_messages"] < 2000
+    assert stored[-1]["meta"]["trimmed_through"] in ("Book", "What is the best book")
 
     # Not even the newest message fits: 400 context_length_exceeded, as OpenAI answers.
     with pytest.raises(openai.BadRequestError) as err:
@@ -251,3 +252,19 @@ def test_socket_says_context_too_long_and_the_reply_ends_failed(make_app, make_l
     done, _ = ws.until("done")
     assert done["message"]["status"] == "complete"
     ws.close()
+
+
+def test_the_reply_says_which_message_the_models_view_began_after():
+    """meta.trimmed_through quotes the newest message left out (the page shows it)."""
+    from webapp.runs import last_left_out
+
+    history = [{"role": "system", "content": "Be brief."}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}  with   spaces"}
+        for i in range(10)]
+    plain = GenerationOptions()
+    # the history's own system message is kept as the head, so two dropped = turns 0 and 1
+    assert last_left_out(history, plain, 2) == "turn 1 with spaces"
+    # with a system prompt in the options, the fit counts from the history's first message
+    assert last_left_out(history, GenerationOptions(system="Other"), 2) == "turn 0 with spaces"
+    long = [{"role": "user", "content": "x" * 500}, {"role": "user", "content": "newest"}]
+    assert last_left_out(long, plain, 1) == "x" * 80 + "…"

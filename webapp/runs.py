@@ -67,6 +67,15 @@ class Watcher(Protocol):
     def active(self) -> bool: ...
 
 
+def last_left_out(history: list[dict[str, Any]], options: GenerationOptions, dropped: int) -> str:
+    """The start of the newest message the model did not see (its oldest ``dropped`` turns
+    were left out to fit the context), so the page can say where its view began."""
+    offset = 1 if (not options.system and history and history[0]["role"] == "system") else 0
+    index = min(offset + dropped, len(history)) - 1
+    text = " ".join(str(history[index].get("content") or "").split()) if index >= 0 else ""
+    return text[:80] + ("…" if len(text) > 80 else "")
+
+
 def check_message_id(value: Any) -> str:
     """A message id from a client: a string, or Invalid before it reaches a query (where an
     object or a list failed as a 500)."""
@@ -563,6 +572,8 @@ class RunService:
             return
         meta: dict[str, Any] = dict(finished.meta) if finished else {}
         meta["options"] = run.options.to_dict()
+        if meta.get("trimmed_messages"):
+            meta["trimmed_through"] = last_left_out(run.history, run.options, meta["trimmed_messages"])
         earlier_tokens = 0
         if run.continues is not None:  # the same message, written in more than one go
             before = run.continues

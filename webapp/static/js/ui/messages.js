@@ -20,7 +20,9 @@ export function describeProvenance(message) {
   const n = message.usage?.completion_tokens;
   if (n != null) parts.push(`${n} tokens`);
   if (message.meta?.trimmed_messages) {
-    parts.push(`${message.meta.trimmed_messages} older messages left out to fit the context`);
+    // Which ones: the oldest N, up to the one quoted (server replies say which that was).
+    const through = message.meta.trimmed_through ? `, up to “${message.meta.trimmed_through}”` : "";
+    parts.push(`the ${message.meta.trimmed_messages} oldest messages were left out to fit the context${through}`);
   }
   return parts.join(" · ");
 }

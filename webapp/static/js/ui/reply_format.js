@@ -142,12 +142,18 @@ export function initReplyFormat(container, { api, conversationId, onError = () =
   });
   // The settings menu shows the open conversation's own format each time it opens.
   const menu = container.closest("details");
+  // Counted from the last close, not from the toggle event: that event is queued, so a
+  // choice made the moment the menu opened may come before it and must still win.
+  let editsAtClose = edits;
   menu?.addEventListener("toggle", async () => {
-    if (!menu.open) return;
+    if (!menu.open) {
+      editsAtClose = edits;
+      return;
+    }
     const id = conversationId();
     refresh();
     if (!id) return;
-    const before = edits;
+    const before = editsAtClose;
     try {
       const { settings } = await api.conversation(id);
       if (edits === before && id === conversationId()) showReplyFormat(settings);
