@@ -52,15 +52,18 @@ def collect(stream):
 
 def run_together(engine, prompts, options=None, cancels=None):
     results: dict[int, tuple] = {}
-    barrier = threading.Barrier(len(prompts))
+    # A definite arrival order from events, not sleeps: engine.stream() returns once its
+    # request is queued, and request i is sent only after request i - 1 is in the queue.
+    queued = [threading.Event() for _ in prompts]
 
     def one(i: int) -> None:
-        barrier.wait()
-        time.sleep(0.01 * i)  # a definite arrival order
+        if i:
+            assert queued[i - 1].wait(60)
         cancel = cancels[i] if cancels else threading.Event()
-        results[i] = collect(engine.stream(
-            "tiny-chat", [{"role": "user", "content": prompts[i]}], options or greedy(), cancel
-        ))
+        stream = engine.stream(
+            "tiny-chat", [{"role": "user", "content": prompts[i]}], options or greedy(), cancel)
+        queued[i].set()
+        results[i] = collect(stream)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for t in threads:

@@ -167,25 +167,31 @@ def test_disconnect_past_the_grace_period_stops_generation_and_stores_partial(
 
 def test_two_clients_at_once_both_complete_in_order(live_server):
     results = {}
+    a_started = threading.Event()
 
-    def chat(name: str, delay: float) -> None:
-        time.sleep(delay)
+    def chat(name: str, after: threading.Event | None) -> None:
+        if after is not None:
+            assert after.wait(60)  # b arrives once a's reply exists: an event, not a sleep
         ws = live_server.session().ws()
         ws.chat(f"from {name}", options={"temperature": 0, "max_tokens": 300})
+        started, _ = ws.until("started")
+        if name == "a":
+            a_started.set()
         done, frames = ws.until("done")
-        results[name] = (time.perf_counter(), done, frames)
+        results[name] = (started, done, frames)
         ws.close()
 
-    threads = [threading.Thread(target=chat, args=("a", 0)),
-               threading.Thread(target=chat, args=("b", 0.1))]
+    threads = [threading.Thread(target=chat, args=("a", None)),
+               threading.Thread(target=chat, args=("b", a_started))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    assert results["a"][1]["message"]["status"] == "complete"
-    assert results["b"][1]["message"]["status"] == "complete"
-    assert results["a"][0] <= results["b"][0], "served in arrival order"
-    assert results["b"][1]["message"]["usage"]["completion_tokens"] == 300
+    a, b = results["a"][1]["message"], results["b"][1]["message"]
+    assert a["status"] == "complete" and b["status"] == "complete"
+    # Served in arrival order: a's reply was taken (and stored) before b's; both run to the end.
+    assert a["created_at"] <= b["created_at"], "served in arrival order"
+    assert b["usage"]["completion_tokens"] == 300
 
 
 def test_context_too_long_is_an_error_and_the_user_message_is_kept(make_app, make_live_server):
