@@ -40,7 +40,7 @@ def main() -> None:
     sig = signal.Signals[args.signal]
     catalogue = ModelCatalogue(args.model)
     model = catalogue.default_id
-    config = {"MODEL_PATH": args.model, "N_CTX": 2048, "N_THREADS": os.cpu_count() or 1,
+    config = {"N_CTX": 2048, "N_THREADS": os.cpu_count() or 1,
               "PARALLEL": 4, "RUNNER_NICE": 10, "WATCHDOG_SECONDS": 120}
     supervisor = start_supervisor(config, catalogue)
     engine = RunnerEngine(catalogue, supervisor.directory, supervisor)

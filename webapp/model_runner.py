@@ -59,7 +59,7 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024  # one request line: history, options, gram
 
 # The settings a runner needs, passed to it as JSON (the web app's config may come from a
 # test's create_app({...}), not from the environment).
-RUNNER_SETTINGS = ("MODEL_PATH", "N_CTX", "N_THREADS", "N_GPU_LAYERS", "PARALLEL", "CHAT_TEMPLATE",
+RUNNER_SETTINGS = ("N_CTX", "N_THREADS", "N_GPU_LAYERS", "PARALLEL", "CHAT_TEMPLATE",
                    "RUNNER_NICE", "WATCHDOG_SECONDS")
 
 
