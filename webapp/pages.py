@@ -20,6 +20,7 @@ from werkzeug.exceptions import BadHost, HTTPException
 from werkzeug.security import safe_join
 
 from .chats import NotFound
+from .options import page_options
 from .security import (
     check_continue_token,
     continue_token,
@@ -192,6 +193,7 @@ def chat(conversation_id: str | None = None):
         default_max_tokens=current_app.config["MAX_TOKENS"],
         max_tokens_limit=current_app.config["MAX_TOKENS_LIMIT"],
         n_ctx=current_app.config["N_CTX"],
+        options=page_options(current_app.config),
     )
 
 
