@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,11 +54,41 @@ def test_db_upgrade_then_serve_checks_schema(tmp_path, tiny_model):
     assert db.is_file()
 
 
-def test_config_lists_every_setting():
-    out = run(["config"], {})
-    for name in ("BCHAT_DATABASE_URL", "BCHAT_MODEL_PATH", "BCHAT_N_CTX", "BCHAT_N_THREADS",
-                 "BCHAT_N_GPU_LAYERS", "BCHAT_SECRET_KEY", "BCHAT_ALLOWED_ORIGINS"):
-        assert name in out.stdout
+def readme_settings() -> dict[str, str]:
+    """Each ``BCHAT_*`` name in the README's setting tables, with its row's default cell."""
+    rows: dict[str, str] = {}
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `BCHAT_") and len(cells) >= 3:
+            for name in re.findall(r"`BCHAT_([A-Z0-9_]+)`", cells[0]):
+                rows[name] = cells[1]
+    return rows
+
+
+def test_every_setting_is_documented_in_the_readme_and_listed_by_config():
+    """The README's tables and `bchat config` list exactly the settings config.py reads, and
+    the README states each plain default as config.py has it."""
+    from webapp.config import SETTINGS
+
+    documented = readme_settings()
+    assert set(documented) == set(SETTINGS), (
+        f"in config.py only: {sorted(set(SETTINGS) - set(documented))}; "
+        f"in the README only: {sorted(set(documented) - set(SETTINGS))}")
+    listed = set(re.findall(r"^BCHAT_([A-Z0-9_]+)\s", run(["config"], {}).stdout, re.M))
+    assert listed == set(SETTINGS)
+    for name, (default, _parse, _help) in SETTINGS.items():
+        if default is None or isinstance(default, list) or default == 0 and name == "N_THREADS":
+            continue  # computed and list defaults are described in words
+        if isinstance(default, bool):
+            shown = "1" if default else "0"
+        elif isinstance(default, float) and default.is_integer() and name != "WS_RECEIVE_TIMEOUT":
+            shown = str(int(default))
+        else:
+            shown = str(default)
+        cell = documented[name]
+        values = re.findall(r"`([^`]*)`", cell) or [cell]
+        assert shown in values, f"BCHAT_{name}: README says {cell!r}, config.py {default!r}"
 
 
 def test_default_settings_use_the_instance_folder_and_bundled_model(tmp_path):
