@@ -1,6 +1,6 @@
 """The one options spec: every generation option a client may send, its default, its range and
 its JSON schema, written once in ``OPTIONS``. From it come the parsing of the socket's
-``options``, of ``/v1`` bodies and of conversation settings (``parse_options``,
+``options``, of ``/v1`` bodies and of conversation settings (``GenerationOptions.parse``,
 ``clean_settings``), the OpenAPI schemas (openapi.py), and the page's defaults and ranges
 (``page_options``, the root element's ``data-options``).
 
@@ -45,9 +45,7 @@ class Option:
 # the fuzzer sends); any JSON schema within the README's Security limits is accepted.
 _FORMATS = [
     {"type": "object", "additionalProperties": False, "required": ["type"],
-     "properties": {"type": {"type": "string", "enum": ["text"]}}},
-    {"type": "object", "additionalProperties": False, "required": ["type"],
-     "properties": {"type": {"type": "string", "enum": ["json_object"]}}},
+     "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}}},
     {"type": "object", "additionalProperties": False, "required": ["type", "json_schema"],
      "properties": {
          "type": {"type": "string", "enum": ["json_schema"]},
