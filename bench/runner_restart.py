@@ -26,10 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     from webapp.config import bundled_model_path
-    from webapp.engines.base import EngineError, GenerationOptions, Token
+    from webapp.engines.base import EngineError, Token
     from webapp.engines.runner import RunnerEngine
     from webapp.model_files import ModelCatalogue
     from webapp.model_runner import start_supervisor
+    from webapp.options import GenerationOptions
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

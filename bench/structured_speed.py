@@ -46,9 +46,10 @@ SCHEMA = {
 
 def main() -> int:
     from webapp.config import bundled_model_path
-    from webapp.engines.base import Finished, GenerationOptions
+    from webapp.engines.base import Finished
     from webapp.engines.llamacpp import LlamaCppEngine
     from webapp.model_files import ModelCatalogue
+    from webapp.options import GenerationOptions
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=str(bundled_model_path()))
@@ -94,8 +95,8 @@ def main() -> int:
 def breakdown(args, modes) -> None:
     from llama_cpp import Llama, llama_cpp
 
-    from webapp.engines.base import GenerationOptions
     from webapp.engines.llamacpp import PromptBuilder, start_grammar
+    from webapp.options import GenerationOptions
 
     llama = Llama(model_path=args.model, n_ctx=2048, n_threads=args.threads,
                   n_threads_batch=args.threads, verbose=False)
@@ -175,8 +176,8 @@ def checks(args) -> None:
     import numpy as np
     from llama_cpp import llama_cpp
 
-    from webapp.engines.base import GenerationOptions
     from webapp.errors import Invalid
+    from webapp.options import GenerationOptions
 
     GenerationOptions.parse({"response_format": {"type": "json_object"}})  # imports, once
     params = llama_cpp.llama_model_default_params()

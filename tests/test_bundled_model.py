@@ -6,9 +6,10 @@ import threading
 
 import pytest
 
-from webapp.engines.base import Finished, GenerationOptions, Token
+from webapp.engines.base import Finished, Token
 from webapp.engines.llamacpp import LlamaCppEngine
 from webapp.model_files import ModelCatalogue
+from webapp.options import GenerationOptions
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from webapp.engines.base import EngineError, Finished, GenerationOptions
+from webapp.engines.base import EngineError, Finished
 from webapp.engines.structured import (
     MAX_AMBIGUITY,
     MAX_ENUM,
@@ -30,6 +30,7 @@ from webapp.engines.structured import (
     pattern_ambiguity,
 )
 from webapp.errors import Invalid
+from webapp.options import GenerationOptions
 
 LOOSE = {"MAX_QUEUED_PER_VISITOR": 64, "RATE_LIMIT": "100000/minute"}
 USER = [{"role": "user", "content": "hi"}]

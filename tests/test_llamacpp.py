@@ -11,13 +11,13 @@ from webapp.engines.base import (
     ContextTooLong,
     EngineError,
     Finished,
-    GenerationOptions,
     Queued,
     Token,
     UnknownModel,
 )
 from webapp.engines.llamacpp import LlamaCppEngine
 from webapp.model_files import ModelCatalogue
+from webapp.options import GenerationOptions
 
 GREEDY = GenerationOptions(temperature=0.0, max_tokens=24)
 

@@ -15,8 +15,9 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from webapp.engines.base import GenerationOptions, Token
+from webapp.engines.base import Token
 from webapp.engines.structured import StopMatcher, split_reply
+from webapp.options import GenerationOptions
 
 LOOSE = {"MAX_QUEUED_PER_VISITOR": 8, "RATE_LIMIT": "1000/minute"}
 

@@ -14,7 +14,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from webapp import api
-from webapp.openapi import OPENAPI
+from webapp.openapi import document
+
+OPENAPI = document()
 
 EXAMPLES_PER_OPERATION = 25
 

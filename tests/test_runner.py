@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from helpers import HttpSession, free_port, wait_for_http
 
-from webapp.engines.base import GenerationOptions
 from webapp.model_runner import LOAD_CRASH_LIMIT, RunnerSupervisor, describe_exit
+from webapp.options import GenerationOptions
 
 
 def runner_app(make_app, **overrides):

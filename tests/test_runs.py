@@ -185,7 +185,8 @@ def test_a_template_that_raises_fails_that_chat_only(make_app, make_live_server,
 def test_a_lone_surrogate_fails_that_request_only_on_both_workers(make_app, parallel):
     import threading as _threading
 
-    from webapp.engines.base import EngineError, Finished, GenerationOptions
+    from webapp.engines.base import EngineError, Finished
+    from webapp.options import GenerationOptions
 
     app = make_app(PARALLEL=parallel)
     engine = app.extensions["bchat"].engines.engines[0]
@@ -244,7 +245,7 @@ def test_bchat_worker_survives_a_bad_request(tiny_model):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_healthz_names_a_dead_inference_thread(make_app):
-    from webapp.engines.base import GenerationOptions
+    from webapp.options import GenerationOptions
 
     app = make_app(PARALLEL=4)
     client = app.test_client()
@@ -272,7 +273,7 @@ def test_healthz_names_a_dead_inference_thread(make_app):
 
 
 def test_healthz_names_a_stuck_inference_thread(make_app):
-    from webapp.engines.base import GenerationOptions
+    from webapp.options import GenerationOptions
 
     app = make_app(PARALLEL=4, WATCHDOG_SECONDS=0.2)
     client = app.test_client()

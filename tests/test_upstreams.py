@@ -383,6 +383,6 @@ def test_worker_reports_context_too_long_and_unknown_models(make_app, make_live_
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(request, timeout=10)
         assert info.value.code == 404
-        assert json.loads(info.value.read())["error"]["type"] == "model_not_found"
+        assert json.loads(info.value.read())["error"]["code"] == "model_not_found"
     finally:
         stop(proc)

@@ -19,7 +19,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The app factory: settings, database, engines, blueprints, socket, headers."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, limits, model_files, openai_api, pages, security, socket
+    from . import api, assets, errors, limits, model_files, openai_api, pages, security, socket
     from .api_keys import KeyService
     from .benchmarks import BenchmarkService
     from .chats import ChatService
@@ -85,6 +85,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     except Exception as exc:  # e.g. a database not migrated yet: `bchat serve` says so itself
         logging.getLogger(__name__).warning("could not check for interrupted replies: %s", exc)
 
+    errors.register(app)
+    app.register_blueprint(assets.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(socket.bp)

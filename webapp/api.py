@@ -1,6 +1,6 @@
 """JSON API: models, conversations and their messages. Views stay thin: rules live in chats.py.
 
-Errors are ``{"error": {"code": ..., "message": ...}}`` with a matching HTTP status. Writes
+Errors are ``{"error": {"code": ..., "message": ...}}`` with a matching HTTP status (errors.py). Writes
 require a JSON body (``Content-Type: application/json``), which a cross-site form cannot send.
 """
 
@@ -10,13 +10,13 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from .chats import MISSING, Invalid, NotFound, Provenance
-from .errors import AppError
+from .chats import MISSING, Provenance
+from .errors import AppError, Invalid
 from .exchange import export_json, export_markdown, parse_import
 from .model_files import browser_url
-from .openapi import OPENAPI
+from .openapi import document
 from .search import MAX_QUERY_CHARS, search
 from .security import owner_id
 from .services import get_services
@@ -27,34 +27,6 @@ log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
 
 
-def _error(status: int, code: str, message: str):
-    return jsonify({"error": {"code": code, "message": message}}), status
-
-
-@bp.errorhandler(AppError)
-def _app_error(exc: AppError):
-    response = jsonify({"error": exc.to_dict()})
-    response.status_code = exc.status
-    if "retry_after" in exc.extra:  # a 429 or 503 says when to come back, for clients that read headers
-        response.headers["Retry-After"] = str(exc.extra["retry_after"])
-    return response
-
-
-@bp.errorhandler(NotFound)
-def _not_found(_exc: NotFound):
-    return _error(404, "not_found", "no such conversation")
-
-
-@bp.errorhandler(Invalid)
-def _invalid(exc: Invalid):
-    return _error(400, exc.code, exc.message)
-
-
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException):
-    return _error(exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or "")
-
-
 def json_body() -> dict[str, Any]:
     """The request's JSON object, parsed by validation's strict rules (400 with a code).
 
@@ -63,23 +35,21 @@ def json_body() -> dict[str, Any]:
     body that fills the limit is taken as one that went over it.
     """
     if not request.is_json:
-        raise AppError("json_required", "send a JSON body (Content-Type: application/json)",
-                       status=415)
+        raise AppError("json_required", "send a JSON body (Content-Type: application/json)")
     limit = current_app.config["MAX_UPLOAD_BYTES"]
     data = request.get_data(cache=True)
     if request.content_length is None and len(data) >= limit:
         raise RequestEntityTooLarge()
     body = parse_json_text(data, max_bytes=limit)
     if not isinstance(body, dict):
-        raise AppError("bad_json", "the body must be a JSON object",
-                       status=400)
+        raise Invalid("bad_json", "the body must be a JSON object")
     return body
 
 
 @bp.get("/api/openapi.json")
 def openapi():
     """The JSON API described for clients and for the schemathesis tests that keep it true."""
-    return OPENAPI
+    return document(current_app.config)
 
 
 @bp.get("/healthz")
@@ -318,8 +288,7 @@ def export_conversation(conversation_id: str):
         response = Response(export_markdown(conversation), mimetype="text/markdown")
         filename = f"{stem or 'conversation'}.md"
     else:
-        raise AppError("bad_format", "format is json or markdown",
-                       status=400)
+        raise Invalid("bad_format", "format is json or markdown")
     response.headers["Content-Disposition"] = f'attachment; filename="{filename.strip()}"'
     return response
 
@@ -376,8 +345,7 @@ def search_conversations():
     """Your conversations whose title or messages hold every word of ``q``."""
     query = request.args.get("q", "")
     if len(query) > MAX_QUERY_CHARS:
-        raise AppError("query_too_long", f"search for at most {MAX_QUERY_CHARS} characters",
-                       status=400)
+        raise Invalid("query_too_long", f"search for at most {MAX_QUERY_CHARS} characters")
     return {"results": search(get_services().db, owner_id(), query)}
 
 
@@ -402,8 +370,5 @@ def list_keys():
 
 @bp.delete("/api/keys/<key_id>")
 def revoke_key(key_id: str):
-    try:
-        get_services().keys.revoke(owner_id(), key_id)
-    except NotFound:
-        raise AppError("not_found", "no such API key", status=404) from None
+    get_services().keys.revoke(owner_id(), key_id)
     return "", 204

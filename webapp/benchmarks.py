@@ -20,9 +20,10 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from .db import Database
-from .engines.base import EngineError, Finished, GenerationOptions, Token
+from .engines.base import EngineError, Finished, Token
 from .errors import AppError, Invalid, NotFound, RateLimited
 from .models import Benchmark
+from .options import GenerationOptions
 
 SEED = 1234
 DEFAULT_TOKENS = 64

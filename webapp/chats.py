@@ -28,6 +28,7 @@ from .models import (
     new_public_id,
     utcnow,
 )
+from .options import clean_settings
 
 __all__ = ["ChatService", "Invalid", "NotFound", "Provenance"]
 
@@ -70,8 +71,6 @@ def parse_time(value: object) -> datetime | None:
 
 
 MISSING: Any = object()  # "not given", as opposed to an explicit null (e.g. parent_id)
-SETTING_NAMES = ("system", "temperature", "top_p", "max_tokens", "seed", "model", "engine",
-                 "response_format", "stop", "presence_penalty", "frequency_penalty")
 _THINK = re.compile(r"<think>.*?</think>\s*", re.S)
 
 
@@ -295,26 +294,8 @@ class ChatService:
     # -- settings --------------------------------------------------------------------------
     def clean_settings(self, raw: Any) -> dict[str, Any]:
         """Validated conversation settings; a null value removes a setting."""
-        from .engines.base import GenerationOptions
-
-        if not isinstance(raw, dict):
-            raise Invalid("bad_settings", "settings must be an object")
-        unknown = set(raw) - set(SETTING_NAMES)
-        if unknown:
-            raise Invalid("bad_settings", f"unknown settings: {', '.join(sorted(map(str, unknown)))[:200]}")
-        options = {k: v for k, v in raw.items() if k not in ("model", "engine") and v is not None}
-        try:
-            GenerationOptions.parse(options, max_tokens_limit=self.max_tokens_limit,
-                                    max_system_chars=self.max_message_chars)
-        except Invalid as exc:
-            raise Invalid("bad_settings", exc.message) from None
-        model = raw.get("model")
-        if model is not None and (not isinstance(model, str) or not 0 < len(model) <= 200):
-            raise Invalid("bad_settings", "model must be a model id")
-        engine = raw.get("engine")
-        if engine is not None and engine not in ENGINES:
-            raise Invalid("bad_settings", f"engine must be one of {', '.join(ENGINES)}")
-        return dict(raw)
+        return clean_settings(raw, {"MAX_TOKENS_LIMIT": self.max_tokens_limit,
+                                    "MAX_MESSAGE_CHARS": self.max_message_chars})
 
     @staticmethod
     def _merge(base: dict[str, Any] | None, changes: dict[str, Any]) -> dict[str, Any]:

@@ -276,7 +276,7 @@ def encode_options(options) -> dict[str, Any]:
 
 
 def decode_options(data: dict[str, Any]):
-    from .engines.base import GenerationOptions
+    from .options import GenerationOptions
 
     data = dict(data)
     data["stop"] = tuple(data.get("stop") or ())

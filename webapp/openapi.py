@@ -1,13 +1,20 @@
 """The JSON API as an OpenAPI 3.0 document, served at ``/api/openapi.json``.
 
-Written by hand, next to the views it describes: ``tests/test_openapi.py`` fails when a route
-of ``api.bp`` is missing here, and schemathesis checks the app against it (no 5xx, documented
-status codes and shapes). The websocket is described in docs/protocol.md, not here.
+The paths are written by hand, next to the views they describe: ``tests/test_openapi.py`` fails
+when a route of ``api.bp`` is missing here, and schemathesis checks the app against it (no 5xx,
+documented status codes and shapes). The option schemas (``Settings``, the socket's
+``Options``, ``ChatCompletionRequest`` of ``/v1``) are generated from options.py and
+openai_dialect.py, with the limits of the app's config. The websocket is described in
+docs/protocol.md, not here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+from .openai_dialect import REQUEST_FIELDS
+from .options import CONFIG_DEFAULTS, SETTINGS_ONLY, names, option_schema
 
 _ID = {"type": "string", "minLength": 1, "maxLength": 64}
 _TIME = {"type": "string", "format": "date-time"}
@@ -77,20 +84,6 @@ SCHEMAS: dict[str, Any] = {
                 "required": ["code", "message"],
                 "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
             }
-        },
-    },
-    "Settings": {
-        "type": "object",
-        "additionalProperties": False,
-        "description": "a conversation's (or the visitor's default) reply settings; null removes one",
-        "properties": {
-            "system": {"type": "string", "maxLength": 32000, "nullable": True},
-            "temperature": {"type": "number", "minimum": 0, "maximum": 2, "nullable": True},
-            "top_p": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
-            "max_tokens": {"type": "integer", "minimum": 1, "maximum": 4096, "nullable": True},
-            "seed": {"type": "integer", "minimum": 0, "maximum": 4294967295, "nullable": True},
-            "model": {"type": "string", "minLength": 1, "maxLength": 200, "nullable": True},
-            "engine": {"type": "string", "enum": ["server", "browser"], "nullable": True},
         },
     },
     "Conversation": {
@@ -491,16 +484,43 @@ PATHS: dict[str, Any] = {
     },
 }
 
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {
-        "title": "bchat JSON API",
-        "version": "1",
-        "description": "Conversations belong to the browser whose signed cookie made them. "
-                       "Writes need Content-Type: application/json; no string in a body may "
-                       "hold a NUL character or a lone surrogate (400 bad_text). Errors are "
-                       '{"error": {"code", "message"}}.',
-    },
-    "paths": PATHS,
-    "components": {"schemas": SCHEMAS},
-}
+
+
+def option_schemas(config: Mapping[str, Any] = CONFIG_DEFAULTS) -> dict[str, Any]:
+    """What each parser of options.py takes, as schemas: the only description of them."""
+
+    def fields(where: str, description: str, extra: Mapping[str, Any] = {}) -> dict[str, Any]:
+        properties = {name: option_schema(name, config) for name in names(where)
+                      if name in option_names}
+        return {"type": "object", "description": description,
+                "properties": {**properties, **extra}}
+
+    option_names = set(names("options")) | set(names("v1"))
+    settings = fields("settings", "a conversation's (or the visitor's default) reply settings; "
+                      "null removes one",
+                      {name: {**schema, "nullable": True} for name, schema in SETTINGS_ONLY.items()})
+    return {
+        "Settings": {**settings, "additionalProperties": False},
+        "Options": {**fields("options", "the socket's chat frame options (docs/protocol.md)"),
+                    "additionalProperties": False},
+        "ChatCompletionRequest": {
+            **fields("v1", "POST /v1/chat/completions (docs/openai-api.md); other fields "
+                     "are ignored", REQUEST_FIELDS),
+            "required": ["messages"]},
+    }
+
+
+def document(config: Mapping[str, Any] = CONFIG_DEFAULTS) -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "bchat JSON API",
+            "version": "1",
+            "description": "Conversations belong to the browser whose signed cookie made them. "
+                           "Writes need Content-Type: application/json; no string in a body may "
+                           "hold a NUL character or a lone surrogate (400 bad_text). Errors are "
+                           '{"error": {"code", "message"}}.',
+        },
+        "paths": PATHS,
+        "components": {"schemas": {**SCHEMAS, **option_schemas(config)}},
+    }

@@ -1,19 +1,249 @@
-"""Generation options as the page sees them: each option's default and range, served to the
-page (the root element's ``data-options``) so no default is written in JavaScript or HTML."""
+"""The one options spec: every generation option a client may send, its default, its range and
+its JSON schema, written once in ``OPTIONS``. From it come the parsing of the socket's
+``options``, of ``/v1`` bodies and of conversation settings (``GenerationOptions.parse``,
+``clean_settings``), the OpenAPI schemas (openapi.py), and the page's defaults and ranges
+(``page_options``, the root element's ``data-options``).
+
+A range bound or default given as a string names a config setting (``MAX_TOKENS_LIMIT``…), read
+from the app's config, or from config.py's defaults where there is none.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from .config import SETTINGS
+from .errors import Invalid
+from .models import ENGINES
+
+CONFIG_DEFAULTS = {name: spec[0] for name, spec in SETTINGS.items()}
+SEED_LIMIT = 2**32  # llama.cpp samplers take a uint32 seed
+_TYPES = ["object", "string", "integer", "number", "boolean", "null"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option. ``kind``: number, integer, text, or the name of a check in
+    engines/structured.py (stop, response_format, tools). ``where``: the parsers that take it:
+    ``options`` (the socket's), ``settings`` (conversation settings and visitor defaults),
+    ``v1`` (OpenAI request bodies). ``page``: offered on the page, with ``step``."""
+
+    kind: str
+    default: Any = None
+    min: Any = None
+    max: Any = None
+    step: float | None = None
+    where: tuple[str, ...] = ("options", "settings", "v1")
+    page: bool = False
+    schema: dict[str, Any] = field(default_factory=dict)  # kinds without a range
+    example: Any = None
+
+
+# response_format as published: the three types OpenAI has, the schema a small subset (what
+# the fuzzer sends); any JSON schema within the README's Security limits is accepted.
+_FORMATS = [
+    {"type": "object", "additionalProperties": False, "required": ["type"],
+     "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}}},
+    {"type": "object", "additionalProperties": False, "required": ["type", "json_schema"],
+     "properties": {
+         "type": {"type": "string", "enum": ["json_schema"]},
+         "json_schema": {"type": "object", "additionalProperties": False, "required": ["schema"],
+                         "properties": {
+                             "name": {"type": "string", "maxLength": 64},
+                             "strict": {"type": "boolean"},
+                             "schema": {"type": "object", "additionalProperties": False,
+                                        "required": ["type"],
+                                        "properties": {"type": {"type": "string", "enum": _TYPES}},
+                                        "description": "a JSON schema (this is the fuzzed "
+                                                       "subset)"}}}}},
+]
+_PERSON = {"type": "json_schema", "json_schema": {"name": "person", "schema": {
+    "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}
+_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+OPTIONS: dict[str, Option] = {
+    "system": Option("text", max="MAX_MESSAGE_CHARS", where=("options", "settings"), page=True,
+                     example="Be brief."),
+    "temperature": Option("number", 0.7, 0.0, 2.0, 0.1, page=True, example=0.2),
+    "top_p": Option("number", 0.95, 0.0, 1.0, 0.05, page=True, example=0.9),
+    "max_tokens": Option("integer", "MAX_TOKENS", 1, "MAX_TOKENS_LIMIT", 1, page=True, example=8),
+    "seed": Option("integer", None, 0, SEED_LIMIT - 1, 1, page=True, example=7),
+    "stop": Option("stop", example=["\n\n"]),
+    "presence_penalty": Option("number", 0.0, -2.0, 2.0, example=0.5),
+    "frequency_penalty": Option("number", 0.0, -2.0, 2.0, example=0.5),
+    "response_format": Option("response_format", schema={"anyOf": _FORMATS}, example=_PERSON),
+    "tools": Option("tools", where=("v1",), schema={
+        "type": "array", "items": {"type": "object", "required": ["type", "function"]}},
+        example=[_TOOL]),
+    "tool_choice": Option("tool_choice", where=("v1",), schema={"anyOf": [
+        {"type": "string", "enum": ["auto", "none", "required"]},
+        {"type": "object", "required": ["type", "function"]}]}, example="auto"),
+}
+# Settings that are not generation options: which model writes a conversation's replies, where.
+SETTINGS_ONLY: dict[str, dict[str, Any]] = {
+    "model": {"type": "string", "minLength": 1, "maxLength": 200, "example": "tiny-chat"},
+    "engine": {"type": "string", "enum": list(ENGINES), "example": "server"},
+}
+
+
+def names(where: str) -> tuple[str, ...]:
+    """The fields a parser takes: ``options``, ``settings`` or ``v1`` (OpenAI bodies)."""
+    found = tuple(n for n, o in OPTIONS.items() if where in o.where)
+    return found + tuple(SETTINGS_ONLY) if where == "settings" else found
+
+
+def _value(value: Any, config: Mapping[str, Any]) -> Any:
+    return config.get(value, CONFIG_DEFAULTS[value]) if isinstance(value, str) else value
+
+
+def option_schema(name: str, config: Mapping[str, Any] = CONFIG_DEFAULTS) -> dict[str, Any]:
+    """One option's JSON schema (OpenAPI 3.0), bounds as ``config`` has them."""
+    option = OPTIONS[name]
+    schema: dict[str, Any]
+    if option.kind in ("number", "integer"):
+        schema = {"type": option.kind, "minimum": _value(option.min, config),
+                  "maximum": _value(option.max, config)}
+    elif option.kind == "text":
+        schema = {"type": "string", "maxLength": _value(option.max, config)}
+    elif option.kind == "stop":
+        from .engines.structured import MAX_STOP_CHARS, MAX_STOP_STRINGS  # as in parse()
+
+        item = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+        schema = {"anyOf": [item, {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": item}]}
+    else:
+        schema = dict(option.schema)
+    return {**schema, "nullable": True, "example": option.example}
 
 
 def page_options(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{name: {"default", "min", "max", "step"}}`` for the settings the page offers."""
-    return {
-        "temperature": {"default": 0.7, "min": 0.0, "max": 2.0, "step": 0.1},
-        "top_p": {"default": 0.95, "min": 0.0, "max": 1.0, "step": 0.05},
-        "max_tokens": {"default": config["MAX_TOKENS"], "min": 1, "max": config["MAX_TOKENS_LIMIT"],
-                       "step": 1},
-        "seed": {"default": None, "min": 0, "max": 2**32 - 1, "step": 1},
-        "system": {"default": None, "max_length": config["MAX_MESSAGE_CHARS"]},
-    }
+    """``{name: {"default", "min", "max", "step"}}`` for the settings the page offers
+    (``system``: ``{"default", "max_length"}``)."""
+    offered: dict[str, dict[str, Any]] = {}
+    for name, option in OPTIONS.items():
+        if option.page and option.kind == "text":
+            offered[name] = {"default": option.default, "max_length": _value(option.max, config)}
+        elif option.page:
+            offered[name] = {"default": _value(option.default, config), "min": option.min,
+                             "max": _value(option.max, config), "step": option.step}
+    return offered
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to write one reply: what the socket, the worker and the API hand an engine.
+
+    ``response_format``, ``tools`` and ``tool_choice`` are kept as OpenAI spells them (an
+    upstream gets them as given); ``grammar`` is the GBNF the embedded engines enforce for
+    them, built (and so checked) when the options are parsed."""
+
+    system: str | None = None
+    temperature: float = OPTIONS["temperature"].default
+    top_p: float = OPTIONS["top_p"].default
+    max_tokens: int = CONFIG_DEFAULTS["MAX_TOKENS"]
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = OPTIONS["presence_penalty"].default
+    frequency_penalty: float = OPTIONS["frequency_penalty"].default
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = field(default=None, compare=False)
+    tool_choice: Any = None
+    grammar: str | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def parse(cls, raw: Any, config: Mapping[str, Any] = CONFIG_DEFAULTS, *,
+              allow_tools: bool = False) -> GenerationOptions:
+        """Validated options from a client's dict; ``Invalid("bad_options")`` on any bad value,
+        with ``param`` naming it. ``allow_tools``: OpenAI bodies (tools, tool_choice)."""
+        # Imported here, not above: the engines import this module.
+        from .engines import structured
+
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise Invalid("bad_options", "options must be an object")
+        unknown = set(raw) - set(names("options") + (names("v1") if allow_tools else ()))
+        if unknown:
+            raise Invalid("bad_options", f"unknown options: {', '.join(sorted(map(str, unknown)))}"[:300])
+        values: dict[str, Any] = {}
+        for name, option in OPTIONS.items():
+            value = raw.get(name)
+            if option.kind in ("number", "integer") and value is not None:
+                low, high = option.min, _value(option.max, config)
+                integer = option.kind == "integer"
+                ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+                # "low <= value <= high" is False for NaN, so NaN is refused here too.
+                if isinstance(value, bool) or not ok_type or not (low <= value <= high):
+                    kind = "an integer" if integer else "a number"
+                    raise Invalid("bad_options", f"{name} must be {kind} from {low} to {high}",
+                                  param=name)
+                values[name] = value if integer else float(value)
+            elif option.kind in ("number", "integer") and option.default is not None:
+                values[name] = _value(option.default, config)
+        system = raw.get("system")
+        if system is not None and (not isinstance(system, str) or
+                                   len(system) > _value(OPTIONS["system"].max, config)):
+            raise Invalid("bad_options", "system must be a string within the message limit",
+                          param="system")
+        def checked(param: str, check, *args):
+            try:
+                return check(*args)
+            except structured.SchemaError as exc:
+                raise Invalid("bad_options", str(exc), param=param) from None
+
+        stop = checked("stop", structured.check_stop, raw.get("stop"))
+        response_format = checked("response_format", structured.check_response_format,
+                                  raw.get("response_format"))
+        tools, tool_choice = checked("tools", structured.check_tools, raw.get("tools"),
+                                     raw.get("tool_choice"))
+        grammar = checked("response_format" if response_format else "tools",
+                          structured.build_grammar, response_format, tools, tool_choice)
+        return cls(system=system or None, stop=stop, response_format=response_format,
+                   tools=tools, tool_choice=tool_choice, grammar=grammar, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a reply's provenance records (compact: a schema's name, the tools' names)."""
+        # The options the page offers are always recorded; the others when they are set.
+        data: dict[str, Any] = {name: getattr(self, name) for name, option in OPTIONS.items()
+                                if option.page}
+        if self.stop:
+            data["stop"] = list(self.stop)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                data[name] = getattr(self, name)
+        if self.response_format:
+            data["response_format"] = {"type": self.response_format["type"]}
+            name = (self.response_format.get("json_schema") or {}).get("name")
+            if isinstance(name, str):
+                data["response_format"]["name"] = name[:100]
+        if self.tools:
+            data["tools"] = [t["function"]["name"] for t in self.tools]
+            data["tool_choice"] = self.tool_choice
+        return data
+
+
+def settings_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The generation options stored in conversation settings (not model or engine)."""
+    return {k: settings[k] for k in names("options") if settings.get(k) is not None}
+
+
+def clean_settings(raw: Any, config: Mapping[str, Any] = CONFIG_DEFAULTS) -> dict[str, Any]:
+    """Validated conversation settings (or visitor defaults); a null value removes a setting."""
+    if not isinstance(raw, dict):
+        raise Invalid("bad_settings", "settings must be an object")
+    unknown = set(raw) - set(names("settings"))
+    if unknown:
+        raise Invalid("bad_settings", f"unknown settings: {', '.join(sorted(map(str, unknown)))[:200]}")
+    try:
+        GenerationOptions.parse(settings_options(raw), config)
+    except Invalid as exc:
+        raise Invalid("bad_settings", exc.message) from None
+    model = raw.get("model")
+    if model is not None and (not isinstance(model, str) or not 0 < len(model) <= 200):
+        raise Invalid("bad_settings", "model must be a model id")
+    engine = raw.get("engine")
+    if engine is not None and engine not in ENGINES:
+        raise Invalid("bad_settings", f"engine must be one of {', '.join(ENGINES)}")
+    return dict(raw)

@@ -31,11 +31,8 @@ from typing import Any, Protocol
 from .chats import MISSING, ChatService, Provenance
 from .engines import EngineRegistry
 from .engines.base import (
-    EXTRA_OPTION_NAMES,
-    OPTION_NAMES,
     EngineError,
     Finished,
-    GenerationOptions,
     Queued,
     Token,
     UnknownModel,
@@ -43,6 +40,7 @@ from .engines.base import (
 from .errors import AppError, Invalid, RateLimited
 from .limits import COMPARE_MAX, Lease, Limits
 from .models import new_public_id, utcnow
+from .options import GenerationOptions, settings_options
 from .security import short
 
 log = logging.getLogger(__name__)
@@ -241,12 +239,7 @@ class RunService:
 
     # -- starting ---------------------------------------------------------------------------
     def options(self, raw: Any) -> GenerationOptions:
-        return GenerationOptions.parse(
-            raw,
-            default_max_tokens=self.config["MAX_TOKENS"],
-            max_tokens_limit=self.config["MAX_TOKENS_LIMIT"],
-            max_system_chars=self.config["MAX_MESSAGE_CHARS"],
-        )
+        return GenerationOptions.parse(raw, self.config)
 
     def admit(self, owner: str, ip: str | None, needed: int = 1) -> Lease:
         """Limits before any model call (webapp/limits.py): replies at once per visitor and
@@ -264,7 +257,7 @@ class RunService:
         base = self.chats.conversation_settings(owner, conversation_id)
         if new_settings:
             base.update({k: v for k, v in new_settings.items() if v is not None})
-        raw = {k: base[k] for k in OPTION_NAMES + EXTRA_OPTION_NAMES if base.get(k) is not None}
+        raw = settings_options(base)
         raw.update(options or {})
         parsed = self.options(raw)
         chosen = model or base.get("model") or self.engines.default_model

@@ -29,8 +29,10 @@ import secrets
 from datetime import timedelta
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, abort, current_app, jsonify, redirect, request, session, url_for
+from flask import Flask, Response, abort, current_app, redirect, request, session, url_for
+from werkzeug.exceptions import BadHost
 
+from .errors import AppError
 from .limits import get_limits
 
 log = logging.getLogger(__name__)
@@ -157,15 +159,7 @@ def host_allowed(host: str, allowed: list[str]) -> bool:
 def check_host() -> None:
     if not host_allowed(request.host, current_app.config["BCHAT_HOSTS"]):
         log.warning("refused request for host %r (not in BCHAT_ALLOWED_HOSTS)", request.host[:100])
-        abort(unknown_host_response())
-
-
-def unknown_host_response() -> Response:
-    """A plain answer: the styled error page builds URLs, which need a Host we accept."""
-    response = jsonify({"error": {"code": "unknown_host",
-                                  "message": "unknown host: add it to BCHAT_ALLOWED_HOSTS"}})
-    response.status_code = 400
-    return response
+        raise BadHost()  # answered by errors.py, without the styled page (it builds URLs)
 
 
 # Characters a browser drops from a URL (tab, CR, LF) or reads as "/" (backslash): after
@@ -209,10 +203,7 @@ def try_passcode(value: str | None) -> bool:
     seconds = limits.take_passcode_try(address)
     if seconds:
         wait = max(1, math.ceil(seconds))
-        response = jsonify({"error": {"code": "too_many_tries",
-                                      "message": f"try again in {wait} s"}})
-        response.status_code, response.headers["Retry-After"] = 429, str(wait)
-        abort(response)
+        raise AppError("too_many_tries", f"try again in {wait} s", retry_after=wait)
     expected = hashlib.sha256(current_app.config["PASSCODE"].encode()).digest()
     given = hashlib.sha256((value or "").encode("utf-8", "replace")).digest()
     if not hmac.compare_digest(given, expected):  # digests: equal length, so no length leak
@@ -236,10 +227,7 @@ def check_passcode():
     if request.path.startswith("/v1/"):
         return None  # the OpenAI-compatible API: API keys are its gate, not the page's cookie
     if request.blueprint == "api":
-        response = jsonify({"error": {"code": "passcode_required",
-                                      "message": "enter the site's passcode first"}})
-        response.status_code = 401
-        return response
+        raise AppError("passcode_required", "enter the site's passcode first")
     if request.method == "GET" and request.headers.get("Upgrade", "").lower() != "websocket":
         return redirect(url_for("pages.passcode", next=request.full_path.rstrip("?")))
     abort(401, description="enter the site's passcode first")

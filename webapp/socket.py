@@ -17,7 +17,7 @@ import socket
 import threading
 from typing import Any
 
-from flask import Blueprint, Response, abort, current_app, g, request
+from flask import Blueprint, abort, current_app, g, request
 from flask_sock import ConnectionClosed, Sock
 
 from .chats import MISSING
@@ -46,9 +46,7 @@ def _check_handshake():
     try:
         g.bchat_socket_lease = get_limits().take_socket(owner, request.remote_addr)
     except AppError as exc:
-        body = json.dumps({"error": exc.to_dict()})
-        return Response(body, status=exc.status, mimetype="application/json",
-                        headers={"Retry-After": str(exc.extra["retry_after"])})
+        return exc.response()
     return None
 
 

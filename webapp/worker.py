@@ -1,7 +1,8 @@
 """`bchat worker`: the embedded llama.cpp models in a process of their own, served over an
 OpenAI-compatible HTTP API (``/v1/models``, streaming ``/v1/chat/completions``). Requests are
-read and replies shaped by the same code as the main app's ``/v1`` (openai_api.py), so
-``response_format``, ``tools``, ``stop`` and the rest are enforced here too.
+read, replies shaped and errors rendered by the same code as the main app's ``/v1``
+(openai_dialect.py, errors.py), so ``response_format``, ``tools``, ``stop`` and the rest are
+enforced here too.
 
 Any number of web processes (``gunicorn -w N``) point ``BCHAT_WORKER_URL`` at it, so each
 model is loaded once on the machine, and requests from every web worker queue for its one
@@ -16,26 +17,18 @@ import hmac
 import itertools
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, request
 
 from .config import load_config
-from .engines.base import (
-    ContextTooLong,
-    EngineError,
-    Finished,
-    Idle,
-    Queued,
-    Token,
-    UnknownModel,
-)
+from .engines.base import EngineError, Finished, Idle, Queued, Token
 from .engines.llamacpp import LlamaCppEngine
 from .errors import AppError
+from .errors import register as register_errors
 from .model_files import ModelCatalogue
-from .openai_api import CompletionShaper, parse_chat_request, sse
+from .openai_dialect import CompletionShaper, model_list, parse_chat_request, sse, sse_error
 from .validation import parse_json_text
 
 log = logging.getLogger(__name__)
@@ -46,28 +39,13 @@ ENGINE_KEY = "bchat.worker.engine"
 bp = Blueprint("worker", __name__)
 
 
-def error_response(status: int, message: str, kind: str, code: str | None = None):
-    body = {"error": {"message": message, "type": kind, "code": code or kind}}
-    return jsonify(body), status
-
-
-def engine_error_payload(exc: EngineError) -> tuple[int, str]:
-    if isinstance(exc, ContextTooLong):
-        return 400, "exceed_context_size_error"  # as llama-server names it
-    if exc.code in ("bad_grammar", "grammar_too_slow"):
-        return 400, "invalid_request_error"
-    if isinstance(exc, UnknownModel):
-        return 404, "model_not_found"
-    return 500, exc.code
-
-
 @bp.before_request
 def _check_key():
     key = current_app.config.get("WORKER_API_KEY")
     if key:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given, key):
-            return error_response(401, "invalid API key", "authentication_error")
+            raise AppError("invalid_api_key", "invalid API key")
     return None
 
 
@@ -80,45 +58,30 @@ def health():
 
 @bp.get("/v1/models")
 def list_models():
-    engine: LlamaCppEngine = current_app.extensions[ENGINE_KEY]
-    created = int(time.time())
-    return {
-        "object": "list",
-        "data": [
-            {"id": m.id, "object": "model", "created": created, "owned_by": "bchat",
-             "bchat": m.facts}
-            for m in engine.models()
-        ],
-    }
+    return model_list(current_app.extensions[ENGINE_KEY].models(), owned_by="bchat")
 
 
-def _request_options() -> dict[str, int]:
-    config = current_app.config
-    return {"default_max_tokens": config["MAX_TOKENS"],
-            "max_tokens_limit": config["MAX_TOKENS_LIMIT"],
-            "max_message_chars": config["MAX_MESSAGE_CHARS"]}
+def _failure(exc: EngineError) -> AppError:
+    return AppError(exc.code, exc.message)
 
 
 @bp.post("/v1/chat/completions")
 def chat_completions():
     engine: LlamaCppEngine = current_app.extensions[ENGINE_KEY]
-    try:
-        body = parse_json_text(request.get_data(cache=True),
-                               max_bytes=current_app.config["MAX_UPLOAD_BYTES"])
-        call = parse_chat_request(body, **_request_options())
-    except AppError as exc:
-        return error_response(exc.status, exc.message, "invalid_request_error", exc.code)
+    body = parse_json_text(request.get_data(cache=True),
+                           max_bytes=current_app.config["MAX_UPLOAD_BYTES"])
+    call = parse_chat_request(body, current_app.config)
     model = call.model
     if model is None:
         models = engine.models()
         if not models:
-            return error_response(404, "this worker serves no models", "model_not_found")
+            raise AppError("unknown_model", "this worker serves no models")
         model = models[0].id
     cancel = threading.Event()
     try:
         chunks = engine.stream(model, call.messages, call.options, cancel, heartbeat=HEARTBEAT_SECONDS)
-    except UnknownModel as exc:
-        return error_response(404, exc.message, "model_not_found")
+    except EngineError as exc:
+        raise _failure(exc) from None
     shaper = CompletionShaper(model, call.options, include_usage=call.include_usage)
     if not call.stream:
         return _complete(chunks, cancel, shaper)
@@ -131,8 +94,7 @@ def chat_completions():
         first = None
     except EngineError as exc:
         cancel.set()
-        status, kind = engine_error_payload(exc)
-        return error_response(status, exc.message, kind)
+        raise _failure(exc) from None
 
     def events() -> Iterator[bytes]:
         try:
@@ -153,8 +115,7 @@ def chat_completions():
                         yield sse(chunk)
             yield b"data: [DONE]\n\n"
         except EngineError as exc:
-            status, kind = engine_error_payload(exc)
-            yield sse({"error": {"message": exc.message, "type": kind, "code": status}})
+            yield sse_error(_failure(exc))
         finally:
             cancel.set()  # the client went away (GeneratorExit) or we are done: free the model
 
@@ -173,11 +134,10 @@ def _complete(chunks, cancel: threading.Event, shaper: CompletionShaper):
                          "completion_tokens": item.completion_tokens}
                 return shaper.complete("".join(parts), item.finish_reason, usage, {})
     except EngineError as exc:
-        status, kind = engine_error_payload(exc)
-        return error_response(status, exc.message, kind)
+        raise _failure(exc) from None
     finally:
         cancel.set()
-    return error_response(500, "the model ended without a result", "server_error")
+    raise AppError("model_failed", "the model ended without a result")
 
 
 def create_worker_app(config: dict[str, Any] | None = None) -> Flask:
@@ -198,6 +158,7 @@ def create_worker_app(config: dict[str, Any] | None = None) -> Flask:
         chat_template=app.config["CHAT_TEMPLATE"],
     )
     app.extensions[ENGINE_KEY] = engine
+    register_errors(app, pages=False)
     app.register_blueprint(bp)
     return app
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model_files import ModelCatalogue, ModelFile
+from ..options import GenerationOptions
 from .base import (
     Chunk,
     ContextTooLong,
     EngineError,
     Finished,
-    GenerationOptions,
     Idle,
     ModelInfo,
     Queued,

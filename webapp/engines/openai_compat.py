@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..options import GenerationOptions
 from .base import (
     Chunk,
     ContextTooLong,
     EngineError,
     Finished,
-    GenerationOptions,
     ModelInfo,
     Queued,
     Token,

@@ -20,12 +20,12 @@ from typing import Any
 
 from ..model_files import ModelCatalogue
 from ..model_runner import STATE_FILE, encode_options
+from ..options import GenerationOptions
 from .base import (
     Chunk,
     ContextTooLong,
     EngineError,
     Finished,
-    GenerationOptions,
     ModelInfo,
     Queued,
     Token,
