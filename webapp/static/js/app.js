@@ -20,6 +20,12 @@ import { initReplyFormat, readReplyFormat, showReplyFormat } from "./ui/reply_fo
 const root = document.getElementById("app");
 const $ = (testid) => root.querySelector(`[data-testid="${testid}"]`);
 
+// Each option's default and range as the server serves them (webapp/options.py page_options):
+// the page writes no default of its own.
+const OPTIONS = JSON.parse(root.dataset.options);
+const optionDefaults = Object.fromEntries(Object.entries(OPTIONS)
+  .filter(([, spec]) => spec.default !== null).map(([name, spec]) => [name, spec.default]));
+
 const state = {
   conversationId: root.dataset.conversationId || null,
   conversation: null, // the open conversation's tree, as GET /api/conversations/<id> gives it
@@ -99,7 +105,7 @@ let browserEngineLoading = null;
 
 function loadBrowserEngine() {
   browserEngineLoading ??= import("./engines/browser.js").then((module) => {
-    engines.browser = module.createBrowserEngine({ api });
+    engines.browser = module.createBrowserEngine({ api, defaults: optionDefaults });
     return engines.browser;
   }, (err) => {
     browserEngineLoading = null; // a later pick tries again
@@ -129,6 +135,10 @@ const settings = {
   temperature: $("temperature"),
   maxTokens: $("max-tokens"),
 };
+for (const [name, input] of [["temperature", settings.temperature], ["max_tokens", settings.maxTokens]]) {
+  Object.assign(input, { min: OPTIONS[name].min, max: OPTIONS[name].max, step: OPTIONS[name].step });
+}
+settings.system.maxLength = OPTIONS.system.max_length;
 
 // Reply settings belong to the conversation (stored on the server with it, in its export and
 // share); a new conversation starts from the visitor's defaults, never from another's.
@@ -142,8 +152,8 @@ function currentSettings() {
 function showSettings(values = currentSettings()) {
   showReplyFormat(values);
   settings.system.value = values.system ?? "";
-  settings.temperature.value = values.temperature ?? 0.7;
-  settings.maxTokens.value = values.max_tokens ?? root.dataset.defaultMaxTokens ?? 512;
+  settings.temperature.value = values.temperature ?? OPTIONS.temperature.default;
+  settings.maxTokens.value = values.max_tokens ?? OPTIONS.max_tokens.default;
   if (values.model && modelInfo(values.model)) modelSelect.value = values.model;
   if (values.engine) engineSelect.value = values.engine;
 }
@@ -715,7 +725,7 @@ const meter = new ContextMeter($("context-meter"), { contextLength });
 const composerState = new Composer(composer, {
   counter: $("composer-counter"),
   note: $("composer-note"),
-  maxChars: Number(root.dataset.maxMessageChars) || 32000,
+  maxChars: Number(root.dataset.maxMessageChars),
   contextLength,
   replyTokens: () => Number.parseInt(settings.maxTokens.value, 10) || 0,
   usedTokens: () => meter.used,
@@ -893,7 +903,7 @@ document.addEventListener("keydown", (event) => {
 
 // ---- ui2: compare, benchmark, API keys, reply format --------------------------------------
 initCompare($("compare"), {
-  socket, loadBrowserEngine, models: () => models, backend: () => backendSelect.value,
+  options: OPTIONS, socket, loadBrowserEngine, models: () => models, backend: () => backendSelect.value,
   conversationId: () => state.conversationId,
   openConversation: (id) => openConversation(id, { push: id !== state.conversationId }),
 });

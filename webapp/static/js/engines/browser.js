@@ -67,7 +67,9 @@ export function loadParams({ contextLength = null, threads, gpu = false }) {
   };
 }
 
-export function createBrowserEngine({ api }) {
+// defaults: each option's default as the server serves it (data-options), for what a request
+// leaves out.
+export function createBrowserEngine({ api, defaults }) {
   let wllama = null;
   let loaded = null; // {key, modelId, backend, threads, note}
   let loading = null;
@@ -281,15 +283,15 @@ export function createBrowserEngine({ api }) {
 
     // One completion straight from the model, stored nowhere (the benchmark): the engine's
     // own timings, the backend it really ran on, and the time to the first token.
-    async measure(modelInfo, preference, messages, options = {}, { onLoad, signal } = {}) {
+    async measure(modelInfo, preference, messages, options, { onLoad, signal } = {}) {
       const runtime = await ensureLoaded(modelInfo, preference, onLoad);
       const sent = performance.now();
       let firstAt = null;
       let usage = null;
       let timings = null;
       const stream = await wllama.createChatCompletion({
-        messages, stream: true, max_tokens: options.max_tokens ?? 64,
-        temperature: options.temperature ?? 0, seed: options.seed ?? 1234, abortSignal: signal,
+        messages, stream: true, max_tokens: options.max_tokens,
+        temperature: options.temperature, seed: options.seed, abortSignal: signal,
       });
       for await (const chunk of stream) {
         if (chunk.choices?.[0]?.delta?.content) firstAt ??= performance.now();
@@ -301,7 +303,8 @@ export function createBrowserEngine({ api }) {
     },
 
     async generate(request, { onStarted, onReplyCreated, onToken, onLoad, signal } = {}) {
-      const { modelInfo, options = {} } = request;
+      const { modelInfo } = request;
+      const options = { ...defaults, ...request.options };
       if (!modelInfo?.browser) {
         throw new EngineError("not_in_browser", `${request.model} cannot run in the browser; use the server engine`);
       }
@@ -407,9 +410,9 @@ export function createBrowserEngine({ api }) {
           messages,
           stream: true,
           return_progress: true, // a chunk per prompt batch: "reading the conversation: 230/458"
-          max_tokens: options.max_tokens ?? 512,
-          temperature: options.temperature ?? 0.7,
-          top_p: options.top_p ?? 0.95,
+          max_tokens: options.max_tokens,
+          temperature: options.temperature,
+          top_p: options.top_p,
           ...(Number.isInteger(options.seed) ? { seed: options.seed } : {}),
           abortSignal: signal,
         });

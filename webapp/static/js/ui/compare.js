@@ -26,12 +26,12 @@ export function replyFigures(message, facts = {}, ttftMs = null) {
   ];
 }
 
-// hooks: socket (the page's ChatSocket), loadBrowserEngine() -> Promise<engine>, models() ->
+// hooks: options (data-options: each option's range), socket (the page's ChatSocket), loadBrowserEngine() -> Promise<engine>, models() ->
 // the /api/models list, backend() -> the browser backend picked, conversationId() -> the open
 // conversation (or null), openConversation(id) -> show it in the normal view.
 export function initCompare(button, hooks) {
   if (!button) return;
-  const { socket, loadBrowserEngine, models, backend, conversationId, openConversation } = hooks;
+  const { options: ranges, socket, loadBrowserEngine, models, backend, conversationId, openConversation } = hooks;
   const server = createServerEngine(socket);
   const panel = createPanel({ title: "Compare models", testid: "compare-panel", className: "compare-panel" });
 
@@ -47,8 +47,8 @@ export function initCompare(button, hooks) {
   prompt.placeholder = "One message, sent to every model";
   const maxTokens = el("input", "text-input");
   maxTokens.type = "number";
-  maxTokens.min = "1";
-  maxTokens.value = "128";
+  Object.assign(maxTokens, { min: ranges.max_tokens.min, max: ranges.max_tokens.max });
+  maxTokens.value = "128"; // shorter than a chat's replies: a comparison reads several side by side
   maxTokens.dataset.testid = "compare-max-tokens";
   const send = el("button", "button primary", "Compare");
   send.type = "submit";
