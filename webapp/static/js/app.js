@@ -577,7 +577,7 @@ initShortcuts(root, $("shortcuts"), $("shortcuts-button"), {
 
 // ---- ui2: compare, benchmark, API keys, reply format --------------------------------------
 initCompare($("compare"), {
-  options: OPTIONS, socket, loadBrowserEngine, models: () => state.models, backend: () => backendSelect.value,
+  options: OPTIONS, server: engines.server, loadBrowserEngine, models: () => state.models, backend: () => backendSelect.value,
   conversationId: () => state.conversationId,
   openConversation: (id) => openConversation(id, { push: id !== state.conversationId }),
 });

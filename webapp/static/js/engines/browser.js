@@ -1,11 +1,8 @@
-// The browser engine: llama.cpp compiled to WebAssembly (wllama) runs the model in this page.
-// Same interface as engines/server.js:
-//   generate({conversationId, content, model, modelInfo, options},
-//            {onStarted, onToken, onLoad, signal}) -> Promise<stored assistant message>
-// The user's message is stored through the API before anything runs; the reply (complete,
-// stopped or failed) is stored through the API with its provenance.
+// The browser engine (see contract.js): llama.cpp compiled to WebAssembly (wllama) runs the
+// model in this page. The user's message is stored through the API before anything runs; the
+// reply (complete, stopped or failed) is stored through the API with its provenance.
 import { Wllama } from "../../vendor/wllama/index.js";
-import { EngineError } from "./server.js";
+import { EngineError } from "./contract.js";
 import { modelHistory, pathTo } from "../tree.js";
 
 const WASM = { default: "/static/vendor/wllama/wllama.wasm" };

@@ -2,13 +2,11 @@
 // "compare" socket frame (sibling replies under one user message, streaming side by side);
 // a browser target runs in this page and stores its reply under the same user message.
 // Each column shows the reply and its figures; "Use this reply" makes it the current branch.
-import { createServerEngine } from "../engines/server.js";
 import { createStreamRenderer } from "../render.js";
 import { iconButton } from "./icons.js";
 import { call, createPanel, el, field, option, rate, selectBox, size } from "./panel.js";
 
 const MAX_TARGETS = 4;
-let nextRequest = 1;
 
 // The figures of one stored reply (and the time to its first token, measured here).
 export function replyFigures(message, facts = {}, ttftMs = null) {
@@ -26,13 +24,12 @@ export function replyFigures(message, facts = {}, ttftMs = null) {
   ];
 }
 
-// hooks: options (data-options: each option's range), socket (the page's ChatSocket), loadBrowserEngine() -> Promise<engine>, models() ->
+// hooks: options (data-options: each option's range), server (the page's server engine), loadBrowserEngine() -> Promise<engine>, models() ->
 // the /api/models list, backend() -> the browser backend picked, conversationId() -> the open
 // conversation (or null), openConversation(id) -> show it in the normal view.
 export function initCompare(button, hooks) {
   if (!button) return;
-  const { options: ranges, socket, loadBrowserEngine, models, backend, conversationId, openConversation } = hooks;
-  const server = createServerEngine(socket);
+  const { options: ranges, server, loadBrowserEngine, models, backend, conversationId, openConversation } = hooks;
   const panel = createPanel({ title: "Compare models", testid: "compare-panel", className: "compare-panel" });
 
   const targetList = el("div", "compare-targets");
@@ -217,20 +214,8 @@ export function initCompare(button, hooks) {
   }
 
   async function startServer(list, state, content, options) {
-    await socket.ready();
-    const requestId = `compare-${nextRequest++}`;
-    const frame = await new Promise((resolve, reject) => {
-      const offs = [];
-      const finish = (fn, value) => {
-        offs.forEach((off) => off());
-        fn(value);
-      };
-      offs.push(socket.on("started", (f) => f.request_id === requestId && finish(resolve, f)));
-      offs.push(socket.on("error", (f) => f.request_id === requestId && finish(reject, new Error(f.message))));
-      offs.push(socket.on("disconnect", () => finish(reject, new Error("the connection dropped before the message was stored; send it again"))));
-      socket.send({ type: "compare", request_id: requestId, conversation_id: state.conversationId,
-                    content, targets: list.map(({ target }) => ({ model: target.model })), options });
-    });
+    const frame = await server.compare({ conversationId: state.conversationId, content, options,
+                                         models: list.map(({ target }) => target.model) });
     state.conversationId = frame.conversation_id;
     state.userMessageId = frame.user_message.id;
     // Followed in this task: no token frame can come before its listener.
