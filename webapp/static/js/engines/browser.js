@@ -3,6 +3,7 @@
 // reply (complete, stopped or failed) is stored through the API with its provenance.
 import { Wllama } from "../../vendor/wllama/index.js";
 import { EngineError } from "./contract.js";
+import { promptTokensPerSecond } from "../format.js";
 import { modelHistory, pathTo } from "../tree.js";
 
 const WASM = { default: "/static/vendor/wllama/wllama.wasm" };
@@ -461,7 +462,8 @@ export function createBrowserEngine({ api, defaults }) {
         meta.prompt_evaluated = timings.prompt_n; // only the new tokens when the KV cache is reused
         meta.prompt_cached = timings.cache_n;
         meta.prompt_ms = Math.round(timings.prompt_ms * 10) / 10;
-        if (timings.prompt_per_second) meta.prompt_per_second = Math.round(timings.prompt_per_second * 10) / 10;
+        const promptRate = promptTokensPerSecond(timings.prompt_n, timings.prompt_ms);
+        if (promptRate) meta.prompt_per_second = Math.round(promptRate * 10) / 10;
         promptTokens ??= timings.prompt_n + timings.cache_n;
       } else if (progress) {
         meta.prompt_evaluated = progress.processed - progress.cached;

@@ -4,7 +4,8 @@
 // Each column shows the reply and its figures; "Use this reply" makes it the current branch.
 import { createStreamRenderer } from "../render.js";
 import { iconButton } from "./icons.js";
-import { call, createPanel, el, field, option, rate, selectBox, size } from "./panel.js";
+import { ms, promptTokensPerSecond, size, tokensPerSecond } from "../format.js";
+import { call, createPanel, el, field, option, selectBox } from "./panel.js";
 
 const MAX_TARGETS = 4;
 
@@ -13,14 +14,13 @@ export function replyFigures(message, facts = {}, ttftMs = null) {
   const usage = message?.usage ?? {};
   const meta = message?.meta ?? {};
   const evaluated = meta.prompt_evaluated ?? (usage.prompt_tokens != null ? usage.prompt_tokens - (meta.prompt_cached ?? 0) : null);
-  const promptTps = meta.prompt_ms > 0 && evaluated > 0 ? evaluated / (meta.prompt_ms / 1000) : null;
   return [
-    ["First token", Number.isFinite(ttftMs) ? `${Math.round(ttftMs)} ms` : "–", "ttft"],
-    ["Prompt", promptTps ? `${rate(promptTps)} tok/s` : "–", "prompt-tps"],
-    ["Decode", message?.tokens_per_second ? `${rate(message.tokens_per_second)} tok/s` : "–", "decode-tps"],
+    ["First token", ms(ttftMs), "ttft"],
+    ["Prompt", tokensPerSecond(promptTokensPerSecond(evaluated, meta.prompt_ms)), "prompt-tps"],
+    ["Decode", tokensPerSecond(message?.tokens_per_second), "decode-tps"],
     ["Tokens", usage.completion_tokens != null ? String(usage.completion_tokens) : "–", "tokens"],
     ["Quantisation", facts.quantization ?? "–", "quant"],
-    ["Size", facts.file_size ? size(facts.file_size) : "–", "size"],
+    ["Size", size(facts.file_size), "size"],
   ];
 }
 

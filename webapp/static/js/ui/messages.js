@@ -3,6 +3,7 @@
 import { createStreamRenderer, renderMarkdown } from "../render.js";
 import { renderStructured } from "./reply_format.js";
 import { copyWithFeedback, icon, iconButton } from "./icons.js";
+import { count, ms, tokensPerSecond } from "../format.js";
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -16,9 +17,9 @@ export function describeProvenance(message) {
   const parts = [];
   if (message.engine) parts.push(message.backend ? `${message.engine} (${message.backend})` : message.engine);
   if (message.model) parts.push(message.model);
-  if (message.tokens_per_second) parts.push(`${message.tokens_per_second.toFixed(1)} tok/s`);
+  if (message.tokens_per_second) parts.push(tokensPerSecond(message.tokens_per_second));
   const n = message.usage?.completion_tokens;
-  if (n != null) parts.push(`${n} tokens`);
+  if (n != null) parts.push(`${count(n)} tokens`);
   if (message.meta?.trimmed_messages) {
     // Which ones: the oldest N, up to the one quoted (server replies say which that was).
     const through = message.meta.trimmed_through ? `, up to “${message.meta.trimmed_through}”` : "";
@@ -38,9 +39,9 @@ function describeOptions(options, message) {
     ["Max tokens", options.max_tokens],
     ["Seed", options.seed ?? "random"],
     ["Reply format", options.response_format ? options.response_format.type : "text"],
-    ["Prompt", message.usage?.prompt_tokens != null ? `${message.usage.prompt_tokens} tokens` +
-      (message.meta?.prompt_cached ? ` (${message.meta.prompt_cached} from cache)` : "") : null],
-    ["Time to first token", message.meta?.prompt_ms != null ? `${Math.round(message.meta.prompt_ms)} ms` : null],
+    ["Prompt", message.usage?.prompt_tokens != null ? `${count(message.usage.prompt_tokens)} tokens` +
+      (message.meta?.prompt_cached ? ` (${count(message.meta.prompt_cached)} from cache)` : "") : null],
+    ["Time to first token", message.meta?.prompt_ms != null ? ms(message.meta.prompt_ms) : null],
   ];
   for (const [term, value] of rows) {
     if (value === null || value === undefined) continue;

@@ -66,17 +66,6 @@ export function createPanel({ title, testid, className = "" }) {
   } };
 }
 
-export const MiB = 2 ** 20;
-
-export function size(bytes) {
-  if (!Number.isFinite(bytes)) return "–";
-  return bytes >= 2 ** 30 ? `${(bytes / 2 ** 30).toFixed(1)} GiB` : `${(bytes / MiB).toFixed(bytes < 10 * MiB ? 1 : 0)} MiB`;
-}
-
-export function rate(value) {
-  return Number.isFinite(value) && value > 0 ? value.toFixed(value >= 100 ? 0 : 1) : "–";
-}
-
 // JSON requests for the endpoints api.js has no method for (benchmarks, keys, settings).
 export async function call(method, path, body) {
   const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
