@@ -244,8 +244,7 @@ function showStreaming(message, conversationId) {
     onToken: (text) => reply.token(text),
     onQueued: (position) => reply.queued(position),
   }).then((stored) => reply.settle(stored), (err) => {
-    if (err.reply) reply.settle(err.reply);
-    else reply.end();
+    reply.fail(err);
     if (state.conversationId === conversationId) showError(err.message);
   });
 }
@@ -428,7 +427,7 @@ async function send(action = null) {
     });
     reply.settle(stored);
   } catch (err) {
-    reply.settle(err.reply ?? { role: "assistant", content: reply.text, status: "failed", model });
+    reply.fail(err);
     if (onScreen()) {
       const loadProblem = ["load_failed", "webgpu_unavailable", "not_in_browser"].includes(err.code);
       // The server's model process stopped (or is starting again): the partial reply is

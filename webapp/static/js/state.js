@@ -90,6 +90,13 @@ export class LiveReply {
     this.end(message);
   }
 
+  // An engine's error for this reply (matched by its message_id when several are followed):
+  // the failed reply it stored, or the text so far marked failed with why.
+  fail(err) {
+    this.settle(err.reply ?? { role: "assistant", content: this.text, status: "failed", model: this.model,
+                               meta: { error: { code: err.code, message: err.message } } });
+  }
+
   // message: the stored reply it ended with, if one came back.
   end(message = null) {
     if (this.messageId) state.live.delete(this.messageId);
