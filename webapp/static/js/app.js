@@ -3,6 +3,7 @@
 // imported only when it is picked.
 import { api } from "./api.js";
 import { ChatSocket } from "./socket.js";
+import { BROWSER_N_CTX } from "./engines/contract.js";
 import { createServerEngine } from "./engines/server.js";
 import { LiveReply, currentSettings, detachViews, liveFor, modelInfo, state, subscribe, update } from "./state.js";
 import { pathTo, siblingsByParent } from "./tree.js";
@@ -151,9 +152,7 @@ function isShared(id) {
 }
 
 // The tokens the chosen model can see at once here: the server runs embedded models with
-// BCHAT_N_CTX, the browser engine with its own 4,096; neither beyond the model's own.
-const BROWSER_N_CTX = 4096;
-
+// BCHAT_N_CTX, the browser engine with its own; neither beyond the model's own.
 function contextLength() {
   const facts = modelInfo(modelSelect.value)?.facts ?? {};
   const limits = [facts.context_length, facts.n_ctx,

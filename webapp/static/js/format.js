@@ -32,7 +32,12 @@ export function percent(fraction) {
   return `${Math.round(fraction * 100)}%`;
 }
 
-// 12,345 (a count said in full).
+// A reply's or a prompt's tokens, as its provenance says them.
+export function tokens(n) {
+  return `${n} tokens`;
+}
+
+// 12,345 (a count said in full, beside a limit).
 export function count(n) {
   return n.toLocaleString("en");
 }

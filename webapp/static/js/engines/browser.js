@@ -2,7 +2,7 @@
 // model in this page. The user's message is stored through the API before anything runs; the
 // reply (complete, stopped or failed) is stored through the API with its provenance.
 import { Wllama } from "../../vendor/wllama/index.js";
-import { EngineError } from "./contract.js";
+import { BROWSER_N_CTX as N_CTX, EngineError } from "./contract.js";
 import { promptTokensPerSecond } from "../format.js";
 import { modelHistory, pathTo } from "../tree.js";
 
@@ -13,7 +13,6 @@ const COMPAT = {
   worker: "/static/vendor/wllama-compat/wllama.js",
   wasm: "/static/vendor/wllama-compat/wllama.wasm",
 };
-const N_CTX = 4096;
 // Prompt tokens llama.cpp decodes per step. On WASM the matrix products are compute-bound
 // (ggml has no batched GEMM kernel for SIMD128: a batch costs what its tokens cost one by one),
 // so batch size does not buy arithmetic; what it changes is (a) how often the page learns how
@@ -24,8 +23,6 @@ const N_CTX = 4096;
 const N_BATCH = 128;
 const FLUSH_MS = 2000; // the reply's row grows at least this often (and on pagehide)
 const CHARS_PER_TOKEN = 3; // rough, errs long: used only to drop old turns before sending
-
-export const BACKENDS = ["auto", "webgpu", "wasm-mt", "wasm-st"];
 
 // Can llama.cpp's WebGPU backend use this browser's GPU? It needs an adapter with shader-f16;
 // without it (e.g. SwiftShader) llama.cpp silently keeps every layer on the CPU.

@@ -24,6 +24,10 @@
 // The server engine also follows a reply being written elsewhere (follow) and starts a compare
 // (several models, one message); the browser engine also preloads a model and measures one.
 
+// The tokens the browser engine gives a model (never beyond the model's own): the page's
+// context meter and composer count against it before the engine is even loaded.
+export const BROWSER_N_CTX = 4096;
+
 // .code says what failed (the server's error codes, or the page's: load_failed,
 // webgpu_unavailable, not_in_browser, model_failed, disconnected); .reply is the failed reply
 // when one was stored.

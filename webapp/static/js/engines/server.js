@@ -17,9 +17,8 @@ export function createServerEngine(socket) {
   function relay(messageId, initialText, { onToken, onQueued, signal } = {}) {
     let length = codePoints(initialText ?? "");
     return new Promise((resolve, reject) => {
-      const offs = [];
       const finish = (fn, value) => {
-        offs.forEach((off) => off());
+        off();
         signal?.removeEventListener("abort", onAbort);
         fn(value);
       };
@@ -37,7 +36,7 @@ export function createServerEngine(socket) {
           /* offline: sent again once the socket is back (see "status") */
         }
       };
-      offs.push(socket.on("token", (frame) => {
+      const off = socket.onEach({ token: (frame) => {
         if (frame.message_id !== messageId) return;
         const pieces = [...frame.text];
         if (frame.offset > length) {
@@ -49,23 +48,18 @@ export function createServerEngine(socket) {
         const fresh = skip ? pieces.slice(skip).join("") : frame.text;
         length += pieces.length - skip;
         onToken?.(fresh);
-      }));
-      offs.push(socket.on("queued", (frame) => {
+      }, queued: (frame) => {
         if (frame.message_id === messageId) onQueued?.(frame.position);
-      }));
-      offs.push(socket.on("done", (frame) => {
+      }, done: (frame) => {
         if (frame.message_id === messageId) finish(resolve, frame.message);
-      }));
-      offs.push(socket.on("error", (frame) => {
-        if (frame.message_id !== messageId) return;
-        finish(reject, new EngineError(frame.code, frame.message, frame.reply ?? null));
-      }));
-      offs.push(socket.on("status", (status) => {
-        if (status === "open") {
-          resume(); // a new socket: pick the reply up where the page left it
-          if (signal?.aborted) onAbort();
-        }
-      }));
+      }, error: (frame) => {
+        // an error frame names the reply it concerns: others followed beside it go on
+        if (frame.message_id === messageId) finish(reject, new EngineError(frame.code, frame.message, frame.reply ?? null));
+      }, status: (status) => {
+        if (status !== "open") return;
+        resume(); // a new socket: pick the reply up where the page left it
+        if (signal?.aborted) onAbort();
+      } });
       signal?.addEventListener("abort", onAbort);
       if (signal?.aborted) onAbort();
     });
@@ -77,19 +71,16 @@ export function createServerEngine(socket) {
     await socket.ready();
     const requestId = `r${nextRequestId++}`;
     const started = new Promise((resolve, reject) => {
-      const offs = [];
       const finish = (fn, value) => {
-        offs.forEach((off) => off());
+        off();
         fn(value);
       };
-      offs.push(socket.on("started", (f) => {
-        if (f.request_id === requestId) finish(resolve, f);
-      }));
-      offs.push(socket.on("error", (f) => {
-        if (f.request_id === requestId) finish(reject, new EngineError(f.code, f.message));
-      }));
-      offs.push(socket.on("disconnect", () => finish(reject, new EngineError(
-        "disconnected", "the connection dropped before the message was stored; send it again"))));
+      const off = socket.onEach({
+        started: (f) => f.request_id === requestId && finish(resolve, f),
+        error: (f) => f.request_id === requestId && finish(reject, new EngineError(f.code, f.message)),
+        disconnect: () => finish(reject, new EngineError(
+          "disconnected", "the connection dropped before the message was stored; send it again")),
+      });
     });
     socket.send({ ...frame, request_id: requestId });
     return started;

@@ -5,7 +5,8 @@
 // with a table of the figures, and everyone's stored runs below: a class sees its devices next
 // to the server.
 import { ms, percent, promptTokensPerSecond, rate, size } from "../format.js";
-import { call, createPanel, el, field, option, selectBox } from "./panel.js";
+import { request } from "../api.js";
+import { createPanel, el, field, option, selectBox } from "./panel.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 const BROWSER_BACKENDS = [
@@ -191,7 +192,7 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
   }
 
   async function loadStored() {
-    const listing = await call("GET", "/api/benchmarks");
+    const listing = await request("GET", "/api/benchmarks");
     prompts = listing.prompts;
     seed = listing.seed;
     if (!tokens.value) tokens.value = String(listing.tokens);
@@ -263,7 +264,7 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
       const chosenServer = [...serverGroup.querySelectorAll("input:checked")].map((b) => b.value);
       for (const model of chosenServer) {
         status.textContent = `Running the prompt set on the server (${model})…`;
-        runs.push(await call("POST", "/api/benchmarks/server", { model, tokens: n }));
+        runs.push(await request("POST", "/api/benchmarks/server", { model, tokens: n }));
         show(runs);
       }
       const info = models().find((m) => m.id === browserModel.select.value);
@@ -286,7 +287,7 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
             results.push(browserResult(prompt, measured));
           }
           if (actual !== backend && runs.some((r) => r.engine === "browser" && r.backend === actual)) continue; // the same backend again
-          runs.push(await call("POST", "/api/benchmarks", { backend: actual, model: info.id, device, results }));
+          runs.push(await request("POST", "/api/benchmarks", { backend: actual, model: info.id, device, results }));
           show(runs);
         }
       }

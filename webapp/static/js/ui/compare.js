@@ -5,7 +5,8 @@
 import { createStreamRenderer } from "../render.js";
 import { iconButton } from "./icons.js";
 import { ms, promptTokensPerSecond, size, tokensPerSecond } from "../format.js";
-import { call, createPanel, el, field, option, selectBox } from "./panel.js";
+import { api } from "../api.js";
+import { createPanel, el, factRows, field, option, selectBox } from "./panel.js";
 
 const MAX_TARGETS = 4;
 
@@ -167,17 +168,12 @@ export function initCompare(button, hooks) {
     columns.append(column);
     let firstAt = null;
     const showFigures = (message) => {
-      stats.replaceChildren(...replyFigures(message, info?.facts, firstAt === null ? null : firstAt - state.sentAt).map(([term, value, key]) => {
-        const row = el("div");
-        row.dataset.figure = key;
-        row.append(el("dt", "", term), el("dd", "", value));
-        return row;
-      }));
+      stats.replaceChildren(...factRows(replyFigures(message, info?.facts, firstAt === null ? null : firstAt - state.sentAt)));
     };
     showFigures(null);
     use.addEventListener("click", async () => {
       try {
-        await call("PATCH", `/api/conversations/${encodeURIComponent(state.conversationId)}`, { current_message_id: column.dataset.messageId });
+        await api.updateConversation(state.conversationId, { current_message_id: column.dataset.messageId });
         panel.dialog.close();
         await openConversation(state.conversationId);
       } catch (err) {

@@ -2,14 +2,12 @@
 // it runs.
 import { count, parameters, size } from "../format.js";
 import { icon } from "./icons.js";
+import { factRows, option } from "./panel.js";
 
 export function modelOption(m) {
-  const option = document.createElement("option");
-  option.value = m.id;
   const f = m.facts ?? {};
   const bytes = f.file_size ? ` · ${size(f.file_size)}` : "";
-  option.textContent = `${m.id}${f.quantization ? ` (${f.quantization}${bytes})` : ""}`;
-  return option;
+  return option(m.id, `${m.id}${f.quantization ? ` (${f.quantization}${bytes})` : ""}`);
 }
 
 // card: the card's element (with the name and facts inside); model: its /api/models entry.
@@ -28,14 +26,6 @@ export function showModelCard(card, model, { contextLength, engine }) {
     ["Context", contextLength ? `${count(contextLength)} tokens` : null],
     ["Runs", engine === "browser" ? "in this browser" : `on the server${model.served_by && model.served_by !== "llamacpp" ? ` (${model.served_by})` : ""}`],
   ].filter(([, value]) => value);
-  card.querySelector('[data-testid="model-facts"]').replaceChildren(...facts.map(([term, value]) => {
-    const row = document.createElement("div");
-    const dt = document.createElement("dt");
-    dt.textContent = term;
-    const dd = document.createElement("dd");
-    dd.textContent = value;
-    row.append(dt, dd);
-    return row;
-  }));
+  card.querySelector('[data-testid="model-facts"]').replaceChildren(...factRows(facts));
   card.hidden = false;
 }
