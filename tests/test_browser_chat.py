@@ -227,3 +227,52 @@ def test_the_page_reconnects_and_resumes_the_reply_it_was_showing(server):
             conversation_id)
         shown = reply.locator(".body").inner_text()
         assert shown == rendered_text(page, stored["content"]), "each character shown once"
+
+
+def test_an_error_frame_marks_the_reply_it_names_among_several_followed(server):
+    """The page follows two replies at once: one resumed (another client's run) and one it
+    sent. The second's conversation is deleted mid-reply, so its run ends with an error frame
+    that names its message_id: that reply, and only that one, is marked failed with why."""
+    import re
+
+    from playwright.sync_api import expect
+
+    visitor = server.session()
+    visitor.visit()
+    other_tab = visitor.ws()
+    other_tab.chat("the other tab's question", options={"max_tokens": 2000})
+    started, _ = other_tab.until("started")
+    kept_id = started["conversation"]["id"]
+
+    with chromium() as context:
+        context.add_cookies([{"name": c.name, "value": c.value, "url": server.url}
+                             for c in visitor.cookies])
+        page = context.new_page()
+        page.goto(f"{server.url}/c/{kept_id}")
+        kept = page.locator('[data-role="assistant"]').first
+        expect(kept.locator(".body")).not_to_be_empty()  # resumed: this page follows it now
+        other_tab.close()
+
+        page.get_by_test_id("new-chat").click()
+        page.get_by_test_id("settings").locator("summary").click()
+        page.get_by_test_id("max-tokens").fill("2000")
+        page.get_by_test_id("settings").locator("summary").click()
+        page.get_by_test_id("composer").fill("a question whose conversation goes away")
+        page.get_by_test_id("composer").press("Enter")
+        doomed = page.locator('[data-role="assistant"]').first
+        expect(doomed.locator(".body")).not_to_be_empty()
+        expect(page).to_have_url(re.compile(r"/c/"))
+        doomed_id = page.url.rsplit("/c/", 1)[1]
+        assert doomed_id != kept_id
+        deleted = page.evaluate(
+            "async id => (await fetch(`/api/conversations/${id}`, {method: 'DELETE'})).status",
+            doomed_id)
+        assert deleted == 204
+
+        expect(doomed).to_have_attribute("data-status", "failed", timeout=120_000)
+        expect(doomed.locator(".meta")).to_contain_text("deleted")
+        expect(page.get_by_test_id("error-text")).to_contain_text("deleted")
+        # the reply followed beside it went on, untouched by the other's error
+        page.get_by_test_id("conversation").filter(has_text="the other tab").click()
+        kept = page.locator('[data-role="assistant"]').first
+        expect(kept).to_have_attribute("data-status", "complete", timeout=120_000)

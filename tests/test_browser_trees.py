@@ -154,3 +154,73 @@ def test_settings_belong_to_their_conversation(server):
         page.goto(a_url)
         expect(page.get_by_test_id("system-prompt")).to_have_value("You are a pirate.")
         expect(page.get_by_test_id("max-tokens")).to_have_value("6")
+
+
+def test_the_page_and_the_server_agree_on_what_the_model_sees(server):
+    """tree.js mirrors the server's tree rules (chats.Tree, current_branch, model_history) for
+    the browser engine: for every message of a branched conversation, and for the current
+    branch, chromium's pathTo + modelHistory give the server's turns."""
+    from sqlalchemy import select
+
+    from webapp.chats import Tree, current_branch, model_history
+    from webapp.models import Conversation
+
+    visitor = server.session()
+    visitor.visit()
+    _, conv = visitor.json("POST", "/api/conversations", {"title": "tree"})
+    path = f"/api/conversations/{conv['id']}/messages"
+    ids: dict[str, str] = {}
+
+    def post(name: str, parent: str | None, role: str, content: str, status: str = "complete") -> None:
+        body = {"role": role, "content": content, "parent_id": ids.get(parent) if parent else None}
+        if role == "assistant":
+            body.update(status=status, provenance={"engine": "browser", "model": "tiny-chat"})
+        status_code, message = visitor.json("POST", path, body)
+        assert status_code == 201, message
+        ids[name] = message["id"]
+
+    post("u1", None, "user", "first question")
+    post("a1", "u1", "assistant", "<think>weighing it</think>\nthe answer")
+    post("a1b", "u1", "assistant", "")  # complete and empty: kept
+    post("u2", "a1", "user", "second")
+    post("a2", "u2", "assistant", "", "failed")  # failed and empty: left out
+    post("u3", "a2", "user", "second, again")  # stands for u2 too (alternation)
+    post("a3", "u3", "assistant", "partial", "stopped")
+    post("a2b", "u2", "assistant", "another branch")
+    post("u4", "a2b", "user", "third")
+    post("a4", "u4", "assistant", "still growing", "streaming")  # not seen until it ends
+    status_code, _ = visitor.json("PATCH", f"/api/conversations/{conv['id']}",
+                                  {"current_message_id": ids["a2b"]})
+    assert status_code == 200
+
+    with server.app.extensions["bchat"].db.read() as session:
+        stored = session.scalar(select(Conversation).where(Conversation.public_id == conv["id"]))
+        tree = Tree(stored.messages)
+        public = tree.public_ids()
+        expected = {public[m.id]: model_history(tree.path(m.id)) for m in stored.messages}
+        expected["current"] = model_history(current_branch(stored))
+
+    with chromium() as context:
+        context.add_cookies([{"name": c.name, "value": c.value, "url": server.url}
+                             for c in visitor.cookies])
+        page = context.new_page()
+        page.goto(server.url + "/")
+        seen = page.evaluate("""async (id) => {
+          const { modelHistory, pathTo } = await import("/static/js/tree.js");
+          const conversation = await (await fetch(`/api/conversations/${id}`)).json();
+          const turns = (upTo) => modelHistory(pathTo(conversation.messages, upTo));
+          const seen = Object.fromEntries(conversation.messages.map((m) => [m.id, turns(m.id)]));
+          seen.current = turns(conversation.current_message_id);
+          return seen;
+        }""", conv["id"])
+
+    assert seen == expected
+    # the rules were exercised, not just an empty agreement
+    assert expected["current"] == [{"role": "user", "content": "first question"},
+                                   {"role": "assistant", "content": "the answer"},
+                                   {"role": "user", "content": "second"},
+                                   {"role": "assistant", "content": "another branch"},
+                                   {"role": "user", "content": "third"}]
+    assert [t["content"] for t in expected[ids["a3"]]] == [
+        "first question", "the answer", "second, again", "partial"]
+    assert expected[ids["a1b"]][-1] == {"role": "assistant", "content": ""}

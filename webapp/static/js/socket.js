@@ -20,6 +20,12 @@ export class ChatSocket {
     return () => this.listeners.get(type).delete(listener);
   }
 
+  // Listeners for several frame types at once; returns one function that removes them all.
+  onEach(listeners) {
+    const offs = Object.entries(listeners).map(([type, listener]) => this.on(type, listener));
+    return () => offs.forEach((off) => off());
+  }
+
   emit(type, payload) {
     for (const listener of this.listeners.get(type) ?? []) listener(payload);
   }

@@ -1,11 +1,9 @@
-// The browser engine: llama.cpp compiled to WebAssembly (wllama) runs the model in this page.
-// Same interface as engines/server.js:
-//   generate({conversationId, content, model, modelInfo, options},
-//            {onStarted, onToken, onLoad, signal}) -> Promise<stored assistant message>
-// The user's message is stored through the API before anything runs; the reply (complete,
-// stopped or failed) is stored through the API with its provenance.
+// The browser engine (see contract.js): llama.cpp compiled to WebAssembly (wllama) runs the
+// model in this page. The user's message is stored through the API before anything runs; the
+// reply (complete, stopped or failed) is stored through the API with its provenance.
 import { Wllama } from "../../vendor/wllama/index.js";
-import { EngineError } from "./server.js";
+import { BROWSER_N_CTX as N_CTX, EngineError } from "./contract.js";
+import { promptTokensPerSecond } from "../format.js";
 import { modelHistory, pathTo } from "../tree.js";
 
 const WASM = { default: "/static/vendor/wllama/wllama.wasm" };
@@ -15,7 +13,6 @@ const COMPAT = {
   worker: "/static/vendor/wllama-compat/wllama.js",
   wasm: "/static/vendor/wllama-compat/wllama.wasm",
 };
-const N_CTX = 4096;
 // Prompt tokens llama.cpp decodes per step. On WASM the matrix products are compute-bound
 // (ggml has no batched GEMM kernel for SIMD128: a batch costs what its tokens cost one by one),
 // so batch size does not buy arithmetic; what it changes is (a) how often the page learns how
@@ -26,8 +23,6 @@ const N_CTX = 4096;
 const N_BATCH = 128;
 const FLUSH_MS = 2000; // the reply's row grows at least this often (and on pagehide)
 const CHARS_PER_TOKEN = 3; // rough, errs long: used only to drop old turns before sending
-
-export const BACKENDS = ["auto", "webgpu", "wasm-mt", "wasm-st"];
 
 // Can llama.cpp's WebGPU backend use this browser's GPU? It needs an adapter with shader-f16;
 // without it (e.g. SwiftShader) llama.cpp silently keeps every layer on the CPU.
@@ -67,7 +62,9 @@ export function loadParams({ contextLength = null, threads, gpu = false }) {
   };
 }
 
-export function createBrowserEngine({ api }) {
+// defaults: each option's default as the server serves it (data-options), for what a request
+// leaves out.
+export function createBrowserEngine({ api, defaults }) {
   let wllama = null;
   let loaded = null; // {key, modelId, backend, threads, note}
   let loading = null;
@@ -281,15 +278,15 @@ export function createBrowserEngine({ api }) {
 
     // One completion straight from the model, stored nowhere (the benchmark): the engine's
     // own timings, the backend it really ran on, and the time to the first token.
-    async measure(modelInfo, preference, messages, options = {}, { onLoad, signal } = {}) {
+    async measure(modelInfo, preference, messages, options, { onLoad, signal } = {}) {
       const runtime = await ensureLoaded(modelInfo, preference, onLoad);
       const sent = performance.now();
       let firstAt = null;
       let usage = null;
       let timings = null;
       const stream = await wllama.createChatCompletion({
-        messages, stream: true, max_tokens: options.max_tokens ?? 64,
-        temperature: options.temperature ?? 0, seed: options.seed ?? 1234, abortSignal: signal,
+        messages, stream: true, max_tokens: options.max_tokens,
+        temperature: options.temperature, seed: options.seed, abortSignal: signal,
       });
       for await (const chunk of stream) {
         if (chunk.choices?.[0]?.delta?.content) firstAt ??= performance.now();
@@ -301,7 +298,8 @@ export function createBrowserEngine({ api }) {
     },
 
     async generate(request, { onStarted, onReplyCreated, onToken, onLoad, signal } = {}) {
-      const { modelInfo, options = {} } = request;
+      const { modelInfo } = request;
+      const options = { ...defaults, ...request.options };
       if (!modelInfo?.browser) {
         throw new EngineError("not_in_browser", `${request.model} cannot run in the browser; use the server engine`);
       }
@@ -407,9 +405,9 @@ export function createBrowserEngine({ api }) {
           messages,
           stream: true,
           return_progress: true, // a chunk per prompt batch: "reading the conversation: 230/458"
-          max_tokens: options.max_tokens ?? 512,
-          temperature: options.temperature ?? 0.7,
-          top_p: options.top_p ?? 0.95,
+          max_tokens: options.max_tokens,
+          temperature: options.temperature,
+          top_p: options.top_p,
           ...(Number.isInteger(options.seed) ? { seed: options.seed } : {}),
           abortSignal: signal,
         });
@@ -461,7 +459,8 @@ export function createBrowserEngine({ api }) {
         meta.prompt_evaluated = timings.prompt_n; // only the new tokens when the KV cache is reused
         meta.prompt_cached = timings.cache_n;
         meta.prompt_ms = Math.round(timings.prompt_ms * 10) / 10;
-        if (timings.prompt_per_second) meta.prompt_per_second = Math.round(timings.prompt_per_second * 10) / 10;
+        const promptRate = promptTokensPerSecond(timings.prompt_n, timings.prompt_ms);
+        if (promptRate) meta.prompt_per_second = Math.round(promptRate * 10) / 10;
         promptTokens ??= timings.prompt_n + timings.cache_n;
       } else if (progress) {
         meta.prompt_evaluated = progress.processed - progress.cached;

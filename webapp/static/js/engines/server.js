@@ -1,21 +1,10 @@
-// The server engine: the model runs on the server as a *run* that outlives this page's socket;
-// tokens arrive over the chat socket. Implements the page's engine interface:
-//   generate({conversationId, content, model, options}, handlers) -> Promise<stored message>
-//   follow(messageId, text, handlers) -> Promise<stored message>   (resume a streaming reply)
-// handlers: {onStarted, onToken, onQueued, onConnection, signal}. A dropped connection does not
-// end the reply: the socket reconnects and resumes from the characters already shown.
-// Rejects with an EngineError carrying .code (and .reply when a failed reply was stored).
-
-export class EngineError extends Error {
-  constructor(code, message, reply = null) {
-    super(message);
-    this.code = code;
-    this.reply = reply;
-  }
-}
+// The server engine (see contract.js): the model runs on the server as a *run* that outlives
+// this page's socket; tokens arrive over the chat socket. A dropped connection does not end a
+// reply: the socket reconnects and resumes from the characters already shown.
+import { EngineError } from "./contract.js";
 
 // Offsets count Unicode code points, as the server's Python strings do.
-export const codePoints = (text) => {
+const codePoints = (text) => {
   let n = 0;
   for (const _ of text) n += 1;
   return n;
@@ -25,12 +14,11 @@ let nextRequestId = 1;
 
 export function createServerEngine(socket) {
   // Relay one reply's frames (by message id) until its final frame.
-  function relay(messageId, initialText, { onToken, onQueued, onConnection, signal } = {}) {
+  function relay(messageId, initialText, { onToken, onQueued, signal } = {}) {
     let length = codePoints(initialText ?? "");
     return new Promise((resolve, reject) => {
-      const offs = [];
       const finish = (fn, value) => {
-        offs.forEach((off) => off());
+        off();
         signal?.removeEventListener("abort", onAbort);
         fn(value);
       };
@@ -48,7 +36,7 @@ export function createServerEngine(socket) {
           /* offline: sent again once the socket is back (see "status") */
         }
       };
-      offs.push(socket.on("token", (frame) => {
+      const off = socket.onEach({ token: (frame) => {
         if (frame.message_id !== messageId) return;
         const pieces = [...frame.text];
         if (frame.offset > length) {
@@ -60,27 +48,42 @@ export function createServerEngine(socket) {
         const fresh = skip ? pieces.slice(skip).join("") : frame.text;
         length += pieces.length - skip;
         onToken?.(fresh);
-      }));
-      offs.push(socket.on("queued", (frame) => {
+      }, queued: (frame) => {
         if (frame.message_id === messageId) onQueued?.(frame.position);
-      }));
-      offs.push(socket.on("done", (frame) => {
+      }, done: (frame) => {
         if (frame.message_id === messageId) finish(resolve, frame.message);
-      }));
-      offs.push(socket.on("error", (frame) => {
-        if (frame.message_id !== messageId) return;
-        finish(reject, new EngineError(frame.code, frame.message, frame.reply ?? null));
-      }));
-      offs.push(socket.on("status", (status) => {
-        onConnection?.(status);
-        if (status === "open") {
-          resume(); // a new socket: pick the reply up where the page left it
-          if (signal?.aborted) onAbort();
-        }
-      }));
+      }, error: (frame) => {
+        // an error frame names the reply it concerns: others followed beside it go on
+        if (frame.message_id === messageId) finish(reject, new EngineError(frame.code, frame.message, frame.reply ?? null));
+      }, status: (status) => {
+        if (status !== "open") return;
+        resume(); // a new socket: pick the reply up where the page left it
+        if (signal?.aborted) onAbort();
+      } });
       signal?.addEventListener("abort", onAbort);
       if (signal?.aborted) onAbort();
     });
+  }
+
+  // Send a frame that starts runs (chat, regenerate, continue, compare) and wait for its
+  // "started" frame, matched by request id.
+  async function start(frame) {
+    await socket.ready();
+    const requestId = `r${nextRequestId++}`;
+    const started = new Promise((resolve, reject) => {
+      const finish = (fn, value) => {
+        off();
+        fn(value);
+      };
+      const off = socket.onEach({
+        started: (f) => f.request_id === requestId && finish(resolve, f),
+        error: (f) => f.request_id === requestId && finish(reject, new EngineError(f.code, f.message)),
+        disconnect: () => finish(reject, new EngineError(
+          "disconnected", "the connection dropped before the message was stored; send it again")),
+      });
+    });
+    socket.send({ ...frame, request_id: requestId });
+    return started;
   }
 
   return {
@@ -96,40 +99,30 @@ export function createServerEngine(socket) {
     // regenerated sibling (request.regenerate = the reply's id) or more of a cut-off reply
     // (request.continueFrom = the reply), all as runs on the server.
     async generate(request, handlers = {}) {
-      await socket.ready();
-      const requestId = `r${nextRequestId++}`;
-      const started = new Promise((resolve, reject) => {
-        const offs = [];
-        const finish = (fn, value) => {
-          offs.forEach((off) => off());
-          fn(value);
-        };
-        offs.push(socket.on("started", (frame) => {
-          if (frame.request_id === requestId) finish(resolve, frame);
-        }));
-        offs.push(socket.on("error", (frame) => {
-          if (frame.request_id === requestId) finish(reject, new EngineError(frame.code, frame.message));
-        }));
-        offs.push(socket.on("disconnect", () => finish(reject, new EngineError(
-          "disconnected", "the connection dropped before the message was stored; send it again"))));
-      });
-      const common = { request_id: requestId, model: request.model || undefined, options: request.options ?? {} };
+      const common = { model: request.model || undefined, options: request.options ?? {} };
+      let frame;
       if (request.continueFrom) {
-        socket.send({ type: "continue", message_id: request.continueFrom.id, ...common });
+        frame = { type: "continue", message_id: request.continueFrom.id, ...common };
       } else if (request.regenerate) {
-        socket.send({ type: "regenerate", message_id: request.regenerate, ...common });
+        frame = { type: "regenerate", message_id: request.regenerate, ...common };
       } else {
-        const frame = { type: "chat", conversation_id: request.conversationId ?? null,
-                        content: request.content, ...common };
+        frame = { type: "chat", conversation_id: request.conversationId ?? null, content: request.content, ...common };
         if (request.parentId !== undefined) frame.parent_id = request.parentId;
         if (!request.conversationId && request.settings) frame.settings = request.settings;
-        socket.send(frame);
       }
-      const frame = await started;
-      handlers.onStarted?.(frame.conversation, frame.user_message, frame);
+      const started = await start(frame);
+      handlers.onStarted?.(started.conversation, started.user_message, started);
       // This socket already watches the run; its token frames are separate socket events, so
       // none can arrive before relay() listens (this runs in the same task as "started").
-      return relay(frame.message_id, request.continueFrom?.content ?? "", handlers);
+      return relay(started.message_id, request.continueFrom?.content ?? "", handlers);
+    },
+
+    // One message to several models: resolves with the "started" frame (conversation_id,
+    // user_message, message_ids in the order of `models`); follow() each reply in the same
+    // task, before any of its tokens can arrive.
+    compare({ conversationId, content, models, options }) {
+      return start({ type: "compare", conversation_id: conversationId, content,
+                     targets: models.map((model) => ({ model })), options });
     },
   };
 }

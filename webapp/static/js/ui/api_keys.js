@@ -2,7 +2,8 @@
 // acting as this visitor. A new key's token is shown once: the server keeps only its hash.
 import { ask } from "./dialog.js";
 import { copyWithFeedback, iconButton } from "./icons.js";
-import { call, createPanel, el, field } from "./panel.js";
+import { request } from "../api.js";
+import { createPanel, el, field } from "./panel.js";
 
 function when(iso) {
   if (!iso) return "never";
@@ -77,7 +78,7 @@ export function initApiKeys(button) {
   async function refresh() {
     let keys;
     try {
-      ({ keys } = await call("GET", "/api/keys"));
+      ({ keys } = await request("GET", "/api/keys"));
     } catch (err) {
       onError(err.message);
       return;
@@ -107,7 +108,7 @@ export function initApiKeys(button) {
           });
           if (!sure) return;
           try {
-            await call("DELETE", `/api/keys/${encodeURIComponent(key.id)}`);
+            await request("DELETE", `/api/keys/${encodeURIComponent(key.id)}`);
           } catch (err) {
             onError(err.message);
           }
@@ -126,7 +127,7 @@ export function initApiKeys(button) {
     create.disabled = true;
     panel.problem("");
     try {
-      const created = await call("POST", "/api/keys", { name: name.value.trim() });
+      const created = await request("POST", "/api/keys", { name: name.value.trim() });
       token.value = created.token;
       fresh.hidden = false;
       name.value = "";

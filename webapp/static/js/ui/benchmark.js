@@ -4,7 +4,9 @@
 // (POST /api/benchmarks). Prompt and decode tok/s are drawn as bar charts (SVG, drawn here),
 // with a table of the figures, and everyone's stored runs below: a class sees its devices next
 // to the server.
-import { call, createPanel, el, field, option, rate, selectBox, size } from "./panel.js";
+import { ms, percent, promptTokensPerSecond, rate, size } from "../format.js";
+import { request } from "../api.js";
+import { createPanel, el, field, option, selectBox } from "./panel.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 const BROWSER_BACKENDS = [
@@ -118,8 +120,8 @@ export function figuresTable(runs, { stored = false } = {}) {
       if (run.id) row.dataset.runId = run.id;
       const cache = [result.cold ? "cold" : "warm", result.busy ? `busy (${result.busy})` : "", result.queued ? `queued ${result.queued}` : ""].filter(Boolean).join(", ");
       const cells = [runLabel(run) + (run.mine ? " · yours" : ""), run.model, f.quantization ?? "–",
-        f.bits_per_weight ? f.bits_per_weight.toFixed(2) : "–", f.file_size ? size(f.file_size) : "–", result.prompt,
-        rate(result.prompt_tps), rate(result.decode_tps), Number.isFinite(result.ttft_ms) ? `${Math.round(result.ttft_ms)} ms` : "–", cache,
+        f.bits_per_weight ? f.bits_per_weight.toFixed(2) : "–", size(f.file_size), result.prompt,
+        rate(result.prompt_tps), rate(result.decode_tps), ms(result.ttft_ms), cache,
         ...(stored ? [deviceText(run), run.created_at ? new Date(run.created_at).toLocaleString() : "–"] : [])];
       cells.forEach((text, i) => {
         const cell = el("td", "", text);
@@ -190,7 +192,7 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
   }
 
   async function loadStored() {
-    const listing = await call("GET", "/api/benchmarks");
+    const listing = await request("GET", "/api/benchmarks");
     prompts = listing.prompts;
     seed = listing.seed;
     if (!tokens.value) tokens.value = String(listing.tokens);
@@ -223,7 +225,7 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
   function browserResult(prompt, measured) {
     const t = measured.timings ?? {};
     const cached = t.cache_n ?? 0;
-    const promptTps = t.prompt_per_second ?? (t.prompt_ms > 0 ? t.prompt_n / (t.prompt_ms / 1000) : null);
+    const promptTps = promptTokensPerSecond(t.prompt_n, t.prompt_ms);
     const result = {
       prompt: prompt.name,
       prompt_tokens: measured.usage?.prompt_tokens ?? (t.prompt_n != null ? t.prompt_n + cached : null),
@@ -262,7 +264,7 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
       const chosenServer = [...serverGroup.querySelectorAll("input:checked")].map((b) => b.value);
       for (const model of chosenServer) {
         status.textContent = `Running the prompt set on the server (${model})…`;
-        runs.push(await call("POST", "/api/benchmarks/server", { model, tokens: n }));
+        runs.push(await request("POST", "/api/benchmarks/server", { model, tokens: n }));
         show(runs);
       }
       const info = models().find((m) => m.id === browserModel.select.value);
@@ -278,14 +280,14 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
             const measured = await engine.measure(info, backend, [{ role: "user", content: prompt.text }],
               { max_tokens: n, temperature: 0, seed }, {
                 onLoad: (p) => {
-                  if (p.phase === "downloading" && p.total) status.textContent = `Loading ${info.id} for ${backend}: ${Math.round((p.loaded / p.total) * 100)}%`;
+                  if (p.phase === "downloading" && p.total) status.textContent = `Loading ${info.id} for ${backend}: ${percent(p.loaded / p.total)}`;
                 },
               });
             actual = measured.backend;
             results.push(browserResult(prompt, measured));
           }
           if (actual !== backend && runs.some((r) => r.engine === "browser" && r.backend === actual)) continue; // the same backend again
-          runs.push(await call("POST", "/api/benchmarks", { backend: actual, model: info.id, device, results }));
+          runs.push(await request("POST", "/api/benchmarks", { backend: actual, model: info.id, device, results }));
           show(runs);
         }
       }

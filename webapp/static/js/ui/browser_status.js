@@ -1,13 +1,7 @@
 // What the browser engine is doing: the model's size and the browser's free storage before a
 // download, a progress bar (bytes, percent, speed) during it, and the backend that actually runs.
 
-const MiB = 2 ** 20;
-const GiB = 2 ** 30;
-
-function size(bytes) {
-  if (bytes == null) return "?";
-  return bytes >= GiB ? `${(bytes / GiB).toFixed(1)} GiB` : `${(bytes / MiB).toFixed(1)} MiB`;
-}
+import { parameters, percent, seconds, size } from "../format.js";
 
 export class BrowserStatus {
   constructor(container) {
@@ -35,7 +29,7 @@ export class BrowserStatus {
     const f = model.facts ?? {};
     // The page may run another format than the server (model.browser.reason says why).
     this.show(`${model.id}: ${size(model.browser.size)} (${model.browser.format ?? f.quantization ?? "?"}, ` +
-      `${((f.parameters ?? 0) / 1e6).toFixed(0)}M parameters) is downloaded once from this ` +
+      `${parameters(f.parameters ?? 0)} parameters) is downloaded once from this ` +
       "server and kept in this browser; it runs here, on your device.");
   }
 
@@ -45,7 +39,7 @@ export class BrowserStatus {
     const note = loaded.note ? ` — ${loaded.note}` : "";
     this.show(`${loaded.modelId} runs in this browser: ${loaded.backend}, ` +
       `${loaded.threads} thread${loaded.threads === 1 ? "" : "s"} (${where}, ` +
-      `loaded in ${loaded.loadSeconds.toFixed(1)} s)${note}`);
+      `loaded in ${seconds(loaded.loadSeconds)})${note}`);
     this.container.dataset.backend = loaded.backend;
   }
 
@@ -60,7 +54,7 @@ export class BrowserStatus {
       this.progress.hidden = false;
       this.progress.value = fraction;
       this.show(`Downloading ${model.id}: ${size(progress.loaded)} of ${size(progress.total)} ` +
-        `(${Math.round(fraction * 100)}%) at ${size(progress.bytesPerSecond)}/s`);
+        `(${percent(fraction)}) at ${size(progress.bytesPerSecond)}/s`);
     } else if (progress.phase === "ready") {
       this.ready(progress);
     } else if (progress.phase === "reading") {

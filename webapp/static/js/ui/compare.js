@@ -2,37 +2,35 @@
 // "compare" socket frame (sibling replies under one user message, streaming side by side);
 // a browser target runs in this page and stores its reply under the same user message.
 // Each column shows the reply and its figures; "Use this reply" makes it the current branch.
-import { createServerEngine } from "../engines/server.js";
 import { createStreamRenderer } from "../render.js";
 import { iconButton } from "./icons.js";
-import { call, createPanel, el, field, option, rate, selectBox, size } from "./panel.js";
+import { ms, promptTokensPerSecond, size, tokensPerSecond } from "../format.js";
+import { api } from "../api.js";
+import { createPanel, el, factRows, field, option, selectBox } from "./panel.js";
 
 const MAX_TARGETS = 4;
-let nextRequest = 1;
 
 // The figures of one stored reply (and the time to its first token, measured here).
 export function replyFigures(message, facts = {}, ttftMs = null) {
   const usage = message?.usage ?? {};
   const meta = message?.meta ?? {};
   const evaluated = meta.prompt_evaluated ?? (usage.prompt_tokens != null ? usage.prompt_tokens - (meta.prompt_cached ?? 0) : null);
-  const promptTps = meta.prompt_ms > 0 && evaluated > 0 ? evaluated / (meta.prompt_ms / 1000) : null;
   return [
-    ["First token", Number.isFinite(ttftMs) ? `${Math.round(ttftMs)} ms` : "–", "ttft"],
-    ["Prompt", promptTps ? `${rate(promptTps)} tok/s` : "–", "prompt-tps"],
-    ["Decode", message?.tokens_per_second ? `${rate(message.tokens_per_second)} tok/s` : "–", "decode-tps"],
+    ["First token", ms(ttftMs), "ttft"],
+    ["Prompt", tokensPerSecond(promptTokensPerSecond(evaluated, meta.prompt_ms)), "prompt-tps"],
+    ["Decode", tokensPerSecond(message?.tokens_per_second), "decode-tps"],
     ["Tokens", usage.completion_tokens != null ? String(usage.completion_tokens) : "–", "tokens"],
     ["Quantisation", facts.quantization ?? "–", "quant"],
-    ["Size", facts.file_size ? size(facts.file_size) : "–", "size"],
+    ["Size", size(facts.file_size), "size"],
   ];
 }
 
-// hooks: socket (the page's ChatSocket), loadBrowserEngine() -> Promise<engine>, models() ->
+// hooks: options (data-options: each option's range), server (the page's server engine), loadBrowserEngine() -> Promise<engine>, models() ->
 // the /api/models list, backend() -> the browser backend picked, conversationId() -> the open
 // conversation (or null), openConversation(id) -> show it in the normal view.
 export function initCompare(button, hooks) {
   if (!button) return;
-  const { socket, loadBrowserEngine, models, backend, conversationId, openConversation } = hooks;
-  const server = createServerEngine(socket);
+  const { options: ranges, server, loadBrowserEngine, models, backend, conversationId, openConversation } = hooks;
   const panel = createPanel({ title: "Compare models", testid: "compare-panel", className: "compare-panel" });
 
   const targetList = el("div", "compare-targets");
@@ -47,8 +45,8 @@ export function initCompare(button, hooks) {
   prompt.placeholder = "One message, sent to every model";
   const maxTokens = el("input", "text-input");
   maxTokens.type = "number";
-  maxTokens.min = "1";
-  maxTokens.value = "128";
+  Object.assign(maxTokens, { min: ranges.max_tokens.min, max: ranges.max_tokens.max });
+  maxTokens.value = "128"; // shorter than a chat's replies: a comparison reads several side by side
   maxTokens.dataset.testid = "compare-max-tokens";
   const send = el("button", "button primary", "Compare");
   send.type = "submit";
@@ -170,17 +168,12 @@ export function initCompare(button, hooks) {
     columns.append(column);
     let firstAt = null;
     const showFigures = (message) => {
-      stats.replaceChildren(...replyFigures(message, info?.facts, firstAt === null ? null : firstAt - state.sentAt).map(([term, value, key]) => {
-        const row = el("div");
-        row.dataset.figure = key;
-        row.append(el("dt", "", term), el("dd", "", value));
-        return row;
-      }));
+      stats.replaceChildren(...factRows(replyFigures(message, info?.facts, firstAt === null ? null : firstAt - state.sentAt)));
     };
     showFigures(null);
     use.addEventListener("click", async () => {
       try {
-        await call("PATCH", `/api/conversations/${encodeURIComponent(state.conversationId)}`, { current_message_id: column.dataset.messageId });
+        await api.updateConversation(state.conversationId, { current_message_id: column.dataset.messageId });
         panel.dialog.close();
         await openConversation(state.conversationId);
       } catch (err) {
@@ -217,20 +210,8 @@ export function initCompare(button, hooks) {
   }
 
   async function startServer(list, state, content, options) {
-    await socket.ready();
-    const requestId = `compare-${nextRequest++}`;
-    const frame = await new Promise((resolve, reject) => {
-      const offs = [];
-      const finish = (fn, value) => {
-        offs.forEach((off) => off());
-        fn(value);
-      };
-      offs.push(socket.on("started", (f) => f.request_id === requestId && finish(resolve, f)));
-      offs.push(socket.on("error", (f) => f.request_id === requestId && finish(reject, new Error(f.message))));
-      offs.push(socket.on("disconnect", () => finish(reject, new Error("the connection dropped before the message was stored; send it again"))));
-      socket.send({ type: "compare", request_id: requestId, conversation_id: state.conversationId,
-                    content, targets: list.map(({ target }) => ({ model: target.model })), options });
-    });
+    const frame = await server.compare({ conversationId: state.conversationId, content, options,
+                                         models: list.map(({ target }) => target.model) });
     state.conversationId = frame.conversation_id;
     state.userMessageId = frame.user_message.id;
     // Followed in this task: no token frame can come before its listener.

@@ -2,6 +2,7 @@
 // the server's character limit, and a note when the message (with the reply asked for) cannot
 // fit the model's context, or will push older messages out of it. Sending is blocked only for
 // what the server or the model would refuse.
+import { count } from "../format.js";
 
 // Rough tokens for text not yet tokenised: ~4 characters a token in English prose, fewer for
 // code and other scripts. Blocking uses the optimistic estimate, warning the cautious one.
@@ -32,7 +33,7 @@ export class Composer {
     const problem = this.problem(text);
     this.canSend = Boolean(text.trim()) && !problem?.blocks;
     this.counter.hidden = length < this.maxChars * 0.8;
-    this.counter.textContent = `${length.toLocaleString("en")} / ${this.maxChars.toLocaleString("en")}`;
+    this.counter.textContent = `${count(length)} / ${count(this.maxChars)}`;
     this.counter.dataset.level = length > this.maxChars ? "over" : "warn";
     this.note.hidden = !problem;
     this.note.textContent = problem?.message ?? "";
@@ -44,18 +45,18 @@ export class Composer {
   problem(text) {
     const length = text.length;
     if (length > this.maxChars) {
-      return { blocks: true, message: `This message is ${length.toLocaleString("en")} characters; the most ` +
-        `this server takes is ${this.maxChars.toLocaleString("en")}. Shorten it by ` +
-        `${(length - this.maxChars).toLocaleString("en")} to send it.` };
+      return { blocks: true, message: `This message is ${count(length)} characters; the most ` +
+        `this server takes is ${count(this.maxChars)}. Shorten it by ` +
+        `${count(length - this.maxChars)} to send it.` };
     }
     const limit = this.contextLength();
     if (!limit || !length) return null;
     const reply = Math.min(this.replyTokens(), Math.floor(limit / 2));
     const least = Math.ceil(length / CHARS_PER_TOKEN.optimistic);
     if (least + reply > limit) {
-      return { blocks: true, message: `This message is about ${least.toLocaleString("en")} tokens: with room ` +
-        `for a ${reply.toLocaleString("en")}-token reply it cannot fit the model's context of ` +
-        `${limit.toLocaleString("en")} tokens. Shorten it (or lower Max reply tokens) to send it.` };
+      return { blocks: true, message: `This message is about ${count(least)} tokens: with room ` +
+        `for a ${count(reply)}-token reply it cannot fit the model's context of ` +
+        `${count(limit)} tokens. Shorten it (or lower Max reply tokens) to send it.` };
     }
     const after = this.usedTokens() + Math.ceil(length / CHARS_PER_TOKEN.cautious) + reply;
     if (after > limit) {

@@ -2,11 +2,7 @@
 // reply's usage (prompt + completion tokens) is what the model saw; a message being typed adds
 // an estimate. Past 80% it warns, past 100% the server will leave older messages out.
 
-export function formatTokens(n) {
-  if (n >= 10000) return `${Math.round(n / 1000)}k`;
-  if (n >= 1000) return `${(n / 1000).toFixed(1)}k`;
-  return String(n);
-}
+import { compactCount, count } from "../format.js";
 
 export class ContextMeter {
   constructor(element, { contextLength }) {
@@ -51,11 +47,11 @@ export class ContextMeter {
     el.dataset.used = String(total);
     el.setAttribute("aria-valuemax", String(limit));
     el.setAttribute("aria-valuenow", String(Math.min(total, limit)));
-    const words = `${total.toLocaleString("en")} of ${limit.toLocaleString("en")} context tokens`;
+    const words = `${count(total)} of ${count(limit)} context tokens`;
     el.setAttribute("aria-valuetext", words);
     el.title = level === "ok" ? words
       : `${words}: older messages will be left out for the model to see the rest`;
     this.fill.dataset.pct = String(Math.min(100, Math.ceil((share * 100) / 5) * 5));
-    this.text.textContent = `${formatTokens(total)} / ${formatTokens(limit)}`;
+    this.text.textContent = `${compactCount(total)} / ${compactCount(limit)}`;
   }
 }

@@ -3,6 +3,7 @@
 // what it renders.
 import { ask } from "./dialog.js";
 import { icon, iconButton } from "./icons.js";
+import { el } from "./panel.js";
 
 const DAY = 24 * 60 * 60 * 1000;
 
@@ -14,13 +15,6 @@ export function dateGroup(when, now = new Date()) {
   if (t >= startOfToday - DAY) return "Yesterday";
   if (t >= startOfToday - 7 * DAY) return "Previous 7 days";
   return "Older";
-}
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
 }
 
 export class ConversationList {

@@ -3,22 +3,17 @@
 import { createStreamRenderer, renderMarkdown } from "../render.js";
 import { renderStructured } from "./reply_format.js";
 import { copyWithFeedback, icon, iconButton } from "./icons.js";
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
+import { el, factRows } from "./panel.js";
+import { ms, tokens, tokensPerSecond } from "../format.js";
 
 export function describeProvenance(message) {
   if (message.role !== "assistant") return "";
   const parts = [];
   if (message.engine) parts.push(message.backend ? `${message.engine} (${message.backend})` : message.engine);
   if (message.model) parts.push(message.model);
-  if (message.tokens_per_second) parts.push(`${message.tokens_per_second.toFixed(1)} tok/s`);
+  if (message.tokens_per_second) parts.push(tokensPerSecond(message.tokens_per_second));
   const n = message.usage?.completion_tokens;
-  if (n != null) parts.push(`${n} tokens`);
+  if (n != null) parts.push(tokens(n));
   if (message.meta?.trimmed_messages) {
     // Which ones: the oldest N, up to the one quoted (server replies say which that was).
     const through = message.meta.trimmed_through ? `, up to “${message.meta.trimmed_through}”` : "";
@@ -31,23 +26,17 @@ export function describeProvenance(message) {
 function describeOptions(options, message) {
   const box = el("dl", "reply-options");
   box.dataset.testid = "reply-options-box";
-  const rows = [
+  box.append(...factRows([
     ["System prompt", options.system || "(none)"],
     ["Temperature", options.temperature],
     ["Top p", options.top_p],
     ["Max tokens", options.max_tokens],
     ["Seed", options.seed ?? "random"],
     ["Reply format", options.response_format ? options.response_format.type : "text"],
-    ["Prompt", message.usage?.prompt_tokens != null ? `${message.usage.prompt_tokens} tokens` +
+    ["Prompt", message.usage?.prompt_tokens != null ? tokens(message.usage.prompt_tokens) +
       (message.meta?.prompt_cached ? ` (${message.meta.prompt_cached} from cache)` : "") : null],
-    ["Time to first token", message.meta?.prompt_ms != null ? `${Math.round(message.meta.prompt_ms)} ms` : null],
-  ];
-  for (const [term, value] of rows) {
-    if (value === null || value === undefined) continue;
-    const row = el("div");
-    row.append(el("dt", "", term), el("dd", "", String(value)));
-    box.append(row);
-  }
+    ["Time to first token", message.meta?.prompt_ms != null ? ms(message.meta.prompt_ms) : null],
+  ]));
   return box;
 }
 

@@ -1,6 +1,5 @@
 // A large in-page panel (a modal <dialog> with a title and a close button) and the small DOM
-// helpers the compare, benchmark and API key panels share.
-import { ApiError } from "../api.js";
+// helpers the page's views share.
 import { iconButton } from "./icons.js";
 
 export function el(tag, className, text) {
@@ -34,6 +33,16 @@ export function selectBox(label, options, testid) {
   return { wrap, select };
 }
 
+// The rows of a <dl>: [term, value, figure?] each, a missing value left out.
+export function factRows(rows) {
+  return rows.filter(([, value]) => value !== null && value !== undefined).map(([term, value, figure]) => {
+    const row = el("div");
+    if (figure) row.dataset.figure = figure;
+    row.append(el("dt", "", term), el("dd", "", String(value)));
+    return row;
+  });
+}
+
 let panels = 0;
 
 export function createPanel({ title, testid, className = "" }) {
@@ -64,37 +73,4 @@ export function createPanel({ title, testid, className = "" }) {
     problem("");
     dialog.showModal();
   } };
-}
-
-export const MiB = 2 ** 20;
-
-export function size(bytes) {
-  if (!Number.isFinite(bytes)) return "–";
-  return bytes >= 2 ** 30 ? `${(bytes / 2 ** 30).toFixed(1)} GiB` : `${(bytes / MiB).toFixed(bytes < 10 * MiB ? 1 : 0)} MiB`;
-}
-
-export function rate(value) {
-  return Number.isFinite(value) && value > 0 ? value.toFixed(value >= 100 ? 0 : 1) : "–";
-}
-
-// JSON requests for the endpoints api.js has no method for (benchmarks, keys, settings).
-export async function call(method, path, body) {
-  const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  let response;
-  try {
-    response = await fetch(path, init);
-  } catch (err) {
-    throw new ApiError(0, "network", `the server could not be reached (${err.message})`);
-  }
-  if (response.status === 204) return null;
-  const data = await response.json().catch(() => null);
-  if (!response.ok) {
-    throw new ApiError(response.status, data?.error?.code ?? "http_error",
-      data?.error?.message ?? `${method} ${path} failed with HTTP ${response.status}`);
-  }
-  return data;
 }

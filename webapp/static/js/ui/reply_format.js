@@ -10,7 +10,7 @@
 //   renderStructured(element, message) -> true when the message was a structured reply and
 //                                 is now shown as formatted JSON with a valid/invalid mark
 import { renderMarkdown } from "../render.js";
-import { call, el } from "./panel.js";
+import { el } from "./panel.js";
 
 let controls = null;
 
@@ -129,7 +129,7 @@ export function initReplyFormat(container, { api, conversationId, onError = () =
     const id = conversationId();
     if (format === undefined || !id) return;
     try {
-      await call("PATCH", `/api/conversations/${encodeURIComponent(id)}`, { settings: { response_format: format } });
+      await api.updateConversation(id, { settings: { response_format: format } });
       note.textContent = format ? "Saved: replies in this conversation follow the schema." : "Saved: replies are plain text.";
       note.dataset.level = "ok";
     } catch (err) {

@@ -1,0 +1,62 @@
+// The sidebar: a column on a desktop (collapsible, remembered), a drawer over the page on a
+// phone. Returns what the shortcuts and the conversation views need of it.
+export function initDrawer(root) {
+  const $ = (testid) => root.querySelector(`[data-testid="${testid}"]`);
+  const phone = matchMedia("(max-width: 760px)");
+  const toggle = $("sidebar-toggle");
+  const scrim = $("scrim");
+  const main = root.querySelector("main.chat");
+
+  function setDrawer(open, { focus = true } = {}) {
+    root.dataset.drawer = open ? "open" : "closed";
+    scrim.hidden = !open;
+    // While the drawer covers the page, Tab and screen readers stay in it.
+    main.inert = open;
+    toggle.setAttribute("aria-expanded", String(open));
+    if (open && focus) $("new-chat").focus();
+    else if (!open && focus && root.querySelector(".sidebar").contains(document.activeElement)) toggle.focus();
+  }
+
+  toggle.addEventListener("click", () => {
+    if (phone.matches) {
+      setDrawer(root.dataset.drawer !== "open");
+    } else {
+      const collapsed = root.dataset.sidebar !== "collapsed";
+      root.dataset.sidebar = collapsed ? "collapsed" : "open";
+      toggle.setAttribute("aria-expanded", String(!collapsed));
+      localStorage.setItem("bchat.sidebar", root.dataset.sidebar);
+    }
+  });
+  $("sidebar-close").addEventListener("click", () => setDrawer(false));
+  scrim.addEventListener("click", () => setDrawer(false));
+
+  function layoutChanged() {
+    if (phone.matches) {
+      setDrawer(false, { focus: false });
+    } else {
+      root.dataset.drawer = "closed";
+      scrim.hidden = true;
+      main.inert = false;
+      root.dataset.sidebar = localStorage.getItem("bchat.sidebar") === "collapsed" ? "collapsed" : "open";
+      toggle.setAttribute("aria-expanded", String(root.dataset.sidebar !== "collapsed"));
+    }
+  }
+  phone.addEventListener("change", layoutChanged);
+  layoutChanged();
+
+  return {
+    phone,
+    get open() {
+      return root.dataset.drawer === "open";
+    },
+    close: ({ focus = true } = {}) => setDrawer(false, { focus }),
+    closeOnPhone: () => {
+      if (root.dataset.drawer === "open") setDrawer(false, { focus: false });
+    },
+    // The conversation list in view: the drawer on a phone, the column uncollapsed on a desktop.
+    reveal: () => {
+      if (phone.matches) setDrawer(true, { focus: false });
+      else if (root.dataset.sidebar === "collapsed") toggle.click();
+    },
+  };
+}
