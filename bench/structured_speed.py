@@ -95,7 +95,7 @@ def breakdown(args, modes) -> None:
     from llama_cpp import Llama, llama_cpp
 
     from webapp.engines.base import GenerationOptions
-    from webapp.engines.llamacpp import PromptBuilder, start_grammar
+    from webapp.engines.inference import PromptBuilder, start_grammar
 
     llama = Llama(model_path=args.model, n_ctx=2048, n_threads=args.threads,
                   n_threads_batch=args.threads, verbose=False)

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from webapp.engines.base import ContextTooLong, Finished, GenerationOptions, Token
-from webapp.engines.llamacpp import MIN_REPLY_TOKENS, LlamaCppEngine, PromptBuilder, cut_points
+from webapp.engines.inference import MIN_REPLY_TOKENS, PromptBuilder, cut_points
+from webapp.engines.llamacpp import LlamaCppEngine
 from webapp.model_files import ModelCatalogue
 
 

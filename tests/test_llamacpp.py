@@ -163,7 +163,7 @@ def test_long_history_drops_oldest_turns_keeps_system(tiny_model):
         assert done.prompt_tokens + done.completion_tokens <= 256
 
         # Check what was kept, with the worker's own prompt builder.
-        from webapp.engines.llamacpp import PromptBuilder
+        from webapp.engines.inference import PromptBuilder
 
         worker = engine.worker("tiny-chat")
         from llama_cpp import Llama
