@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from webapp.engines.base import Finished, GenerationOptions, Token
+from webapp.engines.base import Finished, GenerationOptions, Token, timed
 from webapp.engines.llamacpp import LlamaCppEngine
 from webapp.model_files import ModelCatalogue
 
@@ -19,12 +19,12 @@ def test_smollm2_answers_a_question(bundled_model):
     assert model.quantization == "Q4_1" and model.has_chat_template
     engine = LlamaCppEngine(catalogue, n_ctx=2048, n_threads=2)
     try:
-        chunks = list(engine.stream(
+        chunks = list(timed(engine.stream(
             model.id,
             [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
             GenerationOptions(temperature=0.0, max_tokens=64),
             threading.Event(),
-        ))
+        )))
     finally:
         engine.close()
     text = "".join(c.text for c in chunks if isinstance(c, Token))

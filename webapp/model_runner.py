@@ -290,8 +290,9 @@ def encode_chunk(chunk) -> dict[str, Any] | None:
         return {"t": chunk.text}
     if isinstance(chunk, Queued):
         return {"q": chunk.position}
-    if isinstance(chunk, Finished):
-        return {"f": dataclasses.asdict(chunk)}
+    if isinstance(chunk, Finished):  # counts only: the web side times the reply (base.timed)
+        return {"f": {"finish_reason": chunk.finish_reason, "prompt_tokens": chunk.prompt_tokens,
+                      "completion_tokens": chunk.completion_tokens, "meta": chunk.meta}}
     return None  # Idle: the runner needs no heartbeats, a hang-up shows on the socket itself
 
 

@@ -31,6 +31,7 @@ from .engines.base import (
     Queued,
     Token,
     UnknownModel,
+    timed,
 )
 from .engines.llamacpp import LlamaCppEngine
 from .errors import AppError
@@ -116,7 +117,8 @@ def chat_completions():
         model = models[0].id
     cancel = threading.Event()
     try:
-        chunks = engine.stream(model, call.messages, call.options, cancel, heartbeat=HEARTBEAT_SECONDS)
+        chunks = timed(engine.stream(model, call.messages, call.options, cancel,
+                                     heartbeat=HEARTBEAT_SECONDS))
     except UnknownModel as exc:
         return error_response(404, exc.message, "model_not_found")
     shaper = CompletionShaper(model, call.options, include_usage=call.include_usage)

@@ -67,9 +67,7 @@ class _Slot:
     n_generated: int = 0
     max_tokens: int = 0
     prompt_tokens: int = 0
-    started: float = 0.0
-    first_at: float | None = None
-    last_at: float | None = None
+    started: float = 0.0  # when it took the slot: its prompt_ms counts from here
     text: ReplyText | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     logits_index: int = -1  # where this slot's logits are in the current batch, or -1
@@ -131,7 +129,7 @@ class ModelWorker:
         try:
             while not self._loaded.wait(LOAD_POLL_SECONDS):
                 if cancel.is_set():
-                    outcome = Finished("stopped", 0, 0, None)
+                    outcome = Finished("stopped", 0, 0)
                     break
             else:
                 self.wait_loaded()
@@ -327,7 +325,7 @@ class ModelWorker:
             with self._lock:
                 self._waiting.remove(request)
             if request.cancel.is_set():
-                request.out.put(Finished("stopped", 0, 0, None))
+                request.out.put(Finished("stopped", 0, 0))
                 request.out.put(DONE)
                 continue
             try:
@@ -366,7 +364,6 @@ class ModelWorker:
         slot.max_tokens = max_tokens
         slot.prompt_tokens = len(prompt)
         slot.started = time.perf_counter()
-        slot.first_at = slot.last_at = None
         slot.text = ReplyText(opts.stop)
         slot.meta = {"n_ctx": self.n_ctx, "parallel": self.parallel, "prompt_cached": keep}
         if dropped:
@@ -425,6 +422,7 @@ class ModelWorker:
                 self._fail_slot(slot, exc)
 
     def _sample(self, slot: _Slot, now: float) -> None:
+        """Choose the slot's next token from this step's logits (``now``: when they came)."""
         from llama_cpp import llama_cpp
 
         if slot.grammar is not None:
@@ -438,14 +436,12 @@ class ModelWorker:
                     f"it): simplify the schema", code="grammar_too_slow")
         else:
             token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.logits_index)
-        if slot.first_at is None:
-            slot.first_at = now
+        if "prompt_ms" not in slot.meta:
             slot.meta["prompt_ms"] = round((now - slot.started) * 1000, 1)
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             self._finish(slot, "stop")
             return
         slot.n_generated += 1
-        slot.last_at = now
         text = slot.text.feed(self._llama.detokenize([token]))
         if text:
             slot.request.out.put(Token(text))
@@ -520,12 +516,8 @@ class ModelWorker:
             # Its cells go at once; what it was in the middle of is of no use to a next turn.
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
             slot.cached = []
-        tps = None
-        if slot.n_generated > 1 and slot.first_at and slot.last_at and slot.last_at > slot.first_at:
-            tps = round((slot.n_generated - 1) / (slot.last_at - slot.first_at), 2)
         request.out.put(Finished(finish_reason=reason, prompt_tokens=slot.prompt_tokens,
-                                 completion_tokens=slot.n_generated, tokens_per_second=tps,
-                                 meta=slot.meta))
+                                 completion_tokens=slot.n_generated, meta=slot.meta))
         request.out.put(DONE)
         self._free_samplers(slot)
         slot.request = None

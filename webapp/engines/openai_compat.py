@@ -134,7 +134,6 @@ class OpenAICompatEngine:
             request["tools"] = options.tools
             if options.tool_choice is not None:
                 request["tool_choice"] = options.tool_choice
-        started = time.perf_counter()
         # The raw event stream, parsed here with json.loads: building the package's typed
         # chunk object costs ~140 us a token, CPU taken from the model on a small machine.
         # The package still does the HTTP, auth and the status-code errors.
@@ -154,7 +153,6 @@ class OpenAICompatEngine:
         closer = threading.Thread(target=close_on_cancel, name="bchat-upstream-stop", daemon=True)
         closer.start()
         pieces = 0
-        first_at = last_at = None
         finish_reason = None
         usage: dict[str, Any] | None = None
         extra_meta: dict[str, Any] = {}
@@ -187,9 +185,6 @@ class OpenAICompatEngine:
                         reasoning.append(thought)
                     text = delta.get("content")
                     if text:
-                        now = time.perf_counter()
-                        first_at = first_at or now
-                        last_at = now
                         pieces += 1
                         yield Token(text)
                     if choice.get("finish_reason"):
@@ -211,21 +206,15 @@ class OpenAICompatEngine:
                 f"{self.name} closed the reply before it was finished", code="upstream_disconnected"
             )
         completion = (usage or {}).get("completion_tokens") or pieces
-        tps = None
-        if first_at and last_at and last_at > first_at and completion > 1:
-            tps = round((completion - 1) / (last_at - first_at), 2)
         meta = {"upstream": self.name, **extra_meta}
         if calls:
             meta["tool_calls"] = [calls[i] for i in sorted(calls)]
         if reasoning:
             meta["reasoning_content"] = "".join(reasoning)
-        if first_at:
-            meta["prompt_ms"] = round((first_at - started) * 1000, 1)
         yield Finished(
             finish_reason=finish_reason,
             prompt_tokens=(usage or {}).get("prompt_tokens") or 0,
             completion_tokens=completion,
-            tokens_per_second=tps,
             meta=meta,
         )
 

@@ -194,7 +194,7 @@ class RunnerEngine:
         if not finished:
             if stopped:  # our own shutdown ended the read before the runner's last line
                 yield Finished(finish_reason="stopped", prompt_tokens=0, completion_tokens=0,
-                               tokens_per_second=None, meta={"stopped_early": True})
+                               meta={"stopped_early": True})
                 return
             raise self._broken(model, record, None)
 
