@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
+    from webapp.catalogue import ModelCatalogue
     from webapp.config import bundled_model_path
     from webapp.engines.base import EngineError, GenerationOptions, Token
     from webapp.engines.runner import RunnerEngine
-    from webapp.model_files import ModelCatalogue
     from webapp.model_runner import start_supervisor
 
     parser = argparse.ArgumentParser(description=__doc__,

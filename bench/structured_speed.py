@@ -45,10 +45,10 @@ SCHEMA = {
 
 
 def main() -> int:
+    from webapp.catalogue import ModelCatalogue
     from webapp.config import bundled_model_path
     from webapp.engines.base import Finished, GenerationOptions, timed
     from webapp.engines.llamacpp import LlamaCppEngine
-    from webapp.model_files import ModelCatalogue
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=str(bundled_model_path()))

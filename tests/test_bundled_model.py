@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
+from webapp.catalogue import ModelCatalogue
 from webapp.engines.base import Finished, GenerationOptions, Token, timed
 from webapp.engines.llamacpp import LlamaCppEngine
-from webapp.model_files import ModelCatalogue
 
 pytestmark = pytest.mark.slow
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from webapp.catalogue import ModelCatalogue
 from webapp.engines.base import (
     ContextTooLong,
     EngineError,
@@ -18,7 +19,6 @@ from webapp.engines.base import (
     timed,
 )
 from webapp.engines.llamacpp import LlamaCppEngine
-from webapp.model_files import ModelCatalogue
 
 GREEDY = GenerationOptions(temperature=0.0, max_tokens=24)
 

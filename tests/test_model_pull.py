@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from webapp.model_files import read_model_file
+from webapp.catalogue import read_model_file
 from webapp.model_pull import PullError, parse_source, pull, remove
 
 BCHAT = [sys.executable, "-m", "webapp.cli"]

@@ -19,14 +19,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The app factory: settings, database, engines, blueprints, socket, headers."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, limits, model_files, openai_api, pages, security, socket
+    from . import api, files, limits, openai_api, pages, security, socket
     from .api_keys import KeyService
     from .benchmarks import BenchmarkService
+    from .catalogue import ModelCatalogue
     from .chats import ChatService
     from .db import Database
     from .engines import build_engines
     from .limits import SlidingWindow, parse_rate
-    from .model_files import ModelCatalogue
     from .runs import RunService
     from .services import EXTENSION_KEY, Services
     from .shares import ShareService
@@ -88,7 +88,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(socket.bp)
-    app.register_blueprint(model_files.bp)
+    app.register_blueprint(files.bp)
     app.register_blueprint(openai_api.bp)
     if app.config["PROXY_FIX"]:
         n = app.config["PROXY_FIX"]

@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from .chats import MISSING, Invalid, NotFound, Provenance
 from .errors import AppError
 from .exchange import export_json, export_markdown, parse_import
-from .model_files import browser_url
+from .files import browser_url
 from .openapi import OPENAPI
 from .search import MAX_QUERY_CHARS, search
 from .security import owner_id
@@ -114,7 +114,7 @@ def models():
             facts = {**facts, "unavailable": info.facts["unavailable"]}
         entry = {"id": info.id, "served_by": info.engine, "engines": ["server"], "facts": facts}
         # Each engine's format and why: the server runs the file as configured, pages run the
-        # format measured fastest in WASM (model_files.browser_file).
+        # format measured fastest in WASM (catalogue.browser_file).
         browser_file = services.catalogue.browser(info.id) if local_file else None
         url = browser_url(local_file, browser_file) if local_file else None
         if local_file:

@@ -81,7 +81,7 @@ REBUILD_ADVICE = (
 
 def smoke_models(config: Mapping) -> list:
     """One model per quantisation type the server will run (the smallest file of each)."""
-    from .model_files import discover
+    from .catalogue import discover
 
     smallest: dict[str, Any] = {}
     for model in discover(str(config.get("MODEL_PATH"))):
@@ -136,7 +136,7 @@ def check_decode(config: Mapping, command: list[str] | None = None) -> Iterator[
 
 
 def check_models(config: Mapping) -> Iterator[Check]:
-    from .model_files import discover
+    from .catalogue import discover
 
     path = str(config.get("MODEL_PATH"))
     models = discover(path)

@@ -253,7 +253,7 @@ class RunnerSupervisor:
 
 def start_supervisor(config: Mapping[str, Any], catalogue,
                      directory: str | os.PathLike | None = None) -> RunnerSupervisor:
-    """Runners for every model of ``catalogue`` (a model_files.ModelCatalogue)."""
+    """Runners for every model of ``catalogue`` (a catalogue.ModelCatalogue)."""
     return RunnerSupervisor(runner_settings(config), catalogue, directory).start()
 
 
@@ -372,8 +372,8 @@ def run_runner(model_id: str, socket_path: str, report_fd: int) -> int:
     def tell(what: str) -> None:
         report.write(what + "\n")
 
+    from .catalogue import ModelCatalogue
     from .engines.llamacpp import LlamaCppEngine
-    from .model_files import ModelCatalogue
 
     engine = LlamaCppEngine(
         ModelCatalogue.of([ModelCatalogue.model_from_json(os.environ["BCHAT_RUNNER_MODEL"])]),
@@ -418,8 +418,8 @@ def run_runner(model_id: str, socket_path: str, report_fd: int) -> int:
 def run_supervisor(directory: str) -> int:
     """A supervisor process of its own (under gunicorn: its master reaps every child it sees,
     which would steal the runners' exit statuses from a supervisor living inside it)."""
+    from .catalogue import ModelCatalogue
     from .config import instance_path, load_config
-    from .model_files import ModelCatalogue
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _die_with_parent()

@@ -22,6 +22,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
+from .catalogue import ModelCatalogue
 from .config import load_config
 from .engines.base import (
     ContextTooLong,
@@ -35,7 +36,6 @@ from .engines.base import (
 )
 from .engines.llamacpp import LlamaCppEngine
 from .errors import AppError
-from .model_files import ModelCatalogue
 from .openai_api import CompletionShaper, parse_chat_request, sse
 from .validation import parse_json_text
 

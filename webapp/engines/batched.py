@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..model_files import ModelFile
+from ..catalogue import ModelFile
 from .base import Chunk, EngineError, Finished, GenerationOptions, Queued, Token
 from .inference import (
     DONE,

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ..model_files import ModelCatalogue
+from ..catalogue import ModelCatalogue
 from .base import Chunk, GenerationOptions, ModelInfo, UnknownModel
 from .batched import ModelWorker
 from .inference import fallback_template

@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,48 @@ class UpstreamConfig:
     models: tuple[str, ...] = ()  # empty: every model the upstream lists at /v1/models
     connect_timeout: float = 5.0
     read_timeout: float = 120.0  # longest silence between two chunks
+
+
+def load_upstreams(config: Mapping[str, Any]) -> list[UpstreamConfig]:
+    """Upstream servers from BCHAT_OPENAI_* and BCHAT_UPSTREAMS_FILE, in that order."""
+    import os
+    import tomllib
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    upstreams: list[UpstreamConfig] = []
+    if config.get("OPENAI_BASE_URL"):
+        url = str(config["OPENAI_BASE_URL"])
+        upstreams.append(UpstreamConfig(
+            name=urlsplit(url).hostname or "openai",
+            base_url=url,
+            api_key=config.get("OPENAI_API_KEY") or "none",
+            models=tuple(config.get("OPENAI_MODELS") or ()),
+        ))
+    path = config.get("UPSTREAMS_FILE")
+    if path:
+        text = Path(path).read_text()
+        data = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
+        entries = data.get("upstream", data.get("upstreams", []))
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: expected a list of [[upstream]] tables")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not entry.get("base_url"):
+                raise ValueError(f"{path}: upstream #{i + 1} needs a base_url")
+            key = entry.get("api_key")
+            if entry.get("api_key_env"):  # keeps the secret itself out of the file
+                key = os.environ.get(entry["api_key_env"])
+                if not key:
+                    raise ValueError(f"{path}: ${entry['api_key_env']} is not set")
+            upstreams.append(UpstreamConfig(
+                name=str(entry.get("name") or urlsplit(entry["base_url"]).hostname or f"upstream{i + 1}"),
+                base_url=str(entry["base_url"]),
+                api_key=key or "none",
+                models=tuple(entry.get("models") or ()),
+                connect_timeout=float(entry.get("connect_timeout", 5)),
+                read_timeout=float(entry.get("read_timeout", 120)),
+            ))
+    return upstreams
 
 
 class OpenAICompatEngine:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..model_files import ModelCatalogue
+from ..catalogue import ModelCatalogue
 from ..model_runner import STATE_FILE, encode_options
 from .base import (
     Chunk,
