@@ -107,9 +107,7 @@ def models():
     listing = []
     for info in services.engines.models():
         local_file = services.catalogue.get(info.id)
-        # Whether it fits this server, for the context and parallel chats it is really run with.
-        facts = (local_file.facts(n_ctx=current_app.config["N_CTX"], parallel=current_app.config["PARALLEL"])
-                 if local_file else info.facts)
+        facts = services.catalogue.facts(info.id) or info.facts
         if info.facts.get("unavailable"):  # its runner kept crashing: say why, keep it listed
             facts = {**facts, "unavailable": info.facts["unavailable"]}
         entry = {"id": info.id, "served_by": info.engine, "engines": ["server"], "facts": facts}

@@ -96,10 +96,7 @@ class BenchmarkService:
         self.per_visitor, self.per_ip = per_visitor, per_ip
 
     def model_facts(self, model: str) -> dict[str, Any]:
-        local = self.catalogue.get(model)
-        if local is None:
-            return {}
-        facts = local.facts()
+        facts = self.catalogue.facts(model) or {}
         return {k: facts.get(k) for k in ("quantization", "bits_per_weight", "file_size",
                                           "parameters", "architecture")}
 

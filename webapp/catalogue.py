@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import SETTINGS
+
 log = logging.getLogger(__name__)
 
 # GGUF general.file_type values (llama_ftype) -> the names llama.cpp prints.
@@ -52,10 +54,9 @@ class ModelFile:
         kv = (self.kv_bytes_per_token or 0) * n_ctx * max(parallel, 1)
         return int(self.file_size * WEIGHTS_OVERHEAD) + kv
 
-    def fits_server(self, n_ctx: int | None = None, parallel: int | None = None) -> dict[str, Any]:
-        """Whether this machine has the memory free to load it now (None where unknown)."""
-        n_ctx = n_ctx or _default_setting("N_CTX")
-        parallel = parallel or _default_setting("PARALLEL")
+    def fits_server(self, n_ctx: int, parallel: int) -> dict[str, Any]:
+        """Whether this machine has the memory free to load it now (None where unknown), run
+        with ``parallel`` chats of ``n_ctx`` tokens (ModelCatalogue.facts passes the server's)."""
         needed = self.memory_needed(n_ctx, parallel)
         available = mem_available()
         return {
@@ -66,7 +67,7 @@ class ModelFile:
             "parallel": parallel,
         }
 
-    def facts(self, n_ctx: int | None = None, parallel: int | None = None) -> dict[str, Any]:
+    def facts(self, n_ctx: int, parallel: int) -> dict[str, Any]:
         data = asdict(self)
         data.pop("path")
         data.pop("id")
@@ -77,12 +78,6 @@ class ModelFile:
 
 # The weights are mapped whole; compute buffers and the runtime add roughly a fifth on top.
 WEIGHTS_OVERHEAD = 1.2
-
-
-def _default_setting(name: str) -> int:
-    from .config import SETTINGS
-
-    return int(SETTINGS[name][0])  # type: ignore[call-overload]
 
 
 def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
@@ -192,9 +187,17 @@ def discover(model_path: str | os.PathLike) -> list[ModelFile]:
 class ModelCatalogue:
     """The models found at start; looked up by id for inference and for browser downloads."""
 
+    # The context and parallel chats the server runs each model with, for which facts() judges
+    # whether it fits (the app and the worker pass BCHAT_N_CTX and BCHAT_PARALLEL).
+    n_ctx: int = SETTINGS["N_CTX"][0]  # type: ignore[assignment]
+    parallel: int = SETTINGS["PARALLEL"][0]  # type: ignore[assignment]
+
     def __init__(self, model_path: str | os.PathLike, browser_format: str | None = None,
-                 browser_dir: str | os.PathLike | None = None) -> None:
+                 browser_dir: str | os.PathLike | None = None, *, n_ctx: int | None = None,
+                 parallel: int | None = None) -> None:
         self.model_path = str(model_path)
+        self.n_ctx = int(n_ctx or self.n_ctx)
+        self.parallel = int(parallel or self.parallel)
         self._models = {m.id: m for m in discover(model_path)}
         # What each model's page download is: the file itself, or a format derived from it.
         self._browser = {
@@ -231,6 +234,12 @@ class ModelCatalogue:
 
     def get(self, model_id: str) -> ModelFile | None:
         return self._models.get(model_id)
+
+    def facts(self, model_id: str) -> dict[str, Any] | None:
+        """What the page, the API, the engines and the doctor say about a model (None: no such
+        model), its fit judged for the settings it is run with."""
+        model = self._models.get(model_id)
+        return model.facts(self.n_ctx, self.parallel) if model else None
 
     @property
     def default_id(self) -> str | None:

@@ -191,7 +191,8 @@ def create_worker_app(config: dict[str, Any] | None = None) -> Flask:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = LlamaCppEngine(
-        ModelCatalogue(app.config["MODEL_PATH"]),
+        ModelCatalogue(app.config["MODEL_PATH"], n_ctx=app.config["N_CTX"],
+                       parallel=app.config["PARALLEL"]),
         n_ctx=app.config["N_CTX"],
         n_threads=app.config["N_THREADS"],
         n_gpu_layers=app.config["N_GPU_LAYERS"],

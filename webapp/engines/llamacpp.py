@@ -40,7 +40,8 @@ class LlamaCppEngine:
                 self.worker(model.id).wait_loaded()
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(id=m.id, engine=self.name, facts=m.facts()) for m in self.catalogue]
+        return [ModelInfo(id=m.id, engine=self.name, facts=self.catalogue.facts(m.id) or {})
+                for m in self.catalogue]
 
     def activity(self) -> dict[str, dict[str, Any]]:
         """Per loaded model: is it generating, and how many requests wait for it."""

@@ -87,7 +87,7 @@ class RunnerEngine:
         runners = self.state.read()
         found = []
         for model in self.catalogue:
-            facts = model.facts()
+            facts = self.catalogue.facts(model.id) or {}
             record = runners.get(model.id) or {}
             if record.get("status") == "unavailable":
                 facts["unavailable"] = record.get("reason")
