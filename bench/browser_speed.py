@@ -115,7 +115,8 @@ def app_for(model_path: str, browser_format: str, browser_dir: str):
 def format_rows(args, browser_dir: str) -> list[dict]:
     from browser import chromium
 
-    from webapp.model_files import browser_file, browser_url, read_model_file
+    from webapp.catalogue import browser_file, read_model_file
+    from webapp.files import browser_url
 
     original = read_model_file(Path(args.model))
     texts = prompt_texts(args.model, args.prompts)

@@ -136,8 +136,8 @@ def start_llama_server(binary: str, model: Path, parallel: int, threads: int, n_
 
 
 def main() -> None:
+    from webapp.catalogue import read_model_file
     from webapp.config import bundled_model_path
-    from webapp.model_files import read_model_file
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=bundled_model_path())

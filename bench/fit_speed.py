@@ -43,7 +43,7 @@ def main() -> int:
     from tiny_model import write_tiny_model
 
     from webapp.config import bundled_model_path
-    from webapp.engines.llamacpp import PromptBuilder
+    from webapp.engines.inference import PromptBuilder
 
     tiny = write_tiny_model(Path(tempfile.mkdtemp()) / "tiny-chat.gguf")
     shapes = [(f"{args.messages} short", history(args.messages)),

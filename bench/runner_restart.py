@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
+    from webapp.catalogue import ModelCatalogue
     from webapp.config import bundled_model_path
     from webapp.engines.base import EngineError, Token
     from webapp.engines.runner import RunnerEngine
-    from webapp.model_files import ModelCatalogue
     from webapp.model_runner import start_supervisor
     from webapp.options import GenerationOptions
 

@@ -1,8 +1,8 @@
 """Tokens/s of grammar-constrained vs free-text decoding on the embedded engine (SmolLM2).
 
 1. End to end: the engine in process (no HTTP), the same prompt, one request at a time,
-   through both workers: the batched one (a grammar sampler at the head of the slot's chain)
-   and the one-at-a-time one (Llama.generate with a LlamaGrammar). Decode tok/s per mode.
+   through the batched worker with 4 slots and with 1 (a grammar sampler checked beside the
+   slot's chain). Decode tok/s per mode.
 2. Where the time goes: the same sampler chains driven by hand, timing llama_decode and
    llama_sampler_sample apart, per token. Sampling runs on one thread, so its cost (the
    grammar checks every candidate of the 49k vocabulary) stays meaningful on a busy machine,
@@ -45,10 +45,10 @@ SCHEMA = {
 
 
 def main() -> int:
+    from webapp.catalogue import ModelCatalogue
     from webapp.config import bundled_model_path
-    from webapp.engines.base import Finished
+    from webapp.engines.base import Finished, timed
     from webapp.engines.llamacpp import LlamaCppEngine
-    from webapp.model_files import ModelCatalogue
     from webapp.options import GenerationOptions
 
     parser = argparse.ArgumentParser()
@@ -78,13 +78,13 @@ def main() -> int:
             for name, extra in modes.items():
                 options = GenerationOptions.parse({"max_tokens": args.tokens, "temperature": 0.7,
                                                    "seed": run, **extra})
-                for item in engine.stream(model, [{"role": "user", "content": PROMPT}], options,
-                                          threading.Event()):
+                for item in timed(engine.stream(model, [{"role": "user", "content": PROMPT}],
+                                                options, threading.Event())):
                     if isinstance(item, Finished):
                         speeds[name].append(item.tokens_per_second or 0.0)
         results = {name: statistics.median(values) for name, values in speeds.items()}
         engine.close()
-        worker = "batched worker" if parallel > 1 else "one-at-a-time worker"
+        worker = f"{parallel} slot(s)"
         base = results["free text"]
         for name, speed in results.items():
             print(f"{worker:22s} {name:12s} {speed:7.1f} tok/s  ({speed / base:.2f}x free text)")
@@ -95,7 +95,7 @@ def main() -> int:
 def breakdown(args, modes) -> None:
     from llama_cpp import Llama, llama_cpp
 
-    from webapp.engines.llamacpp import PromptBuilder, start_grammar
+    from webapp.engines.inference import PromptBuilder, start_grammar
     from webapp.options import GenerationOptions
 
     llama = Llama(model_path=args.model, n_ctx=2048, n_threads=args.threads,

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
+from webapp.catalogue import ModelCatalogue
 from webapp.engines.base import ContextTooLong, Finished, Queued, Token
 from webapp.engines.llamacpp import LlamaCppEngine
-from webapp.model_files import ModelCatalogue
 from webapp.options import GenerationOptions
 
 PROMPTS = [f"request {i} about the {w}" for i, w in enumerate(

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from webapp.engines.base import Finished, Token
+from webapp.catalogue import ModelCatalogue
+from webapp.engines.base import Finished, Token, timed
 from webapp.engines.llamacpp import LlamaCppEngine
-from webapp.model_files import ModelCatalogue
 from webapp.options import GenerationOptions
 
 pytestmark = pytest.mark.slow
@@ -20,12 +20,12 @@ def test_smollm2_answers_a_question(bundled_model):
     assert model.quantization == "Q4_1" and model.has_chat_template
     engine = LlamaCppEngine(catalogue, n_ctx=2048, n_threads=2)
     try:
-        chunks = list(engine.stream(
+        chunks = list(timed(engine.stream(
             model.id,
             [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
             GenerationOptions(temperature=0.0, max_tokens=64),
             threading.Event(),
-        ))
+        )))
     finally:
         engine.close()
     text = "".join(c.text for c in chunks if isinstance(c, Token))

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from webapp.catalogue import ModelCatalogue
 from webapp.engines.base import ContextTooLong, Finished, Token
-from webapp.engines.llamacpp import MIN_REPLY_TOKENS, LlamaCppEngine, PromptBuilder, cut_points
-from webapp.model_files import ModelCatalogue
+from webapp.engines.inference import MIN_REPLY_TOKENS, PromptBuilder, cut_points
+from webapp.engines.llamacpp import LlamaCppEngine
 from webapp.options import GenerationOptions
 
 

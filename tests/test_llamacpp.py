@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from webapp.catalogue import ModelCatalogue
 from webapp.engines.base import (
     ContextTooLong,
     EngineError,
@@ -14,9 +15,9 @@ from webapp.engines.base import (
     Queued,
     Token,
     UnknownModel,
+    timed,
 )
 from webapp.engines.llamacpp import LlamaCppEngine
-from webapp.model_files import ModelCatalogue
 from webapp.options import GenerationOptions
 
 GREEDY = GenerationOptions(temperature=0.0, max_tokens=24)
@@ -30,7 +31,7 @@ def engine(tiny_model):
 
 
 def run(engine, messages, options=GREEDY, cancel=None, model="tiny-chat"):
-    chunks = list(engine.stream(model, messages, options, cancel or threading.Event()))
+    chunks = list(timed(engine.stream(model, messages, options, cancel or threading.Event())))
     text = "".join(c.text for c in chunks if isinstance(c, Token))
     finished = [c for c in chunks if isinstance(c, Finished)]
     assert len(finished) == 1 and chunks[-1] is finished[0], "exactly one Finished, last"
@@ -163,7 +164,7 @@ def test_long_history_drops_oldest_turns_keeps_system(tiny_model):
         assert done.prompt_tokens + done.completion_tokens <= 256
 
         # Check what was kept, with the worker's own prompt builder.
-        from webapp.engines.llamacpp import PromptBuilder
+        from webapp.engines.inference import PromptBuilder
 
         worker = engine.worker("tiny-chat")
         from llama_cpp import Llama
@@ -207,3 +208,16 @@ def test_model_without_chat_template_gives_a_clear_error(tmp_path):
             run(engine, [{"role": "user", "content": "hi"}], model="base")
     finally:
         engine.close()
+
+
+def test_the_reply_is_timed_above_the_engine(engine):
+    """The engine reports counts and its prompt time; timed() measures the rest, once."""
+    chunks = list(engine.stream("tiny-chat", [{"role": "user", "content": "time me"}], GREEDY,
+                                threading.Event()))
+    assert chunks[-1].tokens_per_second is None, "the engine does not time itself"
+    _text, done, _ = run(engine, [{"role": "user", "content": "time me"}])
+    timing = done.timing
+    assert timing.prompt_ms == done.meta["prompt_ms"] > 0
+    assert timing.first_token_ms >= timing.prompt_ms
+    assert timing.queued_ms == round(timing.first_token_ms - timing.prompt_ms, 1)
+    assert timing.tokens_per_second == done.tokens_per_second > 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from webapp.model_files import read_model_file
+from webapp.catalogue import read_model_file
 from webapp.model_pull import PullError, parse_source, pull, remove
 
 BCHAT = [sys.executable, "-m", "webapp.cli"]
@@ -269,3 +269,25 @@ def test_the_cli_pulls_lists_and_removes(hub, tiny_bytes, tmp_path):
     assert list(folder.iterdir()) == []
     out = bchat("models", "remove", "tiny-chat")
     assert out.returncode == 1 and "no model tiny-chat.gguf" in out.stderr
+
+
+@pytest.mark.parametrize("parallel, fits", [(2, True), (2**20, False)], ids=["fits", "too-big"])
+def test_the_page_the_engines_and_doctor_judge_the_fit_alike(make_app, parallel, fits):
+    """For the context and chats the server is configured with, read from a real GGUF header:
+    2**20 chats of 2,048 tokens of the tiny model need ~1 TiB of KV cache, more than any machine
+    this runs on has free; 2 chats need a few MiB."""
+    from webapp.doctor import check_models
+
+    app = make_app(N_CTX=2048, PARALLEL=parallel)
+    (listed,) = app.test_client().get("/api/models").get_json()["models"]  # what the page reads
+    fit = listed["facts"]["fits_server"]
+    assert fit["fits"] is fits and fit["n_ctx"] == 2048 and fit["parallel"] == parallel
+    assert fit["memory_needed"] > parallel * 2048 * 512, "the KV cache of every chat is counted"
+    (info,) = app.extensions["bchat"].engines.models()
+    same = {k: v for k, v in fit.items() if k != "mem_available"}  # free memory moves
+    assert {k: v for k, v in info.facts["fits_server"].items() if k != "mem_available"} == same
+    (check,) = [c for c in check_models(app.config) if c.detail.startswith("tiny-chat:")]
+    needs = re.search(r"needs ~([\d,]+) MiB for (\d+) x (\d+) tokens", check.detail)
+    assert int(needs[1].replace(",", "")) == round(fit["memory_needed"] / 2**20)
+    assert (int(needs[2]), int(needs[3])) == (parallel, 2048)
+    assert check.status == ("ok" if fits else "FAIL")

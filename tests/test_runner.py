@@ -143,7 +143,7 @@ def test_a_file_llama_cpp_refuses_is_unavailable_at_once_with_its_reason(make_ap
 
 
 def test_a_supervisor_stops_its_runners_and_leaves_nothing(tiny_model):
-    from webapp.model_files import ModelCatalogue
+    from webapp.catalogue import ModelCatalogue
 
     supervisor = RunnerSupervisor({"N_CTX": 512, "N_THREADS": 1,
                                    "PARALLEL": 1}, ModelCatalogue(tiny_model)).start()

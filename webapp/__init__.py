@@ -19,14 +19,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The app factory: settings, database, engines, blueprints, socket, headers."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, assets, errors, limits, model_files, openai_api, pages, security, socket
+    from . import api, assets, errors, files, limits, openai_api, pages, security, socket
     from .api_keys import KeyService
     from .benchmarks import BenchmarkService
+    from .catalogue import ModelCatalogue
     from .chats import ChatService
     from .db import Database
     from .engines import build_engines
     from .limits import SlidingWindow, parse_rate
-    from .model_files import ModelCatalogue
     from .runs import RunService
     from .services import EXTENSION_KEY, Services
     from .shares import ShareService
@@ -55,14 +55,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # Deriving a missing browser format happens here, once per model version (~1 s for the
     # bundled model; `bchat models prepare` does it ahead of time).
     catalogue = ModelCatalogue(app.config["MODEL_PATH"], app.config["BROWSER_FORMAT"],
-                               app.config["BROWSER_MODELS_DIR"])
+                               app.config["BROWSER_MODELS_DIR"], n_ctx=app.config["N_CTX"],
+                               parallel=app.config["PARALLEL"])
     engines = build_engines(app.config, catalogue)
     chats = ChatService(db, max_message_chars=app.config["MAX_MESSAGE_CHARS"],
                         max_tokens_limit=app.config["MAX_TOKENS_LIMIT"])
-
-    def model_facts(model_id: str) -> dict | None:
-        model = catalogue.get(model_id)
-        return model.facts() if model else None
 
     runs = RunService(chats, engines, app.config, limits_)
     count, window = parse_rate(app.config["BENCHMARK_RATE_LIMIT"])
@@ -73,7 +70,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         chats=chats,
         catalogue=catalogue,
         engines=engines,
-        shares=ShareService(db, chats, app.config["SECRET_KEY"], model_facts),
+        shares=ShareService(db, chats, app.config["SECRET_KEY"], catalogue.facts),
         runs=runs,
         benchmarks=BenchmarkService(db, engines, catalogue, runs, per_visitor=bench_visitor,
                                     per_ip=bench_ip),
@@ -90,7 +87,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(socket.bp)
-    app.register_blueprint(model_files.bp)
+    app.register_blueprint(files.bp)
     app.register_blueprint(openai_api.bp)
     if app.config["PROXY_FIX"]:
         n = app.config["PROXY_FIX"]

@@ -15,7 +15,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from .chats import MISSING, Provenance
 from .errors import AppError, Invalid
 from .exchange import export_json, export_markdown, parse_import
-from .model_files import browser_url
+from .files import browser_url
 from .openapi import document
 from .search import MAX_QUERY_CHARS, search
 from .security import owner_id
@@ -77,14 +77,12 @@ def models():
     listing = []
     for info in services.engines.models():
         local_file = services.catalogue.get(info.id)
-        # Whether it fits this server, for the context and parallel chats it is really run with.
-        facts = (local_file.facts(n_ctx=current_app.config["N_CTX"], parallel=current_app.config["PARALLEL"])
-                 if local_file else info.facts)
+        facts = services.catalogue.facts(info.id) or info.facts
         if info.facts.get("unavailable"):  # its runner kept crashing: say why, keep it listed
             facts = {**facts, "unavailable": info.facts["unavailable"]}
         entry = {"id": info.id, "served_by": info.engine, "engines": ["server"], "facts": facts}
         # Each engine's format and why: the server runs the file as configured, pages run the
-        # format measured fastest in WASM (model_files.browser_file).
+        # format measured fastest in WASM (catalogue.browser_file).
         browser_file = services.catalogue.browser(info.id) if local_file else None
         url = browser_url(local_file, browser_file) if local_file else None
         if local_file:

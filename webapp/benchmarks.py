@@ -14,13 +14,12 @@ from __future__ import annotations
 import math
 import platform
 import threading
-import time
 from typing import Any
 
 from sqlalchemy import delete, select
 
 from .db import Database
-from .engines.base import EngineError, Finished, Token
+from .engines.base import EngineError, Finished, Queued, timed
 from .errors import AppError, Invalid, NotFound, RateLimited
 from .models import Benchmark
 from .options import GenerationOptions
@@ -54,25 +53,21 @@ def server_device() -> dict[str, Any]:
 
 
 def run_prompt(engine: Any, model: str, prompt: dict[str, str], tokens: int) -> dict[str, Any]:
-    """One prompt through a server engine, timed as the engine reports it."""
+    """One prompt through a server engine, timed above it (engines.base.timed)."""
     cancel = threading.Event()
     options = GenerationOptions(temperature=0.0, seed=SEED, max_tokens=tokens)
-    started = time.perf_counter()
-    first_at = None
     finished: Finished | None = None
     queued = 0
-    for item in engine.stream(model, [{"role": "user", "content": prompt["text"]}], options, cancel):
-        if isinstance(item, Token) and first_at is None:
-            first_at = time.perf_counter()
-        elif isinstance(item, Finished):
+    for item in timed(engine.stream(model, [{"role": "user", "content": prompt["text"]}], options,
+                                    cancel)):
+        if isinstance(item, Finished):
             finished = item
-        elif getattr(item, "position", None):
+        elif isinstance(item, Queued):
             queued = max(queued, item.position)
     if finished is None:
         raise EngineError("the engine ended without a result")
-    meta = finished.meta or {}
-    cached = int(meta.get("prompt_cached") or 0)
-    prompt_ms = meta.get("prompt_ms")
+    cached = int(finished.meta.get("prompt_cached") or 0)
+    prompt_ms = finished.timing.prompt_ms
     evaluated = max(0, finished.prompt_tokens - cached)
     prompt_tps = round(evaluated / (prompt_ms / 1000), 1) if prompt_ms and evaluated else None
     return {
@@ -83,7 +78,7 @@ def run_prompt(engine: Any, model: str, prompt: dict[str, str], tokens: int) -> 
         "prompt_tps": prompt_tps,
         "decode_tps": finished.tokens_per_second,
         "completion_tokens": finished.completion_tokens,
-        "ttft_ms": round((first_at - started) * 1000, 1) if first_at else None,
+        "ttft_ms": finished.timing.first_token_ms,
         "cold": cached == 0,
         "queued": queued,
     }
@@ -102,10 +97,7 @@ class BenchmarkService:
         self.per_visitor, self.per_ip = per_visitor, per_ip
 
     def model_facts(self, model: str) -> dict[str, Any]:
-        local = self.catalogue.get(model)
-        if local is None:
-            return {}
-        facts = local.facts()
+        facts = self.catalogue.facts(model) or {}
         return {k: facts.get(k) for k in ("quantization", "bits_per_weight", "file_size",
                                           "parameters", "architecture")}
 

@@ -54,7 +54,7 @@ def schema_is_current(database_url: str) -> bool:
 
 
 def list_models() -> int:
-    from .model_files import discover
+    from .catalogue import discover
 
     config = _settings()
     models = discover(config["MODEL_PATH"])
@@ -78,7 +78,7 @@ def list_models() -> int:
 
 def prepare_models() -> int:
     """Derive the format browsers run for every model now (app start would do it otherwise)."""
-    from .model_files import browser_file, discover
+    from .catalogue import browser_file, discover
 
     config = _settings()
     models = discover(config["MODEL_PATH"])

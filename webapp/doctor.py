@@ -81,7 +81,7 @@ REBUILD_ADVICE = (
 
 def smoke_models(config: Mapping) -> list:
     """One model per quantisation type the server will run (the smallest file of each)."""
-    from .model_files import discover
+    from .catalogue import discover
 
     smallest: dict[str, Any] = {}
     for model in discover(str(config.get("MODEL_PATH"))):
@@ -136,19 +136,18 @@ def check_decode(config: Mapping, command: list[str] | None = None) -> Iterator[
 
 
 def check_models(config: Mapping) -> Iterator[Check]:
-    from .model_files import discover
+    from .catalogue import ModelCatalogue
 
     path = str(config.get("MODEL_PATH"))
-    models = discover(path)
-    if not models:
+    catalogue = ModelCatalogue(path, n_ctx=config["N_CTX"], parallel=config["PARALLEL"])
+    if not len(catalogue):
         yield Check("FAIL", "models", f"no readable .gguf files at {path} (BCHAT_MODEL_PATH)")
         return
-    n_ctx, parallel = int(config.get("N_CTX") or 4096), int(config.get("PARALLEL") or 1)
     total = _mem_total()
-    for model in models:
-        fit = model.fits_server(n_ctx, parallel)
+    for model in catalogue:
+        fit = catalogue.facts(model.id)["fits_server"]
         line = (f"{model.id}: {model.quantization}, {_mib(model.file_size)} on disk, needs ~"
-                f"{_mib(fit['memory_needed'])} for {parallel} x {fit['n_ctx']} tokens; "
+                f"{_mib(fit['memory_needed'])} for {fit['parallel']} x {fit['n_ctx']} tokens; "
                 f"{_mib(fit['mem_available'])} available")
         if total is not None and fit["memory_needed"] > total:
             yield Check("FAIL", "models", line + f" — more than this machine's {_mib(total)} RAM")

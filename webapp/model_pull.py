@@ -320,7 +320,7 @@ def pull(
             if expected and actual != expected:
                 raise PullError(f"checksum mismatch for {filename}: expected sha256 {expected} "
                                 f"({checked_against}), got {actual}; the download was removed")
-            from .model_files import read_model_file
+            from .catalogue import read_model_file
 
             try:
                 read_model_file(part, filename.removesuffix(".gguf"))

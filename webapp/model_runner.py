@@ -253,7 +253,7 @@ class RunnerSupervisor:
 
 def start_supervisor(config: Mapping[str, Any], catalogue,
                      directory: str | os.PathLike | None = None) -> RunnerSupervisor:
-    """Runners for every model of ``catalogue`` (a model_files.ModelCatalogue)."""
+    """Runners for every model of ``catalogue`` (a catalogue.ModelCatalogue)."""
     return RunnerSupervisor(runner_settings(config), catalogue, directory).start()
 
 
@@ -290,8 +290,9 @@ def encode_chunk(chunk) -> dict[str, Any] | None:
         return {"t": chunk.text}
     if isinstance(chunk, Queued):
         return {"q": chunk.position}
-    if isinstance(chunk, Finished):
-        return {"f": dataclasses.asdict(chunk)}
+    if isinstance(chunk, Finished):  # counts only: the web side times the reply (base.timed)
+        return {"f": {"finish_reason": chunk.finish_reason, "prompt_tokens": chunk.prompt_tokens,
+                      "completion_tokens": chunk.completion_tokens, "meta": chunk.meta}}
     return None  # Idle: the runner needs no heartbeats, a hang-up shows on the socket itself
 
 
@@ -371,8 +372,8 @@ def run_runner(model_id: str, socket_path: str, report_fd: int) -> int:
     def tell(what: str) -> None:
         report.write(what + "\n")
 
+    from .catalogue import ModelCatalogue
     from .engines.llamacpp import LlamaCppEngine
-    from .model_files import ModelCatalogue
 
     engine = LlamaCppEngine(
         ModelCatalogue.of([ModelCatalogue.model_from_json(os.environ["BCHAT_RUNNER_MODEL"])]),
@@ -417,8 +418,8 @@ def run_runner(model_id: str, socket_path: str, report_fd: int) -> int:
 def run_supervisor(directory: str) -> int:
     """A supervisor process of its own (under gunicorn: its master reaps every child it sees,
     which would steal the runners' exit statuses from a supervisor living inside it)."""
+    from .catalogue import ModelCatalogue
     from .config import instance_path, load_config
-    from .model_files import ModelCatalogue
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _die_with_parent()

@@ -36,6 +36,7 @@ from .engines.base import (
     Queued,
     Token,
     UnknownModel,
+    timed,
 )
 from .errors import AppError, Invalid, RateLimited
 from .limits import COMPARE_MAX, Lease, Limits
@@ -544,7 +545,7 @@ class RunService:
         finished: Finished | None = None
         error: EngineError | None = None
         try:
-            for item in run.engine.stream(run.model, run.history, run.options, run.cancel):
+            for item in timed(run.engine.stream(run.model, run.history, run.options, run.cancel)):
                 if isinstance(item, Token):
                     run.append(item.text)
                 elif isinstance(item, Queued):

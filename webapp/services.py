@@ -10,10 +10,10 @@ from flask import current_app
 
 from .api_keys import KeyService
 from .benchmarks import BenchmarkService
+from .catalogue import ModelCatalogue
 from .chats import ChatService
 from .db import Database
 from .engines import EngineRegistry
-from .model_files import ModelCatalogue
 from .runs import RunService
 from .shares import ShareService
 

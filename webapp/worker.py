@@ -22,12 +22,12 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
+from .catalogue import ModelCatalogue
 from .config import load_config
-from .engines.base import EngineError, Finished, Idle, Queued, Token
+from .engines.base import EngineError, Finished, Idle, Queued, Token, timed
 from .engines.llamacpp import LlamaCppEngine
 from .errors import AppError
 from .errors import register as register_errors
-from .model_files import ModelCatalogue
 from .openai_dialect import CompletionShaper, model_list, parse_chat_request, sse, sse_error
 from .validation import parse_json_text
 
@@ -79,7 +79,8 @@ def chat_completions():
         model = models[0].id
     cancel = threading.Event()
     try:
-        chunks = engine.stream(model, call.messages, call.options, cancel, heartbeat=HEARTBEAT_SECONDS)
+        chunks = timed(engine.stream(model, call.messages, call.options, cancel,
+                                     heartbeat=HEARTBEAT_SECONDS))
     except EngineError as exc:
         raise _failure(exc) from None
     shaper = CompletionShaper(model, call.options, include_usage=call.include_usage)
@@ -149,7 +150,8 @@ def create_worker_app(config: dict[str, Any] | None = None) -> Flask:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = LlamaCppEngine(
-        ModelCatalogue(app.config["MODEL_PATH"]),
+        ModelCatalogue(app.config["MODEL_PATH"], n_ctx=app.config["N_CTX"],
+                       parallel=app.config["PARALLEL"]),
         n_ctx=app.config["N_CTX"],
         n_threads=app.config["N_THREADS"],
         n_gpu_layers=app.config["N_GPU_LAYERS"],

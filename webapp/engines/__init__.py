@@ -63,10 +63,9 @@ def build_engines(config, catalogue) -> EngineRegistry:
     then any OpenAI-compatible upstreams."""
     import os
 
-    from ..config import load_upstreams
     from ..model_runner import RUNNER_DIR_ENV, start_supervisor
     from .llamacpp import LlamaCppEngine
-    from .openai_compat import OpenAICompatEngine, UpstreamConfig
+    from .openai_compat import OpenAICompatEngine, UpstreamConfig, load_upstreams
     from .runner import RunnerEngine
 
     engines: list[Engine] = []

@@ -4,13 +4,15 @@
 exactly one ``Finished``; failures raise ``EngineError`` (possibly after some tokens, which the
 caller keeps as a partial reply). ``cancel`` is a ``threading.Event`` the caller sets on stop
 or disconnect; an engine must notice it between tokens and end with finish_reason "stopped".
+Engines report counts; how long a reply took is measured above them, by ``timed``.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ..options import GenerationOptions
@@ -35,15 +37,67 @@ class Idle:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """How long a reply took, in milliseconds from the request, and how fast it was written."""
+
+    queued_ms: float | None = None  # before the engine began on the prompt (a slot, the fit)
+    prompt_ms: float | None = None  # reading the prompt: the engine's own figure where it has one
+    first_token_ms: float | None = None
+    tokens_per_second: float | None = None  # decoding, from the first token to the last
+
+
+@dataclass(frozen=True)
 class Finished:
     finish_reason: str  # "stop" | "length" | "stopped"
     prompt_tokens: int
     completion_tokens: int
-    tokens_per_second: float | None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # "prompt_ms" where the engine knows it
+    timing: Timing = Timing()  # set by timed()
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.timing.tokens_per_second
 
 
 Chunk = Token | Queued | Idle | Finished
+
+
+def timed(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """``chunks`` of one reply, its Finished carrying the Timing of when the chunks came: the
+    one place a reply's speed is measured, whichever engine (or process) wrote it. Call it
+    as the request is made (the clock starts here, not at the first read)."""
+    started = time.perf_counter()
+
+    def measured() -> Iterator[Chunk]:
+        first = last = None
+        try:
+            for chunk in chunks:
+                if isinstance(chunk, Token):
+                    last = time.perf_counter()
+                    first = first or last
+                elif isinstance(chunk, Finished):
+                    chunk = _with_timing(chunk, started, first, last)
+                yield chunk
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:  # a reader that stops early ends the engine's stream now
+                close()
+
+    return measured()
+
+
+def _with_timing(done: Finished, started: float, first: float | None,
+                 last: float | None) -> Finished:
+    first_ms = round((first - started) * 1000, 1) if first is not None else None
+    prompt_ms = done.meta.get("prompt_ms", first_ms)
+    tps = None
+    if first is not None and last is not None and last > first and done.completion_tokens > 1:
+        tps = round((done.completion_tokens - 1) / (last - first), 2)
+    queued_ms = None
+    if first_ms is not None and prompt_ms is not None:
+        queued_ms = round(max(0.0, first_ms - prompt_ms), 1)
+    meta = done.meta if prompt_ms is None else {**done.meta, "prompt_ms": prompt_ms}
+    return replace(done, meta=meta, timing=Timing(queued_ms, prompt_ms, first_ms, tps))
 
 
 class EngineError(Exception):

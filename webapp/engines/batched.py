@@ -1,5 +1,11 @@
-"""Continuous batching for the embedded engine: one inference thread decodes every active chat
-of a model together, the way llama.cpp's ``parallel`` example and llama-server's slots do.
+"""The embedded engine's one decode path: an inference thread per model that decodes every
+active chat of it together, the way llama.cpp's ``parallel`` example and llama-server's slots
+do (BCHAT_PARALLEL=1 is one slot).
+
+A ``Llama`` object is not thread-safe (two threads at once abort the process) and calling it
+from changing threads costs ~40% speed, so each loaded model is owned by this one thread.
+Requests reach it through a FIFO queue; tokens come back through a per-request queue; stop is
+a ``threading.Event`` checked at every step.
 
 One llama.cpp context holds ``parallel`` sequences (slots), each with its own KV cells
 (``n_ctx`` tokens per slot: the context is split so one chat cannot starve the others). Each
@@ -13,16 +19,28 @@ place. A slot keeps its cache after a chat, and a request whose history starts t
 
 from __future__ import annotations
 
-import codecs
 import logging
 import queue
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import EngineError, Finished, Token
-from .llamacpp import _DONE, ModelWorker, PromptBuilder, _Request, penalties_sampler, start_grammar
-from .structured import StopMatcher
+from ..catalogue import ModelFile
+from ..options import GenerationOptions
+from .base import Chunk, EngineError, Finished, Queued, Token
+from .inference import (
+    DONE,
+    PromptBuilder,
+    ReplyText,
+    Request,
+    as_engine_error,
+    drain,
+    ended,
+    sampler_chain,
+    start_grammar,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +53,14 @@ GRAMMAR_TOKEN_SECONDS = 2.0
 # A step (one token for every chat, plus at most PROMPT_CHUNK prompt tokens) longer than this
 # is slow; a batch whose steps are all slow for the watchdog's time is reported by /healthz.
 SLOW_STEP_SECONDS = 2.0
+LOAD_POLL_SECONDS = 0.1  # how often a request waiting for its model to load looks at its stop
 
 
 @dataclass
 class _Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV cells this slot holds
-    request: _Request | None = None
+    request: Request | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
     sampler: Any = None
     grammar: Any = None  # this request's grammar sampler, checked lazily (see _sample_constrained)
@@ -49,11 +68,8 @@ class _Slot:
     n_generated: int = 0
     max_tokens: int = 0
     prompt_tokens: int = 0
-    started: float = 0.0
-    first_at: float | None = None
-    last_at: float | None = None
-    decoder: Any = None
-    stop: StopMatcher | None = None
+    started: float = 0.0  # when it took the slot: its prompt_ms counts from here
+    text: ReplyText | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     logits_index: int = -1  # where this slot's logits are in the current batch, or -1
 
@@ -62,25 +78,142 @@ class _Slot:
 _TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]
 
 
-class BatchedModelWorker(ModelWorker):
-    """A ModelWorker whose inference thread runs up to ``parallel`` requests at once."""
+class ModelWorker:
+    """One inference thread that owns one loaded model and runs up to ``parallel`` requests at
+    once, in one ``llama_batch`` per step."""
 
     grammar_token_seconds = GRAMMAR_TOKEN_SECONDS
 
-    def __init__(self, model, *, parallel: int, **settings) -> None:
-        self.parallel = self.slots = parallel
+    def __init__(
+        self, model: ModelFile, *, n_ctx: int, n_threads: int, n_gpu_layers: int,
+        parallel: int = 1, chat_template: str | None = None,
+    ) -> None:
+        self.model = model
+        self.parallel = parallel
+        self.chat_template = chat_template
+        self.n_ctx = min(n_ctx, model.context_length or n_ctx)
+        self.n_threads = n_threads
+        self.n_gpu_layers = n_gpu_layers
         self._slots: list[_Slot] = []
-        super().__init__(model, **settings)
+        self._requests: queue.Queue[Request | None] = queue.Queue()
+        self._waiting: list[Request] = []  # submitted, not yet started; guarded by _lock
+        self._lock = threading.Lock()
+        self._turns = threading.Condition(self._lock)  # see submit
+        self._tickets = self._turn = 0
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._beat = time.monotonic()  # last sign of progress of the inference thread
+        self._slow_since: float | None = None  # when the steps of a busy batch became slow
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"llama:{model.id}", daemon=True)
+        self._thread.start()
 
     # -- called from request threads -------------------------------------------------------
+    def submit(
+        self,
+        messages: list[dict[str, str]],
+        options: GenerationOptions,
+        cancel: threading.Event,
+        heartbeat: float | None = None,
+    ) -> Iterator[Chunk]:
+        request = Request(messages=messages, options=options, cancel=cancel)
+        # Requests take their places in the queue in the order they came (tickets), not in the
+        # order their fits happen to end: those that came while the model loaded are released
+        # at once, and a short history must not overtake a long one that came first.
+        with self._lock:
+            ticket, self._tickets = self._tickets, self._tickets + 1
+        # The history is fitted here, on the caller's thread, before the request is queued:
+        # a long one costs its sender milliseconds and never holds up the other chats' tokens,
+        # and one that cannot fit fails before it takes a place in the queue.
+        outcome: Chunk | EngineError | None = None
+        fitted = False
+        try:
+            while not self._loaded.wait(LOAD_POLL_SECONDS):
+                if cancel.is_set():
+                    outcome = Finished("stopped", 0, 0)
+                    break
+            else:
+                self.wait_loaded()
+                self._fit(request)
+                fitted = True
+        except Exception as exc:
+            outcome = as_engine_error(exc, "the model could not read this conversation")
+        finally:
+            # Whatever happened, the turn passes on: a ticket never served would hold every
+            # later request of this model.
+            with self._turns:
+                while self._turn != ticket:
+                    self._turns.wait()
+                if fitted:
+                    self._waiting.append(request)
+                    self._requests.put(request)
+                    self._tell_positions()
+                self._turn += 1
+                self._turns.notify_all()
+        return drain(request, heartbeat) if fitted else ended(outcome)
+
+    def _fit(self, request: Request) -> None:
+        from .structured import render_messages
+
+        opts = request.options
+        messages = render_messages(request.messages, opts.tools, opts.tool_choice)
+        request.prompt, request.dropped, request.max_tokens = self._builder.fit(
+            messages, opts.system, self.n_ctx, opts.max_tokens
+        )
+
     def _busy_slots(self) -> int:
+        """How many requests are generating now (lock held)."""
         return sum(1 for s in self._slots if s.request is not None)
+
+    def _tell_positions(self) -> None:
+        """Tell each waiting request its place once every slot is taken (lock held)."""
+        free = max(0, self.parallel - self._busy_slots())
+        for index, waiting in enumerate(self._waiting):
+            position = index - free + 1
+            if position > 0 and position != waiting.position:
+                waiting.position = position
+                waiting.out.put(Queued(position=position))
 
     def activity(self) -> dict[str, Any]:
         with self._lock:
             running = self._busy_slots()
             return {"running": running > 0, "active": running, "waiting": len(self._waiting),
                     "slots": self.parallel}
+
+    def busy(self) -> bool:
+        with self._lock:
+            return self._busy_slots() > 0
+
+    def health(self, stuck_after: float) -> dict[str, Any] | None:
+        """None when well; else what is wrong with the inference thread (for /healthz)."""
+        if self._closed:
+            return None
+        if not self._thread.is_alive():
+            return {"model": self.model.id, "problem": "dead",
+                    "message": f"the inference thread of {self.model.id} has stopped"}
+        idle = time.monotonic() - self._beat
+        if self.busy() and idle > stuck_after:
+            return {"model": self.model.id, "problem": "stuck",
+                    "message": f"the inference thread of {self.model.id} has made no progress "
+                               f"for {idle:.0f} s"}
+        slow_since = self._slow_since
+        if slow_since is not None and self.busy() and time.monotonic() - slow_since > stuck_after:
+            return {"model": self.model.id, "problem": "slow",
+                    "message": f"every step of {self.model.id}'s batch has been slow for "
+                               f"{time.monotonic() - slow_since:.0f} s: its chats crawl"}
+        return None
+
+    def loaded(self) -> bool:
+        return self._loaded.is_set() and not self._load_error
+
+    def wait_loaded(self, timeout: float | None = None) -> None:
+        self._loaded.wait(timeout)
+        if self._load_error:
+            raise EngineError(f"model {self.model.id} failed to load: {self._load_error}")
+
+    def close(self) -> None:
+        self._closed = True
+        self._requests.put(None)
 
     # -- the inference thread --------------------------------------------------------------
     def _run(self) -> None:
@@ -161,6 +294,20 @@ class BatchedModelWorker(ModelWorker):
         batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         return ctx, batch
 
+    def _load_failed(self, exc: BaseException) -> None:
+        """Report the failure to every request from now on: never a dead, silent thread."""
+        log.exception("could not load model %s", self.model.id, exc_info=exc)
+        self._load_error = exc
+        self._loaded.set()
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            with self._lock:
+                self._waiting.remove(request)
+            request.out.put(EngineError(f"model {self.model.id} failed to load: {exc}"))
+            request.out.put(DONE)
+
     # -- admission ---------------------------------------------------------------------------
     def _admit(self) -> bool:
         """Move waiting requests into free slots; block when there is nothing to do."""
@@ -179,8 +326,8 @@ class BatchedModelWorker(ModelWorker):
             with self._lock:
                 self._waiting.remove(request)
             if request.cancel.is_set():
-                request.out.put(Finished("stopped", 0, 0, None))
-                request.out.put(_DONE)
+                request.out.put(Finished("stopped", 0, 0))
+                request.out.put(DONE)
                 continue
             try:
                 self._start(request, free)
@@ -188,10 +335,10 @@ class BatchedModelWorker(ModelWorker):
                 for slot in self._slots:
                     if slot.request is request:
                         self._release(slot)
-                request.out.put(_as_engine_error(exc, "the model could not read this conversation"))
-                request.out.put(_DONE)
+                request.out.put(as_engine_error(exc, "the model could not read this conversation"))
+                request.out.put(DONE)
 
-    def _start(self, request: _Request, free: list[_Slot]) -> None:
+    def _start(self, request: Request, free: list[_Slot]) -> None:
         from llama_cpp import llama_cpp
 
         opts = request.options
@@ -212,15 +359,13 @@ class BatchedModelWorker(ModelWorker):
         slot.pending = prompt[keep:]
         slot.request = request
         slot.grammar = self._grammar(opts)
-        slot.sampler = self._sampler(opts)
+        slot.sampler = sampler_chain(opts)
         slot.last_token = None
         slot.n_generated = 0
         slot.max_tokens = max_tokens
         slot.prompt_tokens = len(prompt)
         slot.started = time.perf_counter()
-        slot.first_at = slot.last_at = None
-        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        slot.stop = StopMatcher(opts.stop)
+        slot.text = ReplyText(opts.stop)
         slot.meta = {"n_ctx": self.n_ctx, "parallel": self.parallel, "prompt_cached": keep}
         if dropped:
             slot.meta["trimmed_messages"] = dropped
@@ -231,31 +376,6 @@ class BatchedModelWorker(ModelWorker):
         """This request's own grammar sampler (or None), so a schema or tool call constrains
         this slot only, never another chat in the batch."""
         return start_grammar(self._vocab, opts.grammar) if opts.grammar else None
-
-    def _sampler(self, opts):
-        """This request's own sampler chain (penalties, then greedy or top-k/top-p/min-p/temp)."""
-        from llama_cpp import llama_cpp
-
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        try:
-            if opts.presence_penalty or opts.frequency_penalty:
-                llama_cpp.llama_sampler_chain_add(chain, penalties_sampler(opts))
-        except BaseException:
-            llama_cpp.llama_sampler_free(chain)
-            raise
-        if opts.temperature <= 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-            return chain
-        seed = opts.seed if opts.seed is not None else int(time.time_ns() & 0xFFFFFFFF)
-        for sampler in (
-            llama_cpp.llama_sampler_init_top_k(40),
-            llama_cpp.llama_sampler_init_top_p(opts.top_p, 1),
-            llama_cpp.llama_sampler_init_min_p(0.05, 1),
-            llama_cpp.llama_sampler_init_temp(opts.temperature),
-            llama_cpp.llama_sampler_init_dist(seed),
-        ):
-            llama_cpp.llama_sampler_chain_add(chain, sampler)
-        return chain
 
     # -- one decode step ---------------------------------------------------------------------
     def _step(self) -> None:
@@ -303,6 +423,7 @@ class BatchedModelWorker(ModelWorker):
                 self._fail_slot(slot, exc)
 
     def _sample(self, slot: _Slot, now: float) -> None:
+        """Choose the slot's next token from this step's logits (``now``: when they came)."""
         from llama_cpp import llama_cpp
 
         if slot.grammar is not None:
@@ -316,18 +437,16 @@ class BatchedModelWorker(ModelWorker):
                     f"it): simplify the schema", code="grammar_too_slow")
         else:
             token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.logits_index)
-        if slot.first_at is None:
-            slot.first_at = now
+        if "prompt_ms" not in slot.meta:
             slot.meta["prompt_ms"] = round((now - slot.started) * 1000, 1)
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             self._finish(slot, "stop")
             return
         slot.n_generated += 1
-        slot.last_at = now
-        text, stopped = slot.stop.feed(slot.decoder.decode(self._llama.detokenize([token])))
+        text = slot.text.feed(self._llama.detokenize([token]))
         if text:
             slot.request.out.put(Token(text))
-        if stopped:
+        if slot.text.stopped:
             slot.meta["stop_string"] = True
             self._finish(slot, "stop")
         elif slot.n_generated >= slot.max_tokens:
@@ -391,27 +510,16 @@ class BatchedModelWorker(ModelWorker):
         from llama_cpp import llama_cpp
 
         request = slot.request
-        tail = slot.decoder.decode(b"", final=True)
-        if slot.stop is not None:
-            if slot.meta.get("stop_string"):
-                tail = ""  # the reply ended at the stop string: nothing after it is sent
-            else:
-                tail, hit = slot.stop.feed(tail)
-                tail += "" if hit else slot.stop.flush()
-            slot.stop = None
+        tail = slot.text.tail()
         if tail:
             request.out.put(Token(tail))
         if reason == "stopped":
             # Its cells go at once; what it was in the middle of is of no use to a next turn.
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
             slot.cached = []
-        tps = None
-        if slot.n_generated > 1 and slot.first_at and slot.last_at and slot.last_at > slot.first_at:
-            tps = round((slot.n_generated - 1) / (slot.last_at - slot.first_at), 2)
         request.out.put(Finished(finish_reason=reason, prompt_tokens=slot.prompt_tokens,
-                                 completion_tokens=slot.n_generated, tokens_per_second=tps,
-                                 meta=slot.meta))
-        request.out.put(_DONE)
+                                 completion_tokens=slot.n_generated, meta=slot.meta))
+        request.out.put(DONE)
         self._free_samplers(slot)
         slot.request = None
         slot.pending = []
@@ -439,8 +547,8 @@ class BatchedModelWorker(ModelWorker):
         request = slot.request
         self._release(slot)
         if request is not None:
-            request.out.put(_as_engine_error(exc, "the model failed while replying"))
-            request.out.put(_DONE)
+            request.out.put(as_engine_error(exc, "the model failed while replying"))
+            request.out.put(DONE)
         with self._lock:
             self._tell_positions()
 
@@ -451,15 +559,8 @@ class BatchedModelWorker(ModelWorker):
         for slot in self._slots:
             if slot.request is not None:
                 slot.request.out.put(EngineError(f"llama.cpp failed to decode (code {result})"))
-                slot.request.out.put(_DONE)
+                slot.request.out.put(DONE)
                 self._free_samplers(slot)
                 slot.request = None
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
             slot.cached, slot.pending, slot.last_token = [], [], None
-
-
-
-def _as_engine_error(exc: BaseException, what: str) -> EngineError:
-    if isinstance(exc, EngineError):
-        return exc
-    return EngineError(f"{what}: {type(exc).__name__}: {str(exc)[:300]}")

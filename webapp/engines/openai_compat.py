@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,48 @@ class UpstreamConfig:
     models: tuple[str, ...] = ()  # empty: every model the upstream lists at /v1/models
     connect_timeout: float = 5.0
     read_timeout: float = 120.0  # longest silence between two chunks
+
+
+def load_upstreams(config: Mapping[str, Any]) -> list[UpstreamConfig]:
+    """Upstream servers from BCHAT_OPENAI_* and BCHAT_UPSTREAMS_FILE, in that order."""
+    import os
+    import tomllib
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    upstreams: list[UpstreamConfig] = []
+    if config.get("OPENAI_BASE_URL"):
+        url = str(config["OPENAI_BASE_URL"])
+        upstreams.append(UpstreamConfig(
+            name=urlsplit(url).hostname or "openai",
+            base_url=url,
+            api_key=config.get("OPENAI_API_KEY") or "none",
+            models=tuple(config.get("OPENAI_MODELS") or ()),
+        ))
+    path = config.get("UPSTREAMS_FILE")
+    if path:
+        text = Path(path).read_text()
+        data = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
+        entries = data.get("upstream", data.get("upstreams", []))
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: expected a list of [[upstream]] tables")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not entry.get("base_url"):
+                raise ValueError(f"{path}: upstream #{i + 1} needs a base_url")
+            key = entry.get("api_key")
+            if entry.get("api_key_env"):  # keeps the secret itself out of the file
+                key = os.environ.get(entry["api_key_env"])
+                if not key:
+                    raise ValueError(f"{path}: ${entry['api_key_env']} is not set")
+            upstreams.append(UpstreamConfig(
+                name=str(entry.get("name") or urlsplit(entry["base_url"]).hostname or f"upstream{i + 1}"),
+                base_url=str(entry["base_url"]),
+                api_key=key or "none",
+                models=tuple(entry.get("models") or ()),
+                connect_timeout=float(entry.get("connect_timeout", 5)),
+                read_timeout=float(entry.get("read_timeout", 120)),
+            ))
+    return upstreams
 
 
 class OpenAICompatEngine:
@@ -134,7 +176,6 @@ class OpenAICompatEngine:
             request["tools"] = options.tools
             if options.tool_choice is not None:
                 request["tool_choice"] = options.tool_choice
-        started = time.perf_counter()
         # The raw event stream, parsed here with json.loads: building the package's typed
         # chunk object costs ~140 us a token, CPU taken from the model on a small machine.
         # The package still does the HTTP, auth and the status-code errors.
@@ -154,7 +195,6 @@ class OpenAICompatEngine:
         closer = threading.Thread(target=close_on_cancel, name="bchat-upstream-stop", daemon=True)
         closer.start()
         pieces = 0
-        first_at = last_at = None
         finish_reason = None
         usage: dict[str, Any] | None = None
         extra_meta: dict[str, Any] = {}
@@ -187,9 +227,6 @@ class OpenAICompatEngine:
                         reasoning.append(thought)
                     text = delta.get("content")
                     if text:
-                        now = time.perf_counter()
-                        first_at = first_at or now
-                        last_at = now
                         pieces += 1
                         yield Token(text)
                     if choice.get("finish_reason"):
@@ -211,21 +248,15 @@ class OpenAICompatEngine:
                 f"{self.name} closed the reply before it was finished", code="upstream_disconnected"
             )
         completion = (usage or {}).get("completion_tokens") or pieces
-        tps = None
-        if first_at and last_at and last_at > first_at and completion > 1:
-            tps = round((completion - 1) / (last_at - first_at), 2)
         meta = {"upstream": self.name, **extra_meta}
         if calls:
             meta["tool_calls"] = [calls[i] for i in sorted(calls)]
         if reasoning:
             meta["reasoning_content"] = "".join(reasoning)
-        if first_at:
-            meta["prompt_ms"] = round((first_at - started) * 1000, 1)
         yield Finished(
             finish_reason=finish_reason,
             prompt_tokens=(usage or {}).get("prompt_tokens") or 0,
             completion_tokens=completion,
-            tokens_per_second=tps,
             meta=meta,
         )
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..model_files import ModelCatalogue
+from ..catalogue import ModelCatalogue
 from ..model_runner import STATE_FILE, encode_options
 from ..options import GenerationOptions
 from .base import (
@@ -87,7 +87,7 @@ class RunnerEngine:
         runners = self.state.read()
         found = []
         for model in self.catalogue:
-            facts = model.facts()
+            facts = self.catalogue.facts(model.id) or {}
             record = runners.get(model.id) or {}
             if record.get("status") == "unavailable":
                 facts["unavailable"] = record.get("reason")
@@ -194,7 +194,7 @@ class RunnerEngine:
         if not finished:
             if stopped:  # our own shutdown ended the read before the runner's last line
                 yield Finished(finish_reason="stopped", prompt_tokens=0, completion_tokens=0,
-                               tokens_per_second=None, meta={"stopped_early": True})
+                               meta={"stopped_early": True})
                 return
             raise self._broken(model, record, None)
 

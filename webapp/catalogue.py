@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, abort, send_file, url_for
+from .config import SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,9 @@ class ModelFile:
         kv = (self.kv_bytes_per_token or 0) * n_ctx * max(parallel, 1)
         return int(self.file_size * WEIGHTS_OVERHEAD) + kv
 
-    def fits_server(self, n_ctx: int | None = None, parallel: int | None = None) -> dict[str, Any]:
-        """Whether this machine has the memory free to load it now (None where unknown)."""
-        n_ctx = n_ctx or _default_setting("N_CTX")
-        parallel = parallel or _default_setting("PARALLEL")
+    def fits_server(self, n_ctx: int, parallel: int) -> dict[str, Any]:
+        """Whether this machine has the memory free to load it now (None where unknown), run
+        with ``parallel`` chats of ``n_ctx`` tokens (ModelCatalogue.facts passes the server's)."""
         needed = self.memory_needed(n_ctx, parallel)
         available = mem_available()
         return {
@@ -68,7 +67,7 @@ class ModelFile:
             "parallel": parallel,
         }
 
-    def facts(self, n_ctx: int | None = None, parallel: int | None = None) -> dict[str, Any]:
+    def facts(self, n_ctx: int, parallel: int) -> dict[str, Any]:
         data = asdict(self)
         data.pop("path")
         data.pop("id")
@@ -79,12 +78,6 @@ class ModelFile:
 
 # The weights are mapped whole; compute buffers and the runtime add roughly a fifth on top.
 WEIGHTS_OVERHEAD = 1.2
-
-
-def _default_setting(name: str) -> int:
-    from .config import SETTINGS
-
-    return int(SETTINGS[name][0])  # type: ignore[call-overload]
 
 
 def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
@@ -194,9 +187,17 @@ def discover(model_path: str | os.PathLike) -> list[ModelFile]:
 class ModelCatalogue:
     """The models found at start; looked up by id for inference and for browser downloads."""
 
+    # The context and parallel chats the server runs each model with, for which facts() judges
+    # whether it fits (the app and the worker pass BCHAT_N_CTX and BCHAT_PARALLEL).
+    n_ctx: int = SETTINGS["N_CTX"][0]  # type: ignore[assignment]
+    parallel: int = SETTINGS["PARALLEL"][0]  # type: ignore[assignment]
+
     def __init__(self, model_path: str | os.PathLike, browser_format: str | None = None,
-                 browser_dir: str | os.PathLike | None = None) -> None:
+                 browser_dir: str | os.PathLike | None = None, *, n_ctx: int | None = None,
+                 parallel: int | None = None) -> None:
         self.model_path = str(model_path)
+        self.n_ctx = int(n_ctx or self.n_ctx)
+        self.parallel = int(parallel or self.parallel)
         self._models = {m.id: m for m in discover(model_path)}
         # What each model's page download is: the file itself, or a format derived from it.
         self._browser = {
@@ -233,6 +234,12 @@ class ModelCatalogue:
 
     def get(self, model_id: str) -> ModelFile | None:
         return self._models.get(model_id)
+
+    def facts(self, model_id: str) -> dict[str, Any] | None:
+        """What the page, the API, the engines and the doctor say about a model (None: no such
+        model), its fit judged for the settings it is run with."""
+        model = self._models.get(model_id)
+        return model.facts(self.n_ctx, self.parallel) if model else None
 
     @property
     def default_id(self) -> str | None:
@@ -349,56 +356,3 @@ def browser_file(model: ModelFile, fmt: str | None, folder: Path | None, *,
     stat = path.stat()
     return BrowserFile(path.resolve(), _file_version(path, stat), stat.st_size, fmt,
                        BROWSER_REASON.format(fmt=fmt, source=f"the {model.quantization} original"))
-
-
-# -- serving model files to browsers (the browser engine downloads and runs them) -----------
-
-# Larger files cannot be loaded into a page in one piece (ArrayBuffer limit); they stay
-# server-only until split with llama-gguf-split.
-BROWSER_MAX_BYTES = 2 * 1024**3 - 1
-
-bp = Blueprint("model_files", __name__)
-
-
-def browser_url(model: ModelFile, file: BrowserFile | None = None) -> str | None:
-    """Where a page downloads ``model`` (as ``file``, by default the model's own file); the
-    version in the path makes the URL immutable."""
-    version, path, size = (file.version, file.path, file.size) if file else (
-        model.version, model.path, model.file_size)
-    if not model.has_chat_template or size > BROWSER_MAX_BYTES:
-        return None
-    return url_for("model_files.download", model_id=model.id, version=version, filename=path.name)
-
-
-@bp.get("/models/<model_id>/<version>/<filename>")
-def download(model_id: str, version: str, filename: str):
-    """The GGUF file itself: Range requests, ETag/304, cached for a year.
-
-    The path is looked up in the catalogue, never joined from the URL, so nothing outside
-    the configured model files can be reached.
-    """
-    from .services import get_services
-
-    catalogue = get_services().catalogue
-    model = catalogue.get(model_id)
-    if model is None:
-        abort(404)
-    # The original (the server's file) or the format derived for browsers.
-    candidates = [(model.path, model.version)]
-    derived = catalogue.browser(model_id)
-    if derived:
-        candidates.append((derived.path, derived.version))
-    path = next((p for p, v in candidates if v == version and p.name == filename), None)
-    if path is None:
-        abort(404)
-    response = send_file(
-        path,
-        mimetype="application/octet-stream",
-        conditional=True,
-        etag=f"{model.id}-{version}",
-        max_age=365 * 24 * 3600,
-        download_name=path.name,
-    )
-    response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
-    response.headers["Accept-Ranges"] = "bytes"
-    return response
