@@ -305,7 +305,7 @@ def test_healthz_names_a_stuck_inference_thread(make_app):
 
 
 def test_history_never_has_two_turns_of_one_role_in_a_row(make_app):
-    from webapp.chats import Provenance
+    from webapp.models import Provenance
 
     app = make_app()
     chats = app.extensions["bchat"].chats
@@ -322,22 +322,22 @@ def test_history_never_has_two_turns_of_one_role_in_a_row(make_app):
 
 def test_stale_streaming_rows_become_interrupted_with_their_text(make_app):
     """A row left "streaming" by a process that is gone is closed on the next start."""
-    from webapp.chats import Provenance
+    from webapp.models import Provenance
 
     app = make_app()
     services = app.extensions["bchat"]
-    _c, _u, reply, _h = services.chats.begin_turn(
-        "owner", None, "hello", Provenance(engine="server", model="tiny-chat"),
+    _c, _u, (reply,), _h = services.chats.begin_turn(
+        "owner", None, "hello", [Provenance(engine="server", model="tiny-chat")],
         run_owner="another-host|4242|dead",
     )
     services.chats.flush_runs({reply["id"]: "half a repl"}, [])
-    assert services.runs.reap_stale() == 0, "another host's fresh lease is respected"
-    from webapp.runs import HOST
+    assert services.runs.keeper.reap_stale() == 0, "another host's fresh lease is respected"
+    from webapp.runs.keeper import HOST
 
-    _c, _u, reply2, _h = services.chats.begin_turn(
-        "owner", None, "hello again", Provenance(engine="server"), run_owner=f"{HOST}|999999|gone",
+    _c, _u, (reply2,), _h = services.chats.begin_turn(
+        "owner", None, "hello again", [Provenance(engine="server")], run_owner=f"{HOST}|999999|gone",
     )
-    assert services.runs.reap_stale() == 1, "a pid that no longer exists on this host is dead"
+    assert services.runs.keeper.reap_stale() == 1, "a pid that no longer exists on this host is dead"
     stored = services.chats.reply_state("owner", reply2["id"])
     assert stored["status"] == "interrupted"
     assert stored["meta"]["stop_reason"] == "server_restart"

@@ -27,7 +27,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from .engines import build_engines
     from .limits import SlidingWindow, parse_rate
     from .model_files import ModelCatalogue
-    from .runs import RunService
+    from .runs.service import RunService
     from .services import EXTENSION_KEY, Services
     from .shares import ShareService
     from .validation import StrictJSONProvider
@@ -81,7 +81,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     )
     try:
         # Replies left "streaming" by a process that died become "interrupted", text kept.
-        runs.reap_stale()
+        runs.keeper.reap_stale()
     except Exception as exc:  # e.g. a database not migrated yet: `bchat serve` says so itself
         logging.getLogger(__name__).warning("could not check for interrupted replies: %s", exc)
 

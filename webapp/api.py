@@ -12,10 +12,11 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .chats import MISSING, Invalid, NotFound, Provenance
-from .errors import AppError
+from .chats import MISSING
+from .errors import AppError, Invalid, NotFound
 from .exchange import export_json, export_markdown, parse_import
 from .model_files import browser_url
+from .models import Provenance
 from .openapi import OPENAPI
 from .search import MAX_QUERY_CHARS, search
 from .security import owner_id
@@ -150,7 +151,7 @@ def get_conversation(conversation_id: str):
     services = get_services()
     conversation = services.chats.get_conversation(owner_id(), conversation_id)
     streaming = [m["id"] for m in conversation["messages"] if m["status"] == "streaming"]
-    if streaming and services.runs.reap_stale(streaming):  # their writer died: now interrupted
+    if streaming and services.runs.keeper.reap_stale(streaming):  # their writer died: now interrupted
         conversation = services.chats.get_conversation(owner_id(), conversation_id)
     return conversation
 

@@ -10,8 +10,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, delete, select, update
@@ -24,12 +23,13 @@ from .models import (
     ROLES,
     Conversation,
     Message,
+    Provenance,
     VisitorSettings,
+    iso,
     new_public_id,
+    parse_time,
     utcnow,
 )
-
-__all__ = ["ChatService", "Invalid", "NotFound", "Provenance"]
 
 log = logging.getLogger(__name__)
 
@@ -40,68 +40,10 @@ IMPORTING_OWNER = "~importing~"  # the owner of an import until it is whole (no 
 IMPORT_ABANDONED_AFTER = timedelta(hours=1)
 
 
-@dataclass(frozen=True)
-class Provenance:
-    engine: str
-    model: str | None = None
-    backend: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    tokens_per_second: float | None = None
-    finish_reason: str | None = None
-    meta: dict[str, Any] | None = None
-
-
-def _iso(value: datetime) -> str:
-    return value.isoformat(timespec="milliseconds") + "Z"
-
-
-def parse_time(value: object) -> datetime | None:
-    """Reads what _iso() writes (UTC, with or without the Z); None for anything else."""
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.removesuffix("Z"))
-    except ValueError:
-        return None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(UTC)
-    return parsed.replace(tzinfo=None)
-
-
 MISSING: Any = object()  # "not given", as opposed to an explicit null (e.g. parent_id)
 SETTING_NAMES = ("system", "temperature", "top_p", "max_tokens", "seed", "model", "engine",
                  "response_format", "stop", "presence_penalty", "frequency_penalty")
 _THINK = re.compile(r"<think>.*?</think>\s*", re.S)
-
-
-def message_dict(message: Message, parents: Mapping[int, str] | None = None) -> dict[str, Any]:
-    """The one mapping of a message to its dict (API, socket, export, shares, provenance).
-    ``parents`` maps internal ids to public ids when a whole tree is being written."""
-    parent_id = None
-    if message.parent_id is not None:
-        if parents is not None and message.parent_id in parents:
-            parent_id = parents[message.parent_id]
-        elif message.parent is not None:
-            parent_id = message.parent.public_id
-    return {
-        "id": message.public_id,
-        "parent_id": parent_id,
-        "role": message.role,
-        "content": message.content,
-        "status": message.status,
-        "created_at": _iso(message.created_at),
-        "engine": message.engine,
-        "backend": message.backend,
-        "model": message.model,
-        "usage": {
-            "prompt_tokens": message.prompt_tokens,
-            "completion_tokens": message.completion_tokens,
-        },
-        "tokens_per_second": message.tokens_per_second,
-        "finish_reason": message.finish_reason,
-        "meta": message.meta or {},
-    }
 
 
 def _message_row(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,15 +113,15 @@ def conversation_dict(conv: Conversation, *, with_messages: bool = False) -> dic
     data: dict[str, Any] = {
         "id": conv.public_id,
         "title": conv.title,
-        "created_at": _iso(conv.created_at),
-        "updated_at": _iso(conv.updated_at),
+        "created_at": iso(conv.created_at),
+        "updated_at": iso(conv.updated_at),
         "settings": conv.settings or {},
         "source": conv.source or "chat",
     }
     if with_messages:
         tree = Tree(conv.messages)
         parents = tree.public_ids()
-        data["messages"] = [message_dict(m, parents) for m in conv.messages]
+        data["messages"] = [m.to_dict(parents) for m in conv.messages]
         current = tree.current(conv)
         data["current_message_id"] = parents.get(current) if current is not None else None
     return data
@@ -219,17 +161,6 @@ def model_history(messages: list[Message]) -> list[dict[str, str]]:
         else:
             turns.append(turn)
     return turns
-
-
-def _apply_provenance(message: Message, provenance: Provenance) -> None:
-    message.engine = provenance.engine
-    message.backend = provenance.backend
-    message.model = provenance.model
-    message.prompt_tokens = provenance.prompt_tokens
-    message.completion_tokens = provenance.completion_tokens
-    message.tokens_per_second = provenance.tokens_per_second
-    message.finish_reason = provenance.finish_reason
-    message.meta = provenance.meta or None
 
 
 def title_from(content: str) -> str:
@@ -443,32 +374,22 @@ class ChatService:
                                                    parent_id, settings, refuse_busy=False)
             conv.current_message_id = message.id
             parents = {parent.id: parent.public_id} if parent else {}
-            return conversation_dict(conv), message_dict(message, parents)
+            return conversation_dict(conv), message.to_dict(parents)
 
     def begin_turn(
-        self, owner_id: str, conversation_id: str | None, content: str, provenance: Provenance, *,
-        run_owner: str, parent_id: Any = MISSING, settings: dict[str, Any] | None = None,
-    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[dict[str, str]]]:
-        """One transaction before any model runs: the user's message (under ``parent_id``, by
-        default after the current leaf; a new conversation when ``conversation_id`` is None)
-        and the run's assistant row, status "streaming". Returns (conversation, user message,
-        reply, the history the model sees: the path to the user message).
-
-        One reply is written at a time per conversation: a second would race the first for
-        the current branch. Refused before anything is stored."""
-        conv, user, (reply,), history = self.begin_compare(
-            owner_id, conversation_id, content, [provenance], run_owner=run_owner,
-            parent_id=parent_id, settings=settings,
-        )
-        return conv, user, reply, history
-
-    def begin_compare(
         self, owner_id: str, conversation_id: str | None, content: str,
         provenances: list[Provenance], *, run_owner: str, parent_id: Any = MISSING,
         settings: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], list[dict[str, str]]]:
-        """One user message and a reply row per compared (engine, model), siblings streaming
-        side by side; the first is the current branch until the user picks another."""
+        """One transaction before any model runs: the user's message (under ``parent_id``, by
+        default after the current leaf; a new conversation when ``conversation_id`` is None)
+        and an assistant row per (engine, model), status "streaming", siblings side by side
+        when compared; the first is the current branch until the user picks another. Returns
+        (conversation, user message, replies, the history the model sees: the path to the
+        user message).
+
+        One reply (or comparison) is written at a time per conversation: a second would race
+        the first for the current branch. Refused before anything is stored."""
         self.check_content(content)
         with self.db.write() as session:
             conv, user, _parent = self._add_user(session, owner_id, conversation_id, content,
@@ -478,8 +399,8 @@ class ChatService:
             conv.current_message_id = replies[0].id if replies else user.id
             tree = Tree(conv.messages)
             parents = tree.public_ids()
-            return (conversation_dict(conv), message_dict(user, parents),
-                    [message_dict(r, parents) for r in replies], model_history(tree.path(user.id)))
+            return (conversation_dict(conv), user.to_dict(parents),
+                    [r.to_dict(parents) for r in replies], model_history(tree.path(user.id)))
 
     def begin_regenerate(
         self, owner_id: str, message_id: Any, provenance: Provenance, *, run_owner: str
@@ -498,7 +419,7 @@ class ChatService:
             session.flush()
             conv.current_message_id = reply.id
             parents = {**tree.public_ids(), reply.id: reply.public_id}
-            return (conversation_dict(conv), message_dict(asked, parents), message_dict(reply, parents),
+            return (conversation_dict(conv), asked.to_dict(parents), reply.to_dict(parents),
                     model_history(tree.path(asked.id)))
 
     def begin_continue(
@@ -519,7 +440,7 @@ class ChatService:
             tree = Tree(conv.messages)
             if tree.children.get(reply.id):
                 raise Invalid("not_continuable", "only the last reply of a branch can be continued")
-            before = message_dict(reply, tree.public_ids())
+            before = reply.to_dict(tree.public_ids())
             history = model_history(tree.path(reply.parent_id))
             history.append({"role": "assistant", "content": reply.content})
             reply.status = "streaming"
@@ -552,14 +473,14 @@ class ChatService:
             message = session.scalar(select(Message).where(Message.public_id == message_id))
             if message is None:
                 return None
-            _apply_provenance(message, provenance)
+            message.record(provenance)
             message.content = content
             message.status = status
             message.updated_at = utcnow()
             message.run_owner = None
             message.stop_requested = False
             session.flush()
-            return message_dict(message)
+            return message.to_dict()
 
     def flush_runs(
         self, contents: dict[str, str], vouch: list[str]
@@ -601,7 +522,7 @@ class ChatService:
             )
             if message is None:
                 raise NotFound("reply")
-            data = message_dict(message)
+            data = message.to_dict()
             data["conversation_id"] = message.conversation.public_id
             data["run_owner"] = message.run_owner
             data["lease_at"] = message.updated_at
@@ -675,7 +596,7 @@ class ChatService:
                 if provenance.engine != "browser":
                     raise Invalid("bad_engine", "replies posted through the API come from the "
                                   "browser engine")
-                _apply_provenance(message, provenance)
+                message.record(provenance)
             message.content = content
             message.status = status
             message.updated_at = utcnow()
@@ -683,7 +604,7 @@ class ChatService:
                 message.run_owner = None
             conv.updated_at = utcnow()
             session.flush()
-            return message_dict(message)
+            return message.to_dict()
 
     def add_reply(
         self,
@@ -726,7 +647,7 @@ class ChatService:
             conv.updated_at = utcnow()
             session.flush()
             conv.current_message_id = message.id
-            return message_dict(message, {parent.id: parent.public_id} if parent else {})
+            return message.to_dict({parent.id: parent.public_id} if parent else {})
 
     def import_messages(
         self,
@@ -739,7 +660,7 @@ class ChatService:
         current_message_id: str | None = None,
     ) -> dict[str, Any]:
         """A new conversation holding copies of ``messages`` (validated message dicts, as
-        message_dict() writes them): continuing a share, or importing an export. Messages with
+        Message.to_dict() writes them): continuing a share, or importing an export. Messages with
         ``parent_id`` keep their tree (ids are new); without, they form one branch in order.
 
         Up to 10,000 messages: they are written IMPORT_CHUNK rows per transaction, so no
@@ -909,4 +830,4 @@ class ChatService:
             conv.updated_at = now
             session.add(conv)
             session.flush()
-            return conversation_dict(conv), message_dict(message)
+            return conversation_dict(conv), message.to_dict()

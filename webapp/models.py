@@ -6,6 +6,8 @@ Integer primary keys stay internal; URLs and the API use random ``public_id`` st
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +40,38 @@ def new_public_id() -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def iso(value: datetime | None) -> str | None:
+    """How every stored time is written out: UTC, milliseconds, a Z."""
+    return value.isoformat(timespec="milliseconds") + "Z" if value is not None else None
+
+
+def parse_time(value: object) -> datetime | None:
+    """Reads what iso() writes (UTC, with or without the Z); None for anything else."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.removesuffix("Z"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC)
+    return parsed.replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who wrote a reply, with what, how fast: the columns a reply's writer fills in."""
+
+    engine: str
+    model: str | None = None
+    backend: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_per_second: float | None = None
+    finish_reason: str | None = None
+    meta: dict[str, Any] | None = None
 
 
 class Base(DeclarativeBase):
@@ -112,6 +146,42 @@ class Message(Base):
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
     parent: Mapped[Message | None] = relationship(remote_side=[id], viewonly=True)
+
+    def record(self, provenance: Provenance) -> None:
+        self.engine = provenance.engine
+        self.backend = provenance.backend
+        self.model = provenance.model
+        self.prompt_tokens = provenance.prompt_tokens
+        self.completion_tokens = provenance.completion_tokens
+        self.tokens_per_second = provenance.tokens_per_second
+        self.finish_reason = provenance.finish_reason
+        self.meta = provenance.meta or None
+
+    def to_dict(self, parents: Mapping[int, str] | None = None) -> dict[str, Any]:
+        """The one mapping of a message to its dict (API, socket, export, shares, provenance).
+        ``parents`` maps internal ids to public ids when a whole tree is being written."""
+        parent_id = None
+        if self.parent_id is not None:
+            if parents is not None and self.parent_id in parents:
+                parent_id = parents[self.parent_id]
+            elif self.parent is not None:
+                parent_id = self.parent.public_id
+        return {
+            "id": self.public_id,
+            "parent_id": parent_id,
+            "role": self.role,
+            "content": self.content,
+            "status": self.status,
+            "created_at": iso(self.created_at),
+            "engine": self.engine,
+            "backend": self.backend,
+            "model": self.model,
+            "usage": {"prompt_tokens": self.prompt_tokens,
+                      "completion_tokens": self.completion_tokens},
+            "tokens_per_second": self.tokens_per_second,
+            "finish_reason": self.finish_reason,
+            "meta": self.meta or {},
+        }
 
 
 class Share(Base):

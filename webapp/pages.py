@@ -19,7 +19,7 @@ from flask import Blueprint, Response, abort, current_app, redirect, render_temp
 from werkzeug.exceptions import BadHost, HTTPException
 from werkzeug.security import safe_join
 
-from .chats import NotFound
+from .errors import NotFound
 from .options import page_options
 from .security import (
     check_continue_token,

@@ -14,7 +14,7 @@ from .chats import ChatService
 from .db import Database
 from .engines import EngineRegistry
 from .model_files import ModelCatalogue
-from .runs import RunService
+from .runs.service import RunService
 from .shares import ShareService
 
 EXTENSION_KEY = "bchat"

@@ -31,7 +31,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from .chats import ChatService, NotFound, conversation_dict, current_branch, message_dict
+from .chats import ChatService, NotFound, conversation_dict, current_branch
 from .db import Database, lock_row
 from .models import Conversation, Share, new_public_id, utcnow
 
@@ -125,7 +125,7 @@ class ShareService:
         branch = current_branch(conv)
         parents = {m.id: m.public_id for m in branch}
         for message in branch:
-            data = message_dict(message, parents)
+            data = message.to_dict(parents)
             facts = self._model_facts(message.model) if message.model else None
             if facts:
                 data["quantization"] = facts.get("quantization")

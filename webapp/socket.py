@@ -1,4 +1,4 @@
-"""The websocket protocol at /ws: a thin adapter over runs (``webapp/runs.py``).
+"""The websocket protocol at /ws: a thin adapter over runs (``webapp/runs/``).
 
 Frames are JSON text; docs/protocol.md is the reference. A socket starts runs and *watches*
 them: it relays their frames, and when it closes the runs go on for the grace period, so a
@@ -23,6 +23,7 @@ from flask_sock import ConnectionClosed, Sock
 from .chats import MISSING
 from .errors import AppError, Invalid
 from .limits import get_limits
+from .runs.run import Run
 from .security import owner_id, require_same_origin
 from .services import get_services
 from .validation import parse_json_text
@@ -181,40 +182,17 @@ class ChatSocket:
                                        or isinstance(request_id, bool) or len(str(request_id)) > 64):
             raise Invalid("bad_frame", "request_id must be a short string or integer")
         try:
-            if kind == "compare":
-                runs_started = runs.compare(
-                    self.owner, frame.get("conversation_id"), frame.get("content"),
-                    frame.get("targets"), options=frame.get("options"), ip=self.ip, watcher=self,
-                    parent_id=frame.get("parent_id", MISSING), settings=frame.get("settings"),
-                )
-                first = dict(runs_started[0].started_frame)
-                first["replies"] = [run.started_frame["reply"] for run in runs_started]
+            if kind in ("chat", "compare", "regenerate", "continue"):
+                started_runs = self._start(kind, frame)
+                first = dict(started_runs[0].started_frame)
+                if kind == "compare":
+                    first["replies"] = [run.started_frame["reply"] for run in started_runs]
                 if request_id is not None:
                     first["request_id"] = request_id
+                # Sent before any token: the runs' frames wait in the inbox behind this.
                 self.send(first)
-                for run in runs_started:
+                for run in started_runs:
                     self._watch(run.message_id)
-            elif kind in ("chat", "regenerate", "continue"):
-                if kind == "chat":
-                    run = runs.start(
-                        self.owner, frame.get("conversation_id"), frame.get("content"),
-                        model=frame.get("model"), options=frame.get("options"), ip=self.ip,
-                        watcher=self, parent_id=frame.get("parent_id", MISSING),
-                        settings=frame.get("settings"),
-                    )
-                elif kind == "regenerate":
-                    run = runs.regenerate(self.owner, frame.get("message_id"),
-                                          model=frame.get("model"), options=frame.get("options"),
-                                          ip=self.ip, watcher=self)
-                else:
-                    run = runs.continue_reply(self.owner, frame.get("message_id"),
-                                              options=frame.get("options"), ip=self.ip, watcher=self)
-                started = dict(run.started_frame)
-                if request_id is not None:
-                    started["request_id"] = request_id
-                # Sent before any token: the run's frames wait in the inbox behind this.
-                self.send(started)
-                self._watch(run.message_id)
             elif kind == "resume":
                 self._watch(frame.get("message_id"))
                 runs.watch(self.owner, frame.get("message_id"), frame.get("offset"), self)
@@ -231,6 +209,22 @@ class ChatSocket:
             if request_id is not None:
                 exc.extra.setdefault("request_id", request_id)
             raise
+
+    def _start(self, kind: str, frame: dict[str, Any]) -> list[Run]:
+        runs, options = self.services.runs, frame.get("options")
+        if kind == "regenerate":
+            return [runs.regenerate(self.owner, frame.get("message_id"), model=frame.get("model"),
+                                    options=options, ip=self.ip, watcher=self)]
+        if kind == "continue":
+            return [runs.continue_reply(self.owner, frame.get("message_id"), options=options,
+                                        ip=self.ip, watcher=self)]
+        turn = {"options": options, "ip": self.ip, "watcher": self,
+                "parent_id": frame.get("parent_id", MISSING), "settings": frame.get("settings")}
+        if kind == "compare":
+            return runs.compare(self.owner, frame.get("conversation_id"), frame.get("content"),
+                                frame.get("targets"), **turn)
+        return [runs.start(self.owner, frame.get("conversation_id"), frame.get("content"),
+                           model=frame.get("model"), **turn)]
 
     def _watch(self, message_id: Any) -> None:
         if isinstance(message_id, str) and message_id not in self.watching:
