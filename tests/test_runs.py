@@ -356,3 +356,36 @@ def test_tokens_frames_carry_offsets_that_add_up(live_server):
         position += len(frame["text"])
     assert text_of(frames) == done["message"]["content"]
     ws.close()
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_a_shutdown_interrupts_a_reply_stored_or_not(make_app, store):
+    """One outcome for every run: a /v1 call kept only in memory ends "interrupted" at a
+    shutdown, as a stored reply does (it used to say "stopped")."""
+    from webapp.engines.base import GenerationOptions
+
+    app = make_app()
+    runs = app.extensions["bchat"].runs
+    growing = threading.Event()
+
+    class Watcher:
+        active = True
+        frames: list[dict] = []
+
+        def deliver(self, frame):
+            self.frames.append(frame)
+            if frame["type"] == "token":
+                growing.set()
+
+    watcher = Watcher()
+    run = runs.start_api("owner", [{"role": "user", "content": "tell me a long story"}],
+                         model=None, options=GenerationOptions(temperature=0, max_tokens=2000),
+                         store=store, watcher=watcher)
+    assert growing.wait(60), "the model started writing"
+    runs.shutdown()
+    assert run.finished.wait(60)
+    final = watcher.frames[-1]
+    assert final["type"] == "done" and final["message_id"] == run.message_id
+    assert final["message"]["status"] == "interrupted"
+    assert final["message"]["meta"]["stop_reason"] == "shutdown"
+    assert final["message"]["content"] == run.text != ""
