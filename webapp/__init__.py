@@ -25,7 +25,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from .chats import ChatService
     from .db import Database
     from .engines import build_engines
-    from .limits import SlidingWindow, parse_rate
     from .model_files import ModelCatalogue
     from .runs.service import RunService
     from .services import EXTENSION_KEY, Services
@@ -65,9 +64,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         return model.facts() if model else None
 
     runs = RunService(chats, engines, app.config, limits_)
-    count, window = parse_rate(app.config["BENCHMARK_RATE_LIMIT"])
-    bench_visitor = SlidingWindow(count, window)
-    bench_ip = SlidingWindow(count * int(app.config.get("RATE_LIMIT_IP_FACTOR", 10)), window)
     app.extensions[EXTENSION_KEY] = Services(
         db=db,
         chats=chats,
@@ -75,8 +71,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         engines=engines,
         shares=ShareService(db, chats, app.config["SECRET_KEY"], model_facts),
         runs=runs,
-        benchmarks=BenchmarkService(db, engines, catalogue, runs, per_visitor=bench_visitor,
-                                    per_ip=bench_ip),
+        benchmarks=BenchmarkService(db, engines, catalogue, runs, limits_),
         keys=KeyService(db),
     )
     try:

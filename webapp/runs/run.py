@@ -221,8 +221,10 @@ class Follower:
     """One watcher following a reply written elsewhere, by reading its row as it grows. A
     second resume of the same reply by the same watcher restarts it from the new offset."""
 
-    def __init__(self, owner: str, message_id: str, offset: int, watcher: Watcher) -> None:
+    def __init__(self, owner: str, message_id: str, offset: int, watcher: Watcher,
+                 lease: Lease) -> None:
         self.owner, self.message_id, self.offset, self.watcher = owner, message_id, offset, watcher
+        self.lease = lease  # its place among the replies its visitor follows
         self.pending: int | None = None  # an offset a later resume asked for
         self.ended = threading.Event()
 

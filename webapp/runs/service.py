@@ -33,7 +33,7 @@ from ..engines.base import (
     Token,
     UnknownModel,
 )
-from ..errors import AppError, Invalid, RateLimited
+from ..errors import AppError, Invalid
 from ..limits import COMPARE_MAX, Lease, Limits
 from ..models import Provenance, new_public_id
 from ..security import short
@@ -52,7 +52,6 @@ from .run import (
 log = logging.getLogger(__name__)
 
 REMOTE_POLL_SECONDS = 0.25  # how often a watcher on another process re-reads the row
-MAX_FOLLOWS = 16  # replies written elsewhere one visitor may follow at once, all sockets together
 
 
 class RunService:
@@ -279,11 +278,8 @@ class RunService:
             follower = self._followers.get(key)
             if follower is not None and follower.restart(offset):
                 return
-            if sum(1 for f in self._followers.values() if f.owner == owner) >= MAX_FOLLOWS:
-                raise RateLimited(f"you already follow {MAX_FOLLOWS} replies being written "
-                                  "elsewhere; close a tab or wait for one to end",
-                                  retry_after=REMOTE_POLL_SECONDS)
-            follower = self._followers[key] = Follower(owner, message_id, offset, watcher)
+            follower = self._followers[key] = Follower(owner, message_id, offset, watcher,
+                                                       self.limits.take_follow(owner))
         log.info("reply %s: following it from the database (written elsewhere)", short(message_id))
         threading.Thread(target=self._follow_remote, args=(follower,), name="bchat-run-follow",
                          daemon=True).start()
@@ -327,6 +323,7 @@ class RunService:
             key = (id(follower.watcher), follower.message_id)
             if self._followers.get(key) is follower:
                 del self._followers[key]
+            follower.lease.release()
             return True
 
     def followers(self, watcher: Watcher | None = None) -> int:
