@@ -330,7 +330,7 @@ def test_stale_streaming_rows_become_interrupted_with_their_text(make_app):
         "owner", None, "hello", [Provenance(engine="server", model="tiny-chat")],
         run_owner="another-host|4242|dead",
     )
-    services.chats.flush_runs({reply["id"]: "half a repl"}, [])
+    services.runs.rows.flush({reply["id"]: "half a repl"}, [])
     assert services.runs.keeper.reap_stale() == 0, "another host's fresh lease is respected"
     from webapp.runs.keeper import HOST
 
@@ -338,10 +338,10 @@ def test_stale_streaming_rows_become_interrupted_with_their_text(make_app):
         "owner", None, "hello again", [Provenance(engine="server")], run_owner=f"{HOST}|999999|gone",
     )
     assert services.runs.keeper.reap_stale() == 1, "a pid that no longer exists on this host is dead"
-    stored = services.chats.reply_state("owner", reply2["id"])
+    _, stored = services.runs.rows.reply_state("owner", reply2["id"])
     assert stored["status"] == "interrupted"
     assert stored["meta"]["stop_reason"] == "server_restart"
-    first = services.chats.reply_state("owner", reply["id"])
+    _, first = services.runs.rows.reply_state("owner", reply["id"])
     assert first["status"] == "streaming" and first["content"] == "half a repl"
 
 

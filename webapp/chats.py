@@ -7,9 +7,7 @@ views, the websocket relay) never hold a session while a model is generating.
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,17 +17,15 @@ from .db import Database
 from .errors import AppError, Invalid, NotFound
 from .models import (
     ENGINES,
-    FINAL_STATUSES,
     ROLES,
     Conversation,
     Message,
     Provenance,
     VisitorSettings,
-    iso,
     new_public_id,
-    parse_time,
     utcnow,
 )
+from .tree import Tree, current_branch, model_history
 
 log = logging.getLogger(__name__)
 
@@ -43,94 +39,6 @@ IMPORT_ABANDONED_AFTER = timedelta(hours=1)
 MISSING: Any = object()  # "not given", as opposed to an explicit null (e.g. parent_id)
 SETTING_NAMES = ("system", "temperature", "top_p", "max_tokens", "seed", "model", "engine",
                  "response_format", "stop", "presence_penalty", "frequency_penalty")
-_THINK = re.compile(r"<think>.*?</think>\s*", re.S)
-
-
-def _message_row(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A new message row's columns from a validated message dict (import, continuing a
-    share); its place in the tree (parent) is set by the caller, its status can no longer be
-    "streaming"."""
-    usage = data.get("usage") or {}
-    return {
-        "public_id": new_public_id(),
-        "role": data["role"],
-        "content": data["content"],
-        # A copy never grows: a reply caught mid-stream stays as it was.
-        "status": "interrupted" if data.get("status") == "streaming"
-        else data.get("status", "complete"),
-        "created_at": parse_time(data.get("created_at")) or utcnow(),
-        "engine": data.get("engine"),
-        "backend": data.get("backend"),
-        "model": data.get("model"),
-        "prompt_tokens": usage.get("prompt_tokens"),
-        "completion_tokens": usage.get("completion_tokens"),
-        "tokens_per_second": data.get("tokens_per_second"),
-        "finish_reason": data.get("finish_reason"),
-        "meta": data.get("meta") or None,
-    }
-
-
-
-class Tree:
-    """A conversation's messages as a tree: paths, leaves, siblings."""
-
-    def __init__(self, messages: list[Message]) -> None:
-        self.messages = messages
-        self.by_id = {m.id: m for m in messages}
-        self.children: dict[int | None, list[Message]] = {}
-        for m in messages:  # ordered by id: children oldest first
-            self.children.setdefault(m.parent_id, []).append(m)
-
-    def path(self, message_id: int | None) -> list[Message]:
-        """From the root to ``message_id``, inclusive."""
-        path: list[Message] = []
-        seen: set[int] = set()
-        node = self.by_id.get(message_id) if message_id is not None else None
-        while node is not None and node.id not in seen:
-            seen.add(node.id)
-            path.append(node)
-            node = self.by_id.get(node.parent_id) if node.parent_id is not None else None
-        path.reverse()
-        return path
-
-    def leaf_from(self, message_id: int) -> int:
-        """The newest leaf below ``message_id``: where its branch continues."""
-        node = message_id
-        while self.children.get(node):
-            node = self.children[node][-1].id
-        return node
-
-    def current(self, conv: Conversation) -> int | None:
-        if conv.current_message_id in self.by_id:
-            return conv.current_message_id
-        return self.leaf_from(self.messages[-1].id) if self.messages else None
-
-    def public_ids(self) -> dict[int, str]:
-        return {m.id: m.public_id for m in self.messages}
-
-
-def conversation_dict(conv: Conversation, *, with_messages: bool = False) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "id": conv.public_id,
-        "title": conv.title,
-        "created_at": iso(conv.created_at),
-        "updated_at": iso(conv.updated_at),
-        "settings": conv.settings or {},
-        "source": conv.source or "chat",
-    }
-    if with_messages:
-        tree = Tree(conv.messages)
-        parents = tree.public_ids()
-        data["messages"] = [m.to_dict(parents) for m in conv.messages]
-        current = tree.current(conv)
-        data["current_message_id"] = parents.get(current) if current is not None else None
-    return data
-
-
-def current_branch(conv: Conversation) -> list[Message]:
-    """The messages on screen: the path from the root to the current leaf."""
-    tree = Tree(conv.messages)
-    return tree.path(tree.current(conv))
 
 
 # Replies that can be continued: cut off by the token limit, a stop, or an interruption.
@@ -138,29 +46,6 @@ CONTINUABLE = ("complete", "stopped", "interrupted")
 
 # What a page may set on a reply it writes (the browser engine); "interrupted" is for pagehide.
 STATUSES_FROM_PAGE = ("streaming", "complete", "stopped", "failed", "interrupted")
-
-
-def model_history(messages: list[Message]) -> list[dict[str, str]]:
-    """The turns a model sees, from a path of the tree: role and content, oldest first.
-
-    Failed replies with no text are left out; partial (stopped/failed/interrupted) replies stay
-    in, as the user saw them; a reasoning model's ``<think>`` text is not sent back. Many chat
-    templates (Mistral, Gemma) refuse anything but strict alternation, so when a message
-    follows one of its own role (a user message after a reply that failed empty), the later
-    one stands for both: the earlier one never got an answer, and keeping it would fail again
-    in the same way (too long, or a template that raises).
-    """
-    turns: list[dict[str, str]] = []
-    for m in messages:
-        if m.status == "streaming" or not (m.content or m.status == "complete"):
-            continue
-        content = _THINK.sub("", m.content) if m.role == "assistant" else m.content
-        turn = {"role": m.role, "content": content}
-        if turns and turns[-1]["role"] == m.role and m.role != "system":
-            turns[-1] = turn
-        else:
-            turns.append(turn)
-    return turns
 
 
 def title_from(content: str) -> str:
@@ -204,11 +89,12 @@ class ChatService:
                 .where(Conversation.owner_id == owner_id)
                 .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
             )
-            return [conversation_dict(c) for c in rows]
+            return [c.to_dict() for c in rows]
 
     def get_conversation(self, owner_id: str, public_id: str) -> dict[str, Any]:
         with self.db.read() as session:
-            return conversation_dict(self.owned(session, owner_id, public_id), with_messages=True)
+            conv = self.owned(session, owner_id, public_id)
+            return conv.to_dict(Tree(conv.messages))
 
     def conversation_settings(self, owner_id: str, public_id: str | None) -> dict[str, Any]:
         """What a reply in this conversation starts from (a new one: the visitor's defaults)."""
@@ -281,7 +167,7 @@ class ChatService:
                                 settings=defaults or None)
             session.add(conv)
             session.flush()
-            return conversation_dict(conv)
+            return conv.to_dict()
 
     def update(self, owner_id: str, public_id: str, *, title: Any = MISSING,
                current_message_id: Any = MISSING, settings: Any = MISSING) -> dict[str, Any]:
@@ -303,7 +189,7 @@ class ChatService:
             if changes is not None:
                 conv.settings = self._merge(conv.settings, changes) or None
             session.flush()
-            return conversation_dict(conv, with_messages=current_message_id is not MISSING)
+            return conv.to_dict(Tree(conv.messages) if current_message_id is not MISSING else None)
 
     def rename(self, owner_id: str, public_id: str, title: str) -> dict[str, Any]:
         return self.update(owner_id, public_id, title=title)
@@ -374,7 +260,7 @@ class ChatService:
                                                    parent_id, settings, refuse_busy=False)
             conv.current_message_id = message.id
             parents = {parent.id: parent.public_id} if parent else {}
-            return conversation_dict(conv), message.to_dict(parents)
+            return conv.to_dict(), message.to_dict(parents)
 
     def begin_turn(
         self, owner_id: str, conversation_id: str | None, content: str,
@@ -399,7 +285,7 @@ class ChatService:
             conv.current_message_id = replies[0].id if replies else user.id
             tree = Tree(conv.messages)
             parents = tree.public_ids()
-            return (conversation_dict(conv), user.to_dict(parents),
+            return (conv.to_dict(), user.to_dict(parents),
                     [r.to_dict(parents) for r in replies], model_history(tree.path(user.id)))
 
     def begin_regenerate(
@@ -419,7 +305,7 @@ class ChatService:
             session.flush()
             conv.current_message_id = reply.id
             parents = {**tree.public_ids(), reply.id: reply.public_id}
-            return (conversation_dict(conv), asked.to_dict(parents), reply.to_dict(parents),
+            return (conv.to_dict(), asked.to_dict(parents), reply.to_dict(parents),
                     model_history(tree.path(asked.id)))
 
     def begin_continue(
@@ -448,7 +334,7 @@ class ChatService:
             reply.updated_at = utcnow()
             conv.current_message_id = reply.id
             conv.updated_at = utcnow()
-            return conversation_dict(conv), before, history
+            return conv.to_dict(), before, history
 
     @staticmethod
     def _reply_row(conv: Conversation, parent: Message, provenance: Provenance,
@@ -462,115 +348,6 @@ class ChatService:
         conv.messages.append(reply)
         conv.updated_at = now
         return reply
-
-    def finish_reply(
-        self, message_id: str, content: str, status: str, provenance: Provenance
-    ) -> dict[str, Any] | None:
-        """The final state of a run's row; None when the row is gone (conversation deleted)."""
-        if status not in FINAL_STATUSES:
-            raise ValueError(f"not a final status: {status}")
-        with self.db.write() as session:
-            message = session.scalar(select(Message).where(Message.public_id == message_id))
-            if message is None:
-                return None
-            message.record(provenance)
-            message.content = content
-            message.status = status
-            message.updated_at = utcnow()
-            message.run_owner = None
-            message.stop_requested = False
-            session.flush()
-            return message.to_dict()
-
-    def flush_runs(
-        self, contents: dict[str, str], vouch: list[str]
-    ) -> set[str]:
-        """One short transaction for every live run of a process: write the text that grew
-        (``contents``: message id -> text), renew the lease of the rest (``vouch``), and
-        return the ids whose stop another process asked for."""
-        now = utcnow()
-        ids = list(contents) + [v for v in vouch if v not in contents]
-        if not ids:
-            return set()
-        with self.db.write() as session:
-            for message_id, text in contents.items():
-                session.execute(
-                    update(Message)
-                    .where(Message.public_id == message_id, Message.status == "streaming")
-                    .values(content=text, updated_at=now)
-                )
-            others = [v for v in vouch if v not in contents]
-            if others:
-                session.execute(
-                    update(Message)
-                    .where(Message.public_id.in_(others), Message.status == "streaming")
-                    .values(updated_at=now)
-                )
-            rows = session.execute(
-                select(Message.public_id).where(Message.public_id.in_(ids), Message.stop_requested)
-            )
-            return {row[0] for row in rows}
-
-    def reply_state(self, owner_id: str, message_id: str) -> dict[str, Any]:
-        """A reply as stored now (for resuming a run that another process writes)."""
-        with self.db.read() as session:
-            message = session.scalar(
-                select(Message).join(Conversation).where(
-                    Message.public_id == message_id, Conversation.owner_id == owner_id,
-                    Message.role == "assistant",
-                )
-            )
-            if message is None:
-                raise NotFound("reply")
-            data = message.to_dict()
-            data["conversation_id"] = message.conversation.public_id
-            data["run_owner"] = message.run_owner
-            data["lease_at"] = message.updated_at
-            return data
-
-    def request_stop(self, owner_id: str, message_id: str) -> bool:
-        """Ask whichever process writes this reply to stop it; False if it is not streaming."""
-        with self.db.write() as session:
-            result = session.execute(
-                update(Message)
-                .where(
-                    Message.public_id == message_id,
-                    Message.status == "streaming",
-                    Message.conversation_id.in_(
-                        select(Conversation.id).where(Conversation.owner_id == owner_id)
-                    ),
-                )
-                .values(stop_requested=True)
-                .execution_options(synchronize_session=False)
-            )
-            return bool(result.rowcount)
-
-    def streaming_replies(self) -> list[tuple[str, str | None, str | None, Any]]:
-        """(message id, run owner, engine, last renewed) of every row still streaming."""
-        with self.db.read() as session:
-            rows = session.execute(
-                select(Message.public_id, Message.run_owner, Message.engine, Message.updated_at)
-                .where(Message.status == "streaming")
-            )
-            return [tuple(row) for row in rows]
-
-    def interrupt(self, message_ids: list[str], reason: str) -> int:
-        """Rows whose writer died: keep what they hold, marked "interrupted"."""
-        if not message_ids:
-            return 0
-        with self.db.write() as session:
-            count = 0
-            for message in session.scalars(
-                select(Message).where(Message.public_id.in_(message_ids),
-                                      Message.status == "streaming")
-            ):
-                message.status = "interrupted"
-                message.finish_reason = "interrupted"
-                message.meta = {**(message.meta or {}), "stop_reason": reason}
-                message.run_owner = None
-                message.updated_at = utcnow()
-                count += 1
-            return count
 
     def update_browser_reply(
         self, owner_id: str, conversation_id: str, message_id: str, content: str,
@@ -683,7 +460,7 @@ class ChatService:
         current = index_of.get(current_message_id) if current_message_id else None
         if current is None and messages:
             current = len(messages) - 1
-        rows = [_message_row(data) for data in messages]
+        rows = [Message.copy_columns(data) for data in messages]
 
         hidden = f"{IMPORTING_OWNER}{new_public_id()}"
         self._sweep_abandoned_imports()
@@ -716,7 +493,7 @@ class ChatService:
             raise
         with self.db.read() as session:
             conv = session.get(Conversation, conv_id)
-            return conversation_dict(conv, with_messages=True)
+            return conv.to_dict(Tree(conv.messages))
 
     def _insert_chunk(self, conv_id: int, rows: list[dict[str, Any]], parents: list[int | None],
                       ids: list[int], start: int) -> None:
@@ -830,4 +607,4 @@ class ChatService:
             conv.updated_at = now
             session.add(conv)
             session.flush()
-            return conversation_dict(conv), message.to_dict()
+            return conv.to_dict(), message.to_dict()

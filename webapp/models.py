@@ -106,6 +106,24 @@ class Conversation(Base):
 
     __table_args__ = (Index("ix_conversation_owner_updated", "owner_id", "updated_at"),)
 
+    def to_dict(self, tree: Any = None) -> dict[str, Any]:
+        """The conversation as the API shows it; with ``tree`` (a tree.Tree of its messages,
+        passed in so this module needs no tree code) its messages and the branch on screen."""
+        data: dict[str, Any] = {
+            "id": self.public_id,
+            "title": self.title,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "settings": self.settings or {},
+            "source": self.source or "chat",
+        }
+        if tree is not None:
+            parents = tree.public_ids()
+            data["messages"] = [m.to_dict(parents) for m in tree.messages]
+            current = tree.current(self)
+            data["current_message_id"] = parents.get(current) if current is not None else None
+        return data
+
 
 class Message(Base):
     __tablename__ = "message"
@@ -156,6 +174,29 @@ class Message(Base):
         self.tokens_per_second = provenance.tokens_per_second
         self.finish_reason = provenance.finish_reason
         self.meta = provenance.meta or None
+
+    @staticmethod
+    def copy_columns(data: Mapping[str, Any]) -> dict[str, Any]:
+        """A new row's columns from a validated message dict, as to_dict() writes it (import,
+        continuing a share); its place in the tree (parent) is set by the caller."""
+        usage = data.get("usage") or {}
+        return {
+            "public_id": new_public_id(),
+            "role": data["role"],
+            "content": data["content"],
+            # A copy never grows: a reply caught mid-stream stays as it was.
+            "status": "interrupted" if data.get("status") == "streaming"
+            else data.get("status", "complete"),
+            "created_at": parse_time(data.get("created_at")) or utcnow(),
+            "engine": data.get("engine"),
+            "backend": data.get("backend"),
+            "model": data.get("model"),
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "tokens_per_second": data.get("tokens_per_second"),
+            "finish_reason": data.get("finish_reason"),
+            "meta": data.get("meta") or None,
+        }
 
     def to_dict(self, parents: Mapping[int, str] | None = None) -> dict[str, Any]:
         """The one mapping of a message to its dict (API, socket, export, shares, provenance).

@@ -31,9 +31,11 @@ from typing import Any
 
 from sqlalchemy import select
 
-from .chats import ChatService, NotFound, conversation_dict, current_branch
+from .chats import ChatService
 from .db import Database, lock_row
+from .errors import NotFound
 from .models import Conversation, Share, new_public_id, utcnow
+from .tree import current_branch
 
 TOKEN_BYTES = 32
 SEAL_VERSION = 2
@@ -130,7 +132,7 @@ class ShareService:
             if facts:
                 data["quantization"] = facts.get("quantization")
             messages.append(data)
-        return {"conversation": conversation_dict(conv), "messages": messages}
+        return {"conversation": conv.to_dict(), "messages": messages}
 
     def share_info(self, share: Share, token: str | None = None) -> dict[str, Any]:
         return {

@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from ..chats import ChatService
 from ..models import utcnow
+from .rows import RunRows
 from .run import Run
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,9 @@ LIVE_IDENTITIES: set[str] = set()  # keepers alive in this process, by their wri
 class Keeper:
     """Writes the live runs of one run service (``live_runs``) to their rows, as ``identity``."""
 
-    def __init__(self, chats: ChatService, live_runs: Callable[[], list[Run]], identity: str,
+    def __init__(self, rows: RunRows, live_runs: Callable[[], list[Run]], identity: str,
                  grace: float) -> None:
-        self.chats = chats
+        self.rows = rows
         self.live_runs = live_runs
         self.identity = identity
         self.grace = grace
@@ -86,7 +86,7 @@ class Keeper:
                     vouch.append(run.message_id)
         if not contents and not vouch:
             return
-        stops = self.chats.flush_runs(contents, vouch)
+        stops = self.rows.flush(contents, vouch)
         by_id = {run.message_id: run for run in runs}
         for message_id, length in lengths.items():
             by_id[message_id].flushed = length
@@ -99,10 +99,10 @@ class Keeper:
         """Mark "interrupted" the streaming rows whose writer is dead; how many were."""
         now = utcnow()
         live = {run.message_id for run in self.live_runs()}
-        dead = [message_id for message_id, run_owner, engine, renewed in self.chats.streaming_replies()
+        dead = [message_id for message_id, run_owner, engine, renewed in self.rows.streaming()
                 if (message_ids is None or message_id in message_ids) and message_id not in live
                 and writer_dead(run_owner, engine, renewed, now)]
-        count = self.chats.interrupt(dead, "server_restart")
+        count = self.rows.interrupt(dead, "server_restart")
         if count:
             log.warning("marked %d replies whose writer died as interrupted", count)
         return count
@@ -112,8 +112,8 @@ class Keeper:
         "interrupted", and vouch for no row any more."""
         if left:
             try:
-                self.chats.flush_runs({run.message_id: run.text for run in left}, [])
-                self.chats.interrupt([run.message_id for run in left], "shutdown")
+                self.rows.flush({run.message_id: run.text for run in left}, [])
+                self.rows.interrupt([run.message_id for run in left], "shutdown")
             except Exception:
                 log.exception("could not keep %d partial replies at shutdown", len(left))
         self._closing.set()

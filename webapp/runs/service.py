@@ -38,6 +38,7 @@ from ..limits import COMPARE_MAX, Lease, Limits
 from ..models import Provenance, new_public_id
 from ..security import short
 from .keeper import HOST, Keeper
+from .rows import RunRows
 from .run import (
     Follower,
     Run,
@@ -69,7 +70,8 @@ class RunService:
         self._lock = threading.Lock()
         self._closed = False
         self._followers: dict[tuple[int, str], Follower] = {}  # (id(watcher), message id)
-        self.keeper = Keeper(chats, self.live_runs, self.identity, self.grace)
+        self.rows = RunRows(chats.db)
+        self.keeper = Keeper(self.rows, self.live_runs, self.identity, self.grace)
         # A server stopped with SIGTERM (gunicorn, or bchat serve) keeps its partial replies.
         ref = weakref.ref(self)
         atexit.register(lambda: (svc := ref()) and svc.shutdown())
@@ -175,7 +177,7 @@ class RunService:
                    ip: str | None = None, watcher: Watcher | None = None) -> Run:
         """Another reply to the same user message, as a sibling of ``message_id``."""
         check_message_id(message_id)
-        conversation_id = self.chats.reply_state(owner, message_id)["conversation_id"]
+        conversation_id, _ = self.rows.reply_state(owner, message_id)
         parsed, model, engine, _ = self._prepare(owner, conversation_id, options, model)
         with self._admitted(owner, ip) as lease:
             conv, asked, reply, history = self.chats.begin_regenerate(
@@ -190,9 +192,9 @@ class RunService:
         """More text in the same message, for a reply cut off by the token limit (or a stop,
         or an interruption), written by the model that wrote it when it is still here."""
         check_message_id(message_id)
-        state = self.chats.reply_state(owner, message_id)
+        conversation_id, state = self.rows.reply_state(owner, message_id)
         same = state["model"] if state["engine"] == "server" and self._serves(state["model"]) else None
-        parsed, model, engine, _ = self._prepare(owner, state["conversation_id"], options, same)
+        parsed, model, engine, _ = self._prepare(owner, conversation_id, options, same)
         with self._admitted(owner, ip) as lease:
             conv, before, history = self.chats.begin_continue(owner, message_id,
                                                               run_owner=self.identity)
@@ -264,11 +266,11 @@ class RunService:
         if run is not None and run.owner == owner:
             run.attach(watcher, offset)
             return
-        state = self.chats.reply_state(owner, message_id)  # NotFound for someone else's
+        _, state = self.rows.reply_state(owner, message_id)  # NotFound for someone else's
         if state["status"] == "streaming" and self.keeper.reap_stale([message_id]):
-            state = self.chats.reply_state(owner, message_id)
+            _, state = self.rows.reply_state(owner, message_id)
         if state["status"] != "streaming":
-            watcher.deliver(final_frame(_public(state)))
+            watcher.deliver(final_frame(state))
             return
         # Written by another process (or by a page: the browser engine): follow its row as
         # it is flushed. One follower per reply and watcher, a few per visitor: each is a
@@ -291,7 +293,7 @@ class RunService:
             while watcher.active and not follower.ended.is_set():
                 with self._lock:
                     sent = follower.take_restart(sent)
-                state = self.chats.reply_state(owner, message_id)
+                _, state = self.rows.reply_state(owner, message_id)
                 if state["status"] == "streaming" and self.keeper.reap_stale([message_id]):
                     continue
                 content = state["content"]
@@ -299,7 +301,7 @@ class RunService:
                     watcher.deliver(token_frame(message_id, sent, content[sent:]))
                     sent = len(content)
                 if state["status"] != "streaming":
-                    watcher.deliver(final_frame(_public(state)))
+                    watcher.deliver(final_frame(state))
                     # A resume that came after this read gets its answer from one more turn.
                     if self._end_follower(follower):
                         return
@@ -349,7 +351,7 @@ class RunService:
         if run is not None and run.owner == owner:
             run.stop(reason)
             return True
-        return self.chats.request_stop(owner, message_id)  # another process writes it
+        return self.rows.request_stop(owner, message_id)  # another process writes it
 
     def live_runs(self, owner: str | None = None) -> list[Run]:
         with self._lock:
@@ -391,7 +393,7 @@ class RunService:
             run.settle(final_frame(run.unstored_reply(status, provenance)))
             return
         try:
-            stored = self.chats.finish_reply(run.message_id, run.text, status, provenance)
+            stored = self.rows.finish(run.message_id, run.text, status, provenance)
         except Exception:
             # The row stays "streaming" with its last flush; the reaper interrupts it later.
             log.exception("chat %s: could not store the reply", short(run.conversation_id))
@@ -448,7 +450,3 @@ class RunService:
         with self._lock:
             for follower in self._followers.values():
                 follower.ended.set()
-
-
-def _public(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in state.items() if k not in ("conversation_id", "run_owner", "lease_at")}
