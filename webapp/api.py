@@ -366,7 +366,7 @@ def run_server_benchmark():
     body = json_body()
     services = get_services()
     owner = owner_id()
-    with services.runs.admit(owner, request.remote_addr):  # held while the prompts run
+    with services.runs.limits.take_replies(owner, request.remote_addr):  # held while they run
         record = services.benchmarks.run_server(body.get("model"), owner=owner,
                                                 tokens=body.get("tokens", DEFAULT_TOKENS))
     return record, 201

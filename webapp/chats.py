@@ -191,9 +191,6 @@ class ChatService:
             session.flush()
             return conv.to_dict(Tree(conv.messages) if current_message_id is not MISSING else None)
 
-    def rename(self, owner_id: str, public_id: str, title: str) -> dict[str, Any]:
-        return self.update(owner_id, public_id, title=title)
-
     def delete(self, owner_id: str, public_id: str) -> None:
         with self.db.write() as session:
             session.delete(self.owned(session, owner_id, public_id))
@@ -218,49 +215,17 @@ class ChatService:
             raise AppError("busy", "a reply is still being written in this conversation; "
                            "stop it or wait for it first", status=409)
 
-    def _new_conversation(self, session, owner_id: str, content: str,
-                          settings: dict[str, Any] | None) -> Conversation:
-        merged = self._merge(self.get_defaults(owner_id), settings or {})
-        conv = Conversation(owner_id=owner_id, title=title_from(content), settings=merged or None)
-        session.add(conv)
-        return conv
-
-    def _add_user(self, session, owner_id: str, conversation_id: str | None, content: str,
-                  parent_id: Any, settings: dict[str, Any] | None, *,
-                  refuse_busy: bool) -> tuple[Conversation, Message, Message | None]:
-        """The user's message in its place (a new conversation when ``conversation_id`` is
-        None): the one step every way of writing a message shares. Returns (conversation,
-        message, its parent)."""
-        if conversation_id is None:
-            conv = self._new_conversation(session, owner_id, content, settings)
-            parent = None
-        else:
-            conv = self.owned(session, owner_id, conversation_id)
-            if refuse_busy:
-                self._refuse_busy(conv)
-            if conv.title == DEFAULT_TITLE and not conv.messages:
-                conv.title = title_from(content)
-            parent = self._parent(conv, parent_id)
-        message = Message(role="user", content=content, status="complete",
-                          parent_id=parent.id if parent else None)
-        conv.messages.append(message)
-        conv.updated_at = utcnow()
-        session.flush()
-        return conv, message, parent
-
     def add_user_message(
         self, owner_id: str, conversation_id: str | None, content: str, *,
         parent_id: Any = MISSING, settings: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Store what the user typed, before any model runs (the browser engine's path).
-        Creates the conversation if needed. Returns (conversation, message)."""
-        self.check_content(content)
-        with self.db.write() as session:
-            conv, message, parent = self._add_user(session, owner_id, conversation_id, content,
-                                                   parent_id, settings, refuse_busy=False)
-            conv.current_message_id = message.id
-            parents = {parent.id: parent.public_id} if parent else {}
-            return conv.to_dict(), message.to_dict(parents)
+        """Store what the user typed, before any model runs (the browser engine's path: the
+        page writes the reply). Creates the conversation if needed. Returns (conversation,
+        message)."""
+        conv, message, _, _ = self.begin_turn(owner_id, conversation_id, content, [],
+                                              run_owner="browser", parent_id=parent_id,
+                                              settings=settings)
+        return conv, message
 
     def begin_turn(
         self, owner_id: str, conversation_id: str | None, content: str,
@@ -275,11 +240,28 @@ class ChatService:
         user message).
 
         One reply (or comparison) is written at a time per conversation: a second would race
-        the first for the current branch. Refused before anything is stored."""
+        the first for the current branch. Refused before anything is stored. Without
+        ``provenances`` (the browser engine: the page writes the reply) it stores the message."""
         self.check_content(content)
         with self.db.write() as session:
-            conv, user, _parent = self._add_user(session, owner_id, conversation_id, content,
-                                                 parent_id, settings, refuse_busy=True)
+            if conversation_id is None:
+                merged = self._merge(self.get_defaults(owner_id), settings or {})
+                conv = Conversation(owner_id=owner_id, title=title_from(content),
+                                    settings=merged or None)
+                session.add(conv)
+                parent = None
+            else:
+                conv = self.owned(session, owner_id, conversation_id)
+                if provenances:  # a page writing its own reply checks for itself
+                    self._refuse_busy(conv)
+                if conv.title == DEFAULT_TITLE and not conv.messages:
+                    conv.title = title_from(content)
+                parent = self._parent(conv, parent_id)
+            user = Message(role="user", content=content, status="complete",
+                           parent_id=parent.id if parent else None)
+            conv.messages.append(user)
+            conv.updated_at = utcnow()
+            session.flush()
             replies = [self._reply_row(conv, user, provenance, run_owner) for provenance in provenances]
             session.flush()
             conv.current_message_id = replies[0].id if replies else user.id
@@ -337,14 +319,13 @@ class ChatService:
             return conv.to_dict(), before, history
 
     @staticmethod
-    def _reply_row(conv: Conversation, parent: Message, provenance: Provenance,
+    def _reply_row(conv: Conversation, parent: Message | None, provenance: Provenance,
                    run_owner: str) -> Message:
+        """A run's assistant row, "streaming" from the start (a /v1 call's has no parent)."""
         now = utcnow()
-        reply = Message(
-            role="assistant", content="", status="streaming", parent_id=parent.id,
-            engine=provenance.engine, backend=provenance.backend, model=provenance.model,
-            meta=provenance.meta or None, updated_at=now, run_owner=run_owner,
-        )
+        reply = Message(role="assistant", content="", status="streaming", updated_at=now,
+                        parent_id=parent.id if parent else None, run_owner=run_owner)
+        reply.record(provenance)
         conv.messages.append(reply)
         conv.updated_at = now
         return reply
@@ -405,21 +386,11 @@ class ChatService:
             parent = self._parent(conv, parent_id)
             message = Message(
                 public_id=public_id or new_public_id(),
-                parent_id=parent.id if parent else None,
-                role="assistant",
-                content=content,
-                status=status,
-                engine=provenance.engine,
-                backend=provenance.backend,
-                model=provenance.model,
-                prompt_tokens=provenance.prompt_tokens,
-                completion_tokens=provenance.completion_tokens,
-                tokens_per_second=provenance.tokens_per_second,
-                finish_reason=provenance.finish_reason,
-                meta=provenance.meta or None,
-                updated_at=utcnow(),
+                parent_id=parent.id if parent else None, role="assistant", content=content,
+                status=status, updated_at=utcnow(),
                 run_owner="browser" if status == "streaming" else None,
             )
+            message.record(provenance)
             conv.messages.append(message)
             conv.updated_at = utcnow()
             session.flush()
@@ -597,14 +568,7 @@ class ChatService:
                     role=turn["role"], content=turn["content"], status="complete",
                     meta={"openai": extra} if extra else None,
                 ))
-            now = utcnow()
-            message = Message(
-                role="assistant", content="", status="streaming",
-                engine=provenance.engine, backend=provenance.backend, model=provenance.model,
-                meta=provenance.meta or None, updated_at=now, run_owner=run_owner,
-            )
-            conv.messages.append(message)
-            conv.updated_at = now
+            message = self._reply_row(conv, None, provenance, run_owner)
             session.add(conv)
             session.flush()
             return conv.to_dict(), message.to_dict()

@@ -296,3 +296,9 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.public_id, "name": self.name, "prefix": self.prefix,
+                "owner": self.owner_id, "created_at": iso(self.created_at),
+                "last_used_at": iso(self.last_used_at), "revoked": self.revoked_at is not None,
+                "revoked_at": iso(self.revoked_at)}

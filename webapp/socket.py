@@ -176,6 +176,7 @@ class ChatSocket:
         """One client frame; whatever goes wrong is an ``error`` frame naming the reply it
         concerns (``message_id``) and echoing the frame's ``request_id``, when they are valid."""
         request_id, message_id = frame.get("request_id"), frame.get("message_id")
+        concerns = message_id if isinstance(message_id, str) else None
         about: dict[str, Any] = {}
         try:
             if request_id is not None:
@@ -184,13 +185,11 @@ class ChatSocket:
                     raise Invalid("bad_frame", "request_id must be a short string or integer")
                 about["request_id"] = request_id
             self._dispatch(frame["type"], frame, about)
-        except AppError as exc:
-            self.send(error_frame(exc, message_id if isinstance(message_id, str) else None,
-                                  **about))
-        except Exception:
-            log.exception("a socket frame failed")
-            self.send(error_frame(AppError("internal", "the server failed on that frame"),
-                                  message_id if isinstance(message_id, str) else None, **about))
+        except Exception as exc:
+            if not isinstance(exc, AppError):
+                log.exception("a socket frame failed")
+                exc = AppError("internal", "the server failed on that frame")
+            self.send(error_frame(exc, concerns, **about))
 
     def _dispatch(self, kind: str, frame: dict[str, Any], about: dict[str, Any]) -> None:
         runs = self.services.runs

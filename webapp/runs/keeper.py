@@ -1,14 +1,8 @@
-"""The keeper: what keeps a process's replies in the database while they grow.
-
-A run's assistant row is inserted before the model starts (status ``streaming``); the keeper
-thread writes the text as it grows (every ``FLUSH_SECONDS``), so a crash loses at most that
-much, and stops runs nobody has watched for the grace period.
-
-Several processes (``gunicorn -w N``) share one database: each streaming row names the process
-writing it (``run_owner``) and is vouched for every ``LEASE_RENEW_SECONDS``. A process that
-finds a row whose writer is dead (its pid gone, or its lease run out) marks it ``interrupted``
-with what it holds.
-"""
+"""The keeper: a run's row (``streaming`` from the start) gets its text as it grows, every
+``FLUSH_SECONDS``, so a crash loses at most that much. Several processes (``gunicorn -w N``)
+share one database: each streaming row names its writer (``run_owner``) and is vouched for every
+``LEASE_RENEW_SECONDS``; a row whose writer is dead (its pid gone, or its lease run out) is
+marked ``interrupted`` with what it holds."""
 
 from __future__ import annotations
 
@@ -121,16 +115,6 @@ class Keeper:
         LIVE_IDENTITIES.discard(self.identity)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def writer_dead(run_owner: str | None, engine: str | None, renewed: datetime | None,
                 now: datetime) -> bool:
     age = (now - renewed).total_seconds() if renewed is not None else float("inf")
@@ -143,6 +127,10 @@ def writer_dead(run_owner: str | None, engine: str | None, renewed: datetime | N
         pid = int(pid_text)
         if pid == os.getpid():
             return run_owner not in LIVE_IDENTITIES
-        if not pid_alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
             return True
+        except PermissionError:  # alive, another user's
+            pass
     return age > SERVER_LEASE_SECONDS

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from ..engines.base import EngineError, Finished, GenerationOptions
 from ..errors import AppError, Invalid
 from ..limits import Lease
-from ..models import Message, Provenance
+from ..models import Provenance
 
 
 class Watcher(Protocol):
@@ -208,13 +208,6 @@ class Run:
             finish_reason=finish_reason,
             meta=meta,
         )
-
-    def unstored_reply(self, status: str, provenance: Provenance) -> dict[str, Any]:
-        """The message dict a stored reply's final frame carries, for one kept in memory."""
-        message = Message(public_id=self.message_id, role="assistant", content=self.text,
-                          status=status)
-        message.record(provenance)
-        return message.to_dict()
 
 
 class Follower:

@@ -35,7 +35,7 @@ from ..engines.base import (
 )
 from ..errors import AppError, Invalid
 from ..limits import COMPARE_MAX, Lease, Limits
-from ..models import Provenance, new_public_id
+from ..models import Message, Provenance, new_public_id
 from ..security import short
 from .keeper import HOST, Keeper
 from .rows import RunRows
@@ -77,20 +77,6 @@ class RunService:
         atexit.register(lambda: (svc := ref()) and svc.shutdown())
 
     # -- starting ---------------------------------------------------------------------------
-    def options(self, raw: Any) -> GenerationOptions:
-        return GenerationOptions.parse(
-            raw,
-            default_max_tokens=self.config["MAX_TOKENS"],
-            max_tokens_limit=self.config["MAX_TOKENS_LIMIT"],
-            max_system_chars=self.config["MAX_MESSAGE_CHARS"],
-        )
-
-    def admit(self, owner: str, ip: str | None, needed: int = 1) -> Lease:
-        """Limits before any model call (webapp/limits.py): replies at once per visitor and
-        per address, chats per minute. The lease is the run's until it ends, whichever way;
-        a caller that does not start a run gives it back (``with`` or ``release``)."""
-        return self.limits.take_replies(owner, ip, needed)
-
     def _prepare(self, owner: str, conversation_id: str | None, options: Any, model: Any,
                  settings: Any = None) -> tuple[GenerationOptions, str, Any, dict[str, Any] | None]:
         """The reply's options: the conversation's settings (a new conversation: the visitor's
@@ -103,7 +89,9 @@ class RunService:
             base.update({k: v for k, v in new_settings.items() if v is not None})
         raw = {k: base[k] for k in OPTION_NAMES + EXTRA_OPTION_NAMES if base.get(k) is not None}
         raw.update(options or {})
-        parsed = self.options(raw)
+        parsed = GenerationOptions.parse(raw, default_max_tokens=self.config["MAX_TOKENS"],
+                                         max_tokens_limit=self.config["MAX_TOKENS_LIMIT"],
+                                         max_system_chars=self.config["MAX_MESSAGE_CHARS"])
         chosen = model or base.get("model") or self.engines.default_model
         if not isinstance(chosen, str):
             raise AppError("unknown_model", "no model is available on this server", status=404)
@@ -193,7 +181,8 @@ class RunService:
         or an interruption), written by the model that wrote it when it is still here."""
         check_message_id(message_id)
         conversation_id, state = self.rows.reply_state(owner, message_id)
-        same = state["model"] if state["engine"] == "server" and self._serves(state["model"]) else None
+        served = state["engine"] == "server" and state["model"] in {m.id for m in self.engines.models()}
+        same = state["model"] if served else None
         parsed, model, engine, _ = self._prepare(owner, conversation_id, options, same)
         with self._admitted(owner, ip) as lease:
             conv, before, history = self.chats.begin_continue(owner, message_id,
@@ -202,17 +191,11 @@ class RunService:
                                 conv=conv, reply={**before, "status": "streaming"},
                                 kind="continue", continues=before)
 
-    def _serves(self, model: Any) -> bool:
-        try:
-            self.engines.engine_for(model)
-        except UnknownModel:
-            return False
-        return isinstance(model, str)
-
     @contextmanager
     def _admitted(self, owner: str, ip: str | None, needed: int = 1) -> Iterator[Lease]:
-        """A lease for the block: given back if the block fails before a run owns it."""
-        lease = self.admit(owner, ip, needed)
+        """Limits before any model call (webapp/limits.py): a lease for the block, the run's
+        once it starts, given back if the block fails before."""
+        lease = self.limits.take_replies(owner, ip, needed)
         try:
             yield lease
         except BaseException:
@@ -328,10 +311,9 @@ class RunService:
             follower.lease.release()
             return True
 
-    def followers(self, watcher: Watcher | None = None) -> int:
-        """How many replies are being followed from the database (by ``watcher``)."""
-        with self._lock:
-            return sum(1 for f in self._followers.values() if watcher is None or f.watcher is watcher)
+    def followers(self) -> int:
+        """How many replies are being followed from the database."""
+        return len(self._followers)
 
     def detach(self, watcher: Watcher, message_ids: list[str]) -> None:
         with self._lock:
@@ -353,9 +335,9 @@ class RunService:
             return True
         return self.rows.request_stop(owner, message_id)  # another process writes it
 
-    def live_runs(self, owner: str | None = None) -> list[Run]:
+    def live_runs(self) -> list[Run]:
         with self._lock:
-            return [r for r in self.runs.values() if owner is None or r.owner == owner]
+            return list(self.runs.values())
 
     # -- the run itself -------------------------------------------------------------------
     def _drive(self, run: Run) -> None:
@@ -389,8 +371,11 @@ class RunService:
         """The reply's final state, stored (or kept in memory for a /v1 call not stored),
         then the final frame to its watchers."""
         status, provenance = run.outcome(finished, error)
-        if not run.stored:
-            run.settle(final_frame(run.unstored_reply(status, provenance)))
+        if not run.stored:  # the same message a stored reply's final frame carries
+            message = Message(public_id=run.message_id, role="assistant", content=run.text,
+                              status=status)
+            message.record(provenance)
+            run.settle(final_frame(message.to_dict()))
             return
         try:
             stored = self.rows.finish(run.message_id, run.text, status, provenance)
