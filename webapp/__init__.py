@@ -19,16 +19,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The app factory: settings, database, engines, blueprints, socket, headers."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, limits, model_files, openai_api, pages, security, socket
-    from .api_keys import KeyService
-    from .benchmarks import BenchmarkService
-    from .chats import ChatService
-    from .db import Database
-    from .engines import build_engines
-    from .model_files import ModelCatalogue
-    from .runs.service import RunService
-    from .services import EXTENSION_KEY, Services
-    from .shares import ShareService
+    from . import api, limits, model_files, openai_api, pages, security, services, socket
     from .validation import StrictJSONProvider
 
     app = Flask(
@@ -50,30 +41,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         "max_message_size": app.config["WS_MAX_FRAME_BYTES"],
     }
 
-    db = Database(app.config["DATABASE_URL"])
-    # Deriving a missing browser format happens here, once per model version (~1 s for the
-    # bundled model; `bchat models prepare` does it ahead of time).
-    catalogue = ModelCatalogue(app.config["MODEL_PATH"], app.config["BROWSER_FORMAT"],
-                               app.config["BROWSER_MODELS_DIR"])
-    engines = build_engines(app.config, catalogue)
-    chats = ChatService(db, max_message_chars=app.config["MAX_MESSAGE_CHARS"],
-                        max_tokens_limit=app.config["MAX_TOKENS_LIMIT"])
-
-    def model_facts(model_id: str) -> dict | None:
-        model = catalogue.get(model_id)
-        return model.facts() if model else None
-
-    runs = RunService(chats, engines, app.config, limits_)
-    app.extensions[EXTENSION_KEY] = Services(
-        db=db,
-        chats=chats,
-        catalogue=catalogue,
-        engines=engines,
-        shares=ShareService(db, chats, app.config["SECRET_KEY"], model_facts),
-        runs=runs,
-        benchmarks=BenchmarkService(db, engines, catalogue, runs, limits_),
-        keys=KeyService(db),
-    )
+    runs = services.init_app(app, limits_).runs
     try:
         # Replies left "streaming" by a process that died become "interrupted", text kept.
         runs.keeper.reap_stale()
