@@ -30,7 +30,7 @@ def main() -> None:
     from tiny_model import write_tiny_model
 
     from webapp import create_app
-    from webapp.chats import Provenance
+    from webapp.models import Provenance
 
     tmp = Path(tempfile.mkdtemp(prefix="bchat-tree-"))
     url = f"sqlite:///{tmp / 'tree.sqlite3'}"

@@ -43,7 +43,7 @@ def bundled_model() -> Path:
 def migrate(database_url: str) -> None:
     from alembic import command
 
-    from webapp.cli import alembic_config
+    from webapp.db import alembic_config
 
     command.upgrade(alembic_config(database_url), "head")
 

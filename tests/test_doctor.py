@@ -10,7 +10,7 @@ import sys
 import pytest
 from alembic import command
 
-from webapp.cli import alembic_config
+from webapp.db import alembic_config
 from webapp.doctor import check_database, check_decode, gunicorn_settings, llama_backends
 
 BCHAT = [sys.executable, "-m", "webapp.cli"]

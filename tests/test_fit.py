@@ -258,7 +258,7 @@ def test_socket_says_context_too_long_and_the_reply_ends_failed(make_app, make_l
 
 def test_the_reply_says_which_message_the_models_view_began_after():
     """meta.trimmed_through quotes the newest message left out (the page shows it)."""
-    from webapp.runs import last_left_out
+    from webapp.runs.run import last_left_out
 
     history = [{"role": "system", "content": "Be brief."}] + [
         {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}  with   spaces"}

@@ -12,7 +12,7 @@ import sqlite3
 
 import pytest
 
-from webapp.chats import Invalid
+from webapp.errors import Invalid
 from webapp.validation import check_text, parse_json_text
 
 # What makes werkzeug route a request to the websocket rule (else it answers 400 mismatch).

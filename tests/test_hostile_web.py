@@ -278,9 +278,9 @@ def test_resume_bursts_reuse_one_follower_per_reply(app, live_server):
 
 
 def test_followers_end_when_the_socket_closes(app, live_server, monkeypatch):
-    import webapp.runs
+    import webapp.limits
 
-    monkeypatch.setattr(webapp.runs, "MAX_FOLLOWS", 2)
+    monkeypatch.setattr(webapp.limits, "MAX_FOLLOWS", 2)
     runs = app.extensions["bchat"].runs
     visitor = live_server.session()
     visitor.visit()

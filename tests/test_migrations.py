@@ -8,8 +8,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from webapp.cli import alembic_config
-from webapp.db import make_engine
+from webapp.db import alembic_config, make_engine
 from webapp.models import Base
 
 

@@ -14,8 +14,7 @@ import pytest
 from alembic import command
 from sqlalchemy import DateTime, Integer, String, column, insert, select, table, text
 
-from webapp.cli import alembic_config, schema_is_current
-from webapp.db import Database, normalise_url
+from webapp.db import Database, alembic_config, normalise_url, schema_is_current
 from webapp.models import Message
 
 BOTH = pytest.mark.databases("sqlite", "postgresql")

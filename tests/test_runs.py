@@ -306,7 +306,7 @@ def test_healthz_names_a_stuck_inference_thread(make_app):
 
 
 def test_history_never_has_two_turns_of_one_role_in_a_row(make_app):
-    from webapp.chats import Provenance
+    from webapp.models import Provenance
 
     app = make_app()
     chats = app.extensions["bchat"].chats
@@ -323,26 +323,26 @@ def test_history_never_has_two_turns_of_one_role_in_a_row(make_app):
 
 def test_stale_streaming_rows_become_interrupted_with_their_text(make_app):
     """A row left "streaming" by a process that is gone is closed on the next start."""
-    from webapp.chats import Provenance
+    from webapp.models import Provenance
 
     app = make_app()
     services = app.extensions["bchat"]
-    _c, _u, reply, _h = services.chats.begin_turn(
-        "owner", None, "hello", Provenance(engine="server", model="tiny-chat"),
+    _c, _u, (reply,), _h = services.chats.begin_turn(
+        "owner", None, "hello", [Provenance(engine="server", model="tiny-chat")],
         run_owner="another-host|4242|dead",
     )
-    services.chats.flush_runs({reply["id"]: "half a repl"}, [])
-    assert services.runs.reap_stale() == 0, "another host's fresh lease is respected"
-    from webapp.runs import HOST
+    services.runs.rows.flush({reply["id"]: "half a repl"}, [])
+    assert services.runs.keeper.reap_stale() == 0, "another host's fresh lease is respected"
+    from webapp.runs.keeper import HOST
 
-    _c, _u, reply2, _h = services.chats.begin_turn(
-        "owner", None, "hello again", Provenance(engine="server"), run_owner=f"{HOST}|999999|gone",
+    _c, _u, (reply2,), _h = services.chats.begin_turn(
+        "owner", None, "hello again", [Provenance(engine="server")], run_owner=f"{HOST}|999999|gone",
     )
-    assert services.runs.reap_stale() == 1, "a pid that no longer exists on this host is dead"
-    stored = services.chats.reply_state("owner", reply2["id"])
+    assert services.runs.keeper.reap_stale() == 1, "a pid that no longer exists on this host is dead"
+    _, stored = services.runs.rows.reply_state("owner", reply2["id"])
     assert stored["status"] == "interrupted"
     assert stored["meta"]["stop_reason"] == "server_restart"
-    first = services.chats.reply_state("owner", reply["id"])
+    _, first = services.runs.rows.reply_state("owner", reply["id"])
     assert first["status"] == "streaming" and first["content"] == "half a repl"
 
 
@@ -357,3 +357,36 @@ def test_tokens_frames_carry_offsets_that_add_up(live_server):
         position += len(frame["text"])
     assert text_of(frames) == done["message"]["content"]
     ws.close()
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_a_shutdown_interrupts_a_reply_stored_or_not(make_app, store):
+    """One outcome for every run: a /v1 call kept only in memory ends "interrupted" at a
+    shutdown, as a stored reply does (it used to say "stopped")."""
+    from webapp.options import GenerationOptions
+
+    app = make_app()
+    runs = app.extensions["bchat"].runs
+    growing = threading.Event()
+
+    class Watcher:
+        active = True
+        frames: list[dict] = []
+
+        def deliver(self, frame):
+            self.frames.append(frame)
+            if frame["type"] == "token":
+                growing.set()
+
+    watcher = Watcher()
+    run = runs.start_api("owner", [{"role": "user", "content": "tell me a long story"}],
+                         model=None, options=GenerationOptions(temperature=0, max_tokens=2000),
+                         store=store, watcher=watcher)
+    assert growing.wait(60), "the model started writing"
+    runs.shutdown()
+    assert run.finished.wait(60)
+    final = watcher.frames[-1]
+    assert final["type"] == "done" and final["message_id"] == run.message_id
+    assert final["message"]["status"] == "interrupted"
+    assert final["message"]["meta"]["stop_reason"] == "shutdown"
+    assert final["message"]["content"] == run.text != ""

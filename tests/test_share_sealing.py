@@ -11,7 +11,7 @@ import sqlite3
 from alembic import command
 
 from webapp import create_app
-from webapp.cli import alembic_config
+from webapp.db import alembic_config
 
 SECRET = "test-secret"
 

@@ -279,6 +279,30 @@ def test_someone_elses_conversation_is_not_found_over_the_socket(live_server):
     intruder.close()
 
 
+def test_a_resume_error_names_the_reply_it_concerns(live_server):
+    """A page resuming several replies at once can tell which one failed."""
+    visitor = live_server.session()
+    ws = visitor.ws()
+    ws.chat("hello", options=GREEDY)
+    started, _ = ws.until("started")
+    ws.until("done")
+    stranger = live_server.session().ws()
+    stranger.chat("not yours", options=GREEDY)
+    theirs, _ = stranger.until("started")
+    stranger.until("done")
+    ws.send({"type": "resume", "message_id": theirs["message_id"], "offset": 0, "request_id": 7})
+    ws.send({"type": "resume", "message_id": started["message_id"], "offset": 0})
+    ws.send({"type": "resume", "message_id": "no-such-reply", "offset": "0"})
+    frames = {f["message_id"]: f for f in (ws.recv() for _ in range(3))}
+    assert frames[started["message_id"]]["type"] == "done"
+    refused = frames[theirs["message_id"]]
+    assert refused["type"] == "error" and refused["code"] == "not_found"
+    assert refused["request_id"] == 7
+    assert frames["no-such-reply"]["code"] == "bad_frame"
+    ws.close()
+    stranger.close()
+
+
 def test_an_oversized_frame_closes_with_1009_and_frees_the_server_thread(make_app, make_live_server):
     server = make_live_server(make_app(WS_MAX_FRAME_BYTES=1024))
 

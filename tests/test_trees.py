@@ -259,7 +259,7 @@ def test_browser_engine_messages_take_a_parent_too(live_server):
 def test_migration_backfills_linear_conversations_as_one_branch(tmp_path):
     from alembic import command
 
-    from webapp.cli import alembic_config
+    from webapp.db import alembic_config
 
     db_file = tmp_path / "v1.sqlite3"
     url = f"sqlite:///{db_file}"

@@ -19,17 +19,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The app factory: settings, database, engines, blueprints, socket, headers."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, assets, errors, files, limits, openai_api, pages, security, socket
-    from .api_keys import KeyService
-    from .benchmarks import BenchmarkService
-    from .catalogue import ModelCatalogue
-    from .chats import ChatService
-    from .db import Database
-    from .engines import build_engines
-    from .limits import SlidingWindow, parse_rate
-    from .runs import RunService
-    from .services import EXTENSION_KEY, Services
-    from .shares import ShareService
+    from . import api, assets, errors, files, limits, openai_api, pages, security, services, socket
     from .validation import StrictJSONProvider
 
     app = Flask(
@@ -51,34 +41,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         "max_message_size": app.config["WS_MAX_FRAME_BYTES"],
     }
 
-    db = Database(app.config["DATABASE_URL"])
-    # Deriving a missing browser format happens here, once per model version (~1 s for the
-    # bundled model; `bchat models prepare` does it ahead of time).
-    catalogue = ModelCatalogue(app.config["MODEL_PATH"], app.config["BROWSER_FORMAT"],
-                               app.config["BROWSER_MODELS_DIR"], n_ctx=app.config["N_CTX"],
-                               parallel=app.config["PARALLEL"])
-    engines = build_engines(app.config, catalogue)
-    chats = ChatService(db, max_message_chars=app.config["MAX_MESSAGE_CHARS"],
-                        max_tokens_limit=app.config["MAX_TOKENS_LIMIT"])
-
-    runs = RunService(chats, engines, app.config, limits_)
-    count, window = parse_rate(app.config["BENCHMARK_RATE_LIMIT"])
-    bench_visitor = SlidingWindow(count, window)
-    bench_ip = SlidingWindow(count * int(app.config.get("RATE_LIMIT_IP_FACTOR", 10)), window)
-    app.extensions[EXTENSION_KEY] = Services(
-        db=db,
-        chats=chats,
-        catalogue=catalogue,
-        engines=engines,
-        shares=ShareService(db, chats, app.config["SECRET_KEY"], catalogue.facts),
-        runs=runs,
-        benchmarks=BenchmarkService(db, engines, catalogue, runs, per_visitor=bench_visitor,
-                                    per_ip=bench_ip),
-        keys=KeyService(db),
-    )
+    runs = services.init_app(app, limits_).runs
     try:
         # Replies left "streaming" by a process that died become "interrupted", text kept.
-        runs.reap_stale()
+        runs.keeper.reap_stale()
     except Exception as exc:  # e.g. a database not migrated yet: `bchat serve` says so itself
         logging.getLogger(__name__).warning("could not check for interrupted replies: %s", exc)
 

@@ -12,10 +12,11 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .chats import MISSING, Provenance
+from .chats import MISSING
 from .errors import AppError, Invalid
 from .exchange import export_json, export_markdown, parse_import
 from .files import browser_url
+from .models import Provenance
 from .openapi import document
 from .search import MAX_QUERY_CHARS, search
 from .security import owner_id
@@ -118,7 +119,7 @@ def get_conversation(conversation_id: str):
     services = get_services()
     conversation = services.chats.get_conversation(owner_id(), conversation_id)
     streaming = [m["id"] for m in conversation["messages"] if m["status"] == "streaming"]
-    if streaming and services.runs.reap_stale(streaming):  # their writer died: now interrupted
+    if streaming and services.runs.keeper.reap_stale(streaming):  # their writer died: now interrupted
         conversation = services.chats.get_conversation(owner_id(), conversation_id)
     return conversation
 
@@ -332,7 +333,7 @@ def run_server_benchmark():
     body = json_body()
     services = get_services()
     owner = owner_id()
-    with services.runs.admit(owner, request.remote_addr):  # held while the prompts run
+    with services.runs.limits.take_replies(owner, request.remote_addr):  # held while they run
         record = services.benchmarks.run_server(body.get("model"), owner=owner,
                                                 tokens=body.get("tokens", DEFAULT_TOKENS))
     return record, 201

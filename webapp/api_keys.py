@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -27,23 +26,6 @@ LAST_USED_RESOLUTION_SECONDS = 60  # last_used_at is written at most once a minu
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat(timespec="milliseconds") + "Z" if value else None
-
-
-def key_dict(key: ApiKey) -> dict[str, Any]:
-    return {
-        "id": key.public_id,
-        "name": key.name,
-        "prefix": key.prefix,
-        "owner": key.owner_id,
-        "created_at": _iso(key.created_at),
-        "last_used_at": _iso(key.last_used_at),
-        "revoked": key.revoked_at is not None,
-        "revoked_at": _iso(key.revoked_at),
-    }
 
 
 class KeyService:
@@ -69,7 +51,7 @@ class KeyService:
                          prefix=token[: len(TOKEN_PREFIX) + 4])
             session.add(key)
             session.flush()
-            return key_dict(key), token
+            return key.to_dict(), token
 
     def list_for(self, owner_id: str | None) -> list[dict[str, Any]]:
         """One owner's keys, newest first (every owner's for None: the admin's shell)."""
@@ -77,7 +59,7 @@ class KeyService:
             query = select(ApiKey).order_by(ApiKey.created_at.desc(), ApiKey.id.desc())
             if owner_id is not None:
                 query = query.where(ApiKey.owner_id == owner_id)
-            return [key_dict(k) for k in session.scalars(query)]
+            return [k.to_dict() for k in session.scalars(query)]
 
     def revoke(self, owner_id: str | None, key_id: str) -> dict[str, Any]:
         """Revoke a key (idempotent); NotFound for someone else's (None: any owner's)."""
@@ -91,7 +73,7 @@ class KeyService:
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
             session.flush()
-            return key_dict(key)
+            return key.to_dict()
 
     def authenticate(self, token: str | None) -> dict[str, Any] | None:
         """The live key a token belongs to, or None (unknown, revoked, or not a bchat key).
@@ -103,7 +85,7 @@ class KeyService:
             key = session.scalar(select(ApiKey).where(ApiKey.token_hash == digest))
             if key is None or key.revoked_at is not None:
                 return None
-            found = key_dict(key)
+            found = key.to_dict()
             stale = key.last_used_at is None or (
                 (utcnow() - key.last_used_at).total_seconds() > LAST_USED_RESOLUTION_SECONDS)
         if stale:

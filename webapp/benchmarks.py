@@ -20,7 +20,8 @@ from sqlalchemy import delete, select
 
 from .db import Database
 from .engines.base import EngineError, Finished, Queued, timed
-from .errors import AppError, Invalid, NotFound, RateLimited
+from .errors import AppError, Invalid, NotFound
+from .limits import Limits
 from .models import Benchmark
 from .options import GenerationOptions
 
@@ -85,16 +86,14 @@ def run_prompt(engine: Any, model: str, prompt: dict[str, str], tokens: int) -> 
 
 
 class BenchmarkService:
-    def __init__(self, db: Database, engines: Any, catalogue: Any, runs: Any, *,
-                 per_visitor: Any = None, per_ip: Any = None) -> None:
+    def __init__(self, db: Database, engines: Any, catalogue: Any, runs: Any,
+                 limits: Limits | None = None) -> None:
         self.db = db
         self.engines = engines
         self.catalogue = catalogue
         self.runs = runs
         self._lock = threading.Lock()  # one server benchmark at a time: they would skew each other
-        # Everyone sees every post: without a limit one visitor could fill the page. Sliding
-        # windows (limits.SlidingWindow) per visitor and per address; None: no limit (the CLI).
-        self.per_visitor, self.per_ip = per_visitor, per_ip
+        self.limits = limits  # None: no limit on posts (the CLI)
 
     def model_facts(self, model: str) -> dict[str, Any]:
         facts = self.catalogue.facts(model) or {}
@@ -147,19 +146,9 @@ class BenchmarkService:
         record = {"engine": "browser", "backend": backend, "model": model,
                   "model_facts": self.model_facts(model),
                   "device": self._clean_device(body.get("device")), "results": clean_results}
-        self._admit(owner, ip)
+        if self.limits is not None:
+            self.limits.take_benchmark_post(owner, ip)
         return self._store(owner, record)
-
-    def _admit(self, owner: str, ip: str | None) -> None:
-        from .limits import address_key
-
-        wait = self.per_visitor.check(f"v:{owner}") if self.per_visitor else 0.0
-        if not wait and ip and self.per_ip:
-            wait = self.per_ip.check(f"ip:{address_key(ip)}")
-        if wait:
-            when = f"{round(wait / 60)} min" if wait >= 120 else f"{max(1, round(wait))} s"
-            raise RateLimited(f"too many benchmark runs posted; try again in {when}",
-                              retry_after=wait)
 
     def remove(self, benchmark_id: str) -> dict[str, Any]:
         """Delete one stored run (an admin's `bchat bench --remove ID`); NotFound if none."""

@@ -7,11 +7,8 @@ views, the websocket relay) never hold a session while a model is generating.
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, delete, select, update
@@ -20,17 +17,16 @@ from .db import Database
 from .errors import AppError, Invalid, NotFound
 from .models import (
     ENGINES,
-    FINAL_STATUSES,
     ROLES,
     Conversation,
     Message,
+    Provenance,
     VisitorSettings,
     new_public_id,
     utcnow,
 )
 from .options import clean_settings
-
-__all__ = ["ChatService", "Invalid", "NotFound", "Provenance"]
+from .tree import Tree, current_branch, model_history
 
 log = logging.getLogger(__name__)
 
@@ -41,153 +37,7 @@ IMPORTING_OWNER = "~importing~"  # the owner of an import until it is whole (no 
 IMPORT_ABANDONED_AFTER = timedelta(hours=1)
 
 
-@dataclass(frozen=True)
-class Provenance:
-    engine: str
-    model: str | None = None
-    backend: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    tokens_per_second: float | None = None
-    finish_reason: str | None = None
-    meta: dict[str, Any] | None = None
-
-
-def _iso(value: datetime) -> str:
-    return value.isoformat(timespec="milliseconds") + "Z"
-
-
-def parse_time(value: object) -> datetime | None:
-    """Reads what _iso() writes (UTC, with or without the Z); None for anything else."""
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.removesuffix("Z"))
-    except ValueError:
-        return None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(UTC)
-    return parsed.replace(tzinfo=None)
-
-
 MISSING: Any = object()  # "not given", as opposed to an explicit null (e.g. parent_id)
-_THINK = re.compile(r"<think>.*?</think>\s*", re.S)
-
-
-def message_dict(message: Message, parents: Mapping[int, str] | None = None) -> dict[str, Any]:
-    """The one mapping of a message to its dict (API, socket, export, shares, provenance).
-    ``parents`` maps internal ids to public ids when a whole tree is being written."""
-    parent_id = None
-    if message.parent_id is not None:
-        if parents is not None and message.parent_id in parents:
-            parent_id = parents[message.parent_id]
-        elif message.parent is not None:
-            parent_id = message.parent.public_id
-    return {
-        "id": message.public_id,
-        "parent_id": parent_id,
-        "role": message.role,
-        "content": message.content,
-        "status": message.status,
-        "created_at": _iso(message.created_at),
-        "engine": message.engine,
-        "backend": message.backend,
-        "model": message.model,
-        "usage": {
-            "prompt_tokens": message.prompt_tokens,
-            "completion_tokens": message.completion_tokens,
-        },
-        "tokens_per_second": message.tokens_per_second,
-        "finish_reason": message.finish_reason,
-        "meta": message.meta or {},
-    }
-
-
-def _message_row(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A new message row's columns from a validated message dict (import, continuing a
-    share); its place in the tree (parent) is set by the caller, its status can no longer be
-    "streaming"."""
-    usage = data.get("usage") or {}
-    return {
-        "public_id": new_public_id(),
-        "role": data["role"],
-        "content": data["content"],
-        # A copy never grows: a reply caught mid-stream stays as it was.
-        "status": "interrupted" if data.get("status") == "streaming"
-        else data.get("status", "complete"),
-        "created_at": parse_time(data.get("created_at")) or utcnow(),
-        "engine": data.get("engine"),
-        "backend": data.get("backend"),
-        "model": data.get("model"),
-        "prompt_tokens": usage.get("prompt_tokens"),
-        "completion_tokens": usage.get("completion_tokens"),
-        "tokens_per_second": data.get("tokens_per_second"),
-        "finish_reason": data.get("finish_reason"),
-        "meta": data.get("meta") or None,
-    }
-
-
-
-class Tree:
-    """A conversation's messages as a tree: paths, leaves, siblings."""
-
-    def __init__(self, messages: list[Message]) -> None:
-        self.messages = messages
-        self.by_id = {m.id: m for m in messages}
-        self.children: dict[int | None, list[Message]] = {}
-        for m in messages:  # ordered by id: children oldest first
-            self.children.setdefault(m.parent_id, []).append(m)
-
-    def path(self, message_id: int | None) -> list[Message]:
-        """From the root to ``message_id``, inclusive."""
-        path: list[Message] = []
-        seen: set[int] = set()
-        node = self.by_id.get(message_id) if message_id is not None else None
-        while node is not None and node.id not in seen:
-            seen.add(node.id)
-            path.append(node)
-            node = self.by_id.get(node.parent_id) if node.parent_id is not None else None
-        path.reverse()
-        return path
-
-    def leaf_from(self, message_id: int) -> int:
-        """The newest leaf below ``message_id``: where its branch continues."""
-        node = message_id
-        while self.children.get(node):
-            node = self.children[node][-1].id
-        return node
-
-    def current(self, conv: Conversation) -> int | None:
-        if conv.current_message_id in self.by_id:
-            return conv.current_message_id
-        return self.leaf_from(self.messages[-1].id) if self.messages else None
-
-    def public_ids(self) -> dict[int, str]:
-        return {m.id: m.public_id for m in self.messages}
-
-
-def conversation_dict(conv: Conversation, *, with_messages: bool = False) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "id": conv.public_id,
-        "title": conv.title,
-        "created_at": _iso(conv.created_at),
-        "updated_at": _iso(conv.updated_at),
-        "settings": conv.settings or {},
-        "source": conv.source or "chat",
-    }
-    if with_messages:
-        tree = Tree(conv.messages)
-        parents = tree.public_ids()
-        data["messages"] = [message_dict(m, parents) for m in conv.messages]
-        current = tree.current(conv)
-        data["current_message_id"] = parents.get(current) if current is not None else None
-    return data
-
-
-def current_branch(conv: Conversation) -> list[Message]:
-    """The messages on screen: the path from the root to the current leaf."""
-    tree = Tree(conv.messages)
-    return tree.path(tree.current(conv))
 
 
 # Replies that can be continued: cut off by the token limit, a stop, or an interruption.
@@ -195,40 +45,6 @@ CONTINUABLE = ("complete", "stopped", "interrupted")
 
 # What a page may set on a reply it writes (the browser engine); "interrupted" is for pagehide.
 STATUSES_FROM_PAGE = ("streaming", "complete", "stopped", "failed", "interrupted")
-
-
-def model_history(messages: list[Message]) -> list[dict[str, str]]:
-    """The turns a model sees, from a path of the tree: role and content, oldest first.
-
-    Failed replies with no text are left out; partial (stopped/failed/interrupted) replies stay
-    in, as the user saw them; a reasoning model's ``<think>`` text is not sent back. Many chat
-    templates (Mistral, Gemma) refuse anything but strict alternation, so when a message
-    follows one of its own role (a user message after a reply that failed empty), the later
-    one stands for both: the earlier one never got an answer, and keeping it would fail again
-    in the same way (too long, or a template that raises).
-    """
-    turns: list[dict[str, str]] = []
-    for m in messages:
-        if m.status == "streaming" or not (m.content or m.status == "complete"):
-            continue
-        content = _THINK.sub("", m.content) if m.role == "assistant" else m.content
-        turn = {"role": m.role, "content": content}
-        if turns and turns[-1]["role"] == m.role and m.role != "system":
-            turns[-1] = turn
-        else:
-            turns.append(turn)
-    return turns
-
-
-def _apply_provenance(message: Message, provenance: Provenance) -> None:
-    message.engine = provenance.engine
-    message.backend = provenance.backend
-    message.model = provenance.model
-    message.prompt_tokens = provenance.prompt_tokens
-    message.completion_tokens = provenance.completion_tokens
-    message.tokens_per_second = provenance.tokens_per_second
-    message.finish_reason = provenance.finish_reason
-    message.meta = provenance.meta or None
 
 
 def title_from(content: str) -> str:
@@ -272,11 +88,12 @@ class ChatService:
                 .where(Conversation.owner_id == owner_id)
                 .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
             )
-            return [conversation_dict(c) for c in rows]
+            return [c.to_dict() for c in rows]
 
     def get_conversation(self, owner_id: str, public_id: str) -> dict[str, Any]:
         with self.db.read() as session:
-            return conversation_dict(self.owned(session, owner_id, public_id), with_messages=True)
+            conv = self.owned(session, owner_id, public_id)
+            return conv.to_dict(Tree(conv.messages))
 
     def conversation_settings(self, owner_id: str, public_id: str | None) -> dict[str, Any]:
         """What a reply in this conversation starts from (a new one: the visitor's defaults)."""
@@ -331,7 +148,7 @@ class ChatService:
                                 settings=defaults or None)
             session.add(conv)
             session.flush()
-            return conversation_dict(conv)
+            return conv.to_dict()
 
     def update(self, owner_id: str, public_id: str, *, title: Any = MISSING,
                current_message_id: Any = MISSING, settings: Any = MISSING) -> dict[str, Any]:
@@ -353,10 +170,7 @@ class ChatService:
             if changes is not None:
                 conv.settings = self._merge(conv.settings, changes) or None
             session.flush()
-            return conversation_dict(conv, with_messages=current_message_id is not MISSING)
-
-    def rename(self, owner_id: str, public_id: str, title: str) -> dict[str, Any]:
-        return self.update(owner_id, public_id, title=title)
+            return conv.to_dict(Tree(conv.messages) if current_message_id is not MISSING else None)
 
     def delete(self, owner_id: str, public_id: str) -> None:
         with self.db.write() as session:
@@ -382,85 +196,60 @@ class ChatService:
             raise AppError("busy", "a reply is still being written in this conversation; "
                            "stop it or wait for it first", status=409)
 
-    def _new_conversation(self, session, owner_id: str, content: str,
-                          settings: dict[str, Any] | None) -> Conversation:
-        merged = self._merge(self.get_defaults(owner_id), settings or {})
-        conv = Conversation(owner_id=owner_id, title=title_from(content), settings=merged or None)
-        session.add(conv)
-        return conv
-
-    def _add_user(self, session, owner_id: str, conversation_id: str | None, content: str,
-                  parent_id: Any, settings: dict[str, Any] | None, *,
-                  refuse_busy: bool) -> tuple[Conversation, Message, Message | None]:
-        """The user's message in its place (a new conversation when ``conversation_id`` is
-        None): the one step every way of writing a message shares. Returns (conversation,
-        message, its parent)."""
-        if conversation_id is None:
-            conv = self._new_conversation(session, owner_id, content, settings)
-            parent = None
-        else:
-            conv = self.owned(session, owner_id, conversation_id)
-            if refuse_busy:
-                self._refuse_busy(conv)
-            if conv.title == DEFAULT_TITLE and not conv.messages:
-                conv.title = title_from(content)
-            parent = self._parent(conv, parent_id)
-        message = Message(role="user", content=content, status="complete",
-                          parent_id=parent.id if parent else None)
-        conv.messages.append(message)
-        conv.updated_at = utcnow()
-        session.flush()
-        return conv, message, parent
-
     def add_user_message(
         self, owner_id: str, conversation_id: str | None, content: str, *,
         parent_id: Any = MISSING, settings: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Store what the user typed, before any model runs (the browser engine's path).
-        Creates the conversation if needed. Returns (conversation, message)."""
-        self.check_content(content)
-        with self.db.write() as session:
-            conv, message, parent = self._add_user(session, owner_id, conversation_id, content,
-                                                   parent_id, settings, refuse_busy=False)
-            conv.current_message_id = message.id
-            parents = {parent.id: parent.public_id} if parent else {}
-            return conversation_dict(conv), message_dict(message, parents)
+        """Store what the user typed, before any model runs (the browser engine's path: the
+        page writes the reply). Creates the conversation if needed. Returns (conversation,
+        message)."""
+        conv, message, _, _ = self.begin_turn(owner_id, conversation_id, content, [],
+                                              run_owner="browser", parent_id=parent_id,
+                                              settings=settings)
+        return conv, message
 
     def begin_turn(
-        self, owner_id: str, conversation_id: str | None, content: str, provenance: Provenance, *,
-        run_owner: str, parent_id: Any = MISSING, settings: dict[str, Any] | None = None,
-    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[dict[str, str]]]:
-        """One transaction before any model runs: the user's message (under ``parent_id``, by
-        default after the current leaf; a new conversation when ``conversation_id`` is None)
-        and the run's assistant row, status "streaming". Returns (conversation, user message,
-        reply, the history the model sees: the path to the user message).
-
-        One reply is written at a time per conversation: a second would race the first for
-        the current branch. Refused before anything is stored."""
-        conv, user, (reply,), history = self.begin_compare(
-            owner_id, conversation_id, content, [provenance], run_owner=run_owner,
-            parent_id=parent_id, settings=settings,
-        )
-        return conv, user, reply, history
-
-    def begin_compare(
         self, owner_id: str, conversation_id: str | None, content: str,
         provenances: list[Provenance], *, run_owner: str, parent_id: Any = MISSING,
         settings: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], list[dict[str, str]]]:
-        """One user message and a reply row per compared (engine, model), siblings streaming
-        side by side; the first is the current branch until the user picks another."""
+        """One transaction before any model runs: the user's message (under ``parent_id``, by
+        default after the current leaf; a new conversation when ``conversation_id`` is None)
+        and an assistant row per (engine, model), status "streaming", siblings side by side
+        when compared; the first is the current branch until the user picks another. Returns
+        (conversation, user message, replies, the history the model sees: the path to the
+        user message).
+
+        One reply (or comparison) is written at a time per conversation: a second would race
+        the first for the current branch. Refused before anything is stored. Without
+        ``provenances`` (the browser engine: the page writes the reply) it stores the message."""
         self.check_content(content)
         with self.db.write() as session:
-            conv, user, _parent = self._add_user(session, owner_id, conversation_id, content,
-                                                 parent_id, settings, refuse_busy=True)
+            if conversation_id is None:
+                merged = self._merge(self.get_defaults(owner_id), settings or {})
+                conv = Conversation(owner_id=owner_id, title=title_from(content),
+                                    settings=merged or None)
+                session.add(conv)
+                parent = None
+            else:
+                conv = self.owned(session, owner_id, conversation_id)
+                if provenances:  # a page writing its own reply checks for itself
+                    self._refuse_busy(conv)
+                if conv.title == DEFAULT_TITLE and not conv.messages:
+                    conv.title = title_from(content)
+                parent = self._parent(conv, parent_id)
+            user = Message(role="user", content=content, status="complete",
+                           parent_id=parent.id if parent else None)
+            conv.messages.append(user)
+            conv.updated_at = utcnow()
+            session.flush()
             replies = [self._reply_row(conv, user, provenance, run_owner) for provenance in provenances]
             session.flush()
             conv.current_message_id = replies[0].id if replies else user.id
             tree = Tree(conv.messages)
             parents = tree.public_ids()
-            return (conversation_dict(conv), message_dict(user, parents),
-                    [message_dict(r, parents) for r in replies], model_history(tree.path(user.id)))
+            return (conv.to_dict(), user.to_dict(parents),
+                    [r.to_dict(parents) for r in replies], model_history(tree.path(user.id)))
 
     def begin_regenerate(
         self, owner_id: str, message_id: Any, provenance: Provenance, *, run_owner: str
@@ -479,7 +268,7 @@ class ChatService:
             session.flush()
             conv.current_message_id = reply.id
             parents = {**tree.public_ids(), reply.id: reply.public_id}
-            return (conversation_dict(conv), message_dict(asked, parents), message_dict(reply, parents),
+            return (conv.to_dict(), asked.to_dict(parents), reply.to_dict(parents),
                     model_history(tree.path(asked.id)))
 
     def begin_continue(
@@ -500,7 +289,7 @@ class ChatService:
             tree = Tree(conv.messages)
             if tree.children.get(reply.id):
                 raise Invalid("not_continuable", "only the last reply of a branch can be continued")
-            before = message_dict(reply, tree.public_ids())
+            before = reply.to_dict(tree.public_ids())
             history = model_history(tree.path(reply.parent_id))
             history.append({"role": "assistant", "content": reply.content})
             reply.status = "streaming"
@@ -508,129 +297,19 @@ class ChatService:
             reply.updated_at = utcnow()
             conv.current_message_id = reply.id
             conv.updated_at = utcnow()
-            return conversation_dict(conv), before, history
+            return conv.to_dict(), before, history
 
     @staticmethod
-    def _reply_row(conv: Conversation, parent: Message, provenance: Provenance,
+    def _reply_row(conv: Conversation, parent: Message | None, provenance: Provenance,
                    run_owner: str) -> Message:
+        """A run's assistant row, "streaming" from the start (a /v1 call's has no parent)."""
         now = utcnow()
-        reply = Message(
-            role="assistant", content="", status="streaming", parent_id=parent.id,
-            engine=provenance.engine, backend=provenance.backend, model=provenance.model,
-            meta=provenance.meta or None, updated_at=now, run_owner=run_owner,
-        )
+        reply = Message(role="assistant", content="", status="streaming", updated_at=now,
+                        parent_id=parent.id if parent else None, run_owner=run_owner)
+        reply.record(provenance)
         conv.messages.append(reply)
         conv.updated_at = now
         return reply
-
-    def finish_reply(
-        self, message_id: str, content: str, status: str, provenance: Provenance
-    ) -> dict[str, Any] | None:
-        """The final state of a run's row; None when the row is gone (conversation deleted)."""
-        if status not in FINAL_STATUSES:
-            raise ValueError(f"not a final status: {status}")
-        with self.db.write() as session:
-            message = session.scalar(select(Message).where(Message.public_id == message_id))
-            if message is None:
-                return None
-            _apply_provenance(message, provenance)
-            message.content = content
-            message.status = status
-            message.updated_at = utcnow()
-            message.run_owner = None
-            message.stop_requested = False
-            session.flush()
-            return message_dict(message)
-
-    def flush_runs(
-        self, contents: dict[str, str], vouch: list[str]
-    ) -> set[str]:
-        """One short transaction for every live run of a process: write the text that grew
-        (``contents``: message id -> text), renew the lease of the rest (``vouch``), and
-        return the ids whose stop another process asked for."""
-        now = utcnow()
-        ids = list(contents) + [v for v in vouch if v not in contents]
-        if not ids:
-            return set()
-        with self.db.write() as session:
-            for message_id, text in contents.items():
-                session.execute(
-                    update(Message)
-                    .where(Message.public_id == message_id, Message.status == "streaming")
-                    .values(content=text, updated_at=now)
-                )
-            others = [v for v in vouch if v not in contents]
-            if others:
-                session.execute(
-                    update(Message)
-                    .where(Message.public_id.in_(others), Message.status == "streaming")
-                    .values(updated_at=now)
-                )
-            rows = session.execute(
-                select(Message.public_id).where(Message.public_id.in_(ids), Message.stop_requested)
-            )
-            return {row[0] for row in rows}
-
-    def reply_state(self, owner_id: str, message_id: str) -> dict[str, Any]:
-        """A reply as stored now (for resuming a run that another process writes)."""
-        with self.db.read() as session:
-            message = session.scalar(
-                select(Message).join(Conversation).where(
-                    Message.public_id == message_id, Conversation.owner_id == owner_id,
-                    Message.role == "assistant",
-                )
-            )
-            if message is None:
-                raise NotFound("reply")
-            data = message_dict(message)
-            data["conversation_id"] = message.conversation.public_id
-            data["run_owner"] = message.run_owner
-            data["lease_at"] = message.updated_at
-            return data
-
-    def request_stop(self, owner_id: str, message_id: str) -> bool:
-        """Ask whichever process writes this reply to stop it; False if it is not streaming."""
-        with self.db.write() as session:
-            result = session.execute(
-                update(Message)
-                .where(
-                    Message.public_id == message_id,
-                    Message.status == "streaming",
-                    Message.conversation_id.in_(
-                        select(Conversation.id).where(Conversation.owner_id == owner_id)
-                    ),
-                )
-                .values(stop_requested=True)
-                .execution_options(synchronize_session=False)
-            )
-            return bool(result.rowcount)
-
-    def streaming_replies(self) -> list[tuple[str, str | None, str | None, Any]]:
-        """(message id, run owner, engine, last renewed) of every row still streaming."""
-        with self.db.read() as session:
-            rows = session.execute(
-                select(Message.public_id, Message.run_owner, Message.engine, Message.updated_at)
-                .where(Message.status == "streaming")
-            )
-            return [tuple(row) for row in rows]
-
-    def interrupt(self, message_ids: list[str], reason: str) -> int:
-        """Rows whose writer died: keep what they hold, marked "interrupted"."""
-        if not message_ids:
-            return 0
-        with self.db.write() as session:
-            count = 0
-            for message in session.scalars(
-                select(Message).where(Message.public_id.in_(message_ids),
-                                      Message.status == "streaming")
-            ):
-                message.status = "interrupted"
-                message.finish_reason = "interrupted"
-                message.meta = {**(message.meta or {}), "stop_reason": reason}
-                message.run_owner = None
-                message.updated_at = utcnow()
-                count += 1
-            return count
 
     def update_browser_reply(
         self, owner_id: str, conversation_id: str, message_id: str, content: str,
@@ -656,7 +335,7 @@ class ChatService:
                 if provenance.engine != "browser":
                     raise Invalid("bad_engine", "replies posted through the API come from the "
                                   "browser engine")
-                _apply_provenance(message, provenance)
+                message.record(provenance)
             message.content = content
             message.status = status
             message.updated_at = utcnow()
@@ -664,7 +343,7 @@ class ChatService:
                 message.run_owner = None
             conv.updated_at = utcnow()
             session.flush()
-            return message_dict(message)
+            return message.to_dict()
 
     def add_reply(
         self,
@@ -688,26 +367,16 @@ class ChatService:
             parent = self._parent(conv, parent_id)
             message = Message(
                 public_id=public_id or new_public_id(),
-                parent_id=parent.id if parent else None,
-                role="assistant",
-                content=content,
-                status=status,
-                engine=provenance.engine,
-                backend=provenance.backend,
-                model=provenance.model,
-                prompt_tokens=provenance.prompt_tokens,
-                completion_tokens=provenance.completion_tokens,
-                tokens_per_second=provenance.tokens_per_second,
-                finish_reason=provenance.finish_reason,
-                meta=provenance.meta or None,
-                updated_at=utcnow(),
+                parent_id=parent.id if parent else None, role="assistant", content=content,
+                status=status, updated_at=utcnow(),
                 run_owner="browser" if status == "streaming" else None,
             )
+            message.record(provenance)
             conv.messages.append(message)
             conv.updated_at = utcnow()
             session.flush()
             conv.current_message_id = message.id
-            return message_dict(message, {parent.id: parent.public_id} if parent else {})
+            return message.to_dict({parent.id: parent.public_id} if parent else {})
 
     def import_messages(
         self,
@@ -720,7 +389,7 @@ class ChatService:
         current_message_id: str | None = None,
     ) -> dict[str, Any]:
         """A new conversation holding copies of ``messages`` (validated message dicts, as
-        message_dict() writes them): continuing a share, or importing an export. Messages with
+        Message.to_dict() writes them): continuing a share, or importing an export. Messages with
         ``parent_id`` keep their tree (ids are new); without, they form one branch in order.
 
         Up to 10,000 messages: they are written IMPORT_CHUNK rows per transaction, so no
@@ -743,7 +412,7 @@ class ChatService:
         current = index_of.get(current_message_id) if current_message_id else None
         if current is None and messages:
             current = len(messages) - 1
-        rows = [_message_row(data) for data in messages]
+        rows = [Message.copy_columns(data) for data in messages]
 
         hidden = f"{IMPORTING_OWNER}{new_public_id()}"
         self._sweep_abandoned_imports()
@@ -776,7 +445,7 @@ class ChatService:
             raise
         with self.db.read() as session:
             conv = session.get(Conversation, conv_id)
-            return conversation_dict(conv, with_messages=True)
+            return conv.to_dict(Tree(conv.messages))
 
     def _insert_chunk(self, conv_id: int, rows: list[dict[str, Any]], parents: list[int | None],
                       ids: list[int], start: int) -> None:
@@ -880,14 +549,7 @@ class ChatService:
                     role=turn["role"], content=turn["content"], status="complete",
                     meta={"openai": extra} if extra else None,
                 ))
-            now = utcnow()
-            message = Message(
-                role="assistant", content="", status="streaming",
-                engine=provenance.engine, backend=provenance.backend, model=provenance.model,
-                meta=provenance.meta or None, updated_at=now, run_owner=run_owner,
-            )
-            conv.messages.append(message)
-            conv.updated_at = now
+            message = self._reply_row(conv, None, provenance, run_owner)
             session.add(conv)
             session.flush()
-            return conversation_dict(conv), message_dict(message)
+            return conv.to_dict(), message.to_dict()

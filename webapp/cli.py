@@ -8,17 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
-from . import PACKAGE_DIR
 from .config import describe, instance_path, load_config
-
-
-def alembic_config(database_url: str):
-    from alembic.config import Config
-
-    cfg = Config(str(PACKAGE_DIR / "alembic.ini"))
-    cfg.set_main_option("script_location", str(PACKAGE_DIR / "migrations"))
-    cfg.attributes["database_url"] = database_url  # attributes: no %-interpolation of URLs
-    return cfg
+from .db import alembic_config, schema_is_current
 
 
 def _settings() -> dict:
@@ -35,22 +26,6 @@ def db_upgrade(revision: str = "head") -> None:
     config = _settings()
     command.upgrade(alembic_config(config["DATABASE_URL"]), revision)
     print(f"database at {revision}: {config['DATABASE_URL']}")
-
-
-def schema_is_current(database_url: str) -> bool:
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-
-    from .db import make_engine
-
-    script = ScriptDirectory.from_config(alembic_config(database_url))
-    engine = make_engine(database_url)
-    try:
-        with engine.connect() as conn:
-            current = set(MigrationContext.configure(conn).get_current_heads())
-    finally:
-        engine.dispose()
-    return current == set(script.get_heads())
 
 
 def list_models() -> int:

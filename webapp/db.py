@@ -1,4 +1,5 @@
-"""Database engine and session scopes.
+"""Database engine and session scopes, and the schema's migrations (``alembic_config``,
+``schema_is_current``: shared by ``bchat`` and ``bchat doctor``).
 
 Two kinds of session: ``read()`` for lookups and ``write()`` for changes. On SQLite a write
 starts with ``BEGIN IMMEDIATE`` so two writers queue on the busy timeout instead of failing
@@ -18,6 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
@@ -178,3 +180,28 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def alembic_config(database_url: str):
+    from alembic.config import Config
+
+    package = Path(__file__).resolve().parent  # alembic.ini and migrations/ ship inside it
+    cfg = Config(str(package / "alembic.ini"))
+    cfg.set_main_option("script_location", str(package / "migrations"))
+    cfg.attributes["database_url"] = database_url  # attributes: no %-interpolation of URLs
+    return cfg
+
+
+def schema_is_current(database_url: str) -> bool:
+    """True when the database is at the newest migration (``bchat serve`` and doctor ask)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config(database_url))
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            current = set(MigrationContext.configure(conn).get_current_heads())
+    finally:
+        engine.dispose()
+    return current == set(script.get_heads())

@@ -173,8 +173,7 @@ def _mem_total(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 def check_database(config: Mapping) -> Iterator[Check]:
     from sqlalchemy.engine import make_url
 
-    from .cli import schema_is_current
-    from .db import make_engine, normalise_url
+    from .db import make_engine, normalise_url, schema_is_current
 
     url = normalise_url(str(config["DATABASE_URL"]))
     parsed = make_url(url)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .chats import Invalid
+from .errors import Invalid
 from .models import ENGINES, FINAL_STATUSES, ROLES, utcnow
 from .validation import check_number, check_text, check_time
 

@@ -3,10 +3,11 @@
 Two kinds of limit, both counted per process:
 
 - **Rates** (sliding windows): chats started per visitor and per address (``BCHAT_RATE_LIMIT``),
-  failed passcode tries per address.
+  benchmark runs posted (``BCHAT_BENCHMARK_RATE_LIMIT``), failed passcode tries per address.
 - **Holdings** (leases): replies queued or running (``BCHAT_MAX_QUEUED_PER_VISITOR`` per visitor,
-  ``BCHAT_MAX_REPLIES_PER_ADDRESS`` per address) and open sockets (``BCHAT_MAX_SOCKETS`` in all,
-  a share of them per visitor and per address). A holding is checked and taken in one step
+  ``BCHAT_MAX_REPLIES_PER_ADDRESS`` per address), open sockets (``BCHAT_MAX_SOCKETS`` in all,
+  a share of them per visitor and per address) and replies written elsewhere that a visitor
+  follows from the database (``MAX_FOLLOWS``). A holding is checked and taken in one step
   under one lock, so a burst of requests cannot all pass the check before any of them counts;
   the ``Lease`` it returns gives it back exactly once, whatever path the holder ends by.
 
@@ -27,10 +28,11 @@ from typing import Any
 
 from .errors import AppError, RateLimited
 
-RATE_LIMIT_ADDRESS_FACTOR = 10  # chats per minute per address: this many visitors' worth
+RATE_LIMIT_ADDRESS_FACTOR = 10  # an address's rates: this many visitors' worth (a NAT shares one)
 PASSCODE_TRIES = 5  # failed passcode tries per address …
 PASSCODE_WINDOW = 60.0  # … per this many seconds
 COMPARE_MAX = 4  # replies one comparison runs side by side
+MAX_FOLLOWS = 16  # replies written elsewhere one visitor may follow at once, all sockets together
 
 
 def address_key(address: str | None) -> str:
@@ -156,10 +158,14 @@ class Limits:
     """The limits of one app instance (one process). ``config`` is the app's config."""
 
     def __init__(self, config: Any) -> None:
+        factor = int(config.get("RATE_LIMIT_IP_FACTOR", RATE_LIMIT_ADDRESS_FACTOR))
         count, window = parse_rate(config.get("RATE_LIMIT", "30/minute"))
         self.chats_per_visitor = SlidingWindow(count, window)
-        self.chats_per_address = SlidingWindow(count * RATE_LIMIT_ADDRESS_FACTOR, window)
+        self.chats_per_address = SlidingWindow(count * factor, window)
         self.passcode_failures = SlidingWindow(PASSCODE_TRIES, PASSCODE_WINDOW)
+        count, window = parse_rate(config.get("BENCHMARK_RATE_LIMIT", "6/hour"))
+        self.benchmarks_per_visitor = SlidingWindow(count, window)
+        self.benchmarks_per_address = SlidingWindow(count * factor, window)
         self.replies_per_visitor = int(config.get("MAX_QUEUED_PER_VISITOR", 3))
         self.replies_per_address = int(config.get("MAX_REPLIES_PER_ADDRESS", 12))
         self.max_sockets = int(config.get("MAX_SOCKETS") or 100)
@@ -219,6 +225,28 @@ class Limits:
             if network is not None:
                 self.chats_per_address.hit(network)
             return self._take(counts)
+
+    def take_follow(self, owner: str) -> Lease:
+        """Room for ``owner`` to follow one more reply from the database (each is a thread
+        that reads it four times a second), or RateLimited."""
+        key = f"follows|v|{owner}"
+        with self._lock:
+            if self._held[key] >= MAX_FOLLOWS:
+                raise RateLimited(f"you already follow {MAX_FOLLOWS} replies being written "
+                                  "elsewhere; close a tab or wait for one to end", retry_after=1)
+            return self._take({key: 1})
+
+    # -- benchmarks ----------------------------------------------------------------------------
+    def take_benchmark_post(self, owner: str, address: str | None) -> None:
+        """Everyone sees every benchmark posted: without a limit one visitor could fill the
+        page. Counts the post, or raises RateLimited."""
+        wait = self.benchmarks_per_visitor.check(owner)
+        if not wait and address:
+            wait = self.benchmarks_per_address.check(address_key(address))
+        if wait:
+            when = f"{round(wait / 60)} min" if wait >= 120 else f"{max(1, round(wait))} s"
+            raise RateLimited(f"too many benchmark runs posted; try again in {when}",
+                              retry_after=wait)
 
     # -- sockets -------------------------------------------------------------------------------
     def take_socket(self, owner: str, address: str | None) -> Lease:

@@ -6,6 +6,8 @@ Integer primary keys stay internal; URLs and the API use random ``public_id`` st
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,6 +42,38 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def iso(value: datetime | None) -> str | None:
+    """How every stored time is written out: UTC, milliseconds, a Z."""
+    return value.isoformat(timespec="milliseconds") + "Z" if value is not None else None
+
+
+def parse_time(value: object) -> datetime | None:
+    """Reads what iso() writes (UTC, with or without the Z); None for anything else."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.removesuffix("Z"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC)
+    return parsed.replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who wrote a reply, with what, how fast: the columns a reply's writer fills in."""
+
+    engine: str
+    model: str | None = None
+    backend: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_per_second: float | None = None
+    finish_reason: str | None = None
+    meta: dict[str, Any] | None = None
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -71,6 +105,24 @@ class Conversation(Base):
     )
 
     __table_args__ = (Index("ix_conversation_owner_updated", "owner_id", "updated_at"),)
+
+    def to_dict(self, tree: Any = None) -> dict[str, Any]:
+        """The conversation as the API shows it; with ``tree`` (a tree.Tree of its messages,
+        passed in so this module needs no tree code) its messages and the branch on screen."""
+        data: dict[str, Any] = {
+            "id": self.public_id,
+            "title": self.title,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "settings": self.settings or {},
+            "source": self.source or "chat",
+        }
+        if tree is not None:
+            parents = tree.public_ids()
+            data["messages"] = [m.to_dict(parents) for m in tree.messages]
+            current = tree.current(self)
+            data["current_message_id"] = parents.get(current) if current is not None else None
+        return data
 
 
 class Message(Base):
@@ -112,6 +164,65 @@ class Message(Base):
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
     parent: Mapped[Message | None] = relationship(remote_side=[id], viewonly=True)
+
+    def record(self, provenance: Provenance) -> None:
+        self.engine = provenance.engine
+        self.backend = provenance.backend
+        self.model = provenance.model
+        self.prompt_tokens = provenance.prompt_tokens
+        self.completion_tokens = provenance.completion_tokens
+        self.tokens_per_second = provenance.tokens_per_second
+        self.finish_reason = provenance.finish_reason
+        self.meta = provenance.meta or None
+
+    @staticmethod
+    def copy_columns(data: Mapping[str, Any]) -> dict[str, Any]:
+        """A new row's columns from a validated message dict, as to_dict() writes it (import,
+        continuing a share); its place in the tree (parent) is set by the caller."""
+        usage = data.get("usage") or {}
+        return {
+            "public_id": new_public_id(),
+            "role": data["role"],
+            "content": data["content"],
+            # A copy never grows: a reply caught mid-stream stays as it was.
+            "status": "interrupted" if data.get("status") == "streaming"
+            else data.get("status", "complete"),
+            "created_at": parse_time(data.get("created_at")) or utcnow(),
+            "engine": data.get("engine"),
+            "backend": data.get("backend"),
+            "model": data.get("model"),
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "tokens_per_second": data.get("tokens_per_second"),
+            "finish_reason": data.get("finish_reason"),
+            "meta": data.get("meta") or None,
+        }
+
+    def to_dict(self, parents: Mapping[int, str] | None = None) -> dict[str, Any]:
+        """The one mapping of a message to its dict (API, socket, export, shares, provenance).
+        ``parents`` maps internal ids to public ids when a whole tree is being written."""
+        parent_id = None
+        if self.parent_id is not None:
+            if parents is not None and self.parent_id in parents:
+                parent_id = parents[self.parent_id]
+            elif self.parent is not None:
+                parent_id = self.parent.public_id
+        return {
+            "id": self.public_id,
+            "parent_id": parent_id,
+            "role": self.role,
+            "content": self.content,
+            "status": self.status,
+            "created_at": iso(self.created_at),
+            "engine": self.engine,
+            "backend": self.backend,
+            "model": self.model,
+            "usage": {"prompt_tokens": self.prompt_tokens,
+                      "completion_tokens": self.completion_tokens},
+            "tokens_per_second": self.tokens_per_second,
+            "finish_reason": self.finish_reason,
+            "meta": self.meta or {},
+        }
 
 
 class Share(Base):
@@ -185,3 +296,9 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.public_id, "name": self.name, "prefix": self.prefix,
+                "owner": self.owner_id, "created_at": iso(self.created_at),
+                "last_used_at": iso(self.last_used_at), "revoked": self.revoked_at is not None,
+                "revoked_at": iso(self.revoked_at)}

@@ -1,4 +1,5 @@
-"""The long-lived objects one app instance shares between requests, kept on ``app.extensions``."""
+"""The long-lived objects one app instance shares between requests: built once here (``init_app``)
+and kept on ``app.extensions``."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import current_app
+from flask import Flask, current_app
 
 from .api_keys import KeyService
 from .benchmarks import BenchmarkService
 from .catalogue import ModelCatalogue
 from .chats import ChatService
 from .db import Database
-from .engines import EngineRegistry
-from .runs import RunService
+from .engines import EngineRegistry, build_engines
+from .limits import Limits
+from .runs.service import RunService
 from .shares import ShareService
 
 EXTENSION_KEY = "bchat"
@@ -48,6 +50,33 @@ class Services:
         self.shutdown()
         self.engines.close()
         self.db.dispose()
+
+
+def init_app(app: Flask, limits: Limits) -> Services:
+    """Build the services of one app instance, once, from its config."""
+    config = app.config
+    db = Database(config["DATABASE_URL"])
+    # Deriving a missing browser format happens here, once per model version (~1 s for the
+    # bundled model; `bchat models prepare` does it ahead of time).
+    catalogue = ModelCatalogue(config["MODEL_PATH"], config["BROWSER_FORMAT"],
+                               config["BROWSER_MODELS_DIR"], n_ctx=config["N_CTX"],
+                               parallel=config["PARALLEL"])
+    engines = build_engines(config, catalogue)
+    chats = ChatService(db, max_message_chars=config["MAX_MESSAGE_CHARS"],
+                        max_tokens_limit=config["MAX_TOKENS_LIMIT"])
+
+    runs = RunService(chats, engines, config, limits)
+    built = app.extensions[EXTENSION_KEY] = Services(
+        db=db,
+        chats=chats,
+        catalogue=catalogue,
+        engines=engines,
+        shares=ShareService(db, chats, config["SECRET_KEY"], catalogue.facts),
+        runs=runs,
+        benchmarks=BenchmarkService(db, engines, catalogue, runs, limits),
+        keys=KeyService(db),
+    )
+    return built
 
 
 def get_services() -> Services:

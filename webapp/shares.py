@@ -31,9 +31,11 @@ from typing import Any
 
 from sqlalchemy import select
 
-from .chats import ChatService, NotFound, conversation_dict, current_branch, message_dict
+from .chats import ChatService
 from .db import Database, lock_row
+from .errors import NotFound
 from .models import Conversation, Share, new_public_id, utcnow
+from .tree import current_branch
 
 TOKEN_BYTES = 32
 SEAL_VERSION = 2
@@ -125,12 +127,12 @@ class ShareService:
         branch = current_branch(conv)
         parents = {m.id: m.public_id for m in branch}
         for message in branch:
-            data = message_dict(message, parents)
+            data = message.to_dict(parents)
             facts = self._model_facts(message.model) if message.model else None
             if facts:
                 data["quantization"] = facts.get("quantization")
             messages.append(data)
-        return {"conversation": conversation_dict(conv), "messages": messages}
+        return {"conversation": conv.to_dict(), "messages": messages}
 
     def share_info(self, share: Share, token: str | None = None) -> dict[str, Any]:
         return {

@@ -1,4 +1,4 @@
-"""The websocket protocol at /ws: a thin adapter over runs (``webapp/runs.py``).
+"""The websocket protocol at /ws: a thin adapter over runs (``webapp/runs/``).
 
 Frames are JSON text; docs/protocol.md is the reference. A socket starts runs and *watches*
 them: it relays their frames, and when it closes the runs go on for the grace period, so a
@@ -23,6 +23,7 @@ from flask_sock import ConnectionClosed, Sock
 from .chats import MISSING
 from .errors import AppError, Invalid
 from .limits import get_limits
+from .runs.run import Run, error_frame
 from .security import owner_id, require_same_origin
 from .services import get_services
 from .validation import parse_json_text
@@ -156,13 +157,11 @@ class ChatSocket:
                     self.send(item)
                     continue
                 try:
-                    self.handle(decode(item))
+                    frame = decode(item)
                 except AppError as exc:
-                    self.send({"type": "error", **exc.to_dict()})
-                except Exception:
-                    log.exception("a socket frame failed")
-                    self.send({"type": "error", "code": "internal",
-                               "message": "the server failed on that frame"})
+                    self.send(error_frame(exc))
+                else:
+                    self.handle(frame)
         finally:
             self.connected = False
             with self.services.sockets_lock:
@@ -172,63 +171,62 @@ class ChatSocket:
 
     # -- frames -------------------------------------------------------------------------------
     def handle(self, frame: dict[str, Any]) -> None:
-        kind = frame["type"]
-        runs = self.services.runs
-        request_id = frame.get("request_id")
-        if request_id is not None and (not isinstance(request_id, str | int)
-                                       or isinstance(request_id, bool) or len(str(request_id)) > 64):
-            raise Invalid("bad_frame", "request_id must be a short string or integer")
+        """One client frame; whatever goes wrong is an ``error`` frame naming the reply it
+        concerns (``message_id``) and echoing the frame's ``request_id``, when they are valid."""
+        request_id, message_id = frame.get("request_id"), frame.get("message_id")
+        concerns = message_id if isinstance(message_id, str) else None
+        about: dict[str, Any] = {}
         try:
-            if kind == "compare":
-                runs_started = runs.compare(
-                    self.owner, frame.get("conversation_id"), frame.get("content"),
-                    frame.get("targets"), options=frame.get("options"), ip=self.ip, watcher=self,
-                    parent_id=frame.get("parent_id", MISSING), settings=frame.get("settings"),
-                )
-                first = dict(runs_started[0].started_frame)
-                first["replies"] = [run.started_frame["reply"] for run in runs_started]
-                if request_id is not None:
-                    first["request_id"] = request_id
-                self.send(first)
-                for run in runs_started:
-                    self._watch(run.message_id)
-            elif kind in ("chat", "regenerate", "continue"):
-                if kind == "chat":
-                    run = runs.start(
-                        self.owner, frame.get("conversation_id"), frame.get("content"),
-                        model=frame.get("model"), options=frame.get("options"), ip=self.ip,
-                        watcher=self, parent_id=frame.get("parent_id", MISSING),
-                        settings=frame.get("settings"),
-                    )
-                elif kind == "regenerate":
-                    run = runs.regenerate(self.owner, frame.get("message_id"),
-                                          model=frame.get("model"), options=frame.get("options"),
-                                          ip=self.ip, watcher=self)
-                else:
-                    run = runs.continue_reply(self.owner, frame.get("message_id"),
-                                              options=frame.get("options"), ip=self.ip, watcher=self)
-                started = dict(run.started_frame)
-                if request_id is not None:
-                    started["request_id"] = request_id
-                # Sent before any token: the run's frames wait in the inbox behind this.
-                self.send(started)
-                self._watch(run.message_id)
-            elif kind == "resume":
-                self._watch(frame.get("message_id"))
-                runs.watch(self.owner, frame.get("message_id"), frame.get("offset"), self)
-            elif kind == "stop":
-                target = frame.get("message_id")
-                targets = [target] if target is not None else list(self.watching)
-                for message_id in targets:
-                    runs.stop(self.owner, message_id)
-            elif kind == "ping":
-                self.send({"type": "pong"})
-            else:
-                raise Invalid("unknown_type", f"unknown frame type {kind[:40]!r}")
-        except AppError as exc:
             if request_id is not None:
-                exc.extra.setdefault("request_id", request_id)
-            raise
+                if (not isinstance(request_id, str | int) or isinstance(request_id, bool)
+                        or len(str(request_id)) > 64):
+                    raise Invalid("bad_frame", "request_id must be a short string or integer")
+                about["request_id"] = request_id
+            self._dispatch(frame["type"], frame, about)
+        except Exception as exc:
+            if not isinstance(exc, AppError):
+                log.exception("a socket frame failed")
+                exc = AppError("internal", "the server failed on that frame")
+            self.send(error_frame(exc, concerns, **about))
+
+    def _dispatch(self, kind: str, frame: dict[str, Any], about: dict[str, Any]) -> None:
+        runs = self.services.runs
+        if kind in ("chat", "compare", "regenerate", "continue"):
+            started_runs = self._start(kind, frame)
+            first = {**started_runs[0].started_frame, **about}
+            if kind == "compare":
+                first["replies"] = [run.started_frame["reply"] for run in started_runs]
+            # Sent before any token: the runs' frames wait in the inbox behind this.
+            self.send(first)
+            for run in started_runs:
+                self._watch(run.message_id)
+        elif kind == "resume":
+            self._watch(frame.get("message_id"))
+            runs.watch(self.owner, frame.get("message_id"), frame.get("offset"), self)
+        elif kind == "stop":
+            target = frame.get("message_id")
+            for message_id in [target] if target is not None else list(self.watching):
+                runs.stop(self.owner, message_id)
+        elif kind == "ping":
+            self.send({"type": "pong"})
+        else:
+            raise Invalid("unknown_type", f"unknown frame type {kind[:40]!r}")
+
+    def _start(self, kind: str, frame: dict[str, Any]) -> list[Run]:
+        runs, options = self.services.runs, frame.get("options")
+        if kind == "regenerate":
+            return [runs.regenerate(self.owner, frame.get("message_id"), model=frame.get("model"),
+                                    options=options, ip=self.ip, watcher=self)]
+        if kind == "continue":
+            return [runs.continue_reply(self.owner, frame.get("message_id"), options=options,
+                                        ip=self.ip, watcher=self)]
+        turn = {"options": options, "ip": self.ip, "watcher": self,
+                "parent_id": frame.get("parent_id", MISSING), "settings": frame.get("settings")}
+        if kind == "compare":
+            return runs.compare(self.owner, frame.get("conversation_id"), frame.get("content"),
+                                frame.get("targets"), **turn)
+        return [runs.start(self.owner, frame.get("conversation_id"), frame.get("content"),
+                           model=frame.get("model"), **turn)]
 
     def _watch(self, message_id: Any) -> None:
         if isinstance(message_id, str) and message_id not in self.watching:

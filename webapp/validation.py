@@ -18,7 +18,7 @@ from typing import Any
 
 from flask.json.provider import DefaultJSONProvider
 
-from .chats import Invalid
+from .errors import Invalid
 
 MAX_DEPTH = 32  # an export is 4 deep; provenance meta a few more
 MAX_SAFE_INTEGER = 2**53  # what a browser's Number holds exactly; SQLite's INTEGER holds 2**63

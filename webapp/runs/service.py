@@ -1,0 +1,427 @@
+"""The run service: starts, watches, stops and settles the runs of one app instance.
+
+Every way a reply starts (a chat message, regenerate, continue, compare, a ``/v1`` call) takes
+the same steps: options and engine, a place in the limits, the rows (unless a ``/v1`` call is
+not stored), then ``_launch``. Sockets (and the ``/v1`` adapter) *watch* runs: a watcher gets
+the text from an offset, then the live tokens, then the final frame. A run whose last watcher
+left is stopped after ``BCHAT_RUN_GRACE_SECONDS``; an explicit stop ends it at once. A reply
+written by another process is followed from its row as the keeper there flushes it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ..chats import MISSING, ChatService
+from ..engines import EngineRegistry
+from ..engines.base import EngineError, Finished, Queued, Token, UnknownModel, timed
+from ..errors import AppError, Invalid
+from ..limits import COMPARE_MAX, Lease, Limits
+from ..models import Message, Provenance, new_public_id
+from ..options import GenerationOptions, settings_options
+from ..security import short
+from .keeper import HOST, Keeper
+from .rows import RunRows
+from .run import (
+    Follower,
+    Run,
+    Watcher,
+    check_message_id,
+    error_frame,
+    final_frame,
+    started_frame,
+    token_frame,
+)
+
+log = logging.getLogger(__name__)
+
+REMOTE_POLL_SECONDS = 0.25  # how often a watcher on another process re-reads the row
+
+
+class RunService:
+    """Starts, watches, stops and persists the runs of one app instance."""
+
+    def __init__(self, chats: ChatService, engines: EngineRegistry, config: dict,
+                 limits: Limits | None = None) -> None:
+        self.chats = chats
+        self.engines = engines
+        self.config = config
+        self.limits = limits if limits is not None else Limits(config)
+        self.grace = float(config.get("RUN_GRACE_SECONDS", 30))
+        self.identity = f"{HOST}|{os.getpid()}|{secrets.token_hex(4)}"
+        self.runs: dict[str, Run] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._followers: dict[tuple[int, str], Follower] = {}  # (id(watcher), message id)
+        self.rows = RunRows(chats.db)
+        self.keeper = Keeper(self.rows, self.live_runs, self.identity, self.grace)
+        # A server stopped with SIGTERM (gunicorn, or bchat serve) keeps its partial replies.
+        ref = weakref.ref(self)
+        atexit.register(lambda: (svc := ref()) and svc.shutdown())
+
+    # -- starting ---------------------------------------------------------------------------
+    def _prepare(self, owner: str, conversation_id: str | None, options: Any, model: Any,
+                 settings: Any = None) -> tuple[GenerationOptions, str, Any, dict[str, Any] | None]:
+        """The reply's options: the conversation's settings (a new conversation: the visitor's
+        defaults and the ``settings`` sent with it), overridden by the frame's ``options``."""
+        if options is not None and not isinstance(options, dict):
+            raise Invalid("bad_options", "options must be an object")
+        new_settings = self.chats.clean_settings(settings) if settings is not None else None
+        base = self.chats.conversation_settings(owner, conversation_id)
+        if new_settings:
+            base.update({k: v for k, v in new_settings.items() if v is not None})
+        raw = settings_options(base)
+        raw.update(options or {})
+        parsed = GenerationOptions.parse(raw, self.config)
+        chosen = model or base.get("model") or self.engines.default_model
+        if not isinstance(chosen, str):
+            raise AppError("unknown_model", "no model is available on this server", status=404)
+        try:
+            engine = self.engines.engine_for(chosen)
+        except UnknownModel as exc:
+            if model or not self.engines.default_model:
+                raise AppError("unknown_model", exc.message, status=404) from None
+            # The conversation's model is gone from this server: use the default one.
+            chosen = self.engines.default_model
+            engine = self.engines.engine_for(chosen)
+        return parsed, chosen, engine, new_settings
+
+    @staticmethod
+    def _provenance(engine: Any, model: str, options: GenerationOptions) -> Provenance:
+        return Provenance(engine="server", backend=getattr(engine, "name", None), model=model,
+                          meta={"options": options.to_dict()})
+
+    def start(
+        self, owner: str, conversation_id: str | None, content: Any, *, model: Any = None,
+        options: Any = None, ip: str | None = None, watcher: Watcher | None = None,
+        parent_id: Any = MISSING, settings: Any = None,
+    ) -> Run:
+        """A new user message (after the current leaf, or under ``parent_id``: an edit is a
+        new message beside the one edited) and its reply."""
+        return self._turn(owner, conversation_id, content, [model], options=options, ip=ip,
+                          watcher=watcher, parent_id=parent_id, settings=settings)[0]
+
+    def compare(self, owner: str, conversation_id: str | None, content: Any, targets: Any, *,
+                options: Any = None, ip: str | None = None, watcher: Watcher | None = None,
+                parent_id: Any = MISSING, settings: Any = None) -> list[Run]:
+        """One prompt, several server models at once: sibling replies, each its own run (the
+        batched worker decodes them together). Browser targets are the page's own."""
+        if not isinstance(targets, list) or not 1 <= len(targets) <= COMPARE_MAX or not all(
+                isinstance(t, dict) and isinstance(t.get("model"), str) for t in targets):
+            raise Invalid("bad_targets", f"targets is a list of 1 to {COMPARE_MAX} "
+                          '{"model": ID} objects (server models)')
+        return self._turn(owner, conversation_id, content, [t["model"] for t in targets],
+                          options=options, ip=ip, watcher=watcher, parent_id=parent_id,
+                          settings=settings, kind="compare")
+
+    def _turn(self, owner: str, conversation_id: str | None, content: Any, models: list[Any], *,
+              options: Any, ip: str | None, watcher: Watcher | None, parent_id: Any,
+              settings: Any, kind: str | None = None) -> list[Run]:
+        """A user message and a reply per model, its rows stored in one transaction."""
+        if conversation_id is not None and not isinstance(conversation_id, str):
+            raise Invalid("bad_frame", "conversation_id must be a string or null")
+        prepared = [self._prepare(owner, conversation_id, options, model, settings)
+                    for model in models]
+        self.chats.check_content(content)
+        with self._admitted(owner, ip, len(prepared)) as lease:
+            conv, user, replies, history = self.chats.begin_turn(
+                owner, conversation_id, content,
+                [self._provenance(engine, model, parsed) for parsed, model, engine, _ in prepared],
+                run_owner=self.identity, parent_id=parent_id, settings=prepared[0][3],
+            )
+            parts = lease.split(len(prepared))  # each run gives back its own when it ends
+        extra = {"kind": kind, "message_ids": [r["id"] for r in replies]} if kind else {}
+        runs = []
+        try:
+            for (parsed, model, engine, _), reply, part in zip(prepared, replies, parts,
+                                                               strict=True):
+                runs.append(self._launch(owner, model, engine, parsed, history, watcher, part,
+                                         conv=conv, reply=reply, user_message=user, **extra))
+        finally:
+            for part in parts[len(runs):]:  # the runs that did not start
+                part.release()
+        return runs
+
+    def regenerate(self, owner: str, message_id: Any, *, model: Any = None, options: Any = None,
+                   ip: str | None = None, watcher: Watcher | None = None) -> Run:
+        """Another reply to the same user message, as a sibling of ``message_id``."""
+        check_message_id(message_id)
+        conversation_id, _ = self.rows.reply_state(owner, message_id)
+        parsed, model, engine, _ = self._prepare(owner, conversation_id, options, model)
+        with self._admitted(owner, ip) as lease:
+            conv, asked, reply, history = self.chats.begin_regenerate(
+                owner, message_id, self._provenance(engine, model, parsed), run_owner=self.identity
+            )
+            return self._launch(owner, model, engine, parsed, history, watcher, lease,
+                                conv=conv, reply=reply, user_message=asked, kind="regenerate",
+                                regenerates=message_id)
+
+    def continue_reply(self, owner: str, message_id: Any, *, options: Any = None,
+                       ip: str | None = None, watcher: Watcher | None = None) -> Run:
+        """More text in the same message, for a reply cut off by the token limit (or a stop,
+        or an interruption), written by the model that wrote it when it is still here."""
+        check_message_id(message_id)
+        conversation_id, state = self.rows.reply_state(owner, message_id)
+        served = state["engine"] == "server" and state["model"] in {m.id for m in self.engines.models()}
+        same = state["model"] if served else None
+        parsed, model, engine, _ = self._prepare(owner, conversation_id, options, same)
+        with self._admitted(owner, ip) as lease:
+            conv, before, history = self.chats.begin_continue(owner, message_id,
+                                                              run_owner=self.identity)
+            return self._launch(owner, model, engine, parsed, history, watcher, lease,
+                                conv=conv, reply={**before, "status": "streaming"},
+                                kind="continue", continues=before)
+
+    @contextmanager
+    def _admitted(self, owner: str, ip: str | None, needed: int = 1) -> Iterator[Lease]:
+        """Limits before any model call (webapp/limits.py): a lease for the block, the run's
+        once it starts, given back if the block fails before."""
+        lease = self.limits.take_replies(owner, ip, needed)
+        try:
+            yield lease
+        except BaseException:
+            lease.release()
+            raise
+
+    def _launch(self, owner: str, model: str, engine: Any, options: GenerationOptions,
+                history: list[dict[str, Any]], watcher: Watcher | None, lease: Lease, *,
+                conv: dict[str, Any] | None, reply: dict[str, Any] | None,
+                user_message: dict[str, Any] | None = None, kind: str | None = None,
+                continues: dict[str, Any] | None = None, **extra: Any) -> Run:
+        """The one way a run starts, once its rows are stored (``reply`` None: a /v1 call
+        kept only in memory). The lease is the run's from here, whichever way it ends."""
+        message_id = reply["id"] if reply else new_public_id()
+        run = Run(message_id=message_id, conversation_id=conv["id"] if conv else "", owner=owner,
+                  model=model, engine=engine, options=options, history=history, lease=lease,
+                  started_frame=started_frame(message_id, model, conv, reply, user_message,
+                                              kind, **extra),
+                  stored=reply is not None, continues=continues)
+        if watcher is not None:
+            # Before the model starts, so no token goes unseen; a continued reply's text so
+            # far is already with the client that asked.
+            run.attach(watcher, run.length)
+        with self._lock:
+            self.runs[run.message_id] = run
+        self.keeper.wake()
+        log.info("chat %s: reply %s with %s%s", short(run.conversation_id), short(message_id),
+                 model, "" if run.stored else " (not stored)")
+        try:
+            threading.Thread(target=self._drive, args=(run,), name="bchat-run", daemon=True).start()
+        except BaseException:  # no thread (e.g. the process is out of them): nothing runs it
+            with self._lock:
+                self.runs.pop(run.message_id, None)
+            lease.release()
+            raise
+        return run
+
+    # -- watching and stopping -------------------------------------------------------------
+    def watch(self, owner: str, message_id: Any, offset: Any, watcher: Watcher) -> None:
+        """Resume: the text of ``message_id`` from ``offset``, the live tokens, the end."""
+        check_message_id(message_id)
+        if offset is None:
+            offset = 0
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= 2**31:
+            raise Invalid("bad_frame", "offset must be a non-negative integer")
+        with self._lock:
+            run = self.runs.get(message_id)
+            follower = self._followers.get((id(watcher), message_id))
+            if follower is not None and follower.restart(offset):
+                return  # a resume of a reply this watcher already follows: no second thread
+        if run is not None and run.owner == owner:
+            run.attach(watcher, offset)
+            return
+        _, state = self.rows.reply_state(owner, message_id)  # NotFound for someone else's
+        if state["status"] == "streaming" and self.keeper.reap_stale([message_id]):
+            _, state = self.rows.reply_state(owner, message_id)
+        if state["status"] != "streaming":
+            watcher.deliver(final_frame(state))
+            return
+        # Written by another process (or by a page: the browser engine): follow its row as
+        # it is flushed. One follower per reply and watcher, a few per visitor: each is a
+        # thread that reads the database four times a second.
+        with self._lock:
+            key = (id(watcher), message_id)
+            follower = self._followers.get(key)
+            if follower is not None and follower.restart(offset):
+                return
+            follower = self._followers[key] = Follower(owner, message_id, offset, watcher,
+                                                       self.limits.take_follow(owner))
+        log.info("reply %s: following it from the database (written elsewhere)", short(message_id))
+        threading.Thread(target=self._follow_remote, args=(follower,), name="bchat-run-follow",
+                         daemon=True).start()
+
+    def _follow_remote(self, follower: Follower) -> None:
+        owner, message_id, watcher = follower.owner, follower.message_id, follower.watcher
+        sent = follower.offset
+        try:
+            while watcher.active and not follower.ended.is_set():
+                with self._lock:
+                    sent = follower.take_restart(sent)
+                _, state = self.rows.reply_state(owner, message_id)
+                if state["status"] == "streaming" and self.keeper.reap_stale([message_id]):
+                    continue
+                content = state["content"]
+                if len(content) > sent:
+                    watcher.deliver(token_frame(message_id, sent, content[sent:]))
+                    sent = len(content)
+                if state["status"] != "streaming":
+                    watcher.deliver(final_frame(state))
+                    # A resume that came after this read gets its answer from one more turn.
+                    if self._end_follower(follower):
+                        return
+                    continue
+                follower.ended.wait(REMOTE_POLL_SECONDS)
+        except AppError as exc:  # the conversation was deleted meanwhile
+            watcher.deliver(error_frame(exc, message_id))
+        except Exception:
+            log.exception("following reply %s failed", short(message_id))
+            watcher.deliver(error_frame(AppError("internal", "the server failed while "
+                                                 "following the reply"), message_id))
+        finally:
+            self._end_follower(follower, force=True)
+
+    def _end_follower(self, follower: Follower, *, force: bool = False) -> bool:
+        """Take ``follower`` out of the registry, unless a resume is waiting for it."""
+        with self._lock:
+            if not force and follower.pending is not None:
+                return False
+            follower.ended.set()
+            key = (id(follower.watcher), follower.message_id)
+            if self._followers.get(key) is follower:
+                del self._followers[key]
+            follower.lease.release()
+            return True
+
+    def followers(self) -> int:
+        """How many replies are being followed from the database."""
+        return len(self._followers)
+
+    def detach(self, watcher: Watcher, message_ids: list[str]) -> None:
+        with self._lock:
+            runs = [self.runs[m] for m in message_ids if m in self.runs]
+            # A watcher that has gone: its followers end now, not at their next read.
+            gone = [f for f in self._followers.values()
+                    if f.watcher is watcher and (f.message_id in message_ids or not watcher.active)]
+        for follower in gone:
+            follower.ended.set()
+        for run in runs:
+            run.detach(watcher)
+
+    def stop(self, owner: str, message_id: Any, reason: str = "user") -> bool:
+        check_message_id(message_id)
+        with self._lock:
+            run = self.runs.get(message_id)
+        if run is not None and run.owner == owner:
+            run.stop(reason)
+            return True
+        return self.rows.request_stop(owner, message_id)  # another process writes it
+
+    def live_runs(self) -> list[Run]:
+        with self._lock:
+            return list(self.runs.values())
+
+    # -- the run itself -------------------------------------------------------------------
+    def _drive(self, run: Run) -> None:
+        try:
+            self._generate(run)
+        finally:
+            with self._lock:
+                self.runs.pop(run.message_id, None)
+            run.lease.release()  # whichever way it ended: done, stopped, failed, crashed
+
+    def _generate(self, run: Run) -> None:
+        finished: Finished | None = None
+        error: EngineError | None = None
+        try:
+            for item in timed(run.engine.stream(run.model, run.history, run.options, run.cancel)):
+                if isinstance(item, Token):
+                    run.append(item.text)
+                elif isinstance(item, Queued):
+                    run.queued(item.position)
+                elif isinstance(item, Finished):
+                    finished = item
+        except EngineError as exc:
+            error = exc
+        except Exception as exc:  # reported as a failed reply: never a silent, dead run
+            log.exception("chat %s: the run failed", short(run.conversation_id))
+            error = EngineError(f"the server failed while writing the reply ({type(exc).__name__})",
+                                code="internal")
+        self._settle(run, finished, error)
+
+    def _settle(self, run: Run, finished: Finished | None, error: EngineError | None) -> None:
+        """The reply's final state, stored (or kept in memory for a /v1 call not stored),
+        then the final frame to its watchers."""
+        status, provenance = run.outcome(finished, error)
+        if not run.stored:  # the same message a stored reply's final frame carries
+            message = Message(public_id=run.message_id, role="assistant", content=run.text,
+                              status=status)
+            message.record(provenance)
+            run.settle(final_frame(message.to_dict()))
+            return
+        try:
+            stored = self.rows.finish(run.message_id, run.text, status, provenance)
+        except Exception:
+            # The row stays "streaming" with its last flush; the reaper interrupts it later.
+            log.exception("chat %s: could not store the reply", short(run.conversation_id))
+            run.settle(error_frame(AppError("internal", "the reply could not be stored"),
+                                   run.message_id))
+            return
+        if stored is None:
+            log.warning("chat %s: deleted during generation; reply dropped",
+                        short(run.conversation_id))
+            run.settle(error_frame(AppError("not_found", "the conversation was deleted while "
+                                            "replying"), run.message_id))
+            return
+        log.info("chat %s: reply %s (%s tokens, %.1fs)", short(run.conversation_id), status,
+                 provenance.completion_tokens, time.perf_counter() - run.started_at)
+        run.settle(final_frame(stored))
+
+    # -- runs for /v1: the client's whole message list, stored or not ------------------------
+    def start_api(
+        self, owner: str, messages: list[dict[str, Any]], *, model: Any, options: GenerationOptions,
+        store: bool, ip: str | None = None, watcher: Watcher | None = None,
+    ) -> Run:
+        """A reply to ``messages`` as an OpenAI client sent them (tool turns included). With
+        ``store`` the call becomes a conversation of ``owner`` (source "api") that grows like
+        any reply; without, nothing is written and the final frame carries the reply."""
+        model = model or self.engines.default_model
+        if not isinstance(model, str):
+            raise AppError("unknown_model", "no model is available on this server", status=404)
+        try:
+            engine = self.engines.engine_for(model)
+        except UnknownModel as exc:
+            raise AppError("unknown_model", exc.message, status=404) from None
+        with self._admitted(owner, ip) as lease:
+            conv, reply = None, None
+            if store:
+                conv, reply = self.chats.begin_api_reply(
+                    owner, messages, self._provenance(engine, model, options),
+                    run_owner=self.identity)
+            return self._launch(owner, model, engine, options, messages, watcher, lease,
+                                conv=conv, reply=reply)
+
+    def shutdown(self, timeout: float = 3.0) -> None:
+        """Stop every run and keep what it wrote, marked "interrupted"."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        runs = self.live_runs()
+        for run in runs:
+            run.stop("shutdown")
+        deadline = time.monotonic() + timeout
+        for run in runs:
+            run.finished.wait(max(0.0, deadline - time.monotonic()))
+        self.keeper.close([run for run in runs if not run.finished.is_set()])
+        with self._lock:
+            for follower in self._followers.values():
+                follower.ended.set()
