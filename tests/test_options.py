@@ -17,6 +17,7 @@ import pytest
 
 from webapp.errors import Invalid
 from webapp.openai_dialect import parse_chat_request
+from webapp.options import GenerationOptions
 
 GARBAGE = [[]]  # no field takes a list holding an empty list
 NOT_TAKEN = ("logprobs", "top_logprobs", "logit_bias", "user", "top_k", "min_p", "suffix",
@@ -45,7 +46,8 @@ def test_every_field_each_parser_accepts_is_documented_and_the_other_way_round(a
             raise Invalid(response.get_json()["error"]["code"], "refused")
 
     parsers = {
-        "Options": services.runs.options,  # what the socket's chat frame options go through
+        # what the socket's chat frame options go through (runs.service._prepare)
+        "Options": lambda raw: GenerationOptions.parse(raw, app.config),
         "Settings": services.chats.clean_settings,
         "defaults": put_defaults,
         "ChatCompletionRequest": lambda raw: parse_chat_request(
@@ -101,7 +103,7 @@ def test_the_page_the_parser_and_the_document_share_each_default_and_range(make_
     page = client.get("/").get_data(as_text=True)
     offered = json.loads(html.unescape(re.search(r'data-options="([^"]*)"', page)[1]))
     published = client.get("/api/openapi.json").get_json()["components"]["schemas"]["Settings"]
-    parsed = app.extensions["bchat"].runs.options({})
+    parsed = GenerationOptions.parse({}, app.config)
     assert offered["max_tokens"] == {"default": 64, "min": 1, "max": 100, "step": 1}
     assert offered["system"] == {"default": None, "max_length": 900}
     assert published["properties"]["system"]["maxLength"] == 900
