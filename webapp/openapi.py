@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .models import STATUSES
 from .openai_dialect import REQUEST_FIELDS
 from .options import CONFIG_DEFAULTS, SETTINGS_ONLY, names, option_schema
 
@@ -68,7 +69,26 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
-_CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": _ID}
+def _closed(properties: dict[str, Any], *required: str, **more: Any) -> dict[str, Any]:
+    """A request body's object: these properties, no others."""
+    return {"type": "object", "additionalProperties": False, "properties": properties,
+            **({"required": list(required)} if required else {}), **more}
+
+
+def _listing(key: str, items: dict[str, Any]) -> dict[str, Any]:
+    """An answer ``{key: [items]}``."""
+    return {"type": "object", "required": [key],
+            "properties": {key: {"type": "array", "items": items}}}
+
+
+def _in_path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": _ID}
+
+
+_CONVERSATION_ID = _in_path("conversation_id")
+_STATUS = {"type": "string", "enum": list(STATUSES)}
+_SETTINGS_OUT = {"type": "object", "required": ["settings"],
+                 "properties": {"settings": {"type": "object"}}}
 
 # A benchmark's figures: measured values, bounded so a typo cannot pose as a result.
 _FIGURE = {"type": "number", "minimum": 0, "maximum": 10_000_000, "nullable": True}
@@ -119,8 +139,7 @@ SCHEMAS: dict[str, Any] = {
             "parent_id": {**_ID, "nullable": True},
             "role": {"type": "string", "enum": ["system", "user", "assistant"]},
             "content": {"type": "string"},
-            "status": {"type": "string",
-                       "enum": ["streaming", "complete", "stopped", "failed", "interrupted"]},
+            "status": _STATUS,
             "created_at": _TIME,
             "engine": {"type": "string", "enum": ["server", "browser"], "nullable": True},
             "backend": {"type": "string", "nullable": True},
@@ -134,75 +153,47 @@ SCHEMAS: dict[str, Any] = {
             "meta": {"type": "object"},
         },
     },
-    "Provenance": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "engine": {"type": "string", "enum": ["browser"]},
-            "backend": {"type": "string", "maxLength": 200, "nullable": True},
-            "model": {"type": "string", "maxLength": 200, "nullable": True},
-            "prompt_tokens": _COUNT,
-            "completion_tokens": _COUNT,
-            "tokens_per_second": _SPEED,
-            "finish_reason": {"type": "string", "maxLength": 200, "nullable": True},
-            "meta": _META_IN,
-        },
-    },
-    "NewMessage": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["role", "content"],
-        "properties": {
-            "role": {"type": "string", "enum": ["user", "assistant"]},
-            "content": {"type": "string", "maxLength": 32000, "pattern": _VISIBLE},
-            "status": {"type": "string",
-                       "enum": ["streaming", "complete", "stopped", "failed", "interrupted"]},
-            "provenance": _ref("Provenance"),
-            "parent_id": {**_ID, "nullable": True,
-                          "description": "absent: after the current leaf; null: a new root"},
-        },
-    },
-    "ImportMessage": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["role", "content"],
-        "properties": {
-            "role": {"type": "string", "enum": ["system", "user", "assistant"]},
-            "content": {"type": "string", "maxLength": 32000},
-            "status": {"type": "string",
-                       "enum": ["streaming", "complete", "stopped", "failed", "interrupted"]},
-            "created_at": _TIME_IN,
-            "engine": {"type": "string", "enum": ["server", "browser"], "nullable": True},
-            "backend": {"type": "string", "maxLength": 200, "nullable": True},
-            "model": {"type": "string", "maxLength": 200, "nullable": True},
-            "usage": {
-                "type": "object", "additionalProperties": False, "nullable": True,
-                "properties": {"prompt_tokens": _COUNT, "completion_tokens": _COUNT},
-            },
-            "tokens_per_second": _SPEED,
-            "finish_reason": {"type": "string", "maxLength": 200, "nullable": True},
-            "meta": _META_IN,
-        },
-    },
-    "Import": {
-        "description": "a version 1 export (the fuzzed subset); version 2 exports, with message "
-                       "ids, parent ids, settings and current_message_id, import too",
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["format", "version", "conversation", "messages"],
-        "properties": {
-            "format": {"type": "string", "enum": ["bchat.conversation"]},
-            "version": {"type": "integer", "enum": [1]},
-            "exported_at": {"type": "string"},
-            "conversation": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["title"],
-                "properties": {"title": _TEXT, "created_at": _TIME_IN, "updated_at": {"type": "string"}},
-            },
-            "messages": {"type": "array", "maxItems": 50, "items": _ref("ImportMessage")},
-        },
-    },
+    "Provenance": _closed({
+        "engine": {"type": "string", "enum": ["browser"]},
+        "backend": {"type": "string", "maxLength": 200, "nullable": True},
+        "model": {"type": "string", "maxLength": 200, "nullable": True},
+        "prompt_tokens": _COUNT,
+        "completion_tokens": _COUNT,
+        "tokens_per_second": _SPEED,
+        "finish_reason": {"type": "string", "maxLength": 200, "nullable": True},
+        "meta": _META_IN,
+    }),
+    "NewMessage": _closed({
+        "role": {"type": "string", "enum": ["user", "assistant"]},
+        "content": {"type": "string", "maxLength": 32000, "pattern": _VISIBLE},
+        "status": _STATUS,
+        "provenance": _ref("Provenance"),
+        "parent_id": {**_ID, "nullable": True,
+                      "description": "absent: after the current leaf; null: a new root"},
+    }, "role", "content"),
+    "ImportMessage": _closed({
+        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+        "content": {"type": "string", "maxLength": 32000},
+        "status": _STATUS,
+        "created_at": _TIME_IN,
+        "engine": {"type": "string", "enum": ["server", "browser"], "nullable": True},
+        "backend": {"type": "string", "maxLength": 200, "nullable": True},
+        "model": {"type": "string", "maxLength": 200, "nullable": True},
+        "usage": _closed({"prompt_tokens": _COUNT, "completion_tokens": _COUNT}, nullable=True),
+        "tokens_per_second": _SPEED,
+        "finish_reason": {"type": "string", "maxLength": 200, "nullable": True},
+        "meta": _META_IN,
+    }, "role", "content"),
+    "Import": _closed({
+        "format": {"type": "string", "enum": ["bchat.conversation"]},
+        "version": {"type": "integer", "enum": [1]},
+        "exported_at": {"type": "string"},
+        "conversation": _closed({"title": _TEXT, "created_at": _TIME_IN,
+                                 "updated_at": {"type": "string"}}, "title"),
+        "messages": {"type": "array", "maxItems": 50, "items": _ref("ImportMessage")},
+    }, "format", "version", "conversation", "messages",
+        description="a version 1 export (the fuzzed subset); version 2 exports, with message "
+                    "ids, parent ids, settings and current_message_id, import too"),
     "Share": {
         "type": "object",
         "required": ["id", "url", "title", "conversation_id", "messages"],
@@ -263,15 +254,12 @@ PATHS: dict[str, Any] = {
     "/api/conversations": {
         "get": {
             "operationId": "list_conversations", "summary": "your conversations, newest first",
-            "responses": _responses("200", {
-                "type": "object", "required": ["conversations"],
-                "properties": {"conversations": {"type": "array", "items": _ref("Conversation")}},
-            }, "the list"),
+            "responses": _responses("200", _listing("conversations", _ref("Conversation")),
+                                    "the list"),
         },
         "post": {
             "operationId": "create_conversation", "summary": "a new, empty conversation",
-            "requestBody": _body({"type": "object", "additionalProperties": False,
-                                  "properties": {"title": _TEXT}}),
+            "requestBody": _body(_closed({"title": _TEXT})),
             "responses": _responses("201", _ref("Conversation"), "created"),
         },
     },
@@ -289,9 +277,8 @@ PATHS: dict[str, Any] = {
         "patch": {
             "operationId": "update_conversation",
             "summary": "rename, switch branch (to the newest leaf below a message), change settings",
-            "requestBody": _body({"type": "object", "additionalProperties": False, "minProperties": 1,
-                                  "properties": {"title": _TEXT, "current_message_id": _ID,
-                                                 "settings": _ref("Settings")}}),
+            "requestBody": _body(_closed({"title": _TEXT, "current_message_id": _ID,
+                                          "settings": _ref("Settings")}, minProperties=1)),
             "responses": _responses("200", _ref("Conversation"), "changed"),
         },
         "delete": {
@@ -312,27 +299,22 @@ PATHS: dict[str, Any] = {
         },
         "post": {
             "operationId": "add_benchmark", "summary": "store a run made in the page (browser engine)",
-            "requestBody": _body({
-                "type": "object", "additionalProperties": False,
-                "required": ["backend", "model", "results"],
-                "properties": {
-                    "backend": {"type": "string", "enum": ["webgpu", "wasm-mt", "wasm-st"]},
-                    "model": {"type": "string", "minLength": 1, "maxLength": 200},
-                    "device": {"type": "object", "additionalProperties": False, "properties": {
-                        "cores": {"type": "integer", "minimum": 1, "maximum": 1024},
-                        "device_memory": {"type": "number", "minimum": 0, "maximum": 1024},
-                        "gpu": {"type": "string", "maxLength": 80, "nullable": True},
-                        "browser": {"type": "string", "maxLength": 80, "nullable": True},
-                        "os": {"type": "string", "maxLength": 80, "nullable": True}}},
-                    "results": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
-                        "type": "object", "required": ["prompt"], "additionalProperties": False,
-                        "properties": {"prompt": {"type": "string", "enum": ["short", "long"]},
-                                       "prompt_tokens": _TALLY, "prompt_cached": _TALLY,
-                                       "completion_tokens": _TALLY, "prompt_ms": _FIGURE,
-                                       "prompt_tps": _FIGURE, "decode_tps": _FIGURE,
-                                       "ttft_ms": _FIGURE, "cold": {"type": "boolean"}}}},
-                },
-            }),
+            "requestBody": _body(_closed({
+                "backend": {"type": "string", "enum": ["webgpu", "wasm-mt", "wasm-st"]},
+                "model": {"type": "string", "minLength": 1, "maxLength": 200},
+                "device": _closed({
+                    "cores": {"type": "integer", "minimum": 1, "maximum": 1024},
+                    "device_memory": {"type": "number", "minimum": 0, "maximum": 1024},
+                    "gpu": {"type": "string", "maxLength": 80, "nullable": True},
+                    "browser": {"type": "string", "maxLength": 80, "nullable": True},
+                    "os": {"type": "string", "maxLength": 80, "nullable": True}}),
+                "results": {"type": "array", "minItems": 1, "maxItems": 2, "items": _closed({
+                    "prompt": {"type": "string", "enum": ["short", "long"]},
+                    "prompt_tokens": _TALLY, "prompt_cached": _TALLY,
+                    "completion_tokens": _TALLY, "prompt_ms": _FIGURE, "prompt_tps": _FIGURE,
+                    "decode_tps": _FIGURE, "ttft_ms": _FIGURE, "cold": {"type": "boolean"}},
+                    "prompt")},
+            }, "backend", "model", "results")),
             "responses": {**_responses("201", {"type": "object"}, "stored"),
                           "429": {"description": "too many posts from this visitor or address "
                                                  "(BCHAT_BENCHMARK_RATE_LIMIT); see Retry-After"}},
@@ -340,9 +322,9 @@ PATHS: dict[str, Any] = {
     },
     "/api/benchmarks/server": {"post": {
         "operationId": "run_server_benchmark", "summary": "run the prompt set on a server model now",
-        "requestBody": _body({"type": "object", "additionalProperties": False, "properties": {
+        "requestBody": _body(_closed({
             "model": {"type": "string", "minLength": 1, "maxLength": 200},
-            "tokens": {"type": "integer", "minimum": 1, "maximum": 8}}}),
+            "tokens": {"type": "integer", "minimum": 1, "maximum": 8}})),
         "responses": {**_responses("201", {"type": "object"}, "the run, stored"),
                       "409": {"description": "another server benchmark is running"},
                       "429": {"description": "rate-limited"}},
@@ -350,18 +332,12 @@ PATHS: dict[str, Any] = {
     "/api/defaults": {
         "get": {
             "operationId": "get_defaults", "summary": "the settings a new conversation starts from",
-            "responses": _responses("200", {"type": "object", "required": ["settings"],
-                                            "properties": {"settings": {"type": "object"}}},
-                                    "the visitor's defaults"),
+            "responses": _responses("200", _SETTINGS_OUT, "the visitor's defaults"),
         },
         "put": {
             "operationId": "put_defaults", "summary": "change the visitor's defaults",
-            "requestBody": _body({"type": "object", "additionalProperties": False,
-                                  "required": ["settings"],
-                                  "properties": {"settings": _ref("Settings")}}),
-            "responses": _responses("200", {"type": "object", "required": ["settings"],
-                                            "properties": {"settings": {"type": "object"}}},
-                                    "stored"),
+            "requestBody": _body(_closed({"settings": _ref("Settings")}, "settings")),
+            "responses": _responses("200", _SETTINGS_OUT, "stored"),
         },
     },
     "/api/conversations/{conversation_id}/messages": {
@@ -374,20 +350,13 @@ PATHS: dict[str, Any] = {
         },
     },
     "/api/conversations/{conversation_id}/messages/{message_id}": {
-        "parameters": [_CONVERSATION_ID, {"name": "message_id", "in": "path", "required": True,
-                                          "schema": _ID}],
+        "parameters": [_CONVERSATION_ID, _in_path("message_id")],
         "patch": {
             "operationId": "update_message",
             "summary": "grow or settle a reply the page is writing (browser engine)",
-            "requestBody": _body({
-                "type": "object", "additionalProperties": False, "required": ["content"],
-                "properties": {
-                    "content": {"type": "string", "maxLength": 32000},
-                    "status": {"type": "string", "enum": ["streaming", "complete", "stopped",
-                                                          "failed", "interrupted"]},
-                    "provenance": _ref("Provenance"),
-                },
-            }),
+            "requestBody": _body(_closed({"content": {"type": "string", "maxLength": 32000},
+                                          "status": _STATUS, "provenance": _ref("Provenance")},
+                                         "content")),
             "responses": {**_responses("200", _ref("Message"), "updated"),
                           "409": {"description": "the reply is already final"}},
         },
@@ -396,8 +365,7 @@ PATHS: dict[str, Any] = {
         "parameters": [_CONVERSATION_ID],
         "post": {
             "operationId": "share_conversation", "summary": "create or refresh the share link",
-            "requestBody": _body({"type": "object", "additionalProperties": False,
-                                  "properties": {"new_link": {"type": "boolean"}}}),
+            "requestBody": _body(_closed({"new_link": {"type": "boolean"}})),
             "responses": _responses("200", _ref("Share"), "the link"),
         },
         "delete": {
@@ -422,32 +390,26 @@ PATHS: dict[str, Any] = {
     },
     "/api/shares": {"get": {
         "operationId": "list_shares", "summary": "your share links",
-        "responses": _responses("200", {
-            "type": "object", "required": ["shares"],
-            "properties": {"shares": {"type": "array", "items": _ref("Share")}},
-        }, "the links"),
+        "responses": _responses("200", _listing("shares", _ref("Share")), "the links"),
     }},
     "/api/search": {"get": {
         "operationId": "search_conversations",
         "summary": "your conversations whose title or messages hold every word of q",
         "parameters": [{"name": "q", "in": "query", "required": True,
                         "schema": {"type": "string", "maxLength": 200}}],
-        "responses": _responses("200", {
-            "type": "object", "required": ["results"],
-            "properties": {"results": {"type": "array", "items": {
-                "type": "object",
-                "required": ["conversation_id", "title", "updated_at", "message_id", "snippet"],
-                "properties": {
-                    "conversation_id": _ID, "title": {"type": "string"}, "updated_at": _TIME,
-                    "message_id": {**_ID, "nullable": True},
-                    "snippet": {"type": "string",
-                                "description": "the words around the first matching message"},
-                },
-            }}},
-        }, "matches, most recently active first (at most 30)"),
+        "responses": _responses("200", _listing("results", {
+            "type": "object",
+            "required": ["conversation_id", "title", "updated_at", "message_id", "snippet"],
+            "properties": {
+                "conversation_id": _ID, "title": {"type": "string"}, "updated_at": _TIME,
+                "message_id": {**_ID, "nullable": True},
+                "snippet": {"type": "string",
+                            "description": "the words around the first matching message"},
+            },
+        }), "matches, most recently active first (at most 30)"),
     }},
     "/api/shares/{share_id}": {
-        "parameters": [{"name": "share_id", "in": "path", "required": True, "schema": _ID}],
+        "parameters": [_in_path("share_id")],
         "delete": {
             "operationId": "revoke_share_by_id", "summary": "revoke a link from the list",
             "responses": _responses("204", None, "revoked"),
@@ -456,18 +418,13 @@ PATHS: dict[str, Any] = {
     "/api/keys": {
         "get": {
             "operationId": "list_keys", "summary": "your API keys for /v1 (revoked ones too)",
-            "responses": _responses("200", {
-                "type": "object", "required": ["keys"],
-                "properties": {"keys": {"type": "array", "items": _ref("ApiKey")}},
-            }, "the keys, newest first"),
+            "responses": _responses("200", _listing("keys", _ref("ApiKey")),
+                                    "the keys, newest first"),
         },
         "post": {
             "operationId": "create_key",
             "summary": "make a key for /v1 (Authorization: Bearer <token>) acting as you",
-            "requestBody": _body({
-                "type": "object", "required": ["name"], "additionalProperties": False,
-                "properties": {"name": {**_TEXT, "maxLength": 100}},
-            }),
+            "requestBody": _body(_closed({"name": {**_TEXT, "maxLength": 100}}, "name")),
             "responses": _responses("201", {
                 "type": "object", "required": ["key", "token"],
                 "properties": {"key": _ref("ApiKey"),
@@ -476,14 +433,13 @@ PATHS: dict[str, Any] = {
         },
     },
     "/api/keys/{key_id}": {
-        "parameters": [{"name": "key_id", "in": "path", "required": True, "schema": _ID}],
+        "parameters": [_in_path("key_id")],
         "delete": {
             "operationId": "revoke_key", "summary": "revoke a key: calls made with it get 401",
             "responses": _responses("204", None, "revoked"),
         },
     },
 }
-
 
 
 def option_schemas(config: Mapping[str, Any] = CONFIG_DEFAULTS) -> dict[str, Any]:
