@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import describe, instance_path, load_config
@@ -18,6 +19,29 @@ def _settings() -> dict:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return config
+
+
+NOT_UPGRADED = "the database is not at the latest schema: run `bchat db upgrade` first"
+
+
+def _on_database(work: Callable[..., int]) -> int:
+    """An admin command's ``work`` on the app's database, which must be at the latest schema;
+    an AppError is printed and exits 1."""
+    from .db import Database
+    from .errors import AppError
+
+    config = _settings()
+    if not schema_is_current(config["DATABASE_URL"]):
+        print(NOT_UPGRADED, file=sys.stderr)
+        return 1
+    db = Database(config["DATABASE_URL"])
+    try:
+        return work(db)
+    except AppError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
 
 
 def db_upgrade(revision: str = "head") -> None:
@@ -125,10 +149,7 @@ def serve(host: str, port: int) -> int:
             file=sys.stderr,
         )
     if not schema_is_current(config["DATABASE_URL"]):
-        print(
-            "the database is not at the latest schema: run `bchat db upgrade` first",
-            file=sys.stderr,
-        )
+        print(NOT_UPGRADED, file=sys.stderr)
         return 2
     from . import create_app
     from .security import redacting_request_handler
@@ -158,8 +179,7 @@ def bench(models: list[str] | None, tokens: int | None, *, store: bool) -> int:
 
     config = _settings()
     if store and not schema_is_current(config["DATABASE_URL"]):
-        print("the database is not at the latest schema: run `bchat db upgrade` first "
-              "(or use --no-store)", file=sys.stderr)
+        print(f"{NOT_UPGRADED} (or use --no-store)", file=sys.stderr)
         return 2
     app = create_app()
     services = app.extensions["bchat"]
@@ -183,18 +203,10 @@ def manage_benchmarks(remove: str | None) -> int:
     """`bchat bench --list` / `--remove ID`: an admin's view of the stored runs (everyone's
     page shows them), without loading any model."""
     from .benchmarks import BenchmarkService
-    from .db import Database
-    from .errors import AppError
     from .security import short
 
-    config = _settings()
-    if not schema_is_current(config["DATABASE_URL"]):
-        print("the database is not at the latest schema: run `bchat db upgrade` first",
-              file=sys.stderr)
-        return 1
-    db = Database(config["DATABASE_URL"])
-    benchmarks = BenchmarkService(db, None, None, None)
-    try:
+    def work(db) -> int:
+        benchmarks = BenchmarkService(db, None, None, None)
         if remove is not None:
             record = benchmarks.remove(remove)
             print(f"removed {record['id']} ({record['engine']} {record['backend']} "
@@ -207,11 +219,8 @@ def manage_benchmarks(remove: str | None) -> int:
         if not listed:
             print("no benchmark runs stored", file=sys.stderr)
         return 0
-    except AppError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    finally:
-        db.dispose()
+
+    return _on_database(work)
 
 
 def manage_keys(args) -> int:
@@ -219,17 +228,9 @@ def manage_keys(args) -> int:
     import secrets
 
     from .api_keys import KeyService
-    from .db import Database
-    from .errors import AppError
 
-    config = _settings()
-    if not schema_is_current(config["DATABASE_URL"]):
-        print("the database is not at the latest schema: run `bchat db upgrade` first",
-              file=sys.stderr)
-        return 1
-    db = Database(config["DATABASE_URL"])
-    keys = KeyService(db)
-    try:
+    def work(db) -> int:
+        keys = KeyService(db)
         if args.keys_command == "create":
             owner = args.owner or secrets.token_urlsafe(18)
             key, token = keys.create(owner, args.name)
@@ -250,11 +251,8 @@ def manage_keys(args) -> int:
         if not listed:
             print("no API keys", file=sys.stderr)
         return 0
-    except AppError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    finally:
-        db.dispose()
+
+    return _on_database(work)
 
 
 def main(argv: list[str] | None = None) -> int:
