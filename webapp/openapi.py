@@ -59,14 +59,18 @@ _ERRORS = {
 }
 
 
-def _responses(ok: str, schema: dict[str, Any] | None, description: str) -> dict[str, Any]:
-    responses: dict[str, Any] = dict(_ERRORS)
+def _op(operation_id: str, summary: str, ok: str, schema: dict[str, Any] | None,
+        description: str, body: dict[str, Any] | None = None, *,
+        also: dict[str, str] | None = None, **more: Any) -> dict[str, Any]:
+    """One operation: its answer ``ok`` (``schema`` None: no content), the errors any
+    operation may answer and those in ``also``, and ``body`` its JSON request body."""
+    responses: dict[str, Any] = {**_ERRORS, **{s: {"description": d} for s, d in (also or {}).items()}}
     responses[ok] = {"description": description} if schema is None else _json(schema, description)
-    return responses
-
-
-def _body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
+    operation = {"operationId": operation_id, "summary": summary, "responses": responses, **more}
+    if body is not None:
+        operation["requestBody"] = {"required": True,
+                                    "content": {"application/json": {"schema": body}}}
+    return operation
 
 
 def _closed(properties: dict[str, Any], *required: str, **more: Any) -> dict[str, Any]:
@@ -230,148 +234,99 @@ SCHEMAS: dict[str, Any] = {
 }
 
 PATHS: dict[str, Any] = {
-    "/healthz": {"get": {
-        "operationId": "healthz",
-        "summary": "the database answers; how many models; 503 naming a dead or stuck model",
-        "responses": {**_responses("200", {
-            "type": "object", "required": ["status", "models"],
-            "properties": {"status": {"type": "string"}, "models": {"type": "integer"},
-                           "runs": {"type": "integer"}},
-        }, "healthy"), "503": {"description": "an inference thread is dead or stuck"}},
-    }},
-    "/api/openapi.json": {"get": {
-        "operationId": "openapi", "summary": "this document",
-        "responses": _responses("200", {"type": "object"}, "the OpenAPI document"),
-    }},
-    "/api/models": {"get": {
-        "operationId": "models", "summary": "every model, where it runs, and its facts",
-        "responses": _responses("200", {
-            "type": "object", "required": ["models"],
-            "properties": {"models": {"type": "array", "items": {"type": "object"}},
-                           "default": {"type": "string", "nullable": True}},
-        }, "the models"),
-    }},
+    "/healthz": {"get": _op(
+        "healthz", "the database answers; how many models; 503 naming a dead or stuck model",
+        "200", {"type": "object", "required": ["status", "models"],
+                "properties": {"status": {"type": "string"}, "models": {"type": "integer"},
+                               "runs": {"type": "integer"}}},
+        "healthy", also={"503": "an inference thread is dead or stuck"})},
+    "/api/openapi.json": {"get": _op("openapi", "this document", "200", {"type": "object"},
+                                     "the OpenAPI document")},
+    "/api/models": {"get": _op(
+        "models", "every model, where it runs, and its facts",
+        "200", {"type": "object", "required": ["models"],
+                "properties": {"models": {"type": "array", "items": {"type": "object"}},
+                               "default": {"type": "string", "nullable": True}}},
+        "the models")},
     "/api/conversations": {
-        "get": {
-            "operationId": "list_conversations", "summary": "your conversations, newest first",
-            "responses": _responses("200", _listing("conversations", _ref("Conversation")),
-                                    "the list"),
-        },
-        "post": {
-            "operationId": "create_conversation", "summary": "a new, empty conversation",
-            "requestBody": _body(_closed({"title": _TEXT})),
-            "responses": _responses("201", _ref("Conversation"), "created"),
-        },
+        "get": _op("list_conversations", "your conversations, newest first",
+                   "200", _listing("conversations", _ref("Conversation")), "the list"),
+        "post": _op("create_conversation", "a new, empty conversation",
+                    "201", _ref("Conversation"), "created", _closed({"title": _TEXT})),
     },
-    "/api/conversations/import": {"post": {
-        "operationId": "import_conversation", "summary": "an export file back into a new conversation",
-        "requestBody": _body(_ref("Import")),
-        "responses": _responses("201", _ref("Conversation"), "imported"),
-    }},
+    "/api/conversations/import": {"post": _op(
+        "import_conversation", "an export file back into a new conversation",
+        "201", _ref("Conversation"), "imported", _ref("Import"))},
     "/api/conversations/{conversation_id}": {
         "parameters": [_CONVERSATION_ID],
-        "get": {
-            "operationId": "get_conversation", "summary": "a conversation with its messages",
-            "responses": _responses("200", _ref("Conversation"), "the conversation"),
-        },
-        "patch": {
-            "operationId": "update_conversation",
-            "summary": "rename, switch branch (to the newest leaf below a message), change settings",
-            "requestBody": _body(_closed({"title": _TEXT, "current_message_id": _ID,
-                                          "settings": _ref("Settings")}, minProperties=1)),
-            "responses": _responses("200", _ref("Conversation"), "changed"),
-        },
-        "delete": {
-            "operationId": "delete_conversation", "summary": "delete, with its messages",
-            "responses": _responses("204", None, "deleted"),
-        },
+        "get": _op("get_conversation", "a conversation with its messages",
+                   "200", _ref("Conversation"), "the conversation"),
+        "patch": _op("update_conversation",
+                     "rename, switch branch (to the newest leaf below a message), change settings",
+                     "200", _ref("Conversation"), "changed",
+                     _closed({"title": _TEXT, "current_message_id": _ID,
+                              "settings": _ref("Settings")}, minProperties=1)),
+        "delete": _op("delete_conversation", "delete, with its messages", "204", None, "deleted"),
     },
     "/api/benchmarks": {
-        "get": {
-            "operationId": "list_benchmarks",
-            "summary": "everyone's runs of the fixed prompt set, newest first, and the prompt set",
-            "responses": _responses("200", {"type": "object", "required": ["benchmarks", "prompts"],
-                                            "properties": {"benchmarks": {"type": "array"},
-                                                           "prompts": {"type": "array"},
-                                                           "tokens": {"type": "integer"},
-                                                           "seed": {"type": "integer"}}},
-                                    "the runs"),
-        },
-        "post": {
-            "operationId": "add_benchmark", "summary": "store a run made in the page (browser engine)",
-            "requestBody": _body(_closed({
-                "backend": {"type": "string", "enum": ["webgpu", "wasm-mt", "wasm-st"]},
-                "model": {"type": "string", "minLength": 1, "maxLength": 200},
-                "device": _closed({
-                    "cores": {"type": "integer", "minimum": 1, "maximum": 1024},
-                    "device_memory": {"type": "number", "minimum": 0, "maximum": 1024},
-                    "gpu": {"type": "string", "maxLength": 80, "nullable": True},
-                    "browser": {"type": "string", "maxLength": 80, "nullable": True},
-                    "os": {"type": "string", "maxLength": 80, "nullable": True}}),
-                "results": {"type": "array", "minItems": 1, "maxItems": 2, "items": _closed({
-                    "prompt": {"type": "string", "enum": ["short", "long"]},
-                    "prompt_tokens": _TALLY, "prompt_cached": _TALLY,
-                    "completion_tokens": _TALLY, "prompt_ms": _FIGURE, "prompt_tps": _FIGURE,
-                    "decode_tps": _FIGURE, "ttft_ms": _FIGURE, "cold": {"type": "boolean"}},
-                    "prompt")},
-            }, "backend", "model", "results")),
-            "responses": {**_responses("201", {"type": "object"}, "stored"),
-                          "429": {"description": "too many posts from this visitor or address "
-                                                 "(BCHAT_BENCHMARK_RATE_LIMIT); see Retry-After"}},
-        },
+        "get": _op("list_benchmarks",
+                   "everyone's runs of the fixed prompt set, newest first, and the prompt set",
+                   "200", {"type": "object", "required": ["benchmarks", "prompts"],
+                           "properties": {"benchmarks": {"type": "array"},
+                                          "prompts": {"type": "array"},
+                                          "tokens": {"type": "integer"},
+                                          "seed": {"type": "integer"}}},
+                   "the runs"),
+        "post": _op("add_benchmark", "store a run made in the page (browser engine)",
+                    "201", {"type": "object"}, "stored", _closed({
+                        "backend": {"type": "string", "enum": ["webgpu", "wasm-mt", "wasm-st"]},
+                        "model": {"type": "string", "minLength": 1, "maxLength": 200},
+                        "device": _closed({
+                            "cores": {"type": "integer", "minimum": 1, "maximum": 1024},
+                            "device_memory": {"type": "number", "minimum": 0, "maximum": 1024},
+                            "gpu": {"type": "string", "maxLength": 80, "nullable": True},
+                            "browser": {"type": "string", "maxLength": 80, "nullable": True},
+                            "os": {"type": "string", "maxLength": 80, "nullable": True}}),
+                        "results": {"type": "array", "minItems": 1, "maxItems": 2, "items": _closed({
+                            "prompt": {"type": "string", "enum": ["short", "long"]},
+                            "prompt_tokens": _TALLY, "prompt_cached": _TALLY,
+                            "completion_tokens": _TALLY, "prompt_ms": _FIGURE,
+                            "prompt_tps": _FIGURE, "decode_tps": _FIGURE, "ttft_ms": _FIGURE,
+                            "cold": {"type": "boolean"}}, "prompt")},
+                    }, "backend", "model", "results"),
+                    also={"429": "too many posts from this visitor or address "
+                                 "(BCHAT_BENCHMARK_RATE_LIMIT); see Retry-After"}),
     },
-    "/api/benchmarks/server": {"post": {
-        "operationId": "run_server_benchmark", "summary": "run the prompt set on a server model now",
-        "requestBody": _body(_closed({
-            "model": {"type": "string", "minLength": 1, "maxLength": 200},
-            "tokens": {"type": "integer", "minimum": 1, "maximum": 8}})),
-        "responses": {**_responses("201", {"type": "object"}, "the run, stored"),
-                      "409": {"description": "another server benchmark is running"},
-                      "429": {"description": "rate-limited"}},
-    }},
+    "/api/benchmarks/server": {"post": _op(
+        "run_server_benchmark", "run the prompt set on a server model now",
+        "201", {"type": "object"}, "the run, stored",
+        _closed({"model": {"type": "string", "minLength": 1, "maxLength": 200},
+                 "tokens": {"type": "integer", "minimum": 1, "maximum": 8}}),
+        also={"409": "another server benchmark is running", "429": "rate-limited"})},
     "/api/defaults": {
-        "get": {
-            "operationId": "get_defaults", "summary": "the settings a new conversation starts from",
-            "responses": _responses("200", _SETTINGS_OUT, "the visitor's defaults"),
-        },
-        "put": {
-            "operationId": "put_defaults", "summary": "change the visitor's defaults",
-            "requestBody": _body(_closed({"settings": _ref("Settings")}, "settings")),
-            "responses": _responses("200", _SETTINGS_OUT, "stored"),
-        },
+        "get": _op("get_defaults", "the settings a new conversation starts from",
+                   "200", _SETTINGS_OUT, "the visitor's defaults"),
+        "put": _op("put_defaults", "change the visitor's defaults", "200", _SETTINGS_OUT, "stored",
+                   _closed({"settings": _ref("Settings")}, "settings")),
     },
     "/api/conversations/{conversation_id}/messages": {
         "parameters": [_CONVERSATION_ID],
-        "post": {
-            "operationId": "add_message",
-            "summary": "store a message written in the page (browser engine)",
-            "requestBody": _body(_ref("NewMessage")),
-            "responses": _responses("201", _ref("Message"), "stored"),
-        },
+        "post": _op("add_message", "store a message written in the page (browser engine)",
+                    "201", _ref("Message"), "stored", _ref("NewMessage")),
     },
     "/api/conversations/{conversation_id}/messages/{message_id}": {
         "parameters": [_CONVERSATION_ID, _in_path("message_id")],
-        "patch": {
-            "operationId": "update_message",
-            "summary": "grow or settle a reply the page is writing (browser engine)",
-            "requestBody": _body(_closed({"content": {"type": "string", "maxLength": 32000},
-                                          "status": _STATUS, "provenance": _ref("Provenance")},
-                                         "content")),
-            "responses": {**_responses("200", _ref("Message"), "updated"),
-                          "409": {"description": "the reply is already final"}},
-        },
+        "patch": _op("update_message", "grow or settle a reply the page is writing (browser engine)",
+                     "200", _ref("Message"), "updated",
+                     _closed({"content": {"type": "string", "maxLength": 32000},
+                              "status": _STATUS, "provenance": _ref("Provenance")}, "content"),
+                     also={"409": "the reply is already final"}),
     },
     "/api/conversations/{conversation_id}/share": {
         "parameters": [_CONVERSATION_ID],
-        "post": {
-            "operationId": "share_conversation", "summary": "create or refresh the share link",
-            "requestBody": _body(_closed({"new_link": {"type": "boolean"}})),
-            "responses": _responses("200", _ref("Share"), "the link"),
-        },
-        "delete": {
-            "operationId": "revoke_share", "summary": "revoke the link",
-            "responses": _responses("204", None, "revoked"),
-        },
+        "post": _op("share_conversation", "create or refresh the share link", "200", _ref("Share"),
+                    "the link", _closed({"new_link": {"type": "boolean"}})),
+        "delete": _op("revoke_share", "revoke the link", "204", None, "revoked"),
     },
     "/api/conversations/{conversation_id}/export": {
         "parameters": [_CONVERSATION_ID],
@@ -388,16 +343,11 @@ PATHS: dict[str, Any] = {
             },
         },
     },
-    "/api/shares": {"get": {
-        "operationId": "list_shares", "summary": "your share links",
-        "responses": _responses("200", _listing("shares", _ref("Share")), "the links"),
-    }},
-    "/api/search": {"get": {
-        "operationId": "search_conversations",
-        "summary": "your conversations whose title or messages hold every word of q",
-        "parameters": [{"name": "q", "in": "query", "required": True,
-                        "schema": {"type": "string", "maxLength": 200}}],
-        "responses": _responses("200", _listing("results", {
+    "/api/shares": {"get": _op("list_shares", "your share links",
+                               "200", _listing("shares", _ref("Share")), "the links")},
+    "/api/search": {"get": _op(
+        "search_conversations", "your conversations whose title or messages hold every word of q",
+        "200", _listing("results", {
             "type": "object",
             "required": ["conversation_id", "title", "updated_at", "message_id", "snippet"],
             "properties": {
@@ -406,38 +356,26 @@ PATHS: dict[str, Any] = {
                 "snippet": {"type": "string",
                             "description": "the words around the first matching message"},
             },
-        }), "matches, most recently active first (at most 30)"),
-    }},
+        }), "matches, most recently active first (at most 30)",
+        parameters=[{"name": "q", "in": "query", "required": True,
+                     "schema": {"type": "string", "maxLength": 200}}])},
     "/api/shares/{share_id}": {
         "parameters": [_in_path("share_id")],
-        "delete": {
-            "operationId": "revoke_share_by_id", "summary": "revoke a link from the list",
-            "responses": _responses("204", None, "revoked"),
-        },
+        "delete": _op("revoke_share_by_id", "revoke a link from the list", "204", None, "revoked"),
     },
     "/api/keys": {
-        "get": {
-            "operationId": "list_keys", "summary": "your API keys for /v1 (revoked ones too)",
-            "responses": _responses("200", _listing("keys", _ref("ApiKey")),
-                                    "the keys, newest first"),
-        },
-        "post": {
-            "operationId": "create_key",
-            "summary": "make a key for /v1 (Authorization: Bearer <token>) acting as you",
-            "requestBody": _body(_closed({"name": {**_TEXT, "maxLength": 100}}, "name")),
-            "responses": _responses("201", {
-                "type": "object", "required": ["key", "token"],
-                "properties": {"key": _ref("ApiKey"),
-                               "token": {"type": "string", "description": "shown only now"}},
-            }, "the key, and its token (never shown again)"),
-        },
+        "get": _op("list_keys", "your API keys for /v1 (revoked ones too)",
+                   "200", _listing("keys", _ref("ApiKey")), "the keys, newest first"),
+        "post": _op("create_key", "make a key for /v1 (Authorization: Bearer <token>) acting as you",
+                    "201", {"type": "object", "required": ["key", "token"],
+                            "properties": {"key": _ref("ApiKey"), "token": {
+                                "type": "string", "description": "shown only now"}}},
+                    "the key, and its token (never shown again)",
+                    _closed({"name": {**_TEXT, "maxLength": 100}}, "name")),
     },
     "/api/keys/{key_id}": {
         "parameters": [_in_path("key_id")],
-        "delete": {
-            "operationId": "revoke_key", "summary": "revoke a key: calls made with it get 401",
-            "responses": _responses("204", None, "revoked"),
-        },
+        "delete": _op("revoke_key", "revoke a key: calls made with it get 401", "204", None, "revoked"),
     },
 }
 
