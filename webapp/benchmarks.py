@@ -102,18 +102,11 @@ class BenchmarkService:
 
     def run_server(self, model: str | None, *, tokens: int = DEFAULT_TOKENS,
                    owner: str | None = None, store: bool = True) -> dict[str, Any]:
-        model = model or self.engines.default_model
-        if not isinstance(model, str):
-            raise AppError("unknown_model", "no model is available on this server", status=404)
         if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= MAX_TOKENS:
             raise Invalid("bad_tokens", f"tokens must be from 1 to {MAX_TOKENS}")
-        try:
-            engine = self.engines.engine_for(model)
-        except EngineError as exc:
-            raise AppError("unknown_model", exc.message, status=404) from None
+        model, engine = self.engines.resolve(model)
         if not self._lock.acquire(blocking=False):
-            raise AppError("busy", "a server benchmark is already running; try again shortly",
-                           status=409)
+            raise AppError("busy", "a server benchmark is already running; try again shortly")
         try:
             busy = len(self.runs.live_runs()) if self.runs is not None else 0
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import AppError
 from .base import Engine, ModelInfo, UnknownModel
 
 
@@ -33,6 +34,17 @@ class EngineRegistry:
             if any(info.id == model_id for info in engine.models()):
                 return engine
         raise UnknownModel(f"no model named {model_id!r} on this server")
+
+    def resolve(self, model: Any) -> tuple[str, Engine]:
+        """The model a client asked for (none: the default one) and its engine; AppError
+        ``unknown_model`` (404) when there is no such model."""
+        chosen = model or self.default_model
+        if not isinstance(chosen, str):
+            raise AppError("unknown_model", "no model is available on this server")
+        try:
+            return chosen, self.engine_for(chosen)
+        except UnknownModel as exc:
+            raise AppError("unknown_model", exc.message) from None
 
     def health(self, stuck_after: float) -> list[dict[str, Any]]:
         """Problems that fail every chat to a model: a dead or stuck inference thread."""

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..chats import MISSING, ChatService
 from ..engines import EngineRegistry
-from ..engines.base import EngineError, Finished, Queued, Token, UnknownModel, timed
+from ..engines.base import EngineError, Finished, Queued, Token, timed
 from ..errors import AppError, Invalid
 from ..limits import COMPARE_MAX, Lease, Limits
 from ..models import Message, Provenance, new_public_id
@@ -82,17 +82,13 @@ class RunService:
         raw = settings_options(base)
         raw.update(options or {})
         parsed = GenerationOptions.parse(raw, self.config)
-        chosen = model or base.get("model") or self.engines.default_model
-        if not isinstance(chosen, str):
-            raise AppError("unknown_model", "no model is available on this server", status=404)
         try:
-            engine = self.engines.engine_for(chosen)
-        except UnknownModel as exc:
-            if model or not self.engines.default_model:
-                raise AppError("unknown_model", exc.message, status=404) from None
+            chosen, engine = self.engines.resolve(model or base.get("model"))
+        except AppError:
+            if model or not base.get("model") or not self.engines.default_model:
+                raise
             # The conversation's model is gone from this server: use the default one.
-            chosen = self.engines.default_model
-            engine = self.engines.engine_for(chosen)
+            chosen, engine = self.engines.resolve(None)
         return parsed, chosen, engine, new_settings
 
     @staticmethod
@@ -393,13 +389,7 @@ class RunService:
         """A reply to ``messages`` as an OpenAI client sent them (tool turns included). With
         ``store`` the call becomes a conversation of ``owner`` (source "api") that grows like
         any reply; without, nothing is written and the final frame carries the reply."""
-        model = model or self.engines.default_model
-        if not isinstance(model, str):
-            raise AppError("unknown_model", "no model is available on this server", status=404)
-        try:
-            engine = self.engines.engine_for(model)
-        except UnknownModel as exc:
-            raise AppError("unknown_model", exc.message, status=404) from None
+        model, engine = self.engines.resolve(model)
         with self._admitted(owner, ip) as lease:
             conv, reply = None, None
             if store:
