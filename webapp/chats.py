@@ -18,6 +18,7 @@ from .errors import AppError, Invalid, NotFound
 from .models import (
     ENGINES,
     ROLES,
+    STATUSES,
     Conversation,
     Message,
     Provenance,
@@ -42,9 +43,6 @@ MISSING: Any = object()  # "not given", as opposed to an explicit null (e.g. par
 
 # Replies that can be continued: cut off by the token limit, a stop, or an interruption.
 CONTINUABLE = ("complete", "stopped", "interrupted")
-
-# What a page may set on a reply it writes (the browser engine); "interrupted" is for pagehide.
-STATUSES_FROM_PAGE = ("streaming", "complete", "stopped", "failed", "interrupted")
 
 
 def title_from(content: str) -> str:
@@ -194,7 +192,7 @@ class ChatService:
     def _refuse_busy(conv: Conversation) -> None:
         if any(m.status == "streaming" for m in conv.messages):
             raise AppError("busy", "a reply is still being written in this conversation; "
-                           "stop it or wait for it first", status=409)
+                           "stop it or wait for it first")
 
     def add_user_message(
         self, owner_id: str, conversation_id: str | None, content: str, *,
@@ -316,8 +314,8 @@ class ChatService:
         status: str, provenance: Provenance | None,
     ) -> dict[str, Any]:
         """A reply the page is writing: it grows while "streaming", then settles once."""
-        if status not in STATUSES_FROM_PAGE:
-            raise Invalid("bad_status", f"status must be one of {', '.join(STATUSES_FROM_PAGE)}")
+        if status not in STATUSES:  # a page may set any ("interrupted": on pagehide)
+            raise Invalid("bad_status", f"status must be one of {', '.join(STATUSES)}")
         with self.db.write() as session:
             conv = self.owned(session, owner_id, conversation_id)
             message = session.scalar(
@@ -329,8 +327,7 @@ class ChatService:
             if message.engine != "browser":
                 raise Invalid("bad_engine", "only replies written in the page can be updated")
             if message.status != "streaming":
-                raise AppError("already_final", f"this reply is already {message.status}",
-                               status=409)
+                raise AppError("already_final", f"this reply is already {message.status}")
             if provenance is not None:
                 if provenance.engine != "browser":
                     raise Invalid("bad_engine", "replies posted through the API come from the "
@@ -358,8 +355,8 @@ class ChatService:
     ) -> dict[str, Any]:
         """Store an assistant reply written in the page: complete, the partial text of a
         stopped/failed one, or the start of one that will grow ("streaming")."""
-        if status not in STATUSES_FROM_PAGE:
-            raise Invalid("bad_status", f"status must be one of {', '.join(STATUSES_FROM_PAGE)}")
+        if status not in STATUSES:  # a page may set any ("interrupted": on pagehide)
+            raise Invalid("bad_status", f"status must be one of {', '.join(STATUSES)}")
         if provenance.engine not in ENGINES:
             raise Invalid("bad_engine", f"engine must be one of {', '.join(ENGINES)}")
         with self.db.write() as session:

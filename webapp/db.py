@@ -137,7 +137,7 @@ class FairGate:
     def held(self, timeout: float) -> Iterator[None]:
         if not self.acquire(timeout):
             raise AppError("database_busy", "the database is busy; try again in a moment",
-                           status=503, retry_after=BUSY_RETRY_AFTER_S)
+                           retry_after=BUSY_RETRY_AFTER_S)
         try:
             yield
         finally:
@@ -176,7 +176,7 @@ class Database:
             if not _busy(exc):
                 raise
             raise AppError("database_busy", "the database is busy; try again in a moment",
-                           status=503, retry_after=BUSY_RETRY_AFTER_S) from exc
+                           retry_after=BUSY_RETRY_AFTER_S) from exc
 
     def dispose(self) -> None:
         self.engine.dispose()

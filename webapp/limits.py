@@ -261,11 +261,11 @@ class Limits:
                                retry_after=self.socket_retry_after)
             if self.sockets_per_visitor and self._held[visitor_key] >= self.sockets_per_visitor:
                 raise AppError("too_many_sockets", f"you already have {self._held[visitor_key]} "
-                               "chat connections open; close a tab first", status=429,
+                               "chat connections open; close a tab first",
                                retry_after=self.socket_retry_after)
             if self.sockets_per_address and self._held[network_key] >= self.sockets_per_address:
                 raise AppError("too_many_sockets", "your network already holds its share of "
-                               "this server's chat connections; try again shortly", status=429,
+                               "this server's chat connections; try again shortly",
                                retry_after=self.socket_retry_after)
             return self._take({"sockets": 1, visitor_key: 1, network_key: 1})
 
