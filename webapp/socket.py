@@ -34,6 +34,8 @@ bp = Blueprint("socket", __name__)
 sock = Sock()
 
 _CLOSED = object()  # the reader's last word: the client has gone
+
+
 @bp.before_request
 def _check_handshake():
     """Runs before the websocket upgrade: a refusal here is a plain HTTP answer."""
@@ -43,12 +45,9 @@ def _check_handshake():
         abort(403, description="open the chat page first: the socket needs its owner cookie")
     # Each open socket holds a server thread for as long as it is open: without a cap the
     # sockets take every thread and the site stops answering even page loads; without a
-    # share per visitor and per network, one of them could take every slot.
-    try:
-        g.bchat_socket_lease = get_limits().take_socket(owner, request.remote_addr)
-    except AppError as exc:
-        return exc.response()
-    return None
+    # share per visitor and per network, one of them could take every slot. A refusal is an
+    # AppError, answered in bchat's dialect with its Retry-After (errors.py).
+    g.bchat_socket_lease = get_limits().take_socket(owner, request.remote_addr)
 
 
 @bp.teardown_request
