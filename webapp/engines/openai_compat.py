@@ -143,9 +143,6 @@ class OpenAICompatEngine:
         options: GenerationOptions,
         cancel: threading.Event,
     ) -> Iterator[Chunk]:
-        return self._stream(model, messages, options, cancel)
-
-    def _stream(self, model, messages, options, cancel) -> Iterator[Chunk]:
         import openai
 
         if options.system:

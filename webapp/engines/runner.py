@@ -4,7 +4,7 @@ A reply is one connection to the model's runner on its Unix socket: one JSON req
 (history and the already-validated options), then JSON lines back. A stop closes the
 connection, which the runner sees at once. A runner that dies mid-reply breaks the connection;
 the supervisor's ``state.json`` then says how it died, and the reply fails with
-``model_crashed`` (runs.py keeps the text it had). Nothing here loads native code.
+``model_crashed`` (the run service keeps the text it had). Nothing here loads native code.
 """
 
 from __future__ import annotations
