@@ -166,13 +166,8 @@ class Message(Base):
     parent: Mapped[Message | None] = relationship(remote_side=[id], viewonly=True)
 
     def record(self, provenance: Provenance) -> None:
-        self.engine = provenance.engine
-        self.backend = provenance.backend
-        self.model = provenance.model
-        self.prompt_tokens = provenance.prompt_tokens
-        self.completion_tokens = provenance.completion_tokens
-        self.tokens_per_second = provenance.tokens_per_second
-        self.finish_reason = provenance.finish_reason
+        for column, value in vars(provenance).items():  # its fields are these columns
+            setattr(self, column, value)
         self.meta = provenance.meta or None
 
     @staticmethod
