@@ -28,20 +28,26 @@ log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
 
 
-def json_body() -> dict[str, Any]:
-    """The request's JSON object, parsed by validation's strict rules (400 with a code).
+def request_json() -> Any:
+    """The request's body, parsed by validation's strict rules (400 with a code; the JSON API
+    and /v1).
 
     ``get_data`` raises 413 for a Content-Length over MAX_CONTENT_LENGTH, but a chunked body
     (no Content-Length) is silently cut at the limit, which then read as a 400 bad_json: a
     body that fills the limit is taken as one that went over it.
     """
-    if not request.is_json:
-        raise AppError("json_required", "send a JSON body (Content-Type: application/json)")
     limit = current_app.config["MAX_UPLOAD_BYTES"]
     data = request.get_data(cache=True)
     if request.content_length is None and len(data) >= limit:
-        raise RequestEntityTooLarge()
-    body = parse_json_text(data, max_bytes=limit)
+        raise RequestEntityTooLarge(f"the body is over {limit} bytes")
+    return parse_json_text(data, max_bytes=limit)
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object (Content-Type: application/json)."""
+    if not request.is_json:
+        raise AppError("json_required", "send a JSON body (Content-Type: application/json)")
+    body = request_json()
     if not isinstance(body, dict):
         raise Invalid("bad_json", "the body must be a JSON object")
     return body

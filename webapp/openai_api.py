@@ -1,6 +1,6 @@
 """``/v1``: an OpenAI-compatible API on the main app, for programs holding an API key.
 
-A thin adapter over the run service (runs.py), as the websocket is: a call is a run that the
+A thin adapter over the run service (runs/), as the websocket is: a call is a run that the
 request watches through a queue. Whatever the page can chat with (the embedded models, a
 shared ``bchat worker``, upstreams) is offered here under the same ids. A call made with a key
 acts as the key's owner; unless the body says ``"store": false`` it becomes a conversation of
@@ -17,12 +17,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
-from werkzeug.exceptions import RequestEntityTooLarge
 
+from .api import request_json
 from .errors import AppError
 from .openai_dialect import CompletionShaper, model_list, parse_chat_request, sse, sse_error
 from .services import get_services
-from .validation import parse_json_text
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +84,6 @@ class QueueWatcher:
             return None
 
 
-def _json_body() -> Any:
-    limit = current_app.config["MAX_UPLOAD_BYTES"]
-    data = request.get_data(cache=True)
-    if request.content_length is None and len(data) >= limit:
-        raise RequestEntityTooLarge(f"the body is over {limit} bytes")
-    return parse_json_text(data, max_bytes=limit)
-
-
 def _failed(frame: dict[str, Any]) -> AppError:
     """A run's error frame (an engine's failure, mapped once in errors.py)."""
     return AppError(frame.get("code", "model_failed"), frame.get("message", "the model failed"))
@@ -102,7 +93,7 @@ def _failed(frame: dict[str, Any]) -> AppError:
 def chat_completions():
     services = get_services()
     config = current_app.config
-    call = parse_chat_request(_json_body(), config)
+    call = parse_chat_request(request_json(), config)
     owner = g.api_key["owner"]
     watcher = QueueWatcher()
     run = services.runs.start_api(owner, call.messages, model=call.model, options=call.options,
