@@ -73,16 +73,19 @@ def _op(operation_id: str, summary: str, ok: str, schema: dict[str, Any] | None,
     return operation
 
 
+def _object(properties: dict[str, Any], *required: str, **more: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": properties,
+            **({"required": list(required)} if required else {}), **more}
+
+
 def _closed(properties: dict[str, Any], *required: str, **more: Any) -> dict[str, Any]:
     """A request body's object: these properties, no others."""
-    return {"type": "object", "additionalProperties": False, "properties": properties,
-            **({"required": list(required)} if required else {}), **more}
+    return _object(properties, *required, additionalProperties=False, **more)
 
 
 def _listing(key: str, items: dict[str, Any]) -> dict[str, Any]:
     """An answer ``{key: [items]}``."""
-    return {"type": "object", "required": [key],
-            "properties": {key: {"type": "array", "items": items}}}
+    return _object({key: {"type": "array", "items": items}}, key)
 
 
 def _in_path(name: str) -> dict[str, Any]:
@@ -91,72 +94,47 @@ def _in_path(name: str) -> dict[str, Any]:
 
 _CONVERSATION_ID = _in_path("conversation_id")
 _STATUS = {"type": "string", "enum": list(STATUSES)}
-_SETTINGS_OUT = {"type": "object", "required": ["settings"],
-                 "properties": {"settings": {"type": "object"}}}
+_SETTINGS_OUT = _object({"settings": {"type": "object"}}, "settings")
 
 # A benchmark's figures: measured values, bounded so a typo cannot pose as a result.
 _FIGURE = {"type": "number", "minimum": 0, "maximum": 10_000_000, "nullable": True}
 _TALLY = {"type": "integer", "minimum": 0, "maximum": 10_000_000, "nullable": True}
 
 SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-            }
-        },
-    },
-    "Conversation": {
-        "type": "object",
-        "required": ["id", "title", "created_at", "updated_at"],
-        "properties": {
-            "id": _ID, "title": {"type": "string"}, "created_at": _TIME, "updated_at": _TIME,
-            "shared": {"type": "boolean"},
-            "settings": {"type": "object"},
-            "current_message_id": {**_ID, "nullable": True},
-            "source": {"type": "string", "enum": ["chat", "api"],
-                       "description": "api: stored by a /v1 call made with an API key"},
-            "messages": {"type": "array", "items": _ref("Message")},
-        },
-    },
-    "ApiKey": {
-        "type": "object",
-        "required": ["id", "name", "prefix", "created_at", "revoked"],
-        "properties": {
-            "id": _ID, "name": {"type": "string"},
-            "prefix": {"type": "string", "description": "the token's first characters"},
-            "created_at": _TIME,
-            "last_used_at": {**_TIME, "nullable": True},
-            "revoked": {"type": "boolean"},
-            "revoked_at": {**_TIME, "nullable": True},
-        },
-    },
-    "Message": {
-        "type": "object",
-        "required": ["id", "role", "content", "status", "created_at"],
-        "properties": {
-            "id": _ID,
-            "parent_id": {**_ID, "nullable": True},
-            "role": {"type": "string", "enum": ["system", "user", "assistant"]},
-            "content": {"type": "string"},
-            "status": _STATUS,
-            "created_at": _TIME,
-            "engine": {"type": "string", "enum": ["server", "browser"], "nullable": True},
-            "backend": {"type": "string", "nullable": True},
-            "model": {"type": "string", "nullable": True},
-            "usage": {
-                "type": "object",
-                "properties": {"prompt_tokens": _COUNT, "completion_tokens": _COUNT},
-            },
-            "tokens_per_second": {"type": "number", "minimum": 0, "nullable": True},
-            "finish_reason": {"type": "string", "nullable": True},
-            "meta": {"type": "object"},
-        },
-    },
+    "Error": _object({"error": _object({"code": {"type": "string"}, "message": {"type": "string"}},
+                                       "code", "message")}, "error"),
+    "Conversation": _object({
+        "id": _ID, "title": {"type": "string"}, "created_at": _TIME, "updated_at": _TIME,
+        "shared": {"type": "boolean"},
+        "settings": {"type": "object"},
+        "current_message_id": {**_ID, "nullable": True},
+        "source": {"type": "string", "enum": ["chat", "api"],
+                   "description": "api: stored by a /v1 call made with an API key"},
+        "messages": {"type": "array", "items": _ref("Message")},
+    }, "id", "title", "created_at", "updated_at"),
+    "ApiKey": _object({
+        "id": _ID, "name": {"type": "string"},
+        "prefix": {"type": "string", "description": "the token's first characters"},
+        "created_at": _TIME,
+        "last_used_at": {**_TIME, "nullable": True},
+        "revoked": {"type": "boolean"},
+        "revoked_at": {**_TIME, "nullable": True},
+    }, "id", "name", "prefix", "created_at", "revoked"),
+    "Message": _object({
+        "id": _ID,
+        "parent_id": {**_ID, "nullable": True},
+        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+        "content": {"type": "string"},
+        "status": _STATUS,
+        "created_at": _TIME,
+        "engine": {"type": "string", "enum": ["server", "browser"], "nullable": True},
+        "backend": {"type": "string", "nullable": True},
+        "model": {"type": "string", "nullable": True},
+        "usage": _object({"prompt_tokens": _COUNT, "completion_tokens": _COUNT}),
+        "tokens_per_second": {"type": "number", "minimum": 0, "nullable": True},
+        "finish_reason": {"type": "string", "nullable": True},
+        "meta": {"type": "object"},
+    }, "id", "role", "content", "status", "created_at"),
     "Provenance": _closed({
         "engine": {"type": "string", "enum": ["browser"]},
         "backend": {"type": "string", "maxLength": 200, "nullable": True},
@@ -198,56 +176,39 @@ SCHEMAS: dict[str, Any] = {
     }, "format", "version", "conversation", "messages",
         description="a version 1 export (the fuzzed subset); version 2 exports, with message "
                     "ids, parent ids, settings and current_message_id, import too"),
-    "Share": {
-        "type": "object",
-        "required": ["id", "url", "title", "conversation_id", "messages"],
-        "properties": {
-            "id": _ID,
-            "url": {"type": "string", "nullable": True},
-            "title": {"type": "string"},
-            "conversation_id": _ID,
-            "conversation_exists": {"type": "boolean"},
-            "messages": {"type": "integer", "minimum": 0},
-            "created_at": _TIME,
-            "updated_at": _TIME,
-        },
-    },
-    "Export": {
-        "type": "object",
-        "required": ["format", "version", "conversation", "messages"],
-        "properties": {
-            "format": {"type": "string", "enum": ["bchat.conversation"]},
-            "version": {"type": "integer", "enum": [2]},
-            "exported_at": _TIME,
-            "conversation": {
-                "type": "object",
-                "required": ["title"],
-                "properties": {
-                    "title": {"type": "string", "minLength": 1, "maxLength": 200},
-                    "created_at": {**_TIME, "nullable": True},
-                    "updated_at": {**_TIME, "nullable": True},
-                },
-            },
-            "messages": {"type": "array", "items": _ref("Message")},
-        },
-    },
+    "Share": _object({
+        "id": _ID,
+        "url": {"type": "string", "nullable": True},
+        "title": {"type": "string"},
+        "conversation_id": _ID,
+        "conversation_exists": {"type": "boolean"},
+        "messages": {"type": "integer", "minimum": 0},
+        "created_at": _TIME,
+        "updated_at": _TIME,
+    }, "id", "url", "title", "conversation_id", "messages"),
+    "Export": _object({
+        "format": {"type": "string", "enum": ["bchat.conversation"]},
+        "version": {"type": "integer", "enum": [2]},
+        "exported_at": _TIME,
+        "conversation": _object({"title": {"type": "string", "minLength": 1, "maxLength": 200},
+                                 "created_at": {**_TIME, "nullable": True},
+                                 "updated_at": {**_TIME, "nullable": True}}, "title"),
+        "messages": {"type": "array", "items": _ref("Message")},
+    }, "format", "version", "conversation", "messages"),
 }
 
 PATHS: dict[str, Any] = {
     "/healthz": {"get": _op(
         "healthz", "the database answers; how many models; 503 naming a dead or stuck model",
-        "200", {"type": "object", "required": ["status", "models"],
-                "properties": {"status": {"type": "string"}, "models": {"type": "integer"},
-                               "runs": {"type": "integer"}}},
-        "healthy", also={"503": "an inference thread is dead or stuck"})},
+        "200", _object({"status": {"type": "string"}, "models": {"type": "integer"},
+                        "runs": {"type": "integer"}}, "status", "models"), "healthy",
+        also={"503": "an inference thread is dead or stuck"})},
     "/api/openapi.json": {"get": _op("openapi", "this document", "200", {"type": "object"},
                                      "the OpenAPI document")},
     "/api/models": {"get": _op(
         "models", "every model, where it runs, and its facts",
-        "200", {"type": "object", "required": ["models"],
-                "properties": {"models": {"type": "array", "items": {"type": "object"}},
-                               "default": {"type": "string", "nullable": True}}},
-        "the models")},
+        "200", _object({"models": {"type": "array", "items": {"type": "object"}},
+                        "default": {"type": "string", "nullable": True}}, "models"), "the models")},
     "/api/conversations": {
         "get": _op("list_conversations", "your conversations, newest first",
                    "200", _listing("conversations", _ref("Conversation")), "the list"),
@@ -271,12 +232,9 @@ PATHS: dict[str, Any] = {
     "/api/benchmarks": {
         "get": _op("list_benchmarks",
                    "everyone's runs of the fixed prompt set, newest first, and the prompt set",
-                   "200", {"type": "object", "required": ["benchmarks", "prompts"],
-                           "properties": {"benchmarks": {"type": "array"},
-                                          "prompts": {"type": "array"},
-                                          "tokens": {"type": "integer"},
-                                          "seed": {"type": "integer"}}},
-                   "the runs"),
+                   "200", _object({"benchmarks": {"type": "array"}, "prompts": {"type": "array"},
+                                   "tokens": {"type": "integer"}, "seed": {"type": "integer"}},
+                                  "benchmarks", "prompts"), "the runs"),
         "post": _op("add_benchmark", "store a run made in the page (browser engine)",
                     "201", {"type": "object"}, "stored", _closed({
                         "backend": {"type": "string", "enum": ["webgpu", "wasm-mt", "wasm-st"]},
@@ -347,16 +305,12 @@ PATHS: dict[str, Any] = {
                                "200", _listing("shares", _ref("Share")), "the links")},
     "/api/search": {"get": _op(
         "search_conversations", "your conversations whose title or messages hold every word of q",
-        "200", _listing("results", {
-            "type": "object",
-            "required": ["conversation_id", "title", "updated_at", "message_id", "snippet"],
-            "properties": {
-                "conversation_id": _ID, "title": {"type": "string"}, "updated_at": _TIME,
-                "message_id": {**_ID, "nullable": True},
-                "snippet": {"type": "string",
-                            "description": "the words around the first matching message"},
-            },
-        }), "matches, most recently active first (at most 30)",
+        "200", _listing("results", _object({
+            "conversation_id": _ID, "title": {"type": "string"}, "updated_at": _TIME,
+            "message_id": {**_ID, "nullable": True},
+            "snippet": {"type": "string", "description": "the words around the first matching message"},
+        }, "conversation_id", "title", "updated_at", "message_id", "snippet")),
+        "matches, most recently active first (at most 30)",
         parameters=[{"name": "q", "in": "query", "required": True,
                      "schema": {"type": "string", "maxLength": 200}}])},
     "/api/shares/{share_id}": {
@@ -367,9 +321,8 @@ PATHS: dict[str, Any] = {
         "get": _op("list_keys", "your API keys for /v1 (revoked ones too)",
                    "200", _listing("keys", _ref("ApiKey")), "the keys, newest first"),
         "post": _op("create_key", "make a key for /v1 (Authorization: Bearer <token>) acting as you",
-                    "201", {"type": "object", "required": ["key", "token"],
-                            "properties": {"key": _ref("ApiKey"), "token": {
-                                "type": "string", "description": "shown only now"}}},
+                    "201", _object({"key": _ref("ApiKey"), "token": {
+                        "type": "string", "description": "shown only now"}}, "key", "token"),
                     "the key, and its token (never shown again)",
                     _closed({"name": {**_TEXT, "maxLength": 100}}, "name")),
     },
