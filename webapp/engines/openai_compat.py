@@ -163,16 +163,11 @@ class OpenAICompatEngine:
         # Passed through as the client gave them: the upstream enforces its own formats.
         if options.stop:
             request["stop"] = list(options.stop)
-        if options.presence_penalty:
-            request["presence_penalty"] = options.presence_penalty
-        if options.frequency_penalty:
-            request["frequency_penalty"] = options.frequency_penalty
-        if options.response_format:
-            request["response_format"] = options.response_format
-        if options.tools:
-            request["tools"] = options.tools
-            if options.tool_choice is not None:
-                request["tool_choice"] = options.tool_choice
+        for name in ("presence_penalty", "frequency_penalty", "response_format", "tools"):
+            if getattr(options, name):
+                request[name] = getattr(options, name)
+        if options.tools and options.tool_choice is not None:
+            request["tool_choice"] = options.tool_choice
         # The raw event stream, parsed here with json.loads: building the package's typed
         # chunk object costs ~140 us a token, CPU taken from the model on a small machine.
         # The package still does the HTTP, auth and the status-code errors.
@@ -266,11 +261,6 @@ class OpenAICompatEngine:
         haystack = (json.dumps(body) if body is not None else text).lower()
         too_long = any(marker in haystack for marker in CONTEXT_MARKERS)
         log.warning("upstream %s failed for %s: %s", name, model, text)
-        if isinstance(exc, _StreamError):
-            if too_long:
-                return ContextTooLong(f"the conversation is too long for {model} on {name}: {text}")
-            return EngineError(f"{name} reported an error while replying: {text}",
-                               code="upstream_error")
         if isinstance(exc, openai.APITimeoutError) or "timeout" in type(exc).__name__.lower():
             return EngineError(f"{name} did not answer in time ({self.config.read_timeout:g} s)",
                                code="upstream_timeout")
@@ -280,10 +270,8 @@ class OpenAICompatEngine:
                                    code="upstream_disconnected")
             return EngineError(f"{name} cannot be reached at {self.config.base_url}",
                                code="upstream_unreachable")
-        if isinstance(exc, openai.APIStatusError):
+        if isinstance(exc, openai.APIStatusError) and not (exc.status_code == 400 and too_long):
             status = exc.status_code
-            if status == 400 and too_long:
-                return ContextTooLong(f"the conversation is too long for {model} on {name}: {text}")
             if status in (401, 403):
                 return EngineError(f"{name} refused bchat's credentials (HTTP {status}); check its "
                                    "API key in the server settings", code="upstream_auth")
@@ -296,7 +284,8 @@ class OpenAICompatEngine:
                 return EngineError(f"{name} failed (HTTP {status}): {text}", code="upstream_error")
             return EngineError(f"{name} refused the request (HTTP {status}): {text}",
                                code="upstream_rejected")
-        if isinstance(exc, openai.APIError):
+        # An error event in the stream, a 400 saying the prompt is too long, any other API error.
+        if isinstance(exc, _StreamError | openai.APIError):
             if too_long:
                 return ContextTooLong(f"the conversation is too long for {model} on {name}: {text}")
             return EngineError(f"{name} reported an error while replying: {text}",
