@@ -58,7 +58,7 @@ class ModelFile:
         """Whether this machine has the memory free to load it now (None where unknown), run
         with ``parallel`` chats of ``n_ctx`` tokens (ModelCatalogue.facts passes the server's)."""
         needed = self.memory_needed(n_ctx, parallel)
-        available = mem_available()
+        available = meminfo_bytes()
         return {
             "fits": None if available is None else needed <= available,
             "memory_needed": needed,
@@ -80,14 +80,15 @@ class ModelFile:
 WEIGHTS_OVERHEAD = 1.2
 
 
-def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """Linux's MemAvailable (what can be allocated without swapping), in bytes; None elsewhere."""
+def meminfo_bytes(field: str = "MemAvailable", meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """A ``field`` of Linux's /proc/meminfo in bytes (MemAvailable: what can be allocated
+    without swapping; MemTotal); None elsewhere."""
     try:
         for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024  # the kernel reports kB
     except (OSError, ValueError, IndexError):
-        log.warning("could not read MemAvailable from %s", meminfo)
+        log.warning("could not read %s from %s", field, meminfo)
     return None
 
 

@@ -136,14 +136,14 @@ def check_decode(config: Mapping, command: list[str] | None = None) -> Iterator[
 
 
 def check_models(config: Mapping) -> Iterator[Check]:
-    from .catalogue import ModelCatalogue
+    from .catalogue import ModelCatalogue, meminfo_bytes
 
     path = str(config.get("MODEL_PATH"))
     catalogue = ModelCatalogue(path, n_ctx=config["N_CTX"], parallel=config["PARALLEL"])
     if not len(catalogue):
         yield Check("FAIL", "models", f"no readable .gguf files at {path} (BCHAT_MODEL_PATH)")
         return
-    total = _mem_total()
+    total = meminfo_bytes("MemTotal")
     for model in catalogue:
         fit = catalogue.facts(model.id)["fits_server"]
         line = (f"{model.id}: {model.quantization}, {_mib(model.file_size)} on disk, needs ~"
@@ -158,16 +158,6 @@ def check_models(config: Mapping) -> Iterator[Check]:
         if not model.has_chat_template and not config.get("CHAT_TEMPLATE"):
             yield Check("warn", "models", f"{model.id} has no chat template (a base model?): set "
                         "BCHAT_CHAT_TEMPLATE=chatml or pick an instruct model")
-
-
-def _mem_total(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def check_database(config: Mapping) -> Iterator[Check]:
