@@ -6,6 +6,7 @@ require a JSON body (``Content-Type: application/json``), which a cross-site for
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -159,28 +160,19 @@ def delete_conversation(conversation_id: str):
     return "", 204
 
 
-_PROVENANCE_FIELDS = {
-    "engine", "backend", "model", "prompt_tokens", "completion_tokens", "tokens_per_second",
-    "finish_reason", "meta",
-}
+_PROVENANCE_FIELDS = {f.name for f in dataclasses.fields(Provenance)}
 
 
 def _provenance(raw: Any) -> Provenance:
     if not isinstance(raw, dict) or set(raw) - _PROVENANCE_FIELDS:
         raise Invalid("bad_provenance", f"provenance takes: {', '.join(sorted(_PROVENANCE_FIELDS))}")
-    for name in ("prompt_tokens", "completion_tokens"):
-        value = raw.get(name)
-        if value is not None:
+    for name, kind in (("prompt_tokens", "integer"), ("completion_tokens", "integer"),
+                       ("tokens_per_second", "number")):
+        if raw.get(name) is not None:
             try:
-                check_number(value, name, integer=True)
+                check_number(raw[name], name, integer=kind == "integer")
             except Invalid as exc:
-                raise Invalid("bad_provenance", f"{name} must be a non-negative integer") from exc
-    tps = raw.get("tokens_per_second")
-    if tps is not None:
-        try:
-            check_number(tps, "tokens_per_second")
-        except Invalid as exc:
-            raise Invalid("bad_provenance", "tokens_per_second must be a non-negative number") from exc
+                raise Invalid("bad_provenance", f"{name} must be a non-negative {kind}") from exc
     for name in ("backend", "model", "finish_reason"):
         value = raw.get(name)
         if value is not None and (not isinstance(value, str) or len(value) > 200):
@@ -188,16 +180,7 @@ def _provenance(raw: Any) -> Provenance:
     meta = raw.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise Invalid("bad_provenance", "meta must be an object")
-    return Provenance(
-        engine=raw.get("engine", "browser"),
-        backend=raw.get("backend"),
-        model=raw.get("model"),
-        prompt_tokens=raw.get("prompt_tokens"),
-        completion_tokens=raw.get("completion_tokens"),
-        tokens_per_second=tps,
-        finish_reason=raw.get("finish_reason"),
-        meta=meta,
-    )
+    return Provenance(**{"engine": "browser", **raw})
 
 
 @bp.post("/api/conversations/<conversation_id>/messages")
