@@ -375,14 +375,8 @@ def run_runner(model_id: str, socket_path: str, report_fd: int) -> int:
     from .catalogue import ModelCatalogue
     from .engines.llamacpp import LlamaCppEngine
 
-    engine = LlamaCppEngine(
-        ModelCatalogue.of([ModelCatalogue.model_from_json(os.environ["BCHAT_RUNNER_MODEL"])]),
-        n_ctx=int(settings["N_CTX"]),
-        n_threads=int(settings["N_THREADS"]),
-        n_gpu_layers=int(settings.get("N_GPU_LAYERS") or 0),
-        parallel=int(settings.get("PARALLEL") or 1),
-        chat_template=settings.get("CHAT_TEMPLATE"),
-    )
+    model = ModelCatalogue.model_from_json(os.environ["BCHAT_RUNNER_MODEL"])
+    engine = LlamaCppEngine.from_config(ModelCatalogue.of([model]), settings)
     # The test suite's stand-in for a crash while loading (a C-level fault on demand).
     crash_on_load = os.environ.get("BCHAT_RUNNER_TEST_CRASH_ON_LOAD")
     tell("loading")

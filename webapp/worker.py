@@ -149,16 +149,9 @@ def create_worker_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = LlamaCppEngine(
-        ModelCatalogue(app.config["MODEL_PATH"], n_ctx=app.config["N_CTX"],
-                       parallel=app.config["PARALLEL"]),
-        n_ctx=app.config["N_CTX"],
-        n_threads=app.config["N_THREADS"],
-        n_gpu_layers=app.config["N_GPU_LAYERS"],
-        preload=app.config.get("PRELOAD_MODELS", True),
-        parallel=app.config["PARALLEL"],
-        chat_template=app.config["CHAT_TEMPLATE"],
-    )
+    catalogue = ModelCatalogue(app.config["MODEL_PATH"], n_ctx=app.config["N_CTX"],
+                               parallel=app.config["PARALLEL"])
+    engine = LlamaCppEngine.from_config(catalogue, app.config)
     app.extensions[ENGINE_KEY] = engine
     register_errors(app, pages=False)
     app.register_blueprint(bp)

@@ -96,14 +96,6 @@ def build_engines(config, catalogue) -> EngineRegistry:
             supervisor = start_supervisor(config, catalogue)
             engines.append(RunnerEngine(catalogue, supervisor.directory, supervisor))
     elif len(catalogue):
-        engines.append(LlamaCppEngine(
-            catalogue,
-            n_ctx=config["N_CTX"],
-            n_threads=config["N_THREADS"],
-            n_gpu_layers=config["N_GPU_LAYERS"],
-            preload=config["PRELOAD_MODELS"],
-            parallel=config["PARALLEL"],
-            chat_template=config["CHAT_TEMPLATE"],
-        ))
+        engines.append(LlamaCppEngine.from_config(catalogue, config))
     engines.extend(OpenAICompatEngine(upstream) for upstream in load_upstreams(config))
     return EngineRegistry(engines)

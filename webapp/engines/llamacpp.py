@@ -4,7 +4,7 @@ its own inference thread (batched.py) through llama-cpp-python."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..catalogue import ModelCatalogue
@@ -39,6 +39,16 @@ class LlamaCppEngine:
         if preload:
             for model in catalogue:
                 self.worker(model.id).wait_loaded()
+
+    @classmethod
+    def from_config(cls, catalogue: ModelCatalogue, config: Mapping[str, Any]) -> LlamaCppEngine:
+        """The engine as a deployment's settings (BCHAT_N_CTX …) ask for it: the app's inline
+        runner, ``bchat worker`` and each runner process."""
+        return cls(catalogue, n_ctx=int(config["N_CTX"]), n_threads=int(config["N_THREADS"]),
+                   n_gpu_layers=int(config.get("N_GPU_LAYERS") or 0),
+                   preload=bool(config.get("PRELOAD_MODELS")),
+                   parallel=int(config.get("PARALLEL") or 1),
+                   chat_template=config.get("CHAT_TEMPLATE"))
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(id=m.id, engine=self.name, facts=self.catalogue.facts(m.id) or {})
