@@ -171,7 +171,7 @@ def parse_import(data: Any, max_chars: int) -> ParsedImport:
         if meta is not None and not isinstance(meta, dict):
             raise _fail(f"{where}.meta", "must be an object")
         created = message.get("created_at")
-        _time(created, f"{where}.created_at")  # chats.parse_time reads it again; it must not overflow
+        _time(created, f"{where}.created_at")  # copy_columns reads it again, by the same rule
         clean.append({
             **tree_fields,
             "role": role,

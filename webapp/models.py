@@ -14,6 +14,8 @@ from typing import Any
 from sqlalchemy import JSON, ForeignKey, Index, MetaData, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from .validation import check_time
+
 # A naming convention gives every constraint a stable name, which Alembic's batch mode
 # (SQLite table rebuilds) needs to find and drop them later.
 NAMING_CONVENTION = {
@@ -45,19 +47,6 @@ def utcnow() -> datetime:
 def iso(value: datetime | None) -> str | None:
     """How every stored time is written out: UTC, milliseconds, a Z."""
     return value.isoformat(timespec="milliseconds") + "Z" if value is not None else None
-
-
-def parse_time(value: object) -> datetime | None:
-    """Reads what iso() writes (UTC, with or without the Z); None for anything else."""
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.removesuffix("Z"))
-    except ValueError:
-        return None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(UTC)
-    return parsed.replace(tzinfo=None)
 
 
 @dataclass(frozen=True)
@@ -182,7 +171,7 @@ class Message(Base):
             # A copy never grows: a reply caught mid-stream stays as it was.
             "status": "interrupted" if data.get("status") == "streaming"
             else data.get("status", "complete"),
-            "created_at": parse_time(data.get("created_at")) or utcnow(),
+            "created_at": check_time(data.get("created_at"), "created_at") or utcnow(),
             "engine": data.get("engine"),
             "backend": data.get("backend"),
             "model": data.get("model"),
