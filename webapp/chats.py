@@ -45,6 +45,14 @@ MISSING: Any = object()  # "not given", as opposed to an explicit null (e.g. par
 CONTINUABLE = ("complete", "stopped", "interrupted")
 
 
+def check_message_id(value: Any) -> str:
+    """A message id from a client: a string, or Invalid before it reaches a query (where an
+    object or a list failed as a 500)."""
+    if not isinstance(value, str):
+        raise Invalid("bad_frame", "message_id must be a string")
+    return value
+
+
 def title_from(content: str) -> str:
     line = " ".join(content.split())
     return (line[:60] + "…") if len(line) > 60 else (line or DEFAULT_TITLE)
@@ -68,11 +76,9 @@ class ChatService:
         return conv
 
     def owned_message(self, session, owner_id: str, message_id: Any) -> Message:
-        if not isinstance(message_id, str):
-            raise Invalid("bad_frame", "message_id must be a string")
         message = session.scalar(
             select(Message).join(Conversation).where(
-                Message.public_id == message_id, Conversation.owner_id == owner_id
+                Message.public_id == check_message_id(message_id), Conversation.owner_id == owner_id
             )
         )
         if message is None:

@@ -12,7 +12,7 @@ import time
 from typing import Any, Protocol
 
 from ..engines.base import EngineError, Finished
-from ..errors import AppError, Invalid
+from ..errors import AppError
 from ..limits import Lease
 from ..models import Provenance
 from ..options import GenerationOptions
@@ -62,14 +62,6 @@ def final_frame(message: dict[str, Any]) -> dict[str, Any]:
                                     error.get("message", "the model failed")),
                            message["id"], reply=message)
     return {"type": "done", "message_id": message["id"], "message": message}
-
-
-def check_message_id(value: Any) -> str:
-    """A message id from a client: a string, or Invalid before it reaches a query (where an
-    object or a list failed as a 500)."""
-    if not isinstance(value, str):
-        raise Invalid("bad_frame", "message_id must be a string")
-    return value
 
 
 def last_left_out(history: list[dict[str, Any]], options: GenerationOptions, dropped: int) -> str:

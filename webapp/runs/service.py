@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..chats import MISSING, ChatService
+from ..chats import MISSING, ChatService, check_message_id
 from ..engines import EngineRegistry
 from ..engines.base import EngineError, Finished, Queued, Token, timed
 from ..errors import AppError, Invalid
@@ -35,7 +35,6 @@ from .run import (
     Follower,
     Run,
     Watcher,
-    check_message_id,
     error_frame,
     final_frame,
     started_frame,
