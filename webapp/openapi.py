@@ -94,6 +94,14 @@ def _in_path(name: str) -> dict[str, Any]:
 
 _CONVERSATION_ID = _in_path("conversation_id")
 _STATUS = {"type": "string", "enum": list(STATUSES)}
+# How a reply was made, as a page posts it or an import brings it (models.Provenance).
+_REPLY_FACTS_IN = {
+    "backend": {"type": "string", "maxLength": 200, "nullable": True},
+    "model": {"type": "string", "maxLength": 200, "nullable": True},
+    "tokens_per_second": _SPEED,
+    "finish_reason": {"type": "string", "maxLength": 200, "nullable": True},
+    "meta": _META_IN,
+}
 _SETTINGS_OUT = _object({"settings": {"type": "object"}}, "settings")
 
 # A benchmark's figures: measured values, bounded so a typo cannot pose as a result.
@@ -135,16 +143,8 @@ SCHEMAS: dict[str, Any] = {
         "finish_reason": {"type": "string", "nullable": True},
         "meta": {"type": "object"},
     }, "id", "role", "content", "status", "created_at"),
-    "Provenance": _closed({
-        "engine": {"type": "string", "enum": ["browser"]},
-        "backend": {"type": "string", "maxLength": 200, "nullable": True},
-        "model": {"type": "string", "maxLength": 200, "nullable": True},
-        "prompt_tokens": _COUNT,
-        "completion_tokens": _COUNT,
-        "tokens_per_second": _SPEED,
-        "finish_reason": {"type": "string", "maxLength": 200, "nullable": True},
-        "meta": _META_IN,
-    }),
+    "Provenance": _closed({"engine": {"type": "string", "enum": ["browser"]}, **_REPLY_FACTS_IN,
+                           "prompt_tokens": _COUNT, "completion_tokens": _COUNT}),
     "NewMessage": _closed({
         "role": {"type": "string", "enum": ["user", "assistant"]},
         "content": {"type": "string", "maxLength": 32000, "pattern": _VISIBLE},
@@ -159,12 +159,8 @@ SCHEMAS: dict[str, Any] = {
         "status": _STATUS,
         "created_at": _TIME_IN,
         "engine": {"type": "string", "enum": ["server", "browser"], "nullable": True},
-        "backend": {"type": "string", "maxLength": 200, "nullable": True},
-        "model": {"type": "string", "maxLength": 200, "nullable": True},
+        **_REPLY_FACTS_IN,
         "usage": _closed({"prompt_tokens": _COUNT, "completion_tokens": _COUNT}, nullable=True),
-        "tokens_per_second": _SPEED,
-        "finish_reason": {"type": "string", "maxLength": 200, "nullable": True},
-        "meta": _META_IN,
     }, "role", "content"),
     "Import": _closed({
         "format": {"type": "string", "enum": ["bchat.conversation"]},

@@ -25,7 +25,8 @@ class RunRows:
         (``contents``: message id -> text), renew the lease of the rest (``vouch``), and
         return the ids whose stop another process asked for."""
         now = utcnow()
-        ids = list(contents) + [v for v in vouch if v not in contents]
+        others = [v for v in vouch if v not in contents]
+        ids = list(contents) + others
         if not ids:
             return set()
         with self.db.write() as session:
@@ -35,7 +36,6 @@ class RunRows:
                     .where(Message.public_id == message_id, Message.status == "streaming")
                     .values(content=text, updated_at=now)
                 )
-            others = [v for v in vouch if v not in contents]
             if others:
                 session.execute(
                     update(Message)
