@@ -27,7 +27,7 @@ def app_env(tmp_path: Path, tiny_model: Path, **extra: str) -> dict[str, str]:
     if not (tmp_path / "durable.sqlite3").exists():
         migrate(url)
     return {**os.environ, "BCHAT_DATABASE_URL": url, "BCHAT_MODEL_PATH": str(tiny_model),
-            "BCHAT_SECRET_KEY": "durable-test", "BCHAT_N_THREADS": "2", **extra}
+            "BCHAT_SECRET_KEY": "durable-test", "BCHAT_N_THREADS": "1", **extra}
 
 
 def start(command: list[str], env: dict, log: Path, port: int) -> subprocess.Popen:
