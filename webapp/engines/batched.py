@@ -259,7 +259,11 @@ class ModelWorker:
                             self._fail_slot(slot, exc)
                 self._beat = time.monotonic()
         finally:
-            self._end_all(EngineError(f"model {self.model.id} was unloaded", code="model_unavailable"))
+            if self._closed:
+                self._end_all(EngineError(f"model {self.model.id} was unloaded", code="model_unavailable"))
+            else:  # something no handler catches killed the thread: its chats fail, never hang
+                self._end_all(EngineError(f"the inference thread of {self.model.id} stopped",
+                                          code="model_crashed"))
             llama_cpp.llama_batch_free(batch)
             llama_cpp.llama_free(ctx)
 
