@@ -130,7 +130,11 @@ def make_app(db_url, new_database, tiny_model):
             "DATABASE_URL": url,
             "MODEL_PATH": str(tiny_model),
             "SECRET_KEY": "test-secret",
-            "N_THREADS": 2,
+            # One thread, as the app itself picks on a 2-core machine (cores - 1): llama.cpp's
+            # threads meet at a spinning barrier each step, and with a busy neighbour on the
+            # other core two threads crawl (test files stalled for minutes beside four
+            # CPU-bound processes). Every engine the tests build uses one thread for that reason.
+            "N_THREADS": 1,
             "N_CTX": 4096,
             # The model in this process: most tests are about the app, and a runner process per
             # app would add a process start to each. test_runner.py, the gunicorn, serve and

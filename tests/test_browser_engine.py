@@ -49,7 +49,7 @@ def server(tmp_path_factory, bundled_model):
     url = f"sqlite:///{tmp / 'b.sqlite3'}"
     migrate(url)
     app = create_app({"DATABASE_URL": url, "MODEL_PATH": str(bundled_model),
-                      "SECRET_KEY": "browser-engine", "N_THREADS": 2})
+                      "SECRET_KEY": "browser-engine", "N_THREADS": 1})
     counter = ModelRequestCounter(app.wsgi_app)
     app.wsgi_app = counter
     live = LiveServer(app)

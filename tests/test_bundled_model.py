@@ -18,7 +18,7 @@ def test_smollm2_answers_a_question(bundled_model):
     catalogue = ModelCatalogue(bundled_model)
     (model,) = list(catalogue)
     assert model.quantization == "Q4_1" and model.has_chat_template
-    engine = LlamaCppEngine(catalogue, n_ctx=2048, n_threads=2)
+    engine = LlamaCppEngine(catalogue, n_ctx=2048, n_threads=1)
     try:
         chunks = list(timed(engine.stream(
             model.id,

@@ -112,3 +112,11 @@ def test_secret_key_is_created_once_per_instance(tmp_path):
     resolve_secret_key(second, tmp_path)
     assert first["SECRET_KEY"] == second["SECRET_KEY"] and len(first["SECRET_KEY"]) > 40
     assert (tmp_path / "secret_key").stat().st_mode & 0o077 == 0
+
+
+def test_ids_never_read_as_options():
+    """`bchat keys revoke ID` and `bchat bench --remove ID` take ids as arguments: one in 64
+    random ids used to start with "-", which argparse reads as an option (exit 2)."""
+    from webapp.models import new_public_id
+
+    assert not any(new_public_id().startswith("-") for _ in range(5000))

@@ -97,7 +97,7 @@ def test_bchat_bench_prints_the_servers_row(tmp_path, tiny_model):
     url = f"sqlite:///{tmp_path / 'bench.sqlite3'}"
     migrate(url)
     env = {**os.environ, "BCHAT_DATABASE_URL": url, "BCHAT_MODEL_PATH": str(tiny_model),
-           "BCHAT_SECRET_KEY": "x", "BCHAT_N_THREADS": "2"}
+           "BCHAT_SECRET_KEY": "x", "BCHAT_N_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "webapp.cli", "bench", "--tokens", "8"], env=env,
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -27,7 +27,7 @@ def app_env(tmp_path: Path, tiny_model: Path, **extra: str) -> dict[str, str]:
     if not (tmp_path / "durable.sqlite3").exists():
         migrate(url)
     return {**os.environ, "BCHAT_DATABASE_URL": url, "BCHAT_MODEL_PATH": str(tiny_model),
-            "BCHAT_SECRET_KEY": "durable-test", "BCHAT_N_THREADS": "2", **extra}
+            "BCHAT_SECRET_KEY": "durable-test", "BCHAT_N_THREADS": "1", **extra}
 
 
 def start(command: list[str], env: dict, log: Path, port: int) -> subprocess.Popen:
@@ -92,6 +92,11 @@ def test_sigkill_mid_reply_keeps_the_partial_reply_as_interrupted(tmp_path, tiny
     message_id = started["message_id"]
     received: list[tuple[float, str]] = []  # (when, text so far)
     text = ""
+    # The window starts at the first token, however long a busy machine takes to give one.
+    first_by = time.monotonic() + 60
+    while not text and time.monotonic() < first_by:
+        text, final = read_tokens(ws, message_id, text, until=time.monotonic() + 0.05)
+        assert final is None, "the reply finished before the kill: make it longer"
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
         text, final = read_tokens(ws, message_id, text, until=min(deadline, time.monotonic() + 0.05))

@@ -159,7 +159,7 @@ def test_histories_are_fitted_on_the_senders_thread(tiny_model, parallel, monkey
         return fit(self, *args, **kwargs)
 
     monkeypatch.setattr(PromptBuilder, "fit", watched)
-    engine = LlamaCppEngine(ModelCatalogue(tiny_model), n_ctx=256, n_threads=2, parallel=parallel)
+    engine = LlamaCppEngine(ModelCatalogue(tiny_model), n_ctx=256, n_threads=1, parallel=parallel)
     try:
         history = chat(2_000) + [{"role": "user", "content": "newest"}]
         chunks = list(engine.stream("tiny-chat", history,

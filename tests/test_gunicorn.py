@@ -40,7 +40,7 @@ def test_readme_gunicorn_command_serves_a_chat(tmp_path, tiny_model):
                for i, c in enumerate(command)]
     command = [re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", c) for c in command]
     env = {**os.environ, "BCHAT_DATABASE_URL": url, "BCHAT_MODEL_PATH": str(tiny_model),
-           "BCHAT_SECRET_KEY": "gunicorn-test", "BCHAT_N_THREADS": "2"}
+           "BCHAT_SECRET_KEY": "gunicorn-test", "BCHAT_N_THREADS": "1"}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

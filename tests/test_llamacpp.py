@@ -25,7 +25,7 @@ GREEDY = GenerationOptions(temperature=0.0, max_tokens=24)
 
 @pytest.fixture
 def engine(tiny_model):
-    eng = LlamaCppEngine(ModelCatalogue(tiny_model), n_ctx=4096, n_threads=2)
+    eng = LlamaCppEngine(ModelCatalogue(tiny_model), n_ctx=4096, n_threads=1)
     yield eng
     eng.close()
 
@@ -151,7 +151,7 @@ def test_a_request_cancelled_while_queued_never_runs(engine):
 
 
 def test_long_history_drops_oldest_turns_keeps_system(tiny_model):
-    engine = LlamaCppEngine(ModelCatalogue(tiny_model), n_ctx=256, n_threads=2)
+    engine = LlamaCppEngine(ModelCatalogue(tiny_model), n_ctx=256, n_threads=1)
     try:
         history = []
         for i in range(12):
@@ -182,7 +182,7 @@ def test_long_history_drops_oldest_turns_keeps_system(tiny_model):
 
 
 def test_a_single_message_too_long_for_the_context_is_a_clear_error(tiny_model):
-    engine = LlamaCppEngine(ModelCatalogue(tiny_model), n_ctx=128, n_threads=2)
+    engine = LlamaCppEngine(ModelCatalogue(tiny_model), n_ctx=128, n_threads=1)
     try:
         with pytest.raises(ContextTooLong, match="context holds 128 tokens"):
             run(engine, [{"role": "user", "content": "water " * 400}])

@@ -245,6 +245,7 @@ def test_bchat_worker_survives_a_bad_request(tiny_model):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_healthz_names_a_dead_inference_thread(make_app):
+    from webapp.engines.base import EngineError
     from webapp.options import GenerationOptions
 
     app = make_app(PARALLEL=4)
@@ -261,7 +262,11 @@ def test_healthz_names_a_dead_inference_thread(make_app):
     cancel = threading.Event()
     chunks = engine.stream("tiny-chat", [{"role": "user", "content": "hi"}],
                            GenerationOptions(max_tokens=4), cancel, heartbeat=0.05)
-    next(chunks, None)  # submitted; the thread dies on its first step
+    # The thread dies on its first step: the chat it held fails at once instead of waiting.
+    with pytest.raises(EngineError) as failed:
+        for _ in chunks:
+            pass
+    assert failed.value.code == "model_crashed"
     worker._thread.join(10)
     response = client.get("/healthz")
     assert response.status_code == 503

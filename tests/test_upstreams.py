@@ -27,7 +27,7 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 
 def start_worker(model: Path, port: int, **env_extra) -> subprocess.Popen:
-    env = {**os.environ, "BCHAT_MODEL_PATH": str(model), "BCHAT_N_THREADS": "2", **env_extra}
+    env = {**os.environ, "BCHAT_MODEL_PATH": str(model), "BCHAT_N_THREADS": "1", **env_extra}
     proc = subprocess.Popen(
         [sys.executable, "-m", "webapp.cli", "worker", "--port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

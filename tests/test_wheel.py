@@ -71,7 +71,7 @@ def test_wheel_installs_and_serves_outside_the_checkout(tmp_path_factory, tiny_m
     cwd.mkdir()
     instance = work / "instance"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BCHAT_", "PYTHON", "VIRTUAL_ENV"))}
-    env.update(BCHAT_INSTANCE_PATH=str(instance), BCHAT_MODEL_PATH=str(tiny_model), BCHAT_N_THREADS="2")
+    env.update(BCHAT_INSTANCE_PATH=str(instance), BCHAT_MODEL_PATH=str(tiny_model), BCHAT_N_THREADS="1")
 
     def run(*args: str) -> str:
         done = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=120)

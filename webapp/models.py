@@ -37,7 +37,10 @@ PROVENANCE_TEXT_MAX = 200  # backend, model, finish_reason
 
 
 def new_public_id() -> str:
-    return secrets.token_urlsafe(12)
+    # Never with a leading "-": `bchat keys revoke ID` would read such an id as an option.
+    while (public_id := secrets.token_urlsafe(12)).startswith("-"):
+        pass
+    return public_id
 
 
 def utcnow() -> datetime:

@@ -237,7 +237,7 @@ class ModelWorker:
         self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
         self._slots = [_Slot(seq_id=i) for i in range(self.parallel)]
         try:
-            while True:
+            while not self._closed:  # closed: the chats in flight end now, not when they finish
                 try:
                     if not self._admit():
                         return  # closed
@@ -259,6 +259,11 @@ class ModelWorker:
                             self._fail_slot(slot, exc)
                 self._beat = time.monotonic()
         finally:
+            if self._closed:
+                self._end_all(EngineError(f"model {self.model.id} was unloaded", code="model_unavailable"))
+            else:  # something no handler catches killed the thread: its chats fail, never hang
+                self._end_all(EngineError(f"the inference thread of {self.model.id} stopped",
+                                          code="model_crashed"))
             llama_cpp.llama_batch_free(batch)
             llama_cpp.llama_free(ctx)
 
@@ -293,6 +298,20 @@ class ModelWorker:
             raise EngineError(f"llama.cpp could not create a context of {params.n_ctx} tokens")
         batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         return ctx, batch
+
+    def _end_all(self, error: EngineError) -> None:
+        """The thread is leaving (closed): every chat it holds or that still waits ends with
+        ``error``, so no reader waits for a token that will never come."""
+        ending = [slot.request for slot in self._slots if slot.request is not None]
+        while True:
+            try:
+                ending.append(self._requests.get_nowait())
+            except queue.Empty:
+                break
+        for request in ending:
+            if request is not None:
+                request.out.put(error)
+                request.out.put(DONE)
 
     def _load_failed(self, exc: BaseException) -> None:
         """Report the failure to every request from now on: never a dead, silent thread."""
