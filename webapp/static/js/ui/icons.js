@@ -66,14 +66,16 @@ export function fillIcons(root = document) {
   }
 }
 
-// A button with an icon and an accessible name; the name shows as a tooltip too.
-export function iconButton(name, label, { testid, className = "icon-button", onClick } = {}) {
+// A button with an icon and an accessible name; the name shows as a tooltip too. ui: the
+// button sits among a message's own content and is marked as the page's (see render.js).
+export function iconButton(name, label, { testid, className = "icon-button", onClick, ui = false } = {}) {
   const button = document.createElement("button");
   button.type = "button";
   button.className = className;
   button.title = label;
   button.setAttribute("aria-label", label);
   if (testid) button.dataset.testid = testid;
+  if (ui) button.dataset.ui = "";
   button.append(icon(name, { size: 16 }));
   if (onClick) button.addEventListener("click", onClick);
   return button;

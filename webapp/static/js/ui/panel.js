@@ -2,16 +2,23 @@
 // helpers the page's views share.
 import { iconButton } from "./icons.js";
 
-export function el(tag, className, text) {
+// props: the element's properties (type, rows, hidden, …) and ARIA attributes (role, aria-*);
+// testid becomes data-testid.
+export function el(tag, className, text, { testid, ...props } = {}) {
   const node = document.createElement(tag);
   if (className) node.className = className;
   if (text !== undefined && text !== null) node.textContent = text;
+  if (testid) node.dataset.testid = testid;
+  for (const [name, value] of Object.entries(props)) {
+    if (name === "role" || name.startsWith("aria-")) node.setAttribute(name, value);
+    else node[name] = value;
+  }
   return node;
 }
 
 // A labelled control: <label class="field"><span class="field-label">…</span>control</label>
-export function field(label, control) {
-  const wrap = el("label", "field");
+export function field(label, control, extraClass = "") {
+  const wrap = el("label", `field ${extraClass}`.trim());
   wrap.append(el("span", "field-label", label), control);
   return wrap;
 }
@@ -41,6 +48,18 @@ export function factRows(rows) {
     row.append(el("dt", "", term), el("dd", "", String(value)));
     return row;
   });
+}
+
+// A table with a header row of `columns`, in a box that scrolls it sideways on a phone.
+export function dataTable(className, columns, testid) {
+  const table = el("table", `data-table ${className}`, null, { testid });
+  const head = el("tr");
+  head.append(...columns.map((name) => el("th", "", name)));
+  table.createTHead().append(head);
+  table.createTBody();
+  const scroll = el("div", "table-scroll");
+  scroll.append(table);
+  return { table, scroll };
 }
 
 let panels = 0;
