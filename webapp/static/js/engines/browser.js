@@ -3,7 +3,7 @@
 // reply (complete, stopped or failed) is stored through the API with its provenance.
 import { Wllama } from "../../vendor/wllama/index.js";
 import { BROWSER_N_CTX as N_CTX, EngineError } from "./contract.js";
-import { promptTokensPerSecond } from "../format.js";
+import { rounded, wllamaFigures } from "../format.js";
 import { modelHistory, pathTo } from "../tree.js";
 
 const WASM = { default: "/static/vendor/wllama/wllama.wasm" };
@@ -256,7 +256,6 @@ export function createBrowserEngine({ api, defaults }) {
   }
 
   return {
-    name: "browser",
     get loaded() {
       return loaded;
     },
@@ -448,7 +447,7 @@ export function createBrowserEngine({ api, defaults }) {
       window.removeEventListener("pagehide", onPageHide);
 
       // 4. Store what was written, with where and how fast.
-      const completionTokens = timings?.predicted_n ?? usage?.completion_tokens ?? pieces;
+      const figures = wllamaFigures(timings, usage);
       const measured = pieces > 1 && lastAt > firstAt ? (pieces - 1) / ((lastAt - firstAt) / 1000) : null;
       const meta = {};
       if (dropped) meta.trimmed_messages = dropped;
@@ -457,11 +456,10 @@ export function createBrowserEngine({ api, defaults }) {
       let promptTokens = usage?.prompt_tokens ?? null;
       if (timings) {
         meta.prompt_evaluated = timings.prompt_n; // only the new tokens when the KV cache is reused
-        meta.prompt_cached = timings.cache_n;
-        meta.prompt_ms = Math.round(timings.prompt_ms * 10) / 10;
-        const promptRate = promptTokensPerSecond(timings.prompt_n, timings.prompt_ms);
-        if (promptRate) meta.prompt_per_second = Math.round(promptRate * 10) / 10;
-        promptTokens ??= timings.prompt_n + timings.cache_n;
+        meta.prompt_cached = figures.prompt_cached;
+        meta.prompt_ms = figures.prompt_ms;
+        if (figures.prompt_tps) meta.prompt_per_second = rounded(figures.prompt_tps, 1);
+        promptTokens = figures.prompt_tokens;
       } else if (progress) {
         meta.prompt_evaluated = progress.processed - progress.cached;
         meta.prompt_cached = progress.cached;
@@ -482,10 +480,8 @@ export function createBrowserEngine({ api, defaults }) {
           backend: runtime.backend,
           model: modelInfo.id,
           prompt_tokens: promptTokens,
-          completion_tokens: completionTokens,
-          tokens_per_second: timings?.predicted_per_second && status === "complete"
-            ? Math.round(timings.predicted_per_second * 100) / 100
-            : measured && Math.round(measured * 100) / 100,
+          completion_tokens: figures.completion_tokens ?? pieces,
+          tokens_per_second: timings?.predicted_per_second && status === "complete" ? figures.decode_tps : rounded(measured, 2),
           finish_reason: status === "complete" ? finishReason ?? "stop" : status === "stopped" ? "stopped" : "error",
           meta,
         },

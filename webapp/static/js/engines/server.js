@@ -87,8 +87,6 @@ export function createServerEngine(socket) {
   }
 
   return {
-    name: "server",
-
     follow(messageId, text, handlers = {}) {
       const done = relay(messageId, text, handlers);
       if (socket.isOpen) socket.send({ type: "resume", message_id: messageId, offset: codePoints(text ?? "") });

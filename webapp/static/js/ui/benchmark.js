@@ -4,7 +4,7 @@
 // (POST /api/benchmarks). Prompt and decode tok/s are drawn as bar charts (SVG, drawn here),
 // with a table of the figures, and everyone's stored runs below: a class sees its devices next
 // to the server.
-import { ms, percent, promptTokensPerSecond, rate, size } from "../format.js";
+import { ms, percent, rate, rounded, size, wllamaFigures } from "../format.js";
 import { request } from "../api.js";
 import { createPanel, dataTable, el, field, option, selectBox } from "./panel.js";
 
@@ -191,22 +191,11 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
     await loadStored();
   }
 
+  // Missing figures go as null: the server stores a result's figures the same either way.
   function browserResult(prompt, measured) {
-    const t = measured.timings ?? {};
-    const cached = t.cache_n ?? 0;
-    const promptTps = promptTokensPerSecond(t.prompt_n, t.prompt_ms);
-    const result = {
-      prompt: prompt.name,
-      prompt_tokens: measured.usage?.prompt_tokens ?? (t.prompt_n != null ? t.prompt_n + cached : null),
-      prompt_cached: cached,
-      prompt_ms: t.prompt_ms != null ? Math.round(t.prompt_ms * 10) / 10 : null,
-      prompt_tps: promptTps != null ? Math.round(promptTps * 100) / 100 : null,
-      decode_tps: t.predicted_per_second != null ? Math.round(t.predicted_per_second * 100) / 100 : null,
-      completion_tokens: t.predicted_n ?? measured.usage?.completion_tokens ?? null,
-      ttft_ms: measured.ttftMs != null ? Math.round(measured.ttftMs * 10) / 10 : null,
-      cold: cached === 0,
-    };
-    return Object.fromEntries(Object.entries(result).filter(([, v]) => v !== null && v !== undefined));
+    const figures = wllamaFigures(measured.timings, measured.usage);
+    return { prompt: prompt.name, ...figures, prompt_tps: rounded(figures.prompt_tps, 2),
+             ttft_ms: rounded(measured.ttftMs, 1), cold: figures.prompt_cached === 0 };
   }
 
   function show(runs) {
