@@ -91,26 +91,21 @@ subscribe(({ keys, reply, message }) => {
   updateControls();
 });
 
+// An action from a list: its failure goes to the banner.
+const reported = (action) => (...args) => action(...args).catch((err) => showError(err.message));
+
 const list = new ConversationList($("conversation-list"), {
   onOpen: (id) => openConversation(id, { push: true }),
-  onRename: async (id, newTitle) => {
-    try {
-      await api.rename(id, newTitle);
-      if (id === state.conversationId) title.textContent = newTitle;
-      await refreshList();
-    } catch (err) {
-      showError(err.message);
-    }
-  },
-  onDelete: async (id) => {
-    try {
-      await api.remove(id);
-      if (id === state.conversationId) newChat({ push: true });
-      await refreshList();
-    } catch (err) {
-      showError(err.message);
-    }
-  },
+  onRename: reported(async (id, newTitle) => {
+    await api.rename(id, newTitle);
+    if (id === state.conversationId) title.textContent = newTitle;
+    await refreshList();
+  }),
+  onDelete: reported(async (id) => {
+    await api.remove(id);
+    if (id === state.conversationId) newChat({ push: true });
+    await refreshList();
+  }),
 });
 
 const sharing = new Sharing(root, {
@@ -145,10 +140,6 @@ async function runSearch() {
   } catch (err) {
     showError(err.message, { cause: "search" });
   }
-}
-
-function isShared(id) {
-  return state.conversations.some((c) => c.id === id && c.shared);
 }
 
 // The tokens the chosen model can see at once here: the server runs embedded models with
@@ -325,7 +316,7 @@ async function openConversation(id, { push, prefetched = null }) {
     if (push) history.pushState({}, "", `/c/${encodeURIComponent(id)}`);
     showError("");
     await refreshList();
-    sharing.open(conversation.id, { shared: isShared(conversation.id) });
+    sharing.open(conversation.id);
     preloadBrowser();
   } catch (err) {
     showError(err.status === 404 ? "That conversation does not exist (or is not yours)." : err.message,
@@ -407,7 +398,7 @@ async function send(action = null) {
             history.pushState({}, "", `/c/${encodeURIComponent(conversation.id)}`);
           }
           title.textContent = conversation.title;
-          sharing.open(conversation.id, { shared: isShared(conversation.id) });
+          sharing.open(conversation.id);
           applyStarted(conversation.id, { conversation, userMessage, reply: frame?.reply ?? null });
         }
         updateControls();
@@ -575,10 +566,9 @@ initShortcuts(root, $("shortcuts"), $("shortcuts-button"), {
 
 // ---- ui2: compare, benchmark, API keys, reply format --------------------------------------
 initCompare($("compare"), {
-  options: OPTIONS, server: engines.server, loadBrowserEngine, models: () => state.models, backend: () => backendSelect.value,
-  conversationId: () => state.conversationId,
+  options: OPTIONS, server: engines.server, loadBrowserEngine, backend: () => backendSelect.value,
   openConversation: (id) => openConversation(id, { push: id !== state.conversationId }),
 });
-initBenchmark($("benchmark"), { loadBrowserEngine, models: () => state.models });
+initBenchmark($("benchmark"), { loadBrowserEngine });
 initApiKeys($("api-keys"));
-initReplyFormat(root.querySelector(".reply-format"), { api, conversationId: () => state.conversationId, onError: showError });
+initReplyFormat(root.querySelector(".reply-format"), { onError: showError });

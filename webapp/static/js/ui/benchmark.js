@@ -6,21 +6,15 @@
 // to the server.
 import { ms, percent, rate, rounded, size, wllamaFigures } from "../format.js";
 import { request } from "../api.js";
+import { modelInfo, modelsFor } from "../state.js";
+import { svg } from "./icons.js";
 import { createPanel, dataTable, el, field, option, selectBox } from "./panel.js";
 
-const SVG = "http://www.w3.org/2000/svg";
 const BROWSER_BACKENDS = [
   ["wasm-mt", "WASM, multi-thread"],
   ["wasm-st", "WASM, one thread"],
   ["webgpu", "WebGPU"],
 ];
-
-function svg(tag, attributes = {}, text) {
-  const node = document.createElementNS(SVG, tag);
-  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 export function runLabel(run) {
   return run.engine === "server" ? `server (${run.backend})` : `browser (${run.backend})`;
@@ -125,8 +119,8 @@ export function figuresTable(runs, { stored = false } = {}) {
   return scroll;
 }
 
-// hooks: loadBrowserEngine() -> Promise<engine>, models() -> the /api/models list
-export function initBenchmark(button, { loadBrowserEngine, models }) {
+// hooks: loadBrowserEngine() -> Promise<engine>
+export function initBenchmark(button, { loadBrowserEngine }) {
   if (!button) return;
   const panel = createPanel({ title: "Benchmark", testid: "benchmark-panel", className: "bench-panel" });
   const intro = el("p", "modal-message",
@@ -170,11 +164,9 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
   }
 
   async function prepare() {
-    const serverModels = models().filter((m) => m.engines?.includes("server"));
     serverGroup.replaceChildren(el("legend", "field-label", "Server models"),
-      ...serverModels.map((m, i) => check(m.id, `${m.id}${m.facts?.quantization ? ` (${m.facts.quantization})` : ""}`, { checked: i === 0 }, "benchmark-server-model")));
-    const browserModels = models().filter((m) => m.engines?.includes("browser"));
-    browserModel.select.replaceChildren(option("", "None"), ...browserModels.map((m, i) => option(m.id, m.id, i === 0)));
+      ...modelsFor("server").map((m, i) => check(m.id, `${m.id}${m.facts?.quantization ? ` (${m.facts.quantization})` : ""}`, { checked: i === 0 }, "benchmark-server-model")));
+    browserModel.select.replaceChildren(option("", "None"), ...modelsFor("browser").map((m, i) => option(m.id, m.id, i === 0)));
     try {
       const module = await import("../engines/browser.js");
       webgpu = await module.detectWebGPU();
@@ -225,7 +217,7 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
         runs.push(await request("POST", "/api/benchmarks/server", { model, tokens: n }));
         show(runs);
       }
-      const info = models().find((m) => m.id === browserModel.select.value);
+      const info = modelInfo(browserModel.select.value);
       const backends = [...backendList.querySelectorAll("input:checked")].map((b) => b.value);
       if (info && backends.length) {
         const engine = await loadBrowserEngine();

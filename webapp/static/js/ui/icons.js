@@ -43,20 +43,19 @@ const SHAPES = {
     ["path", { d: "M15 4a3 3 0 0 1 3 3 3 3 0 0 1 2 5 3 3 0 0 1-2 5 3 3 0 0 1-6 1" }]],
 };
 
+// An SVG element (icons, the benchmark's charts) with its attributes and text.
+export function svg(tag, attributes = {}, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
 export function icon(name, { size = 18 } = {}) {
-  const svg = document.createElementNS(SVG, "svg");
-  svg.setAttribute("viewBox", "0 0 24 24");
-  svg.setAttribute("width", size);
-  svg.setAttribute("height", size);
-  svg.setAttribute("aria-hidden", "true");
-  svg.setAttribute("focusable", "false");
-  svg.classList.add("icon");
-  for (const [tag, attributes] of SHAPES[name] ?? []) {
-    const shape = document.createElementNS(SVG, tag);
-    for (const [key, value] of Object.entries(attributes)) shape.setAttribute(key, value);
-    svg.append(shape);
-  }
-  return svg;
+  const node = svg("svg", { viewBox: "0 0 24 24", width: size, height: size, "aria-hidden": "true", focusable: "false",
+                            class: "icon" });
+  node.append(...(SHAPES[name] ?? []).map(([tag, attributes]) => svg(tag, attributes)));
+  return node;
 }
 
 export function fillIcons(root = document) {

@@ -2,6 +2,7 @@
 // stop), export links, the list of shared links (revocable even after the conversation is
 // deleted) and importing an exported file.
 import { api } from "../api.js";
+import { state } from "../state.js";
 import { copyWithFeedback, icon, iconButton } from "./icons.js";
 import { el } from "./panel.js";
 
@@ -38,14 +39,14 @@ export class Sharing {
     }
   }
 
-  open(conversationId, { shared = false } = {}) {
+  open(conversationId) {
     this.conversationId = conversationId;
     this.actions.hidden = !conversationId;
     this.box.hidden = true;
     if (conversationId) {
       this.exportJson.href = api.exportUrl(conversationId, "json");
       this.exportMd.href = api.exportUrl(conversationId, "markdown");
-      this.showShared(shared);
+      this.showShared(state.conversations.some((c) => c.id === conversationId && c.shared));
     }
   }
 
