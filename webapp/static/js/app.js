@@ -6,7 +6,7 @@ import { ChatSocket } from "./socket.js";
 import { BROWSER_N_CTX } from "./engines/contract.js";
 import { createServerEngine } from "./engines/server.js";
 import { LiveReply, currentSettings, detachViews, liveFor, modelInfo, state, subscribe, update } from "./state.js";
-import { pathTo, siblingsByParent } from "./tree.js";
+import { groupBy, pathTo } from "./tree.js";
 import { initBanner } from "./ui/banner.js";
 import { BrowserStatus } from "./ui/browser_status.js";
 import { Composer } from "./ui/composer.js";
@@ -245,7 +245,7 @@ let opening = 0; // the latest openConversation wins when clicks overlap
 function render(conversation, { follow = true } = {}) {
   detachViews();
   view.clear();
-  const groups = siblingsByParent(conversation.messages);
+  const groups = groupBy(conversation.messages, (m) => m.parent_id ?? null); // siblings, by parent
   const branch = pathTo(conversation.messages, conversation.current_message_id);
   const busy = Boolean(liveFor(conversation.id));
   for (const m of branch) {

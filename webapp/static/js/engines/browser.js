@@ -73,17 +73,10 @@ export function createBrowserEngine({ api, defaults }) {
   let generating = Promise.resolve(); // a reply being written: wllama runs one request at a time
 
   async function storageFacts() {
-    const facts = { quota: null, usage: null, persisted: false };
-    if (navigator.storage?.estimate) {
-      const { quota, usage } = await navigator.storage.estimate();
-      facts.quota = quota;
-      facts.usage = usage;
-    }
-    if (navigator.storage?.persist) {
-      // Ask the browser not to evict the model under storage pressure.
-      facts.persisted = await navigator.storage.persist().catch(() => false);
-    }
-    return facts;
+    const { quota = null, usage = null } = (await navigator.storage?.estimate?.()) ?? {};
+    // Ask the browser not to evict the model under storage pressure.
+    const persisted = (await navigator.storage?.persist?.().catch(() => false)) ?? false;
+    return { quota, usage, persisted };
   }
 
   async function removeStaleCopies(manager, currentUrl, modelId) {
@@ -340,9 +333,9 @@ export function createBrowserEngine({ api, defaults }) {
       const { messages, dropped } = promptMessages(conversation, options, answering);
       // 3a. The reply's row exists from the start and grows as the page writes it, so a tab
       // closed (or crashed) mid-reply leaves what was written, marked "interrupted".
+      const provenance = { engine: "browser", backend: runtime.backend, model: modelInfo.id };
       const started = await api.addMessage(conversationId, {
-        role: "assistant", content: "", status: "streaming", parent_id: answering,
-        provenance: { engine: "browser", backend: runtime.backend, model: modelInfo.id },
+        role: "assistant", content: "", status: "streaming", parent_id: answering, provenance,
       });
       onReplyCreated?.(started);
       let text = "";
@@ -363,8 +356,7 @@ export function createBrowserEngine({ api, defaults }) {
       const onPageHide = () => {
         api.updateMessageOnExit(conversationId, started.id, {
           content: text, status: "interrupted",
-          provenance: { engine: "browser", backend: runtime.backend, model: modelInfo.id,
-                        finish_reason: "interrupted", meta: { stop_reason: "page_closed" } },
+          provenance: { ...provenance, finish_reason: "interrupted", meta: { stop_reason: "page_closed" } },
         });
       };
       window.addEventListener("pagehide", onPageHide);
@@ -476,9 +468,7 @@ export function createBrowserEngine({ api, defaults }) {
         content: text,
         status,
         provenance: {
-          engine: "browser",
-          backend: runtime.backend,
-          model: modelInfo.id,
+          ...provenance,
           prompt_tokens: promptTokens,
           completion_tokens: figures.completion_tokens ?? pieces,
           tokens_per_second: timings?.predicted_per_second && status === "complete" ? figures.decode_tps : rounded(measured, 2),

@@ -13,7 +13,8 @@ function when(iso) {
 
 export function initApiKeys(button) {
   if (!button) return;
-  const panel = createPanel({ title: "API keys", testid: "api-keys-panel", className: "keys-panel" });
+  const panel = createPanel({ title: "API keys", testid: "api-keys-panel", className: "keys-panel", opener: button,
+                              onOpen: opened });
   const onError = panel.problem;
   const base = `${location.origin}/v1`;
 
@@ -119,10 +120,8 @@ export function initApiKeys(button) {
   done.addEventListener("click", forget);
   panel.dialog.addEventListener("close", forget);
 
-  button.addEventListener("click", () => {
-    button.closest("details")?.removeAttribute("open");
-    panel.open();
+  function opened() {
     refresh();
     name.focus();
-  });
+  }
 }

@@ -122,7 +122,8 @@ export function figuresTable(runs, { stored = false } = {}) {
 // hooks: loadBrowserEngine() -> Promise<engine>
 export function initBenchmark(button, { loadBrowserEngine }) {
   if (!button) return;
-  const panel = createPanel({ title: "Benchmark", testid: "benchmark-panel", className: "bench-panel" });
+  const panel = createPanel({ title: "Benchmark", testid: "benchmark-panel", className: "bench-panel", opener: button,
+                              onOpen: () => prepare().catch((err) => panel.problem(err.message)) });
   const intro = el("p", "modal-message",
     "The same fixed prompts on the server and in this browser: greedy, one fresh turn each. Figures are the engines' own.");
   const serverGroup = el("fieldset", "bench-choices");
@@ -250,11 +251,5 @@ export function initBenchmark(button, { loadBrowserEngine }) {
       run.disabled = false;
       show(runs);
     }
-  });
-
-  button.addEventListener("click", () => {
-    button.closest("details")?.removeAttribute("open");
-    panel.open();
-    prepare().catch((err) => panel.problem(err.message));
   });
 }

@@ -32,7 +32,8 @@ export function replyFigures(message, facts = {}, ttftMs = null) {
 export function initCompare(button, hooks) {
   if (!button) return;
   const { options: ranges, server, loadBrowserEngine, backend, openConversation } = hooks;
-  const panel = createPanel({ title: "Compare models", testid: "compare-panel", className: "compare-panel" });
+  const panel = createPanel({ title: "Compare models", testid: "compare-panel", className: "compare-panel", opener: button,
+                              onOpen: opened });
 
   const targetList = el("div", "compare-targets", null, { role: "group", "aria-label": "Models to compare" });
   const addTarget = el("button", "button small", "Add a model", { type: "button", testid: "compare-add" });
@@ -274,15 +275,14 @@ export function initCompare(button, hooks) {
     for (const controller of running.controllers) controller.abort();
   });
 
-  button.addEventListener("click", () => {
-    button.closest("details")?.removeAttribute("open");
+  // Two models to start from the first time (one in this browser where one runs there).
+  function opened() {
     if (!targetList.children.length) {
       const serverModels = modelsFor("server");
       addRow("server", serverModels[0]?.id);
       if (modelsFor("browser").length) addRow("browser", modelsFor("browser")[0].id);
       else addRow("server", serverModels[1]?.id ?? serverModels[0]?.id);
     }
-    panel.open();
     prompt.focus();
-  });
+  }
 }

@@ -4,6 +4,7 @@
 import { ask } from "./dialog.js";
 import { icon, iconButton } from "./icons.js";
 import { el } from "./panel.js";
+import { groupBy } from "../tree.js";
 
 const DAY = 24 * 60 * 60 * 1000;
 
@@ -30,12 +31,7 @@ export class ConversationList {
       this.container.replaceChildren(el("p", "list-empty", "No conversations yet."));
       return;
     }
-    const groups = new Map();
-    for (const c of conversations) {
-      const name = dateGroup(new Date(c.updated_at));
-      if (!groups.has(name)) groups.set(name, []);
-      groups.get(name).push(c);
-    }
+    const groups = groupBy(conversations, (c) => dateGroup(new Date(c.updated_at)));
     this.container.replaceChildren(...[...groups].map(([name, items], index) => {
       const section = el("section", "list-group");
       const heading = el("h2", "list-heading", name, { id: `group-${index}` });

@@ -64,20 +64,15 @@ export function dataTable(className, columns, testid) {
 
 let panels = 0;
 
-export function createPanel({ title, testid, className = "" }) {
-  const dialog = el("dialog", `modal panel ${className}`.trim());
-  dialog.dataset.testid = testid;
-  const heading = el("h2", "modal-title", title);
-  heading.id = `panel-title-${++panels}`;
-  dialog.setAttribute("aria-labelledby", heading.id);
+// opener: the menu item that opens it (and closes its menu); onOpen(): what follows opening.
+export function createPanel({ title, testid, className = "", opener, onOpen }) {
+  const titleId = `panel-title-${++panels}`;
+  const dialog = el("dialog", `modal panel ${className}`.trim(), null, { testid, "aria-labelledby": titleId });
   const head = el("div", "panel-head");
   const close = iconButton("x", "Close", { testid: `${testid}-close`, onClick: () => dialog.close() });
-  head.append(heading, close);
+  head.append(el("h2", "modal-title", title, { id: titleId }), close);
   const body = el("div", "panel-body");
-  const alert = el("p", "panel-problem");
-  alert.setAttribute("role", "alert");
-  alert.dataset.testid = `${testid}-problem`;
-  alert.hidden = true;
+  const alert = el("p", "panel-problem", null, { role: "alert", testid: `${testid}-problem`, hidden: true });
   dialog.append(head, alert, body);
   // A problem is said inside the panel: the page's banner is behind the modal.
   const problem = (message) => {
@@ -87,9 +82,12 @@ export function createPanel({ title, testid, className = "" }) {
   dialog.addEventListener("click", (event) => {
     if (event.target === dialog) dialog.close(); // a click on the backdrop
   });
-  document.body.append(dialog);
-  return { dialog, body, problem, open: () => {
+  opener.addEventListener("click", () => {
+    opener.closest("details")?.removeAttribute("open");
     problem("");
     dialog.showModal();
-  } };
+    onOpen();
+  });
+  document.body.append(dialog);
+  return { dialog, body, problem };
 }
