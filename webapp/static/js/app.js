@@ -20,7 +20,6 @@ import { initSettings, replyOptions } from "./ui/settings.js";
 import { Sharing } from "./ui/sharing.js";
 import { initShortcuts } from "./ui/shortcuts.js";
 import { initThemeToggle } from "./ui/theme.js";
-// ui2: compare, benchmark, API keys, reply format
 import { initCompare } from "./ui/compare.js";
 import { initBenchmark } from "./ui/benchmark.js";
 import { initApiKeys } from "./ui/api_keys.js";
@@ -564,7 +563,7 @@ initShortcuts(root, $("shortcuts"), $("shortcuts-button"), {
   performance.mark("bchat:interactive"); // models listed, list shown: bench/page_weight.py reads it
 })();
 
-// ---- ui2: compare, benchmark, API keys, reply format --------------------------------------
+// ---- the panels: compare, benchmark, API keys; the reply format ---------------------------
 initCompare($("compare"), {
   options: OPTIONS, server: engines.server, loadBrowserEngine, backend: () => backendSelect.value,
   openConversation: (id) => openConversation(id, { push: id !== state.conversationId }),

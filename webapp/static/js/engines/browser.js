@@ -164,11 +164,9 @@ export function createBrowserEngine({ api, defaults }) {
 
   function ensureLoaded(modelInfo, preference, onLoad) {
     // One load at a time: a second send while downloading waits for the same load.
-    const key = `${modelInfo.browser?.url}|${preference}`;
+    const key = `${new URL(modelInfo.browser.url, location.href).href}|${preference}`;
     if (loading?.key === key) return loading.promise;
-    if (loaded?.key === `${new URL(modelInfo.browser.url, location.href).href}|${preference}` && !loading) {
-      return Promise.resolve(loaded);
-    }
+    if (loaded?.key === key && !loading) return Promise.resolve(loaded);
     // Chained: a second load (another backend) must not start while the first still owns wllama.
     const promise = loadChain.catch(() => {}).then(() => load(modelInfo, preference, onLoad)).finally(() => {
       if (loading?.promise === promise) loading = null;
@@ -329,7 +327,6 @@ export function createBrowserEngine({ api, defaults }) {
       }
 
       // 3. Generate, streaming into the page.
-      // The path to the message answered: never a sibling branch.
       const { messages, dropped } = promptMessages(conversation, options, answering);
       // 3a. The reply's row exists from the start and grows as the page writes it, so a tab
       // closed (or crashed) mid-reply leaves what was written, marked "interrupted".

@@ -15,7 +15,6 @@ export function initApiKeys(button) {
   if (!button) return;
   const panel = createPanel({ title: "API keys", testid: "api-keys-panel", className: "keys-panel", opener: button,
                               onOpen: opened });
-  const onError = panel.problem;
   const base = `${location.origin}/v1`;
 
   const intro = el("p", "modal-message",
@@ -55,7 +54,7 @@ export function initApiKeys(button) {
     try {
       ({ keys } = await request("GET", "/api/keys"));
     } catch (err) {
-      onError(err.message);
+      panel.problem(err.message);
       return;
     }
     empty.hidden = keys.length > 0;
@@ -82,7 +81,7 @@ export function initApiKeys(button) {
           try {
             await request("DELETE", `/api/keys/${encodeURIComponent(key.id)}`);
           } catch (err) {
-            onError(err.message);
+            panel.problem(err.message);
           }
           await refresh();
         });
@@ -107,7 +106,7 @@ export function initApiKeys(button) {
       token.select();
       await refresh();
     } catch (err) {
-      onError(err.message);
+      panel.problem(err.message);
     } finally {
       create.disabled = false;
     }

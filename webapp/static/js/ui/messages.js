@@ -138,15 +138,14 @@ export class MessageView {
     if (message.role === "assistant" && options) {
       const info = button("info", "How this reply was made", "reply-options", () => {
         const open = node.querySelector(".reply-options");
+        info.setAttribute("aria-expanded", String(!open));
         if (open) {
           open.remove();
-          info.setAttribute("aria-expanded", "false");
-          return;
+        } else {
+          const box = describeOptions(options, message);
+          node.insertBefore(box, actions.nextSibling);
+          box.scrollIntoView({ block: "nearest" });
         }
-        info.setAttribute("aria-expanded", "true");
-        const box = describeOptions(options, message);
-        node.insertBefore(box, actions.nextSibling);
-        box.scrollIntoView({ block: "nearest" });
       });
       info.setAttribute("aria-expanded", "false");
     }
