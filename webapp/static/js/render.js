@@ -44,11 +44,6 @@ function need(name) {
   }, (error) => console.warn(`could not load ${name}:`, error));
 }
 
-// Resolves once the libraries asked for so far are loaded (tests, and the shared page's print).
-export function libraries() {
-  return Promise.all(Object.values(loading));
-}
-
 function escapeHtml(text) {
   return text.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 }

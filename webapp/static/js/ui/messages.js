@@ -231,9 +231,6 @@ export class MessageView {
         this.setMeta(node, message);
         this.scrollToEnd();
       },
-      get text() {
-        return renderer.text;
-      },
     };
   }
 }
