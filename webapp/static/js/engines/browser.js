@@ -468,7 +468,8 @@ export function createBrowserEngine({ api, defaults }) {
           ...provenance,
           prompt_tokens: promptTokens,
           completion_tokens: figures.completion_tokens ?? pieces,
-          tokens_per_second: timings?.predicted_per_second && status === "complete" ? figures.decode_tps : rounded(measured, 2),
+          tokens_per_second: timings?.predicted_per_second && status === "complete"
+            ? figures.decode_tps : rounded(measured, 2),
           finish_reason: status === "complete" ? finishReason ?? "stop" : status === "stopped" ? "stopped" : "error",
           meta,
         },

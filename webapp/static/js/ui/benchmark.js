@@ -47,9 +47,10 @@ export function barChart(runs, metric, title) {
   const plot = width - labelWidth - 70;
   const groupHeight = runs.length * (barHeight + 4) + gap * 2;
   const height = prompts.length * groupHeight + 8;
-  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "bench-chart", role: "img", "data-testid": "benchmark-chart",
-                             "data-metric": metric,
-                             "aria-label": `${title}: ${bars.map((b) => `${b.prompt}, ${runLabel(b.run)}: ${rate(b.value)}`).join("; ")}` });
+  const chart = svg("svg", {
+    viewBox: `0 0 ${width} ${height}`, class: "bench-chart", role: "img", "data-testid": "benchmark-chart", "data-metric": metric,
+    "aria-label": `${title}: ${bars.map((b) => `${b.prompt}, ${runLabel(b.run)}: ${rate(b.value)}`).join("; ")}`,
+  });
   chart.append(svg("title", {}, title));
   prompts.forEach((prompt, group) => {
     const top = group * groupHeight + gap;

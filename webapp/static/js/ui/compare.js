@@ -129,8 +129,8 @@ export function initCompare(button, hooks) {
     const body = el("div", "body compare-body");
     const renderer = createStreamRenderer(body);
     const stats = el("dl", "compare-stats", null, { testid: "compare-stats" });
-    const use = el("button", "button small primary", "Use this reply",
-                   { type: "button", testid: "compare-use", disabled: true, "aria-label": `Use the reply of ${where} · ${target.model}` });
+    const use = el("button", "button small primary", "Use this reply", { type: "button", testid: "compare-use",
+                   disabled: true, "aria-label": `Use the reply of ${where} · ${target.model}` });
     column.append(head, body, stats, use);
     columns.append(column);
     let firstAt = null;
