@@ -16,8 +16,9 @@ function prefetched(method, path) {
 }
 
 // Every JSON request the page makes goes through here (api below names the common ones).
-export async function request(method, path, body) {
-  const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
+// options: more of fetch's (keepalive).
+export async function request(method, path, body, options = {}) {
+  const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin", ...options };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -61,10 +62,8 @@ export const api = {
   updateMessage: (id, messageId, body) =>
     request("PATCH", messagePath(id, messageId), body),
   // For pagehide: the browser finishes a keepalive request after the page is gone.
-  updateMessageOnExit: (id, messageId, body) => fetch(messagePath(id, messageId), {
-    method: "PATCH", keepalive: true, credentials: "same-origin",
-    headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-  }).catch(() => {}),
+  updateMessageOnExit: (id, messageId, body) =>
+    request("PATCH", messagePath(id, messageId), body, { keepalive: true }).catch(() => {}),
 };
 
 function messagePath(id, messageId) {

@@ -6,7 +6,7 @@ import { ChatSocket } from "./socket.js";
 import { BROWSER_N_CTX } from "./engines/contract.js";
 import { createServerEngine } from "./engines/server.js";
 import { LiveReply, currentSettings, detachViews, liveFor, modelInfo, state, subscribe, update } from "./state.js";
-import { pathTo, siblingsByParent } from "./tree.js";
+import { groupBy, pathTo } from "./tree.js";
 import { initBanner } from "./ui/banner.js";
 import { BrowserStatus } from "./ui/browser_status.js";
 import { Composer } from "./ui/composer.js";
@@ -20,7 +20,6 @@ import { initSettings, replyOptions } from "./ui/settings.js";
 import { Sharing } from "./ui/sharing.js";
 import { initShortcuts } from "./ui/shortcuts.js";
 import { initThemeToggle } from "./ui/theme.js";
-// ui2: compare, benchmark, API keys, reply format
 import { initCompare } from "./ui/compare.js";
 import { initBenchmark } from "./ui/benchmark.js";
 import { initApiKeys } from "./ui/api_keys.js";
@@ -91,26 +90,21 @@ subscribe(({ keys, reply, message }) => {
   updateControls();
 });
 
+// An action from a list: its failure goes to the banner.
+const reported = (action) => (...args) => action(...args).catch((err) => showError(err.message));
+
 const list = new ConversationList($("conversation-list"), {
   onOpen: (id) => openConversation(id, { push: true }),
-  onRename: async (id, newTitle) => {
-    try {
-      await api.rename(id, newTitle);
-      if (id === state.conversationId) title.textContent = newTitle;
-      await refreshList();
-    } catch (err) {
-      showError(err.message);
-    }
-  },
-  onDelete: async (id) => {
-    try {
-      await api.remove(id);
-      if (id === state.conversationId) newChat({ push: true });
-      await refreshList();
-    } catch (err) {
-      showError(err.message);
-    }
-  },
+  onRename: reported(async (id, newTitle) => {
+    await api.rename(id, newTitle);
+    if (id === state.conversationId) title.textContent = newTitle;
+    await refreshList();
+  }),
+  onDelete: reported(async (id) => {
+    await api.remove(id);
+    if (id === state.conversationId) newChat({ push: true });
+    await refreshList();
+  }),
 });
 
 const sharing = new Sharing(root, {
@@ -145,10 +139,6 @@ async function runSearch() {
   } catch (err) {
     showError(err.message, { cause: "search" });
   }
-}
-
-function isShared(id) {
-  return state.conversations.some((c) => c.id === id && c.shared);
 }
 
 // The tokens the chosen model can see at once here: the server runs embedded models with
@@ -254,7 +244,7 @@ let opening = 0; // the latest openConversation wins when clicks overlap
 function render(conversation, { follow = true } = {}) {
   detachViews();
   view.clear();
-  const groups = siblingsByParent(conversation.messages);
+  const groups = groupBy(conversation.messages, (m) => m.parent_id ?? null); // siblings, by parent
   const branch = pathTo(conversation.messages, conversation.current_message_id);
   const busy = Boolean(liveFor(conversation.id));
   for (const m of branch) {
@@ -325,7 +315,7 @@ async function openConversation(id, { push, prefetched = null }) {
     if (push) history.pushState({}, "", `/c/${encodeURIComponent(id)}`);
     showError("");
     await refreshList();
-    sharing.open(conversation.id, { shared: isShared(conversation.id) });
+    sharing.open(conversation.id);
     preloadBrowser();
   } catch (err) {
     showError(err.status === 404 ? "That conversation does not exist (or is not yours)." : err.message,
@@ -407,7 +397,7 @@ async function send(action = null) {
             history.pushState({}, "", `/c/${encodeURIComponent(conversation.id)}`);
           }
           title.textContent = conversation.title;
-          sharing.open(conversation.id, { shared: isShared(conversation.id) });
+          sharing.open(conversation.id);
           applyStarted(conversation.id, { conversation, userMessage, reply: frame?.reply ?? null });
         }
         updateControls();
@@ -573,12 +563,11 @@ initShortcuts(root, $("shortcuts"), $("shortcuts-button"), {
   performance.mark("bchat:interactive"); // models listed, list shown: bench/page_weight.py reads it
 })();
 
-// ---- ui2: compare, benchmark, API keys, reply format --------------------------------------
+// ---- the panels: compare, benchmark, API keys; the reply format ---------------------------
 initCompare($("compare"), {
-  options: OPTIONS, server: engines.server, loadBrowserEngine, models: () => state.models, backend: () => backendSelect.value,
-  conversationId: () => state.conversationId,
+  options: OPTIONS, server: engines.server, loadBrowserEngine, backend: () => backendSelect.value,
   openConversation: (id) => openConversation(id, { push: id !== state.conversationId }),
 });
-initBenchmark($("benchmark"), { loadBrowserEngine, models: () => state.models });
+initBenchmark($("benchmark"), { loadBrowserEngine });
 initApiKeys($("api-keys"));
-initReplyFormat(root.querySelector(".reply-format"), { api, conversationId: () => state.conversationId, onError: showError });
+initReplyFormat(root.querySelector(".reply-format"), { onError: showError });

@@ -62,3 +62,25 @@ export function parameters(n) {
 export function promptTokensPerSecond(evaluated, promptMs) {
   return promptMs > 0 && evaluated > 0 ? evaluated / (promptMs / 1000) : null;
 }
+
+// A figure rounded to `places` decimals as it is stored, or null when there is none.
+export function rounded(value, places) {
+  return value == null ? null : Math.round(value * 10 ** places) / 10 ** places;
+}
+
+// One wllama completion's figures, as a benchmark run stores them and a browser reply's
+// provenance takes them: from llama.cpp's timings (prompt_n evaluated, cache_n reused from the
+// KV cache, prompt_ms, predicted_n, predicted_per_second), else its usage. prompt_tps is left
+// unrounded: a reply keeps one decimal of it, a benchmark two.
+export function wllamaFigures(timings, usage) {
+  const t = timings ?? {};
+  const cached = t.cache_n ?? 0;
+  return {
+    prompt_tokens: usage?.prompt_tokens ?? (t.prompt_n != null ? t.prompt_n + cached : null),
+    prompt_cached: cached,
+    prompt_ms: rounded(t.prompt_ms, 1),
+    prompt_tps: promptTokensPerSecond(t.prompt_n, t.prompt_ms),
+    decode_tps: rounded(t.predicted_per_second, 2),
+    completion_tokens: t.predicted_n ?? usage?.completion_tokens ?? null,
+  };
+}

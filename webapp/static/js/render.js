@@ -16,7 +16,8 @@
 // what was rendered without them is rendered again once they are here.
 import { marked } from "../vendor/marked/marked.esm.js";
 import createDOMPurify from "../vendor/dompurify/purify.es.mjs";
-import { copyWithFeedback, icon } from "./ui/icons.js";
+import { copyWithFeedback, icon, iconButton } from "./ui/icons.js";
+import { el } from "./ui/panel.js";
 
 const LIBRARIES = {
   hljs: "../vendor/highlight/highlight.min.js",
@@ -41,11 +42,6 @@ function need(name) {
     // Highlighted code and laid-out math change heights: a view following the end re-scrolls.
     document.dispatchEvent(new CustomEvent("bchat:rerendered"));
   }, (error) => console.warn(`could not load ${name}:`, error));
-}
-
-// Resolves once the libraries asked for so far are loaded (tests, and the shared page's print).
-export function libraries() {
-  return Promise.all(Object.values(loading));
 }
 
 function escapeHtml(text) {
@@ -188,28 +184,21 @@ function dressCodeBlocks(fragment) {
     }
     const pre = code.parentElement;
     const language = /\blanguage-([\w+#.-]+)/.exec(code.className)?.[1] ?? "";
-    const frame = document.createElement("div");
-    frame.className = "code-block";
-    const head = document.createElement("div");
-    head.className = "code-head";
+    const frame = el("div", "code-block");
+    const head = el("div", "code-head");
     head.dataset.lang = language || "text"; // shown by CSS, so it is not part of the copied text
-    const copy = document.createElement("button");
-    copy.type = "button";
-    copy.className = "icon-button";
-    copy.dataset.testid = "copy-code";
-    copy.dataset.ui = "";
-    copy.setAttribute("aria-label", `Copy ${language || "code"}`);
+    const copy = iconButton("copy", `Copy ${language || "code"}`, {
+      testid: "copy-code", ui: true,
+      // marked ends every code block with a newline the author did not write
+      onClick: () => copyWithFeedback(copy, code.textContent.replace(/\n$/, "")),
+    });
     copy.title = "Copy code";
-    copy.append(icon("copy", { size: 16 }));
-    // marked ends every code block with a newline the author did not write
-    copy.addEventListener("click", () => copyWithFeedback(copy, code.textContent.replace(/\n$/, "")));
     head.append(copy);
     pre.replaceWith(frame);
     frame.append(head, pre);
   }
   for (const table of fragment.querySelectorAll("table")) {
-    const scroller = document.createElement("div");
-    scroller.className = "table-scroll"; // wide tables scroll on their own, not the page
+    const scroller = el("div", "table-scroll"); // wide tables scroll on their own, not the page
     table.replaceWith(scroller);
     scroller.append(table);
   }
@@ -220,15 +209,11 @@ const THINKING = /^\s*<think>([\s\S]*?)(?:<\/think>\s*|$)/;
 const thinkingOpen = new WeakMap(); // element -> the reader's choice, kept across re-renders
 
 function thinkingBlock(element, thought, done) {
-  const details = document.createElement("details");
-  details.className = "thinking";
-  details.dataset.testid = "thinking";
-  details.open = thinkingOpen.get(element) ?? !done;
-  const summary = document.createElement("summary");
+  const details = el("details", "thinking", null, { testid: "thinking", open: thinkingOpen.get(element) ?? !done });
+  const summary = el("summary");
   summary.dataset.ui = "";
   summary.append(icon("brain", { size: 16 }), done ? "Thinking" : "Thinking…");
-  const body = document.createElement("div");
-  body.className = "thinking-body";
+  const body = el("div", "thinking-body");
   body.append(toFragment(thought));
   details.append(summary, body);
   details.addEventListener("toggle", () => thinkingOpen.set(element, details.open));

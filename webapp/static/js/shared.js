@@ -13,11 +13,7 @@ for (const message of document.querySelectorAll('[data-testid="message"]')) {
   }
   const actions = document.createElement("div");
   actions.className = "message-actions";
-  const copy = iconButton("copy", "Copy message", {
-    testid: "copy",
-    onClick: () => copyWithFeedback(copy, text),
-  });
-  copy.dataset.ui = ""; // ours, not the message's: see render.js
+  const copy = iconButton("copy", "Copy message", { testid: "copy", ui: true, onClick: () => copyWithFeedback(copy, text) });
   actions.append(copy);
   message.append(actions);
 }

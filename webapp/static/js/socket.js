@@ -1,17 +1,11 @@
 // One websocket to /ws, reconnected with backoff. Frames are JSON; listeners get them by type.
 
 export class ChatSocket {
-  constructor(url = ChatSocket.defaultUrl()) {
-    this.url = url;
+  constructor() {
+    this.url = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
     this.listeners = new Map();
     this.ws = null;
     this.retryMs = 500;
-    this.closedByUs = false;
-  }
-
-  static defaultUrl() {
-    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    return `${scheme}//${location.host}/ws`;
   }
 
   on(type, listener) {
@@ -35,7 +29,6 @@ export class ChatSocket {
   }
 
   connect() {
-    this.closedByUs = false;
     const ws = new WebSocket(this.url);
     this.ws = ws;
     this.emit("status", "connecting");
@@ -55,10 +48,8 @@ export class ChatSocket {
     ws.addEventListener("close", () => {
       this.emit("status", "closed");
       this.emit("disconnect", null);
-      if (!this.closedByUs) {
-        setTimeout(() => this.connect(), this.retryMs);
-        this.retryMs = Math.min(this.retryMs * 2, 10000);
-      }
+      setTimeout(() => this.connect(), this.retryMs);
+      this.retryMs = Math.min(this.retryMs * 2, 10000);
     });
   }
 
@@ -82,10 +73,5 @@ export class ChatSocket {
   send(frame) {
     if (!this.isOpen) throw new Error("the chat socket is not connected");
     this.ws.send(JSON.stringify(frame));
-  }
-
-  close() {
-    this.closedByUs = true;
-    this.ws?.close();
   }
 }

@@ -38,6 +38,11 @@ export function modelInfo(id) {
   return state.models.find((m) => m.id === id);
 }
 
+// The models an engine ("server" or "browser") can run.
+export function modelsFor(engine) {
+  return state.models.filter((m) => m.engines?.includes(engine));
+}
+
 // The reply being written in a conversation (at most one at a time), if any.
 export function liveFor(conversationId) {
   if (!conversationId) return null;

@@ -10,14 +10,14 @@ export function pathTo(messages, messageId) {
   return path.reverse();
 }
 
-// Messages that share a parent (alternatives: edits, regenerations, compared replies), in the
-// order they were written, by parent id (null for the first messages).
-export function siblingsByParent(messages) {
+// items in a Map by keyOf(item), each group in the items' order (Map.groupBy, which older
+// browsers lack): messages by parent are siblings (edits, regenerations, compared replies).
+export function groupBy(items, keyOf) {
   const groups = new Map();
-  for (const m of messages) {
-    const key = m.parent_id ?? null;
+  for (const item of items) {
+    const key = keyOf(item);
     if (!groups.has(key)) groups.set(key, []);
-    groups.get(key).push(m);
+    groups.get(key).push(item);
   }
   return groups;
 }

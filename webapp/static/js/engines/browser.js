@@ -3,7 +3,7 @@
 // reply (complete, stopped or failed) is stored through the API with its provenance.
 import { Wllama } from "../../vendor/wllama/index.js";
 import { BROWSER_N_CTX as N_CTX, EngineError } from "./contract.js";
-import { promptTokensPerSecond } from "../format.js";
+import { rounded, wllamaFigures } from "../format.js";
 import { modelHistory, pathTo } from "../tree.js";
 
 const WASM = { default: "/static/vendor/wllama/wllama.wasm" };
@@ -73,17 +73,10 @@ export function createBrowserEngine({ api, defaults }) {
   let generating = Promise.resolve(); // a reply being written: wllama runs one request at a time
 
   async function storageFacts() {
-    const facts = { quota: null, usage: null, persisted: false };
-    if (navigator.storage?.estimate) {
-      const { quota, usage } = await navigator.storage.estimate();
-      facts.quota = quota;
-      facts.usage = usage;
-    }
-    if (navigator.storage?.persist) {
-      // Ask the browser not to evict the model under storage pressure.
-      facts.persisted = await navigator.storage.persist().catch(() => false);
-    }
-    return facts;
+    const { quota = null, usage = null } = (await navigator.storage?.estimate?.()) ?? {};
+    // Ask the browser not to evict the model under storage pressure.
+    const persisted = (await navigator.storage?.persist?.().catch(() => false)) ?? false;
+    return { quota, usage, persisted };
   }
 
   async function removeStaleCopies(manager, currentUrl, modelId) {
@@ -171,11 +164,9 @@ export function createBrowserEngine({ api, defaults }) {
 
   function ensureLoaded(modelInfo, preference, onLoad) {
     // One load at a time: a second send while downloading waits for the same load.
-    const key = `${modelInfo.browser?.url}|${preference}`;
+    const key = `${new URL(modelInfo.browser.url, location.href).href}|${preference}`;
     if (loading?.key === key) return loading.promise;
-    if (loaded?.key === `${new URL(modelInfo.browser.url, location.href).href}|${preference}` && !loading) {
-      return Promise.resolve(loaded);
-    }
+    if (loaded?.key === key && !loading) return Promise.resolve(loaded);
     // Chained: a second load (another backend) must not start while the first still owns wllama.
     const promise = loadChain.catch(() => {}).then(() => load(modelInfo, preference, onLoad)).finally(() => {
       if (loading?.promise === promise) loading = null;
@@ -256,7 +247,6 @@ export function createBrowserEngine({ api, defaults }) {
   }
 
   return {
-    name: "browser",
     get loaded() {
       return loaded;
     },
@@ -337,13 +327,12 @@ export function createBrowserEngine({ api, defaults }) {
       }
 
       // 3. Generate, streaming into the page.
-      // The path to the message answered: never a sibling branch.
       const { messages, dropped } = promptMessages(conversation, options, answering);
       // 3a. The reply's row exists from the start and grows as the page writes it, so a tab
       // closed (or crashed) mid-reply leaves what was written, marked "interrupted".
+      const provenance = { engine: "browser", backend: runtime.backend, model: modelInfo.id };
       const started = await api.addMessage(conversationId, {
-        role: "assistant", content: "", status: "streaming", parent_id: answering,
-        provenance: { engine: "browser", backend: runtime.backend, model: modelInfo.id },
+        role: "assistant", content: "", status: "streaming", parent_id: answering, provenance,
       });
       onReplyCreated?.(started);
       let text = "";
@@ -364,8 +353,7 @@ export function createBrowserEngine({ api, defaults }) {
       const onPageHide = () => {
         api.updateMessageOnExit(conversationId, started.id, {
           content: text, status: "interrupted",
-          provenance: { engine: "browser", backend: runtime.backend, model: modelInfo.id,
-                        finish_reason: "interrupted", meta: { stop_reason: "page_closed" } },
+          provenance: { ...provenance, finish_reason: "interrupted", meta: { stop_reason: "page_closed" } },
         });
       };
       window.addEventListener("pagehide", onPageHide);
@@ -448,7 +436,7 @@ export function createBrowserEngine({ api, defaults }) {
       window.removeEventListener("pagehide", onPageHide);
 
       // 4. Store what was written, with where and how fast.
-      const completionTokens = timings?.predicted_n ?? usage?.completion_tokens ?? pieces;
+      const figures = wllamaFigures(timings, usage);
       const measured = pieces > 1 && lastAt > firstAt ? (pieces - 1) / ((lastAt - firstAt) / 1000) : null;
       const meta = {};
       if (dropped) meta.trimmed_messages = dropped;
@@ -457,11 +445,10 @@ export function createBrowserEngine({ api, defaults }) {
       let promptTokens = usage?.prompt_tokens ?? null;
       if (timings) {
         meta.prompt_evaluated = timings.prompt_n; // only the new tokens when the KV cache is reused
-        meta.prompt_cached = timings.cache_n;
-        meta.prompt_ms = Math.round(timings.prompt_ms * 10) / 10;
-        const promptRate = promptTokensPerSecond(timings.prompt_n, timings.prompt_ms);
-        if (promptRate) meta.prompt_per_second = Math.round(promptRate * 10) / 10;
-        promptTokens ??= timings.prompt_n + timings.cache_n;
+        meta.prompt_cached = figures.prompt_cached;
+        meta.prompt_ms = figures.prompt_ms;
+        if (figures.prompt_tps) meta.prompt_per_second = rounded(figures.prompt_tps, 1);
+        promptTokens = figures.prompt_tokens;
       } else if (progress) {
         meta.prompt_evaluated = progress.processed - progress.cached;
         meta.prompt_cached = progress.cached;
@@ -478,14 +465,11 @@ export function createBrowserEngine({ api, defaults }) {
         content: text,
         status,
         provenance: {
-          engine: "browser",
-          backend: runtime.backend,
-          model: modelInfo.id,
+          ...provenance,
           prompt_tokens: promptTokens,
-          completion_tokens: completionTokens,
+          completion_tokens: figures.completion_tokens ?? pieces,
           tokens_per_second: timings?.predicted_per_second && status === "complete"
-            ? Math.round(timings.predicted_per_second * 100) / 100
-            : measured && Math.round(measured * 100) / 100,
+            ? figures.decode_tps : rounded(measured, 2),
           finish_reason: status === "complete" ? finishReason ?? "stop" : status === "stopped" ? "stopped" : "error",
           meta,
         },

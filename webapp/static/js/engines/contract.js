@@ -1,28 +1,24 @@
-// The engine contract: what the page asks of an engine and what an engine tells it back, so
-// chat and compare drive either engine the same way. Two implement it: server.js (the model
-// runs on the server as a run; tokens come over the chat socket) and browser.js (wllama runs
-// the model in this page; everything is stored through the API).
+// The engine contract: what the page asks of an engine and hears back, so chat and compare
+// drive either the same way. server.js runs the model on the server (a run; tokens come over
+// the chat socket); browser.js runs it in this page with wllama (all stored through the API).
 //
-//   engine.name                          "server" | "browser"
-//   engine.generate(request, handlers) -> Promise<the stored reply>
+//   engine.generate(request, handlers) -> Promise<the stored reply>; rejects with an EngineError
 //     request: {conversationId (null: a new conversation), content, model, modelInfo (its
 //       /api/models entry), backend (browser), options (what the page runs with; the server
-//       reads the conversation's settings), settings (a new conversation's),
-//       parentId (an edit: the new user message goes under it), regenerate (a reply's id:
-//       another beside it), continueFrom (a cut-off reply: more of it, server only),
-//       replyTo (a user message already stored: answer it, browser only)}
+//       reads the conversation's settings), settings (a new conversation's), parentId (an
+//       edit: the new user message goes under it), regenerate (a reply's id: another beside
+//       it), continueFrom (a cut-off reply: more of it, server only), replyTo (a user message
+//       already stored: answer it, browser only)}
 //     handlers, each optional:
+//       signal                   an AbortSignal: stop the reply (stored as "stopped")
 //       onStarted(conversation, userMessage, frame?)  the user message is stored
 //       onReplyCreated(message)  the reply's row exists (browser engine)
 //       onQueued(position)       waiting for the model, `position` replies ahead
 //       onLoad(progress)         the browser engine loads the model or reads the history:
 //                                {phase: "checking"|"downloading"|"reading"|"ready", …}
 //       onToken(text)            more of the reply
-//       signal                   an AbortSignal: stop the reply (stored as "stopped")
-//   It rejects with an EngineError.
-//
-// The server engine also follows a reply being written elsewhere (follow) and starts a compare
-// (several models, one message); the browser engine also preloads a model and measures one.
+// Beyond it, the server engine follows a reply written elsewhere and starts a compare; the
+// browser engine preloads a model and measures one (the benchmark).
 
 // The tokens the browser engine gives a model (never beyond the model's own): the page's
 // context meter and composer count against it before the engine is even loaded.

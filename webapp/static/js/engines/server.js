@@ -22,20 +22,10 @@ export function createServerEngine(socket) {
         signal?.removeEventListener("abort", onAbort);
         fn(value);
       };
-      const resume = () => {
-        try {
-          socket.send({ type: "resume", message_id: messageId, offset: length });
-        } catch {
-          /* not connected: the reconnect below resumes */
-        }
-      };
-      const onAbort = () => {
-        try {
-          socket.send({ type: "stop", message_id: messageId });
-        } catch {
-          /* offline: sent again once the socket is back (see "status") */
-        }
-      };
+      // Offline, a frame is not sent: once the socket is back, "status" below sends both again.
+      const sendIfOpen = (frame) => socket.isOpen && socket.send(frame);
+      const resume = () => sendIfOpen({ type: "resume", message_id: messageId, offset: length });
+      const onAbort = () => sendIfOpen({ type: "stop", message_id: messageId });
       const off = socket.onEach({ token: (frame) => {
         if (frame.message_id !== messageId) return;
         const pieces = [...frame.text];
@@ -87,8 +77,6 @@ export function createServerEngine(socket) {
   }
 
   return {
-    name: "server",
-
     follow(messageId, text, handlers = {}) {
       const done = relay(messageId, text, handlers);
       if (socket.isOpen) socket.send({ type: "resume", message_id: messageId, offset: codePoints(text ?? "") });

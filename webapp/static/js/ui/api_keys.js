@@ -3,7 +3,7 @@
 import { ask } from "./dialog.js";
 import { copyWithFeedback, iconButton } from "./icons.js";
 import { request } from "../api.js";
-import { createPanel, el, field } from "./panel.js";
+import { createPanel, dataTable, el, field } from "./panel.js";
 
 function when(iso) {
   if (!iso) return "never";
@@ -13,8 +13,8 @@ function when(iso) {
 
 export function initApiKeys(button) {
   if (!button) return;
-  const panel = createPanel({ title: "API keys", testid: "api-keys-panel", className: "keys-panel" });
-  const onError = panel.problem;
+  const panel = createPanel({ title: "API keys", testid: "api-keys-panel", className: "keys-panel", opener: button,
+                              onOpen: opened });
   const base = `${location.origin}/v1`;
 
   const intro = el("p", "modal-message",
@@ -22,56 +22,30 @@ export function initApiKeys(button) {
   const hint = el("div", "keys-hint");
   hint.append(el("h3", "panel-subtitle", "Use it from programs"));
   const baseLine = el("p", "field-help");
-  const baseCode = el("code", "", base);
-  baseCode.dataset.testid = "api-base-url";
-  baseLine.append("Base URL: ", baseCode, " — any OpenAI client works with it.");
+  baseLine.append("Base URL: ", el("code", "", base, { testid: "api-base-url" }), " — any OpenAI client works with it.");
   const example = el("pre", "keys-example");
   example.append(el("code", "", `curl ${base}/chat/completions \\\n  -H "Authorization: Bearer $BCHAT_KEY" \\\n  -H "Content-Type: application/json" \\\n  -d '{"model": "…", "messages": [{"role": "user", "content": "Hi"}]}'`));
   hint.append(baseLine, example);
 
   const form = el("form", "keys-form");
-  const name = el("input", "text-input");
-  name.type = "text";
-  name.maxLength = 100;
-  name.required = true;
-  name.placeholder = "e.g. my notebook";
-  name.dataset.testid = "api-key-name";
-  const create = el("button", "button primary", "Create key");
-  create.type = "submit";
-  create.dataset.testid = "api-key-create";
+  const name = el("input", "text-input", null,
+                  { type: "text", maxLength: 100, required: true, placeholder: "e.g. my notebook", testid: "api-key-name" });
+  const create = el("button", "button primary", "Create key", { type: "submit", testid: "api-key-create" });
   form.append(field("Name of a new key", name), create);
 
-  const fresh = el("div", "key-token-box");
-  fresh.dataset.testid = "api-key-token-box";
-  fresh.setAttribute("role", "status");
-  fresh.hidden = true;
+  const fresh = el("div", "key-token-box", null, { testid: "api-key-token-box", role: "status", hidden: true });
   const warning = el("p", "key-warning", "Copy this key now: you will not see it again.");
   const tokenRow = el("div", "share-row");
-  const token = el("input", "text-input mono");
-  token.readOnly = true;
-  token.dataset.testid = "api-key-token";
-  token.setAttribute("aria-label", "The new key (shown once)");
+  const token = el("input", "text-input mono", null,
+                   { readOnly: true, testid: "api-key-token", "aria-label": "The new key (shown once)" });
   const copy = iconButton("copy", "Copy the key", { testid: "api-key-copy", onClick: () => copyWithFeedback(copy, token.value) });
-  const done = el("button", "button small", "I have copied it");
-  done.type = "button";
-  done.dataset.testid = "api-key-done";
-  done.addEventListener("click", () => {
-    token.value = "";
-    fresh.hidden = true;
-  });
+  const done = el("button", "button small", "I have copied it", { type: "button", testid: "api-key-done" });
   tokenRow.append(token, copy);
   fresh.append(warning, tokenRow, done);
 
   const listHeading = el("h3", "panel-subtitle", "Your keys");
-  const table = el("table", "data-table keys-table");
-  table.dataset.testid = "api-key-list";
-  const head = el("tr");
-  for (const title of ["Name", "Key", "Created", "Last used", ""]) head.append(el("th", "", title));
-  table.append(el("thead"), el("tbody"));
-  table.tHead.append(head);
+  const { table, scroll } = dataTable("keys-table", ["Name", "Key", "Created", "Last used", ""], "api-key-list");
   const empty = el("p", "field-help", "No keys yet.");
-  const scroll = el("div", "table-scroll");
-  scroll.append(table);
 
   panel.body.append(intro, form, fresh, listHeading, empty, scroll, hint);
 
@@ -80,14 +54,13 @@ export function initApiKeys(button) {
     try {
       ({ keys } = await request("GET", "/api/keys"));
     } catch (err) {
-      onError(err.message);
+      panel.problem(err.message);
       return;
     }
     empty.hidden = keys.length > 0;
     scroll.hidden = keys.length === 0;
     table.tBodies[0].replaceChildren(...keys.map((key) => {
-      const row = el("tr");
-      row.dataset.testid = "api-key-row";
+      const row = el("tr", "", null, { testid: "api-key-row" });
       row.dataset.keyId = key.id;
       row.dataset.revoked = String(Boolean(key.revoked));
       const prefix = el("td");
@@ -96,10 +69,8 @@ export function initApiKeys(button) {
       if (key.revoked) {
         action.append(el("span", "badge", "revoked"));
       } else {
-        const revoke = el("button", "button small danger", "Revoke");
-        revoke.type = "button";
-        revoke.dataset.testid = "api-key-revoke";
-        revoke.setAttribute("aria-label", `Revoke the key ${key.name}`);
+        const revoke = el("button", "button small danger", "Revoke",
+                          { type: "button", testid: "api-key-revoke", "aria-label": `Revoke the key ${key.name}` });
         revoke.addEventListener("click", async () => {
           const sure = await ask({
             title: "Revoke this key?",
@@ -110,7 +81,7 @@ export function initApiKeys(button) {
           try {
             await request("DELETE", `/api/keys/${encodeURIComponent(key.id)}`);
           } catch (err) {
-            onError(err.message);
+            panel.problem(err.message);
           }
           await refresh();
         });
@@ -135,21 +106,21 @@ export function initApiKeys(button) {
       token.select();
       await refresh();
     } catch (err) {
-      onError(err.message);
+      panel.problem(err.message);
     } finally {
       create.disabled = false;
     }
   });
-  // The token leaves the page when the panel closes: "shown once" means once.
-  panel.dialog.addEventListener("close", () => {
+  // The token leaves the page when it is copied or the panel closes: "shown once" means once.
+  const forget = () => {
     token.value = "";
     fresh.hidden = true;
-  });
+  };
+  done.addEventListener("click", forget);
+  panel.dialog.addEventListener("close", forget);
 
-  button.addEventListener("click", () => {
-    button.closest("details")?.removeAttribute("open");
-    panel.open();
+  function opened() {
     refresh();
     name.focus();
-  });
+  }
 }

@@ -4,23 +4,17 @@
 // (POST /api/benchmarks). Prompt and decode tok/s are drawn as bar charts (SVG, drawn here),
 // with a table of the figures, and everyone's stored runs below: a class sees its devices next
 // to the server.
-import { ms, percent, promptTokensPerSecond, rate, size } from "../format.js";
+import { ms, percent, rate, rounded, size, wllamaFigures } from "../format.js";
 import { request } from "../api.js";
-import { createPanel, el, field, option, selectBox } from "./panel.js";
+import { modelInfo, modelsFor } from "../state.js";
+import { svg } from "./icons.js";
+import { createPanel, dataTable, el, field, option, selectBox } from "./panel.js";
 
-const SVG = "http://www.w3.org/2000/svg";
 const BROWSER_BACKENDS = [
   ["wasm-mt", "WASM, multi-thread"],
   ["wasm-st", "WASM, one thread"],
   ["webgpu", "WebGPU"],
 ];
-
-function svg(tag, attributes = {}, text) {
-  const node = document.createElementNS(SVG, tag);
-  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 export function runLabel(run) {
   return run.engine === "server" ? `server (${run.backend})` : `browser (${run.backend})`;
@@ -53,10 +47,10 @@ export function barChart(runs, metric, title) {
   const plot = width - labelWidth - 70;
   const groupHeight = runs.length * (barHeight + 4) + gap * 2;
   const height = prompts.length * groupHeight + 8;
-  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "bench-chart", role: "img" });
-  chart.dataset.testid = "benchmark-chart";
-  chart.dataset.metric = metric;
-  chart.setAttribute("aria-label", `${title}: ${bars.map((b) => `${b.prompt}, ${runLabel(b.run)}: ${rate(b.value)}`).join("; ")}`);
+  const chart = svg("svg", {
+    viewBox: `0 0 ${width} ${height}`, class: "bench-chart", role: "img", "data-testid": "benchmark-chart", "data-metric": metric,
+    "aria-label": `${title}: ${bars.map((b) => `${b.prompt}, ${runLabel(b.run)}: ${rate(b.value)}`).join("; ")}`,
+  });
   chart.append(svg("title", {}, title));
   prompts.forEach((prompt, group) => {
     const top = group * groupHeight + gap;
@@ -67,11 +61,8 @@ export function barChart(runs, metric, title) {
       const y = top + series * (barHeight + 4);
       const w = Math.max(1, (bar.value / max) * plot);
       const rect = svg("rect", { x: labelWidth, y, width: w.toFixed(1), height: barHeight, rx: 3,
-                                 class: `bench-bar series-${series % 6}` });
-      rect.dataset.testid = "benchmark-bar";
-      rect.dataset.label = runLabel(run);
-      rect.dataset.prompt = prompt;
-      rect.dataset.value = String(bar.value);
+                                 class: `bench-bar series-${series % 6}`, "data-testid": "benchmark-bar",
+                                 "data-label": runLabel(run), "data-prompt": prompt, "data-value": bar.value });
       rect.append(svg("title", {}, `${runLabel(run)}, ${prompt}: ${rate(bar.value)} tok/s`));
       chart.append(rect);
       const flags = [bar.result && !bar.result.cold ? "warm" : "", bar.result?.busy ? `busy ${bar.result.busy}` : ""].filter(Boolean).join(", ");
@@ -102,18 +93,12 @@ function deviceText(run) {
 
 // The figures as a table: one row per run and prompt.
 export function figuresTable(runs, { stored = false } = {}) {
-  const table = el("table", "data-table bench-table");
-  table.dataset.testid = stored ? "benchmark-stored" : "benchmark-table";
-  const head = el("tr");
   const columns = ["Engine", "Model", "Quant", "Bits/weight", "Size", "Prompt", "Prompt tok/s", "Decode tok/s", "First token", "Cache", ...(stored ? ["Device", "When"] : [])];
-  for (const name of columns) head.append(el("th", "", name));
-  table.append(el("thead"), el("tbody"));
-  table.tHead.append(head);
+  const { table, scroll } = dataTable("bench-table", columns, stored ? "benchmark-stored" : "benchmark-table");
   for (const run of runs) {
     const f = run.model_facts ?? {};
     for (const result of run.results) {
-      const row = el("tr");
-      row.dataset.testid = "benchmark-row";
+      const row = el("tr", "", null, { testid: "benchmark-row" });
       row.dataset.engine = run.engine;
       row.dataset.backend = run.backend;
       row.dataset.prompt = result.prompt;
@@ -132,44 +117,30 @@ export function figuresTable(runs, { stored = false } = {}) {
       table.tBodies[0].append(row);
     }
   }
-  const scroll = el("div", "table-scroll");
-  scroll.append(table);
   return scroll;
 }
 
-// hooks: loadBrowserEngine() -> Promise<engine>, models() -> the /api/models list
-export function initBenchmark(button, { loadBrowserEngine, models }) {
+// hooks: loadBrowserEngine() -> Promise<engine>
+export function initBenchmark(button, { loadBrowserEngine }) {
   if (!button) return;
-  const panel = createPanel({ title: "Benchmark", testid: "benchmark-panel", className: "bench-panel" });
+  const panel = createPanel({ title: "Benchmark", testid: "benchmark-panel", className: "bench-panel", opener: button,
+                              onOpen: () => prepare().catch((err) => panel.problem(err.message)) });
   const intro = el("p", "modal-message",
     "The same fixed prompts on the server and in this browser: greedy, one fresh turn each. Figures are the engines' own.");
   const serverGroup = el("fieldset", "bench-choices");
-  serverGroup.append(el("legend", "field-label", "Server models"));
   const browserGroup = el("fieldset", "bench-choices");
   browserGroup.append(el("legend", "field-label", "In this browser"));
   const browserModel = selectBox("Model to run in this browser", [], "benchmark-browser-model");
   const backendList = el("div", "bench-checks");
   browserGroup.append(browserModel.wrap, backendList);
-  const tokens = el("input", "text-input");
-  tokens.type = "number";
-  tokens.min = "1";
-  tokens.max = "256";
-  tokens.dataset.testid = "benchmark-tokens";
-  const run = el("button", "button primary", "Run the benchmark");
-  run.type = "button";
-  run.dataset.testid = "benchmark-run";
-  const status = el("p", "field-help bench-status");
-  status.dataset.testid = "benchmark-status";
-  status.setAttribute("role", "status");
+  const tokens = el("input", "text-input", null, { type: "number", min: "1", max: "256", testid: "benchmark-tokens" });
+  const run = el("button", "button primary", "Run the benchmark", { type: "button", testid: "benchmark-run" });
+  const status = el("p", "field-help bench-status", null, { testid: "benchmark-status", role: "status" });
   const controls = el("div", "bench-controls");
-  const tokenField = field("Tokens per reply", tokens);
-  tokenField.classList.add("narrow");
   const runRow = el("div", "compare-actions");
-  runRow.append(tokenField, el("span", "spacer"), run);
+  runRow.append(field("Tokens per reply", tokens, "narrow"), el("span", "spacer"), run);
   controls.append(serverGroup, browserGroup);
-  const results = el("section", "bench-results");
-  results.dataset.testid = "benchmark-results";
-  results.setAttribute("aria-label", "This run's figures");
+  const results = el("section", "bench-results", null, { testid: "benchmark-results", "aria-label": "This run's figures" });
   const storedHeading = el("h3", "panel-subtitle", "Everyone's stored runs");
   const stored = el("div", "bench-stored");
   panel.body.append(intro, controls, runRow, status, results, storedHeading, stored);
@@ -180,13 +151,7 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
 
   function check(value, label, { checked = true, disabled = false, note = "" } = {}, testid) {
     const wrap = el("label", "check");
-    const box = el("input");
-    box.type = "checkbox";
-    box.value = value;
-    box.checked = checked && !disabled;
-    box.disabled = disabled;
-    box.dataset.testid = testid;
-    wrap.append(box, ` ${label}`);
+    wrap.append(el("input", "", null, { type: "checkbox", value, checked: checked && !disabled, disabled, testid }), ` ${label}`);
     if (note) wrap.append(el("span", "field-help", ` — ${note}`));
     return wrap;
   }
@@ -201,11 +166,9 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
   }
 
   async function prepare() {
-    const serverModels = models().filter((m) => m.engines?.includes("server"));
     serverGroup.replaceChildren(el("legend", "field-label", "Server models"),
-      ...serverModels.map((m, i) => check(m.id, `${m.id}${m.facts?.quantization ? ` (${m.facts.quantization})` : ""}`, { checked: i === 0 }, "benchmark-server-model")));
-    const browserModels = models().filter((m) => m.engines?.includes("browser"));
-    browserModel.select.replaceChildren(option("", "None"), ...browserModels.map((m, i) => option(m.id, m.id, i === 0)));
+      ...modelsFor("server").map((m, i) => check(m.id, `${m.id}${m.facts?.quantization ? ` (${m.facts.quantization})` : ""}`, { checked: i === 0 }, "benchmark-server-model")));
+    browserModel.select.replaceChildren(option("", "None"), ...modelsFor("browser").map((m, i) => option(m.id, m.id, i === 0)));
     try {
       const module = await import("../engines/browser.js");
       webgpu = await module.detectWebGPU();
@@ -222,22 +185,11 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
     await loadStored();
   }
 
+  // Missing figures go as null: the server stores a result's figures the same either way.
   function browserResult(prompt, measured) {
-    const t = measured.timings ?? {};
-    const cached = t.cache_n ?? 0;
-    const promptTps = promptTokensPerSecond(t.prompt_n, t.prompt_ms);
-    const result = {
-      prompt: prompt.name,
-      prompt_tokens: measured.usage?.prompt_tokens ?? (t.prompt_n != null ? t.prompt_n + cached : null),
-      prompt_cached: cached,
-      prompt_ms: t.prompt_ms != null ? Math.round(t.prompt_ms * 10) / 10 : null,
-      prompt_tps: promptTps != null ? Math.round(promptTps * 100) / 100 : null,
-      decode_tps: t.predicted_per_second != null ? Math.round(t.predicted_per_second * 100) / 100 : null,
-      completion_tokens: t.predicted_n ?? measured.usage?.completion_tokens ?? null,
-      ttft_ms: measured.ttftMs != null ? Math.round(measured.ttftMs * 10) / 10 : null,
-      cold: cached === 0,
-    };
-    return Object.fromEntries(Object.entries(result).filter(([, v]) => v !== null && v !== undefined));
+    const figures = wllamaFigures(measured.timings, measured.usage);
+    return { prompt: prompt.name, ...figures, prompt_tps: rounded(figures.prompt_tps, 2),
+             ttft_ms: rounded(measured.ttftMs, 1), cold: figures.prompt_cached === 0 };
   }
 
   function show(runs) {
@@ -267,7 +219,7 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
         runs.push(await request("POST", "/api/benchmarks/server", { model, tokens: n }));
         show(runs);
       }
-      const info = models().find((m) => m.id === browserModel.select.value);
+      const info = modelInfo(browserModel.select.value);
       const backends = [...backendList.querySelectorAll("input:checked")].map((b) => b.value);
       if (info && backends.length) {
         const engine = await loadBrowserEngine();
@@ -300,11 +252,5 @@ export function initBenchmark(button, { loadBrowserEngine, models }) {
       run.disabled = false;
       show(runs);
     }
-  });
-
-  button.addEventListener("click", () => {
-    button.closest("details")?.removeAttribute("open");
-    panel.open();
-    prepare().catch((err) => panel.problem(err.message));
   });
 }

@@ -6,6 +6,7 @@ import { createStreamRenderer } from "../render.js";
 import { iconButton } from "./icons.js";
 import { ms, promptTokensPerSecond, size, tokensPerSecond } from "../format.js";
 import { api } from "../api.js";
+import { modelInfo, modelsFor, state } from "../state.js";
 import { createPanel, el, factRows, field, option, selectBox } from "./panel.js";
 
 const MAX_TARGETS = 4;
@@ -25,53 +26,32 @@ export function replyFigures(message, facts = {}, ttftMs = null) {
   ];
 }
 
-// hooks: options (data-options: each option's range), server (the page's server engine), loadBrowserEngine() -> Promise<engine>, models() ->
-// the /api/models list, backend() -> the browser backend picked, conversationId() -> the open
-// conversation (or null), openConversation(id) -> show it in the normal view.
+// hooks: options (data-options: each option's range), server (the page's server engine),
+// loadBrowserEngine() -> Promise<engine>, backend() -> the browser backend picked,
+// openConversation(id) -> show it in the normal view.
 export function initCompare(button, hooks) {
   if (!button) return;
-  const { options: ranges, server, loadBrowserEngine, models, backend, conversationId, openConversation } = hooks;
-  const panel = createPanel({ title: "Compare models", testid: "compare-panel", className: "compare-panel" });
+  const { options: ranges, server, loadBrowserEngine, backend, openConversation } = hooks;
+  const panel = createPanel({ title: "Compare models", testid: "compare-panel", className: "compare-panel", opener: button,
+                              onOpen: opened });
 
-  const targetList = el("div", "compare-targets");
-  targetList.setAttribute("role", "group");
-  targetList.setAttribute("aria-label", "Models to compare");
-  const addTarget = el("button", "button small", "Add a model");
-  addTarget.type = "button";
-  addTarget.dataset.testid = "compare-add";
-  const prompt = el("textarea", "text-input");
-  prompt.rows = 3;
-  prompt.dataset.testid = "compare-prompt";
-  prompt.placeholder = "One message, sent to every model";
-  const maxTokens = el("input", "text-input");
-  maxTokens.type = "number";
-  Object.assign(maxTokens, { min: ranges.max_tokens.min, max: ranges.max_tokens.max });
+  const targetList = el("div", "compare-targets", null, { role: "group", "aria-label": "Models to compare" });
+  const addTarget = el("button", "button small", "Add a model", { type: "button", testid: "compare-add" });
+  const prompt = el("textarea", "text-input", null, { rows: 3, testid: "compare-prompt",
+                                                       placeholder: "One message, sent to every model" });
+  const maxTokens = el("input", "text-input", null, { type: "number", min: ranges.max_tokens.min, max: ranges.max_tokens.max,
+                                                      testid: "compare-max-tokens" });
   maxTokens.value = "128"; // shorter than a chat's replies: a comparison reads several side by side
-  maxTokens.dataset.testid = "compare-max-tokens";
-  const send = el("button", "button primary", "Compare");
-  send.type = "submit";
-  send.dataset.testid = "compare-send";
-  const stop = el("button", "button danger", "Stop all");
-  stop.type = "button";
-  stop.dataset.testid = "compare-stop";
-  stop.hidden = true;
+  const send = el("button", "button primary", "Compare", { type: "submit", testid: "compare-send" });
+  const stop = el("button", "button danger", "Stop all", { type: "button", testid: "compare-stop", hidden: true });
   const form = el("form", "compare-form");
   const actions = el("div", "compare-actions");
-  const tokensField = field("Max reply tokens", maxTokens);
-  tokensField.classList.add("narrow");
-  actions.append(tokensField, el("span", "spacer"), stop, send);
+  actions.append(field("Max reply tokens", maxTokens, "narrow"), el("span", "spacer"), stop, send);
   form.append(targetList, addTarget, field("Message", prompt), actions);
 
-  const tabs = el("div", "compare-tabs");
-  tabs.setAttribute("role", "tablist");
-  tabs.setAttribute("aria-label", "Replies");
-  const columns = el("div", "compare-columns");
-  columns.dataset.testid = "compare-columns";
+  const tabs = el("div", "compare-tabs", null, { role: "tablist", "aria-label": "Replies" });
+  const columns = el("div", "compare-columns", null, { testid: "compare-columns" });
   panel.body.append(form, tabs, columns);
-
-  function modelsFor(engine) {
-    return models().filter((m) => m.engines?.includes(engine));
-  }
 
   function fillModels(select, engine, preferred) {
     const usable = modelsFor(engine);
@@ -81,8 +61,7 @@ export function initCompare(button, hooks) {
 
   function addRow(engine = "server", model = null) {
     const index = targetList.children.length + 1;
-    const row = el("div", "compare-target");
-    row.dataset.testid = "compare-target";
+    const row = el("div", "compare-target", null, { testid: "compare-target" });
     const engines = [option("server", "Server")];
     if (modelsFor("browser").length) engines.push(option("browser", "This browser"));
     const engineBox = selectBox(`Where model ${index} runs`, engines, "compare-engine");
@@ -134,48 +113,36 @@ export function initCompare(button, hooks) {
     tabs.children[next].focus();
   });
 
-  function makeColumn(target, index, state) {
-    const info = models().find((m) => m.id === target.model);
-    const column = el("section", "compare-column");
-    column.dataset.testid = "compare-column";
+  function makeColumn(target, index, job) {
+    const info = modelInfo(target.model);
+    const where = target.engine === "browser" ? "This browser" : "Server";
+    const column = el("section", "compare-column", null, { testid: "compare-column", id: `compare-column-${index}`,
+                                                            role: "tabpanel", "aria-labelledby": `compare-tab-${index}` });
     column.dataset.engine = target.engine;
-    column.id = `compare-column-${index}`;
-    column.setAttribute("role", "tabpanel");
-    const label = `${target.engine === "browser" ? "This browser" : "Server"} · ${target.model}`;
-    const tab = el("button", "compare-tab", `${index + 1}. ${target.model}`);
-    tab.type = "button";
-    tab.setAttribute("role", "tab");
-    tab.setAttribute("aria-controls", column.id);
-    tab.id = `compare-tab-${index}`;
+    const tab = el("button", "compare-tab", `${index + 1}. ${target.model}`,
+                   { type: "button", id: `compare-tab-${index}`, role: "tab", "aria-controls": column.id });
     tab.addEventListener("click", () => selectTab(index));
-    column.setAttribute("aria-labelledby", tab.id);
     tabs.append(tab);
     const head = el("header", "compare-column-head");
-    head.append(el("span", "compare-engine", target.engine === "browser" ? "This browser" : "Server"), el("strong", "compare-model", target.model));
-    const status = el("span", "compare-status", "waiting…");
-    status.dataset.testid = "compare-status";
-    head.append(status);
+    const status = el("span", "compare-status", "waiting…", { testid: "compare-status" });
+    head.append(el("span", "compare-engine", where), el("strong", "compare-model", target.model), status);
     const body = el("div", "body compare-body");
     const renderer = createStreamRenderer(body);
-    const stats = el("dl", "compare-stats");
-    stats.dataset.testid = "compare-stats";
-    const use = el("button", "button small primary", "Use this reply");
-    use.type = "button";
-    use.dataset.testid = "compare-use";
-    use.disabled = true;
-    use.setAttribute("aria-label", `Use the reply of ${label}`);
+    const stats = el("dl", "compare-stats", null, { testid: "compare-stats" });
+    const use = el("button", "button small primary", "Use this reply", { type: "button", testid: "compare-use",
+                   disabled: true, "aria-label": `Use the reply of ${where} · ${target.model}` });
     column.append(head, body, stats, use);
     columns.append(column);
     let firstAt = null;
     const showFigures = (message) => {
-      stats.replaceChildren(...factRows(replyFigures(message, info?.facts, firstAt === null ? null : firstAt - state.sentAt)));
+      stats.replaceChildren(...factRows(replyFigures(message, info?.facts, firstAt === null ? null : firstAt - job.sentAt)));
     };
     showFigures(null);
     use.addEventListener("click", async () => {
       try {
-        await api.updateConversation(state.conversationId, { current_message_id: column.dataset.messageId });
+        await api.updateConversation(job.conversationId, { current_message_id: column.dataset.messageId });
         panel.dialog.close();
-        await openConversation(state.conversationId);
+        await openConversation(job.conversationId);
       } catch (err) {
         panel.problem(err.message);
       }
@@ -209,17 +176,17 @@ export function initCompare(button, hooks) {
     };
   }
 
-  async function startServer(list, state, content, options) {
-    const frame = await server.compare({ conversationId: state.conversationId, content, options,
+  async function startServer(list, job, content, options) {
+    const frame = await server.compare({ conversationId: job.conversationId, content, options,
                                          models: list.map(({ target }) => target.model) });
-    state.conversationId = frame.conversation_id;
-    state.userMessageId = frame.user_message.id;
+    job.conversationId = frame.conversation_id;
+    job.userMessageId = frame.user_message.id;
     // Followed in this task: no token frame can come before its listener.
     return list.map(({ column }, i) => {
       const id = frame.message_ids[i];
       column.identify(id);
       const controller = new AbortController();
-      state.controllers.push(controller);
+      job.controllers.push(controller);
       return server.follow(id, "", {
         signal: controller.signal,
         onToken: (text) => column.token(text),
@@ -231,22 +198,22 @@ export function initCompare(button, hooks) {
     });
   }
 
-  async function runBrowser(list, state, content, options) {
+  async function runBrowser(list, job, content, options) {
     for (const { target, column } of list) {
-      if (state.stopped) break;
+      if (job.stopped) break;
       const controller = new AbortController();
-      state.controllers.push(controller);
+      job.controllers.push(controller);
       try {
         const engine = await loadBrowserEngine();
-        const info = models().find((m) => m.id === target.model);
+        const info = modelInfo(target.model);
         const stored = await engine.generate({
-          conversationId: state.conversationId, replyTo: state.userMessageId ?? undefined, content,
+          conversationId: job.conversationId, replyTo: job.userMessageId ?? undefined, content,
           model: target.model, modelInfo: info, backend: backend(), options,
         }, {
           signal: controller.signal,
           onStarted: (conversation, userMessage) => {
-            state.conversationId = conversation.id;
-            if (userMessage) state.userMessageId = userMessage.id;
+            job.conversationId = conversation.id;
+            if (userMessage) job.userMessageId = userMessage.id;
           },
           onReplyCreated: (message) => column.identify(message.id),
           onLoad: (progress) => column.status(progress.phase === "ready" ? "running…" : `loading the model (${progress.phase})…`),
@@ -272,29 +239,29 @@ export function initCompare(button, hooks) {
     tabs.replaceChildren();
     columns.replaceChildren();
     columns.dataset.count = String(chosen.length);
-    const state = { conversationId: conversationId(), userMessageId: null, controllers: [], stopped: false, sentAt: performance.now() };
-    const laid = chosen.map((target, i) => ({ target, column: makeColumn(target, i, state) }));
+    const job = { conversationId: state.conversationId, userMessageId: null, controllers: [], stopped: false, sentAt: performance.now() };
+    const laid = chosen.map((target, i) => ({ target, column: makeColumn(target, i, job) }));
     selectTab(0);
     const options = {};
     const max = Number.parseInt(maxTokens.value, 10);
     if (Number.isFinite(max) && max > 0) options.max_tokens = max;
-    running = state;
+    running = job;
     send.hidden = true;
     stop.hidden = false;
     try {
       const servers = laid.filter((l) => l.target.engine === "server");
       const browsers = laid.filter((l) => l.target.engine === "browser");
       // The server's replies are under way before the browser starts (it needs their user message).
-      const pending = servers.length ? await startServer(servers, state, content, options) : [];
+      const pending = servers.length ? await startServer(servers, job, content, options) : [];
       prompt.value = "";
-      await Promise.all([...pending, runBrowser(browsers, state, content, options)]);
+      await Promise.all([...pending, runBrowser(browsers, job, content, options)]);
     } catch (err) {
       panel.problem(err.message);
     } finally {
       running = null;
       send.hidden = false;
       stop.hidden = true;
-      columns.dataset.conversationId = state.conversationId ?? "";
+      columns.dataset.conversationId = job.conversationId ?? "";
     }
   }
 
@@ -308,15 +275,14 @@ export function initCompare(button, hooks) {
     for (const controller of running.controllers) controller.abort();
   });
 
-  button.addEventListener("click", () => {
-    button.closest("details")?.removeAttribute("open");
+  // Two models to start from the first time (one in this browser where one runs there).
+  function opened() {
     if (!targetList.children.length) {
       const serverModels = modelsFor("server");
       addRow("server", serverModels[0]?.id);
       if (modelsFor("browser").length) addRow("browser", modelsFor("browser")[0].id);
       else addRow("server", serverModels[1]?.id ?? serverModels[0]?.id);
     }
-    panel.open();
     prompt.focus();
-  });
+  }
 }

@@ -4,6 +4,7 @@
 import { ask } from "./dialog.js";
 import { icon, iconButton } from "./icons.js";
 import { el } from "./panel.js";
+import { groupBy } from "../tree.js";
 
 const DAY = 24 * 60 * 60 * 1000;
 
@@ -30,18 +31,11 @@ export class ConversationList {
       this.container.replaceChildren(el("p", "list-empty", "No conversations yet."));
       return;
     }
-    const groups = new Map();
-    for (const c of conversations) {
-      const name = dateGroup(new Date(c.updated_at));
-      if (!groups.has(name)) groups.set(name, []);
-      groups.get(name).push(c);
-    }
+    const groups = groupBy(conversations, (c) => dateGroup(new Date(c.updated_at)));
     this.container.replaceChildren(...[...groups].map(([name, items], index) => {
       const section = el("section", "list-group");
-      const heading = el("h2", "list-heading", name);
-      heading.id = `group-${index}`;
-      const list = el("ul", "conversations");
-      list.setAttribute("aria-labelledby", heading.id);
+      const heading = el("h2", "list-heading", name, { id: `group-${index}` });
+      const list = el("ul", "conversations", null, { "aria-labelledby": heading.id });
       list.append(...items.map((c) => this.item(c)));
       section.append(heading, list);
       return section;
@@ -54,49 +48,42 @@ export class ConversationList {
       this.container.replaceChildren(el("p", "list-empty", `Nothing matches “${query}”.`));
       return;
     }
-    const heading = el("h2", "list-heading", `${results.length} found`);
-    heading.id = "search-heading";
-    const list = el("ul", "conversations results");
-    list.setAttribute("aria-labelledby", heading.id);
+    const heading = el("h2", "list-heading", `${results.length} found`, { id: "search-heading" });
+    const list = el("ul", "conversations results", null, { "aria-labelledby": heading.id });
     list.append(...results.map((r) => {
-      const li = el("li");
-      li.dataset.testid = "search-result";
+      const li = el("li", "", null, { testid: "search-result" });
       li.dataset.conversationId = r.conversation_id;
-      const link = el("a", "result-link");
-      link.href = `/c/${encodeURIComponent(r.conversation_id)}`;
+      const link = this.link(r.conversation_id, "result-link");
       link.append(el("span", "result-title", r.title));
       if (r.snippet) link.append(el("span", "result-snippet", r.snippet));
-      link.addEventListener("click", (event) => {
-        event.preventDefault();
-        this.handlers.onOpen(r.conversation_id);
-      });
       li.append(link);
       return li;
     }));
     this.container.replaceChildren(heading, list);
   }
 
+  // A link to a conversation that opens it in this page.
+  link(id, className, props) {
+    const link = el("a", className, null, { href: `/c/${encodeURIComponent(id)}`, ...props });
+    link.addEventListener("click", (event) => {
+      event.preventDefault();
+      this.handlers.onOpen(id);
+    });
+    return link;
+  }
+
   item(conversation) {
-    const li = document.createElement("li");
-    li.dataset.testid = "conversation";
+    const li = el("li", conversation.id === this.activeId ? "active" : "", null, { testid: "conversation" });
     li.dataset.conversationId = conversation.id;
     li.dataset.shared = String(Boolean(conversation.shared));
-    if (conversation.id === this.activeId) li.classList.add("active");
-    const link = document.createElement("a");
-    link.href = `/c/${encodeURIComponent(conversation.id)}`;
-    link.title = conversation.title;
+    const link = this.link(conversation.id, "", { title: conversation.title });
     if (conversation.id === this.activeId) link.setAttribute("aria-current", "page");
     link.append(el("span", "conversation-title", conversation.title));
     if (conversation.shared) {
-      const mark = el("span", "shared-mark");
-      mark.title = "Shared";
+      const mark = el("span", "shared-mark", null, { title: "Shared" });
       mark.append(icon("link", { size: 14 }), el("span", "sr-only", " (shared)"));
       link.append(mark);
     }
-    link.addEventListener("click", (event) => {
-      event.preventDefault();
-      this.handlers.onOpen(conversation.id);
-    });
     const rename = iconButton("pencil", `Rename “${conversation.title}”`, {
       testid: "rename",
       onClick: async () => {

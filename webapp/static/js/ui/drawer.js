@@ -17,13 +17,17 @@ export function initDrawer(root) {
     else if (!open && focus && root.querySelector(".sidebar").contains(document.activeElement)) toggle.focus();
   }
 
+  // The desktop column: "open" or "collapsed".
+  function setSidebar(sidebar) {
+    root.dataset.sidebar = sidebar;
+    toggle.setAttribute("aria-expanded", String(sidebar !== "collapsed"));
+  }
+
   toggle.addEventListener("click", () => {
     if (phone.matches) {
       setDrawer(root.dataset.drawer !== "open");
     } else {
-      const collapsed = root.dataset.sidebar !== "collapsed";
-      root.dataset.sidebar = collapsed ? "collapsed" : "open";
-      toggle.setAttribute("aria-expanded", String(!collapsed));
+      setSidebar(root.dataset.sidebar !== "collapsed" ? "collapsed" : "open");
       localStorage.setItem("bchat.sidebar", root.dataset.sidebar);
     }
   });
@@ -31,15 +35,8 @@ export function initDrawer(root) {
   scrim.addEventListener("click", () => setDrawer(false));
 
   function layoutChanged() {
-    if (phone.matches) {
-      setDrawer(false, { focus: false });
-    } else {
-      root.dataset.drawer = "closed";
-      scrim.hidden = true;
-      main.inert = false;
-      root.dataset.sidebar = localStorage.getItem("bchat.sidebar") === "collapsed" ? "collapsed" : "open";
-      toggle.setAttribute("aria-expanded", String(root.dataset.sidebar !== "collapsed"));
-    }
+    setDrawer(false, { focus: false });
+    if (!phone.matches) setSidebar(localStorage.getItem("bchat.sidebar") === "collapsed" ? "collapsed" : "open");
   }
   phone.addEventListener("change", layoutChanged);
   layoutChanged();

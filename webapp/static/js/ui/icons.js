@@ -43,20 +43,19 @@ const SHAPES = {
     ["path", { d: "M15 4a3 3 0 0 1 3 3 3 3 0 0 1 2 5 3 3 0 0 1-2 5 3 3 0 0 1-6 1" }]],
 };
 
+// An SVG element (icons, the benchmark's charts) with its attributes and text.
+export function svg(tag, attributes = {}, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
 export function icon(name, { size = 18 } = {}) {
-  const svg = document.createElementNS(SVG, "svg");
-  svg.setAttribute("viewBox", "0 0 24 24");
-  svg.setAttribute("width", size);
-  svg.setAttribute("height", size);
-  svg.setAttribute("aria-hidden", "true");
-  svg.setAttribute("focusable", "false");
-  svg.classList.add("icon");
-  for (const [tag, attributes] of SHAPES[name] ?? []) {
-    const shape = document.createElementNS(SVG, tag);
-    for (const [key, value] of Object.entries(attributes)) shape.setAttribute(key, value);
-    svg.append(shape);
-  }
-  return svg;
+  const node = svg("svg", { viewBox: "0 0 24 24", width: size, height: size, "aria-hidden": "true", focusable: "false",
+                            class: "icon" });
+  node.append(...(SHAPES[name] ?? []).map(([tag, attributes]) => svg(tag, attributes)));
+  return node;
 }
 
 export function fillIcons(root = document) {
@@ -66,14 +65,16 @@ export function fillIcons(root = document) {
   }
 }
 
-// A button with an icon and an accessible name; the name shows as a tooltip too.
-export function iconButton(name, label, { testid, className = "icon-button", onClick } = {}) {
+// A button with an icon and an accessible name; the name shows as a tooltip too. ui: the
+// button sits among a message's own content and is marked as the page's (see render.js).
+export function iconButton(name, label, { testid, className = "icon-button", onClick, ui = false } = {}) {
   const button = document.createElement("button");
   button.type = "button";
   button.className = className;
   button.title = label;
   button.setAttribute("aria-label", label);
   if (testid) button.dataset.testid = testid;
+  if (ui) button.dataset.ui = "";
   button.append(icon(name, { size: 16 }));
   if (onClick) button.addEventListener("click", onClick);
   return button;

@@ -24,8 +24,7 @@ export function describeProvenance(message) {
 
 // What a reply was generated with (meta.options), shown on demand.
 function describeOptions(options, message) {
-  const box = el("dl", "reply-options");
-  box.dataset.testid = "reply-options-box";
+  const box = el("dl", "reply-options", null, { testid: "reply-options-box" });
   box.append(...factRows([
     ["System prompt", options.system || "(none)"],
     ["Temperature", options.temperature],
@@ -86,9 +85,7 @@ export class MessageView {
       meta.append(" · ");
     }
     if (message.role === "assistant" && message.finish_reason === "length" && message.status === "complete") {
-      const cut = el("span", "status cut-off", "cut off at the token limit");
-      cut.dataset.testid = "cut-off";
-      meta.append(cut, " · ");
+      meta.append(el("span", "status cut-off", "cut off at the token limit", { testid: "cut-off" }), " · ");
     }
     meta.append(describeProvenance(message));
   }
@@ -99,18 +96,16 @@ export class MessageView {
   //   regenerate()      a reply: another one beside it
   //   continue()        a reply cut off by the token limit, a stop or an interruption
   add(message, { follow = true, controls = null } = {}) {
-    const node = el("article", "message");
-    node.dataset.testid = "message";
+    const labelId = `message-label-${++labelCount}`;
+    const node = el("article", "message", null, { testid: "message", "aria-labelledby": labelId });
     node.dataset.role = message.role;
     node.dataset.status = message.status ?? "complete";
     if (message.id) node.dataset.messageId = message.id;
     // Screen readers announce each message with who wrote it.
-    const label = el("div", "role-label");
-    label.id = `message-label-${++labelCount}`;
+    const label = el("div", "role-label", null, { id: labelId });
     label.append(icon(message.role === "user" ? "user" : "spark", { size: 16 }),
       el("span", "role-name", ROLE_NAMES[message.role] ?? message.role));
     if (message.role === "assistant" && message.model) label.append(el("span", "role-model", message.model));
-    node.setAttribute("aria-labelledby", label.id);
     const body = el("div", "body");
     // A reply made under a JSON schema shows as formatted JSON, checked against it.
     if (message.role === "assistant") {
@@ -121,10 +116,8 @@ export class MessageView {
     texts.set(node, message.content ?? "");
     const actions = el("div", "message-actions");
     const copy = iconButton("copy", "Copy message", {
-      testid: "copy",
-      onClick: () => copyWithFeedback(copy, texts.get(node) ?? ""),
+      testid: "copy", ui: true, onClick: () => copyWithFeedback(copy, texts.get(node) ?? ""),
     });
-    copy.dataset.ui = ""; // ours, not the message's: see render.js
     actions.append(copy);
     node.append(label, body, el("div", "meta"), actions);
     if (controls) this.addControls(node, message, controls);
@@ -137,12 +130,7 @@ export class MessageView {
 
   addControls(node, message, controls) {
     const actions = node.querySelector(".message-actions");
-    const button = (name, label, testid, onClick) => {
-      const b = iconButton(name, label, { testid, onClick });
-      b.dataset.ui = "";
-      actions.append(b);
-      return b;
-    };
+    const button = (name, label, testid, onClick) => actions.appendChild(iconButton(name, label, { testid, onClick, ui: true }));
     if (controls.edit) button("pencil", "Edit and resend", "edit", () => this.editInline(node, message, controls.edit));
     if (controls.regenerate) button("refresh", "Regenerate this reply", "regenerate", controls.regenerate);
     if (controls.continue) button("forward", "Continue this reply", "continue", controls.continue);
@@ -150,30 +138,25 @@ export class MessageView {
     if (message.role === "assistant" && options) {
       const info = button("info", "How this reply was made", "reply-options", () => {
         const open = node.querySelector(".reply-options");
+        info.setAttribute("aria-expanded", String(!open));
         if (open) {
           open.remove();
-          info.setAttribute("aria-expanded", "false");
-          return;
+        } else {
+          const box = describeOptions(options, message);
+          node.insertBefore(box, actions.nextSibling);
+          box.scrollIntoView({ block: "nearest" });
         }
-        info.setAttribute("aria-expanded", "true");
-        const box = describeOptions(options, message);
-        node.insertBefore(box, actions.nextSibling);
-        box.scrollIntoView({ block: "nearest" });
       });
       info.setAttribute("aria-expanded", "false");
     }
     const siblings = controls.siblings;
     if (siblings && siblings.count > 1) {
-      const nav = el("div", "branch-nav");
-      nav.setAttribute("role", "group");
-      nav.setAttribute("aria-label", "Versions of this message");
-      const prev = iconButton("chevron-left", "Previous version", { testid: "branch-prev", onClick: siblings.prev });
-      const next = iconButton("chevron", "Next version", { testid: "branch-next", onClick: siblings.next });
+      const nav = el("div", "branch-nav", null, { role: "group", "aria-label": "Versions of this message" });
+      const prev = iconButton("chevron-left", "Previous version", { testid: "branch-prev", onClick: siblings.prev, ui: true });
+      const next = iconButton("chevron", "Next version", { testid: "branch-next", onClick: siblings.next, ui: true });
       prev.disabled = siblings.position <= 1;
       next.disabled = siblings.position >= siblings.count;
-      const pos = el("span", "branch-pos", `${siblings.position}/${siblings.count}`);
-      pos.dataset.testid = "branch-pos";
-      for (const part of [prev, next]) part.dataset.ui = "";
+      const pos = el("span", "branch-pos", `${siblings.position}/${siblings.count}`, { testid: "branch-pos" });
       nav.append(prev, pos, next);
       actions.prepend(nav);
     }
@@ -185,16 +168,10 @@ export class MessageView {
     if (node.querySelector(".edit-box")) return;
     const body = node.querySelector(".body");
     const box = el("form", "edit-box");
-    const area = el("textarea", "text-input");
-    area.value = message.content;
-    area.rows = Math.min(12, Math.max(2, message.content.split("\n").length));
-    area.setAttribute("aria-label", "Edited message");
-    area.dataset.testid = "edit-text";
-    const send = el("button", "button primary", "Send");
-    send.type = "submit";
-    send.dataset.testid = "edit-send";
-    const cancel = el("button", "button", "Cancel");
-    cancel.type = "button";
+    const area = el("textarea", "text-input", null, { value: message.content, "aria-label": "Edited message", testid: "edit-text",
+                                                      rows: Math.min(12, Math.max(2, message.content.split("\n").length)) });
+    const send = el("button", "button primary", "Send", { type: "submit", testid: "edit-send" });
+    const cancel = el("button", "button", "Cancel", { type: "button" });
     const close = () => {
       box.remove();
       body.hidden = false;
@@ -253,9 +230,6 @@ export class MessageView {
         if (message.id) node.dataset.messageId = message.id;
         this.setMeta(node, message);
         this.scrollToEnd();
-      },
-      get text() {
-        return renderer.text;
       },
     };
   }

@@ -2,16 +2,23 @@
 // helpers the page's views share.
 import { iconButton } from "./icons.js";
 
-export function el(tag, className, text) {
+// props: the element's properties (type, rows, hidden, …) and ARIA attributes (role, aria-*);
+// testid becomes data-testid.
+export function el(tag, className, text, { testid, ...props } = {}) {
   const node = document.createElement(tag);
   if (className) node.className = className;
   if (text !== undefined && text !== null) node.textContent = text;
+  if (testid) node.dataset.testid = testid;
+  for (const [name, value] of Object.entries(props)) {
+    if (name === "role" || name.startsWith("aria-")) node.setAttribute(name, value);
+    else node[name] = value;
+  }
   return node;
 }
 
 // A labelled control: <label class="field"><span class="field-label">…</span>control</label>
-export function field(label, control) {
-  const wrap = el("label", "field");
+export function field(label, control, extraClass = "") {
+  const wrap = el("label", `field ${extraClass}`.trim());
   wrap.append(el("span", "field-label", label), control);
   return wrap;
 }
@@ -43,22 +50,29 @@ export function factRows(rows) {
   });
 }
 
+// A table with a header row of `columns`, in a box that scrolls it sideways on a phone.
+export function dataTable(className, columns, testid) {
+  const table = el("table", `data-table ${className}`, null, { testid });
+  const head = el("tr");
+  head.append(...columns.map((name) => el("th", "", name)));
+  table.createTHead().append(head);
+  table.createTBody();
+  const scroll = el("div", "table-scroll");
+  scroll.append(table);
+  return { table, scroll };
+}
+
 let panels = 0;
 
-export function createPanel({ title, testid, className = "" }) {
-  const dialog = el("dialog", `modal panel ${className}`.trim());
-  dialog.dataset.testid = testid;
-  const heading = el("h2", "modal-title", title);
-  heading.id = `panel-title-${++panels}`;
-  dialog.setAttribute("aria-labelledby", heading.id);
+// opener: the menu item that opens it (and closes its menu); onOpen(): what follows opening.
+export function createPanel({ title, testid, className = "", opener, onOpen }) {
+  const titleId = `panel-title-${++panels}`;
+  const dialog = el("dialog", `modal panel ${className}`.trim(), null, { testid, "aria-labelledby": titleId });
   const head = el("div", "panel-head");
   const close = iconButton("x", "Close", { testid: `${testid}-close`, onClick: () => dialog.close() });
-  head.append(heading, close);
+  head.append(el("h2", "modal-title", title, { id: titleId }), close);
   const body = el("div", "panel-body");
-  const alert = el("p", "panel-problem");
-  alert.setAttribute("role", "alert");
-  alert.dataset.testid = `${testid}-problem`;
-  alert.hidden = true;
+  const alert = el("p", "panel-problem", null, { role: "alert", testid: `${testid}-problem`, hidden: true });
   dialog.append(head, alert, body);
   // A problem is said inside the panel: the page's banner is behind the modal.
   const problem = (message) => {
@@ -68,9 +82,12 @@ export function createPanel({ title, testid, className = "" }) {
   dialog.addEventListener("click", (event) => {
     if (event.target === dialog) dialog.close(); // a click on the backdrop
   });
-  document.body.append(dialog);
-  return { dialog, body, problem, open: () => {
+  opener.addEventListener("click", () => {
+    opener.closest("details")?.removeAttribute("open");
     problem("");
     dialog.showModal();
-  } };
+    onOpen();
+  });
+  document.body.append(dialog);
+  return { dialog, body, problem };
 }

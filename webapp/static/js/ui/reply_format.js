@@ -9,7 +9,9 @@
 //   showReplyFormat(settings)  -> show a conversation's settings in the controls
 //   renderStructured(element, message) -> true when the message was a structured reply and
 //                                 is now shown as formatted JSON with a valid/invalid mark
+import { api } from "../api.js";
 import { renderMarkdown } from "../render.js";
+import { state } from "../state.js";
 import { el } from "./panel.js";
 
 let controls = null;
@@ -97,9 +99,8 @@ export function renderStructured(element, message) {
 // An example to start from.
 const EXAMPLE = { type: "object", properties: { answer: { type: "string" } }, required: ["answer"] };
 
-// container: an element in the reply settings (chat.html's reply-format block);
-// conversationId(): the open conversation's id or null; api: static/js/api.js's client.
-export function initReplyFormat(container, { api, conversationId, onError = () => {} }) {
+// container: an element in the reply settings (chat.html's reply-format block).
+export function initReplyFormat(container, { onError = () => {} }) {
   if (!container) return;
   const kind = container.querySelector('[data-testid="reply-format"]');
   const schema = container.querySelector('[data-testid="reply-schema"]');
@@ -113,8 +114,8 @@ export function initReplyFormat(container, { api, conversationId, onError = () =
     schema.setAttribute("aria-invalid", String(Boolean(problem)));
     note.dataset.level = problem ? "bad" : "ok";
     note.textContent = !json ? "Replies are plain text (markdown)."
-      : problem ? `Invalid schema: ${problem}` : conversationId() ? "A valid schema." : "A valid schema: it is saved once the conversation has its first message.";
-    save.disabled = Boolean(problem) || !conversationId();
+      : problem ? `Invalid schema: ${problem}` : state.conversationId ? "A valid schema." : "A valid schema: it is saved once the conversation has its first message.";
+    save.disabled = Boolean(problem) || !state.conversationId;
   };
   controls = { kind, schema, refresh };
   let edits = 0; // the reader's changes win over a conversation's settings still loading
@@ -126,7 +127,7 @@ export function initReplyFormat(container, { api, conversationId, onError = () =
   schema.addEventListener("input", edited);
   save.addEventListener("click", async () => {
     const format = readReplyFormat();
-    const id = conversationId();
+    const id = state.conversationId;
     if (format === undefined || !id) return;
     try {
       await api.updateConversation(id, { settings: { response_format: format } });
@@ -150,13 +151,13 @@ export function initReplyFormat(container, { api, conversationId, onError = () =
       editsAtClose = edits;
       return;
     }
-    const id = conversationId();
+    const id = state.conversationId;
     refresh();
     if (!id) return;
     const before = editsAtClose;
     try {
       const { settings } = await api.conversation(id);
-      if (edits === before && id === conversationId()) showReplyFormat(settings);
+      if (edits === before && id === state.conversationId) showReplyFormat(settings);
     } catch {
       /* the conversation is gone: the controls keep what they show */
     }

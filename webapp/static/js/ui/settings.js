@@ -22,15 +22,16 @@ export function initSettings(root, { options, modelSelect, engineSelect, onError
     if (values.engine) engineSelect.value = values.engine;
   }
 
+  // A blank (or unreadable) input is null: the server's default.
   function read() {
-    const values = { system: inputs.system.value.trim() ? inputs.system.value : null };
-    const temperature = Number.parseFloat(inputs.temperature.value);
-    values.temperature = Number.isFinite(temperature) ? temperature : null;
-    const maxTokens = Number.parseInt(inputs.maxTokens.value, 10);
-    values.max_tokens = Number.isFinite(maxTokens) ? maxTokens : null;
-    values.model = modelSelect.value || null;
-    values.engine = engineSelect.value || null;
-    return values;
+    const number = (n) => (Number.isFinite(n) ? n : null);
+    return {
+      system: inputs.system.value.trim() ? inputs.system.value : null,
+      temperature: number(Number.parseFloat(inputs.temperature.value)),
+      max_tokens: number(Number.parseInt(inputs.maxTokens.value, 10)),
+      model: modelSelect.value || null,
+      engine: engineSelect.value || null,
+    };
   }
 
   async function changed() {

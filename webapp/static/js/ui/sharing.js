@@ -2,7 +2,9 @@
 // stop), export links, the list of shared links (revocable even after the conversation is
 // deleted) and importing an exported file.
 import { api } from "../api.js";
+import { state } from "../state.js";
 import { copyWithFeedback, icon, iconButton } from "./icons.js";
+import { el } from "./panel.js";
 
 export class Sharing {
   constructor(root, { onError, onChanged, onImported }) {
@@ -37,22 +39,19 @@ export class Sharing {
     }
   }
 
-  open(conversationId, { shared = false } = {}) {
+  open(conversationId) {
     this.conversationId = conversationId;
     this.actions.hidden = !conversationId;
     this.box.hidden = true;
     if (conversationId) {
       this.exportJson.href = api.exportUrl(conversationId, "json");
       this.exportMd.href = api.exportUrl(conversationId, "markdown");
-      this.showShared(shared);
+      this.showShared(state.conversations.some((c) => c.id === conversationId && c.shared));
     }
   }
 
   showShared(shared) {
-    const label = document.createElement("span");
-    label.className = "button-label";
-    label.textContent = shared ? "Shared" : "Share";
-    this.shareButton.replaceChildren(icon("link", { size: 16 }), label);
+    this.shareButton.replaceChildren(icon("link", { size: 16 }), el("span", "button-label", shared ? "Shared" : "Share"));
     this.shareButton.dataset.shared = String(shared);
   }
 
@@ -75,16 +74,10 @@ export class Sharing {
     const { shares } = await api.shares();
     this.listHeading.hidden = shares.length === 0;
     this.list.replaceChildren(...shares.map((share) => {
-      const li = document.createElement("li");
-      li.dataset.testid = "share-item";
-      const link = document.createElement("a");
-      link.href = share.url;
-      link.target = "_blank";
-      link.rel = "noopener noreferrer";
-      const title = document.createElement("span");
-      title.className = "conversation-title";
-      title.textContent = share.conversation_exists ? share.title : `${share.title} (deleted chat)`;
-      link.replaceChildren(icon("link", { size: 14 }), title);
+      const li = el("li", "", null, { testid: "share-item" });
+      const link = el("a", "", null, { href: share.url, target: "_blank", rel: "noopener noreferrer" });
+      link.append(icon("link", { size: 14 }),
+        el("span", "conversation-title", share.conversation_exists ? share.title : `${share.title} (deleted chat)`));
       const revoke = iconButton("x", `Revoke the link to “${share.title}”`, {
         testid: "revoke",
         onClick: () => this.run(async () => {
@@ -93,8 +86,7 @@ export class Sharing {
           await this.handlers.onChanged();
         }),
       });
-      const actions = document.createElement("span");
-      actions.className = "item-actions";
+      const actions = el("span", "item-actions");
       actions.append(revoke);
       li.append(link, actions);
       return li;
