@@ -104,6 +104,7 @@ def test_bchat_bench_prints_the_servers_row(tmp_path, tiny_model):
     lines = out.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["engine", "backend", "model"]
     rows = [line.split() for line in lines[1:]]
+    assert [len(row) for row in rows] == [12, 12], out.stdout  # the table and nothing else
     assert [row[5] for row in rows] == ["short", "long"]
     assert all(row[0] == "server" and row[2] == "tiny-chat" for row in rows)
     import sqlite3

@@ -206,7 +206,9 @@ class RunnerSupervisor:
         command = [sys.executable, "-m", "webapp.model_runner", "runner", "--model", model_id,
                    "--socket", record.socket, "--report-fd", str(write_end)]
         try:
-            proc = subprocess.Popen(command, env=env, pass_fds=(write_end,), stdin=subprocess.DEVNULL)
+            # stdout to stderr: a command's output (`bchat bench` prints a table) stays its own.
+            proc = subprocess.Popen(command, env=env, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
+                                    stdout=2)
         finally:
             os.close(write_end)  # the child holds the only write end: EOF means it has gone
         with self._lock:

@@ -43,7 +43,7 @@ class Timing:
     queued_ms: float | None = None  # before the engine began on the prompt (a slot, the fit)
     prompt_ms: float | None = None  # reading the prompt: the engine's own figure where it has one
     first_token_ms: float | None = None
-    tokens_per_second: float | None = None  # decoding, from the first token to the last
+    tokens_per_second: float | None = None  # decoding, first token to last (engine-timed if it can)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,10 @@ def _with_timing(done: Finished, started: float, first: float | None,
     first_ms = round((first - started) * 1000, 1) if first is not None else None
     prompt_ms = done.meta.get("prompt_ms", first_ms)
     tps = None
-    if first is not None and last is not None and last > first and done.completion_tokens > 1:
+    decode_ms = done.meta.get("decode_ms")  # the engine's own figure, where it has one
+    if decode_ms and done.completion_tokens > 1:
+        tps = round((done.completion_tokens - 1) / (decode_ms / 1000), 2)
+    elif first is not None and last is not None and last > first and done.completion_tokens > 1:
         tps = round((done.completion_tokens - 1) / (last - first), 2)
     queued_ms = None
     if first_ms is not None and prompt_ms is not None:

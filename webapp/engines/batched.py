@@ -69,6 +69,7 @@ class _Slot:
     max_tokens: int = 0
     prompt_tokens: int = 0
     started: float = 0.0  # when it took the slot: its prompt_ms counts from here
+    first_token_at: float = 0.0  # when its first token was sampled: its decode_ms counts from here
     text: ReplyText | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     logits_index: int = -1  # where this slot's logits are in the current batch, or -1
@@ -458,6 +459,7 @@ class ModelWorker:
             token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.logits_index)
         if "prompt_ms" not in slot.meta:
             slot.meta["prompt_ms"] = round((now - slot.started) * 1000, 1)
+            slot.first_token_at = now
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             self._finish(slot, "stop")
             return
@@ -536,6 +538,10 @@ class ModelWorker:
             # Its cells go at once; what it was in the middle of is of no use to a next turn.
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
             slot.cached = []
+        if slot.n_generated > 1:
+            # Measured here, where the tokens are made: a reader (another process, a busy web
+            # thread) gets them in bursts, so timing their arrival overstates the speed.
+            slot.meta["decode_ms"] = round((time.perf_counter() - slot.first_token_at) * 1000, 1)
         request.out.put(Finished(finish_reason=reason, prompt_tokens=slot.prompt_tokens,
                                  completion_tokens=slot.n_generated, meta=slot.meta))
         request.out.put(DONE)
