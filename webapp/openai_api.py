@@ -20,7 +20,7 @@ from flask import Blueprint, Response, current_app, g, request
 
 from .api import request_json
 from .errors import AppError
-from .openai_dialect import CompletionShaper, model_list, parse_chat_request, sse, sse_error
+from .openai_dialect import CompletionShaper, find_model, model_list, parse_chat_request, sse, sse_error
 from .services import get_services
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,14 @@ def _authenticate():
     return None
 
 
-# -- the request -------------------------------------------------------------------------------
-
-
-# -- the views ---------------------------------------------------------------------------------
-
-
 @bp.get("/v1/models")
 def list_models():
     return model_list(get_services().engines.models())
+
+
+@bp.get("/v1/models/<path:model_id>")
+def retrieve_model(model_id: str):
+    return find_model(get_services().engines.models(), model_id)
 
 
 class QueueWatcher:

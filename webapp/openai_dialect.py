@@ -232,9 +232,23 @@ def sse_error(error: AppError) -> bytes:
     return sse({"error": error.to_openai()})
 
 
+def model_object(model: ModelInfo, owned_by: str | None = None) -> dict[str, Any]:
+    """OpenAI's Model object; ``owned_by`` says where it runs: ``bchat`` for the embedded
+    models, an upstream's name for its models (or the one given)."""
+    return {"id": model.id, "object": "model", "created": int(time.time()),
+            "owned_by": owned_by or ("bchat" if model.engine == "llamacpp" else model.engine),
+            "bchat": model.facts}
+
+
 def model_list(models: list[ModelInfo], owned_by: str | None = None) -> dict[str, Any]:
-    """``GET /v1/models``: ``owned_by`` the engine serving each, unless given."""
-    created = int(time.time())
-    return {"object": "list", "data": [
-        {"id": m.id, "object": "model", "created": created, "owned_by": owned_by or m.engine,
-         "bchat": m.facts} for m in models]}
+    """``GET /v1/models``."""
+    return {"object": "list", "data": [model_object(m, owned_by) for m in models]}
+
+
+def find_model(models: list[ModelInfo], model_id: str, owned_by: str | None = None
+               ) -> dict[str, Any]:
+    """``GET /v1/models/{id}``: its Model object, or 404 ``model_not_found``."""
+    for model in models:
+        if model.id == model_id:
+            return model_object(model, owned_by)
+    raise AppError("unknown_model", f"no model named {model_id!r} on this server", param="model")

@@ -28,7 +28,7 @@ from .engines.base import EngineError, Finished, Idle, Queued, Token, timed
 from .engines.llamacpp import LlamaCppEngine
 from .errors import AppError
 from .errors import register as register_errors
-from .openai_dialect import CompletionShaper, model_list, parse_chat_request, sse, sse_error
+from .openai_dialect import CompletionShaper, find_model, model_list, parse_chat_request, sse, sse_error
 from .validation import parse_json_text
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ def health():
 @bp.get("/v1/models")
 def list_models():
     return model_list(current_app.extensions[ENGINE_KEY].models(), owned_by="bchat")
+
+
+@bp.get("/v1/models/<path:model_id>")
+def retrieve_model(model_id: str):
+    return find_model(current_app.extensions[ENGINE_KEY].models(), model_id, owned_by="bchat")
 
 
 def _failure(exc: EngineError) -> AppError:
