@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import openai
 import pytest
-from test_openai_api import api  # noqa: F401  (a fixture, used as an argument below)
-from test_openai_upstreams import through_main_app, worker  # noqa: F401  (worker: a fixture)
+
+# Fixtures (F811 below: pytest takes them by these names): a live server with a key, a worker.
+from test_openai_api import api  # noqa: F401
+from test_openai_upstreams import through_main_app, worker  # noqa: F401
 
 
 def test_models_retrieve_says_where_each_model_runs(api, make_app, make_live_server,  # noqa: F811
@@ -29,3 +31,26 @@ def test_models_retrieve_says_where_each_model_runs(api, make_app, make_live_ser
     # Through the main app, a worker's model is an upstream's: owned by its name.
     upstream = through_main_app(make_app, make_live_server, tiny_model, worker.url + "/v1")
     assert upstream.models.retrieve(served).owned_by == "127.0.0.1"
+
+
+def test_64_bit_seeds_are_taken_and_the_same_seed_gives_the_same_reply(api):  # noqa: F811
+    _server, _visitor, _key, client = api
+    user = [{"role": "user", "content": "tell me something"}]
+
+    def reply(seed: int) -> str:
+        return client.chat.completions.create(model=client.models.list().data[0].id,
+                                              messages=user, max_tokens=12, temperature=1.5,
+                                              seed=seed).choices[0].message.content
+
+    big = 2**62 + 12345
+    first = reply(big)
+    assert reply(big) == first
+    # Reduced modulo 2**32 - 1 where llama.cpp takes it (whose 0xFFFFFFFF means "random").
+    assert reply(big - (2**32 - 1)) == first
+    for seed in (-(2**63), 2**63 - 1, 2**32 - 1):
+        assert reply(seed) == reply(seed % (2**32 - 1))
+    assert reply(2**32 - 1) == reply(2**32 - 1)  # not llama.cpp's random seed
+    for seed in (2**63, -(2**63) - 1, 1.5, "7"):
+        with pytest.raises(openai.BadRequestError) as err:
+            reply(seed)
+        assert err.value.body["param"] in ("seed", None) and err.value.status_code == 400

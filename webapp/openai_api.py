@@ -22,6 +22,7 @@ from .api import request_json
 from .errors import AppError
 from .openai_dialect import CompletionShaper, find_model, model_list, parse_chat_request, sse, sse_error
 from .services import get_services
+from .validation import INT64
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _failed(frame: dict[str, Any]) -> AppError:
 def chat_completions():
     services = get_services()
     config = current_app.config
-    call = parse_chat_request(request_json(), config)
+    call = parse_chat_request(request_json(INT64), config)
     owner = g.api_key["owner"]
     watcher = QueueWatcher()
     run = services.runs.start_api(owner, call.messages, model=call.model, options=call.options,

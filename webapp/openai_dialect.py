@@ -12,14 +12,14 @@ import json
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .engines.base import ModelInfo
 from .engines.structured import ReplySplitter, message_text, split_reply
 from .errors import AppError, Invalid
-from .options import CONFIG_DEFAULTS, SEED_LIMIT, GenerationOptions, names
-from .validation import check_text
+from .options import CONFIG_DEFAULTS, GenerationOptions, names
+from .validation import INT64, check_text
 
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 # The body's fields besides the generation options (options.py, where "v1"), as published in
@@ -39,8 +39,10 @@ REQUEST_FIELDS: dict[str, dict[str, Any]] = {
     "n": {"type": "integer", "enum": [1], "example": 1},
     "max_completion_tokens": {"type": "integer", "minimum": 1, "example": 8,
                               "description": "OpenAI's newer name for max_tokens; wins over it"},
-    "seed": {"type": "integer", "minimum": 0, "example": 2**40,
-             "description": "reduced modulo 2**32 (llama.cpp's seeds are 32-bit)"},
+    "seed": {"type": "integer", "format": "int64", "example": 2**40,
+             "description": "any int64, as OpenAI's; the embedded engines take it modulo "
+                            "2**32 - 1 (llama.cpp's seeds are 32-bit, 0xFFFFFFFF meaning "
+                            "random), upstreams get it as given"},
 }
 
 
@@ -128,10 +130,14 @@ def parse_chat_request(body: Any, config: Mapping[str, Any] = CONFIG_DEFAULTS) -
     raw = {name: body[name] for name in names("v1") if body.get(name) is not None}
     if body.get("max_completion_tokens") is not None:  # OpenAI's newer name wins
         raw["max_tokens"] = body["max_completion_tokens"]
-    seed = raw.get("seed")
-    if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
-        raw["seed"] = seed % SEED_LIMIT  # OpenAI's seeds are wider than llama.cpp's uint32
-    options = GenerationOptions.parse(raw, config, allow_tools=True)
+    # OpenAI's seeds are any int64, wider than the socket's (llama.cpp's uint32): checked
+    # here, kept as given (an upstream gets it so), reduced where llama.cpp takes it.
+    seed = raw.pop("seed", None)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or
+                             not INT64[0] <= seed <= INT64[1]):
+        raise Invalid("bad_options", f"seed must be an integer from {INT64[0]} to {INT64[1]}",
+                      param="seed")
+    options = replace(GenerationOptions.parse(raw, config, allow_tools=True), seed=seed)
     return ChatRequest(model=model, messages=clean, options=options,
                        stream=bool(body.get("stream")),
                        include_usage=bool((stream_options or {}).get("include_usage")),

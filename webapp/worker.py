@@ -29,7 +29,7 @@ from .engines.llamacpp import LlamaCppEngine
 from .errors import AppError
 from .errors import register as register_errors
 from .openai_dialect import CompletionShaper, find_model, model_list, parse_chat_request, sse, sse_error
-from .validation import parse_json_text
+from .validation import INT64, parse_json_text
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _failure(exc: EngineError) -> AppError:
 def chat_completions():
     engine: LlamaCppEngine = current_app.extensions[ENGINE_KEY]
     body = parse_json_text(request.get_data(cache=True),
-                           max_bytes=current_app.config["MAX_UPLOAD_BYTES"])
+                           max_bytes=current_app.config["MAX_UPLOAD_BYTES"], ints=INT64)
     call = parse_chat_request(body, current_app.config)
     model = call.model
     if model is None:
