@@ -54,3 +54,29 @@ def test_64_bit_seeds_are_taken_and_the_same_seed_gives_the_same_reply(api):  # 
         with pytest.raises(openai.BadRequestError) as err:
             reply(seed)
         assert err.value.body["param"] in ("seed", None) and err.value.status_code == 400
+
+
+def test_tool_call_arguments_in_the_history_must_be_json(api):  # noqa: F811
+    _server, _visitor, _key, client = api
+    model = client.models.list().data[0].id
+
+    def history(arguments: str) -> list[dict]:
+        return [{"role": "system", "content": "use tools"},
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}},
+                    {"id": "call_2", "type": "function",
+                     "function": {"name": "get_weather", "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": "call_2", "content": "sunny"}]
+
+    for arguments in ("{", "", "{'city': 'Paris'}", '{"n": NaN}'):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=model, messages=history(arguments),
+                                           max_tokens=2)
+        body = err.value.body
+        assert (body["code"], body["type"]) == ("invalid_value", "invalid_request_error")
+        assert body["param"] == "messages[2].tool_calls[1].function.arguments"
+    reply = client.chat.completions.create(model=model, messages=history('{"city": "Paris"}'),
+                                           max_tokens=2)
+    assert reply.choices[0].message.content is not None

@@ -19,7 +19,7 @@ from .engines.base import ModelInfo
 from .engines.structured import ReplySplitter, message_text, split_reply
 from .errors import AppError, Invalid
 from .options import CONFIG_DEFAULTS, GenerationOptions, names
-from .validation import INT64, check_text
+from .validation import INT64, check_text, parse_json_text
 
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 # The body's fields besides the generation options (options.py, where "v1"), as published in
@@ -81,16 +81,22 @@ def _clean_message(m: Any, index: int, max_chars: int) -> dict[str, Any]:
         if role != "assistant" or not isinstance(calls, list):
             raise Invalid("bad_message", f"{where}: tool_calls belong to assistant messages",
                           param=f"{where}.tool_calls")
-        for call in calls:
+        for j, call in enumerate(calls):
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not \
-                    isinstance(function.get("arguments", ""), str):
+                    isinstance(function.get("arguments", "{}"), str):
                 raise Invalid("bad_message", f"{where}: each tool call needs function.name and "
                               "function.arguments (a JSON string)", param=f"{where}.tool_calls")
+            try:  # as llama-server and OpenAI: the model would be shown a call it cannot parse
+                parse_json_text(function.get("arguments", "{}"))
+            except Invalid as exc:
+                raise Invalid("bad_message", f"{where}.tool_calls[{j}].function.arguments is "
+                              f"not valid JSON ({exc.message})",
+                              param=f"{where}.tool_calls[{j}].function.arguments") from None
         clean["tool_calls"] = [
             {"id": str(c.get("id") or "call_" + secrets.token_hex(12)), "type": "function",
              "function": {"name": c["function"]["name"],
-                          "arguments": c["function"].get("arguments", "")}} for c in calls]
+                          "arguments": c["function"].get("arguments", "{}")}} for c in calls]
     if role == "tool":
         call_id = m.get("tool_call_id")
         if call_id is not None and not isinstance(call_id, str):
