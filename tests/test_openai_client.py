@@ -4,6 +4,11 @@ caller that hangs up."""
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
+import time
+
 import openai
 import pytest
 
@@ -80,3 +85,38 @@ def test_tool_call_arguments_in_the_history_must_be_json(api):  # noqa: F811
     reply = client.chat.completions.create(model=model, messages=history('{"city": "Paris"}'),
                                            max_tokens=2)
     assert reply.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_a_caller_that_hangs_up_on_a_whole_reply_stops_it_and_frees_its_slot(
+        make_app, make_live_server, store):
+    """One reply at a time for the owner: a run left going after its caller hung up would
+    refuse the next call with 429 until it reached max_tokens."""
+    server = make_live_server(make_app(MAX_QUEUED_PER_VISITOR=1, RATE_LIMIT="1000/minute"))
+    services = server.app.extensions["bchat"]
+    _key, token = services.keys.create("someone", "ci")
+    body = json.dumps({"messages": [{"role": "user", "content": "write a lot"}],
+                       "max_tokens": server.app.config["MAX_TOKENS_LIMIT"], "temperature": 1,
+                       "store": store}).encode()
+    caller = socket.create_connection(("127.0.0.1", server.port))
+    caller.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   b"Authorization: Bearer " + token.encode() + b"\r\n"
+                   b"Content-Type: application/json\r\nContent-Length: " +
+                   str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.monotonic() + 60
+    while not [r for r in services.runs.live_runs() if r.owner == "someone" and r.length]:
+        assert time.monotonic() < deadline, "the reply never began"
+        threading.Event().wait(0.01)
+    run = next(r for r in services.runs.live_runs() if r.owner == "someone")
+    caller.close()  # hung up mid-reply, before any byte of the answer
+
+    assert run.finished.wait(30), "the run went on after its caller hung up"
+    reply = run.final_frame["message"]
+    assert run.stop_reason == "disconnect", (reply["status"], reply["usage"])
+    assert reply["status"] == "stopped"
+    assert reply["usage"]["completion_tokens"] < server.app.config["MAX_TOKENS_LIMIT"]
+    # The owner's one slot is free again: the next call is answered, not refused with 429.
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)
+    reply = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}],
+                                           model=client.models.list().data[0].id, max_tokens=2)
+    assert reply.choices[0].finish_reason in ("stop", "length")

@@ -20,7 +20,15 @@ from flask import Blueprint, Response, current_app, g, request
 
 from .api import request_json
 from .errors import AppError
-from .openai_dialect import CompletionShaper, find_model, model_list, parse_chat_request, sse, sse_error
+from .openai_dialect import (
+    CompletionShaper,
+    find_model,
+    hung_up,
+    model_list,
+    parse_chat_request,
+    sse,
+    sse_error,
+)
 from .services import get_services
 from .validation import INT64
 
@@ -110,20 +118,22 @@ def chat_completions():
             services.runs.stop(owner, run.message_id, "disconnect")
 
     if not call.stream:
-        text: list[str] = []
+        finished = False
         try:
-            while True:
-                frame = watcher.next()
-                if frame["type"] == "token":
-                    text.append(frame["text"])
-                elif frame["type"] == "error":
-                    raise _failed(frame)
-                elif frame["type"] == "done":
+            # Each token, or each heartbeat while there is none, looks for a hang-up (a
+            # syscall: cheap beside a token).
+            while not hung_up(request.environ):
+                frame = watcher.next(HEARTBEAT_SECONDS)
+                if frame is not None and frame["type"] in ("error", "done"):
+                    finished = True
+                    if frame["type"] == "error":
+                        raise _failed(frame)
                     reply = frame["message"]
                     return shaper.complete(reply["content"], reply["finish_reason"],
                                            reply["usage"], reply.get("meta") or {})
+            return Response(status=499)  # nginx's "client closed request": nobody reads it
         finally:
-            end(True)
+            end(finished)
 
     # The first frame decides between an error status and a stream: a schema llama.cpp cannot
     # compile, or a prompt too long, is then a 400 like any other bad request.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import select
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -233,6 +235,25 @@ def _usage(usage: dict[str, Any]) -> dict[str, int]:
     completion = int(usage.get("completion_tokens") or 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
+
+
+def hung_up(environ: Mapping[str, Any]) -> bool:
+    """Whether the caller has closed its connection: its socket reads as the end of the
+    stream. A streamed reply finds out by writing, but a whole reply cannot write before it
+    has its status (an error found late must still be a 4xx or 5xx), so it looks without
+    reading: a peek. The WSGI servers bchat runs on (werkzeug, gunicorn) hand over the socket;
+    behind a proxy, the proxy closes its connection when its client does. Unknown (no socket,
+    or TLS, which cannot peek): not gone."""
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionError:
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def sse(data: dict[str, Any]) -> bytes:

@@ -28,7 +28,15 @@ from .engines.base import EngineError, Finished, Idle, Queued, Token, timed
 from .engines.llamacpp import LlamaCppEngine
 from .errors import AppError
 from .errors import register as register_errors
-from .openai_dialect import CompletionShaper, find_model, model_list, parse_chat_request, sse, sse_error
+from .openai_dialect import (
+    CompletionShaper,
+    find_model,
+    hung_up,
+    model_list,
+    parse_chat_request,
+    sse,
+    sse_error,
+)
 from .validation import INT64, parse_json_text
 
 log = logging.getLogger(__name__)
@@ -132,7 +140,9 @@ def chat_completions():
 def _complete(chunks, cancel: threading.Event, shaper: CompletionShaper):
     parts: list[str] = []
     try:
-        for item in chunks:
+        for item in chunks:  # Idle heartbeats while the model is busy: a hang-up is seen then too
+            if hung_up(request.environ):
+                return Response(status=499)  # nginx's "client closed request": nobody reads it
             if isinstance(item, Token):
                 parts.append(item.text)
             elif isinstance(item, Finished):
