@@ -8,13 +8,17 @@ import json
 import socket
 import threading
 import time
+import urllib.request
 
 import openai
 import pytest
+from helpers import free_port
 
 # Fixtures (F811 below: pytest takes them by these names): a live server with a key, a worker.
 from test_openai_api import api  # noqa: F401
 from test_openai_upstreams import through_main_app, worker  # noqa: F401
+from test_upstreams import start_worker, stop
+from tiny_model import write_tiny_model
 
 
 def test_models_retrieve_says_where_each_model_runs(api, make_app, make_live_server,  # noqa: F811
@@ -120,3 +124,36 @@ def test_a_caller_that_hangs_up_on_a_whole_reply_stops_it_and_frees_its_slot(
     reply = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}],
                                            model=client.models.list().data[0].id, max_tokens=2)
     assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_caller_that_hangs_up_on_bchat_worker_frees_its_one_slot(tmp_path):
+    """gunicorn's socket this time: with one slot, a reply left going after its caller hung up
+    would keep the next call waiting until its 60000 tokens were written (minutes)."""
+    port = free_port()
+    model = write_tiny_model(tmp_path / "long-chat.gguf", context_length=65536)
+    proc = start_worker(model, port, BCHAT_PARALLEL="1", BCHAT_N_CTX="65536",
+                        BCHAT_MAX_TOKENS_LIMIT="60000")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        body = json.dumps({"messages": [{"role": "user", "content": "write a lot"}],
+                           "max_tokens": 60000, "temperature": 1}).encode()
+        caller = socket.create_connection(("127.0.0.1", port))
+        caller.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: " +
+                       str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 60
+        def running() -> bool:
+            with urllib.request.urlopen(url + "/health") as health:
+                return any(m["running"] for m in json.load(health)["activity"].values())
+
+        while not running():
+            assert time.monotonic() < deadline, "the reply never began"
+            threading.Event().wait(0.01)
+        caller.close()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+        reply = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}],
+                                               model=client.models.list().data[0].id,
+                                               max_tokens=2)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    finally:
+        stop(proc)
