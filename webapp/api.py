@@ -22,16 +22,16 @@ from .openapi import document
 from .search import MAX_QUERY_CHARS, search
 from .security import owner_id
 from .services import get_services
-from .validation import check_number, parse_json_text
+from .validation import SAFE_INTS, check_number, parse_json_text
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("api", __name__)
 
 
-def request_json() -> Any:
+def request_json(ints: tuple[int, int] = SAFE_INTS) -> Any:
     """The request's body, parsed by validation's strict rules (400 with a code; the JSON API
-    and /v1).
+    and /v1, whose ``ints`` are int64).
 
     ``get_data`` raises 413 for a Content-Length over MAX_CONTENT_LENGTH, but a chunked body
     (no Content-Length) is silently cut at the limit, which then read as a 400 bad_json: a
@@ -41,7 +41,7 @@ def request_json() -> Any:
     data = request.get_data(cache=True)
     if request.content_length is None and len(data) >= limit:
         raise RequestEntityTooLarge(f"the body is over {limit} bytes")
-    return parse_json_text(data, max_bytes=limit)
+    return parse_json_text(data, max_bytes=limit, ints=ints)
 
 
 def json_body() -> dict[str, Any]:

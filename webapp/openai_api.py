@@ -20,8 +20,17 @@ from flask import Blueprint, Response, current_app, g, request
 
 from .api import request_json
 from .errors import AppError
-from .openai_dialect import CompletionShaper, model_list, parse_chat_request, sse, sse_error
+from .openai_dialect import (
+    CompletionShaper,
+    find_model,
+    hung_up,
+    model_list,
+    parse_chat_request,
+    sse,
+    sse_error,
+)
 from .services import get_services
+from .validation import INT64
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +58,14 @@ def _authenticate():
     return None
 
 
-# -- the request -------------------------------------------------------------------------------
-
-
-# -- the views ---------------------------------------------------------------------------------
-
-
 @bp.get("/v1/models")
 def list_models():
     return model_list(get_services().engines.models())
+
+
+@bp.get("/v1/models/<path:model_id>")
+def retrieve_model(model_id: str):
+    return find_model(get_services().engines.models(), model_id)
 
 
 class QueueWatcher:
@@ -93,7 +101,7 @@ def _failed(frame: dict[str, Any]) -> AppError:
 def chat_completions():
     services = get_services()
     config = current_app.config
-    call = parse_chat_request(request_json(), config)
+    call = parse_chat_request(request_json(INT64), config)
     owner = g.api_key["owner"]
     watcher = QueueWatcher()
     run = services.runs.start_api(owner, call.messages, model=call.model, options=call.options,
@@ -110,20 +118,22 @@ def chat_completions():
             services.runs.stop(owner, run.message_id, "disconnect")
 
     if not call.stream:
-        text: list[str] = []
+        finished = False
         try:
-            while True:
-                frame = watcher.next()
-                if frame["type"] == "token":
-                    text.append(frame["text"])
-                elif frame["type"] == "error":
-                    raise _failed(frame)
-                elif frame["type"] == "done":
+            # Each token, or each heartbeat while there is none, looks for a hang-up (a
+            # syscall: cheap beside a token).
+            while not hung_up(request.environ):
+                frame = watcher.next(HEARTBEAT_SECONDS)
+                if frame is not None and frame["type"] in ("error", "done"):
+                    finished = True
+                    if frame["type"] == "error":
+                        raise _failed(frame)
                     reply = frame["message"]
                     return shaper.complete(reply["content"], reply["finish_reason"],
                                            reply["usage"], reply.get("meta") or {})
+            return Response(status=499)  # nginx's "client closed request": nobody reads it
         finally:
-            end(True)
+            end(finished)
 
     # The first frame decides between an error status and a stream: a schema llama.cpp cannot
     # compile, or a prompt too long, is then a 400 like any other bad request.

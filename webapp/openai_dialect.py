@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import secrets
+import select
+import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .engines.base import ModelInfo
 from .engines.structured import ReplySplitter, message_text, split_reply
 from .errors import AppError, Invalid
-from .options import CONFIG_DEFAULTS, SEED_LIMIT, GenerationOptions, names
-from .validation import check_text
+from .options import CONFIG_DEFAULTS, GenerationOptions, names
+from .validation import INT64, check_text, parse_json_text
 
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 # The body's fields besides the generation options (options.py, where "v1"), as published in
@@ -39,8 +41,10 @@ REQUEST_FIELDS: dict[str, dict[str, Any]] = {
     "n": {"type": "integer", "enum": [1], "example": 1},
     "max_completion_tokens": {"type": "integer", "minimum": 1, "example": 8,
                               "description": "OpenAI's newer name for max_tokens; wins over it"},
-    "seed": {"type": "integer", "minimum": 0, "example": 2**40,
-             "description": "reduced modulo 2**32 (llama.cpp's seeds are 32-bit)"},
+    "seed": {"type": "integer", "format": "int64", "example": 2**40,
+             "description": "any int64, as OpenAI's; the embedded engines take it modulo "
+                            "2**32 - 1 (llama.cpp's seeds are 32-bit, 0xFFFFFFFF meaning "
+                            "random), upstreams get it as given"},
 }
 
 
@@ -79,16 +83,22 @@ def _clean_message(m: Any, index: int, max_chars: int) -> dict[str, Any]:
         if role != "assistant" or not isinstance(calls, list):
             raise Invalid("bad_message", f"{where}: tool_calls belong to assistant messages",
                           param=f"{where}.tool_calls")
-        for call in calls:
+        for j, call in enumerate(calls):
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not \
-                    isinstance(function.get("arguments", ""), str):
+                    isinstance(function.get("arguments", "{}"), str):
                 raise Invalid("bad_message", f"{where}: each tool call needs function.name and "
                               "function.arguments (a JSON string)", param=f"{where}.tool_calls")
+            try:  # as llama-server and OpenAI: the model would be shown a call it cannot parse
+                parse_json_text(function.get("arguments", "{}"))
+            except Invalid as exc:
+                raise Invalid("bad_message", f"{where}.tool_calls[{j}].function.arguments is "
+                              f"not valid JSON ({exc.message})",
+                              param=f"{where}.tool_calls[{j}].function.arguments") from None
         clean["tool_calls"] = [
             {"id": str(c.get("id") or "call_" + secrets.token_hex(12)), "type": "function",
              "function": {"name": c["function"]["name"],
-                          "arguments": c["function"].get("arguments", "")}} for c in calls]
+                          "arguments": c["function"].get("arguments", "{}")}} for c in calls]
     if role == "tool":
         call_id = m.get("tool_call_id")
         if call_id is not None and not isinstance(call_id, str):
@@ -128,10 +138,14 @@ def parse_chat_request(body: Any, config: Mapping[str, Any] = CONFIG_DEFAULTS) -
     raw = {name: body[name] for name in names("v1") if body.get(name) is not None}
     if body.get("max_completion_tokens") is not None:  # OpenAI's newer name wins
         raw["max_tokens"] = body["max_completion_tokens"]
-    seed = raw.get("seed")
-    if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
-        raw["seed"] = seed % SEED_LIMIT  # OpenAI's seeds are wider than llama.cpp's uint32
-    options = GenerationOptions.parse(raw, config, allow_tools=True)
+    # OpenAI's seeds are any int64, wider than the socket's (llama.cpp's uint32): checked
+    # here, kept as given (an upstream gets it so), reduced where llama.cpp takes it.
+    seed = raw.pop("seed", None)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or
+                             not INT64[0] <= seed <= INT64[1]):
+        raise Invalid("bad_options", f"seed must be an integer from {INT64[0]} to {INT64[1]}",
+                      param="seed")
+    options = replace(GenerationOptions.parse(raw, config, allow_tools=True), seed=seed)
     return ChatRequest(model=model, messages=clean, options=options,
                        stream=bool(body.get("stream")),
                        include_usage=bool((stream_options or {}).get("include_usage")),
@@ -223,6 +237,25 @@ def _usage(usage: dict[str, Any]) -> dict[str, int]:
             "total_tokens": prompt + completion}
 
 
+def hung_up(environ: Mapping[str, Any]) -> bool:
+    """Whether the caller has closed its connection: its socket reads as the end of the
+    stream. A streamed reply finds out by writing, but a whole reply cannot write before it
+    has its status (an error found late must still be a 4xx or 5xx), so it looks without
+    reading: a peek. The WSGI servers bchat runs on (werkzeug, gunicorn) hand over the socket;
+    behind a proxy, the proxy closes its connection when its client does. Unknown (no socket,
+    or TLS, which cannot peek): not gone."""
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def sse(data: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
@@ -232,9 +265,23 @@ def sse_error(error: AppError) -> bytes:
     return sse({"error": error.to_openai()})
 
 
+def model_object(model: ModelInfo, owned_by: str | None = None) -> dict[str, Any]:
+    """OpenAI's Model object; ``owned_by`` says where it runs: ``bchat`` for the embedded
+    models, an upstream's name for its models (or the one given)."""
+    return {"id": model.id, "object": "model", "created": int(time.time()),
+            "owned_by": owned_by or ("bchat" if model.engine == "llamacpp" else model.engine),
+            "bchat": model.facts}
+
+
 def model_list(models: list[ModelInfo], owned_by: str | None = None) -> dict[str, Any]:
-    """``GET /v1/models``: ``owned_by`` the engine serving each, unless given."""
-    created = int(time.time())
-    return {"object": "list", "data": [
-        {"id": m.id, "object": "model", "created": created, "owned_by": owned_by or m.engine,
-         "bchat": m.facts} for m in models]}
+    """``GET /v1/models``."""
+    return {"object": "list", "data": [model_object(m, owned_by) for m in models]}
+
+
+def find_model(models: list[ModelInfo], model_id: str, owned_by: str | None = None
+               ) -> dict[str, Any]:
+    """``GET /v1/models/{id}``: its Model object, or 404 ``model_not_found``."""
+    for model in models:
+        if model.id == model_id:
+            return model_object(model, owned_by)
+    raise AppError("unknown_model", f"no model named {model_id!r} on this server", param="model")

@@ -17,6 +17,7 @@ from typing import Any
 from .config import SETTINGS
 from .errors import Invalid
 from .models import ENGINES
+from .validation import MAX_SAFE_INTEGER
 
 CONFIG_DEFAULTS = {name: spec[0] for name, spec in SETTINGS.items()}
 SEED_LIMIT = 2**32  # llama.cpp samplers take a uint32 seed
@@ -143,7 +144,7 @@ class GenerationOptions:
     temperature: float = OPTIONS["temperature"].default
     top_p: float = OPTIONS["top_p"].default
     max_tokens: int = CONFIG_DEFAULTS["MAX_TOKENS"]
-    seed: int | None = None
+    seed: int | None = None  # /v1's any int64 (openai_dialect.py); the socket's a uint32
     stop: tuple[str, ...] = ()
     presence_penalty: float = OPTIONS["presence_penalty"].default
     frequency_penalty: float = OPTIONS["frequency_penalty"].default
@@ -203,11 +204,20 @@ class GenerationOptions:
         return cls(system=system or None, stop=stop, response_format=response_format,
                    tools=tools, tool_choice=tool_choice, grammar=grammar, **values)
 
+    @property
+    def sampler_seed(self) -> int | None:
+        """The seed as llama.cpp takes it, a uint32 other than 0xFFFFFFFF (which llama.cpp
+        reads as "a random seed"): the seed modulo 2**32 - 1, so the same seed, negative or
+        past 2**32, always gives the same reply."""
+        return None if self.seed is None else self.seed % (SEED_LIMIT - 1)
+
     def to_dict(self) -> dict[str, Any]:
         """What a reply's provenance records (compact: a schema's name, the tools' names)."""
         # The options the page offers are always recorded; the others when they are set.
         data: dict[str, Any] = {name: getattr(self, name) for name, option in OPTIONS.items()
                                 if option.page}
+        if self.seed is not None and abs(self.seed) >= MAX_SAFE_INTEGER:
+            data["seed"] = str(self.seed)  # an int64 a browser, or an import, could not read
         if self.stop:
             data["stop"] = list(self.stop)
         for name in ("presence_penalty", "frequency_penalty"):

@@ -22,7 +22,8 @@ from .errors import Invalid
 
 MAX_DEPTH = 32  # an export is 4 deep; provenance meta a few more
 MAX_SAFE_INTEGER = 2**53  # what a browser's Number holds exactly; SQLite's INTEGER holds 2**63
-_MAX_INT_DIGITS = len(str(MAX_SAFE_INTEGER)) + 1  # refuse before int() works on a huge string
+SAFE_INTS = (-(MAX_SAFE_INTEGER - 1), MAX_SAFE_INTEGER - 1)
+INT64 = (-(2**63), 2**63 - 1)  # OpenAI's int64 fields (seed), for /v1 bodies
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -41,13 +42,17 @@ def check_text(value: str, where: str = "text") -> str:
     return value
 
 
-def _parse_int(digits: str) -> int:
-    if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
-        raise Invalid("bad_number", "integers must lie between -(2**53) and 2**53")
-    value = int(digits)
-    if abs(value) >= MAX_SAFE_INTEGER:
-        raise Invalid("bad_number", "integers must lie between -(2**53) and 2**53")
-    return value
+def _int_parser(ints: tuple[int, int]):
+    low, high = ints
+    message = f"integers must lie from {low} to {high}"
+    max_digits = len(str(low)) + 1  # refuse before int() works on a huge string
+
+    def parse(digits: str) -> int:
+        if len(digits) > max_digits or not low <= (value := int(digits)) <= high:
+            raise Invalid("bad_number", message)
+        return value
+
+    return parse
 
 
 def _parse_float(text: str) -> float:
@@ -80,13 +85,14 @@ def _check_tree(value: Any, max_depth: int) -> None:
             stack.extend((child, depth + 1) for child in children if isinstance(child, str | dict | list))
 
 
-def parse_json_text(raw: str | bytes, *, max_bytes: int | None = None, max_depth: int = MAX_DEPTH) -> Any:
+def parse_json_text(raw: str | bytes, *, max_bytes: int | None = None, max_depth: int = MAX_DEPTH,
+                    ints: tuple[int, int] = SAFE_INTS) -> Any:
     """Parse untrusted JSON strictly; raises ``Invalid`` with a code, never anything else.
 
     Codes: ``bad_json`` (not JSON, not UTF-8), ``too_large`` (over ``max_bytes``),
     ``too_deep`` (nested deeper than ``max_depth``), ``bad_number`` (NaN, Infinity, a float
-    overflow, an integer outside ±2**53), ``bad_text`` (a lone surrogate or a NUL in a string
-    or key).
+    overflow, an integer outside ``ints``: ±2**53 but for /v1's int64), ``bad_text`` (a lone
+    surrogate or a NUL in a string or key).
     """
     if isinstance(raw, bytes | bytearray):
         if max_bytes is not None and len(raw) > max_bytes:
@@ -103,7 +109,7 @@ def parse_json_text(raw: str | bytes, *, max_bytes: int | None = None, max_depth
         raise Invalid("bad_json", "expected JSON text")
     try:
         value = json.loads(
-            text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
+            text, parse_int=_int_parser(ints), parse_float=_parse_float, parse_constant=_parse_constant
         )
     except Invalid:
         raise

@@ -28,8 +28,16 @@ from .engines.base import EngineError, Finished, Idle, Queued, Token, timed
 from .engines.llamacpp import LlamaCppEngine
 from .errors import AppError
 from .errors import register as register_errors
-from .openai_dialect import CompletionShaper, model_list, parse_chat_request, sse, sse_error
-from .validation import parse_json_text
+from .openai_dialect import (
+    CompletionShaper,
+    find_model,
+    hung_up,
+    model_list,
+    parse_chat_request,
+    sse,
+    sse_error,
+)
+from .validation import INT64, parse_json_text
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,11 @@ def list_models():
     return model_list(current_app.extensions[ENGINE_KEY].models(), owned_by="bchat")
 
 
+@bp.get("/v1/models/<path:model_id>")
+def retrieve_model(model_id: str):
+    return find_model(current_app.extensions[ENGINE_KEY].models(), model_id, owned_by="bchat")
+
+
 def _failure(exc: EngineError) -> AppError:
     return AppError(exc.code, exc.message)
 
@@ -69,7 +82,7 @@ def _failure(exc: EngineError) -> AppError:
 def chat_completions():
     engine: LlamaCppEngine = current_app.extensions[ENGINE_KEY]
     body = parse_json_text(request.get_data(cache=True),
-                           max_bytes=current_app.config["MAX_UPLOAD_BYTES"])
+                           max_bytes=current_app.config["MAX_UPLOAD_BYTES"], ints=INT64)
     call = parse_chat_request(body, current_app.config)
     model = call.model
     if model is None:
@@ -127,7 +140,9 @@ def chat_completions():
 def _complete(chunks, cancel: threading.Event, shaper: CompletionShaper):
     parts: list[str] = []
     try:
-        for item in chunks:
+        for item in chunks:  # Idle heartbeats while the model is busy: a hang-up is seen then too
+            if hung_up(request.environ):
+                return Response(status=499)  # nginx's "client closed request": nobody reads it
             if isinstance(item, Token):
                 parts.append(item.text)
             elif isinstance(item, Finished):

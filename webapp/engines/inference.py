@@ -138,7 +138,7 @@ def sampler_chain(opts: GenerationOptions):
     if opts.temperature <= 0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain
-    seed = opts.seed if opts.seed is not None else int(time.time_ns() & 0xFFFFFFFF)
+    seed = opts.sampler_seed if opts.seed is not None else int(time.time_ns() & 0xFFFFFFFF)
     for sampler in (
         llama_cpp.llama_sampler_init_top_k(TOP_K),
         llama_cpp.llama_sampler_init_top_p(opts.top_p, 1),
