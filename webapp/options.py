@@ -20,6 +20,7 @@ from .models import ENGINES
 
 CONFIG_DEFAULTS = {name: spec[0] for name, spec in SETTINGS.items()}
 SEED_LIMIT = 2**32  # llama.cpp samplers take a uint32 seed
+LOGIT_BIAS_ENTRIES = 300  # as OpenAI: a map is checked, copied and sent to each sampler
 _TYPES = ["object", "string", "integer", "number", "boolean", "null"]
 
 
@@ -81,6 +82,12 @@ OPTIONS: dict[str, Option] = {
     "tool_choice": Option("tool_choice", where=("v1",), schema={"anyOf": [
         {"type": "string", "enum": ["auto", "none", "required"]},
         {"type": "object", "required": ["type", "function"]}]}, example="auto"),
+    # Token id (a decimal string) → bias added to its logit; -100 bans it. The ids are checked
+    # against the model's vocabulary by the engine that runs it, before any sampling.
+    "logit_bias": Option("logit_bias", where=("v1",), schema={
+        "type": "object", "maxProperties": LOGIT_BIAS_ENTRIES,
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+        example={"15": -100}),
 }
 # Settings that are not generation options: which model writes a conversation's replies, where.
 SETTINGS_ONLY: dict[str, dict[str, Any]] = {
@@ -150,6 +157,7 @@ class GenerationOptions:
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = field(default=None, compare=False)
     tool_choice: Any = None
+    logit_bias: dict[str, float] | None = None  # {"id": bias}, ids as decimal strings (JSON keys)
     grammar: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -201,7 +209,8 @@ class GenerationOptions:
         grammar = checked("response_format" if response_format else "tools",
                           structured.build_grammar, response_format, tools, tool_choice)
         return cls(system=system or None, stop=stop, response_format=response_format,
-                   tools=tools, tool_choice=tool_choice, grammar=grammar, **values)
+                   tools=tools, tool_choice=tool_choice, grammar=grammar,
+                   logit_bias=check_logit_bias(raw.get("logit_bias")), **values)
 
     def to_dict(self) -> dict[str, Any]:
         """What a reply's provenance records (compact: a schema's name, the tools' names)."""
@@ -222,6 +231,26 @@ class GenerationOptions:
             data["tools"] = [t["function"]["name"] for t in self.tools]
             data["tool_choice"] = self.tool_choice
         return data
+
+
+def check_logit_bias(raw: Any) -> dict[str, float] | None:
+    """OpenAI's ``logit_bias``: token ids (decimal strings) to numbers from -100 to 100, at
+    most LOGIT_BIAS_ENTRIES of them; the ids come back in one spelling ("007" is "7")."""
+    if raw is None or raw == {}:
+        return None
+    if not isinstance(raw, dict) or len(raw) > LOGIT_BIAS_ENTRIES:
+        raise Invalid("bad_options", f"logit_bias must map at most {LOGIT_BIAS_ENTRIES} token "
+                      "ids to numbers", param="logit_bias")
+    clean: dict[str, float] = {}
+    for key, bias in raw.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+            raise Invalid("bad_options", f"logit_bias: {str(key)[:20]!r} is not a token id",
+                          param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise Invalid("bad_options", "logit_bias values must be numbers from -100 to 100",
+                          param="logit_bias")
+        clean[str(int(key))] = float(bias)
+    return clean
 
 
 def settings_options(settings: Mapping[str, Any]) -> dict[str, Any]:

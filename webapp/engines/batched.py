@@ -36,6 +36,7 @@ from .inference import (
     ReplyText,
     Request,
     as_engine_error,
+    check_logit_bias,
     drain,
     ended,
     sampler_chain,
@@ -156,6 +157,7 @@ class ModelWorker:
         from .structured import render_messages
 
         opts = request.options
+        check_logit_bias(opts, self._n_vocab)
         messages = render_messages(request.messages, opts.tools, opts.tool_choice)
         request.prompt, request.dropped, request.max_tokens = self._builder.fit(
             messages, opts.system, self.n_ctx, opts.max_tokens
@@ -226,12 +228,12 @@ class ModelWorker:
         except BaseException as exc:
             self._load_failed(exc)
             return
-        # Set before _loaded: request threads fit their histories with the builder (submit).
+        # Set before _loaded: request threads fit their histories with these (submit).
         self._llama, self._builder, self._ctx, self._batch = llama, builder, ctx, batch
-        self._loaded.set()
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._loaded.set()
         import numpy as np
 
         self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
@@ -378,7 +380,7 @@ class ModelWorker:
         slot.pending = prompt[keep:]
         slot.request = request
         slot.grammar = self._grammar(opts)
-        slot.sampler = sampler_chain(opts)
+        slot.sampler = sampler_chain(opts, self._n_vocab)
         slot.last_token = None
         slot.n_generated = 0
         slot.max_tokens = max_tokens

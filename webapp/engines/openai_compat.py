@@ -163,7 +163,8 @@ class OpenAICompatEngine:
         # Passed through as the client gave them: the upstream enforces its own formats.
         if options.stop:
             request["stop"] = list(options.stop)
-        for name in ("presence_penalty", "frequency_penalty", "response_format", "tools"):
+        for name in ("presence_penalty", "frequency_penalty", "response_format", "tools",
+                     "logit_bias"):
             if getattr(options, name):
                 request[name] = getattr(options, name)
         if options.tools and options.tool_choice is not None:
