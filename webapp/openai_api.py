@@ -110,18 +110,18 @@ def chat_completions():
             services.runs.stop(owner, run.message_id, "disconnect")
 
     if not call.stream:
-        text: list[str] = []
+        logprobs: list[dict[str, Any]] = []
         try:
             while True:
                 frame = watcher.next()
                 if frame["type"] == "token":
-                    text.append(frame["text"])
+                    logprobs += frame.get("logprobs") or ()
                 elif frame["type"] == "error":
                     raise _failed(frame)
                 elif frame["type"] == "done":
                     reply = frame["message"]
                     return shaper.complete(reply["content"], reply["finish_reason"],
-                                           reply["usage"], reply.get("meta") or {})
+                                           reply["usage"], reply.get("meta") or {}, logprobs)
         finally:
             end(True)
 
@@ -141,7 +141,7 @@ def chat_completions():
                 if frame is None:
                     yield b": keepalive\n\n"  # a write that fails once the client has gone
                 elif frame["type"] == "token":
-                    for chunk in shaper.feed(frame["text"]):
+                    for chunk in shaper.feed(frame["text"], frame.get("logprobs")):
                         yield sse(chunk)
                 elif frame["type"] == "queued":
                     yield f": queued {frame['position']}\n\n".encode()

@@ -20,6 +20,7 @@ from .models import ENGINES
 
 CONFIG_DEFAULTS = {name: spec[0] for name, spec in SETTINGS.items()}
 SEED_LIMIT = 2**32  # llama.cpp samplers take a uint32 seed
+TOP_LOGPROBS = 20  # the most alternatives a token's logprobs list, as OpenAI
 LOGIT_BIAS_ENTRIES = 300  # as OpenAI: a map is checked, copied and sent to each sampler
 _TYPES = ["object", "string", "integer", "number", "boolean", "null"]
 
@@ -88,6 +89,8 @@ OPTIONS: dict[str, Option] = {
         "type": "object", "maxProperties": LOGIT_BIAS_ENTRIES,
         "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
         example={"15": -100}),
+    "logprobs": Option("boolean", where=("v1",), schema={"type": "boolean"}, example=True),
+    "top_logprobs": Option("integer", None, 0, TOP_LOGPROBS, 1, where=("v1",), example=2),
 }
 # Settings that are not generation options: which model writes a conversation's replies, where.
 SETTINGS_ONLY: dict[str, dict[str, Any]] = {
@@ -158,6 +161,8 @@ class GenerationOptions:
     tools: list[dict[str, Any]] | None = field(default=None, compare=False)
     tool_choice: Any = None
     logit_bias: dict[str, float] | None = None  # {"id": bias}, ids as decimal strings (JSON keys)
+    logprobs: bool = False
+    top_logprobs: int | None = None  # alternatives per token (logprobs only)
     grammar: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -190,6 +195,14 @@ class GenerationOptions:
                 values[name] = value if integer else float(value)
             elif option.kind in ("number", "integer") and option.default is not None:
                 values[name] = _value(option.default, config)
+        logprobs = raw.get("logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise Invalid("bad_options", "logprobs must be true or false", param="logprobs")
+        if values.get("top_logprobs") is not None:  # asks for logprobs, unless refused
+            if logprobs is False:
+                raise Invalid("bad_options", "top_logprobs needs logprobs: true",
+                              param="top_logprobs")
+            logprobs = True
         system = raw.get("system")
         if system is not None and (not isinstance(system, str) or
                                    len(system) > _value(OPTIONS["system"].max, config)):
@@ -210,7 +223,8 @@ class GenerationOptions:
                           structured.build_grammar, response_format, tools, tool_choice)
         return cls(system=system or None, stop=stop, response_format=response_format,
                    tools=tools, tool_choice=tool_choice, grammar=grammar,
-                   logit_bias=check_logit_bias(raw.get("logit_bias")), **values)
+                   logit_bias=check_logit_bias(raw.get("logit_bias")), logprobs=bool(logprobs),
+                   **values)
 
     def to_dict(self) -> dict[str, Any]:
         """What a reply's provenance records (compact: a schema's name, the tools' names)."""

@@ -102,7 +102,7 @@ def chat_completions():
             yield sse(shaper.first())
             for item in itertools.chain([first] if first is not None else [], chunks):
                 if isinstance(item, Token):
-                    for chunk in shaper.feed(item.text):
+                    for chunk in shaper.feed(item.text, item.logprobs):
                         yield sse(chunk)
                 elif isinstance(item, Queued):
                     yield sse(shaper.chunk(None, bchat_queued=item.position))
@@ -126,14 +126,16 @@ def chat_completions():
 
 def _complete(chunks, cancel: threading.Event, shaper: CompletionShaper):
     parts: list[str] = []
+    logprobs: list[dict] = []
     try:
         for item in chunks:
             if isinstance(item, Token):
                 parts.append(item.text)
+                logprobs += item.logprobs or ()
             elif isinstance(item, Finished):
                 usage = {"prompt_tokens": item.prompt_tokens,
                          "completion_tokens": item.completion_tokens}
-                return shaper.complete("".join(parts), item.finish_reason, usage, {})
+                return shaper.complete("".join(parts), item.finish_reason, usage, {}, logprobs)
     except EngineError as exc:
         raise _failure(exc) from None
     finally:

@@ -17,6 +17,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..options import GenerationOptions
 from .base import Chunk, ContextTooLong, EngineError, Idle
@@ -171,6 +172,31 @@ def sampler_chain(opts: GenerationOptions, n_vocab: int):
     ):
         llama_cpp.llama_sampler_chain_add(chain, sampler)
     return chain
+
+
+def logprob_entries(survivors, selected: int, top: int, piece) -> dict[str, Any]:
+    """OpenAI's logprobs entry of the token ``selected`` among ``survivors`` (llama.cpp's
+    candidates, ids and logits, after the request's sampler chain: the distribution it was
+    drawn from, as llama-server's post-sampling probabilities), with the ``top`` likeliest.
+    ``piece(id)``: a token's bytes. A banned token (logit -inf) is never listed."""
+    import numpy as np
+
+    logits = survivors["logit"].astype(np.float64)
+    finite = np.isfinite(logits)
+    high = logits[finite].max()
+    logprobs = logits - (high + np.log(np.exp(logits[finite] - high).sum()))
+
+    def entry(index: int) -> dict[str, Any]:
+        data = piece(int(survivors["id"][index]))
+        return {"token": data.decode("utf-8", "replace"), "logprob": float(min(0.0, logprobs[index])),
+                "bytes": list(data)}
+
+    ranked: list[int] = []
+    if top:
+        count = min(top, int(finite.sum()))
+        best = np.argpartition(-logprobs, count - 1)[:count]
+        ranked = sorted(best.tolist(), key=lambda i: -logprobs[i])
+    return {**entry(selected), "top_logprobs": [entry(i) for i in ranked]}
 
 
 class ReplyText:
