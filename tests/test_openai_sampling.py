@@ -107,6 +107,10 @@ def test_logprobs_streamed_and_not_agree_and_match_the_tokens(make_app, make_liv
                    greedy=False)
     plain = client.chat.completions.create(model="tiny-chat", messages=HI, max_tokens=2)
     assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as err:  # checked where the model is, too
+        client.chat.completions.create(model="tiny-chat", messages=HI, max_tokens=2,
+                                       logit_bias={"99999999": -100})
+    assert err.value.body["code"] == "invalid_value"
 
 
 def test_logprobs_on_smollm2(make_app, make_live_server, bundled_model):
