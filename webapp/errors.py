@@ -42,6 +42,7 @@ OPENAI_CODES = {
     "content_too_long": "string_above_max_length", "bad_grammar": "invalid_value",
     "context_too_long": "context_length_exceeded", "rate_limited": "rate_limit_exceeded",
     "not_found": "not_found", "internal": "server_error", "model_failed": "server_error",
+    "bad_logit_bias": "invalid_value",
 }
 # HTTP status → OpenAI's error type.
 OPENAI_TYPES = {403: "permission_error", 429: "requests"}

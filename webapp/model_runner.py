@@ -289,7 +289,7 @@ def encode_chunk(chunk) -> dict[str, Any] | None:
     from .engines.base import Finished, Queued, Token
 
     if isinstance(chunk, Token):
-        return {"t": chunk.text}
+        return {"t": chunk.text, "l": chunk.logprobs} if chunk.logprobs else {"t": chunk.text}
     if isinstance(chunk, Queued):
         return {"q": chunk.position}
     if isinstance(chunk, Finished):  # counts only: the web side times the reply (base.timed)

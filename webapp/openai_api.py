@@ -119,18 +119,23 @@ def chat_completions():
 
     if not call.stream:
         finished = False
+        logprobs: list[dict[str, Any]] = []
         try:
             # Each token, or each heartbeat while there is none, looks for a hang-up (a
             # syscall: cheap beside a token).
             while not hung_up(request.environ):
                 frame = watcher.next(HEARTBEAT_SECONDS)
-                if frame is not None and frame["type"] in ("error", "done"):
+                if frame is None:
+                    continue
+                if frame["type"] == "token":
+                    logprobs += frame.get("logprobs") or ()
+                elif frame["type"] in ("error", "done"):
                     finished = True
                     if frame["type"] == "error":
                         raise _failed(frame)
                     reply = frame["message"]
                     return shaper.complete(reply["content"], reply["finish_reason"],
-                                           reply["usage"], reply.get("meta") or {})
+                                           reply["usage"], reply.get("meta") or {}, logprobs)
             return Response(status=499)  # nginx's "client closed request": nobody reads it
         finally:
             end(finished)
@@ -151,7 +156,7 @@ def chat_completions():
                 if frame is None:
                     yield b": keepalive\n\n"  # a write that fails once the client has gone
                 elif frame["type"] == "token":
-                    for chunk in shaper.feed(frame["text"]):
+                    for chunk in shaper.feed(frame["text"], frame.get("logprobs")):
                         yield sse(chunk)
                 elif frame["type"] == "queued":
                     yield f": queued {frame['position']}\n\n".encode()

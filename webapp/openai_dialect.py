@@ -174,6 +174,8 @@ class CompletionShaper:
         self.extra = extra or {}
         self.tools = bool(options.tools) and options.tool_choice != "none"
         self.splitter = ReplySplitter(tools=self.tools)
+        self.logprobs = options.logprobs
+        self._logprobs: list[dict[str, Any]] = []  # entries fed, not yet in a chunk
 
     def _base(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
@@ -183,6 +185,9 @@ class CompletionShaper:
               **fields: Any) -> dict[str, Any]:
         choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
                                              "finish_reason": finish_reason}]
+        if choices and self._logprobs:  # with the first chunk after their text was fed
+            choices[0]["logprobs"] = {"content": self._logprobs, "refusal": None}
+            self._logprobs = []
         return {**self._base("chat.completion.chunk"), "choices": choices, **fields}
 
     def first(self) -> dict[str, Any]:
@@ -192,7 +197,10 @@ class CompletionShaper:
         key = {"content": "content", "reasoning": "reasoning_content"}
         return [self.chunk({key[kind]: text}) for kind, text in pieces if text]
 
-    def feed(self, text: str) -> list[dict[str, Any]]:
+    def feed(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Chunks of ``text``; ``logprobs``: its tokens' entries (Token.logprobs)."""
+        if self.logprobs and logprobs:
+            self._logprobs.extend(logprobs)
         return self._pieces(self.splitter.feed(text))
 
     def finish(self, engine_reason: str | None, usage: dict[str, Any], meta: dict[str, Any],
@@ -213,7 +221,8 @@ class CompletionShaper:
         return out
 
     def complete(self, text: str, engine_reason: str | None, usage: dict[str, Any],
-                 meta: dict[str, Any]) -> dict[str, Any]:
+                 meta: dict[str, Any], logprobs: list[dict[str, Any]] | None = None
+                 ) -> dict[str, Any]:
         content, reasoning, calls = split_reply(text, self.tools)
         reasoning = reasoning or meta.get("reasoning_content")
         calls = calls or meta.get("tool_calls")
@@ -225,7 +234,9 @@ class CompletionShaper:
         if calls:
             message["tool_calls"] = calls
         return {**self._base("chat.completion"),
-                "choices": [{"index": 0, "message": message, "logprobs": None,
+                "choices": [{"index": 0, "message": message,
+                             "logprobs": {"content": logprobs or [], "refusal": None}
+                             if self.logprobs else None,
                              "finish_reason": _finish_reason(engine_reason, calls)}],
                 "usage": _usage(usage)}
 

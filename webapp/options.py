@@ -21,6 +21,8 @@ from .validation import MAX_SAFE_INTEGER
 
 CONFIG_DEFAULTS = {name: spec[0] for name, spec in SETTINGS.items()}
 SEED_LIMIT = 2**32  # llama.cpp samplers take a uint32 seed
+TOP_LOGPROBS = 20  # the most alternatives a token's logprobs list, as OpenAI
+LOGIT_BIAS_ENTRIES = 300  # as OpenAI: a map is checked, copied and sent to each sampler
 _TYPES = ["object", "string", "integer", "number", "boolean", "null"]
 
 
@@ -82,6 +84,14 @@ OPTIONS: dict[str, Option] = {
     "tool_choice": Option("tool_choice", where=("v1",), schema={"anyOf": [
         {"type": "string", "enum": ["auto", "none", "required"]},
         {"type": "object", "required": ["type", "function"]}]}, example="auto"),
+    # Token id (a decimal string) → bias added to its logit; -100 bans it. The ids are checked
+    # against the model's vocabulary by the engine that runs it, before any sampling.
+    "logit_bias": Option("logit_bias", where=("v1",), schema={
+        "type": "object", "maxProperties": LOGIT_BIAS_ENTRIES,
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+        example={"15": -100}),
+    "logprobs": Option("boolean", where=("v1",), schema={"type": "boolean"}, example=True),
+    "top_logprobs": Option("integer", None, 0, TOP_LOGPROBS, 1, where=("v1",), example=2),
 }
 # Settings that are not generation options: which model writes a conversation's replies, where.
 SETTINGS_ONLY: dict[str, dict[str, Any]] = {
@@ -151,6 +161,9 @@ class GenerationOptions:
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = field(default=None, compare=False)
     tool_choice: Any = None
+    logit_bias: dict[str, float] | None = None  # {"id": bias}, ids as decimal strings (JSON keys)
+    logprobs: bool = False
+    top_logprobs: int | None = None  # alternatives per token (logprobs only)
     grammar: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -183,6 +196,14 @@ class GenerationOptions:
                 values[name] = value if integer else float(value)
             elif option.kind in ("number", "integer") and option.default is not None:
                 values[name] = _value(option.default, config)
+        logprobs = raw.get("logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise Invalid("bad_options", "logprobs must be true or false", param="logprobs")
+        if values.get("top_logprobs") is not None:  # asks for logprobs, unless refused
+            if logprobs is False:
+                raise Invalid("bad_options", "top_logprobs needs logprobs: true",
+                              param="top_logprobs")
+            logprobs = True
         system = raw.get("system")
         if system is not None and (not isinstance(system, str) or
                                    len(system) > _value(OPTIONS["system"].max, config)):
@@ -202,7 +223,9 @@ class GenerationOptions:
         grammar = checked("response_format" if response_format else "tools",
                           structured.build_grammar, response_format, tools, tool_choice)
         return cls(system=system or None, stop=stop, response_format=response_format,
-                   tools=tools, tool_choice=tool_choice, grammar=grammar, **values)
+                   tools=tools, tool_choice=tool_choice, grammar=grammar,
+                   logit_bias=check_logit_bias(raw.get("logit_bias")), logprobs=bool(logprobs),
+                   **values)
 
     @property
     def sampler_seed(self) -> int | None:
@@ -232,6 +255,26 @@ class GenerationOptions:
             data["tools"] = [t["function"]["name"] for t in self.tools]
             data["tool_choice"] = self.tool_choice
         return data
+
+
+def check_logit_bias(raw: Any) -> dict[str, float] | None:
+    """OpenAI's ``logit_bias``: token ids (decimal strings) to numbers from -100 to 100, at
+    most LOGIT_BIAS_ENTRIES of them; the ids come back in one spelling ("007" is "7")."""
+    if raw is None or raw == {}:
+        return None
+    if not isinstance(raw, dict) or len(raw) > LOGIT_BIAS_ENTRIES:
+        raise Invalid("bad_options", f"logit_bias must map at most {LOGIT_BIAS_ENTRIES} token "
+                      "ids to numbers", param="logit_bias")
+    clean: dict[str, float] = {}
+    for key, bias in raw.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+            raise Invalid("bad_options", f"logit_bias: {str(key)[:20]!r} is not a token id",
+                          param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise Invalid("bad_options", "logit_bias values must be numbers from -100 to 100",
+                          param="logit_bias")
+        clean[str(int(key))] = float(bias)
+    return clean
 
 
 def settings_options(settings: Mapping[str, Any]) -> dict[str, Any]:

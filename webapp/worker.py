@@ -115,7 +115,7 @@ def chat_completions():
             yield sse(shaper.first())
             for item in itertools.chain([first] if first is not None else [], chunks):
                 if isinstance(item, Token):
-                    for chunk in shaper.feed(item.text):
+                    for chunk in shaper.feed(item.text, item.logprobs):
                         yield sse(chunk)
                 elif isinstance(item, Queued):
                     yield sse(shaper.chunk(None, bchat_queued=item.position))
@@ -139,16 +139,18 @@ def chat_completions():
 
 def _complete(chunks, cancel: threading.Event, shaper: CompletionShaper):
     parts: list[str] = []
+    logprobs: list[dict] = []
     try:
         for item in chunks:  # Idle heartbeats while the model is busy: a hang-up is seen then too
             if hung_up(request.environ):
                 return Response(status=499)  # nginx's "client closed request": nobody reads it
             if isinstance(item, Token):
                 parts.append(item.text)
+                logprobs += item.logprobs or ()
             elif isinstance(item, Finished):
                 usage = {"prompt_tokens": item.prompt_tokens,
                          "completion_tokens": item.completion_tokens}
-                return shaper.complete("".join(parts), item.finish_reason, usage, {})
+                return shaper.complete("".join(parts), item.finish_reason, usage, {}, logprobs)
     except EngineError as exc:
         raise _failure(exc) from None
     finally:

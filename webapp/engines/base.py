@@ -21,6 +21,9 @@ from ..options import GenerationOptions
 @dataclass(frozen=True)
 class Token:
     text: str
+    # Asked for (options.logprobs): OpenAI's logprobs.content entries of the tokens this text
+    # completes, {"token", "logprob", "bytes", "top_logprobs"}, as JSON-ready dicts.
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

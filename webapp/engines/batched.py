@@ -36,8 +36,10 @@ from .inference import (
     ReplyText,
     Request,
     as_engine_error,
+    check_logit_bias,
     drain,
     ended,
+    logprob_entries,
     sampler_chain,
     start_grammar,
 )
@@ -63,7 +65,7 @@ class _Slot:
     request: Request | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
     sampler: Any = None
-    grammar: Any = None  # this request's grammar sampler, checked lazily (see _sample_constrained)
+    grammar: Any = None  # this request's grammar sampler, checked lazily (see _sample_picked)
     last_token: int | None = None
     n_generated: int = 0
     max_tokens: int = 0
@@ -73,6 +75,7 @@ class _Slot:
     text: ReplyText | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     logits_index: int = -1  # where this slot's logits are in the current batch, or -1
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # entries not yet sent
 
 
 # llama_token_data as numpy sees it: the candidates array is built from the logits in one go.
@@ -157,6 +160,7 @@ class ModelWorker:
         from .structured import render_messages
 
         opts = request.options
+        check_logit_bias(opts, self._n_vocab)
         messages = render_messages(request.messages, opts.tools, opts.tool_choice)
         request.prompt, request.dropped, request.max_tokens = self._builder.fit(
             messages, opts.system, self.n_ctx, opts.max_tokens
@@ -227,12 +231,12 @@ class ModelWorker:
         except BaseException as exc:
             self._load_failed(exc)
             return
-        # Set before _loaded: request threads fit their histories with the builder (submit).
+        # Set before _loaded: request threads fit their histories with these (submit).
         self._llama, self._builder, self._ctx, self._batch = llama, builder, ctx, batch
-        self._loaded.set()
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._loaded.set()
         import numpy as np
 
         self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
@@ -379,8 +383,9 @@ class ModelWorker:
         slot.pending = prompt[keep:]
         slot.request = request
         slot.grammar = self._grammar(opts)
-        slot.sampler = sampler_chain(opts)
+        slot.sampler = sampler_chain(opts, self._n_vocab)
         slot.last_token = None
+        slot.logprobs = []
         slot.n_generated = 0
         slot.max_tokens = max_tokens
         slot.prompt_tokens = len(prompt)
@@ -446,15 +451,18 @@ class ModelWorker:
         """Choose the slot's next token from this step's logits (``now``: when they came)."""
         from llama_cpp import llama_cpp
 
+        entry = None
         if slot.grammar is not None:
             began = time.perf_counter()
-            token = self._sample_constrained(slot)
+            token, entry = self._sample_picked(slot)
             spent = time.perf_counter() - began
             if spent > self.grammar_token_seconds:
                 raise EngineError(
                     f"the response format's grammar took {spent:.1f} s to choose one token (the "
                     f"limit is {self.grammar_token_seconds:g} s, as every other chat waits for "
                     f"it): simplify the schema", code="grammar_too_slow")
+        elif slot.request.options.logprobs:
+            token, entry = self._sample_picked(slot)
         else:
             token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, slot.logits_index)
         if "prompt_ms" not in slot.meta:
@@ -464,9 +472,12 @@ class ModelWorker:
             self._finish(slot, "stop")
             return
         slot.n_generated += 1
+        if entry is not None:
+            slot.logprobs.append(entry)
         text = slot.text.feed(self._llama.detokenize([token]))
         if text:
-            slot.request.out.put(Token(text))
+            slot.request.out.put(Token(text, slot.logprobs or None))
+            slot.logprobs = []
         if slot.text.stopped:
             slot.meta["stop_string"] = True
             self._finish(slot, "stop")
@@ -478,43 +489,62 @@ class ModelWorker:
         else:
             slot.last_token = token
 
-    def _sample_constrained(self, slot: _Slot) -> int:
-        """Sample under a grammar the way llama.cpp's own sampler does: pick a token without
-        it, then ask the grammar about that one token, and only when it refuses, mask the whole
-        vocabulary and pick again. Masking every candidate (49k for SmolLM2) costs ~8 ms a
-        token, as much as the decode itself; most picks are allowed as they are."""
+    def _pick(self, slot: _Slot, *samplers):
+        """The token ``samplers`` choose from the slot's logits and, for logprobs, what
+        survives them (llama.cpp's candidates: ids, logits) and the index of that token."""
         import ctypes
 
         import numpy as np
         from llama_cpp import llama_cpp
 
-        n_vocab = self._n_vocab
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(self._ctx, slot.logits_index), shape=(n_vocab,))
+        data = np.empty(self._n_vocab, dtype=_TOKEN_DATA)
+        data["id"] = self._token_ids
+        data["logit"] = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self._ctx, slot.logits_index), shape=(self._n_vocab,))
+        data["p"] = 0.0
+        candidates = llama_cpp.llama_token_data_array(
+            data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+            size=self._n_vocab, selected=-1, sorted=False)
+        for sampler in samplers:
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
+        if candidates.selected < 0:
+            raise EngineError("the sampler chose no token", code="model_failed")
+        token = int(candidates.data[candidates.selected].id)
+        if not slot.request.options.logprobs:
+            return token, None, -1
+        # The samplers sort and cut in place (or point into a buffer of their own).
+        size = candidates.size * data.itemsize
+        start = ctypes.addressof(candidates.data.contents)
+        survivors = np.frombuffer(ctypes.string_at(start, size), dtype=_TOKEN_DATA)
+        return token, survivors, candidates.selected
 
-        def pick(*samplers) -> int:
-            data = np.empty(n_vocab, dtype=_TOKEN_DATA)
-            data["id"] = self._token_ids
-            data["logit"] = logits
-            data["p"] = 0.0
-            candidates = llama_cpp.llama_token_data_array(
-                data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
-                size=n_vocab, selected=-1, sorted=False)
-            for sampler in samplers:
-                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
-            if candidates.selected < 0:
-                raise EngineError("the sampler chose no token", code="model_failed")
-            return int(candidates.data[candidates.selected].id)
+    def _sample_picked(self, slot: _Slot) -> tuple[int, dict[str, Any] | None]:
+        """The token, and its logprobs entry where asked for, chosen outside
+        llama_sampler_sample: the probabilities are read off the candidates the chain leaves.
 
-        token = pick(slot.sampler)
-        one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 0.0, 0.0))
-        single = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
-        llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(single))
-        if one[0].logit == float("-inf"):  # not allowed here: choose among what is
-            token = pick(slot.grammar, slot.sampler)
-        llama_cpp.llama_sampler_accept(slot.grammar, token)
+        Under a grammar, as llama.cpp's own sampler does: pick a token without it, then ask the
+        grammar about that one token, and only when it refuses, mask the whole vocabulary and
+        pick again. Masking every candidate (49k for SmolLM2) costs ~8 ms a token, as much as
+        the decode itself; most picks are allowed as they are."""
+        import ctypes
+
+        from llama_cpp import llama_cpp
+
+        token, survivors, selected = self._pick(slot, slot.sampler)
+        if slot.grammar is not None:
+            one = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 0.0, 0.0))
+            single = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+            llama_cpp.llama_sampler_apply(slot.grammar, ctypes.byref(single))
+            if one[0].logit == float("-inf"):  # not allowed here: choose among what is
+                token, survivors, selected = self._pick(slot, slot.grammar, slot.sampler)
+            llama_cpp.llama_sampler_accept(slot.grammar, token)
         llama_cpp.llama_sampler_accept(slot.sampler, token)
-        return token
+        opts = slot.request.options
+        if survivors is None:
+            return token, None
+        piece = self._llama.detokenize
+        return token, logprob_entries(survivors, selected, opts.top_logprobs or 0,
+                                      lambda t: piece([t]))
 
     def _add(self, batch, n: int, slot: _Slot, token: int, *, logits: bool) -> int:
         batch.token[n] = token
@@ -532,8 +562,8 @@ class ModelWorker:
 
         request = slot.request
         tail = slot.text.tail()
-        if tail:
-            request.out.put(Token(tail))
+        if tail or (slot.logprobs and not slot.text.stopped):  # a stop string's are not sent
+            request.out.put(Token(tail, slot.logprobs or None))
         if reason == "stopped":
             # Its cells go at once; what it was in the middle of is of no use to a next turn.
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)

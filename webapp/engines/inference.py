@@ -17,6 +17,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..options import GenerationOptions
 from .base import Chunk, ContextTooLong, EngineError, Idle
@@ -123,13 +124,36 @@ def penalties_sampler(options: GenerationOptions):
     )
 
 
-def sampler_chain(opts: GenerationOptions):
-    """A request's own sampler chain (penalties, then greedy or top-k/top-p/min-p/temp), so its
-    options never touch another chat's."""
+def check_logit_bias(opts: GenerationOptions, n_vocab: int) -> None:
+    """A logit_bias id outside the model's vocabulary is the request's fault, found before
+    any of it reaches llama.cpp (which would read past its logits)."""
+    unknown = [key for key in opts.logit_bias or () if int(key) >= n_vocab]
+    if unknown:
+        raise EngineError(f"logit_bias: token {unknown[0]} is not in this model's vocabulary "
+                          f"of {n_vocab} tokens", code="bad_logit_bias")
+
+
+def logit_bias_sampler(opts: GenerationOptions, n_vocab: int):
+    """OpenAI's logit_bias (ids checked by check_logit_bias): -100 bans a token outright,
+    as OpenAI documents, rather than leaving it a logit 100 lower."""
+    from llama_cpp import llama_cpp
+
+    items = [llama_cpp.llama_logit_bias(int(key), -float("inf") if bias <= -100 else bias)
+             for key, bias in opts.logit_bias.items()]
+    # llama.cpp copies the array into the sampler.
+    return llama_cpp.llama_sampler_init_logit_bias(
+        n_vocab, len(items), (llama_cpp.llama_logit_bias * len(items))(*items))
+
+
+def sampler_chain(opts: GenerationOptions, n_vocab: int):
+    """A request's own sampler chain (logit bias, penalties, then greedy or
+    top-k/top-p/min-p/temp), so its options never touch another chat's."""
     from llama_cpp import llama_cpp
 
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     try:
+        if opts.logit_bias:
+            llama_cpp.llama_sampler_chain_add(chain, logit_bias_sampler(opts, n_vocab))
         if opts.presence_penalty or opts.frequency_penalty:
             llama_cpp.llama_sampler_chain_add(chain, penalties_sampler(opts))
     except BaseException:
@@ -148,6 +172,31 @@ def sampler_chain(opts: GenerationOptions):
     ):
         llama_cpp.llama_sampler_chain_add(chain, sampler)
     return chain
+
+
+def logprob_entries(survivors, selected: int, top: int, piece) -> dict[str, Any]:
+    """OpenAI's logprobs entry of the token ``selected`` among ``survivors`` (llama.cpp's
+    candidates, ids and logits, after the request's sampler chain: the distribution it was
+    drawn from, as llama-server's post-sampling probabilities), with the ``top`` likeliest.
+    ``piece(id)``: a token's bytes. A banned token (logit -inf) is never listed."""
+    import numpy as np
+
+    logits = survivors["logit"].astype(np.float64)
+    finite = np.isfinite(logits)
+    high = logits[finite].max()
+    logprobs = logits - (high + np.log(np.exp(logits[finite] - high).sum()))
+
+    def entry(index: int) -> dict[str, Any]:
+        data = piece(int(survivors["id"][index]))
+        return {"token": data.decode("utf-8", "replace"), "logprob": float(min(0.0, logprobs[index])),
+                "bytes": list(data)}
+
+    ranked: list[int] = []
+    if top:
+        count = min(top, int(finite.sum()))
+        best = np.argpartition(-logprobs, count - 1)[:count]
+        ranked = sorted(best.tolist(), key=lambda i: -logprobs[i])
+    return {**entry(selected), "top_logprobs": [entry(i) for i in ranked]}
 
 
 class ReplyText:

@@ -163,7 +163,8 @@ class OpenAICompatEngine:
         # Passed through as the client gave them: the upstream enforces its own formats.
         if options.stop:
             request["stop"] = list(options.stop)
-        for name in ("presence_penalty", "frequency_penalty", "response_format", "tools"):
+        for name in ("presence_penalty", "frequency_penalty", "response_format", "tools",
+                     "logit_bias", "logprobs", "top_logprobs"):
             if getattr(options, name):
                 request[name] = getattr(options, name)
         if options.tools and options.tool_choice is not None:
@@ -218,9 +219,10 @@ class OpenAICompatEngine:
                     if isinstance(thought, str):
                         reasoning.append(thought)
                     text = delta.get("content")
-                    if text:
+                    logprobs = (choice.get("logprobs") or {}).get("content")
+                    if text or logprobs:
                         pieces += 1
-                        yield Token(text)
+                        yield Token(text or "", logprobs or None)
                     if choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
                 if cancel.is_set():

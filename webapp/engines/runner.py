@@ -174,7 +174,7 @@ class RunnerEngine:
                 for line in replies:
                     data = json.loads(line)
                     if "t" in data:
-                        yield Token(data["t"])
+                        yield Token(data["t"], data.get("l"))
                     elif "q" in data:
                         yield Queued(position=data["q"])
                     elif "f" in data:

@@ -119,9 +119,11 @@ class Run:
         if not self.watchers and self.orphaned_at is None:
             self.orphaned_at = time.monotonic()
 
-    def append(self, text: str) -> None:
+    def append(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> None:
         with self.lock:
             frame = token_frame(self.message_id, self.length, text)
+            if logprobs:  # asked for by a /v1 call (options.logprobs): its live watcher's
+                frame["logprobs"] = logprobs
             self.parts.append(text)
             self.length += len(text)
             self.position = None

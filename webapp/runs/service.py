@@ -339,7 +339,7 @@ class RunService:
         try:
             for item in timed(run.engine.stream(run.model, run.history, run.options, run.cancel)):
                 if isinstance(item, Token):
-                    run.append(item.text)
+                    run.append(item.text, item.logprobs)
                 elif isinstance(item, Queued):
                     run.queued(item.position)
                 elif isinstance(item, Finished):
