@@ -22,7 +22,7 @@ def v1(app):
     ({"model": "tiny-chat"}, 400, "missing_required_parameter", "messages"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_value", "messages[0].role"),
     ({"messages": USER, "temperature": 5}, 400, "invalid_value", "temperature"),
-    ({"messages": USER, "n": 2}, 400, "invalid_value", "n"),
+    ({"messages": USER, "n": 5}, 400, "invalid_value", "n"),  # above BCHAT_MAX_N
     ({"messages": USER, "stop": ["a"] * 5}, 400, "invalid_value", "stop"),
 ])
 def test_v1_errors_use_openai_codes_and_name_the_param(v1, body, status, code, param):

@@ -195,7 +195,7 @@ def test_bad_values_are_400_with_openai_errors(api):
     user = [{"role": "user", "content": "hi"}]
     cases = [
         dict(messages=user, temperature=5),
-        dict(messages=user, n=2),
+        dict(messages=user, n=5),  # above BCHAT_MAX_N
         dict(messages=user, stop=["a", "b", "c", "d", "e"]),
         dict(messages=[{"role": "robot", "content": "hi"}]),
         dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {

@@ -1,6 +1,6 @@
 """``/v1`` as the official ``openai`` client uses it, against a live server on the tiny model:
-``models.retrieve``, 64-bit seeds, tool-call arguments in the history, and a non-streaming
-caller that hangs up."""
+``models.retrieve``, 64-bit seeds, ``n`` choices, tool-call arguments in the history, and a
+non-streaming caller that hangs up."""
 
 from __future__ import annotations
 
@@ -65,6 +65,55 @@ def test_64_bit_seeds_are_taken_and_the_same_seed_gives_the_same_reply(api):  # 
         assert err.value.body["param"] in ("seed", None) and err.value.status_code == 400
 
 
+def test_n_choices_run_side_by_side_and_the_same_seed_gives_the_same_ones(
+        api, make_app, make_live_server):  # noqa: F811
+    _server, visitor, _key, client = api
+    ask = dict(model=client.models.list().data[0].id, temperature=1.5, seed=2**40, n=3,
+               messages=[{"role": "user", "content": "tell me something"}], max_tokens=8)
+    one = client.chat.completions.create(**{**ask, "n": 1})
+    whole = client.chat.completions.create(**ask)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts = [c.message.content for c in whole.choices]
+    assert all(c.finish_reason in ("stop", "length") for c in whole.choices) and all(texts)
+    assert texts[0] == one.choices[0].message.content  # choice i takes seed + i
+    assert len(set(texts)) > 1, texts  # three seeds, not one reply thrice
+    assert whole.usage.prompt_tokens == one.usage.prompt_tokens  # one prompt, counted once
+    assert whole.usage.completion_tokens > one.usage.completion_tokens
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    assert [c.message.content for c in client.chat.completions.create(**ask).choices] == texts
+
+    streamed: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    finished, usage = set(), None
+    for chunk in client.chat.completions.create(**ask, stream=True,
+                                                stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            streamed[choice.index].append(choice.delta.content or "")
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert ["".join(streamed[i]) for i in range(3)] == texts and finished == {0, 1, 2}
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens)
+    # A stored call keeps choice 0 as the conversation's reply (one reply to one message).
+    conversation = visitor.json("GET", "/api/conversations")[1]["conversations"][0]
+    stored = visitor.json("GET", f"/api/conversations/{conversation['id']}")[1]["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["content"] == texts[0]
+
+    for n in (0, 5, 2.5):  # 5: above BCHAT_MAX_N
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(**{**ask, "n": n})
+        assert (err.value.body["code"], err.value.body["param"]) == ("invalid_value", "n")
+    # Each choice is one of the caller's replies in flight: room for 2, n=3 is refused.
+    server = make_live_server(make_app(MAX_QUEUED_PER_VISITOR=2, MAX_REPLIES_PER_ADDRESS=2,
+                                       RATE_LIMIT="1000/minute"))
+    _made, token = server.app.extensions["bchat"].keys.create("someone", "ci")
+    tight = openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        tight.chat.completions.create(**ask)
+    assert len(tight.chat.completions.create(**{**ask, "n": 2}).choices) == 2
+
+
 def test_tool_call_arguments_in_the_history_must_be_json(api):  # noqa: F811
     _server, _visitor, _key, client = api
     model = client.models.list().data[0].id
@@ -91,17 +140,17 @@ def test_tool_call_arguments_in_the_history_must_be_json(api):  # noqa: F811
     assert reply.choices[0].message.content is not None
 
 
-@pytest.mark.parametrize("store", [True, False])
+@pytest.mark.parametrize(("store", "n"), [(True, 1), (False, 1), (True, 2)])
 def test_a_caller_that_hangs_up_on_a_whole_reply_stops_it_and_frees_its_slot(
-        make_app, make_live_server, store):
+        make_app, make_live_server, store, n):
     """One reply at a time for the owner: a run left going after its caller hung up would
-    refuse the next call with 429 until it reached max_tokens."""
+    refuse the next call with 429 until it reached max_tokens. With n choices, all n stop."""
     server = make_live_server(make_app(MAX_QUEUED_PER_VISITOR=1, RATE_LIMIT="1000/minute"))
     services = server.app.extensions["bchat"]
     _key, token = services.keys.create("someone", "ci")
     body = json.dumps({"messages": [{"role": "user", "content": "write a lot"}],
                        "max_tokens": server.app.config["MAX_TOKENS_LIMIT"], "temperature": 1,
-                       "store": store}).encode()
+                       "store": store, "n": n}).encode()
     caller = socket.create_connection(("127.0.0.1", server.port))
     caller.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                    b"Authorization: Bearer " + token.encode() + b"\r\n"
@@ -111,14 +160,16 @@ def test_a_caller_that_hangs_up_on_a_whole_reply_stops_it_and_frees_its_slot(
     while not [r for r in services.runs.live_runs() if r.owner == "someone" and r.length]:
         assert time.monotonic() < deadline, "the reply never began"
         threading.Event().wait(0.01)
-    run = next(r for r in services.runs.live_runs() if r.owner == "someone")
+    runs = [r for r in services.runs.live_runs() if r.owner == "someone"]
+    assert len(runs) == n  # all n start together, one call
     caller.close()  # hung up mid-reply, before any byte of the answer
 
-    assert run.finished.wait(30), "the run went on after its caller hung up"
-    reply = run.final_frame["message"]
-    assert run.stop_reason == "disconnect", (reply["status"], reply["usage"])
-    assert reply["status"] == "stopped"
-    assert reply["usage"]["completion_tokens"] < server.app.config["MAX_TOKENS_LIMIT"]
+    for run in runs:
+        assert run.finished.wait(30), "the run went on after its caller hung up"
+        reply = run.final_frame["message"]
+        assert run.stop_reason == "disconnect", (reply["status"], reply["usage"])
+        assert reply["status"] == "stopped"
+        assert reply["usage"]["completion_tokens"] < server.app.config["MAX_TOKENS_LIMIT"]
     # The owner's one slot is free again: the next call is answered, not refused with 429.
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)
     reply = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}],

@@ -384,7 +384,7 @@ def test_a_shutdown_interrupts_a_reply_stored_or_not(make_app, store):
                 growing.set()
 
     watcher = Watcher()
-    run = runs.start_api("owner", [{"role": "user", "content": "tell me a long story"}],
+    [run] = runs.start_api("owner", [{"role": "user", "content": "tell me a long story"}],
                          model=None, options=GenerationOptions(temperature=0, max_tokens=2000),
                          store=store, watcher=watcher)
     assert growing.wait(60), "the model started writing"

@@ -43,6 +43,7 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "MAX_MESSAGE_CHARS": (32_000, _INT, "largest user message accepted"),
     "MAX_TOKENS": (512, _INT, "default reply length limit (tokens)"),
     "MAX_TOKENS_LIMIT": (4096, _INT, "largest max_tokens a client may ask for"),
+    "MAX_N": (4, _INT, "most choices (n) one /v1 call may ask for; each is a reply in flight"),
     "WS_RECEIVE_TIMEOUT": (1.0, float, "seconds one websocket receive waits before re-checking the socket"),
     "WS_PING_INTERVAL": (25, _INT, "seconds between websocket keepalive pings"),
     "WS_MAX_FRAME_BYTES": (256 * 1024, _INT, "largest websocket frame accepted"),

@@ -1,12 +1,12 @@
 """``/v1``: an OpenAI-compatible API on the main app, for programs holding an API key.
 
-A thin adapter over the run service (runs/), as the websocket is: a call is a run that the
-request watches through a queue. Whatever the page can chat with (the embedded models, a
-shared ``bchat worker``, upstreams) is offered here under the same ids. A call made with a key
-acts as the key's owner; unless the body says ``"store": false`` it becomes a conversation of
-that owner (``source: "api"``), and a client that hangs up stops its reply. The dialect itself
-(parser, shaper, SSE) is openai_dialect.py, shared with ``bchat worker``; errors are answered
-in OpenAI's shape by errors.py.
+A thin adapter over the run service (runs/), as the websocket is: a call is a run (``n``
+runs for ``n`` choices) that the request watches through one queue. Whatever the page can
+chat with (the embedded models, a shared ``bchat worker``, upstreams) is offered here under
+the same ids. A call made with a key acts as the key's owner; unless the body says
+``"store": false`` it becomes a conversation of that owner (``source: "api"``), and a client
+that hangs up stops its reply. The dialect itself (parser, shaper, SSE) is openai_dialect.py,
+shared with ``bchat worker``; errors are answered in OpenAI's shape by errors.py.
 """
 
 from __future__ import annotations
@@ -104,22 +104,32 @@ def chat_completions():
     call = parse_chat_request(request_json(INT64), config)
     owner = g.api_key["owner"]
     watcher = QueueWatcher()
-    run = services.runs.start_api(owner, call.messages, model=call.model, options=call.options,
-                                  store=call.store, ip=request.remote_addr, watcher=watcher)
-    extra = {"bchat": {"conversation_id": run.conversation_id or None,
-                       "message_id": run.message_id, "stored": call.store}}
-    shaper = CompletionShaper(run.model, call.options, include_usage=call.include_usage,
-                              extra=extra)
+    runs = services.runs.start_api(owner, call.messages, model=call.model, options=call.options,
+                                   store=call.store, ip=request.remote_addr, watcher=watcher,
+                                   n=call.n)
+    extra = {"bchat": {"conversation_id": runs[0].conversation_id or None,
+                       "message_id": runs[0].message_id, "stored": call.store}}
+    first_shaper = CompletionShaper(runs[0].model, call.options, extra=extra)
+    # Choice i is run i; the frames of all n come through the one watcher.
+    shapers = {run.message_id: first_shaper.sibling(i) if i else first_shaper
+               for i, run in enumerate(runs)}
+    usages: dict[str, dict[str, Any]] = {}  # each choice's, once done
 
-    def end(finished: bool) -> None:
+    def end() -> None:
         watcher.close()
-        services.runs.detach(watcher, [run.message_id])
-        if not finished:  # the client hung up: an API client cannot come back for the rest
-            services.runs.stop(owner, run.message_id, "disconnect")
+        services.runs.detach(watcher, list(shapers))
+        for run in runs:
+            # The client hung up, or another choice failed: an API client cannot come back
+            # for the rest.
+            if run.message_id not in usages:
+                run.stop("disconnect")
+
+    def shaper_of(frame: dict[str, Any]) -> CompletionShaper:
+        return shapers.get(frame.get("message_id"), first_shaper)
 
     if not call.stream:
-        finished = False
-        logprobs: list[dict[str, Any]] = []
+        choices: dict[str, dict[str, Any]] = {}
+        logprobs: dict[str, list[dict[str, Any]]] = {m: [] for m in shapers}
         try:
             # Each token, or each heartbeat while there is none, looks for a hang-up (a
             # syscall: cheap beside a token).
@@ -128,53 +138,58 @@ def chat_completions():
                 if frame is None:
                     continue
                 if frame["type"] == "token":
-                    logprobs += frame.get("logprobs") or ()
-                elif frame["type"] in ("error", "done"):
-                    finished = True
-                    if frame["type"] == "error":
-                        raise _failed(frame)
-                    reply = frame["message"]
-                    return shaper.complete(reply["content"], reply["finish_reason"],
-                                           reply["usage"], reply.get("meta") or {}, logprobs)
+                    logprobs[frame["message_id"]] += frame.get("logprobs") or ()
+                elif frame["type"] == "error":
+                    raise _failed(frame)
+                elif frame["type"] == "done":
+                    reply, key = frame["message"], frame["message_id"]
+                    usages[key] = reply["usage"]
+                    choices[key] = shapers[key].choice(reply["content"], reply["finish_reason"],
+                                                 reply.get("meta") or {}, logprobs[key])
+                    if len(choices) == len(runs):
+                        return first_shaper.completion([choices[m] for m in shapers],
+                                                       list(usages.values()))
             return Response(status=499)  # nginx's "client closed request": nobody reads it
         finally:
-            end(finished)
+            end()
 
     # The first frame decides between an error status and a stream: a schema llama.cpp cannot
     # compile, or a prompt too long, is then a 400 like any other bad request.
     first = watcher.next()
     if first["type"] == "error":
-        end(True)
+        end()
         raise _failed(first)
 
     def events() -> Iterator[bytes]:
-        finished = False
         frame: dict[str, Any] | None = first
         try:
-            yield sse(shaper.first())
+            for shaper in shapers.values():
+                yield sse(shaper.first())
             while True:
                 if frame is None:
                     yield b": keepalive\n\n"  # a write that fails once the client has gone
                 elif frame["type"] == "token":
-                    for chunk in shaper.feed(frame["text"], frame.get("logprobs")):
+                    for chunk in shaper_of(frame).feed(frame["text"], frame.get("logprobs")):
                         yield sse(chunk)
                 elif frame["type"] == "queued":
                     yield f": queued {frame['position']}\n\n".encode()
                 elif frame["type"] == "error":
-                    finished = True
                     yield sse_error(_failed(frame))
                     return
                 elif frame["type"] == "done":
-                    finished = True
                     reply = frame["message"]
-                    for chunk in shaper.finish(reply["finish_reason"], reply["usage"],
-                                               reply.get("meta") or {}):
+                    usages[frame["message_id"]] = reply["usage"]
+                    for chunk in shaper_of(frame).finish(reply["finish_reason"], reply["usage"],
+                                                         reply.get("meta") or {}):
                         yield sse(chunk)
-                    yield b"data: [DONE]\n\n"
-                    return
+                    if len(usages) == len(runs):
+                        if call.include_usage:
+                            yield sse(first_shaper.usage_chunk(list(usages.values())))
+                        yield b"data: [DONE]\n\n"
+                        return
                 frame = watcher.next(HEARTBEAT_SECONDS)
         finally:
-            end(finished)
+            end()
 
     return Response(events(), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

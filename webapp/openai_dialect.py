@@ -38,7 +38,8 @@ REQUEST_FIELDS: dict[str, dict[str, Any]] = {
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
                        "example": {"include_usage": True}},
     "store": {"type": "boolean", "description": "false: no conversation is stored", "example": False},
-    "n": {"type": "integer", "enum": [1], "example": 1},
+    "n": {"type": "integer", "minimum": 1, "example": 2,
+          "description": "choices, up to BCHAT_MAX_N (default 4); each a run of its own"},
     "max_completion_tokens": {"type": "integer", "minimum": 1, "example": 8,
                               "description": "OpenAI's newer name for max_tokens; wins over it"},
     "seed": {"type": "integer", "format": "int64", "example": 2**40,
@@ -56,6 +57,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     store: bool
+    n: int = 1
 
 
 def _clean_message(m: Any, index: int, max_chars: int) -> dict[str, Any]:
@@ -115,7 +117,7 @@ def _clean_message(m: Any, index: int, max_chars: int) -> dict[str, Any]:
 def parse_chat_request(body: Any, config: Mapping[str, Any] = CONFIG_DEFAULTS) -> ChatRequest:
     """An OpenAI chat-completions body, checked: ``Invalid`` (400) on any bad value, with the
     ``param`` at fault; fields this server does not use are ignored, as OpenAI-compatible
-    servers do. ``config``: the limits (MAX_TOKENS, MAX_TOKENS_LIMIT, MAX_MESSAGE_CHARS)."""
+    servers do. ``config``: the limits (MAX_TOKENS, MAX_TOKENS_LIMIT, MAX_MESSAGE_CHARS, MAX_N)."""
     if not isinstance(body, dict):
         raise Invalid("bad_json", "the body must be a JSON object")
     model = body.get("model")
@@ -132,9 +134,10 @@ def parse_chat_request(body: Any, config: Mapping[str, Any] = CONFIG_DEFAULTS) -
     if stream_options is not None and not isinstance(stream_options, dict):
         raise Invalid("bad_stream_options", "stream_options must be an object",
                       param="stream_options")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise Invalid("bad_n", "n must be 1: this server writes one choice per request", param="n")
+    n = 1 if body.get("n") is None else body["n"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= config["MAX_N"]:
+        raise Invalid("bad_n", f"n must be an integer from 1 to {config['MAX_N']} (BCHAT_MAX_N)",
+                      param="n")
     raw = {name: body[name] for name in names("v1") if body.get(name) is not None}
     if body.get("max_completion_tokens") is not None:  # OpenAI's newer name wins
         raw["max_tokens"] = body["max_completion_tokens"]
@@ -149,7 +152,7 @@ def parse_chat_request(body: Any, config: Mapping[str, Any] = CONFIG_DEFAULTS) -
     return ChatRequest(model=model, messages=clean, options=options,
                        stream=bool(body.get("stream")),
                        include_usage=bool((stream_options or {}).get("include_usage")),
-                       store=body.get("store") is not False)
+                       store=body.get("store") is not False, n=n)
 
 
 # -- the reply ---------------------------------------------------------------------------------
@@ -163,12 +166,16 @@ def _finish_reason(engine_reason: str | None, tool_calls: Any) -> str:
 
 class CompletionShaper:
     """Turns a reply's text (as it streams, or finished) into OpenAI completion objects:
-    ``<think>`` text as ``reasoning_content``, ``<tool_call>`` blocks as ``tool_calls``."""
+    ``<think>`` text as ``reasoning_content``, ``<tool_call>`` blocks as ``tool_calls``.
+    ``index``: the choice it shapes; the shapers of one call's other choices are ``sibling``s,
+    sharing its id."""
 
     def __init__(self, model: str, options: GenerationOptions, *, include_usage: bool = False,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, index: int = 0) -> None:
         self.id = f"chatcmpl-{secrets.token_hex(12)}"
         self.created = int(time.time())
+        self.index = index
+        self.options = options
         self.model = model
         self.include_usage = include_usage
         self.extra = extra or {}
@@ -177,13 +184,20 @@ class CompletionShaper:
         self.logprobs = options.logprobs
         self._logprobs: list[dict[str, Any]] = []  # entries fed, not yet in a chunk
 
+    def sibling(self, index: int) -> CompletionShaper:
+        """The shaper of choice ``index`` of the same completion (its usage comes once, from
+        whoever sums it)."""
+        other = CompletionShaper(self.model, self.options, extra=self.extra, index=index)
+        other.id, other.created = self.id, self.created
+        return other
+
     def _base(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "system_fingerprint": "bchat", **self.extra}
 
     def chunk(self, delta: dict[str, Any] | None, finish_reason: str | None = None,
               **fields: Any) -> dict[str, Any]:
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+        choices = [] if delta is None else [{"index": self.index, "delta": delta, "logprobs": None,
                                              "finish_reason": finish_reason}]
         if choices and self._logprobs:  # with the first chunk after their text was fed
             choices[0]["logprobs"] = {"content": self._logprobs, "refusal": None}
@@ -217,12 +231,24 @@ class CompletionShaper:
             last["timings"] = timings
         out.append(last)
         if self.include_usage:
-            out.append(self.chunk(None, usage=_usage(usage)))
+            out.append(self.usage_chunk([usage]))
         return out
+
+    def usage_chunk(self, usages: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.chunk(None, usage=_usage(usages))
 
     def complete(self, text: str, engine_reason: str | None, usage: dict[str, Any],
                  meta: dict[str, Any], logprobs: list[dict[str, Any]] | None = None
                  ) -> dict[str, Any]:
+        return self.completion([self.choice(text, engine_reason, meta, logprobs)], [usage])
+
+    def completion(self, choices: list[dict[str, Any]], usages: list[dict[str, Any]]
+                   ) -> dict[str, Any]:
+        """The whole reply: its ``choice``s, the usage of each summed."""
+        return {**self._base("chat.completion"), "choices": choices, "usage": _usage(usages)}
+
+    def choice(self, text: str, engine_reason: str | None, meta: dict[str, Any],
+               logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         content, reasoning, calls = split_reply(text, self.tools)
         reasoning = reasoning or meta.get("reasoning_content")
         calls = calls or meta.get("tool_calls")
@@ -233,17 +259,15 @@ class CompletionShaper:
             message["reasoning_content"] = reasoning
         if calls:
             message["tool_calls"] = calls
-        return {**self._base("chat.completion"),
-                "choices": [{"index": 0, "message": message,
-                             "logprobs": {"content": logprobs or [], "refusal": None}
-                             if self.logprobs else None,
-                             "finish_reason": _finish_reason(engine_reason, calls)}],
-                "usage": _usage(usage)}
+        return {"index": self.index, "message": message,
+                "logprobs": {"content": logprobs or [], "refusal": None} if self.logprobs else None,
+                "finish_reason": _finish_reason(engine_reason, calls)}
 
 
-def _usage(usage: dict[str, Any]) -> dict[str, int]:
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
+def _usage(usages: list[dict[str, Any]]) -> dict[str, int]:
+    """The choices' usage summed; their prompt is one, counted once (as OpenAI does)."""
+    prompt = max((int(u.get("prompt_tokens") or 0) for u in usages), default=0)
+    completion = sum(int(u.get("completion_tokens") or 0) for u in usages)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
 

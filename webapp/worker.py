@@ -26,7 +26,7 @@ from .catalogue import ModelCatalogue
 from .config import load_config
 from .engines.base import EngineError, Finished, Idle, Queued, Token, timed
 from .engines.llamacpp import LlamaCppEngine
-from .errors import AppError
+from .errors import AppError, Invalid
 from .errors import register as register_errors
 from .openai_dialect import (
     CompletionShaper,
@@ -84,6 +84,8 @@ def chat_completions():
     body = parse_json_text(request.get_data(cache=True),
                            max_bytes=current_app.config["MAX_UPLOAD_BYTES"], ints=INT64)
     call = parse_chat_request(body, current_app.config)
+    if call.n != 1:  # bchat's /v1 runs each of n choices as a call of its own
+        raise Invalid("bad_n", "a bchat worker writes one choice per call", param="n")
     model = call.model
     if model is None:
         models = engine.models()

@@ -19,6 +19,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from ..chats import MISSING, ChatService, check_message_id
@@ -29,6 +30,7 @@ from ..limits import COMPARE_MAX, Lease, Limits
 from ..models import Message, Provenance, new_public_id
 from ..options import GenerationOptions, settings_options
 from ..security import short
+from ..validation import INT64
 from .keeper import HOST, Keeper
 from .rows import RunRows
 from .run import (
@@ -383,20 +385,40 @@ class RunService:
     # -- runs for /v1: the client's whole message list, stored or not ------------------------
     def start_api(
         self, owner: str, messages: list[dict[str, Any]], *, model: Any, options: GenerationOptions,
-        store: bool, ip: str | None = None, watcher: Watcher | None = None,
-    ) -> Run:
-        """A reply to ``messages`` as an OpenAI client sent them (tool turns included). With
-        ``store`` the call becomes a conversation of ``owner`` (source "api") that grows like
-        any reply; without, nothing is written and the final frame carries the reply."""
+        store: bool, ip: str | None = None, watcher: Watcher | None = None, n: int = 1,
+    ) -> list[Run]:
+        """``n`` replies to ``messages`` as an OpenAI client sent them (tool turns included),
+        run side by side, each one of the owner's replies in flight; with a seed, reply ``i``
+        takes seed + i, so the same seed gives the same ``n`` replies. With ``store`` the call
+        becomes a conversation of ``owner`` (source "api") whose reply is the first (a
+        conversation has one reply to a message; the others are kept only in memory); without,
+        nothing is written and each final frame carries its reply."""
         model, engine = self.engines.resolve(model)
-        with self._admitted(owner, ip) as lease:
+        seed = options.seed  # an int64: seed + i wraps round within it, as upstreams take it
+        choices = [options if seed is None else
+                   replace(options, seed=(seed + i - INT64[0]) % 2**64 + INT64[0])
+                   for i in range(n)]
+        with self._admitted(owner, ip, n) as lease:
             conv, reply = None, None
             if store:
                 conv, reply = self.chats.begin_api_reply(
                     owner, messages, self._provenance(engine, model, options),
                     run_owner=self.identity)
-            return self._launch(owner, model, engine, options, messages, watcher, lease,
-                                conv=conv, reply=reply)
+            parts = lease.split(n)  # each run gives back its own when it ends
+        runs: list[Run] = []
+        try:
+            for i, (parsed, part) in enumerate(zip(choices, parts, strict=True)):
+                runs.append(self._launch(owner, model, engine, parsed, messages, watcher, part,
+                                         conv=conv if i == 0 else None,
+                                         reply=reply if i == 0 else None))
+        except BaseException:
+            for run in runs:  # the caller gets an error, so nobody will read these
+                run.stop("disconnect")
+            raise
+        finally:
+            for part in parts[len(runs):]:  # the runs that did not start
+                part.release()
+        return runs
 
     def shutdown(self, timeout: float = 3.0) -> None:
         """Stop every run and keep what it wrote, marked "interrupted"."""
