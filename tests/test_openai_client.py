@@ -66,7 +66,7 @@ def test_64_bit_seeds_are_taken_and_the_same_seed_gives_the_same_reply(api):  # 
 
 
 def test_n_choices_run_side_by_side_and_the_same_seed_gives_the_same_ones(
-        api, make_app, make_live_server):  # noqa: F811
+        api, make_app, make_live_server, worker):  # noqa: F811
     _server, visitor, _key, client = api
     ask = dict(model=client.models.list().data[0].id, temperature=1.5, seed=2**40, n=3,
                messages=[{"role": "user", "content": "tell me something"}], max_tokens=8)
@@ -112,6 +112,11 @@ def test_n_choices_run_side_by_side_and_the_same_seed_gives_the_same_ones(
     with pytest.raises(openai.RateLimitError):
         tight.chat.completions.create(**ask)
     assert len(tight.chat.completions.create(**{**ask, "n": 2}).choices) == 2
+    # bchat worker writes one choice a call (bchat asks it for each choice on its own).
+    direct = openai.OpenAI(base_url=worker.url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        direct.chat.completions.create(**{**ask, "model": direct.models.list().data[0].id})
+    assert (err.value.body["code"], err.value.body["param"]) == ("invalid_value", "n")
 
 
 def test_tool_call_arguments_in_the_history_must_be_json(api):  # noqa: F811
