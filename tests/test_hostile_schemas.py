@@ -268,16 +268,19 @@ def test_generated_schemas_never_break_the_server_or_stall_a_chat(make_app):
     auth = {"Authorization": f"Bearer {token}"}
     # An ordinary chat runs over and over beside the hostile ones; each must finish.
     stop, finished, failures = threading.Event(), [], []
+    progress = threading.Condition()  # notified each time the ordinary chat ends
     engine = services.engines.engines[0]
 
     def ordinary():
         while not stop.is_set():
             chunks = list(engine.stream("tiny-chat", USER, GenerationOptions(max_tokens=4),
                                         threading.Event()))
-            if isinstance(chunks[-1], Finished) and chunks[-1].completion_tokens > 0:
-                finished.append(time.monotonic())
-            else:
-                failures.append(chunks[-1])
+            with progress:
+                if isinstance(chunks[-1], Finished) and chunks[-1].completion_tokens > 0:
+                    finished.append(time.monotonic())
+                else:
+                    failures.append(chunks[-1])
+                progress.notify_all()
 
     beside = threading.Thread(target=ordinary, daemon=True)
     beside.start()
@@ -303,9 +306,8 @@ def test_generated_schemas_never_break_the_server_or_stall_a_chat(make_app):
         else:
             seen["answered"] += 1
         # the ordinary chat beside it still finishes (a generous wait: a fact, not a speed)
-        deadline = time.monotonic() + 60
-        while len(finished) <= began and time.monotonic() < deadline and beside.is_alive():
-            time.sleep(0.01)
+        with progress:
+            progress.wait_for(lambda: len(finished) > began, timeout=60)
         assert len(finished) > began, "an ordinary chat did not finish beside a schema"
 
     try:
