@@ -1,18 +1,25 @@
 """How the pages' static files travel: ``static_url()`` gives versioned URLs (``?v=`` a hash
-of the file) that browsers may keep for a year, ``module_graph()`` the modules to preload, and
-text assets go out gzip-compressed (compressed once per file version, kept in memory).
+of the file) that browsers may keep for a year, ``import_map()`` points every module's plain URL
+at its versioned one (so the ES modules' own relative imports land on versioned URLs too, with
+no bundler and no build step), ``module_graph()`` the modules to preload, and text assets go out
+gzip-compressed (compressed once per file version, kept in memory). Anything fetched by a plain
+URL (the wasm, fonts without a version) revalidates: a 304 whether it went out gzipped or not.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import re
 import threading
 from pathlib import Path
 
 from flask import Blueprint, Response, current_app, request, url_for
+from markupsafe import Markup
 from werkzeug.security import safe_join
+
+from .security import allow_inline_script
 
 bp = Blueprint("assets", __name__)
 
@@ -56,6 +63,31 @@ def static_url(filename: str) -> str:
     return url_for("static", filename=filename, v=version)
 
 
+# What the import map covers: ES modules, and stylesheets a module adds itself (KaTeX's, found
+# with import.meta.resolve, which applies the map to any URL).
+MAPPED_SUFFIXES = (".js", ".mjs", ".css")
+
+
+@bp.app_template_global()
+def import_map() -> Markup:
+    """``<script type="importmap">`` mapping each module's plain URL to its ``?v=`` URL.
+
+    A module's ``import "./x.js"`` resolves to /static/js/x.js, which the browser looks up in
+    the map before fetching: every module is fetched by a URL that names its bytes, cached for
+    a year, and a changed file changes only its own URL. The CSP allows this one inline script
+    by its hash. It must come before any module script or modulepreload in the page."""
+    root = Path(current_app.static_folder or "")
+    imports = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix in MAPPED_SUFFIXES and path.is_file():
+            name = path.relative_to(root).as_posix()
+            imports[url_for("static", filename=name)] = static_url(name)
+    # "<" escaped: the text sits inside a <script> element, and "</script>" would end it.
+    text = json.dumps({"imports": imports}, separators=(",", ":")).replace("<", "\\u003c")
+    allow_inline_script(text)
+    return Markup(f'<script type="importmap">{text}</script>')
+
+
 _STATIC_IMPORT = re.compile(r"""^\s*(?:import|export)\b[^;'"]*?(?:from\s*)?["']([^"']+)["']""", re.MULTILINE)
 
 
@@ -63,7 +95,8 @@ _STATIC_IMPORT = re.compile(r"""^\s*(?:import|export)\b[^;'"]*?(?:from\s*)?["'](
 def module_graph(entry: str) -> list[str]:
     """Every module ``entry`` imports statically, however deep (not dynamic import()s), for
     <link rel="modulepreload">: the browser fetches them all at once instead of one level of
-    imports per round trip. Unversioned, because that is the URL the imports resolve to."""
+    imports per round trip. Preload them by ``static_url()``: the URL the import map sends
+    their imports to."""
     root = Path(current_app.static_folder or "")
     seen: list[str] = []
     queue = [entry]
@@ -120,5 +153,21 @@ def static_delivery(response: Response) -> Response:
     response.headers["Content-Encoding"] = "gzip"
     etag, weak = response.get_etag()
     if etag:
-        response.set_etag(f"{etag}-gzip", weak=weak)  # not the same bytes as the plain one
+        # Not the same bytes as the plain file, so not the same tag. Werkzeug compared the
+        # request's If-None-Match with the plain tag only; a browser that holds the gzip bytes
+        # sends this one, and gets its 304 here.
+        etag = f"{etag}-gzip"
+        response.set_etag(etag, weak=weak)
+        if request.if_none_match.contains_weak(etag):
+            return _not_modified(response)
     return response
+
+
+def _not_modified(response: Response) -> Response:
+    """A 304 carrying the validators and caching headers of ``response``, and no body."""
+    kept = Response(status=304)
+    for name, value in response.headers.items():
+        if not name.lower().startswith("content-") or name.lower().startswith("content-security"):
+            kept.headers[name] = value  # the validators, Cache-Control, Vary, security headers
+    response.close()
+    return kept

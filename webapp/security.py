@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
@@ -29,7 +30,8 @@ import secrets
 from datetime import timedelta
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, abort, current_app, redirect, request, session, url_for
+from flask import Flask, Response, abort, current_app, g, redirect, request, session, url_for
+from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import BadHost
 
 from .errors import AppError
@@ -45,21 +47,36 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 # A Host header: a bracketed IPv6 address or a DNS name / IPv4 address, then an optional port.
 _HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::\d{1,5})?")
 
-CSP = "; ".join(
-    [
-        "default-src 'self'",
-        # wasm-unsafe-eval lets the page compile llama.cpp's WebAssembly, nothing more.
-        "script-src 'self' 'wasm-unsafe-eval'",
-        "style-src 'self'",
-        "img-src 'self' data: blob:",
-        "connect-src 'self'",
-        "worker-src 'self' blob:",
-        "object-src 'none'",
-        "base-uri 'self'",
-        "form-action 'self'",
-        "frame-ancestors 'none'",
-    ]
-)
+_CSP_PARTS = [
+    "default-src 'self'",
+    # wasm-unsafe-eval lets the page compile llama.cpp's WebAssembly, nothing more.
+    "script-src 'self' 'wasm-unsafe-eval'",
+    "style-src 'self'",
+    "img-src 'self' data: blob:",
+    "connect-src 'self'",
+    "worker-src 'self' blob:",
+    "object-src 'none'",
+    "base-uri 'self'",
+    "form-action 'self'",
+    "frame-ancestors 'none'",
+]
+CSP = "; ".join(_CSP_PARTS)
+
+
+def allow_inline_script(text: str) -> None:
+    """Let this response's page run one inline script whose text is exactly ``text`` (the
+    import map, assets.py): its sha256 joins script-src, so no other inline script runs, and
+    neither 'unsafe-inline' nor a per-response nonce is needed."""
+    digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+    g.setdefault("csp_script_hashes", []).append(f"'sha256-{digest}'")
+
+
+def content_security_policy() -> str:
+    hashes = g.get("csp_script_hashes")
+    if not hashes:
+        return CSP
+    return "; ".join(f"{part} {' '.join(hashes)}" if part.startswith("script-src ") else part
+                     for part in _CSP_PARTS)
 
 
 def owner_id(*, create: bool = True) -> str | None:
@@ -262,7 +279,7 @@ def set_security_headers(response: Response) -> Response:
     # them. Static files and model files set their own caching.
     if request.endpoint != "static" and not (request.endpoint or "").startswith("model_files."):
         headers.setdefault("Cache-Control", "private, no-store")
-    headers.setdefault("Content-Security-Policy", CSP)
+    headers.setdefault("Content-Security-Policy", content_security_policy())
     headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
     headers.setdefault("Cross-Origin-Embedder-Policy", "require-corp")
     headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
@@ -270,6 +287,18 @@ def set_security_headers(response: Response) -> Response:
     headers.setdefault("Referrer-Policy", "same-origin")
     headers.setdefault("X-Frame-Options", "DENY")
     return response
+
+
+class SessionInterface(SecureCookieSessionInterface):
+    """Flask's signed-cookie session, minus the refreshed cookie on static files.
+
+    A permanent session is re-sent on every answer (SESSION_REFRESH_EACH_REQUEST) with
+    ``Vary: Cookie``; on a static file that makes each cached copy match only the cookie it was
+    fetched with, which changes every second, so the browser revalidated every "immutable"
+    script on every visit, and a shared cache would not keep a file that sets a cookie."""
+
+    def should_set_cookie(self, app: Flask, session) -> bool:
+        return request.endpoint != "static" and super().should_set_cookie(app, session)
 
 
 def init_app(app: Flask) -> None:
@@ -282,6 +311,7 @@ def init_app(app: Flask) -> None:
         MAX_CONTENT_LENGTH=app.config["MAX_UPLOAD_BYTES"],
         BCHAT_HOSTS=allowed_hosts(app.config),
     )
+    app.session_interface = SessionInterface()
     # Order matters: an unknown Host is refused before the passcode gate says anything.
     app.before_request(check_host)
     app.before_request(check_passcode)
