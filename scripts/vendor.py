@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VENDOR = ROOT / "webapp" / "static" / "vendor"
 TEST_VENDOR = ROOT / "tests" / "vendor"
 
-# package -> (version, target folder, {file in package: file in folder})
+# package -> (version, target folder, {file in package: file in folder}); a source with a "*"
+# is a glob whose matches go into the folder its target names (ending in "/").
 PACKAGES: dict[str, tuple[str, str, dict[str, str]]] = {
     "marked": ("18.2.1", "marked", {"lib/marked.esm.js": "marked.esm.js"}),
     "dompurify": ("3.4.18", "dompurify", {"dist/purify.es.mjs": "purify.es.mjs"}),
@@ -44,10 +46,15 @@ PACKAGES: dict[str, tuple[str, str, dict[str, str]]] = {
         "wllama-compat",
         {"wasm/wllama.js": "wllama.js", "wasm/wllama.wasm": "wllama.wasm"},
     ),
-    # TeX math. Only the ES module: the page asks KaTeX for MathML, which browsers lay out
-    # themselves, so neither KaTeX's CSS (inline style attributes the CSP refuses) nor its fonts
-    # are needed. Loaded on the first message that has math in it.
-    "katex": ("0.19.1", "katex", {"dist/katex.mjs": "katex.mjs"}),
+    # TeX math, laid out by KaTeX's HTML with its own CSS and fonts (browsers' MathML has no
+    # math font to draw an integral or a radical with). The module, the stylesheet and the
+    # fonts are all loaded on the first message that has math in it. Only the woff2 fonts:
+    # every browser the page runs in reads woff2 (see pin_font_urls).
+    "katex": ("0.19.1", "katex", {
+        "dist/katex.mjs": "katex.mjs",
+        "dist/fonts/*.woff2": "fonts/",
+        "dist/katex.min.css": "katex.min.css",
+    }),
 }
 # Test-only: accessibility checks in the browser tests; never served by the app.
 TEST_PACKAGES: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -60,6 +67,28 @@ LICENSE_FROM = {"@wllama/wllama-compat": "@wllama/wllama"}
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+_FONT_SRC = re.compile(r"src:([^;}]*)")
+_WOFF2 = re.compile(r"url\((fonts/[^)]+\.woff2)\)\s*format\([\"']woff2[\"']\)")
+
+
+def pin_font_urls(css_path: Path) -> None:
+    """Each @font-face keeps only its woff2 source (the woff and ttf are not vendored), at
+    ``?v=<the file's hash>``: the same version webapp/assets.py gives it, so the fonts are
+    cached for good like everything else the page loads, with no request on a later visit."""
+    def pinned(match: re.Match) -> str:
+        woff2 = _WOFF2.search(match.group(1))
+        if woff2 is None:
+            raise SystemExit(f"{css_path}: a @font-face without a woff2 source: {match.group(0)[:80]}")
+        version = sha256(css_path.parent / woff2.group(1))[:12]
+        return f'src:url({woff2.group(1)}?v={version}) format("woff2")'
+
+    css_path.write_text(_FONT_SRC.sub(pinned, css_path.read_text()))
+
+
+# Changes made to a package's files after copying them, before their hashes are recorded.
+AFTER_COPY = {"katex": lambda target: pin_font_urls(target / "katex.min.css")}
 
 
 def fetch(name: str, version: str, workdir: Path) -> tuple[Path, dict]:
@@ -86,10 +115,20 @@ def main() -> int:
             if target.exists():
                 shutil.rmtree(target)
             target.mkdir(parents=True)
-            copied = {}
+            written = []
             for source, dest in files.items():
-                shutil.copyfile(package_dir / source, target / dest)
-                copied[dest] = sha256(target / dest)
+                matches = sorted(package_dir.glob(source)) if "*" in source else [package_dir / source]
+                if not matches:
+                    print(f"{name}: nothing matches {source}", file=sys.stderr)
+                    return 1
+                for path in matches:
+                    out = target / dest / path.name if dest.endswith("/") else target / dest
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, out)
+                    written.append(out)
+            if name in AFTER_COPY:
+                AFTER_COPY[name](target)
+            copied = {out.relative_to(target).as_posix(): sha256(out) for out in written}
             licence_dir = package_dir
             if name in LICENSE_FROM:  # same project and licence (MIT), published without the file
                 version_from = PACKAGES[LICENSE_FROM[name]][0]

@@ -247,3 +247,157 @@ def test_the_shared_page_renders_hostile_replies_safely(live_server):
         assert findings == [], f"unsafe output on the shared page: {findings[:8]}"
         assert visitor.evaluate("window.__pwned ?? null") is None
         tripwires.assert_quiet()
+
+
+MATH_REPLY = (
+    "Euler's identity, $e^{i\\pi}+1=0$, ties five constants together.\n\n"
+    "$$\\int_0^1 x^2\\,dx = \\frac13$$\n\n"
+    "And that is the area under the parabola."
+)
+SIZES = {"desktop": (1366, 850), "phone": (390, 844)}
+SHOTS = "/tmp/shots-assets"
+
+MATH_LAYOUT = """async () => {
+  await document.fonts.ready;
+  const body = document.querySelector('[data-role=assistant] .body');
+  const katexFonts = [...document.fonts].filter((f) => f.family.replaceAll('"', '').startsWith('KaTeX_'));
+  const integral = [...body.querySelectorAll('.katex-html span')].find(
+    (s) => s.children.length === 0 && s.textContent === '\\u222b');
+  const textHeight = parseFloat(getComputedStyle(body.querySelector('p')).fontSize);
+  const inline = body.querySelector('p .katex-html');
+  const sup = [...inline.querySelectorAll('.msupsub span')].find(
+    (s) => s.children.length === 0 && s.textContent === 'i\u03c0');
+  const base = [...inline.querySelectorAll('.mord')].find((s) => s.textContent === 'e');
+  return {
+    html: body.querySelectorAll('.katex-html').length,
+    mathml: body.querySelectorAll('.katex-mathml math').length,
+    loadedFonts: katexFonts.filter((f) => f.status === 'loaded').map((f) => f.family.replaceAll('"', '')),
+    integralHeight: integral ? integral.getBoundingClientRect().height : 0,
+    integralFont: integral ? getComputedStyle(integral).fontFamily : '',
+    textHeight,
+    supBottom: sup.getBoundingClientRect().bottom,
+    baseTop: base.getBoundingClientRect().top,
+    baseBottom: base.getBoundingClientRect().bottom,
+    styled: [...body.querySelectorAll('[style]')].filter((n) => !n.closest('.katex')).length,
+  };
+}"""
+
+
+def seed_reply(page, content: str) -> str:
+    return page.evaluate("""async (content) => {
+      const post = (url, body) => fetch(url, {method: "POST", body: JSON.stringify(body),
+        headers: {"Content-Type": "application/json"}}).then((r) => r.json());
+      const conv = await post("/api/conversations", {});
+      const path = `/api/conversations/${conv.id}/messages`;
+      await post(path, {role: "user", content: "Two formulas, please"});
+      await post(path, {role: "assistant", content, provenance: {engine: "browser"}});
+      return conv.id;
+    }""", content)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_math_is_laid_out_by_katex_with_its_fonts_at_both_sizes(live_server, size):
+    import os
+
+    os.makedirs(SHOTS, exist_ok=True)
+    width, height = SIZES[size]
+    with chromium_browser() as browser:
+        for scheme in ("light", "dark"):
+            page = browser.new_context(viewport={"width": width, "height": height},
+                                       color_scheme=scheme).new_page()
+            tripwires = Tripwires(page, live_server.url)
+            fetched: list[str] = []
+            page.on("request", lambda request, fetched=fetched: fetched.append(request.url))
+            page.goto(live_server.url + "/")
+            expect(page.get_by_test_id("connection")).to_have_text("connected")
+            # nothing of KaTeX on a page without math
+            assert not [u for u in fetched if "katex" in u]
+            conversation_id = seed_reply(page, MATH_REPLY)
+            page.goto(f"{live_server.url}/c/{conversation_id}")
+            body = page.locator('[data-role="assistant"] .body')
+            expect(body.locator(".katex-html")).to_have_count(2)
+            layout = page.evaluate(MATH_LAYOUT)
+            assert layout["html"] == 2 and layout["mathml"] == 2  # MathML stays, for screen readers
+            assert "KaTeX_Main" in layout["loadedFonts"] and "KaTeX_Math" in layout["loadedFonts"]
+            assert "KaTeX_Size" in layout["integralFont"], layout
+            # the display integral is a large operator, taller than the text around it
+            assert layout["integralHeight"] > 1.5 * layout["textHeight"], layout
+            # the exponent is raised: its glyph box ends well above its base's
+            base_height = layout["baseBottom"] - layout["baseTop"]
+            assert layout["supBottom"] < layout["baseBottom"] - base_height / 4, layout
+            assert layout["styled"] == 0  # style survives only inside KaTeX's own output
+            assert "\\int" not in body.inner_text() and "$" not in body.inner_text()
+            # KaTeX and its fonts came by versioned URLs, cached for good like the modules
+            katex = [u for u in fetched if "/vendor/katex/" in u]
+            assert any(u.endswith(".css") or ".css?" in u for u in katex)
+            assert [u for u in katex if "?v=" not in u] == []
+            page.screenshot(path=f"{SHOTS}/math-{size}-{scheme}.png")
+            tripwires.assert_quiet()
+            page.context.close()
+
+
+HOSTILE_TEX = [
+    "$\\href{javascript:window.__pwned=1}{click}$",
+    "$\\url{https://evil.example/x}$",
+    "$\\includegraphics{https://evil.example/i.png}$",
+    "$\\htmlStyle{position:fixed;inset:0;background:red}{x}$",
+    "$\\htmlClass{notice}{x}$ and $\\htmlData{x=1}{y}$",
+    "$\\rule{900em}{900em}$",
+    "$$\\raisebox{-400em}{x}\\kern{-400em}y$$",
+    "$\\color{url(https://evil.example/c)}{x}$",
+    "$\\def\\a{\\a\\a}\\a$",
+    '<span class="math-slot-0">0</span> and <span class="katex"><span style="position:fixed">x</span></span>',
+]
+
+
+def test_hostile_tex_renders_contained(live_server):
+    with chromium_browser() as browser:
+        page = browser.new_context().new_page()
+        tripwires = Tripwires(page, live_server.url)
+        page.goto(live_server.url + "/")
+        expect(page.get_by_test_id("connection")).to_have_text("connected")
+        outcome = page.evaluate("""async (payloads) => {
+          const { renderMarkdown } = await import("/static/js/render.js");
+          const host = document.createElement("section");
+          host.className = "messages";
+          document.body.append(host);
+          const boxes = payloads.map((payload) => {
+            const el = document.createElement("div");
+            el.className = "body";
+            host.append(el);
+            renderMarkdown(el, payload);
+            return el;
+          });
+          // KaTeX loads on first need; the same elements are rendered again when it is here
+          await new Promise((resolve) => {
+            const check = () => (document.querySelector(".katex") ? resolve() : setTimeout(check, 20));
+            check();
+          });
+          await new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+          return boxes.map((el) => {
+            const rect = el.getBoundingClientRect();
+            const styles = [...el.querySelectorAll("[style]")].map((n) => n.getAttribute("style"));
+            let widest = 0, tallest = 0;
+            for (const n of el.querySelectorAll("*")) {
+              const r = n.getBoundingClientRect();
+              widest = Math.max(widest, r.width); tallest = Math.max(tallest, r.height);
+            }
+            return {
+              links: el.querySelectorAll("a[href], img").length,
+              fixed: [...el.querySelectorAll("*")].some((n) => getComputedStyle(n).position === "fixed"),
+              styles, widest, tallest, text: el.textContent, height: rect.height,
+              outsideKatex: [...el.querySelectorAll("[style]")].filter((n) => !n.closest(".katex")).length,
+            };
+          });
+        }""", HOSTILE_TEX)
+        for payload, result in zip(HOSTILE_TEX, outcome, strict=True):
+            assert result["links"] == 0, (payload, result)
+            assert not result["fixed"], (payload, result)
+            assert result["outsideKatex"] == 0, (payload, result)
+            assert not [s for s in result["styles"] if "url" in s or "fixed" in s], (payload, result)
+            # sizes are capped (maxSize): nothing a formula draws reaches across the page
+            assert result["widest"] < 3000 and result["tallest"] < 3000, (payload, result)
+        # a slot class a message guesses is just text, never a formula
+        assert "0" in outcome[-1]["text"] and not outcome[-1]["styles"]
+        assert page.evaluate("window.__pwned ?? null") is None
+        tripwires.assert_quiet()

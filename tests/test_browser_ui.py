@@ -382,7 +382,8 @@ def test_first_load_leaves_the_browser_engine_and_renderers_for_later(server):
         assert not [u for u in loaded if "wllama" in u or "engines/browser.js" in u]
         assert not [u for u in loaded if "katex" in u or "highlight" in u]
         # picking the browser engine is what fetches it
-        with page.expect_request(lambda request: request.url.endswith("/static/vendor/wllama/index.js")):
+        wllama = "/static/vendor/wllama/index.js"  # at its ?v= URL, from the import map
+        with page.expect_request(lambda request: request.url.split("?")[0].endswith(wllama)):
             page.get_by_test_id("engine-select").select_option("browser")
         expect(page.get_by_test_id("browser-status")).to_be_visible()
         expect(page.get_by_test_id("backend-select")).to_be_visible()

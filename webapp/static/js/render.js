@@ -9,11 +9,12 @@
 // never stop the page: if the sanitiser returns nothing or throws (DOMPurify returns null for a
 // top-level <frameset>), the message is shown as plain text and the next one renders as usual.
 //
-// Besides markdown: TeX math ($…$, $$…$$, \(…\), \[…\]) becomes MathML through KaTeX, inside the
-// HTML the sanitiser sees; a reasoning model's leading <think>…</think> becomes a folded
-// "Thinking" block (its text rendered through the same sanitiser); code blocks get a header
-// with their language and a copy button. highlight.js and KaTeX are loaded on first need, and
-// what was rendered without them is rendered again once they are here.
+// Besides markdown: TeX math ($…$, $$…$$, \(…\), \[…\]) is laid out by KaTeX (its HTML, CSS
+// and fonts, plus hidden MathML for screen readers), each formula sanitised on its own (see
+// mathNode); a reasoning model's leading <think>…</think> becomes a folded "Thinking" block
+// (its text rendered through the same sanitiser); code blocks get a header with their language
+// and a copy button. highlight.js and KaTeX (module, stylesheet, fonts) are loaded on first
+// need, and what was rendered without them is rendered again once they are here.
 import { marked } from "../vendor/marked/marked.esm.js";
 import createDOMPurify from "../vendor/dompurify/purify.es.mjs";
 import { copyWithFeedback, icon, iconButton } from "./ui/icons.js";
@@ -23,16 +24,45 @@ const LIBRARIES = {
   hljs: "../vendor/highlight/highlight.min.js",
   katex: "../vendor/katex/katex.mjs",
 };
+// A library's stylesheet, loaded with it (KaTeX's lays out its HTML and names its fonts).
+const STYLESHEETS = { katex: "../vendor/katex/katex.min.css" };
 const loaded = { hljs: null, katex: null };
 const loading = {};
 const waiting = new Set(); // elements rendered before a library they needed was here
 const sources = new WeakMap(); // element -> the text it shows, to render it again
 let rendering = null; // the element renderMarkdown is working on
 
+// The versioned URL the page's import map gives a file (webapp/assets.py), so a stylesheet is
+// cached for good like the modules; the plain URL (revalidated) where import.meta.resolve is
+// missing.
+function resolved(path) {
+  const url = new URL(path, import.meta.url).href;
+  try {
+    return import.meta.resolve?.(url) ?? url;
+  } catch {
+    return url;
+  }
+}
+
+function stylesheet(path) {
+  return new Promise((resolve) => {
+    const link = document.createElement("link");
+    link.rel = "stylesheet";
+    link.href = resolved(path);
+    link.addEventListener("load", resolve);
+    link.addEventListener("error", () => {
+      console.warn(`could not load ${path}`);
+      resolve(); // the formulas still show, crudely: better than never re-rendering
+    });
+    document.head.append(link);
+  });
+}
+
 function need(name) {
   if (rendering) waiting.add(rendering);
   if (loading[name]) return;
-  loading[name] = import(new URL(LIBRARIES[name], import.meta.url).href).then((module) => {
+  const css = STYLESHEETS[name] ? stylesheet(STYLESHEETS[name]) : null;
+  loading[name] = Promise.all([import(resolved(LIBRARIES[name])), css]).then(([module]) => {
     loaded[name] = module.default;
     const again = [...waiting];
     waiting.clear();
@@ -44,26 +74,17 @@ function need(name) {
   }, (error) => console.warn(`could not load ${name}:`, error));
 }
 
-function escapeHtml(text) {
-  return text.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
-}
+// Math goes through marked as a slot: an element with a class unique to this page load (model
+// output cannot guess it, so cannot forge a slot) holding the index of the formula in
+// mathQueue. Once the markdown is sanitised, each slot is replaced with the formula's own
+// sanitised KaTeX output (mathNode).
+const MATH_SLOT = `math-slot-${Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16)).join("")}`;
+let mathQueue = [];
 
-// KaTeX's MathML output: no style attributes (the CSP refuses them) and no fonts to fetch.
-// <annotation> (the TeX source) is dropped here because the sanitiser unwraps it, which would
-// show the source next to the formula.
-function renderMath(tex, display, raw) {
-  if (!loaded.katex) {
-    need("katex");
-    return `<code class="math-pending">${escapeHtml(raw)}</code>`;
-  }
-  let html;
-  try {
-    html = loaded.katex.renderToString(tex, { output: "mathml", displayMode: display, throwOnError: false });
-  } catch {
-    return `<code>${escapeHtml(raw)}</code>`;
-  }
-  html = html.replace(/<annotation[^>]*>[\s\S]*?<\/annotation>/g, "");
-  return display ? `<div class="math-display">${html}</div>` : html;
+function mathSlot(tex, display, raw) {
+  mathQueue.push({ tex, display, raw });
+  const slot = `<span class="${MATH_SLOT}">${mathQueue.length - 1}</span>`;
+  return display ? `<div class="math-display">${slot}</div>` : slot;
 }
 
 const BLOCK_MATH = [/^\$\$([\s\S]+?)\$\$[^\S\n]*(?:\n|$)/, /^\\\[([\s\S]+?)\\\][^\S\n]*(?:\n|$)/];
@@ -89,7 +110,7 @@ marked.use({
         }
         return undefined;
       },
-      renderer: (token) => renderMath(token.text, true, token.raw.trim()),
+      renderer: (token) => mathSlot(token.text, true, token.raw.trim()),
     },
     {
       name: "mathInline",
@@ -102,7 +123,7 @@ marked.use({
         }
         return undefined;
       },
-      renderer: (token) => renderMath(token.text, token.display, token.raw),
+      renderer: (token) => mathSlot(token.text, token.display, token.raw),
     },
   ],
 });
@@ -154,14 +175,89 @@ const SANITIZE = {
   SANITIZE_NAMED_PROPS: true,
 };
 
+// KaTeX's HTML sizes and shifts its boxes with style attributes (heights, vertical-align, top,
+// margins, border widths, colour), which the sanitiser drops and the CSP refuses as markup.
+// While a formula is sanitised, each style attribute is read instead, and only these
+// properties, with plain values (lengths, numbers, colour names: no url(), quotes or
+// escapes), are set again through CSSOM (which the CSP allows) on the sanitised element.
+const MATH_STYLE_PROPERTIES = new Set([
+  "height", "width", "min-width", "vertical-align", "top", "bottom", "left", "margin", "margin-left",
+  "margin-right", "margin-top", "padding-left", "border-width", "border-top-width",
+  "border-bottom-width", "border-right-width", "border-style", "border-right-style", "border-color",
+  "color", "background-color",
+]);
+const MATH_STYLE_VALUE = /^[-+\w.#%, ]*(?:calc\([-+*/\w.%, ]*\))?[-+\w.#%, ]*$/;
+let mathStyles = null; // Map: element -> its style text, while mathNode sanitises
+
+purifier.addHook("uponSanitizeAttribute", (node, data) => {
+  if (mathStyles && data.attrName === "style") mathStyles.set(node, data.attrValue);
+});
+
+function applyMathStyle(node, text) {
+  for (const declaration of text.split(";")) {
+    const colon = declaration.indexOf(":");
+    if (colon < 0) continue;
+    const property = declaration.slice(0, colon).trim().toLowerCase();
+    const value = declaration.slice(colon + 1).trim();
+    if (MATH_STYLE_PROPERTIES.has(property) && MATH_STYLE_VALUE.test(value) && !/url|expression/i.test(value)) {
+      node.style.setProperty(property, value);
+    }
+  }
+}
+
+// KaTeX with its safe defaults (trust: false: no \href, \includegraphics or \htmlStyle), sizes
+// capped (maxSize, in em) so a formula cannot cover the page, then the same sanitiser as the
+// rest of the message. <annotation> (the TeX source inside the hidden MathML) is dropped: the
+// sanitiser would unwrap it into text.
+function mathNode({ tex, display, raw }) {
+  if (!loaded.katex) {
+    need("katex");
+    return el("code", "math-pending", raw);
+  }
+  let html;
+  try {
+    html = loaded.katex.renderToString(tex, {
+      displayMode: display, output: "htmlAndMathml", throwOnError: false, trust: false,
+      maxSize: 10, maxExpand: 200, strict: "ignore",
+    });
+  } catch {
+    return el("code", null, raw);
+  }
+  html = html.replace(/<annotation[^>]*>[\s\S]*?<\/annotation>/g, "");
+  const styles = new Map();
+  mathStyles = styles;
+  let fragment;
+  try {
+    fragment = purifier.sanitize(html, SANITIZE);
+  } finally {
+    mathStyles = null;
+  }
+  if (!(fragment instanceof DocumentFragment)) return el("code", null, raw);
+  document.adoptNode(fragment); // into this document first: its CSP governs the CSSOM below
+  for (const [node, text] of styles) applyMathStyle(node, text);
+  return fragment;
+}
+
+function fillMathSlots(fragment, queue) {
+  for (const slot of fragment.querySelectorAll(`.${MATH_SLOT}`)) {
+    const entry = queue[Number(slot.textContent)];
+    slot.replaceWith(entry ? mathNode(entry) : "");
+  }
+}
+
 function renderPlain(element, text) {
   element.classList.add("plain");
   element.textContent = text;
 }
 
 function toFragment(source) {
-  const fragment = purifier.sanitize(marked.parse(source), SANITIZE);
+  mathQueue = [];
+  const markup = marked.parse(source);
+  const queue = mathQueue;
+  mathQueue = [];
+  const fragment = purifier.sanitize(markup, SANITIZE);
   if (!(fragment instanceof DocumentFragment)) throw new Error(`sanitiser returned ${fragment}`);
+  fillMathSlots(fragment, queue);
   for (const link of fragment.querySelectorAll("a[href]")) {
     link.setAttribute("rel", "noopener noreferrer nofollow");
     link.setAttribute("target", "_blank");
