@@ -2,8 +2,9 @@
 
 Each line is ``ok``, ``warn`` (worth a look, not fatal) or ``FAIL`` (bchat will not work as
 configured); the command exits 1 when anything failed, so it can gate a deploy script.
-Settings that other parts of bchat may add (``MAX_SOCKETS``, ``ALLOWED_HOSTS``, ``PASSCODE``)
-are read with ``.get()`` from the config, falling back to the environment.
+Settings that other parts of bchat may add (``ALLOWED_HOSTS``, ``PASSCODE``) are read with
+``.get()`` from the config, falling back to the environment; ``BCHAT_MAX_SOCKETS`` only from the
+environment, since the config always holds a computed default (see check_serving).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .config import instance_path, load_config
+from .config import default_max_sockets, instance_path, load_config
 
 MIN_PYTHON = (3, 11)
 MIN_PASSCODE_CHARS = 8
@@ -212,8 +213,16 @@ def check_serving(config: Mapping, environ: Mapping[str, str]) -> Iterator[Check
     if worker_class not in ("gthread", "sync") or (worker_class == "sync" and threads <= 1):
         yield Check("FAIL", "gunicorn", f"-k {worker_class}: websockets need the gthread worker "
                     "(-k gthread --threads N); eventlet is gone and gevent misbehaves")
-    max_sockets = _setting(config, environ, "MAX_SOCKETS")
-    if max_sockets is not None:
+    # Only a BCHAT_MAX_SOCKETS someone set is judged. Unset, bchat derives it per worker from
+    # the threads webapp.gunicorn_conf reports (threads minus a reserve), which is right by
+    # construction; the value in this process's config is the development server's default
+    # (it has no thread pool), not what a gunicorn worker will use.
+    max_sockets = environ.get("BCHAT_MAX_SOCKETS")
+    if not max_sockets:
+        derived = default_max_sockets({"BCHAT_SERVER_THREADS": str(threads)})
+        yield Check("ok", "gunicorn", f"BCHAT_MAX_SOCKETS not set: each worker admits {derived} "
+                    f"websockets and keeps {threads - derived} of its {threads} threads for HTTP requests")
+    else:
         try:
             max_sockets = int(max_sockets)
         except ValueError:
