@@ -308,6 +308,9 @@ def test_math_is_laid_out_by_katex_with_its_fonts_at_both_sizes(live_server, siz
             tripwires = Tripwires(page, live_server.url)
             fetched: list[str] = []
             page.on("request", lambda request, fetched=fetched: fetched.append(request.url))
+            refused: list[str] = []  # KaTeX's style markup must never reach the CSP
+            page.on("console", lambda m, refused=refused: refused.append(m.text)
+                    if "Content Security Policy" in m.text else None)
             page.goto(live_server.url + "/")
             expect(page.get_by_test_id("connection")).to_have_text("connected")
             # nothing of KaTeX on a page without math
@@ -331,6 +334,7 @@ def test_math_is_laid_out_by_katex_with_its_fonts_at_both_sizes(live_server, siz
             katex = [u for u in fetched if "/vendor/katex/" in u]
             assert any(u.endswith(".css") or ".css?" in u for u in katex)
             assert [u for u in katex if "?v=" not in u] == []
+            assert refused == [], refused[:2]
             page.screenshot(path=f"{SHOTS}/math-{size}-{scheme}.png")
             tripwires.assert_quiet()
             page.context.close()

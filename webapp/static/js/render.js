@@ -176,10 +176,12 @@ const SANITIZE = {
 };
 
 // KaTeX's HTML sizes and shifts its boxes with style attributes (heights, vertical-align, top,
-// margins, border widths, colour), which the sanitiser drops and the CSP refuses as markup.
-// While a formula is sanitised, each style attribute is read instead, and only these
-// properties, with plain values (lengths, numbers, colour names: no url(), quotes or
-// escapes), are set again through CSSOM (which the CSP allows) on the sanitised element.
+// margins, border widths, colour), which the sanitiser drops and the CSP refuses as markup
+// (even parsing them in the sanitiser's inert document logs a violation per attribute). So
+// mathNode renames them to data-katex-style before parsing, the hook below reads each one
+// while the sanitiser drops it (no data attributes survive), and only these properties, with
+// plain values (lengths, numbers, colour names: no url(), quotes or escapes), are set again
+// through CSSOM (which the CSP allows) on the sanitised element.
 const MATH_STYLE_PROPERTIES = new Set([
   "height", "width", "min-width", "vertical-align", "top", "bottom", "left", "margin", "margin-left",
   "margin-right", "margin-top", "padding-left", "border-width", "border-top-width",
@@ -188,9 +190,10 @@ const MATH_STYLE_PROPERTIES = new Set([
 ]);
 const MATH_STYLE_VALUE = /^[-+\w.#%, ]*(?:calc\([-+*/\w.%, ]*\))?[-+\w.#%, ]*$/;
 let mathStyles = null; // Map: element -> its style text, while mathNode sanitises
+const KATEX_STYLE = "data-katex-style";
 
 purifier.addHook("uponSanitizeAttribute", (node, data) => {
-  if (mathStyles && data.attrName === "style") mathStyles.set(node, data.attrValue);
+  if (mathStyles && data.attrName === KATEX_STYLE) mathStyles.set(node, data.attrValue);
 });
 
 function applyMathStyle(node, text) {
@@ -223,7 +226,9 @@ function mathNode({ tex, display, raw }) {
   } catch {
     return el("code", null, raw);
   }
-  html = html.replace(/<annotation[^>]*>[\s\S]*?<\/annotation>/g, "");
+  // KaTeX escapes every quote in text and attribute values, so ' style="' is only ever an
+  // attribute of its own; and whatever this matched would still meet the sanitiser.
+  html = html.replace(/<annotation[^>]*>[\s\S]*?<\/annotation>/g, "").replaceAll(' style="', ` ${KATEX_STYLE}="`);
   const styles = new Map();
   mathStyles = styles;
   let fragment;
