@@ -108,3 +108,12 @@ def test_a_revoked_or_unknown_share_says_so(client):
     text = response.get_data(as_text=True)
     assert "This shared link no longer works" in text and "revoked" in text
     assert response.headers["X-Robots-Tag"] == "noindex, nofollow"
+
+
+def test_the_webassembly_by_its_plain_url_revalidates_to_304(client):
+    """browser.js fetches wllama's .wasm by its plain URL: a repeat visit must get a 304."""
+    url = "/static/vendor/wllama/wllama.wasm"
+    first = client.get(url, headers={"Accept-Encoding": "gzip"})
+    assert first.status_code == 200 and "Content-Encoding" not in first.headers  # already compressed
+    again = client.get(url, headers={"Accept-Encoding": "gzip", "If-None-Match": first.headers["ETag"]})
+    assert again.status_code == 304 and again.get_data() == b""
