@@ -256,7 +256,10 @@ PATHS: dict[str, Any] = {
         "201", {"type": "object"}, "the run, stored",
         _closed({"model": {"type": "string", "minLength": 1, "maxLength": 200},
                  "tokens": {"type": "integer", "minimum": 1, "maximum": 8}}),
-        also={"409": "another server benchmark is running", "429": "rate-limited"})},
+        also={"409": "another server benchmark is running, or this one was cancelled",
+              "429": "rate-limited"}),
+        "delete": _op("cancel_server_benchmark", "stop the caller's running server benchmark",
+                      "204", None, "stopped: its POST answers 409 cancelled")},
     "/api/defaults": {
         "get": _op("get_defaults", "the settings a new conversation starts from",
                    "200", _SETTINGS_OUT, "the visitor's defaults"),
