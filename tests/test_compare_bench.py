@@ -140,7 +140,8 @@ def test_a_server_benchmark_is_cancelled_by_its_owner_only_and_nothing_is_stored
     other.visit()
     answer: dict = {}
     post = threading.Thread(target=lambda: answer.update(
-        zip(("status", "body"), owner.json("POST", "/api/benchmarks/server", {"tokens": 8}))))
+        zip(("status", "body"), owner.json("POST", "/api/benchmarks/server", {"tokens": 8}),
+            strict=True)))
     post.start()
     assert first_done.wait(60)
     assert other.json("DELETE", "/api/benchmarks/server")[0] == 404  # not theirs to stop
