@@ -157,3 +157,16 @@ def test_a_server_benchmark_is_cancelled_by_its_owner_only_and_nothing_is_stored
     cancels_sent.set()
     status, record = owner.json("POST", "/api/benchmarks/server", {"tokens": 8})
     assert status == 201 and [r["prompt"] for r in record["results"]] == ["short", "long"]
+
+
+def test_a_cancel_sent_before_its_run_begins_still_stops_it(live_server):
+    """The page names its run: a Cancel that reaches the server before the run's POST does
+    (a quick click) stops that run when it comes, and no other."""
+    owner = live_server.session()
+    owner.visit()
+    assert owner.json("DELETE", "/api/benchmarks/server?run=r1")[0] == 204
+    status, body = owner.json("POST", "/api/benchmarks/server", {"tokens": 8, "run": "r1"})
+    assert status == 409 and body["error"]["code"] == "cancelled"
+    status, record = owner.json("POST", "/api/benchmarks/server", {"tokens": 8, "run": "r2"})
+    assert status == 201 and len(record["results"]) == 2
+    assert owner.json("POST", "/api/benchmarks/server", {"tokens": 8, "run": ""})[0] == 400

@@ -327,14 +327,16 @@ def run_server_benchmark():
     owner = owner_id()
     with services.runs.limits.take_replies(owner, request.remote_addr):  # held while they run
         record = services.benchmarks.run_server(body.get("model"), owner=owner,
-                                                tokens=body.get("tokens", DEFAULT_TOKENS))
+                                                tokens=body.get("tokens", DEFAULT_TOKENS),
+                                                run=body.get("run"))
     return record, 201
 
 
 @bp.delete("/api/benchmarks/server")
 def cancel_server_benchmark():
-    """Stop the caller's running server benchmark (its POST answers 409 ``cancelled``)."""
-    get_services().benchmarks.cancel(owner_id())
+    """Stop the caller's server benchmark (its POST answers 409 ``cancelled``): ``?run=`` the
+    one posted with that run name, even before it began; without, the one running now."""
+    get_services().benchmarks.cancel(owner_id(), request.args.get("run"))
     return "", 204
 
 

@@ -99,6 +99,8 @@ class BenchmarkService:
         # that stops the prompt under way (an engine may set its own at a reply's end, so the
         # cancellation is kept apart from it).
         self._running: dict[str, Any] | None = None
+        self._cancelled: dict[tuple[str | None, str], None] = {}  # (owner, run) cancelled early
+        self._state = threading.Lock()  # a cancel and a run's start see each other's writes
         self.limits = limits  # None: no limit on posts (the CLI)
 
     def model_facts(self, model: str, engine: str = "server") -> dict[str, Any]:
@@ -113,13 +115,19 @@ class BenchmarkService:
         return facts
 
     def run_server(self, model: str | None, *, tokens: int = DEFAULT_TOKENS,
-                   owner: str | None = None, store: bool = True) -> dict[str, Any]:
+                   owner: str | None = None, store: bool = True, run: Any = None) -> dict[str, Any]:
+        """``run``: the caller's name for this run, so a cancel sent before the run began
+        (the page's Cancel right after its Run) still stops it."""
         if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= MAX_TOKENS:
             raise Invalid("bad_tokens", f"tokens must be from 1 to {MAX_TOKENS}")
+        if run is not None and not (isinstance(run, str) and 0 < len(run) <= 64):
+            raise Invalid("bad_run", "run must be a string of 1 to 64 characters")
         model, engine = self.engines.resolve(model)
         if not self._lock.acquire(blocking=False):
             raise AppError("busy", "a server benchmark is already running; try again shortly")
-        running = self._running = {"owner": owner, "cancelled": False, "prompt": threading.Event()}
+        with self._state:
+            running = self._running = {"owner": owner, "run": run, "prompt": threading.Event(),
+                                       "cancelled": run is not None and (owner, run) in self._cancelled}
         try:
             busy = len(self.runs.live_runs()) if self.runs is not None else 0
             results = []
@@ -143,14 +151,22 @@ class BenchmarkService:
                   "results": results}
         return self._store(owner, record) if store else {**record, "id": None}
 
-    def cancel(self, owner: str) -> None:
-        """Stop the server benchmark ``owner`` started (its POST answers ``cancelled``);
+    def cancel(self, owner: str, run: Any = None) -> None:
+        """Stop the server benchmark ``owner`` started (its POST answers ``cancelled``). With
+        ``run``, that run, even if its POST has not begun yet; without, the one running.
         NotFound when none of theirs is running (another visitor's is not theirs to stop)."""
-        running = self._running
-        if running is None or running["owner"] != owner:
-            raise NotFound("benchmark", "no server benchmark of yours is running")
-        running["cancelled"] = True  # read before each prompt starts, and after the last
-        running["prompt"].set()
+        with self._state:
+            running = self._running
+            if isinstance(run, str) and 0 < len(run) <= 64:
+                self._cancelled[(owner, run)] = None
+                while len(self._cancelled) > 256:  # only the latest few can still be on their way
+                    del self._cancelled[next(iter(self._cancelled))]
+                if running is None or running["owner"] != owner or running["run"] != run:
+                    return
+            elif running is None or running["owner"] != owner:
+                raise NotFound("benchmark", "no server benchmark of yours is running")
+            running["cancelled"] = True  # read before each prompt starts, and after the last
+            running["prompt"].set()
 
     def add_browser(self, owner: str, body: Any, ip: str | None = None) -> dict[str, Any]:
         """A page's own run of the prompt set, validated strictly (it is only numbers), and

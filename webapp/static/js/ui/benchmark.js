@@ -217,7 +217,7 @@ export function initBenchmark(button, { loadBrowserEngine }) {
   // One run at a time; while it runs its button is Cancel, which stops both sides: the server's
   // benchmark (DELETE /api/benchmarks/server: its POST answers "cancelled", nothing stored) and
   // the browser's generation (the abort signal wllama takes). Runs finished before stay stored.
-  let job = null; // {controller, cancelled}
+  let job = null; // {controller, cancelled, name}
 
   function showRunning(running) {
     run.textContent = running ? "Cancel" : "Run the benchmark";
@@ -233,7 +233,8 @@ export function initBenchmark(button, { loadBrowserEngine }) {
     status.textContent = "Cancelling…";
     run.disabled = true; // until the run has stopped
     try {
-      await request("DELETE", "/api/benchmarks/server");
+      // By the run's name: it stops even if the server has not begun it yet.
+      await request("DELETE", `/api/benchmarks/server?run=${encodeURIComponent(job.name)}`);
     } catch {
       /* no server run of ours was going (the browser's, or it had just ended) */
     }
@@ -241,7 +242,7 @@ export function initBenchmark(button, { loadBrowserEngine }) {
 
   async function start() {
     panel.problem("");
-    const current = job = { controller: new AbortController(), cancelled: false };
+    const current = job = { controller: new AbortController(), cancelled: false, name: crypto.randomUUID() };
     const { signal } = current.controller;
     const stopped = () => current.cancelled;
     showRunning(true);
@@ -253,7 +254,7 @@ export function initBenchmark(button, { loadBrowserEngine }) {
       for (const model of chosenServer) {
         if (stopped()) break;
         status.textContent = `Running the prompt set on the server (${displayName(model)})…`;
-        runs.push(await request("POST", "/api/benchmarks/server", { model, tokens: n }, { signal }));
+        runs.push(await request("POST", "/api/benchmarks/server", { model, tokens: n, run: current.name }, { signal }));
         show(runs);
       }
       const info = modelInfo(browserModel.select.value);
