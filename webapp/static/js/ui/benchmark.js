@@ -240,9 +240,12 @@ export function initBenchmark(button, { loadBrowserEngine }) {
     }
   }
 
+  // (crypto.randomUUID needs a secure context; a LAN server over http is not one)
+  const runName = () => Array.from(crypto.getRandomValues(new Uint8Array(12)), (x) => x.toString(16).padStart(2, "0")).join("");
+
   async function start() {
     panel.problem("");
-    const current = job = { controller: new AbortController(), cancelled: false, name: crypto.randomUUID() };
+    const current = job = { controller: new AbortController(), cancelled: false, name: runName() };
     const { signal } = current.controller;
     const stopped = () => current.cancelled;
     showRunning(true);
