@@ -34,7 +34,8 @@ async function deviceFacts(gpuName) {
 }
 
 // One bar chart: groups by prompt, one bar per run (engine/backend) in each group.
-export function barChart(runs, metric, title) {
+// width: the drawing's own units; a phone gets a narrower one so its text is not scaled down.
+export function barChart(runs, metric, title, width = 560) {
   const prompts = [...new Set(runs.flatMap((r) => r.results.map((x) => x.prompt)))];
   const bars = prompts.flatMap((prompt) => runs.map((run, series) => {
     const result = run.results.find((x) => x.prompt === prompt);
@@ -44,7 +45,6 @@ export function barChart(runs, metric, title) {
   const barHeight = 18;
   const gap = 6;
   const labelWidth = 64;
-  const width = 560;
   const valueText = (bar) => {
     const flags = [bar.result && !bar.result.cold ? "warm" : "", bar.result?.busy ? `busy ${bar.result.busy}` : ""].filter(Boolean).join(", ");
     return `${rate(bar.value)}${flags ? ` (${flags})` : ""}`;
@@ -176,7 +176,8 @@ export function initBenchmark(button, { loadBrowserEngine }) {
       ...modelsFor("server").map((m, i) => check(m.id, displayName(m.id), { checked: i === 0 }, "benchmark-server-model")));
     // The browser runs its own copy of each model (Q8_0 by default): its format and size here.
     browserModel.select.replaceChildren(option("", "None"), ...modelsFor("browser").map((m, i) => option(m.id,
-      `${displayName(m.id)}${m.browser?.format ? ` → ${m.browser.format}, ${size(m.browser.size)} in the page` : ""}`, i === 0)));
+      `${displayName(m.id)}${m.browser?.format && m.browser.format !== m.facts?.quantization
+        ? ` → runs as ${m.browser.format}, ${size(m.browser.size)}` : m.browser ? ` (${size(m.browser.size)})` : ""}`, i === 0)));
     try {
       const module = await import("../engines/browser.js");
       webgpu = await module.detectWebGPU();
@@ -200,6 +201,10 @@ export function initBenchmark(button, { loadBrowserEngine }) {
              ttft_ms: rounded(measured.ttftMs, 1), cold: figures.prompt_cached === 0 };
   }
 
+  // The chart's width in its own units: what a chart box has on screen (two side by side on a
+  // desktop, one on a phone), so its 12px labels stay 12px.
+  const chartWidth = () => Math.round(Math.max(300, Math.min(560, (panel.body.clientWidth - 48) / (panel.body.clientWidth > 760 ? 2 : 1))));
+
   function show(runs) {
     if (!runs.length) {
       results.replaceChildren();
@@ -208,7 +213,7 @@ export function initBenchmark(button, { loadBrowserEngine }) {
     const charts = el("div", "bench-charts");
     for (const [metric, title] of [["prompt_tps", "Prompt tok/s (reading)"], ["decode_tps", "Decode tok/s (writing)"]]) {
       const figure = el("figure", "bench-figure");
-      figure.append(el("figcaption", "field-label", title), barChart(runs, metric, title));
+      figure.append(el("figcaption", "field-label", title), barChart(runs, metric, title, chartWidth()));
       charts.append(figure);
     }
     results.replaceChildren(legend(runs), charts, figuresTable(runs));
