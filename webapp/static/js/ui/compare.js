@@ -8,7 +8,7 @@ import { ms, promptTokensPerSecond, size, tokensPerSecond } from "../format.js";
 import { api } from "../api.js";
 import { modelInfo, modelsFor, state } from "../state.js";
 import { createPanel, el, factRows, field, option, selectBox } from "./panel.js";
-import { displayName, runFacts } from "./model_card.js";
+import { displayName, runFacts, runName } from "./model_card.js";
 
 const MAX_TARGETS = 4;
 
@@ -124,7 +124,7 @@ export function initCompare(button, hooks) {
     const column = el("section", "compare-column", null, { testid: "compare-column", id: `compare-column-${index}`,
                                                             role: "tabpanel", "aria-labelledby": `compare-tab-${index}` });
     column.dataset.engine = target.engine;
-    const name = displayName(target.model);
+    const name = runName(target.model, target.engine);
     const tab = el("button", "compare-tab", `${index + 1}. ${name}`,
                    { type: "button", id: `compare-tab-${index}`, role: "tab", "aria-controls": column.id });
     tab.addEventListener("click", () => selectTab(index));

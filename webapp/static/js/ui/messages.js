@@ -106,7 +106,7 @@ export class MessageView {
     const label = el("div", "role-label", null, { id: labelId });
     label.append(icon(message.role === "user" ? "user" : "spark", { size: 16 }),
       el("span", "role-name", ROLE_NAMES[message.role] ?? message.role));
-    if (message.role === "assistant" && message.model) label.append(modelChip(message.model, message.engine));
+    if (message.role === "assistant" && message.model) label.append(modelChip(message.model, message.engine, message.quantization));
     const body = el("div", "body");
     // A reply made under a JSON schema shows as formatted JSON, checked against it.
     if (message.role === "assistant") {

@@ -11,6 +11,17 @@ export function displayName(id) {
   return modelInfo(id)?.display_name ?? id;
 }
 
+// The name with the quantisation the engine really ran (a page runs its own copy, Q8_0 by
+// default, where the name says the server file's Q4_1); `ran`: the one a stored reply says.
+export function runName(id, engine, ran = null) {
+  const info = modelInfo(id);
+  const name = displayName(id);
+  const served = info?.facts?.quantization;
+  const actual = ran ?? runFacts(info, engine).quantization;
+  return served && actual && actual !== served && name.endsWith(` · ${served}`)
+    ? `${name.slice(0, -served.length)}${actual}` : name;
+}
+
 // The facts of the file `engine` runs: pages run their own copy (/api/models "browser": the
 // Q8_0 derived for WASM by default), the server the file as configured.
 export function runFacts(model, engine) {
@@ -51,9 +62,9 @@ export function showModelCard(card, model, { contextLength, engine }) {
 
 // A reply's model: its display name, a button that shows the file's facts below it (once per
 // reply: the provenance line leaves the name out). engine: the engine that wrote the reply.
-export function modelChip(id, engine = "server") {
+export function modelChip(id, engine = "server", ran = null) {
   const wrap = el("span", "role-model");
-  const button = el("button", "model-chip", displayName(id), { type: "button", testid: "model-chip",
+  const button = el("button", "model-chip", runName(id, engine, ran), { type: "button", testid: "model-chip",
                     "aria-expanded": "false", title: `${id}: tap for the model's facts` });
   button.dataset.ui = "";
   const facts = el("dl", "model-chip-facts", null, { testid: "model-chip-facts", hidden: true });
