@@ -319,8 +319,9 @@ def test_a_benchmark_can_be_cancelled_and_its_figures_fit(two_models, pages, sho
     server_models = panel.get_by_test_id("benchmark-server-model")
     expect(server_models).to_have_count(2)
     expect(server_models.nth(0)).to_be_checked()  # SmolLM2 on the server: long enough to cancel
-    expect(panel.get_by_test_id("benchmark-browser-model").locator("option").nth(1)).to_contain_text("runs as Q8_0")
-    panel.get_by_test_id("benchmark-browser-model").select_option("")
+    browser_model = panel.get_by_test_id("benchmark-browser-model")
+    expect(browser_model.locator("option").nth(1)).to_contain_text("runs as Q8_0")
+    browser_model.select_option("")
     panel.get_by_test_id("benchmark-tokens").fill("256")
     run.click()
     expect(run).to_have_text("Cancel")
