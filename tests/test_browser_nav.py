@@ -250,6 +250,15 @@ def test_the_settings_sheet_saves_once_and_a_reply_names_its_model_once(server, 
     both_schemes(page, scheme, shots, "reply-model", viewport)
     chip.click()
     expect(facts).to_be_hidden()
+    chip.click()
+    expect(facts).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(facts).to_be_hidden()
+    expect(chip).to_be_focused()
+    chip.click()
+    expect(facts).to_be_visible()
+    page.get_by_test_id("composer").click()  # a click elsewhere closes it
+    expect(facts).to_be_hidden()
 
 
 # -- 6. compare ---------------------------------------------------------------------------------

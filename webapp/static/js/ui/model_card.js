@@ -68,11 +68,24 @@ export function modelChip(id, engine = "server", ran = null) {
                     "aria-expanded": "false", title: `${id}: tap for the model's facts` });
   button.dataset.ui = "";
   const facts = el("dl", "model-chip-facts", null, { testid: "model-chip-facts", hidden: true });
-  button.addEventListener("click", () => {
-    const open = facts.hidden;
+  const show = (open) => {
     if (open) facts.replaceChildren(...factRows(factList(modelInfo(id) ?? { id }, { engine })));
     facts.hidden = !open;
     button.setAttribute("aria-expanded", String(open));
+    // Like the page's menus: a click elsewhere or Escape closes it.
+    if (open) setTimeout(() => document.addEventListener("click", outside, { capture: true }));
+    else document.removeEventListener("click", outside, { capture: true });
+  };
+  const outside = (event) => {
+    if (!wrap.contains(event.target)) show(false);
+  };
+  button.addEventListener("click", () => show(facts.hidden));
+  wrap.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && !facts.hidden) {
+      event.stopPropagation(); // not the page's Escape (stop a reply, close the drawer)
+      show(false);
+      button.focus();
+    }
   });
   wrap.append(button, facts);
   return wrap;
