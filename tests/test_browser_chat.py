@@ -56,7 +56,11 @@ def test_send_stream_stop_reload(server):
         second = page.locator('[data-testid="message"][data-role="assistant"]').nth(1)
         expect(second).to_have_attribute("data-status", "complete", timeout=60_000)
         expect(second.locator(".meta")).to_contain_text("tok/s")
-        expect(second.locator(".meta")).to_contain_text("tiny-chat")
+        # the model is named once, in the reply's label (its display name), its file a tap away
+        expect(second.get_by_test_id("model-chip")).to_have_text("tiny chat · F32")
+        expect(second.locator(".meta")).not_to_contain_text("tiny")
+        second.get_by_test_id("model-chip").click()
+        expect(second.get_by_test_id("model-chip-facts")).to_contain_text("tiny-chat.gguf")
         expect(second.locator(".meta")).to_contain_text("48 tokens")
         assert "/c/" in page.url
         expect(page.get_by_test_id("conversation")).to_have_count(1)

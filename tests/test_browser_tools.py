@@ -75,7 +75,7 @@ def open_chat(page, url: str, path: str = "/") -> None:
 
 
 def open_tool(page, testid: str) -> None:
-    page.get_by_test_id("settings").locator("summary").click()
+    page.get_by_test_id("tools-menu").locator("summary").click()
     page.get_by_test_id(testid).click()
     expect(page.get_by_test_id(f"{testid}-panel")).to_be_visible()
 
@@ -277,14 +277,14 @@ def test_a_json_schema_reply_renders_as_valid_formatted_json(server, pages, shot
     schema = page.get_by_test_id("reply-schema")
     schema.fill("{not json")
     expect(page.get_by_test_id("reply-schema-note")).to_contain_text("Invalid schema")
-    expect(page.get_by_test_id("reply-format-save")).to_be_disabled()
+    expect(page.get_by_test_id("settings-save")).to_be_disabled()
     # Within the server's limits is the server's verdict, the same a chat or /v1 gets.
     schema.fill('{"type": "string", "maxLength": 1000000000}')
-    page.get_by_test_id("reply-format-save").click()
+    page.get_by_test_id("settings-save").click()
     expect(page.get_by_test_id("reply-schema-note")).to_contain_text("Refused by the server")
     expect(page.get_by_test_id("reply-schema-note")).to_contain_text("maxLength")
     schema.fill(json.dumps(SCHEMA, indent=2))
-    page.get_by_test_id("reply-format-save").click()
+    page.get_by_test_id("settings-save").click()
     expect(page.get_by_test_id("reply-schema-note")).to_contain_text("Saved")
     page.screenshot(path=str(shots / "reply-format-desktop-light.png"))
     cid = page.url.rsplit("/", 1)[1]

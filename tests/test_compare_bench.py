@@ -111,3 +111,62 @@ def test_bchat_bench_prints_the_servers_row(tmp_path, tiny_model):
 
     with sqlite3.connect(tmp_path / "bench.sqlite3") as conn:
         assert conn.execute("SELECT count(*) FROM benchmark").fetchone() == (1,)
+
+
+def test_a_server_benchmark_is_cancelled_by_its_owner_only_and_nothing_is_stored(live_server,
+                                                                                 monkeypatch):
+    """DELETE /api/benchmarks/server stops the caller's run before its next prompt (the one
+    under way gets its engine's cancel): the POST answers 409 cancelled and stores nothing.
+    Another visitor's DELETE is a 404 and stops nothing. The real engine runs each prompt;
+    the wrapper only holds the first prompt's end until the cancels are sent."""
+    import threading
+
+    from webapp import benchmarks
+
+    real = benchmarks.run_prompt
+    prompts: list[str] = []
+    first_done, cancels_sent = threading.Event(), threading.Event()
+
+    def held(engine, model, prompt, tokens, cancel=None):
+        result = real(engine, model, prompt, tokens, cancel)
+        prompts.append(prompt["name"])
+        first_done.set()
+        assert cancels_sent.wait(60)
+        return result
+
+    monkeypatch.setattr(benchmarks, "run_prompt", held)
+    owner, other = live_server.session(), live_server.session()
+    owner.visit()
+    other.visit()
+    answer: dict = {}
+    post = threading.Thread(target=lambda: answer.update(
+        zip(("status", "body"), owner.json("POST", "/api/benchmarks/server", {"tokens": 8}),
+            strict=True)))
+    post.start()
+    assert first_done.wait(60)
+    assert other.json("DELETE", "/api/benchmarks/server")[0] == 404  # not theirs to stop
+    status, _ = owner.json("DELETE", "/api/benchmarks/server")
+    assert status == 204
+    cancels_sent.set()
+    post.join(60)
+    assert answer["status"] == 409 and answer["body"]["error"]["code"] == "cancelled"
+    assert prompts == ["short"]  # the long prompt never ran
+    assert owner.json("GET", "/api/benchmarks")[1]["benchmarks"] == []
+    # nothing running now: a DELETE finds nothing, and a new run goes through
+    assert owner.json("DELETE", "/api/benchmarks/server")[0] == 404
+    cancels_sent.set()
+    status, record = owner.json("POST", "/api/benchmarks/server", {"tokens": 8})
+    assert status == 201 and [r["prompt"] for r in record["results"]] == ["short", "long"]
+
+
+def test_a_cancel_sent_before_its_run_begins_still_stops_it(live_server):
+    """The page names its run: a Cancel that reaches the server before the run's POST does
+    (a quick click) stops that run when it comes, and no other."""
+    owner = live_server.session()
+    owner.visit()
+    assert owner.json("DELETE", "/api/benchmarks/server?run=r1")[0] == 204
+    status, body = owner.json("POST", "/api/benchmarks/server", {"tokens": 8, "run": "r1"})
+    assert status == 409 and body["error"]["code"] == "cancelled"
+    status, record = owner.json("POST", "/api/benchmarks/server", {"tokens": 8, "run": "r2"})
+    assert status == 201 and len(record["results"]) == 2
+    assert owner.json("POST", "/api/benchmarks/server", {"tokens": 8, "run": ""})[0] == 400

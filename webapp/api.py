@@ -88,7 +88,9 @@ def models():
         facts = services.catalogue.facts(info.id) or info.facts
         if info.facts.get("unavailable"):  # its runner kept crashing: say why, keep it listed
             facts = {**facts, "unavailable": info.facts["unavailable"]}
-        entry = {"id": info.id, "served_by": info.engine, "engines": ["server"], "facts": facts}
+        # display_name is for people (BCHAT_MODELS_FILE or made from the file); programs keep the id.
+        entry = {"id": info.id, "display_name": services.catalogue.display_name(info.id),
+                 "served_by": info.engine, "engines": ["server"], "facts": facts}
         # Each engine's format and why: the server runs the file as configured, pages run the
         # format measured fastest in WASM (catalogue.browser_file).
         browser_file = services.catalogue.browser(info.id) if local_file else None
@@ -99,6 +101,7 @@ def models():
         if url:
             entry["engines"].append("browser")
             entry["browser"] = {"url": url, "size": browser_file.size, "format": browser_file.format,
+                                "bits_per_weight": browser_file.bits_per_weight(local_file),
                                 "reason": browser_file.reason}
         listing.append(entry)
     return {"models": listing, "default": services.engines.default_model}
@@ -324,8 +327,17 @@ def run_server_benchmark():
     owner = owner_id()
     with services.runs.limits.take_replies(owner, request.remote_addr):  # held while they run
         record = services.benchmarks.run_server(body.get("model"), owner=owner,
-                                                tokens=body.get("tokens", DEFAULT_TOKENS))
+                                                tokens=body.get("tokens", DEFAULT_TOKENS),
+                                                run=body.get("run"))
     return record, 201
+
+
+@bp.delete("/api/benchmarks/server")
+def cancel_server_benchmark():
+    """Stop the caller's server benchmark (its POST answers 409 ``cancelled``): ``?run=`` the
+    one posted with that run name, even before it began; without, the one running now."""
+    get_services().benchmarks.cancel(owner_id(), request.args.get("run"))
+    return "", 204
 
 
 @bp.get("/api/search")

@@ -53,9 +53,11 @@ def server_device() -> dict[str, Any]:
             "browser": None, "device_memory": None}
 
 
-def run_prompt(engine: Any, model: str, prompt: dict[str, str], tokens: int) -> dict[str, Any]:
-    """One prompt through a server engine, timed above it (engines.base.timed)."""
-    cancel = threading.Event()
+def run_prompt(engine: Any, model: str, prompt: dict[str, str], tokens: int,
+               cancel: threading.Event | None = None) -> dict[str, Any]:
+    """One prompt through a server engine, timed above it (engines.base.timed); ``cancel``
+    set stops it (the engine ends the reply early)."""
+    cancel = cancel or threading.Event()
     options = GenerationOptions(temperature=0.0, seed=SEED, max_tokens=tokens)
     finished: Finished | None = None
     queued = 0
@@ -93,27 +95,54 @@ class BenchmarkService:
         self.catalogue = catalogue
         self.runs = runs
         self._lock = threading.Lock()  # one server benchmark at a time: they would skew each other
+        # The running server benchmark: whose it is, whether it was cancelled, and the event
+        # that stops the prompt under way (an engine may set its own at a reply's end, so the
+        # cancellation is kept apart from it).
+        self._running: dict[str, Any] | None = None
+        self._cancelled: dict[tuple[str | None, str], None] = {}  # (owner, run) cancelled early
+        self._state = threading.Lock()  # a cancel and a run's start see each other's writes
         self.limits = limits  # None: no limit on posts (the CLI)
 
-    def model_facts(self, model: str) -> dict[str, Any]:
+    def model_facts(self, model: str, engine: str = "server") -> dict[str, Any]:
+        """The figures of the file the engine runs: a browser run ran the copy pages download
+        (catalogue.browser_file: Q8_0 by default), not the server's file."""
         facts = self.catalogue.facts(model) or {}
-        return {k: facts.get(k) for k in ("quantization", "bits_per_weight", "file_size",
-                                          "parameters", "architecture")}
+        facts = {k: facts.get(k) for k in ("quantization", "bits_per_weight", "file_size",
+                                           "parameters", "architecture")}
+        local, served = self.catalogue.get(model), self.catalogue.browser(model)
+        if engine == "browser" and local is not None and served is not None:
+            facts.update({k: v for k, v in served.facts(local).items() if k != "file_name"})
+        return facts
 
     def run_server(self, model: str | None, *, tokens: int = DEFAULT_TOKENS,
-                   owner: str | None = None, store: bool = True) -> dict[str, Any]:
+                   owner: str | None = None, store: bool = True, run: Any = None) -> dict[str, Any]:
+        """``run``: the caller's name for this run, so a cancel sent before the run began
+        (the page's Cancel right after its Run) still stops it."""
         if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= MAX_TOKENS:
             raise Invalid("bad_tokens", f"tokens must be from 1 to {MAX_TOKENS}")
+        if run is not None and not (isinstance(run, str) and 0 < len(run) <= 64):
+            raise Invalid("bad_run", "run must be a string of 1 to 64 characters")
         model, engine = self.engines.resolve(model)
         if not self._lock.acquire(blocking=False):
             raise AppError("busy", "a server benchmark is already running; try again shortly")
+        with self._state:
+            running = self._running = {"owner": owner, "run": run, "prompt": threading.Event(),
+                                       "cancelled": run is not None and (owner, run) in self._cancelled}
         try:
             busy = len(self.runs.live_runs()) if self.runs is not None else 0
+            results = []
             try:
-                results = [run_prompt(engine, model, prompt, tokens) for prompt in PROMPTS]
+                for prompt in PROMPTS:
+                    running["prompt"] = threading.Event()
+                    if running["cancelled"]:
+                        break
+                    results.append(run_prompt(engine, model, prompt, tokens, running["prompt"]))
             except EngineError as exc:
                 raise AppError(exc.code, exc.message, status=502) from None
+            if running["cancelled"]:  # a cut-short run's figures would mislead: nothing is stored
+                raise AppError("cancelled", "the benchmark was cancelled")
         finally:
+            self._running = None
             self._lock.release()
         for result in results:
             result["busy"] = busy
@@ -121,6 +150,23 @@ class BenchmarkService:
                   "model_facts": self.model_facts(model), "device": server_device(),
                   "results": results}
         return self._store(owner, record) if store else {**record, "id": None}
+
+    def cancel(self, owner: str, run: Any = None) -> None:
+        """Stop the server benchmark ``owner`` started (its POST answers ``cancelled``). With
+        ``run``, that run, even if its POST has not begun yet; without, the one running.
+        NotFound when none of theirs is running (another visitor's is not theirs to stop)."""
+        with self._state:
+            running = self._running
+            if isinstance(run, str) and 0 < len(run) <= 64:
+                self._cancelled[(owner, run)] = None
+                while len(self._cancelled) > 256:  # only the latest few can still be on their way
+                    del self._cancelled[next(iter(self._cancelled))]
+                if running is None or running["owner"] != owner or running["run"] != run:
+                    return
+            elif running is None or running["owner"] != owner:
+                raise NotFound("benchmark", "no server benchmark of yours is running")
+            running["cancelled"] = True  # read before each prompt starts, and after the last
+            running["prompt"].set()
 
     def add_browser(self, owner: str, body: Any, ip: str | None = None) -> dict[str, Any]:
         """A page's own run of the prompt set, validated strictly (it is only numbers), and
@@ -137,7 +183,7 @@ class BenchmarkService:
             raise Invalid("bad_benchmark", "results must list the prompts' figures")
         clean_results = [self._clean_result(r) for r in results]
         record = {"engine": "browser", "backend": backend, "model": model,
-                  "model_facts": self.model_facts(model),
+                  "model_facts": self.model_facts(model, "browser"),
                   "device": self._clean_device(body.get("device")), "results": clean_results}
         if self.limits is not None:
             self.limits.take_benchmark_post(owner, ip)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ class ModelFile:
 
     def facts(self, n_ctx: int, parallel: int) -> dict[str, Any]:
         data = asdict(self)
-        data.pop("path")
+        data["file_name"] = data.pop("path").name  # the name only: where it lives is the server's
         data.pop("id")
         # file_size and kv_bytes_per_token let a page estimate its own fit for its own context.
         data["fits_server"] = self.fits_server(n_ctx, parallel)
@@ -185,6 +186,61 @@ def discover(model_path: str | os.PathLike) -> list[ModelFile]:
     return models
 
 
+# -- display names ---------------------------------------------------------------------------
+#
+# What the page calls a model. The id (the file's stem) stays what programs use; people get a
+# name: the one an admin gave it (BCHAT_MODELS_FILE), else the GGUF's general.name when it says
+# no more than the file name does (it is often a training run's: "Smollm2 135M 8k Lc100K Mix1
+# Ep2"), else the file name without its quantisation, then " · " and the quantisation.
+
+# A trailing quantisation tag in a file name: .Q4_1, -Q4_K_M, _q8_0, -IQ3_XS, .F16, -bf16 …
+_QUANT_TAG = re.compile(r"[.\-_](?:I?Q\d(?:_[A-Z0-9]+)*|[BF]F?16|F32|MXFP4|TQ\d_\d)$", re.IGNORECASE)
+# File names that say nothing about the model: its general.name is better, whatever it is.
+_GENERIC_STEMS = {"model", "ggml-model", "ggml_model", "gguf", "weights"}
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.split(r"[\s\-_.:/]+", text.lower()) if w]
+
+
+def display_name(general_name: str | None, stem: str, quantization: str | None) -> str:
+    """A person's name for a model file (see above)."""
+    base = stem
+    while _QUANT_TAG.search(base):
+        base = _QUANT_TAG.sub("", base)
+    base = base or stem
+    general = " ".join((general_name or "").split())
+    if general and (base.lower() in _GENERIC_STEMS or len(_words(base)) < 2
+                    or set(_words(general)) <= set(_words(base))):
+        name = general
+    else:
+        name = " ".join(re.split(r"[\s\-_]+", base)).strip() or stem
+    said = re.search(rf"(?<![a-z0-9]){re.escape(quantization or '?')}(?![a-z0-9])", name, re.IGNORECASE)
+    if quantization and quantization != "?" and not said:
+        name = f"{name} · {quantization}"
+    return name
+
+
+def load_model_names(path: str | os.PathLike | None) -> dict[str, str]:
+    """BCHAT_MODELS_FILE: a TOML or JSON table of model file name (or id) -> display name.
+    A file that is not such a table stops the start with the file's name and what is wrong."""
+    if not path:
+        return {}
+    import tomllib
+
+    text = Path(path).read_text()
+    kind = "JSON" if str(path).endswith(".json") else "TOML"
+    try:
+        data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: not valid {kind}: {exc}") from None
+    data = data.get("names", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in data.items()):
+        raise ValueError(f"{path}: expected a table of model file name = \"display name\"")
+    return {key.removesuffix(".gguf"): " ".join(value.split())[:120] for key, value in data.items()}
+
+
 class ModelCatalogue:
     """The models found at start; looked up by id for inference and for browser downloads."""
 
@@ -195,8 +251,9 @@ class ModelCatalogue:
 
     def __init__(self, model_path: str | os.PathLike, browser_format: str | None = None,
                  browser_dir: str | os.PathLike | None = None, *, n_ctx: int | None = None,
-                 parallel: int | None = None) -> None:
+                 parallel: int | None = None, names: dict[str, str] | None = None) -> None:
         self.model_path = str(model_path)
+        self.names = names or {}  # BCHAT_MODELS_FILE's display names, by model id
         self.n_ctx = int(n_ctx or self.n_ctx)
         self.parallel = int(parallel or self.parallel)
         self._models = {m.id: m for m in discover(model_path)}
@@ -214,6 +271,7 @@ class ModelCatalogue:
         catalogue.model_path = ""
         catalogue._models = {m.id: m for m in models}
         catalogue._browser = {}
+        catalogue.names = {}
         return catalogue
 
     def to_json(self, model_id: str) -> str:
@@ -241,6 +299,14 @@ class ModelCatalogue:
         model), its fit judged for the settings it is run with."""
         model = self._models.get(model_id)
         return model.facts(self.n_ctx, self.parallel) if model else None
+
+    def display_name(self, model_id: str) -> str:
+        """What people see for a model: the admin's name, else one made from the file (any
+        model, an upstream's too: those keep their id unless the models file names them)."""
+        if model_id in self.names:
+            return self.names[model_id]
+        model = self._models.get(model_id)
+        return display_name(model.name, model.path.stem, model.quantization) if model else model_id
 
     @property
     def default_id(self) -> str | None:
@@ -275,6 +341,15 @@ class BrowserFile:
     size: int
     format: str
     reason: str
+
+    def bits_per_weight(self, model: ModelFile) -> float:
+        """The copy's own bits per weight (the same tensors as ``model``, another format)."""
+        return round(self.size * 8 / model.parameters, 2) if model.parameters else 0.0
+
+    def facts(self, model: ModelFile) -> dict[str, Any]:
+        """The figures of the file a page really runs, as ModelFile.facts names them."""
+        return {"quantization": self.format, "bits_per_weight": self.bits_per_weight(model),
+                "file_size": self.size, "file_name": self.path.name}
 
 
 def derived_path(model: ModelFile, fmt: str, folder: Path) -> Path:

@@ -36,6 +36,8 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
                        "Q8_0 measured fastest in WASM by bench/browser_speed.py); original = as is"),
     "BROWSER_MODELS_DIR": (None, str, "where derived browser formats are kept; default: "
                            "browser-models in the instance folder"),
+    "MODELS_FILE": (None, str, "a TOML or JSON table of model file name = display name (optional; "
+                    "default: a name made from the file)"),
     "CHAT_TEMPLATE": (None, str, 'for GGUFs without one: "chatml" or a Jinja template file'),
     "N_GPU_LAYERS": (0, _INT, "layers offloaded to the GPU (-1 = all); needs a GPU build"),
     "SECRET_KEY": (None, str, "signs the owner cookie; default: a random key kept in the instance folder"),

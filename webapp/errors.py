@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 STATUS = {
     "invalid_api_key": 401, "passcode_required": 401,
     "not_found": 404, "unknown_model": 404,
-    "busy": 409, "already_final": 409,
+    "busy": 409, "already_final": 409, "cancelled": 409,
     "json_required": 415,
     "rate_limited": 429, "too_many_queued": 429, "too_many_sockets": 429, "too_many_tries": 429,
     "upstream_rate_limited": 429,

@@ -255,8 +255,16 @@ PATHS: dict[str, Any] = {
         "run_server_benchmark", "run the prompt set on a server model now",
         "201", {"type": "object"}, "the run, stored",
         _closed({"model": {"type": "string", "minLength": 1, "maxLength": 200},
-                 "tokens": {"type": "integer", "minimum": 1, "maximum": 8}}),
-        also={"409": "another server benchmark is running", "429": "rate-limited"})},
+                 "tokens": {"type": "integer", "minimum": 1, "maximum": 8},
+                 "run": {"type": "string", "minLength": 1, "maxLength": 64}}),
+        also={"409": "another server benchmark is running, or this one was cancelled",
+              "429": "rate-limited"}),
+        "delete": _op("cancel_server_benchmark", "stop the caller's server benchmark",
+                      "204", None, "stopped: its POST answers 409 cancelled",
+                      parameters=[{"name": "run", "in": "query", "required": False,
+                                   "schema": {"type": "string", "minLength": 1, "maxLength": 64},
+                                   "description": "the run name its POST gave (stops it even "
+                                                  "before it begins)"}])},
     "/api/defaults": {
         "get": _op("get_defaults", "the settings a new conversation starts from",
                    "200", _SETTINGS_OUT, "the visitor's defaults"),

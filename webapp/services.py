@@ -11,7 +11,7 @@ from flask import Flask, current_app
 
 from .api_keys import KeyService
 from .benchmarks import BenchmarkService
-from .catalogue import ModelCatalogue
+from .catalogue import ModelCatalogue, load_model_names
 from .chats import ChatService
 from .db import Database
 from .engines import EngineRegistry, build_engines
@@ -60,7 +60,8 @@ def init_app(app: Flask, limits: Limits) -> Services:
     # bundled model; `bchat models prepare` does it ahead of time).
     catalogue = ModelCatalogue(config["MODEL_PATH"], config["BROWSER_FORMAT"],
                                config["BROWSER_MODELS_DIR"], n_ctx=config["N_CTX"],
-                               parallel=config["PARALLEL"])
+                               parallel=config["PARALLEL"],
+                               names=load_model_names(config.get("MODELS_FILE")))
     engines = build_engines(config, catalogue)
     chats = ChatService(db, max_message_chars=config["MAX_MESSAGE_CHARS"],
                         max_tokens_limit=config["MAX_TOKENS_LIMIT"])

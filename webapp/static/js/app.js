@@ -19,7 +19,7 @@ import { modelOption, showModelCard } from "./ui/model_card.js";
 import { initSettings, replyOptions } from "./ui/settings.js";
 import { Sharing } from "./ui/sharing.js";
 import { initShortcuts } from "./ui/shortcuts.js";
-import { initThemeToggle } from "./ui/theme.js";
+import { initThemeChoice, initThemeToggle } from "./ui/theme.js";
 import { initCompare } from "./ui/compare.js";
 import { initBenchmark } from "./ui/benchmark.js";
 import { initApiKeys } from "./ui/api_keys.js";
@@ -365,6 +365,7 @@ async function send(action = null) {
   const replyFormat = readReplyFormat();
   if (settingsForNew && replyFormat) settingsForNew.response_format = replyFormat;
   try {
+    await settings.saving; // a sheet save still under way lands before the reply reads it
     const engine = engineName === "browser" ? await loadBrowserEngine() : engines.server;
     const request = {
       conversationId: state.conversationId,
@@ -523,6 +524,7 @@ searchBox.addEventListener("keydown", (event) => {
 });
 
 initThemeToggle($("theme-toggle"));
+initThemeChoice($("theme-choice"));
 initShortcuts(root, $("shortcuts"), $("shortcuts-button"), {
   busy: () => Boolean(liveFor(state.conversationId)),
   stop: stopCurrent,
@@ -570,4 +572,4 @@ initCompare($("compare"), {
 });
 initBenchmark($("benchmark"), { loadBrowserEngine });
 initApiKeys($("api-keys"));
-initReplyFormat(root.querySelector(".reply-format"), { onError: showError });
+initReplyFormat(root.querySelector(".reply-format"));

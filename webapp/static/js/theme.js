@@ -1,6 +1,6 @@
 // Loaded before the stylesheet (a classic, blocking script: the CSP allows no inline one) so a
-// theme the visitor chose is on <html> before the first paint. Without a choice the page
-// follows prefers-color-scheme in CSS. app.js owns the toggle.
+// theme the visitor chose is on <html> before the first paint. Without a choice ("System", the
+// default) the page follows prefers-color-scheme in CSS, live. ui/theme.js owns the controls.
 (() => {
   try {
     const theme = localStorage.getItem("bchat.theme");

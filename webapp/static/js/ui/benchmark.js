@@ -9,6 +9,7 @@ import { request } from "../api.js";
 import { modelInfo, modelsFor } from "../state.js";
 import { svg } from "./icons.js";
 import { createPanel, dataTable, el, field, option, selectBox } from "./panel.js";
+import { displayName } from "./model_card.js";
 
 const BROWSER_BACKENDS = [
   ["wasm-mt", "WASM, multi-thread"],
@@ -33,7 +34,8 @@ async function deviceFacts(gpuName) {
 }
 
 // One bar chart: groups by prompt, one bar per run (engine/backend) in each group.
-export function barChart(runs, metric, title) {
+// width: the drawing's own units; a phone gets a narrower one so its text is not scaled down.
+export function barChart(runs, metric, title, width = 560) {
   const prompts = [...new Set(runs.flatMap((r) => r.results.map((x) => x.prompt)))];
   const bars = prompts.flatMap((prompt) => runs.map((run, series) => {
     const result = run.results.find((x) => x.prompt === prompt);
@@ -43,8 +45,14 @@ export function barChart(runs, metric, title) {
   const barHeight = 18;
   const gap = 6;
   const labelWidth = 64;
-  const width = 560;
-  const plot = width - labelWidth - 70;
+  const valueText = (bar) => {
+    const flags = [bar.result && !bar.result.cold ? "warm" : "", bar.result?.busy ? `busy ${bar.result.busy}` : ""].filter(Boolean).join(", ");
+    return `${rate(bar.value)}${flags ? ` (${flags})` : ""}`;
+  };
+  // Room after the longest bar for the longest value label (12px text: ~7px a character), so
+  // no label runs past the chart's edge ("21.1 (warn" was cut).
+  const room = 12 + 7 * Math.max(4, ...bars.map((b) => valueText(b).length));
+  const plot = width - labelWidth - room;
   const groupHeight = runs.length * (barHeight + 4) + gap * 2;
   const height = prompts.length * groupHeight + 8;
   const chart = svg("svg", {
@@ -65,9 +73,7 @@ export function barChart(runs, metric, title) {
                                  "data-label": runLabel(run), "data-prompt": prompt, "data-value": bar.value });
       rect.append(svg("title", {}, `${runLabel(run)}, ${prompt}: ${rate(bar.value)} tok/s`));
       chart.append(rect);
-      const flags = [bar.result && !bar.result.cold ? "warm" : "", bar.result?.busy ? `busy ${bar.result.busy}` : ""].filter(Boolean).join(", ");
-      chart.append(svg("text", { x: labelWidth + w + 6, y: y + barHeight - 5, class: "bench-value" },
-        `${rate(bar.value)}${flags ? ` (${flags})` : ""}`));
+      chart.append(svg("text", { x: labelWidth + w + 6, y: y + barHeight - 5, class: "bench-value" }, valueText(bar)));
     });
   });
   return chart;
@@ -79,7 +85,7 @@ function legend(runs) {
     const item = el("li");
     const swatch = svg("svg", { width: 12, height: 12, viewBox: "0 0 12 12", "aria-hidden": "true" });
     swatch.append(svg("rect", { width: 12, height: 12, rx: 2, class: `bench-bar series-${series % 6}` }));
-    item.append(swatch, ` ${runLabel(run)} · ${run.model}`);
+    item.append(swatch, ` ${runLabel(run)} · ${displayName(run.model)}`);
     list.append(item);
   });
   return list;
@@ -104,7 +110,7 @@ export function figuresTable(runs, { stored = false } = {}) {
       row.dataset.prompt = result.prompt;
       if (run.id) row.dataset.runId = run.id;
       const cache = [result.cold ? "cold" : "warm", result.busy ? `busy (${result.busy})` : "", result.queued ? `queued ${result.queued}` : ""].filter(Boolean).join(", ");
-      const cells = [runLabel(run) + (run.mine ? " · yours" : ""), run.model, f.quantization ?? "–",
+      const cells = [runLabel(run) + (run.mine ? " · yours" : ""), displayName(run.model), f.quantization ?? "–",
         f.bits_per_weight ? f.bits_per_weight.toFixed(2) : "–", size(f.file_size), result.prompt,
         rate(result.prompt_tps), rate(result.decode_tps), ms(result.ttft_ms), cache,
         ...(stored ? [deviceText(run), run.created_at ? new Date(run.created_at).toLocaleString() : "–"] : [])];
@@ -167,8 +173,11 @@ export function initBenchmark(button, { loadBrowserEngine }) {
 
   async function prepare() {
     serverGroup.replaceChildren(el("legend", "field-label", "Server models"),
-      ...modelsFor("server").map((m, i) => check(m.id, `${m.id}${m.facts?.quantization ? ` (${m.facts.quantization})` : ""}`, { checked: i === 0 }, "benchmark-server-model")));
-    browserModel.select.replaceChildren(option("", "None"), ...modelsFor("browser").map((m, i) => option(m.id, m.id, i === 0)));
+      ...modelsFor("server").map((m, i) => check(m.id, displayName(m.id), { checked: i === 0 }, "benchmark-server-model")));
+    // The browser runs its own copy of each model (Q8_0 by default): its format and size here.
+    browserModel.select.replaceChildren(option("", "None"), ...modelsFor("browser").map((m, i) => option(m.id,
+      `${displayName(m.id)}${m.browser?.format && m.browser.format !== m.facts?.quantization
+        ? ` → runs as ${m.browser.format}, ${size(m.browser.size)}` : m.browser ? ` (${size(m.browser.size)})` : ""}`, i === 0)));
     try {
       const module = await import("../engines/browser.js");
       webgpu = await module.detectWebGPU();
@@ -192,6 +201,10 @@ export function initBenchmark(button, { loadBrowserEngine }) {
              ttft_ms: rounded(measured.ttftMs, 1), cold: figures.prompt_cached === 0 };
   }
 
+  // The chart's width in its own units: what a chart box has on screen (two side by side on a
+  // desktop, one on a phone), so its 12px labels stay 12px.
+  const chartWidth = () => Math.round(Math.max(300, Math.min(560, (panel.body.clientWidth - 48) / (panel.body.clientWidth > 760 ? 2 : 1))));
+
   function show(runs) {
     if (!runs.length) {
       results.replaceChildren();
@@ -200,57 +213,105 @@ export function initBenchmark(button, { loadBrowserEngine }) {
     const charts = el("div", "bench-charts");
     for (const [metric, title] of [["prompt_tps", "Prompt tok/s (reading)"], ["decode_tps", "Decode tok/s (writing)"]]) {
       const figure = el("figure", "bench-figure");
-      figure.append(el("figcaption", "field-label", title), barChart(runs, metric, title));
+      figure.append(el("figcaption", "field-label", title), barChart(runs, metric, title, chartWidth()));
       charts.append(figure);
     }
     results.replaceChildren(legend(runs), charts, figuresTable(runs));
   }
 
-  run.addEventListener("click", async () => {
+  // One run at a time; while it runs its button is Cancel, which stops both sides: the server's
+  // benchmark (DELETE /api/benchmarks/server: its POST answers "cancelled", nothing stored) and
+  // the browser's generation (the abort signal wllama takes). Runs finished before stay stored.
+  let job = null; // {controller, cancelled, name}
+
+  function showRunning(running) {
+    run.textContent = running ? "Cancel" : "Run the benchmark";
+    run.className = `button ${running ? "danger" : "primary"}`;
+    run.dataset.state = running ? "running" : "idle";
+    results.setAttribute("aria-busy", String(running));
+  }
+
+  async function cancel() {
+    if (!job || job.cancelled) return;
+    job.cancelled = true;
+    job.controller.abort();
+    status.textContent = "Cancelling…";
+    run.disabled = true; // until the run has stopped
+    try {
+      // By the run's name: it stops even if the server has not begun it yet.
+      await request("DELETE", `/api/benchmarks/server?run=${encodeURIComponent(job.name)}`);
+    } catch {
+      /* no server run of ours was going (the browser's, or it had just ended) */
+    }
+  }
+
+  // (crypto.randomUUID needs a secure context; a LAN server over http is not one)
+  const runName = () => Array.from(crypto.getRandomValues(new Uint8Array(12)), (x) => x.toString(16).padStart(2, "0")).join("");
+
+  async function start() {
     panel.problem("");
-    run.disabled = true;
+    const current = job = { controller: new AbortController(), cancelled: false, name: runName() };
+    const { signal } = current.controller;
+    const stopped = () => current.cancelled;
+    showRunning(true);
     const runs = [];
     const n = Number.parseInt(tokens.value, 10) || 64;
     try {
       await loadStored();
       const chosenServer = [...serverGroup.querySelectorAll("input:checked")].map((b) => b.value);
       for (const model of chosenServer) {
-        status.textContent = `Running the prompt set on the server (${model})…`;
-        runs.push(await request("POST", "/api/benchmarks/server", { model, tokens: n }));
+        if (stopped()) break;
+        status.textContent = `Running the prompt set on the server (${displayName(model)})…`;
+        runs.push(await request("POST", "/api/benchmarks/server", { model, tokens: n, run: current.name }, { signal }));
         show(runs);
       }
       const info = modelInfo(browserModel.select.value);
       const backends = [...backendList.querySelectorAll("input:checked")].map((b) => b.value);
-      if (info && backends.length) {
+      if (info && backends.length && !stopped()) {
         const engine = await loadBrowserEngine();
         const device = await deviceFacts(webgpu.usable ? webgpu.reason.replace(/^WebGPU adapter /, "") : null);
         for (const backend of backends) {
           const results = [];
           let actual = backend;
           for (const prompt of prompts) {
+            if (stopped()) break;
             status.textContent = `Running “${prompt.name}” in this browser (${backend})…`;
             const measured = await engine.measure(info, backend, [{ role: "user", content: prompt.text }],
               { max_tokens: n, temperature: 0, seed }, {
+                signal,
                 onLoad: (p) => {
-                  if (p.phase === "downloading" && p.total) status.textContent = `Loading ${info.id} for ${backend}: ${percent(p.loaded / p.total)}`;
+                  if (p.phase === "downloading" && p.total) status.textContent = `Loading ${displayName(info.id)} for ${backend}: ${percent(p.loaded / p.total)}`;
                 },
               });
             actual = measured.backend;
             results.push(browserResult(prompt, measured));
           }
+          if (stopped()) break; // a cut-short run's figures would mislead: not stored
           if (actual !== backend && runs.some((r) => r.engine === "browser" && r.backend === actual)) continue; // the same backend again
           runs.push(await request("POST", "/api/benchmarks", { backend: actual, model: info.id, device, results }));
           show(runs);
         }
       }
+      if (stopped()) throw new DOMException("cancelled", "AbortError");
       status.textContent = runs.length ? `Done: ${runs.length} run${runs.length === 1 ? "" : "s"} stored.` : "Pick a server model or a browser backend.";
       await loadStored();
     } catch (err) {
-      status.textContent = "";
-      panel.problem(`The benchmark stopped: ${err.message}`);
+      if (stopped()) {
+        status.textContent = `Cancelled.${runs.length ? ` The ${runs.length} run${runs.length === 1 ? "" : "s"} finished before it stayed stored.` : " Nothing was stored."}`;
+        await loadStored().catch(() => {});
+      } else {
+        status.textContent = "";
+        panel.problem(`The benchmark stopped: ${err.message}`);
+      }
     } finally {
+      if (job === current) job = null;
       run.disabled = false;
+      showRunning(false);
       show(runs);
     }
-  });
+  }
+
+  run.addEventListener("click", () => (job ? cancel() : start()));
+  // Closing the panel mid-run cancels it too: nobody is left to read its figures.
+  panel.dialog.addEventListener("close", () => cancel());
 }

@@ -8,10 +8,12 @@ import { ms, promptTokensPerSecond, size, tokensPerSecond } from "../format.js";
 import { api } from "../api.js";
 import { modelInfo, modelsFor, state } from "../state.js";
 import { createPanel, el, factRows, field, option, selectBox } from "./panel.js";
+import { displayName, runFacts, runName } from "./model_card.js";
 
 const MAX_TARGETS = 4;
 
-// The figures of one stored reply (and the time to its first token, measured here).
+// The figures of one stored reply (and the time to its first token, measured here); facts:
+// those of the file the engine ran (model_card.js runFacts: a page runs its own copy).
 export function replyFigures(message, facts = {}, ttftMs = null) {
   const usage = message?.usage ?? {};
   const meta = message?.meta ?? {};
@@ -22,6 +24,7 @@ export function replyFigures(message, facts = {}, ttftMs = null) {
     ["Decode", tokensPerSecond(message?.tokens_per_second), "decode-tps"],
     ["Tokens", usage.completion_tokens != null ? String(usage.completion_tokens) : "–", "tokens"],
     ["Quantisation", facts.quantization ?? "–", "quant"],
+    ["Bits/weight", facts.bits_per_weight ? facts.bits_per_weight.toFixed(2) : "–", "bpw"],
     ["Size", size(facts.file_size), "size"],
   ];
 }
@@ -49,13 +52,15 @@ export function initCompare(button, hooks) {
   actions.append(field("Max reply tokens", maxTokens, "narrow"), el("span", "spacer"), stop, send);
   form.append(targetList, addTarget, field("Message", prompt), actions);
 
+  // The question stays on screen above its answers (the box keeps it too, to ask others).
+  const question = el("blockquote", "compare-question", null, { testid: "compare-question", hidden: true });
   const tabs = el("div", "compare-tabs", null, { role: "tablist", "aria-label": "Replies" });
   const columns = el("div", "compare-columns", null, { testid: "compare-columns" });
-  panel.body.append(form, tabs, columns);
+  panel.body.append(form, question, tabs, columns);
 
   function fillModels(select, engine, preferred) {
     const usable = modelsFor(engine);
-    select.replaceChildren(...usable.map((m) => option(m.id, `${m.id}${m.facts?.quantization ? ` (${m.facts.quantization})` : ""}`)));
+    select.replaceChildren(...usable.map((m) => option(m.id, displayName(m.id))));
     if (usable.some((m) => m.id === preferred)) select.value = preferred;
   }
 
@@ -119,23 +124,25 @@ export function initCompare(button, hooks) {
     const column = el("section", "compare-column", null, { testid: "compare-column", id: `compare-column-${index}`,
                                                             role: "tabpanel", "aria-labelledby": `compare-tab-${index}` });
     column.dataset.engine = target.engine;
-    const tab = el("button", "compare-tab", `${index + 1}. ${target.model}`,
+    const name = runName(target.model, target.engine);
+    const tab = el("button", "compare-tab", `${index + 1}. ${name}`,
                    { type: "button", id: `compare-tab-${index}`, role: "tab", "aria-controls": column.id });
     tab.addEventListener("click", () => selectTab(index));
     tabs.append(tab);
     const head = el("header", "compare-column-head");
     const status = el("span", "compare-status", "waiting…", { testid: "compare-status" });
-    head.append(el("span", "compare-engine", where), el("strong", "compare-model", target.model), status);
+    head.append(el("span", "compare-engine", where), el("strong", "compare-model", name, { title: target.model }), status);
     const body = el("div", "body compare-body");
     const renderer = createStreamRenderer(body);
     const stats = el("dl", "compare-stats", null, { testid: "compare-stats" });
     const use = el("button", "button small primary", "Use this reply", { type: "button", testid: "compare-use",
-                   disabled: true, "aria-label": `Use the reply of ${where} · ${target.model}` });
+                   disabled: true, "aria-label": `Use the reply of ${where} · ${name}` });
     column.append(head, body, stats, use);
     columns.append(column);
     let firstAt = null;
     const showFigures = (message) => {
-      stats.replaceChildren(...factRows(replyFigures(message, info?.facts, firstAt === null ? null : firstAt - job.sentAt)));
+      stats.replaceChildren(...factRows(replyFigures(message, runFacts(info, target.engine),
+                                                     firstAt === null ? null : firstAt - job.sentAt)));
     };
     showFigures(null);
     use.addEventListener("click", async () => {
@@ -238,6 +245,8 @@ export function initCompare(button, hooks) {
     panel.problem("");
     tabs.replaceChildren();
     columns.replaceChildren();
+    question.replaceChildren(el("span", "compare-question-label", "You asked"), el("p", "", content));
+    question.hidden = false;
     columns.dataset.count = String(chosen.length);
     const job = { conversationId: state.conversationId, userMessageId: null, controllers: [], stopped: false, sentAt: performance.now() };
     const laid = chosen.map((target, i) => ({ target, column: makeColumn(target, i, job) }));
@@ -253,7 +262,6 @@ export function initCompare(button, hooks) {
       const browsers = laid.filter((l) => l.target.engine === "browser");
       // The server's replies are under way before the browser starts (it needs their user message).
       const pending = servers.length ? await startServer(servers, job, content, options) : [];
-      prompt.value = "";
       await Promise.all([...pending, runBrowser(browsers, job, content, options)]);
     } catch (err) {
       panel.problem(err.message);

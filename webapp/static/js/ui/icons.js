@@ -41,6 +41,10 @@ const SHAPES = {
   info: [["circle", { cx: 12, cy: 12, r: 9 }], ["path", { d: "M12 11v6M12 7.5h0" }]],
   brain: [["path", { d: "M9 4a3 3 0 0 0-3 3 3 3 0 0 0-2 5 3 3 0 0 0 2 5 3 3 0 0 0 6 1V5a3 3 0 0 0-3-1z" }],
     ["path", { d: "M15 4a3 3 0 0 1 3 3 3 3 0 0 1 2 5 3 3 0 0 1-2 5 3 3 0 0 1-6 1" }]],
+  more: [["path", { d: "M5 12h0M12 12h0M19 12h0", "stroke-width": 3 }]],
+  columns: [["rect", { x: 3, y: 4, width: 18, height: 16, rx: 2 }], ["path", { d: "M12 4v16" }]],
+  gauge: [["path", { d: "M4 18a8 8 0 1 1 16 0" }], ["path", { d: "M12 14l4-5" }]],
+  key: [["circle", { cx: 8, cy: 14, r: 4 }], ["path", { d: "M11 11l8-8M16 6l3 3" }]],
 };
 
 // An SVG element (icons, the benchmark's charts) with its attributes and text.

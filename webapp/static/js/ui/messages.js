@@ -4,13 +4,14 @@ import { createStreamRenderer, renderMarkdown } from "../render.js";
 import { renderStructured } from "./reply_format.js";
 import { copyWithFeedback, icon, iconButton } from "./icons.js";
 import { el, factRows } from "./panel.js";
+import { modelChip } from "./model_card.js";
 import { ms, tokens, tokensPerSecond } from "../format.js";
 
 export function describeProvenance(message) {
   if (message.role !== "assistant") return "";
   const parts = [];
   if (message.engine) parts.push(message.backend ? `${message.engine} (${message.backend})` : message.engine);
-  if (message.model) parts.push(message.model);
+  // (the model is named once, in the reply's label: ui/model_card.js modelChip)
   if (message.tokens_per_second) parts.push(tokensPerSecond(message.tokens_per_second));
   const n = message.usage?.completion_tokens;
   if (n != null) parts.push(tokens(n));
@@ -105,7 +106,7 @@ export class MessageView {
     const label = el("div", "role-label", null, { id: labelId });
     label.append(icon(message.role === "user" ? "user" : "spark", { size: 16 }),
       el("span", "role-name", ROLE_NAMES[message.role] ?? message.role));
-    if (message.role === "assistant" && message.model) label.append(el("span", "role-model", message.model));
+    if (message.role === "assistant" && message.model) label.append(modelChip(message.model, message.engine, message.quantization));
     const body = el("div", "body");
     // A reply made under a JSON schema shows as formatted JSON, checked against it.
     if (message.role === "assistant") {

@@ -1,9 +1,10 @@
 // The reply format setting (text, or JSON following a schema) and structured replies' view.
-// The setting is the conversation's: PATCH /api/conversations/<id> {"settings":
-// {"response_format": {...}}} (null clears it); the server runs the model under a grammar.
+// The setting is the conversation's, saved with the rest of the sheet (ui/settings.js):
+// PATCH /api/conversations/<id> {"settings": {"response_format": {...}}} (null clears it); the
+// server runs the model under a grammar.
 // The page checks only that the schema is a JSON object: whether it is within the server's
 // limits (repetitions, sizes, ambiguity) is the server's verdict, the same one a chat or /v1
-// gets, shown here when the schema is saved.
+// gets, shown here when the sheet is saved.
 //   readReplyFormat()          -> the response_format to send (null for plain text), or
 //                                 undefined while the schema is invalid
 //   showReplyFormat(settings)  -> show a conversation's settings in the controls
@@ -32,6 +33,21 @@ export function readReplyFormat() {
   const { schema } = schemaProblem(controls.schema.value);
   if (!schema) return undefined;
   return { type: "json_schema", json_schema: { name: "reply", schema } };
+}
+
+// What the sheet's Save (ui/settings.js) says beside the schema: saved, or the server's refusal.
+export function replyFormatSaved(format) {
+  if (!controls) return;
+  controls.note.textContent = format ? "Saved: replies in this conversation follow the schema." : "Saved: replies are plain text.";
+  controls.note.dataset.level = "ok";
+}
+
+export function replyFormatRefused(message) {
+  if (!controls) return;
+  // The server's refusal (a limit, a pattern it cannot follow) belongs next to the schema.
+  controls.note.textContent = `Refused by the server: ${message}`;
+  controls.note.dataset.level = "bad";
+  controls.schema.setAttribute("aria-invalid", "true");
 }
 
 export function showReplyFormat(settings) {
@@ -99,13 +115,14 @@ export function renderStructured(element, message) {
 // An example to start from.
 const EXAMPLE = { type: "object", properties: { answer: { type: "string" } }, required: ["answer"] };
 
-// container: an element in the reply settings (chat.html's reply-format block).
-export function initReplyFormat(container, { onError = () => {} }) {
+// container: an element in the reply settings (chat.html's reply-format block); the sheet's
+// one Save button (ui/settings.js) stores it with the other settings. Each edit is announced
+// on the container ("bchat:reply-format-edited") so the sheet knows it has unsaved changes.
+export function initReplyFormat(container) {
   if (!container) return;
   const kind = container.querySelector('[data-testid="reply-format"]');
   const schema = container.querySelector('[data-testid="reply-schema"]');
   const note = container.querySelector('[data-testid="reply-schema-note"]');
-  const save = container.querySelector('[data-testid="reply-format-save"]');
   if (!schema.value) schema.value = JSON.stringify(EXAMPLE, null, 2);
   const refresh = () => {
     const json = kind.value === "json_schema";
@@ -113,34 +130,17 @@ export function initReplyFormat(container, { onError = () => {} }) {
     const { problem } = json ? schemaProblem(schema.value) : {};
     schema.setAttribute("aria-invalid", String(Boolean(problem)));
     note.dataset.level = problem ? "bad" : "ok";
-    note.textContent = !json ? "Replies are plain text (markdown)."
-      : problem ? `Invalid schema: ${problem}` : state.conversationId ? "A valid schema." : "A valid schema: it is saved once the conversation has its first message.";
-    save.disabled = Boolean(problem) || !state.conversationId;
+    note.textContent = !json ? "Replies are plain text (markdown)." : problem ? `Invalid schema: ${problem}` : "A valid schema.";
   };
-  controls = { kind, schema, refresh };
+  controls = { kind, schema, note, refresh };
   let edits = 0; // the reader's changes win over a conversation's settings still loading
   const edited = () => {
     edits += 1;
     refresh();
+    container.dispatchEvent(new Event("bchat:reply-format-edited"));
   };
   kind.addEventListener("change", edited);
   schema.addEventListener("input", edited);
-  save.addEventListener("click", async () => {
-    const format = readReplyFormat();
-    const id = state.conversationId;
-    if (format === undefined || !id) return;
-    try {
-      await api.updateConversation(id, { settings: { response_format: format } });
-      note.textContent = format ? "Saved: replies in this conversation follow the schema." : "Saved: replies are plain text.";
-      note.dataset.level = "ok";
-    } catch (err) {
-      // The server's refusal (a limit, a pattern it cannot follow) belongs next to the schema.
-      note.textContent = `Refused by the server: ${err.message}`;
-      note.dataset.level = "bad";
-      schema.setAttribute("aria-invalid", "true");
-      onError(err.message);
-    }
-  });
   // The settings menu shows the open conversation's own format each time it opens.
   const menu = container.closest("details");
   // Counted from the last close, not from the toggle event: that event is queued, so a
