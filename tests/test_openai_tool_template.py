@@ -13,10 +13,10 @@ import openai
 import pytest
 from llama_cpp import Llama
 from test_openai_api import LOOSE, TIME_TOOL, WEATHER_TOOL
-from tiny_model import HERMES_TOOLS_TEMPLATE, write_tiny_model
+from tiny_model import CHATML_TEMPLATE, HERMES_TOOLS_TEMPLATE, write_tiny_model
 
 from webapp.engines.inference import PromptBuilder
-from webapp.engines.structured import prompt_messages
+from webapp.engines.structured import prompt_messages, template_tool_style
 
 HISTORY = [
     {"role": "user", "content": "weather in Paris?"},
@@ -70,6 +70,27 @@ def test_a_template_with_a_tools_section_renders_the_tools_itself(hermes_model, 
     assert json.dumps([WEATHER_TOOL["function"]], separators=(",", ":")) in text
     assert '<tool_response>\n{"sky": "clear"}\n</tool_response>' in text
     assert FALLBACK_MARK not in prompt(plain, HISTORY[:1], [WEATHER_TOOL], "none")
+
+
+def test_only_templates_that_write_calls_as_the_grammar_does_get_the_tools():
+    """The template is rendered with a probe call: one that mentions <tool_call> and tools but
+    writes calls otherwise (GLM's, MiniMax's, Qwen3-Coder's XML; here arguments that are not
+    JSON) gets bchat's instructions, which describe the format the grammar holds a call to."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    def style(template: str) -> str | None:
+        formatter = Jinja2ChatFormatter(template=template, eos_token="", bos_token="")
+        return template_tool_style(
+            template, lambda messages, tools: formatter(messages=messages, tools=tools).prompt)
+
+    assert style(HERMES_TOOLS_TEMPLATE) == "hermes"
+    assert style(HERMES_TOOLS_TEMPLATE.replace("tool_call.arguments | tojson",
+                                               "tool_call.arguments | string")) is None
+    xml = HERMES_TOOLS_TEMPLATE.replace("""{"name": "' + tool_call.name""",
+                                        """' + tool_call.name + '<arg_key>'""")
+    assert xml != HERMES_TOOLS_TEMPLATE and style(xml) is None
+    assert style(HERMES_TOOLS_TEMPLATE.replace("{{- tool | tojson }}", "")) is None  # unlisted
+    assert style(CHATML_TEMPLATE) is None
 
 
 def test_a_tool_call_through_the_models_own_template(hermes_model, make_app, make_live_server):

@@ -307,7 +307,8 @@ class PromptBuilder:
         # Whether the template renders tools itself (structured.template_tool_style).
         from .structured import template_tool_style
 
-        self.tool_style = template_tool_style(template)
+        self.tool_style = template_tool_style(
+            template, lambda messages, tools: self._formatter(messages=messages, tools=tools).prompt)
 
     def text(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt, formatted by the model's template (with ``tools`` in its render context,

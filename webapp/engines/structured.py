@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -864,15 +865,37 @@ def tool_instructions(tools: list[dict[str, Any]], tool_choice: Any) -> str:
             "results come in <tool_response>.")
 
 
-def template_tool_style(template: str) -> str | None:
-    """"hermes" when a chat template has a tools section in the Hermes/Qwen convention this
-    module's grammar writes (``<tool_call>`` JSON blocks), else None (bchat's instructions).
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "bchat_probe", "description": "probe",
+    "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}}
+_PROBE_CALL = {"name": "bchat_probe", "arguments": {"n": 1}}
 
-    llama.cpp's test (common/chat.cpp picks its Hermes 2 Pro handler when the template's
-    source holds "<tool_call>"), narrowed to templates that read ``tools`` and leaving out
-    Qwen3-Coder's XML calls (``<function=…>``), whose format the grammar does not write."""
-    if TOOL_OPEN in template and "<function=" not in template and re.search(r"\btools\b", template):
-        return "hermes"
+
+def template_tool_style(template: str, render: Callable[[list, list], str]) -> str | None:
+    """"hermes" when a chat template has a tools section and writes a call the way this
+    module's grammar does (a ``<tool_call>`` block of {"name", "arguments"} JSON, as Qwen2.5,
+    Qwen3 and Hermes do), else None (bchat's own instructions).
+
+    Decided as llama.cpp does (its auto-parser renders the template with a sample call; older
+    builds looked for "<tool_call>" in the source, which GLM's, MiniMax's and Qwen3-Coder's
+    XML calls also hold): ``render(messages, tools)`` renders a probe tool and a call of it,
+    and the call must come back as that JSON and the tool must be listed."""
+    if TOOL_OPEN not in template or not re.search(r"\btools\b", template):
+        return None
+    try:
+        text = render([{"role": "user", "content": "x"},
+                       {"role": "assistant", "content": "", "tool_calls": [
+                           {"id": "call_probe", "type": "function", "function": _PROBE_CALL}]}],
+                      [_PROBE_TOOL])
+    except Exception:  # a template that cannot render this is not one to trust with tools
+        return None
+    blocks = re.findall(re.escape(TOOL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CLOSE), text, re.S)
+    for block in blocks:
+        try:
+            if json.loads(block) == _PROBE_CALL and text.count("bchat_probe") >= 2:
+                return "hermes"
+        except ValueError:
+            continue
     return None
 
 
