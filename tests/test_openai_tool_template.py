@@ -72,6 +72,26 @@ def test_a_template_with_a_tools_section_renders_the_tools_itself(hermes_model, 
     assert FALLBACK_MARK not in prompt(plain, HISTORY[:1], [WEATHER_TOOL], "none")
 
 
+def test_a_tool_use_template_beside_the_default_renders_requests_with_tools(tmp_path):
+    """GGUFs like Hermes 3's carry tokenizer.chat_template.tool_use: llama.cpp renders requests
+    with tools (and so their tool turns) with it, and the rest with the default."""
+    default = "(default)" + CHATML_TEMPLATE
+    path = write_tiny_model(tmp_path / "tool-use.gguf", chat_template=[
+        {"name": "default", "template": default},
+        {"name": "tool_use", "template": HERMES_TOOLS_TEMPLATE}])
+    both = builder(path)
+    assert both.tool_style == "hermes"
+    with_tools = prompt(both, HISTORY, [WEATHER_TOOL], "auto")
+    assert "<tools>" in with_tools and FALLBACK_MARK not in with_tools
+    assert '"arguments": {"city": "Paris", "days": 1}' in with_tools
+    assert not with_tools.startswith("(default)")
+    # tool turns without tools ("none"): still the template that knows them
+    assert "<tool_response>" in prompt(both, HISTORY, [WEATHER_TOOL], "none")
+    assert not prompt(both, HISTORY, [WEATHER_TOOL], "none").startswith("(default)")
+    assert prompt(both, HISTORY[:1], None, None) == "(default)<|im_start|>user\nweather in Paris?" \
+                                                    "<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_only_templates_that_write_calls_as_the_grammar_does_get_the_tools():
     """The template is rendered with a probe call: one that mentions <tool_call> and tools but
     writes calls otherwise (GLM's, MiniMax's, Qwen3-Coder's XML; here arguments that are not

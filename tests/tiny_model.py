@@ -99,7 +99,7 @@ def write_tiny_model(
     heads: int = 4,
     ff: int = 128,
     seed: int = 1234,
-    chat_template: str | None = CHATML_TEMPLATE,
+    chat_template: str | list[dict[str, str]] | None = CHATML_TEMPLATE,  # or named templates
     name: str = "bchat-tiny-test",
 ) -> Path:
     import gguf

@@ -296,19 +296,39 @@ class PromptBuilder:
         eos_id, bos_id = llama.token_eos(), llama.token_bos()
         self._llama = llama  # holds the model (and so its vocabulary) alive
         self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
-        self._formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=llama._model.token_get_text(eos_id) if eos_id != -1 else "",
-            bos_token=llama._model.token_get_text(bos_id) if bos_id != -1 else "",
-            stop_token_ids=[eos_id],
-        )
+
+        def formatter(source: str) -> Jinja2ChatFormatter:
+            return Jinja2ChatFormatter(
+                template=source,
+                eos_token=llama._model.token_get_text(eos_id) if eos_id != -1 else "",
+                bos_token=llama._model.token_get_text(bos_id) if bos_id != -1 else "",
+                stop_token_ids=[eos_id],
+            )
+
+        self._formatter = formatter(template)
         self._splitter = special_splitter(self._vocab)
         self._cache = TokenCache()
-        # Whether the template renders tools itself (structured.template_tool_style).
+        # Whether a template renders tools itself (structured.template_tool_style). Some GGUFs
+        # (Hermes 3, Command R) carry a second template for requests with tools,
+        # tokenizer.chat_template.tool_use, which llama.cpp renders those with: so does bchat.
         from .structured import template_tool_style
 
+        self._tool_formatter = self._formatter
+        tool_use = llama.metadata.get("tokenizer.chat_template.tool_use")
+        if tool_use and tool_use != template:
+            try:
+                candidate = formatter(tool_use)
+            except Exception:  # one that does not compile leaves the default to do all
+                candidate = None
+            if candidate is not None and template_tool_style(tool_use, self._renderer(candidate)):
+                self._tool_formatter = candidate
         self.tool_style = template_tool_style(
-            template, lambda messages, tools: self._formatter(messages=messages, tools=tools).prompt)
+            tool_use if self._tool_formatter is not self._formatter else template,
+            self._renderer(self._tool_formatter))
+
+    @staticmethod
+    def _renderer(formatter):
+        return lambda messages, tools: formatter(messages=messages, tools=tools).prompt
 
     def text(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt, formatted by the model's template (with ``tools`` in its render context,
@@ -320,7 +340,10 @@ class PromptBuilder:
         if messages and messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
             prefix = messages[-1]["content"]
             messages = messages[:-1]
-        return self._formatter(messages=messages, tools=tools).prompt + prefix
+        # The tool-use template for tools or tool turns, as llama.cpp picks it (when it has one).
+        turns = tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        formatter = self._tool_formatter if turns else self._formatter
+        return formatter(messages=messages, tools=tools).prompt + prefix
 
     def tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
                ) -> list[int]:
