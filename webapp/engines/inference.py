@@ -313,22 +313,18 @@ class PromptBuilder:
         # tokenizer.chat_template.tool_use, which llama.cpp renders those with: so does bchat.
         from .structured import template_tool_style
 
-        self._tool_formatter = self._formatter
+        self._tool_formatter, self.tool_style = self._formatter, None
         tool_use = llama.metadata.get("tokenizer.chat_template.tool_use")
-        if tool_use and tool_use != template:
+        for source in ([tool_use] if tool_use and tool_use != template else []) + [template]:
             try:
-                candidate = formatter(tool_use)
-            except Exception:  # one that does not compile leaves the default to do all
-                candidate = None
-            if candidate is not None and template_tool_style(tool_use, self._renderer(candidate)):
-                self._tool_formatter = candidate
-        self.tool_style = template_tool_style(
-            tool_use if self._tool_formatter is not self._formatter else template,
-            self._renderer(self._tool_formatter))
-
-    @staticmethod
-    def _renderer(formatter):
-        return lambda messages, tools: formatter(messages=messages, tools=tools).prompt
+                candidate = self._formatter if source is template else formatter(source)
+            except Exception:  # a tool-use template that does not compile: the default does all
+                continue
+            style = template_tool_style(source, lambda messages, tools, f=candidate:
+                                        f(messages=messages, tools=tools).prompt)
+            if style:
+                self._tool_formatter, self.tool_style = candidate, style
+                break
 
     def text(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt, formatted by the model's template (with ``tools`` in its render context,
