@@ -2,7 +2,9 @@
 
 1. End to end: the engine in process (no HTTP), the same prompt, one request at a time,
    through the batched worker with 4 slots and with 1 (a grammar sampler checked beside the
-   slot's chain). Decode tok/s per mode.
+   slot's chain). Decode tok/s per mode, and the prompt's tokens: a tool call's prompt carries
+   the tool list (in the model's own template where it has a tools section, else bchat's
+   instructions), so its extra tokens over free text are what tools cost before decoding.
 2. Where the time goes: the same sampler chains driven by hand, timing llama_decode and
    llama_sampler_sample apart, per token. Sampling runs on one thread, so its cost (the
    grammar checks every candidate of the 49k vocabulary) stays meaningful on a busy machine,
@@ -15,6 +17,7 @@
    model's own pick is refused), on the model's vocabulary.
 
     .venv/bin/python bench/structured_speed.py [--model PATH] [--threads N] [--tokens 128] [--runs 2]
+    .venv/bin/python bench/structured_speed.py --prompts [--model PATH]
     .venv/bin/python bench/structured_speed.py --checks [--model PATH]
 """
 
@@ -44,6 +47,12 @@ SCHEMA = {
 }
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
 def main() -> int:
     from webapp.catalogue import ModelCatalogue
     from webapp.config import bundled_model_path
@@ -57,6 +66,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--checks", action="store_true", help="only time checks and grammars")
+    parser.add_argument("--prompts", action="store_true",
+                        help="only count the prompt tokens of each mode (no decoding)")
     args = parser.parse_args()
     if args.checks:
         checks(args)
@@ -66,29 +77,40 @@ def main() -> int:
         "json_schema": {"response_format": {"type": "json_schema",
                                             "json_schema": {"name": "people", "schema": SCHEMA}}},
         "json_object": {"response_format": {"type": "json_object"}},
+        "tool call": {"tools": TOOLS, "tool_choice": "required"},
     }
+    if args.prompts:
+        args.runs, args.tokens = 1, 1
     print(f"model {Path(args.model).name}, {args.threads} threads, {args.tokens} tokens, "
           f"median of {args.runs}")
-    for parallel in (4, 1):
+    for parallel in (4,) if args.prompts else (4, 1):
         engine = LlamaCppEngine(ModelCatalogue(args.model), n_ctx=2048, n_threads=args.threads,
                                 parallel=parallel, preload=True)
         model = engine.models()[0].id
         speeds: dict[str, list[float]] = {name: [] for name in modes}
+        prompts: dict[str, int] = {}
         for run in range(args.runs):  # modes interleaved, so a busy moment hits them alike
             for name, extra in modes.items():
                 options = GenerationOptions.parse({"max_tokens": args.tokens, "temperature": 0.7,
-                                                   "seed": run, **extra})
+                                                   "seed": run, **extra}, allow_tools=True)
                 for item in timed(engine.stream(model, [{"role": "user", "content": PROMPT}],
                                                 options, threading.Event())):
                     if isinstance(item, Finished):
                         speeds[name].append(item.tokens_per_second or 0.0)
+                        prompts[name] = item.prompt_tokens
         results = {name: statistics.median(values) for name, values in speeds.items()}
         engine.close()
         worker = f"{parallel} slot(s)"
         base = results["free text"]
         for name, speed in results.items():
-            print(f"{worker:22s} {name:12s} {speed:7.1f} tok/s  ({speed / base:.2f}x free text)")
-    breakdown(args, modes)
+            if args.prompts:
+                print(f"{name:12s} prompt {prompts[name]} tokens "
+                      f"(+{prompts[name] - prompts['free text']} over free text)")
+                continue
+            print(f"{worker:22s} {name:12s} {speed:7.1f} tok/s  ({speed / base:.2f}x free text)"
+                  f"  prompt {prompts[name]} tokens (+{prompts[name] - prompts['free text']})")
+    if not args.prompts:
+        breakdown(args, modes)
     return 0
 
 
@@ -105,7 +127,7 @@ def breakdown(args, modes) -> None:
     totals = {name: [0.0, 0.0, 0] for name in modes}  # decode s, sample s, tokens
     for run in range(args.runs):
         for name, extra in modes.items():
-            grammar = GenerationOptions.parse(extra).grammar
+            grammar = GenerationOptions.parse(extra, allow_tools=True).grammar
             chain = llama_cpp.llama_sampler_chain_init(
                 llama_cpp.llama_sampler_chain_default_params())
             if grammar:

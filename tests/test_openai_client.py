@@ -83,15 +83,19 @@ def test_n_choices_run_side_by_side_and_the_same_seed_gives_the_same_ones(
     assert [c.message.content for c in client.chat.completions.create(**ask).choices] == texts
 
     streamed: dict[int, list[str]] = {0: [], 1: [], 2: []}
-    finished, usage = set(), None
+    finished, usage, replies = set(), None, {0: set(), 1: set(), 2: set()}
     for chunk in client.chat.completions.create(**ask, stream=True,
                                                 stream_options={"include_usage": True}):
         usage = chunk.usage or usage
         for choice in chunk.choices:
             streamed[choice.index].append(choice.delta.content or "")
+            replies[choice.index].add(chunk.model_extra["bchat"]["message_id"])
             if choice.finish_reason:
                 finished.add(choice.index)
     assert ["".join(streamed[i]) for i in range(3)] == texts and finished == {0, 1, 2}
+    # Each choice's chunks name its own reply, the same one throughout.
+    assert all(len(ids) == 1 for ids in replies.values())
+    assert len(set().union(*replies.values())) == 3
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
         whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens)
     # A stored call keeps choice 0 as the conversation's reply (one reply to one message).

@@ -60,6 +60,29 @@ def test_bad_logit_bias_is_400_invalid_value(api, bias):  # noqa: F811
                                            stream=stream, logit_bias=bias)
         assert err.value.body["code"] == "invalid_value", err.value.body
         assert "logit_bias" in err.value.body["message"]
+        assert err.value.body["param"] == "logit_bias", err.value.body
+
+
+def test_top_logprobs_without_logprobs_is_400_as_openai_answers(api):  # noqa: F811
+    *_, client = api
+    for logprobs in (None, False):
+        extra = {} if logprobs is None else {"logprobs": logprobs}
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny-chat", messages=HI, max_tokens=2,
+                                           top_logprobs=2, **extra)
+        assert (err.value.body["code"], err.value.body["param"]) == ("invalid_value",
+                                                                      "top_logprobs")
+
+
+def test_a_stored_call_records_its_logit_bias_and_logprobs(api):  # noqa: F811
+    _server, visitor, _key, client = api
+    client.chat.completions.create(model="tiny-chat", messages=HI, max_tokens=2, logprobs=True,
+                                   top_logprobs=3, logit_bias={"7": -100, "0012": 5})
+    conversation = visitor.json("GET", "/api/conversations")[1]["conversations"][0]
+    stored = visitor.json("GET", f"/api/conversations/{conversation['id']}")[1]["messages"]
+    options = stored[-1]["meta"]["options"]
+    assert options["logit_bias"] == {"7": -100, "12": 5}
+    assert (options["logprobs"], options["top_logprobs"]) == (True, 3)
 
 
 def client_of(server) -> openai.OpenAI:

@@ -44,6 +44,8 @@ OPENAI_CODES = {
     "not_found": "not_found", "internal": "server_error", "model_failed": "server_error",
     "bad_logit_bias": "invalid_value",
 }
+# The request field an engine's refusal is about (the engine knows the code, not the field).
+CODE_PARAMS = {"bad_logit_bias": "logit_bias", "context_too_long": "messages"}
 # HTTP status → OpenAI's error type.
 OPENAI_TYPES = {403: "permission_error", 429: "requests"}
 
@@ -70,7 +72,8 @@ class AppError(Exception):
         """OpenAI's dialect: its codes and types, and the ``param`` at fault."""
         kind = OPENAI_TYPES.get(self.status) or (
             "server_error" if self.status >= 500 else "invalid_request_error")
-        return {"message": self.message, "type": kind, "param": self.param,
+        return {"message": self.message, "type": kind,
+                "param": self.param or CODE_PARAMS.get(self.code),
                 "code": OPENAI_CODES.get(self.code, self.code)}
 
     def response(self, dialect: str = "bchat") -> Response:

@@ -107,11 +107,14 @@ def chat_completions():
     runs = services.runs.start_api(owner, call.messages, model=call.model, options=call.options,
                                    store=call.store, ip=request.remote_addr, watcher=watcher,
                                    n=call.n)
-    extra = {"bchat": {"conversation_id": runs[0].conversation_id or None,
-                       "message_id": runs[0].message_id, "stored": call.store}}
-    first_shaper = CompletionShaper(runs[0].model, call.options, extra=extra)
-    # Choice i is run i; the frames of all n come through the one watcher.
-    shapers = {run.message_id: first_shaper.sibling(i) if i else first_shaper
+    def ids(run) -> dict[str, Any]:
+        return {"bchat": {"conversation_id": run.conversation_id or None,
+                          "message_id": run.message_id, "stored": call.store}}
+
+    first_shaper = CompletionShaper(runs[0].model, call.options, extra=ids(runs[0]))
+    # Choice i is run i; the frames of all n come through the one watcher. Each choice's
+    # chunks name its own reply.
+    shapers = {run.message_id: first_shaper.sibling(i, ids(run)) if i else first_shaper
                for i, run in enumerate(runs)}
     usages: dict[str, dict[str, Any]] = {}  # each choice's, once done
 

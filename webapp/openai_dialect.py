@@ -184,10 +184,10 @@ class CompletionShaper:
         self.logprobs = options.logprobs
         self._logprobs: list[dict[str, Any]] = []  # entries fed, not yet in a chunk
 
-    def sibling(self, index: int) -> CompletionShaper:
+    def sibling(self, index: int, extra: dict[str, Any] | None = None) -> CompletionShaper:
         """The shaper of choice ``index`` of the same completion (its usage comes once, from
-        whoever sums it)."""
-        other = CompletionShaper(self.model, self.options, extra=self.extra, index=index)
+        whoever sums it); ``extra``: its chunks' own fields (its reply's ids), else these."""
+        other = CompletionShaper(self.model, self.options, extra=extra or self.extra, index=index)
         other.id, other.created = self.id, self.created
         return other
 

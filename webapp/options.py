@@ -42,6 +42,9 @@ class Option:
     page: bool = False
     schema: dict[str, Any] = field(default_factory=dict)  # kinds without a range
     example: Any = None
+    # Fields the option is only valid beside, as its example needs them (published as
+    # x-requires: OpenAI refuses top_logprobs without logprobs: true).
+    requires: dict[str, Any] = field(default_factory=dict)
 
 
 # response_format as published: the three types OpenAI has, the schema a small subset (what
@@ -91,7 +94,8 @@ OPTIONS: dict[str, Option] = {
         "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
         example={"15": -100}),
     "logprobs": Option("boolean", where=("v1",), schema={"type": "boolean"}, example=True),
-    "top_logprobs": Option("integer", None, 0, TOP_LOGPROBS, 1, where=("v1",), example=2),
+    "top_logprobs": Option("integer", None, 0, TOP_LOGPROBS, 1, where=("v1",), example=2,
+                           requires={"logprobs": True}),
 }
 # Settings that are not generation options: which model writes a conversation's replies, where.
 SETTINGS_ONLY: dict[str, dict[str, Any]] = {
@@ -126,7 +130,8 @@ def option_schema(name: str, config: Mapping[str, Any] = CONFIG_DEFAULTS) -> dic
         schema = {"anyOf": [item, {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": item}]}
     else:
         schema = dict(option.schema)
-    return {**schema, "nullable": True, "example": option.example}
+    extra = {"x-requires": option.requires} if option.requires else {}
+    return {**schema, "nullable": True, "example": option.example, **extra}
 
 
 def page_options(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -199,11 +204,9 @@ class GenerationOptions:
         logprobs = raw.get("logprobs")
         if logprobs is not None and not isinstance(logprobs, bool):
             raise Invalid("bad_options", "logprobs must be true or false", param="logprobs")
-        if values.get("top_logprobs") is not None:  # asks for logprobs, unless refused
-            if logprobs is False:
-                raise Invalid("bad_options", "top_logprobs needs logprobs: true",
-                              param="top_logprobs")
-            logprobs = True
+        # As OpenAI and llama-server: top_logprobs alone is a mistake, not a request.
+        if values.get("top_logprobs") is not None and logprobs is not True:
+            raise Invalid("bad_options", "top_logprobs needs logprobs: true", param="top_logprobs")
         system = raw.get("system")
         if system is not None and (not isinstance(system, str) or
                                    len(system) > _value(OPTIONS["system"].max, config)):
@@ -254,6 +257,10 @@ class GenerationOptions:
         if self.tools:
             data["tools"] = [t["function"]["name"] for t in self.tools]
             data["tool_choice"] = self.tool_choice
+        if self.logit_bias:  # it shaped the reply as much as the temperature did
+            data["logit_bias"] = dict(self.logit_bias)
+        if self.logprobs:
+            data["logprobs"], data["top_logprobs"] = True, self.top_logprobs
         return data
 
 

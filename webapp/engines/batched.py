@@ -157,13 +157,14 @@ class ModelWorker:
         return drain(request, heartbeat) if fitted else ended(outcome)
 
     def _fit(self, request: Request) -> None:
-        from .structured import render_messages
+        from .structured import prompt_messages
 
         opts = request.options
         check_logit_bias(opts, self._n_vocab)
-        messages = render_messages(request.messages, opts.tools, opts.tool_choice)
+        messages, tools = prompt_messages(self._builder.tool_style, request.messages, opts.tools,
+                                          opts.tool_choice)
         request.prompt, request.dropped, request.max_tokens = self._builder.fit(
-            messages, opts.system, self.n_ctx, opts.max_tokens
+            messages, opts.system, self.n_ctx, opts.max_tokens, tools
         )
 
     def _busy_slots(self) -> int:

@@ -296,28 +296,55 @@ class PromptBuilder:
         eos_id, bos_id = llama.token_eos(), llama.token_bos()
         self._llama = llama  # holds the model (and so its vocabulary) alive
         self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
-        self._formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=llama._model.token_get_text(eos_id) if eos_id != -1 else "",
-            bos_token=llama._model.token_get_text(bos_id) if bos_id != -1 else "",
-            stop_token_ids=[eos_id],
-        )
+
+        def formatter(source: str) -> Jinja2ChatFormatter:
+            return Jinja2ChatFormatter(
+                template=source,
+                eos_token=llama._model.token_get_text(eos_id) if eos_id != -1 else "",
+                bos_token=llama._model.token_get_text(bos_id) if bos_id != -1 else "",
+                stop_token_ids=[eos_id],
+            )
+
+        self._formatter = formatter(template)
         self._splitter = special_splitter(self._vocab)
         self._cache = TokenCache()
+        # Whether a template renders tools itself (structured.template_tool_style). Some GGUFs
+        # (Hermes 3, Command R) carry a second template for requests with tools,
+        # tokenizer.chat_template.tool_use, which llama.cpp renders those with: so does bchat.
+        from .structured import template_tool_style
 
-    def text(self, messages: list[dict[str, str]]) -> str:
-        """The prompt, formatted by the model's template. A trailing assistant message is a
-        reply being continued: the prompt opens the assistant turn and ends with its text, so
-        the model writes on from there instead of starting a new turn."""
+        self._tool_formatter, self.tool_style = self._formatter, None
+        tool_use = llama.metadata.get("tokenizer.chat_template.tool_use")
+        for source in ([tool_use] if tool_use and tool_use != template else []) + [template]:
+            try:
+                candidate = self._formatter if source is template else formatter(source)
+            except Exception:  # a tool-use template that does not compile: the default does all
+                continue
+            style = template_tool_style(source, lambda messages, tools, f=candidate:
+                                        f(messages=messages, tools=tools).prompt)
+            if style:
+                self._tool_formatter, self.tool_style = candidate, style
+                break
+
+    def text(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt, formatted by the model's template (with ``tools`` in its render context,
+        as transformers and llama.cpp's --jinja pass them, for a template with a tools section).
+        A trailing assistant message is a reply being continued: the prompt opens the assistant
+        turn and ends with its text, so the model writes on from there instead of starting a
+        new turn."""
         prefix = ""
-        if messages and messages[-1]["role"] == "assistant":
+        if messages and messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
             prefix = messages[-1]["content"]
             messages = messages[:-1]
-        return self._formatter(messages=messages).prompt + prefix
+        # The tool-use template for tools or tool turns, as llama.cpp picks it (when it has one).
+        turns = tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        formatter = self._tool_formatter if turns else self._formatter
+        return formatter(messages=messages, tools=tools).prompt + prefix
 
-    def tokens(self, messages: list[dict[str, str]]) -> list[int]:
+    def tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+               ) -> list[int]:
         """The prompt's tokens (the template writes BOS itself when the model wants one)."""
-        return self.tokenize(self.text(messages))
+        return self.tokenize(self.text(messages, tools))
 
     def tokenize(self, text: str) -> list[int]:
         """``text`` tokenized as llama.cpp does with special tokens parsed, piece by piece.
@@ -358,7 +385,8 @@ class PromptBuilder:
             size = -n
 
     def fit(
-        self, messages: list[dict[str, str]], system: str | None, n_ctx: int, max_tokens: int
+        self, messages: list[dict[str, Any]], system: str | None, n_ctx: int, max_tokens: int,
+        tools: list[dict[str, Any]] | None = None,
     ) -> tuple[list[int], int, int]:
         """Drop the oldest turns until prompt + reply room fits ``n_ctx``.
 
@@ -378,7 +406,7 @@ class PromptBuilder:
         # The newest message, and a reply being continued after it, are never dropped.
         keep = 2 if len(turns) > 1 and turns[-1]["role"] == "assistant" else 1
         cuts = cut_points([t["role"] for t in turns], keep)
-        search = FitSearch(self, head, turns, cuts, n_ctx - reserve)
+        search = FitSearch(self, head, turns, cuts, n_ctx - reserve, tools)
         best = search.first_fitting()
         if best is None:
             best = len(cuts) - 1
@@ -421,8 +449,10 @@ class FitSearch:
     GUIDED_TRIES = 4
     TURN_CHARS = 16
 
-    def __init__(self, builder: PromptBuilder, head, turns, cuts: list[int], limit: int) -> None:
+    def __init__(self, builder: PromptBuilder, head, turns, cuts: list[int], limit: int,
+                 tools: list[dict[str, Any]] | None = None) -> None:
         self.builder, self.head, self.turns, self.cuts, self.limit = builder, head, turns, cuts, limit
+        self.tools = tools
         self._exact: dict[int, list[int]] = {}
         # after[i]: the weighted characters of turns[i:].
         after = [0] * (len(turns) + 1)
@@ -434,7 +464,8 @@ class FitSearch:
     def exact(self, j: int) -> list[int]:
         tokens = self._exact.get(j)
         if tokens is None:
-            tokens = self._exact[j] = self.builder.tokens(self.head + self.turns[self.cuts[j]:])
+            tokens = self._exact[j] = self.builder.tokens(self.head + self.turns[self.cuts[j]:],
+                                                          self.tools)
         return tokens
 
     def fits(self, j: int) -> bool:

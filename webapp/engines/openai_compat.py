@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -282,6 +283,10 @@ class OpenAICompatEngine:
             if status == 429:
                 return EngineError(f"{name} is rate-limiting requests (HTTP 429); try again shortly",
                                    code="upstream_rate_limited")
+            refused = _refused_field(text) if status == 500 else None
+            if refused:
+                return EngineError(f"{name} does not take this request's {refused}",
+                                   code="upstream_rejected")
             if status >= 500:
                 return EngineError(f"{name} failed (HTTP {status}): {text}", code="upstream_error")
             return EngineError(f"{name} refused the request (HTTP {status}): {text}",
@@ -318,6 +323,23 @@ def _merge_tool_calls(calls: dict[int, dict[str, Any]], deltas: Any) -> None:
             call["function"]["name"] = name  # sent once, with the first piece
         if isinstance(function.get("arguments"), str):
             call["function"]["arguments"] += function["arguments"]
+
+
+# llama-cpp-python's server answers a body its request model refuses with a 500 whose message
+# is pydantic's: "1 validation error:\n  {'type': …, 'loc': ('body', 'response_format', 'type'),
+# 'msg': "Input should be 'text' or 'json_object'", …}". That is the request's fault, not the
+# server's: a 400 naming the field and the upstream's reason, never a server error.
+_VALIDATION = re.compile(r"^\d+ validation errors?:.*?'loc': \('body', ([^)]*)\).*?"
+                         r"""'msg': (?:"([^"]*)"|'([^']*)')""", re.S)
+
+
+def _refused_field(text: str) -> str | None:
+    """``field.path: reason`` of such a refusal, or None."""
+    found = _VALIDATION.search(text)
+    if not found:
+        return None
+    where = ".".join(part.strip(" '\"") for part in found[1].split(",") if part.strip(" '\""))
+    return f"{where}: {found[2] or found[3]}"
 
 
 class _StreamError(Exception):

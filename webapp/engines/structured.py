@@ -3,8 +3,9 @@
 llama.cpp can only be *made* to follow a format by grammar-constrained sampling: a GBNF grammar
 (from llama.cpp's JSON-schema-to-grammar converter, as vendored in llama-cpp-python) sits at
 the head of a request's sampler chain and masks every token that would break it. This module
-builds those grammars from OpenAI's ``response_format`` and ``tools``/``tool_choice``, writes
-the tool instructions and tool turns into messages a plain chat template accepts, and reads a
+builds those grammars from OpenAI's ``response_format`` and ``tools``/``tool_choice``, hands the
+tools to a chat template with a tools section (or writes short instructions and the tool turns
+into messages a plain chat template accepts), and reads a
 finished (or streaming) reply back into content, reasoning and tool calls. It knows nothing of
 HTTP; upstream engines never use it (they get ``response_format`` and ``tools`` as given).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -849,17 +851,103 @@ def _tool_call_text(call: dict[str, Any]) -> str:
 
 
 def tool_instructions(tools: list[dict[str, Any]], tool_choice: Any) -> str:
-    listed = json.dumps([t["function"] for t in tools], ensure_ascii=False)
+    """bchat's own tool instructions, for a template without a tools section: as few tokens
+    as say what the grammar will hold the reply to (compact JSON, one line of how)."""
+    listed = json.dumps([t["function"] for t in tools], ensure_ascii=False, separators=(",", ":"))
     if tool_choice == "required":
-        when = "You must call one of these functions."
+        when = "Call one."
     elif isinstance(tool_choice, dict):
-        when = f"You must call the function {tool_choice['function']['name']}."
+        when = f"Call {tool_choice['function']['name']}."
     else:
-        when = "Call a function when it helps answer; otherwise reply normally."
-    return (f"You can call functions. {when} The functions, as JSON schemas:\n{listed}\n"
-            f"To call one, reply with only:\n{TOOL_OPEN}\n"
-            '{"name": <function name>, "arguments": <arguments as a JSON object>}\n'
-            f"{TOOL_CLOSE}\nA function's result comes back inside <tool_response></tool_response>.")
+        when = "Call one if it helps, else reply normally."
+    return (f"Functions (JSON schemas): {listed}\n{when} To call, reply only "
+            f'{TOOL_OPEN}{{"name":…,"arguments":{{…}}}}{TOOL_CLOSE}; '
+            "results come in <tool_response>.")
+
+
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "bchat_probe", "description": "probe",
+    "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}}
+_PROBE_CALL = {"name": "bchat_probe", "arguments": {"n": 1}}
+
+
+def template_tool_style(template: str, render: Callable[[list, list], str]) -> str | None:
+    """"hermes" when a chat template has a tools section and writes a call the way this
+    module's grammar does (a ``<tool_call>`` block of {"name", "arguments"} JSON, as Qwen2.5,
+    Qwen3 and Hermes do), else None (bchat's own instructions).
+
+    Decided as llama.cpp does (its auto-parser renders the template with a sample call; older
+    builds looked for "<tool_call>" in the source, which GLM's, MiniMax's and Qwen3-Coder's
+    XML calls also hold): ``render(messages, tools)`` renders a probe tool and a call of it,
+    and the call must come back as that JSON and the tool must be listed."""
+    if TOOL_OPEN not in template or not re.search(r"\btools\b", template):
+        return None
+    try:
+        text = render([{"role": "user", "content": "x"},
+                       {"role": "assistant", "content": "", "tool_calls": [
+                           {"id": "call_probe", "type": "function", "function": _PROBE_CALL}]}],
+                      [_PROBE_TOOL])
+    except Exception:  # a template that cannot render this is not one to trust with tools
+        return None
+    blocks = re.findall(re.escape(TOOL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CLOSE), text, re.S)
+    for block in blocks:
+        try:
+            if json.loads(block) == _PROBE_CALL and text.count("bchat_probe") >= 2:
+                return "hermes"
+        except ValueError:
+            continue
+    return None
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages as a chat template with a tools section reads them (transformers'
+    convention, which llama.cpp's --jinja follows): tool calls and results kept as such,
+    content as text, a call's arguments as an object (templates write them with tojson)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        message: dict[str, Any] = {"role": role, "content": message_text(m.get("content"))}
+        if role == "assistant" and m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                function = call.get("function") or {}
+                arguments = function.get("arguments")
+                if isinstance(arguments, str):
+                    try:
+                        arguments = json.loads(arguments)
+                    except ValueError:
+                        pass
+                calls.append({"id": call.get("id"), "type": "function",
+                              "function": {"name": function.get("name"), "arguments": arguments}})
+            message["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if m.get(key):
+                message[key] = m[key]
+        out.append(message)
+    return out
+
+
+def prompt_messages(tool_style: str | None, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None, tool_choice: Any
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """(messages, tools) to render with a chat template whose tool style is ``tool_style``
+    (template_tool_style): a template with a tools section writes the tools and the tool turns
+    itself, in the format the model was trained on and the grammar holds a call to; any other
+    gets them as text (render_messages) and no tools."""
+    if tool_style:
+        return template_messages(messages), template_tools(tools, tool_choice)
+    return render_messages(messages, tools, tool_choice), None
+
+
+def template_tools(tools: list[dict[str, Any]] | None, tool_choice: Any) -> list[dict[str, Any]] | None:
+    """The tool list a template renders: OpenAI's shape ({"type": "function", "function": …}),
+    none when tool_choice is "none", only the named one when the choice names it."""
+    if not tools or tool_choice == "none":
+        return None
+    if isinstance(tool_choice, dict):
+        name = tool_choice["function"]["name"]
+        tools = [t for t in tools if t["function"]["name"] == name]
+    return [{"type": "function", "function": t["function"]} for t in tools]
 
 
 def render_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,

@@ -1,0 +1,157 @@
+"""Tools in the model's own chat template: a template with a tools section (Hermes/Qwen style)
+gets the tool list in its render context and writes the tool turns itself, with none of bchat's
+instructions; a template without one (the tiny model's ChatML, SmolLM2's) gets bchat's short
+instructions. The tool call comes back in OpenAI's shape through the official client either
+way: the grammar holds the reply to the ``<tool_call>`` format both use."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema_rs
+import openai
+import pytest
+from llama_cpp import Llama
+from test_openai_api import LOOSE, TIME_TOOL, WEATHER_TOOL
+from tiny_model import CHATML_TEMPLATE, HERMES_TOOLS_TEMPLATE, write_tiny_model
+
+from webapp.engines.inference import PromptBuilder
+from webapp.engines.structured import prompt_messages, template_tool_style
+
+HISTORY = [
+    {"role": "user", "content": "weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "clear"}'},
+]
+FALLBACK_MARK = "Functions (JSON schemas)"  # the start of bchat's own instructions
+
+
+@pytest.fixture(scope="module")
+def hermes_model(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("hermes") / "tiny-hermes.gguf",
+                            chat_template=HERMES_TOOLS_TEMPLATE)
+
+
+def builder(path) -> PromptBuilder:
+    return PromptBuilder(Llama(model_path=str(path), n_ctx=512, verbose=False))
+
+
+def prompt(build: PromptBuilder, messages, tools, tool_choice) -> str:
+    return build.text(*prompt_messages(build.tool_style, messages, tools, tool_choice))
+
+
+def test_a_template_with_a_tools_section_renders_the_tools_itself(hermes_model, tiny_model):
+    hermes = builder(hermes_model)
+    assert hermes.tool_style == "hermes"
+    text = prompt(hermes, HISTORY, [WEATHER_TOOL, TIME_TOOL], "auto")
+    # The tool list in the template's own <tools> section, in OpenAI's shape, one a line.
+    listed = text.split("<tools>\n", 1)[1].split("\n</tools>", 1)[0].split("\n")
+    assert [json.loads(line) for line in listed] == [
+        {"type": "function", "function": WEATHER_TOOL["function"]},
+        {"type": "function", "function": TIME_TOOL["function"]}]
+    # The call in the history as the template writes it (arguments an object), the result in
+    # its <tool_response>, and no instructions of bchat's.
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}\n' \
+           "</tool_call><|im_end|>" in text
+    assert '<|im_start|>user\n<tool_response>\n{"sky": "clear"}\n</tool_response>' in text
+    assert FALLBACK_MARK not in text
+    # A named function: only that one is offered; "none": no tools section at all.
+    named = prompt(hermes, HISTORY[:1], [WEATHER_TOOL, TIME_TOOL],
+                   {"type": "function", "function": {"name": "get_time"}})
+    assert '"name": "get_time"' in named and '"name": "get_weather"' not in named
+    assert "<tools>" not in prompt(hermes, HISTORY, [WEATHER_TOOL], "none")
+
+    plain = builder(tiny_model)  # ChatML without a tools section: bchat's short instructions
+    assert plain.tool_style is None
+    text = prompt(plain, HISTORY, [WEATHER_TOOL], "auto")
+    assert FALLBACK_MARK in text and "<tools>" not in text
+    assert json.dumps([WEATHER_TOOL["function"]], separators=(",", ":")) in text
+    assert '<tool_response>\n{"sky": "clear"}\n</tool_response>' in text
+    assert FALLBACK_MARK not in prompt(plain, HISTORY[:1], [WEATHER_TOOL], "none")
+
+
+def test_a_tool_use_template_beside_the_default_renders_requests_with_tools(tmp_path):
+    """GGUFs like Hermes 3's carry tokenizer.chat_template.tool_use: llama.cpp renders requests
+    with tools (and so their tool turns) with it, and the rest with the default."""
+    default = "(default)" + CHATML_TEMPLATE
+    path = write_tiny_model(tmp_path / "tool-use.gguf", chat_template=[
+        {"name": "default", "template": default},
+        {"name": "tool_use", "template": HERMES_TOOLS_TEMPLATE}])
+    both = builder(path)
+    assert both.tool_style == "hermes"
+    with_tools = prompt(both, HISTORY, [WEATHER_TOOL], "auto")
+    assert "<tools>" in with_tools and FALLBACK_MARK not in with_tools
+    assert '"arguments": {"city": "Paris", "days": 1}' in with_tools
+    assert not with_tools.startswith("(default)")
+    # tool turns without tools ("none"): still the template that knows them
+    assert "<tool_response>" in prompt(both, HISTORY, [WEATHER_TOOL], "none")
+    assert not prompt(both, HISTORY, [WEATHER_TOOL], "none").startswith("(default)")
+    assert prompt(both, HISTORY[:1], None, None) == "(default)<|im_start|>user\nweather in Paris?" \
+                                                    "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_only_templates_that_write_calls_as_the_grammar_does_get_the_tools():
+    """The template is rendered with a probe call: one that mentions <tool_call> and tools but
+    writes calls otherwise (GLM's, MiniMax's, Qwen3-Coder's XML; here arguments that are not
+    JSON) gets bchat's instructions, which describe the format the grammar holds a call to."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    def style(template: str) -> str | None:
+        formatter = Jinja2ChatFormatter(template=template, eos_token="", bos_token="")
+        return template_tool_style(
+            template, lambda messages, tools: formatter(messages=messages, tools=tools).prompt)
+
+    assert style(HERMES_TOOLS_TEMPLATE) == "hermes"
+    assert style(HERMES_TOOLS_TEMPLATE.replace("tool_call.arguments | tojson",
+                                               "tool_call.arguments | string")) is None
+    xml = HERMES_TOOLS_TEMPLATE.replace("""{"name": "' + tool_call.name""",
+                                        """' + tool_call.name + '<arg_key>'""")
+    assert xml != HERMES_TOOLS_TEMPLATE and style(xml) is None
+    assert style(HERMES_TOOLS_TEMPLATE.replace("{{- tool | tojson }}", "")) is None  # unlisted
+    assert style(CHATML_TEMPLATE) is None
+
+
+def test_a_tool_call_through_the_models_own_template(hermes_model, make_app, make_live_server):
+    server = make_live_server(make_app(MODEL_PATH=str(hermes_model), **LOOSE))
+    visitor = server.session()
+    visitor.visit()
+    status, body = visitor.json("POST", "/api/keys", {"name": "tests"})
+    assert status == 201
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=body["token"], max_retries=0)
+    model = client.models.list().data[0].id
+    hermes = builder(hermes_model)
+    user = HISTORY[:1]
+
+    done = client.chat.completions.create(model=model, messages=user, max_tokens=120,
+                                          tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required")
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    tool = WEATHER_TOOL if call.function.name == "get_weather" else TIME_TOOL
+    jsonschema_rs.validator_for(tool["function"]["parameters"]).validate(
+        json.loads(call.function.arguments))
+    # The prompt the model read is the template's own rendering of the tools, token for token.
+    assert done.usage.prompt_tokens == len(hermes.tokenize(
+        prompt(hermes, user, [WEATHER_TOOL, TIME_TOOL], "required")))
+
+    # Streamed, the history's call and result through the template, a named function.
+    history = [*user, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function",
+         "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'}]
+    deltas, finish, usage = [], None, None
+    for chunk in client.chat.completions.create(
+            model=model, messages=history, max_tokens=120, stream=True,
+            stream_options={"include_usage": True}, tools=[WEATHER_TOOL, TIME_TOOL],
+            tool_choice={"type": "function", "function": {"name": "get_time"}}):
+        usage = chunk.usage or usage
+        for streamed in chunk.choices:
+            deltas.extend(streamed.delta.tool_calls or [])
+            finish = streamed.finish_reason or finish
+    assert finish == "tool_calls" and deltas[0].function.name == "get_time"
+    assert json.loads(deltas[0].function.arguments)["zone"] in ("UTC", "CET")
+    assert usage.prompt_tokens == len(hermes.tokenize(prompt(
+        hermes, history, [WEATHER_TOOL, TIME_TOOL],
+        {"type": "function", "function": {"name": "get_time"}})))
