@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, select, update
 
+from . import paging
 from .db import Database
 from .errors import AppError, Invalid, NotFound
 from .models import (
@@ -85,14 +86,18 @@ class ChatService:
             raise NotFound("message")
         return message
 
-    def list_conversations(self, owner_id: str) -> list[dict[str, Any]]:
+    def list_conversations(self, owner_id: str, *, limit: int | None = None,
+                           cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest first: (a page of ``limit`` after ``cursor``, the next page's cursor or None);
+        without ``limit``, every conversation (paging.py)."""
+        query = (select(Conversation)
+                 .where(Conversation.owner_id == owner_id, paging.after(cursor))
+                 .order_by(*paging.newest_first()))
+        if limit is not None:
+            query = query.limit(limit + 1)
         with self.db.read() as session:
-            rows = session.scalars(
-                select(Conversation)
-                .where(Conversation.owner_id == owner_id)
-                .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
-            )
-            return [c.to_dict() for c in rows]
+            rows, following = paging.page(session.scalars(query).all(), limit)
+            return [c.to_dict() for c in rows], following
 
     def get_conversation(self, owner_id: str, public_id: str) -> dict[str, Any]:
         with self.db.read() as session:

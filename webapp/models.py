@@ -96,8 +96,9 @@ class Conversation(Base):
         passive_deletes=True,
     )
 
-    # The list's keyset pages read (owner, updated_at, id) in index order (migration 0011).
-    __table_args__ = (Index("ix_conversation_owner_updated_id", "owner_id", "updated_at", "id"),)
+    # The list's keyset pages (paging.py) read (owner, updated_at, public_id) in index order.
+    __table_args__ = (Index("ix_conversation_owner_updated_public_id", "owner_id", "updated_at",
+                            "public_id"),)
 
     def to_dict(self, tree: Any = None) -> dict[str, Any]:
         """The conversation as the API shows it; with ``tree`` (a tree.Tree of its messages,

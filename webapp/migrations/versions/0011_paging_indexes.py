@@ -1,8 +1,8 @@
 """indexes for paged lists and constant-cost appends
 
-``ix_conversation_owner_updated_id`` (owner, updated_at, id) serves the conversation list's
-keyset pages (newest first, id breaking ties) straight from the index on both databases; it
-replaces (owner, updated_at), which PostgreSQL could not use for the tie-break.
+``ix_conversation_owner_updated_public_id`` (owner, updated_at, public_id) serves the
+conversation list's keyset pages (newest first, the public id breaking ties: webapp/paging.py)
+straight from the index on both databases; it replaces (owner, updated_at).
 ``ix_message_conversation_status`` answers "is a reply still streaming in this conversation?"
 (asked before every server reply) without reading the conversation's messages.
 
@@ -24,8 +24,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index('ix_conversation_owner_updated_id', 'conversation',
-                    ['owner_id', 'updated_at', 'id'], unique=False)
+    op.create_index('ix_conversation_owner_updated_public_id', 'conversation',
+                    ['owner_id', 'updated_at', 'public_id'], unique=False)
     op.drop_index('ix_conversation_owner_updated', table_name='conversation')
     op.create_index('ix_message_conversation_status', 'message',
                     ['conversation_id', 'status'], unique=False)
@@ -35,4 +35,4 @@ def downgrade() -> None:
     op.drop_index('ix_message_conversation_status', table_name='message')
     op.create_index('ix_conversation_owner_updated', 'conversation',
                     ['owner_id', 'updated_at'], unique=False)
-    op.drop_index('ix_conversation_owner_updated_id', table_name='conversation')
+    op.drop_index('ix_conversation_owner_updated_public_id', table_name='conversation')

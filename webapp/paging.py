@@ -1,0 +1,68 @@
+"""Keyset pages of conversations (the list and search): newest first, stable under inserts.
+
+A page is ``limit`` rows after a cursor; the cursor is opaque to clients (base64 of the last
+row's ``updated_at`` and public id), so a page never repeats or skips a row because others
+were added meanwhile (as OFFSET would). Ties on ``updated_at`` are broken by the public id,
+not the internal one: integer ids stay internal. A conversation that becomes active between
+two pages moves to the top: the next fresh first page shows it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, true
+
+from .errors import Invalid
+from .models import Conversation
+
+MAX_PAGE = 200  # conversations in one page at most
+
+
+def parse_limit(raw: str | None) -> int | None:
+    """``limit`` from a query string: None when absent (everything, as before paging)."""
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise Invalid("bad_limit", f"limit must be a whole number from 1 to {MAX_PAGE}")
+    return int(raw)
+
+
+def encode_cursor(conv: Conversation) -> str:
+    raw = json.dumps([conv.updated_at.isoformat(), conv.public_id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        updated, public_id = json.loads(raw)
+        if not isinstance(public_id, str):
+            raise ValueError(public_id)
+        return datetime.fromisoformat(updated), public_id
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise Invalid("bad_cursor", "cursor must be a page's next value, as given") from None
+
+
+def newest_first() -> tuple[Any, Any]:
+    return Conversation.updated_at.desc(), Conversation.public_id.desc()
+
+
+def after(cursor: str | None) -> Any:
+    """The rows after ``cursor`` in newest_first() order (true for every row without one)."""
+    if cursor is None:
+        return true()
+    updated, public_id = decode_cursor(cursor)
+    return or_(Conversation.updated_at < updated,
+               and_(Conversation.updated_at == updated, Conversation.public_id < public_id))
+
+
+def page(rows: list[Conversation], limit: int | None) -> tuple[list[Conversation], str | None]:
+    """``rows`` were asked for with ``limit + 1``: the page, and the cursor of the next one."""
+    if limit is None or len(rows) <= limit:
+        return rows, None
+    return rows[:limit], encode_cursor(rows[limit - 1])
