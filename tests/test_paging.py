@@ -66,7 +66,7 @@ def test_conversations_active_at_the_same_instant_page_by_their_public_id(app, c
 @pytest.mark.parametrize("query, code", [
     ("limit=0", "bad_limit"), ("limit=201", "bad_limit"), ("limit=x", "bad_limit"),
     ("limit=-1", "bad_limit"), ("limit=2&cursor=!!", "bad_cursor"),
-    ("limit=2&cursor=WzFd", "bad_cursor"),  # [1]: valid base64 and JSON, not a cursor
+    ("limit=2&cursor=12.ab.cd", "bad_cursor"), ("limit=2&cursor=999999999999999999.ab", "bad_cursor"),
 ])
 def test_a_bad_limit_or_cursor_is_a_400(client, query, code):
     for path in ("/api/conversations", "/api/search?q=x"):
