@@ -85,10 +85,10 @@ def main() -> None:
     appends = []
     for i in range(args.runs):
         began = time.perf_counter()
-        response = client.post(f"/api/conversations/{cid}/messages",
-                               json={"role": "user", "content": f"one more {i}"})
+        posted = client.post(f"/api/conversations/{cid}/messages",
+                             json={"role": "user", "content": f"one more {i}"})
         appends.append((time.perf_counter() - began) * 1000)
-        assert response.status_code == 201
+        assert posted.status_code == 201
     services.close()
     print(f"tree of {len(body['messages'])} messages (current branch {branch} long), "
           f"{len(response.data) / 1024:.0f} KiB of JSON, built in {built:.1f} s")
