@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, select, update
 
 from . import paging
-from .db import Database
+from .db import Database, notify_replies
 from .errors import AppError, Invalid, NotFound
 from .models import (
     ENGINES,
@@ -404,6 +404,7 @@ class ChatService:
                 message.run_owner = None
             conv.updated_at = utcnow()
             session.flush()
+            notify_replies(session, [message.public_id])  # a page's reply: its watchers elsewhere
             return message.to_dict()
 
     def add_reply(
