@@ -55,6 +55,7 @@ def test_the_sidebar_loads_more_conversations_as_it_scrolls(live_server, tmp_pat
         expect(more).to_have_count(0)
         titles = items.locator(".conversation-title").all_text_contents()
         assert titles == [f"c{i}" for i in reversed(range(120))], "newest first, each once"
-        expect(page.get_by_test_id("conversation-list").locator(".list-heading")).to_have_text(["Today"])  # one group, not one a page
+        headings = page.get_by_test_id("conversation-list").locator(".list-heading")
+        expect(headings).to_have_text(["Today"])  # one group, not one a page
         page.screenshot(path=str(shots / f"list-all-{viewport['width']}-{scheme}.png"))
         assert not problems
