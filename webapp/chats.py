@@ -28,7 +28,7 @@ from .models import (
     utcnow,
 )
 from .options import clean_settings
-from .tree import Tree, model_history
+from .tree import Tree, current_branch, model_history  # noqa: F401 (tests import current_branch here)
 
 log = logging.getLogger(__name__)
 
