@@ -13,7 +13,7 @@ import re
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, true
+from sqlalchemy import true, tuple_
 
 from .errors import Invalid
 from .models import Conversation
@@ -55,8 +55,9 @@ def after(cursor: str | None) -> Any:
     if cursor is None:
         return true()
     updated, public_id = decode_cursor(cursor)
-    return or_(Conversation.updated_at < updated,
-               and_(Conversation.updated_at == updated, Conversation.public_id < public_id))
+    # A row-value comparison: both databases start the index scan at the cursor, where an
+    # OR of the two cases would read (and filter) every row of the pages before it.
+    return tuple_(Conversation.updated_at, Conversation.public_id) < tuple_(updated, public_id)
 
 
 def page(rows: list[Conversation], limit: int | None) -> tuple[list[Conversation], str | None]:
