@@ -1,4 +1,4 @@
-"""How long `GET /api/conversations/<id>` takes on a large conversation tree.
+"""How long `GET /api/conversations/<id>` takes on a large conversation tree, and an append to it.
 
 Builds a conversation of N messages (default 1,000) with branches — every 10th reply
 regenerated, every 25th user message edited — in a fresh SQLite file, then times the JSON
@@ -80,12 +80,23 @@ def main() -> None:
     while node:
         branch += 1
         node = by_id[node]["parent_id"]
+    # An append to the long conversation, through the API (what the page's engine posts):
+    # its cost should not grow with the conversation.
+    appends = []
+    for i in range(args.runs):
+        began = time.perf_counter()
+        posted = client.post(f"/api/conversations/{cid}/messages",
+                             json={"role": "user", "content": f"one more {i}"})
+        appends.append((time.perf_counter() - began) * 1000)
+        assert posted.status_code == 201
     services.close()
     print(f"tree of {len(body['messages'])} messages (current branch {branch} long), "
           f"{len(response.data) / 1024:.0f} KiB of JSON, built in {built:.1f} s")
     print(f"GET /api/conversations/<id>: median {statistics.median(times):.1f} ms, "
           f"p95 {statistics.quantiles(times, n=20)[18]:.1f} ms, min {min(times):.1f} ms "
           f"({args.runs} runs, in-process)")
+    print(f"POST /api/conversations/<id>/messages to it: median {statistics.median(appends):.1f} ms, "
+          f"p95 {statistics.quantiles(appends, n=20)[18]:.1f} ms ({args.runs} runs, in-process)")
 
 
 if __name__ == "__main__":

@@ -40,8 +40,7 @@ def test_a_10000_message_import_is_exact_and_other_writes_all_succeed(app):
     partial_sightings: list[int] = []
 
     def write_meanwhile() -> None:
-        # Bounded: each append still reads the whole conversation (the scale issue), so an
-        # unbounded loop on a slow machine makes its own conversation the slow part.
+        # Bounded: a visitor's few hundred posts, not a loop racing the import for the lock.
         for _ in range(200):
             if finished.is_set():
                 break

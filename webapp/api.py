@@ -19,7 +19,8 @@ from .exchange import export_json, export_markdown, parse_import
 from .files import browser_url
 from .models import Provenance
 from .openapi import document
-from .search import MAX_QUERY_CHARS, search
+from .paging import parse_limit
+from .search import MAX_QUERY_CHARS, MAX_RESULTS, search
 from .security import owner_id
 from .services import get_services
 from .validation import SAFE_INTS, check_number, parse_json_text
@@ -111,11 +112,14 @@ def models():
 def list_conversations():
     services = get_services()
     owner = owner_id()
+    limit = parse_limit(request.args.get("limit"))
+    conversations, following = services.chats.list_conversations(
+        owner, limit=limit, cursor=request.args.get("cursor"))
     shared = services.shares.shared_conversation_ids(owner)
-    conversations = services.chats.list_conversations(owner)
     for conversation in conversations:
         conversation["shared"] = conversation["id"] in shared
-    return {"conversations": conversations}
+    # ``next``: the cursor of the following page (null on the last, and without ``limit``).
+    return {"conversations": conversations, "next": following}
 
 
 @bp.post("/api/conversations")
@@ -346,7 +350,10 @@ def search_conversations():
     query = request.args.get("q", "")
     if len(query) > MAX_QUERY_CHARS:
         raise Invalid("query_too_long", f"search for at most {MAX_QUERY_CHARS} characters")
-    return {"results": search(get_services().db, owner_id(), query)}
+    results, following = search(get_services().db, owner_id(), query,
+                                limit=parse_limit(request.args.get("limit")) or MAX_RESULTS,
+                                cursor=request.args.get("cursor"))
+    return {"results": results, "next": following}
 
 
 # -- API keys (for /v1) ------------------------------------------------------------------------

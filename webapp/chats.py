@@ -13,7 +13,8 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, select, update
 
-from .db import Database
+from . import paging
+from .db import Database, notify_replies
 from .errors import AppError, Invalid, NotFound
 from .models import (
     ENGINES,
@@ -27,7 +28,7 @@ from .models import (
     utcnow,
 )
 from .options import clean_settings
-from .tree import Tree, current_branch, model_history
+from .tree import Tree, current_branch, model_history  # noqa: F401 (tests import current_branch here)
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +86,18 @@ class ChatService:
             raise NotFound("message")
         return message
 
-    def list_conversations(self, owner_id: str) -> list[dict[str, Any]]:
+    def list_conversations(self, owner_id: str, *, limit: int | None = None,
+                           cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest first: (a page of ``limit`` after ``cursor``, the next page's cursor or None);
+        without ``limit``, every conversation (paging.py)."""
+        query = (select(Conversation)
+                 .where(Conversation.owner_id == owner_id, paging.after(cursor))
+                 .order_by(*paging.newest_first()))
+        if limit is not None:
+            query = query.limit(limit + 1)
         with self.db.read() as session:
-            rows = session.scalars(
-                select(Conversation)
-                .where(Conversation.owner_id == owner_id)
-                .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
-            )
-            return [c.to_dict() for c in rows]
+            rows, following = paging.page(session.scalars(query).all(), limit)
+            return [c.to_dict() for c in rows], following
 
     def get_conversation(self, owner_id: str, public_id: str) -> dict[str, Any]:
         with self.db.read() as session:
@@ -110,7 +115,49 @@ class ChatService:
         """What a model would see for a new reply on the current branch."""
         with self.db.read() as session:
             conv = self.owned(session, owner_id, public_id)
-            return model_history(current_branch(conv))
+            leaf = self._current_leaf(session, conv)
+            return model_history(self._path(session, leaf.id) if leaf else [])
+
+    # -- the few rows a change needs -------------------------------------------------------
+    # Appending, starting a reply and continuing one read only the rows they need (the parent,
+    # the branch a model sees), never the whole conversation (Conversation.messages): their
+    # cost stays the same on the thousandth message as on the first.
+    @staticmethod
+    def _path(session, message_id: int | None) -> list[Message]:
+        """From the root to ``message_id``, inclusive: the branch, walked up by parent_id in
+        one recursive query (UNION, not UNION ALL: a cycle could not loop forever)."""
+        if message_id is None:
+            return []
+        up = (select(Message.id, Message.parent_id).where(Message.id == message_id)
+              .cte("up", recursive=True))
+        up = up.union(select(Message.id, Message.parent_id).join(up, Message.id == up.c.parent_id))
+        return Tree(session.scalars(select(Message).join(up, Message.id == up.c.id)
+                                    .order_by(Message.id)).all()).path(message_id)
+
+    @staticmethod
+    def _leaf_from(session, message_id: int) -> int:
+        """The newest leaf below ``message_id`` (tree.Tree.leaf_from, one indexed step a level)."""
+        node = message_id
+        while (child := session.scalar(select(Message.id).where(Message.parent_id == node)
+                                       .order_by(Message.id.desc()).limit(1))) is not None:
+            node = child
+        return node
+
+    def _current_leaf(self, session, conv: Conversation) -> Message | None:
+        """The branch on screen's last message (tree.Tree.current without the whole tree)."""
+        if conv.current_message_id is not None:
+            current = session.scalar(select(Message).where(
+                Message.id == conv.current_message_id, Message.conversation_id == conv.id))
+            if current is not None:
+                return current
+        last = session.scalar(select(Message.id).where(Message.conversation_id == conv.id)
+                              .order_by(Message.id.desc()).limit(1))
+        return session.get(Message, self._leaf_from(session, last)) if last is not None else None
+
+    @staticmethod
+    def _has_messages(session, conv: Conversation) -> bool:
+        return session.scalar(select(Message.id).where(Message.conversation_id == conv.id)
+                              .limit(1)) is not None
 
     # -- settings --------------------------------------------------------------------------
     def clean_settings(self, raw: Any) -> dict[str, Any]:
@@ -180,23 +227,25 @@ class ChatService:
         with self.db.write() as session:
             session.delete(self.owned(session, owner_id, public_id))
 
-    def _parent(self, conv: Conversation, parent_id: Any) -> Message | None:
+    def _parent(self, session, conv: Conversation, parent_id: Any) -> Message | None:
         """Where a new message goes: MISSING = after the current leaf, None = a new root."""
         if parent_id is MISSING:
-            current = Tree(conv.messages).current(conv)
-            return next((m for m in conv.messages if m.id == current), None)
+            return self._current_leaf(session, conv)
         if parent_id is None:
             return None
         if not isinstance(parent_id, str):
             raise Invalid("bad_parent", "parent_id must be a message id or null")
-        parent = next((m for m in conv.messages if m.public_id == parent_id), None)
+        parent = session.scalar(select(Message).where(Message.public_id == parent_id,
+                                                      Message.conversation_id == conv.id))
         if parent is None:
             raise NotFound("message")
         return parent
 
     @staticmethod
-    def _refuse_busy(conv: Conversation) -> None:
-        if any(m.status == "streaming" for m in conv.messages):
+    def _refuse_busy(session, conv: Conversation) -> None:
+        streaming = session.scalar(select(Message.id).where(
+            Message.conversation_id == conv.id, Message.status == "streaming").limit(1))
+        if streaming is not None:
             raise AppError("busy", "a reply is still being written in this conversation; "
                            "stop it or wait for it first")
 
@@ -234,26 +283,31 @@ class ChatService:
                 conv = Conversation(owner_id=owner_id, title=title_from(content),
                                     settings=merged or None)
                 session.add(conv)
+                session.flush()
                 parent = None
             else:
                 conv = self.owned(session, owner_id, conversation_id)
                 if provenances:  # a page writing its own reply checks for itself
-                    self._refuse_busy(conv)
-                if conv.title == DEFAULT_TITLE and not conv.messages:
+                    self._refuse_busy(session, conv)
+                if conv.title == DEFAULT_TITLE and not self._has_messages(session, conv):
                     conv.title = title_from(content)
-                parent = self._parent(conv, parent_id)
-            user = Message(role="user", content=content, status="complete",
-                           parent_id=parent.id if parent else None)
-            conv.messages.append(user)
+                parent = self._parent(session, conv, parent_id)
+            user = Message(conversation_id=conv.id, role="user", content=content,
+                           status="complete", parent_id=parent.id if parent else None)
+            session.add(user)
             conv.updated_at = utcnow()
             session.flush()
-            replies = [self._reply_row(conv, user, provenance, run_owner) for provenance in provenances]
+            replies = [self._reply_row(session, conv, user, provenance, run_owner)
+                       for provenance in provenances]
             session.flush()
             conv.current_message_id = replies[0].id if replies else user.id
-            tree = Tree(conv.messages)
-            parents = tree.public_ids()
-            return (conv.to_dict(), user.to_dict(parents),
-                    [r.to_dict(parents) for r in replies], model_history(tree.path(user.id)))
+            # The branch up to the user's message: read only when a model will see it (the
+            # page's own engine keeps its history itself).
+            path = (self._path(session, parent.id) if parent and provenances else
+                    [parent] if parent else []) + [user]
+            parents = {m.id: m.public_id for m in path}
+            return (conv.to_dict(), user.to_dict(parents), [r.to_dict(parents) for r in replies],
+                    model_history(path) if provenances else [])
 
     def begin_regenerate(
         self, owner_id: str, message_id: Any, provenance: Provenance, *, run_owner: str
@@ -265,15 +319,15 @@ class ChatService:
             if original.role != "assistant" or original.parent_id is None:
                 raise Invalid("not_a_reply", "only a reply can be regenerated")
             conv = original.conversation
-            self._refuse_busy(conv)
-            tree = Tree(conv.messages)
-            asked = tree.by_id[original.parent_id]
-            reply = self._reply_row(conv, asked, provenance, run_owner)
+            self._refuse_busy(session, conv)
+            path = self._path(session, original.parent_id)
+            asked = path[-1]
+            reply = self._reply_row(session, conv, asked, provenance, run_owner)
             session.flush()
             conv.current_message_id = reply.id
-            parents = {**tree.public_ids(), reply.id: reply.public_id}
+            parents = {**{m.id: m.public_id for m in path}, reply.id: reply.public_id}
             return (conv.to_dict(), asked.to_dict(parents), reply.to_dict(parents),
-                    model_history(tree.path(asked.id)))
+                    model_history(path))
 
     def begin_continue(
         self, owner_id: str, message_id: Any, *, run_owner: str
@@ -289,12 +343,13 @@ class ChatService:
                               "limit, a stop or an interruption) can be continued")
             if reply.status == "complete" and reply.finish_reason != "length":
                 raise Invalid("not_continuable", "this reply is finished; regenerate it instead")
-            self._refuse_busy(conv)
-            tree = Tree(conv.messages)
-            if tree.children.get(reply.id):
+            self._refuse_busy(session, conv)
+            if session.scalar(select(Message.id).where(Message.parent_id == reply.id)
+                              .limit(1)) is not None:
                 raise Invalid("not_continuable", "only the last reply of a branch can be continued")
-            before = reply.to_dict(tree.public_ids())
-            history = model_history(tree.path(reply.parent_id))
+            path = self._path(session, reply.parent_id)
+            before = reply.to_dict({m.id: m.public_id for m in path})
+            history = model_history(path)
             history.append({"role": "assistant", "content": reply.content})
             reply.status = "streaming"
             reply.run_owner = run_owner
@@ -304,14 +359,17 @@ class ChatService:
             return conv.to_dict(), before, history
 
     @staticmethod
-    def _reply_row(conv: Conversation, parent: Message | None, provenance: Provenance,
+    def _reply_row(session, conv: Conversation, parent: Message | None, provenance: Provenance,
                    run_owner: str) -> Message:
-        """A run's assistant row, "streaming" from the start (a /v1 call's has no parent)."""
+        """A run's assistant row, "streaming" from the start (a /v1 call's has no parent).
+        ``conv`` has its id already (added by conversation_id: appending to conv.messages
+        would load every message first)."""
         now = utcnow()
-        reply = Message(role="assistant", content="", status="streaming", updated_at=now,
+        reply = Message(conversation_id=conv.id, role="assistant", content="",
+                        status="streaming", updated_at=now,
                         parent_id=parent.id if parent else None, run_owner=run_owner)
         reply.record(provenance)
-        conv.messages.append(reply)
+        session.add(reply)
         conv.updated_at = now
         return reply
 
@@ -346,6 +404,7 @@ class ChatService:
                 message.run_owner = None
             conv.updated_at = utcnow()
             session.flush()
+            notify_replies(session, [message.public_id])  # a page's reply: its watchers elsewhere
             return message.to_dict()
 
     def add_reply(
@@ -367,15 +426,15 @@ class ChatService:
             raise Invalid("bad_engine", f"engine must be one of {', '.join(ENGINES)}")
         with self.db.write() as session:
             conv = self.owned(session, owner_id, conversation_id)
-            parent = self._parent(conv, parent_id)
+            parent = self._parent(session, conv, parent_id)
             message = Message(
-                public_id=public_id or new_public_id(),
+                conversation_id=conv.id, public_id=public_id or new_public_id(),
                 parent_id=parent.id if parent else None, role="assistant", content=content,
                 status=status, updated_at=utcnow(),
                 run_owner="browser" if status == "streaming" else None,
             )
             message.record(provenance)
-            conv.messages.append(message)
+            session.add(message)
             conv.updated_at = utcnow()
             session.flush()
             conv.current_message_id = message.id
@@ -552,7 +611,8 @@ class ChatService:
                     role=turn["role"], content=turn["content"], status="complete",
                     meta={"openai": extra} if extra else None,
                 ))
-            message = self._reply_row(conv, None, provenance, run_owner)
             session.add(conv)
+            session.flush()  # the reply row is added by the conversation's id
+            message = self._reply_row(session, conv, None, provenance, run_owner)
             session.flush()
             return conv.to_dict(), message.to_dict()

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -98,6 +98,18 @@ def lock_row(session: Session, model: type, pk: int) -> None:
     the first one's row. SQLite's compiler drops FOR UPDATE: BEGIN IMMEDIATE already queued it.
     """
     session.execute(select(model.id).where(model.id == pk).with_for_update())
+
+
+REPLY_CHANNEL = "bchat_reply"  # PostgreSQL NOTIFY channel: a reply's row changed (runs/listen.py)
+
+
+def notify_replies(session: Session, message_ids: list[str]) -> None:
+    """Tell other processes' watchers that these replies' rows changed, when this write
+    commits (PostgreSQL's NOTIFY is transactional: a rolled-back write wakes nobody). SQLite
+    has no such thing: its watchers keep re-reading the row."""
+    if message_ids and session.get_bind().dialect.name == "postgresql":
+        for message_id in message_ids:  # a few a tick: the runs of one process
+            session.execute(select(func.pg_notify(REPLY_CHANNEL, message_id)))
 
 
 class FairGate:

@@ -96,7 +96,9 @@ class Conversation(Base):
         passive_deletes=True,
     )
 
-    __table_args__ = (Index("ix_conversation_owner_updated", "owner_id", "updated_at"),)
+    # The list's keyset pages (paging.py) read (owner, updated_at, public_id) in index order.
+    __table_args__ = (Index("ix_conversation_owner_updated_public_id", "owner_id", "updated_at",
+                            "public_id"),)
 
     def to_dict(self, tree: Any = None) -> dict[str, Any]:
         """The conversation as the API shows it; with ``tree`` (a tree.Tree of its messages,
@@ -153,6 +155,9 @@ class Message(Base):
     # Set by a process that cannot reach the run itself (another gunicorn worker); the
     # owning process sees it on its next flush and stops the run.
     stop_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
+
+    # "Is a reply streaming in this conversation?" without reading its messages (0011).
+    __table_args__ = (Index("ix_message_conversation_status", "conversation_id", "status"),)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
     parent: Mapped[Message | None] = relationship(remote_side=[id], viewonly=True)

@@ -16,6 +16,7 @@ from typing import Any
 from .models import STATUSES
 from .openai_dialect import REQUEST_FIELDS
 from .options import CONFIG_DEFAULTS, SETTINGS_ONLY, names, option_schema
+from .paging import CURSOR_PATTERN
 
 _ID = {"type": "string", "minLength": 1, "maxLength": 64}
 _TIME = {"type": "string", "format": "date-time"}
@@ -86,6 +87,25 @@ def _closed(properties: dict[str, Any], *required: str, **more: Any) -> dict[str
 def _listing(key: str, items: dict[str, Any]) -> dict[str, Any]:
     """An answer ``{key: [items]}``."""
     return _object({key: {"type": "array", "items": items}}, key)
+
+
+def _page(key: str, items: dict[str, Any]) -> dict[str, Any]:
+    """A keyset page ``{key: [items], next}`` (webapp/paging.py)."""
+    return _object({key: {"type": "array", "items": items},
+                    "next": {"type": "string", "nullable": True,
+                             "description": "pass as cursor for the following page; null on "
+                                            "the last (and without limit)"}}, key, "next")
+
+
+_PAGING = [
+    {"name": "limit", "in": "query", "required": False,
+     "description": "at most this many, newest first, with next for the following page",
+     "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+    {"name": "cursor", "in": "query", "required": False,
+     "description": "the next value of the page before (opaque); pages neither repeat nor skip "
+                    "a conversation when others are added meanwhile",
+     "schema": {"type": "string", "pattern": CURSOR_PATTERN}},
+]
 
 
 def _in_path(name: str) -> dict[str, Any]:
@@ -207,7 +227,8 @@ PATHS: dict[str, Any] = {
                         "default": {"type": "string", "nullable": True}}, "models"), "the models")},
     "/api/conversations": {
         "get": _op("list_conversations", "your conversations, newest first",
-                   "200", _listing("conversations", _ref("Conversation")), "the list"),
+                   "200", _page("conversations", _ref("Conversation")),
+                   "the list: a page with limit, else all of it", parameters=_PAGING),
         "post": _op("create_conversation", "a new, empty conversation",
                     "201", _ref("Conversation"), "created", _closed({"title": _TEXT})),
     },
@@ -309,14 +330,14 @@ PATHS: dict[str, Any] = {
                                "200", _listing("shares", _ref("Share")), "the links")},
     "/api/search": {"get": _op(
         "search_conversations", "your conversations whose title or messages hold every word of q",
-        "200", _listing("results", _object({
+        "200", _page("results", _object({
             "conversation_id": _ID, "title": {"type": "string"}, "updated_at": _TIME,
             "message_id": {**_ID, "nullable": True},
             "snippet": {"type": "string", "description": "the words around the first matching message"},
         }, "conversation_id", "title", "updated_at", "message_id", "snippet")),
-        "matches, most recently active first (at most 30)",
+        "matches, most recently active first, a page of limit (default 30)",
         parameters=[{"name": "q", "in": "query", "required": True,
-                     "schema": {"type": "string", "maxLength": 200}}])},
+                     "schema": {"type": "string", "maxLength": 200}}, *_PAGING])},
     "/api/shares/{share_id}": {
         "parameters": [_in_path("share_id")],
         "delete": _op("revoke_share_by_id", "revoke a link from the list", "204", None, "revoked"),

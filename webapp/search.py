@@ -14,19 +14,18 @@ import logging
 import re
 from typing import Any
 
-from sqlalchemy import and_, inspect, select, text
+from sqlalchemy import Integer, and_, func, inspect, or_, select, text
 from sqlalchemy.orm import Session
 
+from . import paging
 from .db import Database
-from .models import Conversation, Message
+from .models import Conversation, Message, iso
 
 log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 200
 MAX_TERMS = 8
 MAX_RESULTS = 30
-# Candidate messages looked at before grouping them by conversation.
-MAX_MESSAGE_HITS = 300
 FTS_TABLE = "message_search"
 _WORD = re.compile(r"\w[\w'-]*", re.UNICODE)
 
@@ -64,66 +63,79 @@ def _has_fts(session: Session) -> bool:
     return FTS_TABLE in inspect(bind).get_table_names()
 
 
-def _message_hits_fts(session: Session, owner_id: str, words: list[str]) -> list[int]:
+def _matching_conversations_fts(owner_id: str, words: list[str]) -> Any:
+    return text(
+        f"SELECT m.conversation_id FROM {FTS_TABLE} f JOIN message m ON m.id = f.rowid "
+        f"JOIN conversation c ON c.id = m.conversation_id "
+        f"WHERE {FTS_TABLE} MATCH :q AND c.owner_id = :owner"
+    ).bindparams(q=fts_query(words), owner=owner_id).columns(conversation_id=Integer)
+
+
+def _matching_conversations_like(words: list[str]) -> Any:
+    return select(Message.conversation_id).where(
+        and_(*(Message.content.ilike(_like(w), escape="\\") for w in words)))
+
+
+def _first_hits_fts(session: Session, conv_ids: list[int], words: list[str]) -> list[int]:
+    params = {f"c{i}": conv_id for i, conv_id in enumerate(conv_ids)}
     rows = session.execute(
         text(
-            f"SELECT m.id FROM {FTS_TABLE} f JOIN message m ON m.id = f.rowid "
-            "JOIN conversation c ON c.id = m.conversation_id "
-            f"WHERE {FTS_TABLE} MATCH :q AND c.owner_id = :owner ORDER BY f.rank LIMIT :n"
+            f"SELECT min(m.id) FROM {FTS_TABLE} f JOIN message m ON m.id = f.rowid "
+            f"WHERE {FTS_TABLE} MATCH :q AND m.conversation_id IN "
+            f"({', '.join(':' + name for name in params)}) GROUP BY m.conversation_id"
         ),
-        {"q": fts_query(words), "owner": owner_id, "n": MAX_MESSAGE_HITS},
+        {"q": fts_query(words), **params},
     )
     return [row[0] for row in rows]
 
 
-def _message_hits_like(session: Session, owner_id: str, words: list[str]) -> list[int]:
+def _first_hits_like(session: Session, conv_ids: list[int], words: list[str]) -> list[int]:
     rows = session.execute(
-        select(Message.id)
-        .join(Conversation, Conversation.id == Message.conversation_id)
-        .where(Conversation.owner_id == owner_id,
+        select(func.min(Message.id))
+        .where(Message.conversation_id.in_(conv_ids),
                and_(*(Message.content.ilike(_like(w), escape="\\") for w in words)))
-        .order_by(Message.id.desc())
-        .limit(MAX_MESSAGE_HITS)
+        .group_by(Message.conversation_id)
     )
     return [row[0] for row in rows]
 
 
-def search(db: Database, owner_id: str, query: str) -> list[dict[str, Any]]:
+def search(db: Database, owner_id: str, query: str, *, limit: int = MAX_RESULTS,
+           cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """Conversations whose title or messages hold every word of ``query`` (as word prefixes on
-    SQLite's index, as substrings otherwise), most recently active first."""
+    SQLite's index, as substrings otherwise), most recently active first, in keyset pages as
+    the conversation list (paging.py): (a page of ``limit`` after ``cursor``, the next
+    cursor or None). Each names its first matching message, with the words around the match."""
     words = terms(query)
     if not words:
-        return []
+        return [], None
     with db.read() as session:
-        if _has_fts(session):
-            message_ids = _message_hits_fts(session, owner_id, words)
-        else:
-            message_ids = _message_hits_like(session, owner_id, words)
-        first_hit: dict[int, Message] = {}
-        if message_ids:
-            for message in session.scalars(select(Message).where(Message.id.in_(message_ids))
-                                           .order_by(Message.id)):
-                first_hit.setdefault(message.conversation_id, message)
-        by_title = session.scalars(
-            select(Conversation).where(
-                Conversation.owner_id == owner_id,
-                and_(*(Conversation.title.ilike(_like(w), escape="\\") for w in words)),
-            )
+        fts = _has_fts(session)
+        in_messages = (_matching_conversations_fts(owner_id, words).subquery() if fts
+                       else _matching_conversations_like(words).subquery())
+        rows = session.scalars(
+            select(Conversation)
+            .where(Conversation.owner_id == owner_id, paging.after(cursor),
+                   or_(and_(*(Conversation.title.ilike(_like(w), escape="\\") for w in words)),
+                       Conversation.id.in_(select(in_messages.c.conversation_id))))
+            .order_by(*paging.newest_first())
+            .limit(limit + 1)
         ).all()
-        found = {c.id: c for c in by_title}
-        missing = set(first_hit) - set(found)
-        if missing:
-            found.update({c.id: c for c in session.scalars(
-                select(Conversation).where(Conversation.id.in_(missing)))})
-        ordered = sorted(found.values(), key=lambda c: (c.updated_at, c.id), reverse=True)
+        found, following = paging.page(rows, limit)
+        first_hit: dict[int, Message] = {}
+        if found:
+            conv_ids = [c.id for c in found]
+            hit_ids = (_first_hits_fts if fts else _first_hits_like)(session, conv_ids, words)
+            if hit_ids:
+                first_hit = {m.conversation_id: m for m in session.scalars(
+                    select(Message).where(Message.id.in_(hit_ids)))}
         results = []
-        for conversation in ordered[:MAX_RESULTS]:
+        for conversation in found:
             hit = first_hit.get(conversation.id)
             results.append({
                 "conversation_id": conversation.public_id,
                 "title": conversation.title,
-                "updated_at": conversation.updated_at.isoformat(timespec="milliseconds") + "Z",
+                "updated_at": iso(conversation.updated_at),
                 "message_id": hit.public_id if hit else None,
                 "snippet": snippet(hit.content, words) if hit else "",
             })
-        return results
+        return results, following

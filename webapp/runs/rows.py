@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from ..db import Database
+from ..db import Database, notify_replies
 from ..errors import NotFound
 from ..models import FINAL_STATUSES, Conversation, Message, Provenance, utcnow
 
@@ -42,6 +42,7 @@ class RunRows:
                     .where(Message.public_id.in_(others), Message.status == "streaming")
                     .values(updated_at=now)
                 )
+            notify_replies(session, list(contents))
             rows = session.execute(
                 select(Message.public_id).where(Message.public_id.in_(ids), Message.stop_requested)
             )
@@ -63,6 +64,7 @@ class RunRows:
             message.run_owner = None
             message.stop_requested = False
             session.flush()
+            notify_replies(session, [message_id])
             return message.to_dict()
 
     def reply_state(self, owner_id: str, message_id: str) -> tuple[str, dict[str, Any]]:
@@ -121,4 +123,5 @@ class RunRows:
                 message.run_owner = None
                 message.updated_at = utcnow()
                 count += 1
+            notify_replies(session, message_ids)
             return count

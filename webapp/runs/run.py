@@ -215,12 +215,19 @@ class Follower:
         self.lease = lease  # its place among the replies its visitor follows
         self.pending: int | None = None  # an offset a later resume asked for
         self.ended = threading.Event()
+        self.wake = threading.Event()  # its row changed (a NOTIFY), or it should look again
+
+    def end(self) -> None:
+        """Stop following: its thread wakes and leaves now, not after its wait."""
+        self.ended.set()
+        self.wake.set()
 
     def restart(self, offset: int) -> bool:
         """Send the text again from ``offset`` (RunService's lock held); False once it ended."""
         if self.ended.is_set():
             return False
         self.pending = offset if self.pending is None else min(self.pending, offset)
+        self.wake.set()
         return True
 
     def take_restart(self, sent: int) -> int:

@@ -32,6 +32,7 @@ from ..options import GenerationOptions, settings_options
 from ..security import short
 from ..validation import INT64
 from .keeper import HOST, Keeper
+from .listen import ReplyListener
 from .rows import RunRows
 from .run import (
     Follower,
@@ -46,6 +47,9 @@ from .run import (
 log = logging.getLogger(__name__)
 
 REMOTE_POLL_SECONDS = 0.25  # how often a watcher on another process re-reads the row
+# With PostgreSQL's notifications (listen.py) a watcher reads when woken; this only catches one
+# lost with a dropped connection.
+NOTIFIED_POLL_SECONDS = 2.0
 
 
 class RunService:
@@ -65,6 +69,8 @@ class RunService:
         self._followers: dict[tuple[int, str], Follower] = {}  # (id(watcher), message id)
         self.rows = RunRows(chats.db)
         self.keeper = Keeper(self.rows, self.live_runs, self.identity, self.grace)
+        self.listener = (ReplyListener(chats.db.url, self._wake_followers)
+                         if chats.db.engine.dialect.name == "postgresql" else None)
         # A server stopped with SIGTERM (gunicorn, or bchat serve) keeps its partial replies.
         ref = weakref.ref(self)
         atexit.register(lambda: (svc := ref()) and svc.shutdown())
@@ -276,7 +282,9 @@ class RunService:
                     if self._end_follower(follower):
                         return
                     continue
-                follower.ended.wait(REMOTE_POLL_SECONDS)
+                notified = self.listener is not None and self.listener.listening.is_set()
+                follower.wake.wait(NOTIFIED_POLL_SECONDS if notified else REMOTE_POLL_SECONDS)
+                follower.wake.clear()  # before the read: a change after it wakes the next wait
         except AppError as exc:  # the conversation was deleted meanwhile
             watcher.deliver(error_frame(exc, message_id))
         except Exception:
@@ -286,12 +294,19 @@ class RunService:
         finally:
             self._end_follower(follower, force=True)
 
+    def _wake_followers(self, message_id: str) -> None:
+        """A NOTIFY: ``message_id``'s row changed; its followers read it now."""
+        with self._lock:
+            for follower in self._followers.values():
+                if follower.message_id == message_id:
+                    follower.wake.set()
+
     def _end_follower(self, follower: Follower, *, force: bool = False) -> bool:
         """Take ``follower`` out of the registry, unless a resume is waiting for it."""
         with self._lock:
             if not force and follower.pending is not None:
                 return False
-            follower.ended.set()
+            follower.end()
             key = (id(follower.watcher), follower.message_id)
             if self._followers.get(key) is follower:
                 del self._followers[key]
@@ -309,7 +324,7 @@ class RunService:
             gone = [f for f in self._followers.values()
                     if f.watcher is watcher and (f.message_id in message_ids or not watcher.active)]
         for follower in gone:
-            follower.ended.set()
+            follower.end()
         for run in runs:
             run.detach(watcher)
 
@@ -435,4 +450,6 @@ class RunService:
         self.keeper.close([run for run in runs if not run.finished.is_set()])
         with self._lock:
             for follower in self._followers.values():
-                follower.ended.set()
+                follower.end()
+        if self.listener is not None:
+            self.listener.close()

@@ -39,9 +39,19 @@ export async function request(method, path, body, options = {}) {
   return data;
 }
 
+export const LIST_PAGE = 50; // conversations per page of the sidebar (the server allows 200)
+
 export const api = {
   models: () => request("GET", "/api/models"),
-  conversations: () => request("GET", "/api/conversations"),
+  // The sidebar's list, a page at a time (newest first). The answer's array carries the next
+  // page's cursor as `next` (null on the last), so the list loads more as it scrolls without
+  // its callers knowing about pages. The first page is the one boot.js prefetched (same path).
+  conversations: async (cursor) => {
+    const data = await request("GET",
+      `/api/conversations?limit=${LIST_PAGE}${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
+    data.conversations.next = data.next ?? null;
+    return data;
+  },
   conversation: (id) => request("GET", `/api/conversations/${encodeURIComponent(id)}`),
   createConversation: (title) => request("POST", "/api/conversations", { title }),
   updateConversation: (id, changes) => request("PATCH", `/api/conversations/${encodeURIComponent(id)}`, changes),

@@ -2,7 +2,8 @@
 // and compiled (no imports, so it runs as soon as the document is parsed). api.js takes each
 // answer once, by path, instead of asking again.
 const app = document.getElementById("app");
-const paths = ["/api/models", "/api/conversations", "/api/shares"];
+// The conversation list's first page: the same path api.conversations() asks for (LIST_PAGE).
+const paths = ["/api/models", "/api/conversations?limit=50", "/api/shares"];
 if (app?.dataset.conversationId) paths.push(`/api/conversations/${encodeURIComponent(app.dataset.conversationId)}`);
 globalThis.bchatPrefetch = Object.fromEntries(paths.map((path) => [path, fetch(path, {
   headers: { Accept: "application/json" }, credentials: "same-origin",

@@ -1,6 +1,7 @@
 // The conversation list, grouped by date (Today, Yesterday, Previous 7 days, Older): open,
 // rename, delete (in-page dialogs), and search results in the same place. Owns no state beyond
-// what it renders.
+// what it renders, and the pages it loads as it scrolls (api.conversations: the array's `next`).
+import { api } from "../api.js";
 import { ask } from "./dialog.js";
 import { icon, iconButton } from "./icons.js";
 import { el } from "./panel.js";
@@ -23,10 +24,18 @@ export class ConversationList {
     this.container = container;
     this.handlers = { onOpen, onRename, onDelete };
     this.activeId = null;
+    this.shown = null; // the list rendered, which grows by the pages loaded as it scrolls
+    this.loading = false;
+    // The end of the list coming into view (in the sidebar's own scrolling) loads the next page.
+    this.observer = new IntersectionObserver((entries) => {
+      if (entries.some((entry) => entry.isIntersecting)) this.loadMore();
+    });
   }
 
   render(conversations, activeId = this.activeId) {
     this.activeId = activeId;
+    this.shown = conversations;
+    this.observer.disconnect();
     if (!conversations.length) {
       this.container.replaceChildren(el("p", "list-empty", "No conversations yet."));
       return;
@@ -40,10 +49,38 @@ export class ConversationList {
       section.append(heading, list);
       return section;
     }));
+    if (conversations.next) {
+      const more = el("p", "list-empty", "Loading more…", { testid: "list-more" });
+      this.container.append(more);
+      this.observer.observe(more);
+    }
+  }
+
+  // The next page, appended to the list shown and rendered whole again, so a date group split
+  // across two pages reads as one.
+  async loadMore() {
+    const shown = this.shown;
+    if (!shown?.next || this.loading) return;
+    this.loading = true;
+    try {
+      const { conversations: more } = await api.conversations(shown.next);
+      if (shown !== this.shown) return; // the list was refreshed (or searched) meanwhile
+      const known = new Set(shown.map((c) => c.id));
+      shown.push(...more.filter((c) => !known.has(c.id)));
+      shown.next = more.next;
+      this.render(shown);
+    } catch (err) {
+      const more = this.container.querySelector('[data-testid="list-more"]');
+      if (more) more.textContent = `Could not load more: ${err.message}`;
+    } finally {
+      this.loading = false;
+    }
   }
 
   // Search results: a conversation and the words around the match.
   renderResults(results, query) {
+    this.shown = null;
+    this.observer.disconnect();
     if (!results.length) {
       this.container.replaceChildren(el("p", "list-empty", `Nothing matches “${query}”.`));
       return;
