@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from browser import chromium_browser
 from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
-
-# boot.js prefetches the unpaged list, which api.js then uses whole for the first render; this
-# drops that answer so the page asks for pages, as every refresh of the list does.
-WITHOUT_PREFETCHED_LIST = """
-let prefetched;
-Object.defineProperty(globalThis, "bchatPrefetch", {
-  configurable: true, get: () => prefetched,
-  set: (value) => { delete value["/api/conversations"]; prefetched = value; },
-});
-"""
 
 
 @pytest.mark.parametrize("viewport, scheme", [({"width": 1366, "height": 850}, "light"),
@@ -29,7 +20,6 @@ def test_the_sidebar_loads_more_conversations_as_it_scrolls(live_server, tmp_pat
     shots = Path(os.environ.get("BCHAT_SCREENSHOTS") or tmp_path)
     with chromium_browser() as browser:
         context = browser.new_context(viewport=viewport, color_scheme=scheme)
-        context.add_init_script(WITHOUT_PREFETCHED_LIST)
         page = context.new_page()
         problems: list[str] = []
         page.on("pageerror", lambda exc: problems.append(str(exc)))
@@ -41,9 +31,14 @@ def test_the_sidebar_loads_more_conversations_as_it_scrolls(live_server, tmp_pat
               headers: {"Content-Type": "application/json"}});
           }
         }""")
+        first_page: list[str] = []
+        page.on("request", lambda r: urlsplit(r.url).path == "/api/conversations"
+                and r.method == "GET" and first_page.append(r.url))
         page.reload()
         items = page.get_by_test_id("conversation")
         expect(items).to_have_count(50)
+        # the first load (boot.js's prefetch) asks for one page, not the whole list
+        assert first_page and all("limit=50" in url for url in first_page), first_page
         more = page.get_by_test_id("list-more")
         expect(more).to_have_text("Loading more…")
         if viewport["width"] < 600:
