@@ -2,7 +2,7 @@
 // to the state store (state.js). The browser engine (wllama, 275 KB before its wasm) is
 // imported only when it is picked.
 import { api } from "./api.js";
-import { ChatSocket } from "./socket.js";
+import { ChatSocket, NOT_SENT } from "./socket.js";
 import { BROWSER_N_CTX } from "./engines/contract.js";
 import { createServerEngine } from "./engines/server.js";
 import { LiveReply, currentSettings, detachViews, liveFor, modelInfo, state, subscribe, update } from "./state.js";
@@ -235,7 +235,7 @@ function showStreaming(message, conversationId) {
   }).then((stored) => reply.settle(stored), (err) => {
     reply.fail(err);
     if (state.conversationId === conversationId) showError(err.message);
-  });
+  }).finally(() => refreshConversation(conversationId)); // its controls (a settled view has none)
 }
 
 let opening = 0; // the latest openConversation wins when clicks overlap
@@ -352,10 +352,16 @@ async function send(action = null) {
   const content = action ? action.content : composer.value;
   if ((!action && !content.trim()) || liveFor(state.conversationId) || state.pendingSend) return;
   if (!action && !composerState.check()) return; // over a limit: the note under the composer says which
+  // Continuing a server reply runs on the server; a browser reply continues in the browser
+  // when the browser engine is picked (else on the server, which can continue any reply).
+  const engineName = action?.continueFrom && action.continueFrom.engine !== "browser" ? "server" : engineSelect.value;
+  if (engineName === "server" && socket.lost) {
+    // Enter never does nothing: the message stays in the box, and the banner says why.
+    showError(NOT_SENT, { cause: "socket", retry: () => socket.reconnectNow() });
+    return;
+  }
   showError("");
-  // Continuing runs on the server: the page's engine cannot reopen a stored reply.
-  const engineName = action?.continueFrom ? "server" : engineSelect.value;
-  const model = action?.continueFrom?.engine === "server" ? action.continueFrom.model : modelSelect.value;
+  const model = action?.continueFrom?.model ?? modelSelect.value;
   const reply = new LiveReply({ conversationId: state.conversationId, model, text: action?.continueFrom?.content ?? "" });
   update({ pendingSend: reply });
   updateControls();
@@ -480,10 +486,29 @@ window.addEventListener("popstate", () => {
 $("import-button").addEventListener("click", () => $("import").click());
 
 const connection = $("connection");
+// A lost connection is said in the banner after a short grace (a blip that reconnects at once
+// shows nothing), and the banner goes by itself when the socket is back.
+const LOST_GRACE_MS = 1000;
+let lostTimer = null;
+function reportLost() {
+  lostTimer = null;
+  if (!socket.lost) return;
+  showError(socket.failures > 1
+    ? "The server can't be reached. bchat keeps trying and reconnects by itself when it is back."
+    : "The connection to the server dropped; reconnecting…",
+  { cause: "socket", retry: () => socket.reconnectNow() });
+}
 socket.on("status", (status) => {
   connection.textContent = { open: "connected", connecting: "connecting…", closed: "reconnecting…" }[status];
   connection.dataset.status = status;
-  if (status === "open") banner.clear("socket");
+  if (status === "open") {
+    clearTimeout(lostTimer);
+    lostTimer = null;
+    banner.clear("socket");
+    if (state.conversationId && !liveFor(state.conversationId)) refreshConversation(state.conversationId);
+  } else if (status === "closed" && !lostTimer && banner.cause !== "socket") {
+    lostTimer = setTimeout(reportLost, LOST_GRACE_MS);
+  }
 });
 socket.connect();
 
