@@ -8,7 +8,7 @@ import { createServerEngine } from "./engines/server.js";
 import { LiveReply, currentSettings, detachViews, liveFor, modelInfo, state, subscribe, update } from "./state.js";
 import { groupBy, pathTo } from "./tree.js";
 import { initBanner } from "./ui/banner.js";
-import { BrowserStatus } from "./ui/browser_status.js";
+import { BrowserStatus, confirmDownload } from "./ui/browser_status.js";
 import { Composer } from "./ui/composer.js";
 import { ContextMeter } from "./ui/context.js";
 import { ConversationList } from "./ui/conversations.js";
@@ -65,7 +65,7 @@ const stopButton = $("stop");
 const modelSelect = $("model-select");
 const engineSelect = $("engine-select");
 const backendSelect = $("backend-select");
-const browserStatus = new BrowserStatus($("browser-status"));
+const browserStatus = new BrowserStatus($("browser-status"), { onDownload: () => downloadBrowserModel() });
 const title = root.querySelector(".chat-title");
 const banner = initBanner(root, {
   onUseServer: () => {
@@ -163,12 +163,16 @@ function engineChanged({ save = true } = {}) {
     if (usable) modelSelect.value = usable.value;
   }
   if (engine === "browser") {
-    browserStatus.describe(modelInfo(modelSelect.value), engines.browser?.loaded);
-    loadBrowserEngine().then((browser) => {
-      if (engineSelect.value !== "browser") return;
-      browserStatus.describe(modelInfo(modelSelect.value), browser.loaded);
-      preloadBrowser();
-    }, (err) => showError(`The browser engine could not be loaded: ${err.message}`, { cause: "engine" }));
+    const info = modelInfo(modelSelect.value);
+    browserStatus.describe(info, engines.browser?.loaded, { cached: true }); // no Download flash
+    // The engine's code (not the model) loads now; the model only if it is already in this
+    // browser's storage: a download waits for Download or the first message.
+    loadBrowserEngine().then(async (browser) => {
+      const cached = await browser.isCached(info);
+      if (engineSelect.value !== "browser" || modelSelect.value !== info?.id) return;
+      browserStatus.describe(info, browser.loaded, { cached });
+      if (cached) preloadBrowser();
+    }).catch((err) => showError(`The browser engine could not be loaded: ${err.message}`, { cause: "engine" }));
   } else {
     browserStatus.hide();
   }
@@ -176,13 +180,26 @@ function engineChanged({ save = true } = {}) {
   meter.update();
 }
 
-// Picking the browser engine starts the wasm and model download (and reads the open
-// conversation's branch into the model's cache), so Send does not wait for them.
-function preloadBrowser() {
+// The model loads (from this browser's storage, or downloaded when the visitor asked) and the
+// open conversation's branch is read into its cache, so Send does not wait for them. Without
+// `asked`, only a model already stored here loads: no model bytes move unasked.
+async function preloadBrowser({ asked = false } = {}) {
   const info = modelInfo(modelSelect.value);
   if (engineSelect.value !== "browser" || !info?.browser || !engines.browser) return;
+  if (!asked && !(await engines.browser.isCached(info))) return;
   engines.browser.preload(info, backendSelect.value, (progress) => browserStatus.update(info, progress),
-                          { conversationId: state.conversationId, options: replyOptions() }).catch(() => {});
+                          { conversationId: state.conversationId, options: replyOptions() })
+    .catch((err) => {
+      if (asked) showError(err.message, { cause: "engine", offerServer: true }); // else Send says it
+    });
+}
+
+// Download: a large model (or a browser that asks to save data) is confirmed first.
+async function downloadBrowserModel() {
+  const info = modelInfo(modelSelect.value);
+  if (!info?.browser || !await confirmDownload(info)) return;
+  banner.clear("download");
+  preloadBrowser({ asked: true });
 }
 
 async function loadModels() {
@@ -360,6 +377,10 @@ async function send(action = null) {
     showError(NOT_SENT, { cause: "socket", retry: () => socket.reconnectNow() });
     return;
   }
+  if (engineName === "browser" && !await mayDownload(modelInfo(modelSelect.value))) {
+    showError("Not sent: the model was not downloaded. Your message stays in the box.", { cause: "download" });
+    return;
+  }
   showError("");
   const model = action?.continueFrom?.model ?? modelSelect.value;
   const reply = new LiveReply({ conversationId: state.conversationId, model, text: action?.continueFrom?.content ?? "" });
@@ -439,6 +460,13 @@ async function send(action = null) {
     if (reply.conversationId) refreshConversation(reply.conversationId);
     refreshList().catch(() => {});
   }
+}
+
+// The first message with the browser engine downloads the model: asked first when large.
+async function mayDownload(info) {
+  if (!info?.browser) return true; // the engine says it cannot run there
+  const browser = await loadBrowserEngine().catch(() => null);
+  return !browser || await browser.isCached(info) || await confirmDownload(info);
 }
 
 function stopCurrent() {
