@@ -139,16 +139,19 @@ def test_a_settled_browser_reply_reopens_only_to_be_continued(live_server):
     _, reply = visitor.json("POST", path, {"role": "assistant", "content": "Once upon", "status": "complete",
                                            "provenance": {"engine": "browser", "finish_reason": "length"}})
     one = f"{path}/{reply['id']}"
-    for body in ({"content": "Twice upon", "status": "streaming"},  # not a continuation of its text
+    for body in ({"content": "Twice upon", "status": "streaming", "continue": True},  # not its text
+                 {"content": "Once upon", "status": "streaming"},  # a late flush: not asked to reopen
                  {"content": "Once upon a time", "status": "complete"}):  # settled: not reopened
         status, error = visitor.json("PATCH", one, body)
         assert (status, error["error"]["code"]) == (409, "already_final")
-    assert visitor.json("PATCH", one, {"content": "Once upon a", "status": "streaming"})[0] == 200
+    reopen = {"content": "Once upon a", "status": "streaming", "continue": True}
+    assert visitor.json("PATCH", one, reopen)[0] == 200
     status, done = visitor.json("PATCH", one, {"content": "Once upon a time", "status": "complete"})
     assert status == 200 and done["content"] == "Once upon a time" and done["id"] == reply["id"]
     _, failed = visitor.json("POST", path, {"role": "assistant", "content": "x", "status": "failed",
                                             "provenance": {"engine": "browser"}})
-    status, _ = visitor.json("PATCH", f"{path}/{failed['id']}", {"content": "x y", "status": "streaming"})
+    status, _ = visitor.json("PATCH", f"{path}/{failed['id']}",
+                             {"content": "x y", "status": "streaming", "continue": True})
     assert status == 409, "a failed reply is regenerated, not continued"
 
 

@@ -294,8 +294,11 @@ def test_a_cut_off_browser_reply_continues_in_the_browser_and_has_its_facts(page
     expect(facts).to_contain_text("Max tokens6")
     expect(facts).to_contain_text("tok/s")
     gets = server.counter.counts.get("GET", 0)
+    shown = reply.locator(".body").inner_text()
     reply.get_by_test_id("continue").click()
+    # the same message grows on screen, then settles
     reply = page.locator('[data-testid="message"][data-role="assistant"]').last
+    expect(reply.locator(".body")).not_to_have_text(shown, timeout=REPLY_TIMEOUT)
     expect(reply).to_have_attribute("data-status", "complete", timeout=REPLY_TIMEOUT)
     messages = stored_messages(page, server)
     after = messages[-1]

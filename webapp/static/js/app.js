@@ -384,6 +384,7 @@ async function send(action = null) {
   showError("");
   const model = action?.continueFrom?.model ?? modelSelect.value;
   const reply = new LiveReply({ conversationId: state.conversationId, model, text: action?.continueFrom?.content ?? "" });
+  let storedOnServer = false; // the message is stored: a failure after this is not "not sent"
   update({ pendingSend: reply });
   updateControls();
   const onScreen = () => state.conversationId === reply.conversationId;
@@ -411,6 +412,7 @@ async function send(action = null) {
     const stored = await engine.generate(request, {
       signal: reply.controller.signal,
       onStarted: (conversation, userMessage, frame) => {
+        storedOnServer = true;
         const wasOnScreen = onScreen();
         if (!action) {
           composer.value = ""; // stored on the server: safe to clear
@@ -450,8 +452,10 @@ async function send(action = null) {
       // kept, and Retry writes a new one beside it once the model is back.
       const modelDown = ["model_crashed", "model_starting"].includes(err.code);
       const failed = err.reply;
-      showError(err.message, { offerServer: engineName === "browser" && loadProblem,
-                               cause: err.code === "disconnected" ? "socket" : "",
+      // The server went away (socket or fetch): said like any lost connection, and cleared with it.
+      const lost = ["disconnected", "network"].includes(err.code);
+      showError(lost && !storedOnServer ? NOT_SENT : err.message, { offerServer: engineName === "browser" && loadProblem,
+                               cause: lost ? "socket" : "",
                                retry: modelDown && failed?.parent_id ? () => send({ regenerate: failed }) : null });
     }
   } finally {
@@ -518,6 +522,7 @@ const connection = $("connection");
 // shows nothing), and the banner goes by itself when the socket is back.
 const LOST_GRACE_MS = 1000;
 let lostTimer = null;
+let reconnecting = false; // the socket was lost: its next open is a reconnect
 function reportLost() {
   lostTimer = null;
   if (!socket.lost) return;
@@ -533,9 +538,13 @@ socket.on("status", (status) => {
     clearTimeout(lostTimer);
     lostTimer = null;
     banner.clear("socket");
-    if (state.conversationId && !liveFor(state.conversationId)) refreshConversation(state.conversationId);
-  } else if (status === "closed" && !lostTimer && banner.cause !== "socket") {
-    lostTimer = setTimeout(reportLost, LOST_GRACE_MS);
+    // Back: the open conversation as the server has it now, with its controls (a reply that
+    // settled while the server was away was shown without them).
+    if (reconnecting && state.conversationId && !liveFor(state.conversationId)) refreshConversation(state.conversationId);
+    reconnecting = false;
+  } else if (status === "closed") {
+    reconnecting = true;
+    if (!lostTimer && banner.cause !== "socket") lostTimer = setTimeout(reportLost, LOST_GRACE_MS);
   }
 });
 socket.connect();

@@ -355,7 +355,8 @@ export function createBrowserEngine({ api, defaults }) {
       // closed (or crashed) mid-reply leaves what was written, marked "interrupted".
       const provenance = { engine: "browser", backend: runtime.backend, model: modelInfo.id };
       const started = continued
-        ? await api.updateMessage(conversationId, continued.id, { content: continued.content, status: "streaming" })
+        ? await api.updateMessage(conversationId, continued.id,
+          { content: continued.content, status: "streaming", continue: true })
         : await api.addMessage(conversationId, {
           role: "assistant", content: "", status: "streaming", parent_id: answering, provenance,
         });
