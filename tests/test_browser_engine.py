@@ -104,11 +104,7 @@ def use_browser_engine(page, backend: str = "auto") -> None:
     on its own), download it through the Download button and its size dialog."""
     page.get_by_test_id("engine-select").select_option("browser")
     page.get_by_test_id("backend-select").select_option(backend)
-    page.wait_for_function("""() => {
-        const status = document.querySelector('[data-testid="browser-status"]');
-        return status.dataset.state !== "idle"
-          || !document.querySelector('[data-testid="model-download"]').hidden;
-    }""")
+    page.wait_for_function("() => document.querySelector('[data-testid=browser-status]').dataset.stored")
     if page.get_by_test_id("model-download").is_visible():
         page.get_by_test_id("model-download").click()
         page.get_by_test_id("download-dialog-confirm").click()

@@ -80,6 +80,7 @@ const drawer = initDrawer(root);
 function updateControls() {
   const active = liveFor(state.conversationId);
   stopButton.hidden = !active;
+  if (!active) banner.clear("busy"); // the reply it was about is over
   sendButton.hidden = Boolean(active);
   sendButton.disabled = Boolean(active) || !composerState.canSend;
 }
@@ -164,7 +165,7 @@ function engineChanged({ save = true } = {}) {
   }
   if (engine === "browser") {
     const info = modelInfo(modelSelect.value);
-    browserStatus.describe(info, engines.browser?.loaded, { cached: true }); // no Download flash
+    browserStatus.describe(info, engines.browser?.loaded); // stored or not: known below
     // The engine's code (not the model) loads now; the model only if it is already in this
     // browser's storage: a download waits for Download or the first message.
     loadBrowserEngine().then(async (browser) => {
@@ -367,16 +368,20 @@ function applyStarted(conversationId, { conversation = null, userMessage = null,
 // reply ({regenerate: reply}), more of a cut-off reply ({continueFrom: reply}).
 async function send(action = null) {
   const content = action ? action.content : composer.value;
-  if ((!action && !content.trim()) || liveFor(state.conversationId) || state.pendingSend) return;
-  if (!action && !composerState.check()) return; // over a limit: the note under the composer says which
+  if (!action && !content.trim()) return;
   // Continuing a server reply runs on the server; a browser reply continues in the browser
   // when the browser engine is picked (else on the server, which can continue any reply).
   const engineName = action?.continueFrom && action.continueFrom.engine !== "browser" ? "server" : engineSelect.value;
+  // Enter never does nothing: the message stays in the box, and the banner says why.
   if (engineName === "server" && socket.lost) {
-    // Enter never does nothing: the message stays in the box, and the banner says why.
     showError(NOT_SENT, { cause: "socket", retry: () => socket.reconnectNow() });
     return;
   }
+  if (liveFor(state.conversationId) || state.pendingSend) {
+    showError("A reply is still being written: wait for it, or stop it (Esc), then send.", { cause: "busy" });
+    return;
+  }
+  if (!action && !composerState.check()) return; // over a limit: the note under the composer says which
   if (engineName === "browser" && !await mayDownload(modelInfo(modelSelect.value))) {
     showError("Not sent: the model was not downloaded. Your message stays in the box.", { cause: "download" });
     return;

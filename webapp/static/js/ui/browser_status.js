@@ -60,8 +60,10 @@ export class BrowserStatus {
     if (state !== "idle") this.download.hidden = true;
   }
 
-  // cached: the model is in this browser's storage (loading it moves no bytes).
-  describe(model, loaded, { cached = false } = {}) {
+  // cached: the model is in this browser's storage (loading it moves no bytes); null: not
+  // known yet (no Download button until it is). data-stored says which, for tests and styles.
+  describe(model, loaded, { cached = null } = {}) {
+    this.container.dataset.stored = cached === null ? "" : String(cached);
     if (!model) return this.hide();
     if (!model.browser) {
       this.download.hidden = true;
@@ -71,11 +73,11 @@ export class BrowserStatus {
     this.progress.hidden = true;
     const f = model.facts ?? {};
     // The page may run another format than the server (model.browser.reason says why).
-    const where = cached ? "is in this browser's storage" : "is downloaded once, when you ask, and kept " +
-      "in this browser";
+    const where = { true: " is in this browser's storage;", false: " is downloaded once, when you ask, and " +
+      "kept in this browser;" }[cached] ?? "";
     this.show(`${model.id}: ${size(model.browser.size)} (${model.browser.format ?? f.quantization ?? "?"}, ` +
-      `${parameters(f.parameters ?? 0)} parameters) ${where}; it runs on your device.`);
-    this.download.hidden = cached;
+      `${parameters(f.parameters ?? 0)} parameters)${where} it runs on your device.`);
+    this.download.hidden = cached !== false;
     this.download.textContent = `Download ${size(model.browser.size)}`;
   }
 
