@@ -197,6 +197,12 @@ def first_token(page, text: str = "Say hello.") -> float:
     before = page.locator('[data-role="assistant"]').count()
     page.get_by_test_id("composer").fill(text)
     page.get_by_test_id("composer").press("Enter")
+    # A first visit's first message downloads the model: over 100 MiB the page asks first.
+    page.wait_for_function(
+        "(n) => document.querySelector('[data-testid=download-dialog]')"
+        " || document.querySelectorAll('[data-role=assistant]')[n]", arg=before, timeout=900_000, polling=50)
+    if page.get_by_test_id("download-dialog").count():
+        page.get_by_test_id("download-dialog-confirm").click()
     page.wait_for_function(
         "(n) => (document.querySelectorAll('[data-role=assistant] .body')[n]?.innerText || '').trim()",
         arg=before, timeout=900_000, polling=50)

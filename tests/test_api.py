@@ -129,6 +129,32 @@ def test_posted_browser_reply_is_stored_with_provenance(live_server):
     assert stored[0]["content"] == "hi"
 
 
+def test_a_settled_browser_reply_reopens_only_to_be_continued(live_server):
+    """Continue in the page: a cut-off reply goes back to streaming with text that starts with
+    what it holds, and settles again; anything else about a settled reply stays refused."""
+    visitor = owner(live_server)
+    _, conv = visitor.json("POST", "/api/conversations", {})
+    path = f"/api/conversations/{conv['id']}/messages"
+    visitor.json("POST", path, {"role": "user", "content": "hi"})
+    _, reply = visitor.json("POST", path, {"role": "assistant", "content": "Once upon", "status": "complete",
+                                           "provenance": {"engine": "browser", "finish_reason": "length"}})
+    one = f"{path}/{reply['id']}"
+    for body in ({"content": "Twice upon", "status": "streaming", "continue": True},  # not its text
+                 {"content": "Once upon", "status": "streaming"},  # a late flush: not asked to reopen
+                 {"content": "Once upon a time", "status": "complete"}):  # settled: not reopened
+        status, error = visitor.json("PATCH", one, body)
+        assert (status, error["error"]["code"]) == (409, "already_final")
+    reopen = {"content": "Once upon a", "status": "streaming", "continue": True}
+    assert visitor.json("PATCH", one, reopen)[0] == 200
+    status, done = visitor.json("PATCH", one, {"content": "Once upon a time", "status": "complete"})
+    assert status == 200 and done["content"] == "Once upon a time" and done["id"] == reply["id"]
+    _, failed = visitor.json("POST", path, {"role": "assistant", "content": "x", "status": "failed",
+                                            "provenance": {"engine": "browser"}})
+    status, _ = visitor.json("PATCH", f"{path}/{failed['id']}",
+                             {"content": "x y", "status": "streaming", "continue": True})
+    assert status == 409, "a failed reply is regenerated, not continued"
+
+
 def test_model_fit_is_judged_for_the_settings_the_server_runs(make_app):
     client = make_app(N_CTX=1024, PARALLEL=2).test_client()
     (model,) = client.get("/api/models").get_json()["models"]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import threading
+from pathlib import Path
+
 import pytest
 from browser import chromium
 
@@ -280,3 +285,99 @@ def test_an_error_frame_marks_the_reply_it_names_among_several_followed(server):
         page.get_by_test_id("conversation").filter(has_text="the other tab").click()
         kept = page.locator('[data-role="assistant"]').first
         expect(kept).to_have_attribute("data-status", "complete", timeout=120_000)
+
+
+class RestartableServer:
+    """A live server that can die (as a killed process would: its sockets close, its runs end
+    "interrupted") and come back on the same port with a fresh app on the same database."""
+
+    def __init__(self, make_app, **config) -> None:
+        self.make_app, self.config = make_app, config
+        self.server = None
+        self.start(port=0)
+
+    def start(self, port: int | None = None) -> None:
+        from werkzeug.serving import make_server
+
+        config = dict(self.config)
+        if self.server is not None:
+            config["DATABASE_URL"] = self.app.config["DATABASE_URL"]
+        self.app = self.make_app(**config)
+        self.server = make_server("127.0.0.1", self.port if port is None else port, self.app, threaded=True)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.app.extensions["bchat"].shutdown()  # open sockets close, partial replies are kept
+        self.server.shutdown()
+        self.server.server_close()  # the port refuses connections until start()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def restartable(make_app):
+    server = RestartableServer(make_app, MAX_TOKENS=4000)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1366, "height": 850}, {"width": 390, "height": 844}],
+                         ids=["desktop", "phone"])
+def test_a_dead_server_is_reported_at_once_and_cleared_when_it_is_back(restartable, viewport, tmp_path):
+    """The server dies mid-reply: a banner says so within 2 s, with Retry; Enter says the
+    message was not sent and keeps it in the box; when the server is back the banner goes by
+    itself, the reply shows as interrupted and its controls (edit, regenerate, continue, ⓘ) are
+    there without a reload, and the kept text sends."""
+    from playwright.sync_api import expect
+
+    shots = Path(os.environ.get("BCHAT_SCREENSHOTS") or tmp_path)
+    server = restartable
+    with chromium() as context:
+        page = context.new_page()
+        page.set_viewport_size(viewport)
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url + "/")
+        expect(page.get_by_test_id("connection")).to_have_text("connected")
+        page.get_by_test_id("composer").fill("keep going")
+        page.get_by_test_id("composer").press("Enter")
+        reply = page.locator('[data-role="assistant"]').first
+        expect(reply.locator(".body")).not_to_be_empty()
+
+        server.stop()
+        banner = page.get_by_test_id("error")
+        expect(banner).to_be_visible(timeout=2000)
+        said = re.compile("connection .*dropped|can.t be reached")
+        expect(page.get_by_test_id("error-text")).to_contain_text(said)
+        expect(page.get_by_test_id("retry")).to_be_visible()
+        name = "phone" if viewport["width"] < 500 else "desktop"
+        for scheme in ("light", "dark"):
+            page.emulate_media(color_scheme=scheme)
+            page.screenshot(path=str(shots / f"dead-server-{name}-{scheme}.png"))
+
+        # Enter while the server is gone: said, and the text stays to send later.
+        composer = page.get_by_test_id("composer")
+        composer.fill("are you there?")
+        composer.press("Enter")
+        expect(page.get_by_test_id("error-text")).to_contain_text("Not sent")
+        expect(composer).to_have_value("are you there?")
+        page.get_by_test_id("retry").click()  # tries at once; the server is still down
+        expect(banner).to_be_visible()
+
+        server.start()
+        expect(page.get_by_test_id("connection")).to_have_text("connected", timeout=15_000)
+        expect(banner).to_be_hidden()
+        expect(reply).to_have_attribute("data-status", "interrupted")
+        # the tree controls come back by themselves
+        expect(reply.get_by_test_id("regenerate")).to_be_visible()
+        expect(reply.get_by_test_id("continue")).to_be_visible()
+        expect(reply.get_by_test_id("reply-options")).to_be_visible()
+        expect(page.locator('[data-role="user"]').first.get_by_test_id("edit")).to_have_count(1)
+
+        composer.press("Enter")
+        expect(composer).to_have_value("")
+        expect(page.locator('[data-role="user"]')).to_have_count(2)
+        assert errors == []

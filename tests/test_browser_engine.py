@@ -100,8 +100,14 @@ def stored_messages(page, server):
 
 
 def use_browser_engine(page, backend: str = "auto") -> None:
+    """Pick the browser engine; when the model is not in this profile's storage yet (a test run
+    on its own), download it through the Download button and its size dialog."""
     page.get_by_test_id("engine-select").select_option("browser")
     page.get_by_test_id("backend-select").select_option(backend)
+    page.wait_for_function("() => document.querySelector('[data-testid=browser-status]').dataset.stored")
+    if page.get_by_test_id("model-download").is_visible():
+        page.get_by_test_id("model-download").click()
+        page.get_by_test_id("download-dialog-confirm").click()
 
 
 def record_status(page) -> None:
@@ -115,7 +121,7 @@ def record_status(page) -> None:
     }""")
 
 
-def test_picking_the_browser_engine_downloads_the_served_format_before_any_send(page, server):
+def test_the_served_format_downloads_when_asked_not_when_the_engine_is_picked(page, server):
     assert page.evaluate("crossOriginIsolated") is True
     listing = page.evaluate("fetch('/api/models').then((r) => r.json())")
     (model,) = listing["models"]
@@ -125,9 +131,24 @@ def test_picking_the_browser_engine_downloads_the_served_format_before_any_send(
     assert model["server"]["format"] == "Q4_1" == model["facts"]["quantization"]
     assert model["browser"]["url"].endswith("/SmolLM2-135M-Instruct.Q4_1.Q8_0.gguf")
     record_status(page)
-    use_browser_engine(page)
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url) if "/models/" in request.url else None)
+    # Picking the engine moves no model bytes: the status offers a Download with the size.
+    page.get_by_test_id("engine-select").select_option("browser")
+    download = page.get_by_test_id("model-download")
+    expect(download).to_have_text(re.compile(r"Download 13\d(\.\d)? MiB"))
+    assert requested == [] and server.counter.counts.get("GET", 0) == 0
+    # Over LARGE_DOWNLOAD_BYTES (100 MiB): the page asks first, in its own dialog.
+    download.click()
+    expect(page.get_by_test_id("download-dialog")).to_contain_text(re.compile(r"13\d(\.\d)? MiB"))
+    assert requested == []
+    page.get_by_test_id("download-dialog-confirm").click()
     status = page.get_by_test_id("browser-status-text")
     expect(status).to_contain_text("runs in this browser", timeout=REPLY_TIMEOUT)
+    # ready: a one-line chip
+    expect(page.get_by_test_id("browser-status")).to_have_attribute("data-collapsed", "")
+    assert page.get_by_test_id("browser-status").bounding_box()["height"] < 40
+    assert set(requested) == {server.url + model["browser"]["url"]}, requested  # a HEAD, then the GET
     log = page.evaluate("window.statusLog")
     assert any("(Q8_0, 135M parameters) is downloaded once" in line for line, _ in log), log
     assert any(line.startswith("Preparing") and "can store" in line for line, _ in log), log
@@ -252,6 +273,35 @@ def test_stop_mid_reply_stores_a_stopped_partial(page, server):
     assert assistant["status"] == "stopped" and assistant["engine"] == "browser"
     assert assistant["content"].strip()
     assert 0 < assistant["usage"]["completion_tokens"] < 300
+
+
+def test_a_cut_off_browser_reply_continues_in_the_browser_and_has_its_facts(page, server):
+    use_browser_engine(page)
+    settings(page, max_tokens=6)
+    reply = send(page, "Write a long story about a dragon.")
+    expect(reply).to_have_attribute("data-status", "complete", timeout=REPLY_TIMEOUT)
+    expect(reply.get_by_test_id("cut-off")).to_be_visible()
+    before = stored_messages(page, server)[-1]
+    assert before["engine"] == "browser" and before["finish_reason"] == "length"
+    # ⓘ: how it was made and how it ran, as server replies show it
+    reply.get_by_test_id("reply-options").click()
+    facts = reply.get_by_test_id("reply-options-box")
+    expect(facts).to_contain_text("browser (wasm-mt)")
+    expect(facts).to_contain_text("Max tokens6")
+    expect(facts).to_contain_text("tok/s")
+    gets = server.counter.counts.get("GET", 0)
+    shown = reply.locator(".body").inner_text()
+    reply.get_by_test_id("continue").click()
+    # the same message grows on screen, then settles
+    reply = page.locator('[data-testid="message"][data-role="assistant"]').last
+    expect(reply.locator(".body")).not_to_have_text(shown, timeout=REPLY_TIMEOUT)
+    expect(reply).to_have_attribute("data-status", "complete", timeout=REPLY_TIMEOUT)
+    messages = stored_messages(page, server)
+    after = messages[-1]
+    assert len(messages) == 2, "continued in place, not a new reply"
+    assert after["id"] == before["id"] and after["engine"] == "browser", "it stayed in the browser"
+    assert after["content"].startswith(before["content"]) and len(after["content"]) > len(before["content"])
+    assert server.counter.counts.get("GET", 0) == gets
 
 
 def test_reload_loads_the_model_from_the_browser_cache(page, server):

@@ -438,3 +438,103 @@ def test_axe_finds_nothing_serious(server, shots, scheme, viewport):
         serious = {where: v for where, v in found.items() if v}
         assert serious == {}, json.dumps(serious, indent=1)
         assert problems == []
+
+
+COMPOSER_CONTROLS = ('[data-testid="composer"], [data-testid="engine-select"], [data-testid="model-select"], '
+                     '[data-testid="context-meter"], [data-testid="send"], [data-testid="backend-select"], '
+                     '[data-testid="model-download"], [data-testid="browser-status-toggle"]')
+
+
+@pytest.mark.parametrize("width", [320, 390, 430])
+def test_the_phone_composer_fits_with_either_engine(server, shots, width):
+    """Nothing in the composer (nor the browser engine's status) leaves a phone's viewport,
+    whichever engine is picked, and the model picker keeps a readable width."""
+    with chromium_browser() as browser:
+        for scheme in ("light", "dark"):
+            page, problems = new_page(browser, viewport={"width": width, "height": 800}, scheme=scheme)
+            open_chat(page, server.url)
+            for engine in ("server", "browser"):
+                page.get_by_test_id("engine-select").select_option(engine)
+                if engine == "browser":
+                    expect(page.get_by_test_id("backend-select")).to_be_visible()
+                boxes = page.evaluate("""(selector) => [...document.querySelectorAll(selector)]
+                    .filter((el) => el.offsetParent !== null)
+                    .map((el) => { const r = el.getBoundingClientRect();
+                                   return {id: el.dataset.testid, left: r.left, right: r.right,
+                                           width: r.width}; })""",
+                                      COMPOSER_CONTROLS)
+                shown = {b["id"] for b in boxes}
+                assert shown >= {"composer", "engine-select", "model-select", "send"}, boxes
+                outside = [b for b in boxes if b["left"] < 0 or b["right"] > width]
+                assert not outside, f"{engine} at {width}px: {outside}"
+                model = next(b for b in boxes if b["id"] == "model-select")
+                assert model["width"] >= 90, f"the model picker shrank to {model['width']}px"
+                assert page.evaluate("document.documentElement.scrollWidth") <= width
+                shoot(page, shots, f"composer-{width}-{engine}-{scheme}")
+            page.context.close()
+            assert problems == []
+
+
+def model_requests(page) -> list[str]:
+    """The requests the page makes for model files (/models/...), from now on."""
+    seen: list[str] = []
+    page.on("request", lambda request: seen.append(request.url) if "/models/" in request.url else None)
+    return seen
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_picking_the_browser_engine_downloads_nothing_until_asked(server, shots, viewport):
+    """Picking "This browser" moves no model bytes; Download shows the size, and with
+    saveData on the page asks first in its own dialog: Cancel downloads nothing, confirming
+    downloads it, and the status becomes a one-line chip that a tap opens."""
+    with chromium_browser() as browser:
+        for scheme in ("light", "dark"):
+            page, problems = new_page(browser, viewport=viewport, scheme=scheme)
+            page.add_init_script("Object.defineProperty(navigator, 'connection', "
+                                 "{value: {saveData: true}, configurable: true})")
+            requests = model_requests(page)
+            open_chat(page, server.url)
+            name = f"{'phone' if viewport == PHONE else 'desktop'}-{scheme}"
+            page.get_by_test_id("engine-select").select_option("browser")
+            download = page.get_by_test_id("model-download")
+            expect(download).to_be_visible()
+            expect(download).to_contain_text(re.compile(r"Download [\d.]+ (KiB|MiB)"))
+            status_text = page.get_by_test_id("browser-status-text")
+            expect(status_text).to_contain_text("downloaded once, when you ask")
+            shoot(page, shots, f"download-offer-{name}")
+            assert requests == [], "picking the engine downloaded the model"
+
+            download.click()
+            dialog = page.get_by_test_id("download-dialog")
+            expect(dialog).to_be_visible()
+            expect(dialog).to_contain_text("save data")
+            shoot(page, shots, f"download-prompt-{name}")
+            page.get_by_test_id("download-dialog-cancel").click()
+            expect(dialog).to_have_count(0)
+            assert requests == [], "a cancelled download moved bytes"
+
+            # Enter with the model not downloaded asks too; Cancel keeps the message
+            page.get_by_test_id("composer").fill("hello from the browser")
+            page.get_by_test_id("composer").press("Enter")
+            expect(dialog).to_be_visible()
+            page.get_by_test_id("download-dialog-cancel").click()
+            expect(page.get_by_test_id("error-text")).to_contain_text("Not sent")
+            expect(page.get_by_test_id("composer")).to_have_value("hello from the browser")
+            assert requests == []
+
+            download.click()
+            page.get_by_test_id("download-dialog-confirm").click()
+            status = page.get_by_test_id("browser-status")
+            expect(page.get_by_test_id("error")).to_be_hidden()  # "not sent" is old news now
+            expect(status).to_have_attribute("data-state", "ready", timeout=60_000)
+            assert requests and all(url.endswith(".gguf") for url in requests), requests
+            # the ready status is a one-line chip; a tap shows the whole line
+            expect(status).to_have_attribute("data-collapsed", "")
+            height = status.bounding_box()["height"]
+            assert height < 40, f"the ready chip is {height}px tall"
+            shoot(page, shots, f"status-chip-{name}")
+            page.get_by_test_id("browser-status-toggle").click()
+            expect(status).not_to_have_attribute("data-collapsed", "")
+            expect(page.get_by_test_id("browser-status-toggle")).to_have_attribute("aria-expanded", "true")
+            page.context.close()
+            assert problems == []

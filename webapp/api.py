@@ -219,14 +219,15 @@ def add_message(conversation_id: str):
 def update_message(conversation_id: str, message_id: str):
     """A reply the page is writing (browser engine): its text as it grows, at least every
     2 s, then its final status and provenance once. Also sent on pagehide with
-    ``fetch(…, {keepalive: true})`` and status "interrupted", so a closed tab keeps its text."""
+    ``fetch(…, {keepalive: true})`` and status "interrupted", so a closed tab keeps its text.
+    ``{"continue": true}`` with status "streaming" reopens a cut-off reply to write more of it."""
     body = json_body()
     chats = get_services().chats
     content = chats.check_content(body.get("content"), allow_empty=True)
     provenance = _provenance(body["provenance"]) if body.get("provenance") is not None else None
     return chats.update_browser_reply(
         owner_id(), conversation_id, message_id, content, body.get("status", "streaming"),
-        provenance,
+        provenance, reopen=body.get("continue") is True,
     )
 
 

@@ -375,9 +375,10 @@ class ChatService:
 
     def update_browser_reply(
         self, owner_id: str, conversation_id: str, message_id: str, content: str,
-        status: str, provenance: Provenance | None,
+        status: str, provenance: Provenance | None, *, reopen: bool = False,
     ) -> dict[str, Any]:
-        """A reply the page is writing: it grows while "streaming", then settles once."""
+        """A reply the page is writing: it grows while "streaming", then settles; ``reopen``
+        (a continue in the page) makes a settled one grow again."""
         if status not in STATUSES:  # a page may set any ("interrupted": on pagehide)
             raise Invalid("bad_status", f"status must be one of {', '.join(STATUSES)}")
         with self.db.write() as session:
@@ -391,7 +392,15 @@ class ChatService:
             if message.engine != "browser":
                 raise Invalid("bad_engine", "only replies written in the page can be updated")
             if message.status != "streaming":
-                raise AppError("already_final", f"this reply is already {message.status}")
+                # Continuing a cut-off reply in the page reopens it: the same row grows from
+                # the text it holds (what the server's "continue" does with its own replies).
+                # Asked for explicitly: a page's late flush ("streaming", the same text) must
+                # not reopen the reply it has just settled.
+                reopens = (reopen and status == "streaming" and message.status in CONTINUABLE
+                           and content.startswith(message.content or ""))
+                if not reopens:
+                    raise AppError("already_final", f"this reply is already {message.status}")
+                message.run_owner = "browser"
             if provenance is not None:
                 if provenance.engine != "browser":
                     raise Invalid("bad_engine", "replies posted through the API come from the "

@@ -2,13 +2,13 @@
 // to the state store (state.js). The browser engine (wllama, 275 KB before its wasm) is
 // imported only when it is picked.
 import { api } from "./api.js";
-import { ChatSocket } from "./socket.js";
+import { ChatSocket, NOT_SENT } from "./socket.js";
 import { BROWSER_N_CTX } from "./engines/contract.js";
 import { createServerEngine } from "./engines/server.js";
 import { LiveReply, currentSettings, detachViews, liveFor, modelInfo, state, subscribe, update } from "./state.js";
 import { groupBy, pathTo } from "./tree.js";
 import { initBanner } from "./ui/banner.js";
-import { BrowserStatus } from "./ui/browser_status.js";
+import { BrowserStatus, confirmDownload } from "./ui/browser_status.js";
 import { Composer } from "./ui/composer.js";
 import { ContextMeter } from "./ui/context.js";
 import { ConversationList } from "./ui/conversations.js";
@@ -65,7 +65,7 @@ const stopButton = $("stop");
 const modelSelect = $("model-select");
 const engineSelect = $("engine-select");
 const backendSelect = $("backend-select");
-const browserStatus = new BrowserStatus($("browser-status"));
+const browserStatus = new BrowserStatus($("browser-status"), { onDownload: () => downloadBrowserModel() });
 const title = root.querySelector(".chat-title");
 const banner = initBanner(root, {
   onUseServer: () => {
@@ -80,6 +80,7 @@ const drawer = initDrawer(root);
 function updateControls() {
   const active = liveFor(state.conversationId);
   stopButton.hidden = !active;
+  if (!active) banner.clear("busy"); // the reply it was about is over
   sendButton.hidden = Boolean(active);
   sendButton.disabled = Boolean(active) || !composerState.canSend;
 }
@@ -163,12 +164,16 @@ function engineChanged({ save = true } = {}) {
     if (usable) modelSelect.value = usable.value;
   }
   if (engine === "browser") {
-    browserStatus.describe(modelInfo(modelSelect.value), engines.browser?.loaded);
-    loadBrowserEngine().then((browser) => {
-      if (engineSelect.value !== "browser") return;
-      browserStatus.describe(modelInfo(modelSelect.value), browser.loaded);
-      preloadBrowser();
-    }, (err) => showError(`The browser engine could not be loaded: ${err.message}`, { cause: "engine" }));
+    const info = modelInfo(modelSelect.value);
+    browserStatus.describe(info, engines.browser?.loaded); // stored or not: known below
+    // The engine's code (not the model) loads now; the model only if it is already in this
+    // browser's storage: a download waits for Download or the first message.
+    loadBrowserEngine().then(async (browser) => {
+      const cached = await browser.isCached(info);
+      if (engineSelect.value !== "browser" || modelSelect.value !== info?.id) return;
+      browserStatus.describe(info, browser.loaded, { cached });
+      if (cached) preloadBrowser();
+    }).catch((err) => showError(`The browser engine could not be loaded: ${err.message}`, { cause: "engine" }));
   } else {
     browserStatus.hide();
   }
@@ -176,13 +181,26 @@ function engineChanged({ save = true } = {}) {
   meter.update();
 }
 
-// Picking the browser engine starts the wasm and model download (and reads the open
-// conversation's branch into the model's cache), so Send does not wait for them.
-function preloadBrowser() {
+// The model loads (from this browser's storage, or downloaded when the visitor asked) and the
+// open conversation's branch is read into its cache, so Send does not wait for them. Without
+// `asked`, only a model already stored here loads: no model bytes move unasked.
+async function preloadBrowser({ asked = false } = {}) {
   const info = modelInfo(modelSelect.value);
   if (engineSelect.value !== "browser" || !info?.browser || !engines.browser) return;
+  if (!asked && !(await engines.browser.isCached(info))) return;
   engines.browser.preload(info, backendSelect.value, (progress) => browserStatus.update(info, progress),
-                          { conversationId: state.conversationId, options: replyOptions() }).catch(() => {});
+                          { conversationId: state.conversationId, options: replyOptions() })
+    .catch((err) => {
+      if (asked) showError(err.message, { cause: "engine", offerServer: true }); // else Send says it
+    });
+}
+
+// Download: a large model (or a browser that asks to save data) is confirmed first.
+async function downloadBrowserModel() {
+  const info = modelInfo(modelSelect.value);
+  if (!info?.browser || !await confirmDownload(info)) return;
+  banner.clear("download");
+  preloadBrowser({ asked: true });
 }
 
 async function loadModels() {
@@ -235,7 +253,7 @@ function showStreaming(message, conversationId) {
   }).then((stored) => reply.settle(stored), (err) => {
     reply.fail(err);
     if (state.conversationId === conversationId) showError(err.message);
-  });
+  }).finally(() => refreshConversation(conversationId)); // its controls (a settled view has none)
 }
 
 let opening = 0; // the latest openConversation wins when clicks overlap
@@ -350,13 +368,28 @@ function applyStarted(conversationId, { conversation = null, userMessage = null,
 // reply ({regenerate: reply}), more of a cut-off reply ({continueFrom: reply}).
 async function send(action = null) {
   const content = action ? action.content : composer.value;
-  if ((!action && !content.trim()) || liveFor(state.conversationId) || state.pendingSend) return;
+  if (!action && !content.trim()) return;
+  // Continuing a server reply runs on the server; a browser reply continues in the browser
+  // when the browser engine is picked (else on the server, which can continue any reply).
+  const engineName = action?.continueFrom && action.continueFrom.engine !== "browser" ? "server" : engineSelect.value;
+  // Enter never does nothing: the message stays in the box, and the banner says why.
+  if (engineName === "server" && socket.lost) {
+    showError(NOT_SENT, { cause: "socket", retry: () => socket.reconnectNow() });
+    return;
+  }
+  if (liveFor(state.conversationId) || state.pendingSend) {
+    showError("A reply is still being written: wait for it, or stop it (Esc), then send.", { cause: "busy" });
+    return;
+  }
   if (!action && !composerState.check()) return; // over a limit: the note under the composer says which
+  if (engineName === "browser" && !await mayDownload(modelInfo(modelSelect.value))) {
+    showError("Not sent: the model was not downloaded. Your message stays in the box.", { cause: "download" });
+    return;
+  }
   showError("");
-  // Continuing runs on the server: the page's engine cannot reopen a stored reply.
-  const engineName = action?.continueFrom ? "server" : engineSelect.value;
-  const model = action?.continueFrom?.engine === "server" ? action.continueFrom.model : modelSelect.value;
+  const model = action?.continueFrom?.model ?? modelSelect.value;
   const reply = new LiveReply({ conversationId: state.conversationId, model, text: action?.continueFrom?.content ?? "" });
+  let storedOnServer = false; // the message is stored: a failure after this is not "not sent"
   update({ pendingSend: reply });
   updateControls();
   const onScreen = () => state.conversationId === reply.conversationId;
@@ -385,6 +418,7 @@ async function send(action = null) {
     const stored = await engine.generate(request, {
       signal: reply.controller.signal,
       onStarted: (conversation, userMessage, frame) => {
+        storedOnServer = true;
         const wasOnScreen = onScreen();
         if (!action) {
           composer.value = ""; // stored on the server: safe to clear
@@ -424,8 +458,10 @@ async function send(action = null) {
       // kept, and Retry writes a new one beside it once the model is back.
       const modelDown = ["model_crashed", "model_starting"].includes(err.code);
       const failed = err.reply;
-      showError(err.message, { offerServer: engineName === "browser" && loadProblem,
-                               cause: err.code === "disconnected" ? "socket" : "",
+      // The server went away (socket or fetch): said like any lost connection, and cleared with it.
+      const lost = ["disconnected", "network"].includes(err.code);
+      showError(lost && !storedOnServer ? NOT_SENT : err.message, { offerServer: engineName === "browser" && loadProblem,
+                               cause: lost ? "socket" : "",
                                retry: modelDown && failed?.parent_id ? () => send({ regenerate: failed }) : null });
     }
   } finally {
@@ -434,6 +470,13 @@ async function send(action = null) {
     if (reply.conversationId) refreshConversation(reply.conversationId);
     refreshList().catch(() => {});
   }
+}
+
+// The first message with the browser engine downloads the model: asked first when large.
+async function mayDownload(info) {
+  if (!info?.browser) return true; // the engine says it cannot run there
+  const browser = await loadBrowserEngine().catch(() => null);
+  return !browser || await browser.isCached(info) || await confirmDownload(info);
 }
 
 function stopCurrent() {
@@ -481,10 +524,34 @@ window.addEventListener("popstate", () => {
 $("import-button").addEventListener("click", () => $("import").click());
 
 const connection = $("connection");
+// A lost connection is said in the banner after a short grace (a blip that reconnects at once
+// shows nothing), and the banner goes by itself when the socket is back.
+const LOST_GRACE_MS = 1000;
+let lostTimer = null;
+let reconnecting = false; // the socket was lost: its next open is a reconnect
+function reportLost() {
+  lostTimer = null;
+  if (!socket.lost) return;
+  showError(socket.failures > 1
+    ? "The server can't be reached. bchat keeps trying and reconnects by itself when it is back."
+    : "The connection to the server dropped; reconnecting…",
+  { cause: "socket", retry: () => socket.reconnectNow() });
+}
 socket.on("status", (status) => {
   connection.textContent = { open: "connected", connecting: "connecting…", closed: "reconnecting…" }[status];
   connection.dataset.status = status;
-  if (status === "open") banner.clear("socket");
+  if (status === "open") {
+    clearTimeout(lostTimer);
+    lostTimer = null;
+    banner.clear("socket");
+    // Back: the open conversation as the server has it now, with its controls (a reply that
+    // settled while the server was away was shown without them).
+    if (reconnecting && state.conversationId && !liveFor(state.conversationId)) refreshConversation(state.conversationId);
+    reconnecting = false;
+  } else if (status === "closed") {
+    reconnecting = true;
+    if (!lostTimer && banner.cause !== "socket") lostTimer = setTimeout(reportLost, LOST_GRACE_MS);
+  }
 });
 socket.connect();
 

@@ -246,9 +246,25 @@ export function createBrowserEngine({ api, defaults }) {
     return { turns, dropped };
   }
 
+  let probe = null; // a wllama that is never loaded: it only reads the browser's model cache
+
   return {
     get loaded() {
       return loaded;
+    },
+    // Is the model already in this browser's storage (loading it moves no bytes over the
+    // network)? The page preloads only then; otherwise it waits to be asked.
+    async isCached(modelInfo) {
+      if (!modelInfo?.browser) return false;
+      const url = new URL(modelInfo.browser.url, location.href).href;
+      // loaded, or on its way (a download the visitor already asked for)
+      if (loaded?.key?.startsWith(`${url}|`) || loading?.key?.startsWith(`${url}|`)) return true;
+      probe ??= new Wllama(WASM, { logger: { debug() {}, log() {}, warn() {}, error() {} } });
+      try {
+        return (await probe.modelManager.getModels()).some((m) => m.url === url);
+      } catch {
+        return false; // no storage (a private window): nothing is cached
+      }
     },
     // Called when the user picks the browser engine (and when a conversation opens with it
     // picked): the wasm and the model download now, not at Send, and the open conversation's
@@ -303,7 +319,11 @@ export function createBrowserEngine({ api, defaults }) {
       let userMessage = null;
       // request.replyTo: a reply to a user message already stored (a compare's sibling).
       let answering = request.replyTo ?? request.parentId;
-      if (!request.regenerate && !request.replyTo) {
+      // request.continueFrom: a cut-off reply of this conversation grows in place, as the
+      // server's "continue" does; its partial text is the model's prefill.
+      const continued = request.continueFrom ?? null;
+      if (continued) answering = continued.parent_id;
+      if (!request.regenerate && !request.replyTo && !continued) {
         const body = { role: "user", content: request.content };
         if (request.parentId !== undefined) body.parent_id = request.parentId;
         userMessage = await api.addMessage(conversationId, body);
@@ -328,14 +348,20 @@ export function createBrowserEngine({ api, defaults }) {
 
       // 3. Generate, streaming into the page.
       const { messages, dropped } = promptMessages(conversation, options, answering);
+      // A continued reply ends the prompt as an assistant turn: llama.cpp's server (which
+      // wllama runs) then prefills it and writes on from its last character.
+      if (continued) messages.push({ role: "assistant", content: continued.content });
       // 3a. The reply's row exists from the start and grows as the page writes it, so a tab
       // closed (or crashed) mid-reply leaves what was written, marked "interrupted".
       const provenance = { engine: "browser", backend: runtime.backend, model: modelInfo.id };
-      const started = await api.addMessage(conversationId, {
-        role: "assistant", content: "", status: "streaming", parent_id: answering, provenance,
-      });
+      const started = continued
+        ? await api.updateMessage(conversationId, continued.id,
+          { content: continued.content, status: "streaming", continue: true })
+        : await api.addMessage(conversationId, {
+          role: "assistant", content: "", status: "streaming", parent_id: answering, provenance,
+        });
       onReplyCreated?.(started);
-      let text = "";
+      let text = continued?.content ?? "";
       let flushing = false;
       const flush = async () => {
         if (flushing) return;
@@ -457,6 +483,10 @@ export function createBrowserEngine({ api, defaults }) {
       } else if (firstAt) {
         meta.prompt_ms = Math.round(firstAt - promptStarted);
       }
+      // What it was made with and how long it took, as server replies record them (ⓘ).
+      meta.options = { system: options.system ?? "", temperature: options.temperature, top_p: options.top_p,
+                       max_tokens: options.max_tokens, seed: Number.isInteger(options.seed) ? options.seed : null };
+      if (timings?.predicted_ms != null) meta.predicted_ms = rounded(timings.predicted_ms, 1);
       meta.threads = runtime.threads;
       if (runtime.note) meta.backend_note = runtime.note;
       if (status === "stopped") meta.stop_reason = "user";

@@ -28,6 +28,10 @@ export function initBanner(root, { onUseServer }) {
 
   return {
     show,
+    // what the banner on screen is about ("" when none is shown)
+    get cause() {
+      return box.hidden ? "" : box.dataset.cause;
+    },
     clear(cause) {
       if (!box.hidden && (!cause || box.dataset.cause === cause)) show("");
     },

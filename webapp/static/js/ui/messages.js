@@ -36,6 +36,13 @@ function describeOptions(options, message) {
     ["Prompt", message.usage?.prompt_tokens != null ? tokens(message.usage.prompt_tokens) +
       (message.meta?.prompt_cached ? ` (${message.meta.prompt_cached} from cache)` : "") : null],
     ["Time to first token", message.meta?.prompt_ms != null ? ms(message.meta.prompt_ms) : null],
+    // how it ran: the same facts for either engine (the browser's from wllama's timings)
+    ["Ran on", message.engine ? (message.backend ? `${message.engine} (${message.backend})` : message.engine) : null],
+    ["Model", message.model],
+    ["Reply", message.usage?.completion_tokens != null ? tokens(message.usage.completion_tokens) : null],
+    ["Speed", message.tokens_per_second ? tokensPerSecond(message.tokens_per_second) : null],
+    ["Writing time", message.meta?.predicted_ms != null ? ms(message.meta.predicted_ms) : null],
+    ["Threads", message.meta?.threads],
   ]));
   return box;
 }
