@@ -1,5 +1,9 @@
 """How long `GET /api/conversations/<id>` takes on a large conversation tree, and an append to it.
 
+It times what the page opened before windows (the whole tree) beside what it opens now: the
+branch's last 50 messages (?limit=50, api.js MESSAGE_WINDOW) and the window above them
+(?limit=50&before=<id>, loaded when scrolled to), with the size of each answer.
+
 Builds a conversation of N messages (default 1,000) with branches — every 10th reply
 regenerated, every 25th user message edited — in a fresh SQLite file, then times the JSON
 API in-process (Flask's test client: the figure is the app's own work, no network).
@@ -80,6 +84,17 @@ def main() -> None:
     while node:
         branch += 1
         node = by_id[node]["parent_id"]
+    earlier = client.get(f"/api/conversations/{cid}?limit=50").get_json()["earlier"]
+    windows = {}
+    for name, query in (("?limit=50", "?limit=50"),
+                        ("?limit=50&before=<id>", f"?limit=50&before={earlier}")):
+        took = []
+        for _ in range(args.runs):
+            began = time.perf_counter()
+            answer = client.get(f"/api/conversations/{cid}{query}")
+            took.append((time.perf_counter() - began) * 1000)
+            assert answer.status_code == 200
+        windows[name] = (took, len(answer.data), len(answer.get_json()["messages"]))
     # An append to the long conversation, through the API (what the page's engine posts):
     # its cost should not grow with the conversation.
     appends = []
@@ -95,6 +110,10 @@ def main() -> None:
     print(f"GET /api/conversations/<id>: median {statistics.median(times):.1f} ms, "
           f"p95 {statistics.quantiles(times, n=20)[18]:.1f} ms, min {min(times):.1f} ms "
           f"({args.runs} runs, in-process)")
+    for name, (took, size, sent) in windows.items():
+        print(f"GET /api/conversations/<id>{name}: median {statistics.median(took):.1f} ms, "
+              f"p95 {statistics.quantiles(took, n=20)[18]:.1f} ms, {size / 1024:.0f} KiB "
+              f"({sent} messages with siblings)")
     print(f"POST /api/conversations/<id>/messages to it: median {statistics.median(appends):.1f} ms, "
           f"p95 {statistics.quantiles(appends, n=20)[18]:.1f} ms ({args.runs} runs, in-process)")
 
