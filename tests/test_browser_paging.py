@@ -103,9 +103,20 @@ def test_a_long_conversation_opens_on_its_last_messages_and_loads_the_rest_as_it
         expect(messages.first.locator(".body")).to_have_text("m250")
         page.screenshot(path=str(shots / f"window-{viewport['width']}-{scheme}.png"))
 
-        # Scrolling to the top loads the window above; what was on screen stays in place.
+        # Scrolling to the top loads the window above; what was on screen stays in place. The
+        # first try fails (the network drops it): the top says so, and scrolling back tries again.
         scroller = page.get_by_test_id("scroller")
         kept = by_text(page, "m250")
+        dropped: list[str] = []
+        page.route(lambda url: "before=" in url,
+                   lambda route: route.continue_() if dropped else (dropped.append(route.request.url),
+                                                                    route.abort()))
+        scroller.evaluate("(node) => { node.scrollTop = 0; }")
+        earlier = page.get_by_test_id("messages-earlier")
+        expect(earlier).to_contain_text("Could not load earlier messages")
+        page.screenshot(path=str(shots / f"window-failed-{viewport['width']}-{scheme}.png"))
+        scroller.evaluate("(node) => { node.scrollTop = node.scrollHeight; }")
+        expect(earlier).not_to_be_in_viewport()
         scroller.evaluate("(node) => { node.scrollTop = 0; }")
         expect(messages).to_have_count(100)
         assert kept.evaluate("(node) => node.getBoundingClientRect().top") >= 0, "m250 still on screen"
@@ -114,10 +125,10 @@ def test_a_long_conversation_opens_on_its_last_messages_and_loads_the_rest_as_it
         for shown in (150, 200, 250, 300):
             scroller.evaluate("(node) => { node.scrollTop = 0; }")
             expect(messages).to_have_count(shown)
-        expect(page.get_by_test_id("messages-earlier")).to_have_count(0)
+        expect(earlier).to_have_count(0)
         texts = [text.strip() for text in messages.locator(".body").all_text_contents()]
         assert texts == [f"m{i}" for i in range(300)], "every message once, in order"
-        assert len(asked) == 6 and all("limit=50&before=" in query for query in asked[1:])
+        assert len(asked) == 7 and all("limit=50&before=" in query for query in asked[1:])
 
         # The switcher on an early message: the other version's branch was never sent; it is
         # fetched when switched to, and the way back fetches the long branch's windows again.

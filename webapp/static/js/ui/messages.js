@@ -88,19 +88,21 @@ export class MessageView {
       return;
     }
     if (!this.sentinel?.isConnected) {
-      this.sentinel = el("p", "messages-earlier", null, { testid: "messages-earlier" });
+      this.sentinel = el("p", "messages-earlier", "Loading earlier messages…", { testid: "messages-earlier" });
       this.container.prepend(this.sentinel);
     }
-    this.sentinel.textContent = "Loading earlier messages…";
-    // A fresh observer reports at once whether the top is in view (a short window loads on).
+    // A fresh observer reports at once whether the top is in view (a short window loads on);
+    // after a failure, scrolling the top into view again tries again.
     this.observer = new IntersectionObserver((entries) => {
-      if (entries.some((entry) => entry.isIntersecting)) onEarlier();
+      if (!entries.some((entry) => entry.isIntersecting)) return;
+      this.sentinel.textContent = "Loading earlier messages…";
+      onEarlier();
     }, { root: this.scroller, rootMargin: "600px 0px 0px 0px" });
     this.observer.observe(this.sentinel);
   }
 
   earlierFailed(message) {
-    if (this.sentinel) this.sentinel.textContent = `Could not load earlier messages: ${message}`;
+    if (this.sentinel) this.sentinel.textContent = `Could not load earlier messages: ${message}. Scroll up to try again.`;
   }
 
   // Messages above those shown ([message, controls] pairs, oldest first), the reader's place
