@@ -5,10 +5,11 @@ branch's last 50 messages (?limit=50, api.js MESSAGE_WINDOW) and the window abov
 (?limit=50&before=<id>, loaded when scrolled to), with the size of each answer.
 
 Builds a conversation of N messages (default 1,000) with branches — every 10th reply
-regenerated, every 25th user message edited — in a fresh SQLite file, then times the JSON
-API in-process (Flask's test client: the figure is the app's own work, no network).
+regenerated, every 25th user message edited — in a fresh SQLite file (or a throwaway
+PostgreSQL cluster's database, tests/pg.py), then times the JSON API in-process (Flask's
+test client: the figure is the app's own work, no network).
 
-    .venv/bin/python bench/tree_load.py [--messages 1000] [--runs 30]
+    .venv/bin/python bench/tree_load.py [--messages 1000] [--runs 30] [--database postgresql]
 """
 
 from __future__ import annotations
@@ -28,7 +29,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--database", default="sqlite", choices=["sqlite", "postgresql"])
     args = parser.parse_args()
+    if args.database == "sqlite":
+        tmp = Path(tempfile.mkdtemp(prefix="bchat-tree-"))
+        measure(args, f"sqlite:///{tmp / 'tree.sqlite3'}", tmp)
+        return
+    from pg import PostgresCluster
+
+    cluster = PostgresCluster().start()
+    try:
+        measure(args, cluster.create_database(), Path(tempfile.mkdtemp(prefix="bchat-tree-")))
+    finally:
+        cluster.stop()
+
+
+def measure(args: argparse.Namespace, url: str, tmp: Path) -> None:
 
     from conftest import migrate
     from tiny_model import write_tiny_model
@@ -36,8 +52,6 @@ def main() -> None:
     from webapp import create_app
     from webapp.models import Provenance
 
-    tmp = Path(tempfile.mkdtemp(prefix="bchat-tree-"))
-    url = f"sqlite:///{tmp / 'tree.sqlite3'}"
     migrate(url)
     app = create_app({"DATABASE_URL": url, "MODEL_PATH": str(write_tiny_model(tmp / "t.gguf")),
                       "SECRET_KEY": "bench", "TESTING": True})
