@@ -151,3 +151,12 @@ def test_before_names_a_message_of_this_conversation_only(app, client):
     empty = client.post("/api/conversations", json={}).get_json()["id"]
     body = client.get(f"/api/conversations/{empty}?limit=5").get_json()
     assert body["messages"] == [] and body["current_message_id"] is None and body["earlier"] is None
+
+
+def test_the_openapi_document_describes_the_window(client):
+    document = client.get("/api/openapi.json").get_json()
+    operation = document["paths"]["/api/conversations/{conversation_id}"]
+    assert {p["name"] for p in operation["get"]["parameters"]} == {"limit", "before"}
+    assert {p["name"] for p in operation["patch"]["parameters"]} == {"limit"}
+    earlier = document["components"]["schemas"]["Conversation"]["properties"]["earlier"]
+    assert earlier["nullable"] is True
