@@ -1,10 +1,15 @@
 """How long `GET /api/conversations/<id>` takes on a large conversation tree, and an append to it.
 
-Builds a conversation of N messages (default 1,000) with branches — every 10th reply
-regenerated, every 25th user message edited — in a fresh SQLite file, then times the JSON
-API in-process (Flask's test client: the figure is the app's own work, no network).
+It times what the page opened before windows (the whole tree) beside what it opens now: the
+branch's last 50 messages (?limit=50, api.js MESSAGE_WINDOW) and the window above them
+(?limit=50&before=<id>, loaded when scrolled to), with the size of each answer.
 
-    .venv/bin/python bench/tree_load.py [--messages 1000] [--runs 30]
+Builds a conversation of N messages (default 1,000) with branches — every 10th reply
+regenerated, every 25th user message edited — in a fresh SQLite file (or a throwaway
+PostgreSQL cluster's database, tests/pg.py), then times the JSON API in-process (Flask's
+test client: the figure is the app's own work, no network).
+
+    .venv/bin/python bench/tree_load.py [--messages 1000] [--runs 30] [--database postgresql]
 """
 
 from __future__ import annotations
@@ -24,7 +29,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--database", default="sqlite", choices=["sqlite", "postgresql"])
     args = parser.parse_args()
+    if args.database == "sqlite":
+        tmp = Path(tempfile.mkdtemp(prefix="bchat-tree-"))
+        measure(args, f"sqlite:///{tmp / 'tree.sqlite3'}", tmp)
+        return
+    from pg import PostgresCluster
+
+    cluster = PostgresCluster().start()
+    try:
+        measure(args, cluster.create_database(), Path(tempfile.mkdtemp(prefix="bchat-tree-")))
+    finally:
+        cluster.stop()
+
+
+def measure(args: argparse.Namespace, url: str, tmp: Path) -> None:
 
     from conftest import migrate
     from tiny_model import write_tiny_model
@@ -32,8 +52,6 @@ def main() -> None:
     from webapp import create_app
     from webapp.models import Provenance
 
-    tmp = Path(tempfile.mkdtemp(prefix="bchat-tree-"))
-    url = f"sqlite:///{tmp / 'tree.sqlite3'}"
     migrate(url)
     app = create_app({"DATABASE_URL": url, "MODEL_PATH": str(write_tiny_model(tmp / "t.gguf")),
                       "SECRET_KEY": "bench", "TESTING": True})
@@ -80,6 +98,17 @@ def main() -> None:
     while node:
         branch += 1
         node = by_id[node]["parent_id"]
+    earlier = client.get(f"/api/conversations/{cid}?limit=50").get_json()["earlier"]
+    windows = {}
+    for name, query in (("?limit=50", "?limit=50"),
+                        ("?limit=50&before=<id>", f"?limit=50&before={earlier}")):
+        took = []
+        for _ in range(args.runs):
+            began = time.perf_counter()
+            answer = client.get(f"/api/conversations/{cid}{query}")
+            took.append((time.perf_counter() - began) * 1000)
+            assert answer.status_code == 200
+        windows[name] = (took, len(answer.data), len(answer.get_json()["messages"]))
     # An append to the long conversation, through the API (what the page's engine posts):
     # its cost should not grow with the conversation.
     appends = []
@@ -95,6 +124,10 @@ def main() -> None:
     print(f"GET /api/conversations/<id>: median {statistics.median(times):.1f} ms, "
           f"p95 {statistics.quantiles(times, n=20)[18]:.1f} ms, min {min(times):.1f} ms "
           f"({args.runs} runs, in-process)")
+    for name, (took, size, sent) in windows.items():
+        print(f"GET /api/conversations/<id>{name}: median {statistics.median(took):.1f} ms, "
+              f"p95 {statistics.quantiles(took, n=20)[18]:.1f} ms, {size / 1024:.0f} KiB "
+              f"({sent} messages with siblings)")
     print(f"POST /api/conversations/<id>/messages to it: median {statistics.median(appends):.1f} ms, "
           f"p95 {statistics.quantiles(appends, n=20)[18]:.1f} ms ({args.runs} runs, in-process)")
 

@@ -130,11 +130,15 @@ def create_conversation():
 
 @bp.get("/api/conversations/<conversation_id>")
 def get_conversation(conversation_id: str):
+    """The whole tree (every message), or with ``limit`` and/or ``before`` a window of the
+    current branch: its last ``limit`` messages, or the ``limit`` above the message ``before``,
+    each with its siblings; ``earlier`` is the next ``before`` (null at the root)."""
     services = get_services()
-    conversation = services.chats.get_conversation(owner_id(), conversation_id)
+    window = {"limit": parse_limit(request.args.get("limit")), "before": request.args.get("before")}
+    conversation = services.chats.get_conversation(owner_id(), conversation_id, **window)
     streaming = [m["id"] for m in conversation["messages"] if m["status"] == "streaming"]
     if streaming and services.runs.keeper.reap_stale(streaming):  # their writer died: now interrupted
-        conversation = services.chats.get_conversation(owner_id(), conversation_id)
+        conversation = services.chats.get_conversation(owner_id(), conversation_id, **window)
     return conversation
 
 
@@ -146,7 +150,9 @@ def update_conversation(conversation_id: str):
     fields = {k: body[k] for k in ("title", "current_message_id", "settings") if k in body}
     if not fields:
         raise Invalid("nothing_to_change", "send title, current_message_id or settings")
-    return get_services().chats.update(owner_id(), conversation_id, **fields)
+    # ?limit=N: a switch answers with the new branch's last N messages (as GET does)
+    return get_services().chats.update(owner_id(), conversation_id, **fields,
+                                       window=parse_limit(request.args.get("limit")))
 
 
 @bp.get("/api/defaults")

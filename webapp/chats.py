@@ -11,7 +11,7 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, literal, select, update
 
 from . import paging
 from .db import Database, notify_replies
@@ -99,10 +99,63 @@ class ChatService:
             rows, following = paging.page(session.scalars(query).all(), limit)
             return [c.to_dict() for c in rows], following
 
-    def get_conversation(self, owner_id: str, public_id: str) -> dict[str, Any]:
+    def get_conversation(self, owner_id: str, public_id: str, *, limit: int | None = None,
+                         before: str | None = None) -> dict[str, Any]:
+        """The conversation with every message (export's tree), or with ``limit``/``before``
+        a window of its current branch (window below)."""
         with self.db.read() as session:
             conv = self.owned(session, owner_id, public_id)
-            return conv.to_dict(Tree(conv.messages))
+            if limit is None and before is None:
+                return conv.to_dict(Tree(conv.messages))
+            return self._window(session, conv, limit or paging.MAX_PAGE, before)
+
+    def _window(self, session, conv: Conversation, limit: int, before: str | None) -> dict[str, Any]:
+        """Up to ``limit`` messages of the current branch ending at its leaf, or ending just
+        above the message ``before`` (the page above one already shown), with the siblings of
+        each (the ‹ 2/3 › switcher counts them; their own branches are not sent). ``earlier``
+        is the ``before`` of the page above, null once the window reaches the root.
+
+        Only the rows sent are read: a recursive query up the branch, bounded by a depth
+        counter (UNION ALL with depth < limit: a cycle cannot loop), then the siblings by the
+        parent_id index; a long conversation costs the same to open as a short one."""
+        if before is not None:
+            anchor = session.scalar(select(Message).where(
+                Message.public_id == check_message_id(before), Message.conversation_id == conv.id))
+            if anchor is None:
+                raise NotFound("message")
+            start = anchor.parent_id
+        else:
+            leaf = self._current_leaf(session, conv)
+            start = leaf.id if leaf is not None else None
+        branch: list[Message] = []
+        if start is not None:
+            up = (select(Message.id, Message.parent_id, literal(1).label("depth"))
+                  .where(Message.id == start).cte("up", recursive=True))
+            up = up.union_all(select(Message.id, Message.parent_id, (up.c.depth + 1).label("depth"))
+                              .join(up, Message.id == up.c.parent_id).where(up.c.depth < limit))
+            branch = Tree(session.scalars(select(Message).join(up, Message.id == up.c.id)
+                                          .order_by(Message.id)).all()).path(start)
+        top = branch[0] if branch else None
+        parents = {m.parent_id for m in branch}
+        siblings = Message.parent_id.in_([p for p in parents if p is not None])
+        if top is not None and top.parent_id is None:  # the roots: the first message's versions
+            siblings = siblings | ((Message.conversation_id == conv.id) & Message.parent_id.is_(None))
+        shown = {m.id for m in branch}
+        others = [m for m in session.scalars(select(Message).where(siblings)).all()
+                  if m.id not in shown] if branch else []
+        messages = sorted(branch + others, key=lambda m: m.id)
+        # parent ids as public ids: those in the window, and the top's parent above it
+        public = {m.id: m.public_id for m in messages}
+        missing = {m.parent_id for m in messages if m.parent_id is not None} - public.keys()
+        if missing:
+            public.update(session.execute(select(Message.id, Message.public_id)
+                                          .where(Message.id.in_(missing))).all())
+        data = conv.to_dict()
+        data["messages"] = [m.to_dict(public) for m in messages]
+        leaf = self._current_leaf(session, conv) if before is not None else (branch[-1] if branch else None)
+        data["current_message_id"] = leaf.public_id if leaf is not None else None
+        data["earlier"] = top.public_id if top is not None and top.parent_id is not None else None
+        return data
 
     def conversation_settings(self, owner_id: str, public_id: str | None) -> dict[str, Any]:
         """What a reply in this conversation starts from (a new one: the visitor's defaults)."""
@@ -202,8 +255,10 @@ class ChatService:
             return conv.to_dict()
 
     def update(self, owner_id: str, public_id: str, *, title: Any = MISSING,
-               current_message_id: Any = MISSING, settings: Any = MISSING) -> dict[str, Any]:
-        """Rename, switch branch (to the newest leaf below the given message), change settings."""
+               current_message_id: Any = MISSING, settings: Any = MISSING,
+               window: int | None = None) -> dict[str, Any]:
+        """Rename, switch branch (to the newest leaf below the given message), change settings;
+        a switch answers with the new branch: its last ``window`` messages, or the whole tree."""
         changes = self.clean_settings(settings) if settings is not MISSING else None
         with self.db.write() as session:
             conv = self.owned(session, owner_id, public_id)
@@ -213,15 +268,20 @@ class ChatService:
             if current_message_id is not MISSING:
                 if not isinstance(current_message_id, str):
                     raise Invalid("bad_message_id", "current_message_id must be a message id")
-                tree = Tree(conv.messages)
-                target = next((m for m in conv.messages if m.public_id == current_message_id), None)
+                target = session.scalar(select(Message.id).where(
+                    Message.public_id == current_message_id, Message.conversation_id == conv.id))
                 if target is None:
                     raise NotFound("message")
-                conv.current_message_id = tree.leaf_from(target.id)
+                conv.current_message_id = self._leaf_from(session, target)
             if changes is not None:
                 conv.settings = self._merge(conv.settings, changes) or None
             session.flush()
-            return conv.to_dict(Tree(conv.messages) if current_message_id is not MISSING else None)
+            if current_message_id is MISSING:
+                return conv.to_dict()
+            # the new branch: a window of it when asked (the page), else the whole tree
+            if window is not None:
+                return self._window(session, conv, window, None)
+            return conv.to_dict(Tree(conv.messages))
 
     def delete(self, owner_id: str, public_id: str) -> None:
         with self.db.write() as session:

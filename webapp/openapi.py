@@ -108,6 +108,19 @@ _PAGING = [
 ]
 
 
+# A window of a long conversation's current branch (chats.ChatService._window).
+_WINDOW_LIMIT = {"name": "limit", "in": "query", "required": False,
+                 "description": "a window: the current branch's last limit messages (with "
+                                "earlier for the page above), each with its siblings; without "
+                                "limit or before, every message of the tree",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 200}}
+_WINDOW = [_WINDOW_LIMIT,
+           {"name": "before", "in": "query", "required": False,
+            "description": "the page above: the limit (default 200) messages of the branch "
+                           "above this message (a window's earlier value)",
+            "schema": _ID}]
+
+
 def _in_path(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": _ID}
 
@@ -139,6 +152,9 @@ SCHEMAS: dict[str, Any] = {
         "source": {"type": "string", "enum": ["chat", "api"],
                    "description": "api: stored by a /v1 call made with an API key"},
         "messages": {"type": "array", "items": _ref("Message")},
+        "earlier": {**_ID, "nullable": True,
+                    "description": "a window only: pass as before for the messages above it; "
+                                   "null once it reaches the first message"},
     }, "id", "title", "created_at", "updated_at"),
     "ApiKey": _object({
         "id": _ID, "name": {"type": "string"},
@@ -237,13 +253,15 @@ PATHS: dict[str, Any] = {
         "201", _ref("Conversation"), "imported", _ref("Import"))},
     "/api/conversations/{conversation_id}": {
         "parameters": [_CONVERSATION_ID],
-        "get": _op("get_conversation", "a conversation with its messages",
-                   "200", _ref("Conversation"), "the conversation"),
+        "get": _op("get_conversation", "a conversation with its messages, or a window of them",
+                   "200", _ref("Conversation"), "the conversation", parameters=_WINDOW),
         "patch": _op("update_conversation",
                      "rename, switch branch (to the newest leaf below a message), change settings",
-                     "200", _ref("Conversation"), "changed",
+                     "200", _ref("Conversation"), "changed; a switch answers with the new "
+                     "branch (a window of it with limit, else the whole tree)",
                      _closed({"title": _TEXT, "current_message_id": _ID,
-                              "settings": _ref("Settings")}, minProperties=1)),
+                              "settings": _ref("Settings")}, minProperties=1),
+                     parameters=[_WINDOW_LIMIT]),
         "delete": _op("delete_conversation", "delete, with its messages", "204", None, "deleted"),
     },
     "/api/benchmarks": {

@@ -18,7 +18,7 @@ from sqlalchemy import true, tuple_
 from .errors import Invalid
 from .models import Conversation
 
-MAX_PAGE = 200  # conversations in one page at most
+MAX_PAGE = 200  # conversations in one page at most; messages in one window of a conversation
 # "<updated_at in microseconds since 1970>.<public id>": every string of this shape is a
 # place in the order (what the OpenAPI document promises), so only other shapes are refused.
 CURSOR_PATTERN = r"^[0-9]{1,17}\.[A-Za-z0-9_-]{1,32}$"

@@ -41,6 +41,11 @@ export async function request(method, path, body, options = {}) {
 
 export const LIST_PAGE = 50; // conversations per page of the sidebar (the server allows 200)
 
+// A long conversation opens on its current branch's last MESSAGE_WINDOW messages, enough to
+// fill a tall screen several times; older ones come a window at a time as the reader scrolls
+// up, so a thousand-message conversation opens as fast as a new one (the server allows 200).
+export const MESSAGE_WINDOW = 50;
+
 export const api = {
   models: () => request("GET", "/api/models"),
   // The sidebar's list, a page at a time (newest first). The answer's array carries the next
@@ -52,7 +57,16 @@ export const api = {
     data.conversations.next = data.next ?? null;
     return data;
   },
+  // The whole tree: every message of every branch (what a model's history is read from).
   conversation: (id) => request("GET", `/api/conversations/${encodeURIComponent(id)}`),
+  // A window of the branch on screen: its last messages, or (before: a message id) the ones
+  // above that message; each with its siblings, and `earlier` for the window above (null at
+  // the root). The first window is the one boot.js prefetched (same path).
+  conversationWindow: (id, before = null) => request("GET",
+    `/api/conversations/${encodeURIComponent(id)}?limit=${MESSAGE_WINDOW}${before ? `&before=${encodeURIComponent(before)}` : ""}`),
+  // ‹ › : the conversation continues below another version; the answer is the new branch's window.
+  switchBranch: (id, messageId) => request("PATCH",
+    `/api/conversations/${encodeURIComponent(id)}?limit=${MESSAGE_WINDOW}`, { current_message_id: messageId }),
   createConversation: (title) => request("POST", "/api/conversations", { title }),
   updateConversation: (id, changes) => request("PATCH", `/api/conversations/${encodeURIComponent(id)}`, changes),
   defaults: () => request("GET", "/api/defaults"),

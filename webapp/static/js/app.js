@@ -258,48 +258,122 @@ function showStreaming(message, conversationId) {
 
 let opening = 0; // the latest openConversation wins when clicks overlap
 
-// The branch on screen (root to current leaf), each message with its tree controls.
+// A message's tree controls: its versions (‹ 2/3 ›), edit, regenerate, continue.
+function controlsFor(m, conversation, groups, busy) {
+  const siblings = groups.get(m.parent_id ?? null) ?? [m];
+  const position = siblings.indexOf(m) + 1;
+  const controls = {
+    siblings: { position, count: siblings.length,
+                prev: () => switchTo(siblings[position - 2], m), next: () => switchTo(siblings[position], m) },
+  };
+  if (!busy && m.role === "user") controls.edit = (text) => send({ content: text, parentId: m.parent_id ?? null });
+  if (!busy && m.role === "assistant" && m.parent_id) {
+    controls.regenerate = () => send({ regenerate: m });
+    const cutOff = (m.status === "complete" && m.finish_reason === "length")
+      || m.status === "stopped" || m.status === "interrupted";
+    const last = !conversation.messages.some((other) => other.parent_id === m.id);
+    if (cutOff && last) controls.continue = () => send({ continueFrom: m });
+  }
+  return controls;
+}
+
+// The branch on screen (root to current leaf, or as far up as its windows are loaded), each
+// message with its tree controls. Without follow, the reader's place is kept.
 function render(conversation, { follow = true } = {}) {
+  const place = view.scroller.scrollTop;
   detachViews();
   view.clear();
   const groups = groupBy(conversation.messages, (m) => m.parent_id ?? null); // siblings, by parent
   const branch = pathTo(conversation.messages, conversation.current_message_id);
   const busy = Boolean(liveFor(conversation.id));
   for (const m of branch) {
-    const siblings = groups.get(m.parent_id ?? null) ?? [m];
-    const position = siblings.indexOf(m) + 1;
-    const controls = {
-      siblings: { position, count: siblings.length,
-                  prev: () => switchTo(siblings[position - 2]), next: () => switchTo(siblings[position]) },
-    };
     if (m.status === "streaming") {
       showStreaming(m, conversation.id);
       continue;
     }
-    if (!busy && m.role === "user") controls.edit = (text) => send({ content: text, parentId: m.parent_id ?? null });
-    if (!busy && m.role === "assistant" && m.parent_id) {
-      controls.regenerate = () => send({ regenerate: m });
-      const cutOff = (m.status === "complete" && m.finish_reason === "length")
-        || m.status === "stopped" || m.status === "interrupted";
-      const last = !conversation.messages.some((other) => other.parent_id === m.id);
-      if (cutOff && last) controls.continue = () => send({ continueFrom: m });
-    }
-    view.add(m, { follow: false, controls });
+    view.add(m, { follow: false, controls: controlsFor(m, conversation, groups, busy) });
   }
   const pending = state.pendingSend?.conversationId === conversation.id ? state.pendingSend : null;
   if (pending && !pending.messageId && pending.view === null) pending.show(view);
+  offerEarlier(conversation, branch);
   if (follow) view.scrollToEnd({ force: true });
+  else view.scroller.scrollTop = place;
   meter.fromMessages(branch);
 }
 
-// ‹ › : show another version of a message (and the branch that continues from it).
-async function switchTo(message) {
-  if (!message || !state.conversation) return;
+// messages (a window from the server) into a conversation's loaded ones: newer copies replace
+// older, new ones join (a window sends every sibling of its messages at once, so sibling
+// groups stay in the server's order, oldest first).
+function mergeMessages(conversation, messages) {
+  const index = new Map(conversation.messages.map((m, i) => [m.id, i]));
+  for (const m of messages) {
+    const at = index.get(m.id);
+    if (at === undefined) conversation.messages.push(m);
+    else conversation.messages[at] = m;
+  }
+}
+
+// A fresh window of the open conversation, keeping the older windows the reader loaded.
+function withLoaded(fresh) {
+  if (state.conversation?.id !== fresh.id) return fresh;
+  const conversation = { ...fresh, messages: [...state.conversation.messages] };
+  mergeMessages(conversation, fresh.messages);
+  return conversation;
+}
+
+// The branch's first loaded message has a parent: the window above loads when scrolled to.
+function offerEarlier(conversation, branch) {
+  view.earlier(branch[0]?.parent_id ? () => loadEarlier(conversation) : null);
+}
+
+let loadingEarlier = null; // the conversation whose earlier window is on its way
+
+async function loadEarlier(conversation) {
+  if (loadingEarlier === conversation || state.conversation !== conversation) return;
+  const top = pathTo(conversation.messages, conversation.current_message_id)[0];
+  if (!top?.parent_id) return;
+  loadingEarlier = conversation;
   try {
-    const conversation = await api.updateConversation(state.conversation.id, { current_message_id: message.id });
+    const page = await api.conversationWindow(conversation.id, top.id);
+    if (state.conversation !== conversation) return; // opened another, or redrawn meanwhile
+    mergeMessages(conversation, page.messages);
+    const branch = pathTo(conversation.messages, conversation.current_message_id);
+    const above = branch.slice(0, branch.indexOf(branch.find((m) => m.id === top.id)));
+    const groups = groupBy(conversation.messages, (m) => m.parent_id ?? null);
+    const busy = Boolean(liveFor(conversation.id));
+    view.prepend(above.map((m) => [m, controlsFor(m, conversation, groups, busy)]));
+    loadingEarlier = null;
+    offerEarlier(conversation, branch); // (observed afresh: still in view, it loads on)
+  } catch (err) {
+    if (state.conversation === conversation) view.earlierFailed(err.message);
+  } finally {
+    if (loadingEarlier === conversation) loadingEarlier = null;
+  }
+}
+
+// ‹ › : show another version of a message (and the branch that continues from it), with the
+// version in the same place on screen as the one it replaces (`shown`).
+async function switchTo(message, shown = null) {
+  if (!message || !state.conversation) return;
+  const id = state.conversation.id;
+  const anchor = shown && view.container.querySelector(`[data-message-id="${CSS.escape(shown.id)}"]`);
+  const offset = anchor ? anchor.getBoundingClientRect().top : null;
+  try {
+    const conversation = withLoaded(await api.switchBranch(id, message.id));
+    // The new branch's window ends at its leaf; when the version switched to is further up
+    // than that, the windows between are fetched too, so the branch on screen is whole.
+    let branch = pathTo(conversation.messages, conversation.current_message_id);
+    while (branch[0]?.parent_id && !branch.some((m) => m.id === message.id)) {
+      const top = branch[0].id;
+      mergeMessages(conversation, (await api.conversationWindow(id, top)).messages);
+      branch = pathTo(conversation.messages, conversation.current_message_id);
+      if (branch[0].id === top) break;
+    }
     if (state.conversation?.id !== conversation.id) return;
     update({ conversation });
     render(conversation, { follow: false });
+    const target = view.container.querySelector(`[data-message-id="${CSS.escape(message.id)}"]`);
+    if (offset !== null && target) view.scroller.scrollTop += target.getBoundingClientRect().top - offset;
   } catch (err) {
     showError(err.message, { cause: "conversation" });
   }
@@ -309,8 +383,9 @@ async function switchTo(message) {
 async function refreshConversation(id) {
   if (state.conversationId !== id) return;
   try {
-    const conversation = await api.conversation(id);
+    const fresh = await api.conversationWindow(id);
     if (state.conversationId !== id || liveFor(id)) return;
+    const conversation = withLoaded(fresh);
     update({ conversation });
     render(conversation, { follow: view.pinned });
   } catch {
@@ -321,7 +396,7 @@ async function refreshConversation(id) {
 async function openConversation(id, { push, prefetched = null }) {
   const ticket = ++opening;
   try {
-    const conversation = (await prefetched) ?? await api.conversation(id);
+    const conversation = (await prefetched) ?? await api.conversationWindow(id);
     if (ticket !== opening) return;
     update({ conversationId: conversation.id, conversation });
     title.textContent = conversation.title;
@@ -613,7 +688,7 @@ initShortcuts(root, $("shortcuts"), $("shortcuts-button"), {
 (async () => {
   try {
     // The model list, the conversation list and the open conversation load side by side.
-    const opened = state.conversationId ? api.conversation(state.conversationId).catch(() => null) : null;
+    const opened = state.conversationId ? api.conversationWindow(state.conversationId).catch(() => null) : null;
     // (boot.js has already asked for all of these; api.js picks its answers up)
     await Promise.all([loadModels(), refreshList(),
       api.defaults().then(({ settings: saved }) => update({ defaults: saved }), () => {})]);

@@ -4,7 +4,8 @@
 const app = document.getElementById("app");
 // The conversation list's first page: the same path api.conversations() asks for (LIST_PAGE).
 const paths = ["/api/models", "/api/conversations?limit=50", "/api/shares"];
-if (app?.dataset.conversationId) paths.push(`/api/conversations/${encodeURIComponent(app.dataset.conversationId)}`);
+// The open conversation's first window: the path api.conversationWindow() asks for (MESSAGE_WINDOW).
+if (app?.dataset.conversationId) paths.push(`/api/conversations/${encodeURIComponent(app.dataset.conversationId)}?limit=50`);
 globalThis.bchatPrefetch = Object.fromEntries(paths.map((path) => [path, fetch(path, {
   headers: { Accept: "application/json" }, credentials: "same-origin",
 })]));

@@ -72,8 +72,46 @@ export class MessageView {
   }
 
   clear() {
+    this.earlier(null);
     this.container.replaceChildren();
     this.onChange(0);
+  }
+
+  // A window of a long branch: onEarlier() loads the messages above it when the top of the
+  // list comes into view (a little before: the reader rarely waits); null: the first message
+  // is shown, nothing is above.
+  earlier(onEarlier) {
+    this.observer?.disconnect();
+    if (!onEarlier) {
+      this.sentinel?.remove();
+      this.sentinel = null;
+      return;
+    }
+    if (!this.sentinel?.isConnected) {
+      this.sentinel = el("p", "messages-earlier", "Loading earlier messages…", { testid: "messages-earlier" });
+      this.container.prepend(this.sentinel);
+    }
+    // A fresh observer reports at once whether the top is in view (a short window loads on);
+    // after a failure, scrolling the top into view again tries again.
+    this.observer = new IntersectionObserver((entries) => {
+      if (!entries.some((entry) => entry.isIntersecting)) return;
+      this.sentinel.textContent = "Loading earlier messages…";
+      onEarlier();
+    }, { root: this.scroller, rootMargin: "600px 0px 0px 0px" });
+    this.observer.observe(this.sentinel);
+  }
+
+  earlierFailed(message) {
+    if (this.sentinel) this.sentinel.textContent = `Could not load earlier messages: ${message}. Scroll up to try again.`;
+  }
+
+  // Messages above those shown ([message, controls] pairs, oldest first), the reader's place
+  // kept: what was on screen stays where it was, the new ones grow above it.
+  prepend(items) {
+    const first = this.container.querySelector('[data-testid="message"]');
+    const fromBottom = this.scroller.scrollHeight - this.scroller.scrollTop;
+    for (const [message, controls] of items) this.add(message, { controls, before: first });
+    this.scroller.scrollTop = this.scroller.scrollHeight - fromBottom;
   }
 
   // Follow the end only while the reader is there: scrolling up to read stops the following.
@@ -103,7 +141,8 @@ export class MessageView {
   //   edit(text)        a user message: resend an edited copy beside it
   //   regenerate()      a reply: another one beside it
   //   continue()        a reply cut off by the token limit, a stop or an interruption
-  add(message, { follow = true, controls = null } = {}) {
+  // before: the node to insert it above (prepend); else it goes at the end.
+  add(message, { follow = true, controls = null, before = null } = {}) {
     const labelId = `message-label-${++labelCount}`;
     const node = el("article", "message", null, { testid: "message", "aria-labelledby": labelId });
     node.dataset.role = message.role;
@@ -130,6 +169,11 @@ export class MessageView {
     node.append(label, body, el("div", "meta"), actions);
     if (controls) this.addControls(node, message, controls);
     this.setMeta(node, message);
+    if (before) {
+      this.container.insertBefore(node, before);
+      this.onChange(this.count);
+      return node;
+    }
     this.container.append(node);
     this.onChange(this.count);
     this.scrollToEnd({ force: follow });
