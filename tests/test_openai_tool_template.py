@@ -209,8 +209,11 @@ def test_llama31_template_renders_the_tools_itself(llama_model):
 
 def test_a_tool_call_through_llama31s_template(llama_model, make_app, make_live_server):
     server = make_live_server(make_app(MODEL_PATH=str(llama_model), **LOOSE))
-    _key, token = server.app.extensions["bchat"].keys.create("someone", "ci")
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)
+    visitor = server.session()
+    visitor.visit()
+    status, body = visitor.json("POST", "/api/keys", {"name": "tests"})
+    assert status == 201
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=body["token"], max_retries=0)
     model = client.models.list().data[0].id
     llama = builder(llama_model)
     user = HISTORY[:1]
@@ -226,6 +229,12 @@ def test_a_tool_call_through_llama31s_template(llama_model, make_app, make_live_
     assert call.id.startswith("call_") and call.type == "function"
     assert done.usage.prompt_tokens == len(llama.tokenize(
         prompt(llama, user, [WEATHER_TOOL, TIME_TOOL], "required")))
+    # The model wrote the call as Llama 3.1 does (the grammar of its template's format), not
+    # in bchat's <tool_call> convention: the stored reply is the bare object.
+    stored = visitor.json("GET", f"/api/conversations/{done.bchat['conversation_id']}")[1]
+    written = stored["messages"][-1]["content"]
+    assert json.loads(written) == {"name": call.function.name,
+                                   "parameters": json.loads(call.function.arguments)}
 
     history = [*user, {"role": "assistant", "content": None, "tool_calls": [
         {"id": call.id, "type": "function",
