@@ -207,8 +207,10 @@ def test_llama31_template_renders_the_tools_itself(llama_model):
     assert "Given the following functions" not in prompt(llama, HISTORY, [WEATHER_TOOL], "none")
 
 
-def test_a_tool_call_through_llama31s_template(llama_model, make_app, make_live_server):
-    server = make_live_server(make_app(MODEL_PATH=str(llama_model), **LOOSE))
+# "process": the model's own process finds the template's format and builds its grammar.
+@pytest.mark.parametrize("runner", ["inline", "process"])
+def test_a_tool_call_through_llama31s_template(llama_model, make_app, make_live_server, runner):
+    server = make_live_server(make_app(MODEL_PATH=str(llama_model), MODEL_RUNNER=runner, **LOOSE))
     visitor = server.session()
     visitor.visit()
     status, body = visitor.json("POST", "/api/keys", {"name": "tests"})
