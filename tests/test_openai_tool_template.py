@@ -205,6 +205,19 @@ def test_llama31_template_renders_the_tools_itself(llama_model):
     assert "<|start_header_id|>ipython<|end_header_id|>" in text
     assert FALLBACK_MARK not in text and "<tool_call>" not in text
     assert "Given the following functions" not in prompt(llama, HISTORY, [WEATHER_TOOL], "none")
+    # Two calls in one message (another model's parallel calls), which this template refuses
+    # ("only supports single tool-calls"): one turn each, then both results.
+    calls = [{"id": f"call_{city}", "type": "function", "function": {
+        "name": "get_weather", "arguments": json.dumps({"city": city, "days": 1})}}
+        for city in ("Paris", "Rome")]
+    parallel = [HISTORY[0], {"role": "assistant", "content": None, "tool_calls": calls},
+                *({"role": "tool", "tool_call_id": c["id"], "content": "ok"} for c in calls)]
+    text = prompt(llama, parallel, [WEATHER_TOOL], "auto")
+    turns = text.split("<|start_header_id|>")
+    assert [t.split("<|end_header_id|>")[0] for t in turns[-5:]] == [
+        "assistant", "assistant", "ipython", "ipython", "assistant"]
+    assert [json.loads(t.split("\n\n", 1)[1].removesuffix("<|eot_id|>"))["parameters"]["city"]
+            for t in turns[-5:-3]] == ["Paris", "Rome"]
 
 
 # "process": the model's own process finds the template's format and builds its grammar.

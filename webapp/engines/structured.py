@@ -841,6 +841,7 @@ class CallFormat:
     close: str
     free_start: str  # GBNF class free text starts with beside a call (tool_choice "auto")
     openings: tuple[str, ...]  # how a reply that is a call starts, whitespace left out
+    calls_per_turn: int | None = None  # the most its templates take in one message
 
     def tool_schema(self, tool: dict[str, Any]) -> dict[str, Any]:
         function = tool["function"]
@@ -941,7 +942,7 @@ HERMES = CallFormat("hermes", "arguments", TOOL_OPEN + "\n", "\n" + TOOL_CLOSE, 
 # common_chat_params_init_llama_3_x holds replies to it); <|python_tag|> is only for their
 # built-in tools (brave_search, wolfram_alpha, code_interpreter), which bchat does not offer.
 LLAMA3 = CallFormat("llama3", "parameters", "", "", "[^{]",
-                    ('{"name":"', '{"type":"function","name":"'))
+                    ('{"name":"', '{"type":"function","name":"'), calls_per_turn=1)
 CALL_FORMATS = {f.name: f for f in (HERMES, LLAMA3)}
 
 
@@ -1015,10 +1016,13 @@ def template_tool_style(template: str, render: Callable[[list, list], str]) -> s
     return next((f.name for f in CALL_FORMATS.values() if _PROBE_CALL in f.found(text)), None)
 
 
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def template_messages(messages: list[dict[str, Any]], calls_per_turn: int | None = None
+                      ) -> list[dict[str, Any]]:
     """OpenAI messages as a chat template with a tools section reads them (transformers'
     convention, which llama.cpp's --jinja follows): tool calls and results kept as such,
-    content as text, a call's arguments as an object (templates write them with tojson)."""
+    content as text, a call's arguments as an object (templates write them with tojson).
+    ``calls_per_turn``: the most calls the template takes in one assistant message; more
+    (parallel calls from another model) become that many turns in a row, not its refusal."""
     out: list[dict[str, Any]] = []
     for m in messages:
         role = "system" if m.get("role") == "developer" else m.get("role")
@@ -1035,7 +1039,12 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         pass
                 calls.append({"id": call.get("id"), "type": "function",
                               "function": {"name": function.get("name"), "arguments": arguments}})
-            message["tool_calls"] = calls
+            step = calls_per_turn or len(calls)
+            turns = [calls[i:i + step] for i in range(0, len(calls), step)]
+            for turn in turns[:-1]:  # the text goes with the first
+                out.append({**message, "tool_calls": turn})
+                message["content"] = ""
+            message["tool_calls"] = turns[-1]
         for key in ("tool_call_id", "name"):
             if m.get(key):
                 message[key] = m[key]
@@ -1051,7 +1060,8 @@ def prompt_messages(tool_style: str | None, messages: list[dict[str, Any]],
     itself, in the format the model was trained on and the grammar holds a call to; any other
     gets them as text (render_messages) and no tools."""
     if tool_style:
-        return template_messages(messages), template_tools(tools, tool_choice)
+        return (template_messages(messages, CALL_FORMATS[tool_style].calls_per_turn),
+                template_tools(tools, tool_choice))
     return render_messages(messages, tools, tool_choice), None
 
 
