@@ -19,6 +19,7 @@ from tiny_model import CHATML_TEMPLATE, HERMES_TOOLS_TEMPLATE, LLAMA31_TEMPLATE,
 from webapp.engines.inference import PromptBuilder
 from webapp.engines.structured import (
     LLAMA3,
+    ReplySplitter,
     build_grammar,
     prompt_messages,
     split_reply,
@@ -144,6 +145,16 @@ def test_llama3_calls_are_held_to_and_read_back_as_bare_json():
     for text in ('{"name": "x", "parameters": {}, "also": 1}', '{"city": "Rome"}', "{"):
         assert split_reply(text, tools=True) == (text, None, None)
     assert split_reply(call, tools=False) == (call, None, None)
+
+    # Streamed: a reply is held only while its start could still be a call.
+    splitter = ReplySplitter(tools=True)
+    assert splitter.feed('{ "na') == [] and splitter.feed('me": "get_time", ') == []
+    assert splitter.feed('"parameters": {"zone": "UTC"}}') == []
+    pieces, calls = splitter.finish()
+    assert pieces == [] and calls[0]["function"]["arguments"] == '{"zone": "UTC"}'
+    splitter = ReplySplitter(tools=True)
+    assert splitter.feed("{") == [] and splitter.feed('"sky"') == [("content", '{"sky"')]
+    assert splitter.feed(": 1}") == [("content", ": 1}")] and splitter.finish() == ([], None)
 
 
 def test_a_tool_call_through_the_models_own_template(hermes_model, make_app, make_live_server):
