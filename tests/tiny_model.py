@@ -56,6 +56,13 @@ HERMES_TOOLS_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
+# Llama 3.1 Instruct's chat template, the real text: llama.cpp's
+# models/templates/meta-llama-Llama-3.1-8B-Instruct.jinja (commit 0c1e57098bba, as vendored in
+# llama-cpp-python 0.3.36), copied unchanged. Tools in the first user message as indented JSON,
+# a call written back as a bare {"name", "parameters"} object, results as "ipython" turns.
+LLAMA31_TEMPLATE = (Path(__file__).parent / "templates"
+                    / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()
+
 WORDS = (
     "the a an and or of to in on is are was be it this that with for as at by from we you they "
     "he she hello world chat model token llama server browser reply stop test small tiny fast "

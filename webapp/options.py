@@ -153,7 +153,8 @@ class GenerationOptions:
 
     ``response_format``, ``tools`` and ``tool_choice`` are kept as OpenAI spells them (an
     upstream gets them as given); ``grammar`` is the GBNF the embedded engines enforce for
-    them, built (and so checked) when the options are parsed."""
+    them, built (and so checked) when the options are parsed, with tool calls in bchat's own
+    format (a model whose template writes them otherwise gets its own: structured.model_grammar)."""
 
     system: str | None = None
     temperature: float = OPTIONS["temperature"].default

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..catalogue import ModelFile
@@ -157,10 +157,16 @@ class ModelWorker:
         return drain(request, heartbeat) if fitted else ended(outcome)
 
     def _fit(self, request: Request) -> None:
-        from .structured import prompt_messages
+        from .structured import SchemaError, model_grammar, prompt_messages
 
         opts = request.options
         check_logit_bias(opts, self._n_vocab)
+        try:  # the tool calls in the format this model's template writes them (Llama 3.x's…)
+            grammar = model_grammar(opts, self._builder.tool_style)
+        except SchemaError as exc:
+            raise EngineError(str(exc), code="bad_grammar") from None
+        if grammar != opts.grammar:
+            request.options = opts = replace(opts, grammar=grammar)
         messages, tools = prompt_messages(self._builder.tool_style, request.messages, opts.tools,
                                           opts.tool_choice)
         request.prompt, request.dropped, request.max_tokens = self._builder.fit(

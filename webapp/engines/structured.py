@@ -9,14 +9,19 @@ into messages a plain chat template accepts), and reads a
 finished (or streaming) reply back into content, reasoning and tool calls. It knows nothing of
 HTTP; upstream engines never use it (they get ``response_format`` and ``tools`` as given).
 
-Tool calls use the Hermes/Qwen convention many small models were trained on::
+Tool calls come in the formats of CALL_FORMATS, each described once (CallFormat): the Hermes/Qwen
+convention many small models were trained on, and bchat's own instructions describe::
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-With ``tool_choice`` "required" or a named function the grammar allows only that; with
-"auto" it allows either that or free text that does not start with ``<``.
+and Llama 3.1+'s bare JSON object, for a model whose own template writes calls so::
+
+    {"name": "get_weather", "parameters": {"city": "Paris"}}
+
+With ``tool_choice`` "required" or a named function the grammar allows only a call; with
+"auto" it allows either that or free text that does not start as one.
 """
 
 from __future__ import annotations
@@ -740,19 +745,12 @@ def _rules(schema: dict[str, Any], name: str) -> str:
     return grammar.replace(_LOOSE_CHAR, _STRICT_CHAR)
 
 
-def _tool_schema(tool: dict[str, Any]) -> dict[str, Any]:
-    function = tool["function"]
-    parameters = function.get("parameters") or {"type": "object", "properties": {}}
-    return {"type": "object", "properties": {"name": {"const": function["name"]},
-                                             "arguments": parameters},
-            "required": ["name", "arguments"], "additionalProperties": False}
-
-
 def build_grammar(response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None,
-                  tool_choice: Any) -> str | None:
+                  tool_choice: Any, call_format: CallFormat | None = None) -> str | None:
     """The GBNF a reply must follow, or None for free text, within the grammar limits and
-    compiled once by llama.cpp to see that it compiles. SchemaError says why not."""
-    grammar = _grammar_text(response_format, tools, tool_choice)
+    compiled once by llama.cpp to see that it compiles. SchemaError says why not. Tool calls
+    in ``call_format`` (default: bchat's own, HERMES)."""
+    grammar = _grammar_text(response_format, tools, tool_choice, call_format or HERMES)
     if grammar is not None:
         check_grammar(grammar)
     return grammar
@@ -804,25 +802,148 @@ def _grammar_nesting(grammar: str) -> int:
 
 
 def _grammar_text(response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None,
-                  tool_choice: Any) -> str | None:
+                  tool_choice: Any, call_format: CallFormat) -> str | None:
     if tools and tool_choice != "none":
-        if isinstance(tool_choice, dict):
-            name = tool_choice["function"]["name"]
-            tools = [t for t in tools if t["function"]["name"] == name]
-        schema = (_tool_schema(tools[0]) if len(tools) == 1
-                  else {"anyOf": [_tool_schema(t) for t in tools]})
-        call = f'tool-call ::= "{TOOL_OPEN}\\n" tool-json "\\n{TOOL_CLOSE}"'
-        rules = _rules(schema, "tool-json")
-        if tool_choice == "auto":
-            root = "root ::= tool-call | free-text\nfree-text ::= ([^<] .*)?"
-        else:
-            root = "root ::= tool-call"
-        return f"{root}\n{call}\n{rules}"
+        return call_format.grammar(tools, tool_choice)
     if response_format is None:
         return None
     if response_format["type"] == "json_object":
         return _rules(response_format.get("schema") or {"type": "object"}, "")
     return _rules(response_format["json_schema"]["schema"], "")
+
+
+def model_grammar(options: Any, tool_style: str | None) -> str | None:
+    """The grammar a request is held to on a model whose template writes calls in
+    ``tool_style`` (template_tool_style): ``options.grammar``, which options.py built (and
+    checked) in bchat's own call format, unless the template's format is another."""
+    call_format = CALL_FORMATS.get(tool_style or "", HERMES)
+    if call_format is HERMES or not options.tools or options.tool_choice == "none":
+        return options.grammar
+    return build_grammar(options.response_format, options.tools, options.tool_choice, call_format)
+
+
+# -- tool-call formats ---------------------------------------------------------------------------
+
+
+def _gbnf_literal(text: str) -> str:
+    return json.dumps(text)  # a GBNF string literal escapes as JSON does ("\n", "\"")
+
+
+@dataclass(frozen=True)
+class CallFormat:
+    """One way a model writes a tool call, described once: what the grammar lets a reply be
+    (``grammar``), how a chat template is seen to write it (``found``, for the probe of
+    template_tool_style) and how a reply is read back (``opens``, ``reply_calls``)."""
+
+    name: str
+    arguments_key: str  # what the call's JSON object names the arguments
+    open: str  # the text around the JSON object; "" for a bare object
+    close: str
+    free_start: str  # GBNF class free text starts with beside a call (tool_choice "auto")
+    openings: tuple[str, ...]  # how a reply that is a call starts, whitespace left out
+    calls_per_turn: int | None = None  # the most its templates take in one message
+
+    def tool_schema(self, tool: dict[str, Any]) -> dict[str, Any]:
+        function = tool["function"]
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        # The converter writes required properties in this order: "name" first, as models do.
+        return {"type": "object", "properties": {"name": {"const": function["name"]},
+                                                 self.arguments_key: parameters},
+                "required": ["name", self.arguments_key], "additionalProperties": False}
+
+    def grammar(self, tools: list[dict[str, Any]], tool_choice: Any) -> str:
+        """One call of one of ``tools`` (the named one for a named ``tool_choice``), or with
+        "auto" free text that cannot be taken for the start of a call."""
+        if isinstance(tool_choice, dict):
+            name = tool_choice["function"]["name"]
+            tools = [t for t in tools if t["function"]["name"] == name]
+        schema = (self.tool_schema(tools[0]) if len(tools) == 1
+                  else {"anyOf": [self.tool_schema(t) for t in tools]})
+        parts = [_gbnf_literal(self.open)] if self.open else []
+        parts += ["tool-json"] + ([_gbnf_literal(self.close)] if self.close else [])
+        call = "tool-call ::= " + " ".join(parts)
+        if tool_choice == "auto":
+            root = f"root ::= tool-call | free-text\nfree-text ::= ({self.free_start} .*)?"
+        else:
+            root = "root ::= tool-call"
+        return f"{root}\n{call}\n{_rules(schema, 'tool-json')}"
+
+    def text(self, name: Any, arguments: Any) -> str:
+        body = json.dumps({"name": name, self.arguments_key: arguments}, ensure_ascii=False)
+        return f"{self.open}{body}{self.close}"
+
+    def call(self, data: Any) -> tuple[str, Any] | None:
+        """(name, arguments) of a decoded JSON value that is a call in this format. A bare
+        object must hold nothing else (llama.cpp's optional "type": "function" aside): any
+        other JSON a model writes is its reply."""
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            return None
+        if not self.open and (set(data) - {"name", self.arguments_key, "type"}
+                              or data.get("type", "function") != "function"
+                              or not isinstance(data.get(self.arguments_key), dict)):
+            return None
+        return data["name"], data.get(self.arguments_key, {})
+
+    def _values(self, text: str, whole: bool) -> list[Any] | None:
+        """The JSON values this format wraps in a reply (``whole``: None when one does not
+        parse), or in any text (those that parse): each block between open and close; for a
+        bare format the reply as one object, or every object in the text."""
+        if self.open:
+            blocks = re.findall(re.escape(self.open.strip()) + r"\s*(.*?)\s*"
+                                + re.escape(self.close.strip()), text, re.S)
+            out = []
+            for block in blocks:
+                try:
+                    out.append(json.loads(block))
+                except ValueError:
+                    if whole:
+                        return None
+            return out
+        if whole:
+            try:
+                return [json.loads(text)]
+            except ValueError:
+                return None
+        decoder, out = json.JSONDecoder(), []
+        for match in re.finditer(r"\{", text):
+            try:
+                out.append(decoder.raw_decode(text, match.start())[0])
+            except ValueError:
+                continue
+        return out
+
+    def found(self, text: str) -> list[tuple[str, Any]]:
+        """The calls written in this format anywhere in ``text`` (a rendered prompt)."""
+        return [c for c in map(self.call, self._values(text, False) or []) if c]
+
+    def reply_calls(self, text: str) -> list[dict[str, Any]] | None:
+        """OpenAI ``tool_calls`` of a reply written as calls in this format; None unless all
+        of them parse."""
+        values = self._values(text, True)
+        calls = [self.call(v) for v in values or []]
+        if not calls or None in calls:
+            return None
+        return [{"id": "call_" + secrets.token_hex(12), "type": "function",
+                 "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+                for name, arguments in calls]
+
+    def opens(self, head: str) -> bool | None:
+        """Whether a reply starting with ``head`` (stripped) is a call: None while it could
+        still become one."""
+        compact = re.sub(r"\s+", "", head)
+        if any(compact.startswith(o) for o in self.openings):
+            return True
+        return None if any(o.startswith(compact) for o in self.openings) else False
+
+
+HERMES = CallFormat("hermes", "arguments", TOOL_OPEN + "\n", "\n" + TOOL_CLOSE, "[^<]",
+                    (TOOL_OPEN,))
+# Llama 3.1/3.2/3.3 (their templates write a custom tool's call so, and llama.cpp's
+# common_chat_params_init_llama_3_x holds replies to it); <|python_tag|> is only for their
+# built-in tools (brave_search, wolfram_alpha, code_interpreter), which bchat does not offer.
+LLAMA3 = CallFormat("llama3", "parameters", "", "", "[^{]",
+                    ('{"name":"', '{"type":"function","name":"'), calls_per_turn=1)
+CALL_FORMATS = {f.name: f for f in (HERMES, LLAMA3)}
 
 
 # -- messages for a chat template ------------------------------------------------------------
@@ -846,8 +967,7 @@ def _tool_call_text(call: dict[str, Any]) -> str:
             arguments = json.loads(arguments)
         except ValueError:
             pass
-    body = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
-    return f"{TOOL_OPEN}\n{body}\n{TOOL_CLOSE}"
+    return HERMES.text(function.get("name"), arguments)
 
 
 def tool_instructions(tools: list[dict[str, Any]], tool_choice: Any) -> str:
@@ -868,41 +988,41 @@ def tool_instructions(tools: list[dict[str, Any]], tool_choice: Any) -> str:
 _PROBE_TOOL = {"type": "function", "function": {
     "name": "bchat_probe", "description": "probe",
     "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}}
-_PROBE_CALL = {"name": "bchat_probe", "arguments": {"n": 1}}
+_PROBE_CALL = ("bchat_probe", {"n": 1})
 
 
 def template_tool_style(template: str, render: Callable[[list, list], str]) -> str | None:
-    """"hermes" when a chat template has a tools section and writes a call the way this
-    module's grammar does (a ``<tool_call>`` block of {"name", "arguments"} JSON, as Qwen2.5,
-    Qwen3 and Hermes do), else None (bchat's own instructions).
+    """The name of the CallFormat a chat template with a tools section writes calls in
+    ("hermes": a ``<tool_call>`` block of {"name", "arguments"} JSON, as Qwen2.5, Qwen3 and
+    Hermes do; "llama3": a bare {"name", "parameters"} object, as Llama 3.1-3.3 do), else
+    None (bchat's own instructions).
 
     Decided as llama.cpp does (its auto-parser renders the template with a sample call; older
     builds looked for "<tool_call>" in the source, which GLM's, MiniMax's and Qwen3-Coder's
     XML calls also hold): ``render(messages, tools)`` renders a probe tool and a call of it,
-    and the call must come back as that JSON and the tool must be listed."""
-    if TOOL_OPEN not in template or not re.search(r"\btools\b", template):
+    and the call must come back in one of the formats and the tool must be listed."""
+    if not re.search(r"\btools\b", template):
         return None
     try:
         text = render([{"role": "user", "content": "x"},
                        {"role": "assistant", "content": "", "tool_calls": [
-                           {"id": "call_probe", "type": "function", "function": _PROBE_CALL}]}],
+                           {"id": "call_probe", "type": "function", "function": {
+                               "name": _PROBE_CALL[0], "arguments": _PROBE_CALL[1]}}]}],
                       [_PROBE_TOOL])
     except Exception:  # a template that cannot render this is not one to trust with tools
         return None
-    blocks = re.findall(re.escape(TOOL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CLOSE), text, re.S)
-    for block in blocks:
-        try:
-            if json.loads(block) == _PROBE_CALL and text.count("bchat_probe") >= 2:
-                return "hermes"
-        except ValueError:
-            continue
-    return None
+    if text.count(_PROBE_CALL[0]) < 2:  # the call and the tool's listing
+        return None
+    return next((f.name for f in CALL_FORMATS.values() if _PROBE_CALL in f.found(text)), None)
 
 
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def template_messages(messages: list[dict[str, Any]], calls_per_turn: int | None = None
+                      ) -> list[dict[str, Any]]:
     """OpenAI messages as a chat template with a tools section reads them (transformers'
     convention, which llama.cpp's --jinja follows): tool calls and results kept as such,
-    content as text, a call's arguments as an object (templates write them with tojson)."""
+    content as text, a call's arguments as an object (templates write them with tojson).
+    ``calls_per_turn``: the most calls the template takes in one assistant message; more
+    (parallel calls from another model) become that many turns in a row, not its refusal."""
     out: list[dict[str, Any]] = []
     for m in messages:
         role = "system" if m.get("role") == "developer" else m.get("role")
@@ -919,7 +1039,12 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         pass
                 calls.append({"id": call.get("id"), "type": "function",
                               "function": {"name": function.get("name"), "arguments": arguments}})
-            message["tool_calls"] = calls
+            step = calls_per_turn or len(calls)
+            turns = [calls[i:i + step] for i in range(0, len(calls), step)]
+            for turn in turns[:-1]:  # the text goes with the first
+                out.append({**message, "tool_calls": turn})
+                message["content"] = ""
+            message["tool_calls"] = turns[-1]
         for key in ("tool_call_id", "name"):
             if m.get(key):
                 message[key] = m[key]
@@ -935,7 +1060,8 @@ def prompt_messages(tool_style: str | None, messages: list[dict[str, Any]],
     itself, in the format the model was trained on and the grammar holds a call to; any other
     gets them as text (render_messages) and no tools."""
     if tool_style:
-        return template_messages(messages), template_tools(tools, tool_choice)
+        return (template_messages(messages, CALL_FORMATS[tool_style].calls_per_turn),
+                template_tools(tools, tool_choice))
     return render_messages(messages, tools, tool_choice), None
 
 
@@ -983,23 +1109,14 @@ def render_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
 
 
 def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
-    """OpenAI ``tool_calls`` from ``<tool_call>`` blocks; None unless all of them parse."""
-    blocks = re.findall(re.escape(TOOL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CLOSE), text, re.S)
-    if not blocks:
-        return None
-    calls = []
-    for block in blocks:
-        try:
-            data = json.loads(block)
-        except ValueError:
-            return None
-        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-            return None
-        arguments = data.get("arguments", {})
-        calls.append({"id": "call_" + secrets.token_hex(12), "type": "function",
-                      "function": {"name": data["name"],
-                                   "arguments": json.dumps(arguments, ensure_ascii=False)}})
-    return calls
+    """OpenAI ``tool_calls`` from a reply that is calls in one of CALL_FORMATS (the engine
+    that wrote it may be another process or an upstream: the text says which); None unless
+    all of them parse."""
+    for call_format in CALL_FORMATS.values():
+        calls = call_format.reply_calls(text)
+        if calls:
+            return calls
+    return None
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -1049,15 +1166,14 @@ class ReplySplitter:
                 break
             else:  # start: decide what the reply is once its first characters say so
                 head = self.buffer.lstrip()
-                markers = [] if self.thought else [THINK_OPEN]
-                if self.tools:
-                    markers.append(TOOL_OPEN)
-                if not head or any(m.startswith(head) and m != head for m in markers):
+                calls = [f.opens(head) for f in CALL_FORMATS.values()] if self.tools else []
+                if not head or None in calls or (not self.thought and THINK_OPEN.startswith(head)
+                                                 and head != THINK_OPEN):
                     break  # could still become a marker: wait for more
                 if not self.thought and head.startswith(THINK_OPEN):
                     self.thought = True
                     self.state, self.buffer = "think", head[len(THINK_OPEN):].lstrip("\n")
-                elif self.tools and head.startswith(TOOL_OPEN):
+                elif True in calls:
                     self.state, self.buffer = "tool", head
                     break
                 else:
