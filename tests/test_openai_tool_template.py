@@ -8,6 +8,7 @@ for Hermes and bchat's instructions, a bare {"name", "parameters"} object for Ll
 from __future__ import annotations
 
 import json
+import time
 
 import jsonschema_rs
 import openai
@@ -215,6 +216,9 @@ def test_llama31_template_renders_the_tools_itself(llama_model):
            '"parameters": {"city": "Paris", "days": 1}}<|eot_id|>' in text
     assert "<|start_header_id|>ipython<|end_header_id|>" in text
     assert FALLBACK_MARK not in text and "<tool_call>" not in text
+    # today's date, as llama.cpp passes it, not the template's own default (26 Jul 2024)
+    assert f"Today Date: {time.strftime('%d %b %Y')}" in text or \
+        f"Today Date: {time.strftime('%d %b %Y', time.localtime(time.time() - 60))}" in text
     assert "Given the following functions" not in prompt(llama, HISTORY, [WEATHER_TOOL], "none")
     # Two calls in one message (another model's parallel calls), which this template refuses
     # ("only supports single tool-calls"): one turn each, then both results.

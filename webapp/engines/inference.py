@@ -339,7 +339,10 @@ class PromptBuilder:
         # The tool-use template for tools or tool turns, as llama.cpp picks it (when it has one).
         turns = tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
         formatter = self._tool_formatter if turns else self._formatter
-        return formatter(messages=messages, tools=tools).prompt + prefix
+        # Today's date, as llama.cpp passes it: Llama 3.1's template writes "Today Date: 26 Jul
+        # 2024" into every prompt without one.
+        return formatter(messages=messages, tools=tools,
+                         date_string=time.strftime("%d %b %Y")).prompt + prefix
 
     def tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
                ) -> list[int]:
