@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 
+import openai
 import pytest
 from helpers import text_of
 from tiny_model import write_tiny_model
@@ -170,12 +171,25 @@ def test_a_template_that_raises_fails_that_chat_only(make_app, make_live_server,
     ws.chat("BOOM goes the template", options=GREEDY)
     started, _ = ws.until("started")
     error, _ = ws.until("error")
-    assert error["code"] == "model_failed" and "BOOM" in error["message"]
+    # The template refusing the conversation is the caller's to fix (a 400 on /v1, as
+    # llama-server answers), not the model failing.
+    assert error["code"] == "template_refused" and "BOOM" in error["message"]
     assert error["reply"]["status"] == "failed"
     for i in range(3):  # the same conversation goes on: the refused turn is not sent again
         ws.chat(f"fine message {i}", started["conversation_id"], options=GREEDY)
         done, _ = ws.until("done")
         assert done["message"]["status"] == "complete"
+    status, key = visitor.json("POST", "/api/keys", {"name": "tests"})
+    assert status == 201
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key["token"], max_retries=0)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            reply = client.chat.completions.create(
+                model="strict-chat", messages=[{"role": "user", "content": "BOOM again"}],
+                max_tokens=4, stream=stream)
+            list(reply) if stream else None
+        assert refused.value.status_code == 400
+        assert refused.value.body["code"] == "invalid_value" and refused.value.body["param"] == "messages"
     status, health = visitor.json("GET", "/healthz")
     assert status == 200 and health["status"] == "ok"
     ws.close()

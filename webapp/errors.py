@@ -42,10 +42,11 @@ OPENAI_CODES = {
     "content_too_long": "string_above_max_length", "bad_grammar": "invalid_value",
     "context_too_long": "context_length_exceeded", "rate_limited": "rate_limit_exceeded",
     "not_found": "not_found", "internal": "server_error", "model_failed": "server_error",
-    "bad_logit_bias": "invalid_value",
+    "bad_logit_bias": "invalid_value", "template_refused": "invalid_value",
 }
 # The request field an engine's refusal is about (the engine knows the code, not the field).
-CODE_PARAMS = {"bad_logit_bias": "logit_bias", "context_too_long": "messages"}
+CODE_PARAMS = {"bad_logit_bias": "logit_bias", "context_too_long": "messages",
+               "template_refused": "messages"}
 # HTTP status → OpenAI's error type.
 OPENAI_TYPES = {403: "permission_error", 429: "requests"}
 

@@ -341,8 +341,15 @@ class PromptBuilder:
         formatter = self._tool_formatter if turns else self._formatter
         # Today's date, as llama.cpp passes it: Llama 3.1's template writes "Today Date: 26 Jul
         # 2024" into every prompt without one.
-        return formatter(messages=messages, tools=tools,
-                         date_string=time.strftime("%d %b %Y")).prompt + prefix
+        try:
+            return formatter(messages=messages, tools=tools,
+                             date_string=time.strftime("%d %b %Y")).prompt + prefix
+        except ValueError as exc:
+            # The template's own raise_exception() (llama-cpp-python raises it as ValueError):
+            # it refuses this conversation's shape ("roles must alternate…"), the caller's to
+            # fix, so a 400 as llama-server answers, not the model failing.
+            raise EngineError(f"the model's chat template refuses this conversation: "
+                              f"{str(exc)[:300]}", code="template_refused") from exc
 
     def tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
                ) -> list[int]:
