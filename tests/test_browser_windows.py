@@ -64,7 +64,8 @@ def server(make_app, make_live_server, tmp_path, tiny_model):
 
 @pytest.mark.parametrize("viewport, scheme", [({"width": 1366, "height": 850}, "light"),
                                               ({"width": 390, "height": 844}, "dark")])
-def test_a_browser_turn_in_a_long_conversation_reads_windows_of_its_branch(server, tmp_path, viewport, scheme):
+def test_a_browser_turn_in_a_long_conversation_reads_windows_of_its_branch(server, tmp_path, viewport,
+                                                                           scheme):
     shots = Path(os.environ.get("BCHAT_SCREENSHOTS") or tmp_path)
     with chromium_browser() as browser:
         page = browser.new_context(viewport=viewport, color_scheme=scheme).new_page()
@@ -93,12 +94,12 @@ def test_a_browser_turn_in_a_long_conversation_reads_windows_of_its_branch(serve
         expect(reply).to_have_attribute("data-status", "complete", timeout=REPLY_TIMEOUT)
         expect(reply.locator(".meta")).to_contain_text("oldest messages were left out")
         page.wait_for_function("() => window.prompts.length > 0")
-        reply.scroll_into_view_if_needed()
         page.screenshot(path=str(shots / f"browser-long-{viewport['width']}-{scheme}.png"))
 
         # No request for the whole tree: the page, the settings sheet and the engine all asked
         # for windows, and the engine read only the windows its context could hold.
         assert asked and all("limit=" in query for query in asked), asked
+        assert "limit=1" in asked, "the settings sheet read the settings from one message"
         above = [query for query in asked if "before=" in query]
         # the page's first window, then the engine's two on preload and two for the turn
         assert len(above) <= 2, asked
@@ -120,4 +121,15 @@ def test_a_browser_turn_in_a_long_conversation_reads_windows_of_its_branch(serve
         assert assistant["parent_id"] == user["id"] and window["current_message_id"] == assistant["id"]
         assert assistant["engine"] == "browser" and assistant["status"] == "complete", assistant
         assert assistant["meta"]["trimmed_messages"] > 0 and assistant["meta"]["trimmed_more"] is True
+
+        # Regenerated, the reply's history is read from just above it: the same prompt, and
+        # still no whole tree.
+        asked.clear()
+        reply.get_by_role("button", name="Regenerate this reply").click()
+        again = page.locator('[data-testid="message"][data-role="assistant"]').last
+        expect(again).not_to_have_attribute("data-message-id", assistant["id"])
+        expect(again).to_have_attribute("data-status", "complete", timeout=REPLY_TIMEOUT)
+        assert page.evaluate("window.prompts.at(-1)") == prompt
+        assert asked and all("limit=" in query for query in asked), asked
+        assert f"before={assistant['id']}" in "&".join(asked), asked
         assert not problems
