@@ -57,8 +57,9 @@ export const api = {
     data.conversations.next = data.next ?? null;
     return data;
   },
-  // The whole tree: every message of every branch (what a model's history is read from).
-  conversation: (id) => request("GET", `/api/conversations/${encodeURIComponent(id)}`),
+  // Its title and settings as stored now (a window of one message: never the whole tree,
+  // which only export asks for).
+  conversationHead: (id) => request("GET", `/api/conversations/${encodeURIComponent(id)}?limit=1`),
   // A window of the branch on screen: its last messages, or (before: a message id) the ones
   // above that message; each with its siblings, and `earlier` for the window above (null at
   // the root). The first window is the one boot.js prefetched (same path).

@@ -422,7 +422,8 @@ async function openConversation(id, { push, prefetched = null }) {
 function applyStarted(conversationId, { conversation = null, userMessage = null, reply = null } = {}) {
   if (state.conversationId !== conversationId) return;
   if (conversation?.messages) {
-    update({ conversation });
+    // the windows the browser engine read, joined to those already on screen
+    update({ conversation: withLoaded(conversation) });
   } else if (state.conversation?.id === conversationId) {
     if (conversation) Object.assign(state.conversation, { title: conversation.title, settings: conversation.settings });
   } else {

@@ -5,8 +5,8 @@
 export const state = {
   conversationId: null,
   // The open conversation as GET /api/conversations/<id> gives it: the windows of its branch
-  // loaded so far (api.conversationWindow; a branch's first loaded message with a parent_id
-  // has more above it), or the whole tree (a browser-engine turn fetches that).
+  // loaded so far (api.conversationWindow, and those a browser-engine turn read; a branch's
+  // first loaded message with a parent_id has more above it). Never the whole tree.
   conversation: null,
   pendingSettings: {}, // a conversation not created yet: sent with its first message
   defaults: {}, // the visitor's saved defaults: where a new conversation's settings start

@@ -176,14 +176,43 @@ export function createBrowserEngine({ api, defaults }) {
     return promise;
   }
 
-  // The prompt a conversation's next turn starts with: its history, as the model sees it.
-  // The turns a reply to `upTo` sees (by default the next message on the branch on screen):
-  // the path from the root, never a sibling branch.
-  function promptMessages(conversation, options = {}, upTo = conversation.current_message_id) {
-    const path = pathTo(conversation.messages, upTo);
+  // The branch a reply to `upTo` sees, read from the server a window at a time (never the
+  // whole tree): windows up from `below` (a message whose parent is upTo: a regenerated or
+  // continued reply), else from the current leaf (upTo by default), until the history above
+  // upTo fills the model's context (fitHistory, the rule the prompt is cut by, drops some) or
+  // the root is reached. Only the branch is followed, so an edit further up is seen as edited.
+  // Returns the first window (the conversation's title, settings, current_message_id) with
+  // every message read, and the path from the highest one read down to upTo.
+  async function readBranch(conversationId, { upTo = null, below = null, system = "" } = {}) {
+    const first = await api.conversationWindow(conversationId, below);
+    const messages = [...first.messages];
+    const seen = new Set(messages.map((m) => m.id));
+    const target = upTo ?? first.current_message_id;
+    let earlier = first.earlier;
+    let path = pathTo(messages, target);
+    while (path[0] ? path[0].parent_id && !fitHistory(modelHistory(path), system).dropped : earlier) {
+      // upTo not read yet (above the leaf's window): the window above the last one; else the
+      // one above the highest message of its path.
+      const page = await api.conversationWindow(conversationId, path[0]?.id ?? earlier);
+      const fresh = page.messages.filter((m) => !seen.has(m.id));
+      if (!fresh.length) break;
+      for (const m of fresh) {
+        seen.add(m.id);
+        messages.push(m);
+      }
+      earlier = page.earlier;
+      path = pathTo(messages, target);
+    }
+    return { conversation: { ...first, messages }, path };
+  }
+
+  // The prompt a reply starts with: the branch's history (path, as readBranch gives it) as
+  // the model sees it. `more`: the path does not reach the root, so what fitHistory drops is
+  // only the oldest of the turns read, and more above them were left out too.
+  function promptMessages(path, options = {}) {
     const { turns, dropped } = fitHistory(modelHistory(path), options.system);
     const messages = options.system ? [{ role: "system", content: options.system }, ...turns] : turns;
-    return { messages, dropped };
+    return { messages, dropped, more: Boolean(path[0]?.parent_id) };
   }
 
   // Read a conversation's history into the KV cache before anyone sends: the next turn then
@@ -191,8 +220,8 @@ export function createBrowserEngine({ api, defaults }) {
   // so an 8-turn history costs tens of seconds; read while the user is reading or typing, it
   // costs nothing visible. wllama cannot save or restore a KV cache, so this is also how a
   // reloaded page (or a switch back to a conversation) gets its cache back.
-  function warm(conversation, options, onLoad) {
-    const { messages } = promptMessages(conversation, options);
+  function warm(conversationId, path, options, onLoad) {
+    const { messages } = promptMessages(path, options);
     if (!messages.length || !wllama) return null;
     const key = JSON.stringify(messages);
     if (warming?.key === key) {
@@ -201,7 +230,7 @@ export function createBrowserEngine({ api, defaults }) {
     }
     warming?.controller.abort(); // another conversation: its reading is no longer wanted
     const controller = new AbortController();
-    const entry = { conversationId: conversation.id, key, controller, listeners: new Set(onLoad ? [onLoad] : []),
+    const entry = { conversationId, key, controller, listeners: new Set(onLoad ? [onLoad] : []),
                     progress: null, result: null };
     const report = (progress) => {
       entry.progress = progress;
@@ -273,8 +302,8 @@ export function createBrowserEngine({ api, defaults }) {
       if (!modelInfo?.browser) return null;
       const runtime = await ensureLoaded(modelInfo, preference, onLoad);
       if (conversationId) {
-        const conversation = await api.conversation(conversationId);
-        warm(conversation, options, onLoad);
+        const { path } = await readBranch(conversationId, { system: options.system });
+        warm(conversationId, path, options, onLoad);
       }
       return runtime;
     },
@@ -329,7 +358,12 @@ export function createBrowserEngine({ api, defaults }) {
         userMessage = await api.addMessage(conversationId, body);
         answering = userMessage.id;
       }
-      const conversation = await api.conversation(conversationId);
+      // The history this reply sees: the branch above the message it answers, as far up as
+      // the model's context reaches. A regenerated or continued reply reads from just above
+      // itself; a new message is the current leaf.
+      const below = continued?.id ?? request.regenerate ?? null;
+      const { conversation, path } = await readBranch(conversationId,
+        { upTo: answering, below, system: options.system });
       onStarted?.(conversation, userMessage);
 
       // 2. The model: from the browser's cache, or downloaded once from this app.
@@ -347,7 +381,7 @@ export function createBrowserEngine({ api, defaults }) {
       }
 
       // 3. Generate, streaming into the page.
-      const { messages, dropped } = promptMessages(conversation, options, answering);
+      const { messages, dropped, more } = promptMessages(path, options);
       // A continued reply ends the prompt as an assistant turn: llama.cpp's server (which
       // wllama runs) then prefills it and writes on from its last character.
       if (continued) messages.push({ role: "assistant", content: continued.content });
@@ -466,6 +500,7 @@ export function createBrowserEngine({ api, defaults }) {
       const measured = pieces > 1 && lastAt > firstAt ? (pieces - 1) / ((lastAt - firstAt) / 1000) : null;
       const meta = {};
       if (dropped) meta.trimmed_messages = dropped;
+      if (dropped && more) meta.trimmed_more = true; // and the ones above those read
       // Prompt facts as the server engines record them: from llama.cpp's timings, else (a reply
       // stopped while the prompt was read) from the last progress step, else the page's clock.
       let promptTokens = usage?.prompt_tokens ?? null;

@@ -11,7 +11,8 @@
 //       already stored: answer it, browser only)}
 //     handlers, each optional:
 //       signal                   an AbortSignal: stop the reply (stored as "stopped")
-//       onStarted(conversation, userMessage, frame?)  the user message is stored
+//       onStarted(conversation, userMessage, frame?)  the user message is stored (browser:
+//                                conversation holds the windows of the branch it read)
 //       onReplyCreated(message)  the reply's row exists (browser engine)
 //       onQueued(position)       waiting for the model, `position` replies ahead
 //       onLoad(progress)         the browser engine loads the model or reads the history:

@@ -18,7 +18,9 @@ export function describeProvenance(message) {
   if (message.meta?.trimmed_messages) {
     // Which ones: the oldest N, up to the one quoted (server replies say which that was).
     const through = message.meta.trimmed_through ? `, up to “${message.meta.trimmed_through}”` : "";
-    parts.push(`the ${message.meta.trimmed_messages} oldest messages were left out to fit the context${through}`);
+    // trimmed_more: a browser reply read only the branch's last windows; more lay above them.
+    const left = `${message.meta.trimmed_messages}${message.meta.trimmed_more ? "+" : ""}`;
+    parts.push(`the ${left} oldest messages were left out to fit the context${through}`);
   }
   return parts.join(" · ");
 }

@@ -156,7 +156,7 @@ export function initReplyFormat(container) {
     if (!id) return;
     const before = editsAtClose;
     try {
-      const { settings } = await api.conversation(id);
+      const { settings } = await api.conversationHead(id);
       if (edits === before && id === state.conversationId) showReplyFormat(settings);
     } catch {
       /* the conversation is gone: the controls keep what they show */
