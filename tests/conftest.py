@@ -199,3 +199,25 @@ def make_live_server():
 @pytest.fixture
 def live_server(app, make_live_server):
     return make_live_server(app)
+
+
+@pytest.fixture
+def pages(browser):
+    """new(viewport, scheme) -> a page of a new visitor in the test module's ``browser``
+    (chromium); page errors and native dialogs fail the test."""
+    problems: list[str] = []
+    contexts = []
+
+    def new(viewport=None, scheme="light"):
+        context = browser.new_context(viewport=viewport or {"width": 1366, "height": 850},
+                                      color_scheme=scheme)
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        page.on("dialog", lambda d: (problems.append(f"native {d.type}"), d.dismiss()))
+        return page
+
+    yield new
+    for context in contexts:
+        context.close()
+    assert problems == []

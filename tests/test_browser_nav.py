@@ -38,26 +38,6 @@ def browser():
 
 
 @pytest.fixture
-def pages(browser):
-    """new(viewport, scheme) -> a page of a new visitor; page errors fail the test."""
-    problems: list[str] = []
-    contexts = []
-
-    def new(viewport=DESKTOP, scheme="light"):
-        context = browser.new_context(viewport=viewport, color_scheme=scheme)
-        contexts.append(context)
-        page = context.new_page()
-        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-        page.on("dialog", lambda d: (problems.append(f"native {d.type}"), d.dismiss()))
-        return page
-
-    yield new
-    for context in contexts:
-        context.close()
-    assert problems == []
-
-
-@pytest.fixture
 def server(make_app, make_live_server):
     return make_live_server(make_app(MAX_QUEUED_PER_VISITOR=8, RATE_LIMIT="1000/minute"))
 

@@ -959,7 +959,9 @@ def message_text(content: Any) -> str:
                    if isinstance(p, dict) and p.get("type", "text") == "text")
 
 
-def _tool_call_text(call: dict[str, Any]) -> str:
+def call_parts(call: dict[str, Any]) -> tuple[Any, Any]:
+    """(name, arguments) of an OpenAI tool call, its arguments as an object where they are
+    JSON (templates write them with tojson), as given where not."""
     function = call.get("function") or {}
     arguments = function.get("arguments")
     if isinstance(arguments, str):
@@ -967,7 +969,11 @@ def _tool_call_text(call: dict[str, Any]) -> str:
             arguments = json.loads(arguments)
         except ValueError:
             pass
-    return HERMES.text(function.get("name"), arguments)
+    return function.get("name"), arguments
+
+
+def _tool_call_text(call: dict[str, Any]) -> str:
+    return HERMES.text(*call_parts(call))
 
 
 def tool_instructions(tools: list[dict[str, Any]], tool_choice: Any) -> str:
@@ -1030,15 +1036,9 @@ def template_messages(messages: list[dict[str, Any]], calls_per_turn: int | None
         if role == "assistant" and m.get("tool_calls"):
             calls = []
             for call in m["tool_calls"]:
-                function = call.get("function") or {}
-                arguments = function.get("arguments")
-                if isinstance(arguments, str):
-                    try:
-                        arguments = json.loads(arguments)
-                    except ValueError:
-                        pass
+                name, arguments = call_parts(call)
                 calls.append({"id": call.get("id"), "type": "function",
-                              "function": {"name": function.get("name"), "arguments": arguments}})
+                              "function": {"name": name, "arguments": arguments}})
             step = calls_per_turn or len(calls)
             turns = [calls[i:i + step] for i in range(0, len(calls), step)]
             for turn in turns[:-1]:  # the text goes with the first
