@@ -308,11 +308,17 @@ def test_reload_loads_the_model_from_the_browser_cache(page, server):
     gets_before = server.counter.counts.get("GET", 0)
     assert gets_before == 1
     page.reload()
+    record_status(page)
     use_browser_engine(page)
     settings(page, max_tokens=8)
     reply = send(page, "Hi!")
     expect(reply).to_have_attribute("data-status", "complete", timeout=REPLY_TIMEOUT)
     expect(page.get_by_test_id("browser-status-text")).to_contain_text("from this browser's cache")
+    # Reading the stored copy is not called a download.
+    log = [line for line, _ in page.evaluate("window.statusLog")]
+    assert not any(line.startswith("Downloading") for line in log), log
+    assert any(line.startswith("Loading SmolLM2") and "from this browser's storage" in line
+               for line in log), log
     assert server.counter.counts.get("GET", 0) == gets_before, "no second download of the model"
 
 

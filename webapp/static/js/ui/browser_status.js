@@ -105,8 +105,13 @@ export class BrowserStatus {
       const fraction = progress.total ? progress.loaded / progress.total : 0;
       this.progress.hidden = false;
       this.progress.value = fraction;
-      this.show(`Downloading ${model.id}: ${size(progress.loaded)} of ${size(progress.total)} ` +
-        `(${percent(fraction)}) at ${size(progress.bytesPerSecond)}/s`, "loading");
+      // wllama reports reading its own storage as a download too: say which it is.
+      if (this.container.dataset.stored === "true") {
+        this.show(`Loading ${model.id} from this browser's storage (${percent(fraction)})`, "loading");
+      } else {
+        this.show(`Downloading ${model.id}: ${size(progress.loaded)} of ${size(progress.total)} ` +
+          `(${percent(fraction)}) at ${size(progress.bytesPerSecond)}/s`, "loading");
+      }
     } else if (progress.phase === "ready") {
       this.ready(progress);
     } else if (progress.phase === "reading") {
