@@ -177,6 +177,13 @@ class LiveServer:
         """A new visitor: its own cookie jar, so its own anonymous owner."""
         return HttpSession(self.url)
 
+    def openai_client(self, owner: str = "someone"):
+        """The official openai client on this server's /v1, with a key made for ``owner``."""
+        import openai
+
+        _key, token = self.app.extensions["bchat"].keys.create(owner, "ci")
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=token, max_retries=0)
+
     def stop(self) -> None:
         self.server.shutdown()
         self.thread.join(5)
@@ -199,6 +206,25 @@ def make_live_server():
 @pytest.fixture
 def live_server(app, make_live_server):
     return make_live_server(app)
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where browser tests save screenshots: $BCHAT_SCREENSHOTS, else a temporary folder."""
+    import os
+
+    folder = Path(os.environ.get("BCHAT_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, one per test module (a module may define its own, with flags)."""
+    from browser import chromium_browser
+
+    with chromium_browser() as instance:
+        yield instance
 
 
 @pytest.fixture

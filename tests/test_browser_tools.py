@@ -10,13 +10,10 @@ and dark.
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
-from browser import chromium_browser
 from playwright.sync_api import expect
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -28,19 +25,6 @@ SCHEMA = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 8},
                          "mood": {"enum": ["happy", "sad", "calm"]}},
           "required": ["name", "mood"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("BCHAT_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium_browser() as b:
-        yield b
 
 
 @pytest.fixture

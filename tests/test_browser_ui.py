@@ -9,7 +9,6 @@ folder) so a person can look at them.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -33,13 +32,6 @@ RICH_REPLY = (
     "```python\ndef double(x):\n    return x * 2  # twice\n```\n"
 )
 CODE = "def double(x):\n    return x * 2  # twice"
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("BCHAT_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 @pytest.fixture

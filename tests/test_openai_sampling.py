@@ -86,8 +86,7 @@ def test_a_stored_call_records_its_logit_bias_and_logprobs(api):  # noqa: F811
 
 
 def client_of(server) -> openai.OpenAI:
-    _key, token = server.app.extensions["bchat"].keys.create("someone", "ci")
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)
+    return server.openai_client()
 
 
 def check_logprobs(entries, content: str, top: int, greedy: bool) -> None:

@@ -15,8 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_json_schema_and_tool_call(make_app, make_live_server, bundled_model):
     server = make_live_server(make_app(MODEL_PATH=str(bundled_model), **LOOSE))
-    _key, token = server.app.extensions["bchat"].keys.create("someone", "ci")
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)
+    client = server.openai_client()
     model = client.models.list().data[0].id
     validator = jsonschema_rs.validator_for(PERSON)
     for seed, prompt in enumerate(["Describe Alice, who has a cat.",
@@ -44,8 +43,7 @@ def smollm2(bundled_model):
 
 def api_client(make_app, make_live_server, bundled_model) -> tuple[openai.OpenAI, str]:
     server = make_live_server(make_app(MODEL_PATH=str(bundled_model), **LOOSE))
-    _key, token = server.app.extensions["bchat"].keys.create("someone", "ci")
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)
+    client = server.openai_client()
     return client, client.models.list().data[0].id
 
 

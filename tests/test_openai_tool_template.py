@@ -160,11 +160,7 @@ def test_llama3_calls_are_held_to_and_read_back_as_bare_json():
 
 def test_a_tool_call_through_the_models_own_template(hermes_model, make_app, make_live_server):
     server = make_live_server(make_app(MODEL_PATH=str(hermes_model), **LOOSE))
-    visitor = server.session()
-    visitor.visit()
-    status, body = visitor.json("POST", "/api/keys", {"name": "tests"})
-    assert status == 201
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=body["token"], max_retries=0)
+    client = server.openai_client()
     model = client.models.list().data[0].id
     hermes = builder(hermes_model)
     user = HISTORY[:1]
@@ -239,7 +235,7 @@ def test_llama31_template_renders_the_tools_itself(llama_model):
 @pytest.mark.parametrize("runner", ["inline", "process"])
 def test_a_tool_call_through_llama31s_template(llama_model, make_app, make_live_server, runner):
     server = make_live_server(make_app(MODEL_PATH=str(llama_model), MODEL_RUNNER=runner, **LOOSE))
-    visitor = server.session()
+    visitor = server.session()  # owns the key, so it can read the stored reply back
     visitor.visit()
     status, body = visitor.json("POST", "/api/keys", {"name": "tests"})
     assert status == 201

@@ -29,8 +29,7 @@ def through_main_app(make_app, make_live_server, tiny_model, base_url: str, **co
     """The main app with only this upstream, and an openai client holding a key for it."""
     server = make_live_server(make_app(OPENAI_BASE_URL=base_url, **config,
                                        MODEL_PATH=str(tiny_model.parent / "absent"), **LOOSE))
-    _key, token = server.app.extensions["bchat"].keys.create("someone", "ci")
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)
+    return server.openai_client()
 
 
 def check_structured_and_tools(client: openai.OpenAI, model: str) -> None:

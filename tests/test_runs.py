@@ -179,9 +179,7 @@ def test_a_template_that_raises_fails_that_chat_only(make_app, make_live_server,
         ws.chat(f"fine message {i}", started["conversation_id"], options=GREEDY)
         done, _ = ws.until("done")
         assert done["message"]["status"] == "complete"
-    status, key = visitor.json("POST", "/api/keys", {"name": "tests"})
-    assert status == 201
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key["token"], max_retries=0)
+    client = server.openai_client()
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as refused:
             reply = client.chat.completions.create(
