@@ -16,17 +16,25 @@ and per setup:
 
 and, with ``--busy``, each again beside one CPU-bound process (another tenant, a test run).
 
+The visitors are spread over ``--client-processes`` processes, and each keeps its connection
+open through a burst of requests, as a browser tab does (``--client keepalive``, the default).
+``--client urllib`` is the earlier generator: every visitor a thread of one process, a new
+connection per request; there the generator's own GIL queue is part of every latency.
+
     .venv/bin/python bench/class_load.py [--students 100] [--chats 4] [--workers 4]
         [--seconds 30] [--think 2] [--databases sqlite,postgresql] [--setups after] [--busy]
-        [--model PATH]
+        [--client keepalive|urllib] [--client-processes 4] [--model PATH]
 
-Prints, per run: requests, errors, p50/p95/p99 of every request and the p99 of each step,
-and the server chats' replies, aggregate tok/s and worst time to the first token.
+Prints, per run: requests, errors, p50/p95/p99 of every request as the visitor saw it, the p99
+of each step, the p99 of the app's own time (its Server-Timing header: the rest is waiting for
+a core, a thread or a connection), and the server chats' replies, aggregate tok/s and worst
+time to the first token.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import multiprocessing
 import os
@@ -42,6 +50,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -115,12 +124,80 @@ def start(url: str, setup: dict[str, str], workers: int, model: str | None) -> t
     return proc, base
 
 
+SERVER_TIMING = re.compile(r"app;dur=([0-9.]+)")
+
+
+class KeepAliveVisitor:
+    """A browser tab's HTTP: one connection kept open through a burst of requests, the
+    session cookie sent back. ``fresh()`` drops the connection before the next burst, as the
+    server's keep-alive (gunicorn's 2 s) would while the visitor thinks."""
+
+    def __init__(self, base: str) -> None:
+        parts = urlsplit(base)
+        self.host, self.port = parts.hostname, parts.port
+        self.conn: http.client.HTTPConnection | None = None
+        self.cookie = ""
+
+    def fresh(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def request(self, method: str, path: str, body=None):
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        headers = {"Cookie": self.cookie} if self.cookie else {}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            self.conn.request(method, path, body=data, headers=headers)
+            response = self.conn.getresponse()
+            raw = response.read()
+        except OSError:
+            self.fresh()
+            raise
+        for value in response.headers.get_all("Set-Cookie") or []:
+            if value.startswith("bchat="):
+                self.cookie = value.split(";", 1)[0]
+        if response.will_close:
+            self.fresh()
+        return response.status, dict(response.headers), raw
+
+    def visit(self) -> None:
+        status, _headers, _raw = self.request("GET", "/")
+        assert status == 200
+
+
+class UrllibVisitor:
+    """The earlier generator's visitor (tests/helpers.py): a new connection per request."""
+
+    def __init__(self, base: str) -> None:
+        from helpers import HttpSession
+
+        self.session = HttpSession(base)
+
+    def fresh(self) -> None:
+        pass
+
+    def request(self, method: str, path: str, body=None):
+        return self.session.request(method, path, body)
+
+    def visit(self) -> None:
+        self.session.visit()
+
+
+CLIENTS = {"keepalive": KeepAliveVisitor, "urllib": UrllibVisitor}
+
+
 class Tally:
-    """Latencies by step and the failures, shared by the visitors' threads."""
+    """Latencies by step, the app's own time and the failures, shared by the visitors' threads."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.latencies: dict[str, list[float]] = defaultdict(list)
+        self.app_times: list[float] = []
         self.failures: list[str] = []
         self.sent = 0
 
@@ -130,27 +207,29 @@ class Tally:
         with self.lock:
             self.sent += 1
         try:
-            status, _headers, raw = visitor.request(method, path, body)
+            status, headers, raw = visitor.request(method, path, body)
         except OSError as exc:
             with self.lock:
                 self.failures.append(f"{step}: {type(exc).__name__}")
             return None
         took = time.perf_counter() - sent
+        app_time = SERVER_TIMING.search(headers.get("Server-Timing", ""))
         with self.lock:
             self.latencies[step].append(took)
+            if app_time:
+                self.app_times.append(float(app_time.group(1)) / 1000)
             if status >= 400:
                 self.failures.append(f"{step}: {status}")
                 return None
         return json.loads(raw) if raw else {}
 
 
-def student(base: str, until: float, think: float, tally: Tally, model: str) -> None:
+def student(base: str, until: float, think: float, tally: Tally, model: str, client: str) -> None:
     """A browser-engine visitor's turns, in one conversation, until the clock runs out."""
-    from helpers import HttpSession
-
-    visitor = HttpSession(base)
+    visitor = CLIENTS[client](base)
     visitor.visit()
     time.sleep(random.uniform(0, think))  # the class does not press Enter in step
+    visitor.fresh()
     created = tally.call(visitor, "post", "POST", "/api/conversations", {"title": "homework"})
     if created is None:
         return
@@ -163,6 +242,7 @@ def student(base: str, until: float, think: float, tally: Tally, model: str) -> 
         if user is None or tally.call(visitor, "open", "GET", f"{path}?limit=50") is None:
             continue
         time.sleep(think)  # the model writes the reply in the visitor's browser
+        visitor.fresh()
         reply = tally.call(visitor, "reply", "POST", f"{path}/messages", {
             "role": "assistant", "content": "", "status": "streaming", "parent_id": user["id"],
             "provenance": {"engine": "browser", "model": model, "backend": "wasm-mt"}})
@@ -172,6 +252,21 @@ def student(base: str, until: float, think: float, tally: Tally, model: str) -> 
                 "status": "complete",
                 "provenance": {"completion_tokens": 96, "tokens_per_second": 20.0}})
         tally.call(visitor, "list", "GET", "/api/conversations?limit=50")
+        visitor.fresh()
+
+
+def classroom(base: str, until: float, args, model: str, count: int, results) -> None:
+    """One client process's share of the class: ``count`` visitors as threads; its tally goes
+    back through ``results``."""
+    tally = Tally()
+    threads = [threading.Thread(target=student, args=(base, until, args.think, tally, model, args.client))
+               for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results.put({"latencies": dict(tally.latencies), "app_times": tally.app_times,
+                 "failures": tally.failures, "sent": tally.sent})
 
 
 def chatter(base: str, until: float, tokens: list[int], first_tokens: list[float],
@@ -225,12 +320,26 @@ def run(url: str, setup: str, args, busy: bool) -> dict:
         chat_failures: list[str] = []
         began = time.monotonic()
         until = began + args.seconds
-        threads = [threading.Thread(target=student, args=(base, until, args.think, tally, model))
-                   for _ in range(args.students)]
-        threads += [threading.Thread(target=chatter, args=(base, until, tokens, first_tokens, chat_failures))
-                    for _ in range(args.chats)]
+        processes = max(1, args.client_processes if args.client == "keepalive" else 1)
+        shares = [args.students // processes + (i < args.students % processes) for i in range(processes)]
+        results = multiprocessing.Queue()
+        clients = [multiprocessing.Process(target=classroom, args=(base, until, args, model, n, results))
+                   for n in shares if n]
+        threads = [threading.Thread(target=chatter, args=(base, until, tokens, first_tokens, chat_failures))
+                   for _ in range(args.chats)]
+        for c in clients:
+            c.start()
         for t in threads:
             t.start()
+        for _ in clients:
+            part = results.get()
+            for step, values in part["latencies"].items():
+                tally.latencies[step].extend(values)
+            tally.app_times.extend(part["app_times"])
+            tally.failures.extend(part["failures"])
+            tally.sent += part["sent"]
+        for c in clients:
+            c.join()
         for t in threads:
             t.join()
         elapsed = time.monotonic() - began
@@ -247,6 +356,7 @@ def run(url: str, setup: str, args, busy: bool) -> dict:
             "p50": percentile(every, 0.50), "p95": percentile(every, 0.95),
             "p99": percentile(every, 0.99),
             "steps": {step: percentile(tally.latencies[step], 0.99) for step in STEPS},
+            "app_p99": percentile(tally.app_times, 0.99),
             "replies": len(tokens), "tok_s": sum(tokens) / elapsed,
             "first": max(first_tokens) * 1000 if first_tokens else float("nan"),
             "rate": len(every) / elapsed}
@@ -264,6 +374,11 @@ def main() -> None:
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--setups", default="after", help="after, before or both (before,after)")
     parser.add_argument("--busy", action="store_true", help="also run each beside a CPU-bound process")
+    parser.add_argument("--client", choices=sorted(CLIENTS), default="keepalive",
+                        help="keepalive: connections kept through a burst, visitors spread over "
+                             "processes; urllib: the earlier one-process, connection-per-request client")
+    parser.add_argument("--client-processes", type=int, default=4,
+                        help="processes the visitors are spread over (keepalive only)")
     parser.add_argument("--model", help="a .gguf (default: the bundled model)")
     args = parser.parse_args()
     runs = [(setup, False) for setup in args.setups.split(",")]
@@ -272,9 +387,9 @@ def main() -> None:
     print(f"{args.students} browser-engine visitors (post, open, {args.think:g} s writing, reply, "
           f"list) + {args.chats} server chats (128 tokens, back to back), {args.seconds:.0f} s, "
           f"gunicorn -w {args.workers}, {os.cpu_count()} cores, "
-          f"{Path(args.model).name if args.model else 'the bundled model'}")
+          f"{Path(args.model).name if args.model else 'the bundled model'}, client {args.client}")
     print(f"{'database':<11}{'setup':<7}{'busy':<5}{'requests':>9}{'req/s':>7}{'errors':>7}"
-          f"{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}  {'p99 by step (ms)':<40}"
+          f"{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'app p99':>8}  {'p99 by step (ms)':<40}"
           f"{'chats':>6}{'tok/s':>7}{'worst 1st token ms':>19}")
     for kind in args.databases.split(","):
         for setup, busy in runs:
@@ -282,7 +397,8 @@ def main() -> None:
                 r = run(url, setup, args, busy)
             steps = " ".join(f"{step} {ms:.0f}" for step, ms in r["steps"].items())
             print(f"{kind:<11}{setup:<7}{'yes' if busy else '-':<5}{r['requests']:>9}{r['rate']:>7.0f}"
-                  f"{r['errors']:>7}{r['p50']:>8.0f}{r['p95']:>8.0f}{r['p99']:>8.0f}  {steps:<40}"
+                  f"{r['errors']:>7}{r['p50']:>8.0f}{r['p95']:>8.0f}{r['p99']:>8.0f}{r['app_p99']:>8.0f}"
+                  f"  {steps:<40}"
                   f"{r['replies']:>6}{r['tok_s']:>7.1f}{r['first']:>19.0f}", flush=True)
             if r["failures"]:
                 print(f"  failures (first kinds): {', '.join(r['failures'])}")

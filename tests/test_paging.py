@@ -134,3 +134,51 @@ def test_an_append_reads_the_same_few_rows_however_long_the_conversation(app):
     # 21 turns: the new question stands for the unanswered "side 9" (model_history).
     assert len(history) == 21 and len(loads) <= 22, f"read {len(loads)} for a 22-message branch"
     assert user["parent_id"] and replies[0]["parent_id"] == user["id"] and side["parent_id"] is None
+
+
+@contextmanager
+def counting_statements(app):
+    """The SQL statements the app's engine runs meanwhile (BEGIN/COMMIT are not statements)."""
+    engine = app.extensions["bchat"].db.engine
+    statements: list[str] = []
+
+    def executed(_conn, _cursor, statement, _params, _context, _many) -> None:
+        if not statement.startswith("BEGIN"):  # SQLite's explicit BEGIN (db.py)
+            statements.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", executed)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", executed)
+
+
+def test_a_list_page_is_one_query_with_its_shared_flags(app, client):
+    """The sidebar's page is the most frequent read of a class: one statement, whatever the
+    number of conversations or shares (it was two sessions: the page, then every share)."""
+    ids = [client.post("/api/conversations", json={"title": f"c{i}"}).get_json()["id"]
+           for i in range(6)]
+    for shared in ids[1:3]:
+        client.post(f"/api/conversations/{shared}/messages", json={"role": "user", "content": "hi"})
+        assert client.post(f"/api/conversations/{shared}/share", json={}).status_code in (200, 201)
+    with counting_statements(app) as statements:
+        body = client.get("/api/conversations?limit=4").get_json()
+    assert len(statements) == 1, statements
+    flags = {c["id"]: c["shared"] for c in body["conversations"]}
+    assert len(flags) == 4 and flags[ids[1]] is True and flags[ids[2]] is True
+    assert flags[ids[5]] is False and flags[ids[4]] is False
+
+
+def test_an_append_updates_its_conversation_row_once(app, client):
+    conv = client.post("/api/conversations", json={"title": "once"}).get_json()["id"]
+    path = f"/api/conversations/{conv}/messages"
+    with counting_statements(app) as statements:
+        user = client.post(path, json={"role": "user", "content": "why?"}).get_json()
+        client.post(path, json={"role": "assistant", "content": "because", "status": "complete",
+                                "parent_id": user["id"], "provenance": {"engine": "browser"}})
+    updates = [s for s in statements if s.startswith("UPDATE conversation")]
+    inserts = [s for s in statements if s.startswith("INSERT INTO message")]
+    assert len(inserts) == 2 and len(updates) == 2, statements  # one per append
+    opened = client.get(f"/api/conversations/{conv}?limit=10").get_json()
+    assert [m["content"] for m in opened["messages"]] == ["why?", "because"]
+    assert opened["current_message_id"] == opened["messages"][-1]["id"]

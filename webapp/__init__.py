@@ -20,6 +20,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from werkzeug.middleware.proxy_fix import ProxyFix
 
     from . import api, assets, errors, files, limits, openai_api, pages, security, services, socket
+    from .request_timing import init_app as time_requests
     from .validation import StrictJSONProvider
 
     app = Flask(
@@ -41,7 +42,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         "max_message_size": app.config["WS_MAX_FRAME_BYTES"],
     }
 
-    runs = services.init_app(app, limits_).runs
+    built = services.init_app(app, limits_)
+    runs = built.runs
+    time_requests(app, built.db.engine)
     try:
         # Replies left "streaming" by a process that died become "interrupted", text kept.
         runs.keeper.reap_stale()

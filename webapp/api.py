@@ -110,14 +110,9 @@ def models():
 
 @bp.get("/api/conversations")
 def list_conversations():
-    services = get_services()
-    owner = owner_id()
     limit = parse_limit(request.args.get("limit"))
-    conversations, following = services.chats.list_conversations(
-        owner, limit=limit, cursor=request.args.get("cursor"))
-    shared = services.shares.shared_conversation_ids(owner)
-    for conversation in conversations:
-        conversation["shared"] = conversation["id"] in shared
+    conversations, following = get_services().chats.list_conversations(
+        owner_id(), limit=limit, cursor=request.args.get("cursor"))
     # ``next``: the cursor of the following page (null on the last, and without ``limit``).
     return {"conversations": conversations, "next": following}
 

@@ -11,7 +11,7 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, literal, select, update
+from sqlalchemy import bindparam, delete, exists, literal, select, update
 
 from . import paging
 from .db import Database, notify_replies
@@ -23,6 +23,7 @@ from .models import (
     Conversation,
     Message,
     Provenance,
+    Share,
     VisitorSettings,
     new_public_id,
     utcnow,
@@ -90,14 +91,19 @@ class ChatService:
                            cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first: (a page of ``limit`` after ``cursor``, the next page's cursor or None);
         without ``limit``, every conversation (paging.py)."""
-        query = (select(Conversation)
+        # ``shared`` in the same query: the sidebar's list is the most frequent read of a class,
+        # and a second session for it was a second round of the pool and the database.
+        shared = exists().where(Share.conversation_id == Conversation.id, Share.owner_id == owner_id)
+        query = (select(Conversation, shared.label("shared"))
                  .where(Conversation.owner_id == owner_id, paging.after(cursor))
                  .order_by(*paging.newest_first()))
         if limit is not None:
             query = query.limit(limit + 1)
         with self.db.read() as session:
-            rows, following = paging.page(session.scalars(query).all(), limit)
-            return [c.to_dict() for c in rows], following
+            rows = session.execute(query).all()
+            flags = {conv.id: flag for conv, flag in rows}
+            page, following = paging.page([conv for conv, _flag in rows], limit)
+            return [{**c.to_dict(), "shared": bool(flags[c.id])} for c in page], following
 
     def get_conversation(self, owner_id: str, public_id: str, *, limit: int | None = None,
                          before: str | None = None) -> dict[str, Any]:
@@ -355,11 +361,12 @@ class ChatService:
             user = Message(conversation_id=conv.id, role="user", content=content,
                            status="complete", parent_id=parent.id if parent else None)
             session.add(user)
-            conv.updated_at = utcnow()
             session.flush()
             replies = [self._reply_row(session, conv, user, provenance, run_owner)
                        for provenance in provenances]
             session.flush()
+            # Set together after the inserts: one UPDATE of the conversation row, not two.
+            conv.updated_at = utcnow()
             conv.current_message_id = replies[0].id if replies else user.id
             # The branch up to the user's message: read only when a model will see it (the
             # page's own engine keeps its history itself).
@@ -384,6 +391,7 @@ class ChatService:
             asked = path[-1]
             reply = self._reply_row(session, conv, asked, provenance, run_owner)
             session.flush()
+            conv.updated_at = utcnow()
             conv.current_message_id = reply.id
             parents = {**{m.id: m.public_id for m in path}, reply.id: reply.public_id}
             return (conv.to_dict(), asked.to_dict(parents), reply.to_dict(parents),
@@ -423,14 +431,13 @@ class ChatService:
                    run_owner: str) -> Message:
         """A run's assistant row, "streaming" from the start (a /v1 call's has no parent).
         ``conv`` has its id already (added by conversation_id: appending to conv.messages
-        would load every message first)."""
-        now = utcnow()
+        would load every message first). The caller touches ``conv.updated_at`` with its
+        ``current_message_id`` after the flush, so the conversation row is updated once."""
         reply = Message(conversation_id=conv.id, role="assistant", content="",
-                        status="streaming", updated_at=now,
+                        status="streaming", updated_at=utcnow(),
                         parent_id=parent.id if parent else None, run_owner=run_owner)
         reply.record(provenance)
         session.add(reply)
-        conv.updated_at = now
         return reply
 
     def update_browser_reply(
@@ -504,8 +511,8 @@ class ChatService:
             )
             message.record(provenance)
             session.add(message)
-            conv.updated_at = utcnow()
             session.flush()
+            conv.updated_at = utcnow()  # with current_message_id: one UPDATE of the row
             conv.current_message_id = message.id
             return message.to_dict({parent.id: parent.public_id} if parent else {})
 

@@ -198,15 +198,6 @@ class ShareService:
                         self._reseal(share)
         return listing
 
-    def shared_conversation_ids(self, owner_id: str) -> set[str]:
-        with self.db.read() as session:
-            rows = session.execute(
-                select(Conversation.public_id)
-                .join(Share, Share.conversation_id == Conversation.id)
-                .where(Share.owner_id == owner_id)
-            )
-            return {row[0] for row in rows}
-
     # -- visitor actions -------------------------------------------------------------------
     def lookup(self, token: str) -> dict[str, Any]:
         """The snapshot behind a link; NotFound for unknown or revoked links."""
