@@ -7,6 +7,11 @@ fifth post also shares the conversation (the "create the share unless it exists"
 the database is read back: every message must be there exactly once, and every conversation
 must have exactly one share.
 
+Meanwhile a probe in the parent's own app (its own loopback server, as one more gunicorn worker
+would be) appends a message to a 1,000-message conversation every 50 ms: what a visitor with a
+semester-long conversation waits for an append while the writers run (its p50/p99, and the
+app's own share of it from the Server-Timing header).
+
     .venv/bin/python bench/db_concurrency.py                      # SQLite and PostgreSQL
     .venv/bin/python bench/db_concurrency.py --database postgresql --messages 50
     .venv/bin/python bench/db_concurrency.py --database postgresql+psycopg://u@host/db
@@ -49,11 +54,15 @@ class Report:
     duplicated: int = 0
     shares_per_conversation: list[int] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
+    probe: list[float] = field(default_factory=list)
+    probe_app: list[float] = field(default_factory=list)
+    probe_errors: int = 0
 
-    def percentile(self, p: float) -> float:
-        if not self.latencies:
+    def percentile(self, p: float, values: list[float] | None = None) -> float:
+        values = self.latencies if values is None else values
+        if not values:
             return math.nan
-        ordered = sorted(self.latencies)
+        ordered = sorted(values)
         return ordered[min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1)]
 
     def line(self) -> str:
@@ -61,7 +70,64 @@ class Report:
                 f"{self.requests} requests in {self.seconds:.1f} s ({self.requests / self.seconds:.0f}/s), "
                 f"{self.errors} errors, p50 {self.percentile(50) * 1000:.0f} ms, "
                 f"p99 {self.percentile(99) * 1000:.0f} ms; lost {self.lost}, duplicated {self.duplicated}, "
-                f"shares per conversation {sorted(set(self.shares_per_conversation))}")
+                f"shares per conversation {sorted(set(self.shares_per_conversation))}\n"
+                f"  append to a {PROBE_MESSAGES:,}-message conversation meanwhile: "
+                f"{len(self.probe)} appends, "
+                f"{self.probe_errors} errors, p50 {self.percentile(50, self.probe) * 1000:.1f} ms, "
+                f"p99 {self.percentile(99, self.probe) * 1000:.1f} ms; the app's own time "
+                f"p50 {self.percentile(50, self.probe_app) * 1000:.1f} ms")
+
+
+PROBE_MESSAGES = 1000
+PROBE_EVERY_S = 0.05
+
+
+def long_conversation(client) -> str:
+    """A 1,000-message conversation, imported in one request (export format, a chain)."""
+    messages = [{"id": f"m{i}", "parent_id": f"m{i - 1}" if i else None,
+                 "role": "user" if i % 2 == 0 else "assistant",
+                 "content": f"turn {i}: " + "words of a long semester " * 8}
+                for i in range(PROBE_MESSAGES)]
+    from webapp.exchange import FORMAT
+
+    response = client.post("/api/conversations/import", json={
+        "format": FORMAT, "version": 2,
+        "conversation": {"title": "a semester", "current_message_id": messages[-1]["id"]},
+        "messages": messages})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["id"]
+
+
+def probe(app, conversation: str, cookie: str, stop: threading.Event, report: Report) -> None:
+    """Appends to ``conversation`` every PROBE_EVERY_S over real HTTP until ``stop``."""
+    import logging
+    import re
+
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        while not stop.wait(PROBE_EVERY_S):
+            request = urllib.request.Request(
+                f"{base}/api/conversations/{conversation}/messages", method="POST",
+                data=json.dumps({"role": "user", "content": "one more question"}).encode(),
+                headers={"Content-Type": "application/json", "Cookie": cookie, "Origin": base})
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    response.read()
+                    timing = re.search(r"app;dur=([0-9.]+)", response.headers.get("Server-Timing", ""))
+            except OSError:
+                report.probe_errors += 1
+                continue
+            report.probe.append(time.perf_counter() - started)
+            if timing:
+                report.probe_app.append(float(timing.group(1)) / 1000)
+    finally:
+        server.shutdown()
 
 
 def _config(database_url: str, model_path: str) -> dict:
@@ -151,6 +217,7 @@ def run_workload(database_url: str, model_path: str, *, processes: int = 4, thre
             client.post("/api/conversations", json={"title": f"c{i}"}).get_json()["id"]
             for i in range(processes)
         ]
+        long_one = long_conversation(client)
         spec = {"database_url": database_url, "model_path": model_path, "threads": threads,
                 "messages": messages, "conversations": conversations, "cookie": cookie}
         children = [
@@ -162,18 +229,25 @@ def run_workload(database_url: str, model_path: str, *, processes: int = 4, thre
             line = proc.stdout.readline().strip()
             if line != "ready":
                 raise RuntimeError(f"writer process did not start (said {line!r}, exit {proc.wait()})")
+        report = Report(label or make_url(database_url).get_backend_name(), processes, threads)
+        stop_probe = threading.Event()
+        prober = threading.Thread(target=probe, args=(app, long_one, cookie, stop_probe, report))
         started = time.perf_counter()
         for proc in children:
             proc.stdin.write("go\n")
             proc.stdin.close()
+        prober.start()
         outputs = []
-        for proc in children:
-            out = proc.stdout.read()
-            if proc.wait(timeout=600) != 0 or not out.strip():
-                raise RuntimeError(f"a writer process failed (exit {proc.returncode})")
-            outputs.append(json.loads(out.strip().splitlines()[-1]))
-        report = Report(label or make_url(database_url).get_backend_name(), processes, threads,
-                        seconds=time.perf_counter() - started)
+        try:
+            for proc in children:
+                out = proc.stdout.read()
+                if proc.wait(timeout=600) != 0 or not out.strip():
+                    raise RuntimeError(f"a writer process failed (exit {proc.returncode})")
+                outputs.append(json.loads(out.strip().splitlines()[-1]))
+        finally:
+            stop_probe.set()
+            prober.join()
+        report.seconds = time.perf_counter() - started
         sent: Counter[tuple[str, str]] = Counter()
         for out in outputs:
             report.latencies += out["latencies"]
