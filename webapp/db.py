@@ -159,7 +159,9 @@ class FairGate:
 class Database:
     """Owns the engine and hands out short-lived sessions."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, queue_writers: bool = True) -> None:
+        """``queue_writers=False`` leaves SQLite's writers to its busy handler alone (only
+        bench/sqlite_writers.py, which compares the two)."""
         self.url = url
         self.engine = make_engine(url)
         self._reader = sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
@@ -169,7 +171,7 @@ class Database:
             else self.engine
         )
         self._writer = sessionmaker(writer_bind, expire_on_commit=False, autoflush=False)
-        self._gate = FairGate() if self.engine.dialect.name == "sqlite" else None
+        self._gate = FairGate() if self.engine.dialect.name == "sqlite" and queue_writers else None
 
     @contextmanager
     def read(self) -> Iterator[Session]:
