@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from import_speed import export_file  # noqa: E402
@@ -149,3 +150,39 @@ def test_a_database_busy_past_its_timeout_is_a_503_with_retry_after(app, client,
     response = client.post(f"/api/conversations/{conv_id}/messages",
                            json={"role": "user", "content": "free"})
     assert response.status_code == 201
+
+
+@pytest.mark.parametrize("hold_s, most", [(1e-6, None), (60.0, 2)])
+def test_an_imports_transactions_are_sized_by_the_time_they_hold_the_lock(
+        app, client, monkeypatch, hold_s, most):
+    """A slow machine gets smaller transactions (down to 25 rows), a fast one bigger ones;
+    the tree comes out exact across every border, whatever the sizes."""
+    import webapp.chats as chats_module
+
+    monkeypatch.setattr(chats_module, "IMPORT_HOLD_S", hold_s)
+    sizes: list[int] = []
+    engine = app.extensions["bchat"].db.engine
+
+    def executed(_conn, _cursor, statement, parameters, _context, many) -> None:
+        if many and statement.startswith("INSERT INTO message"):
+            sizes.append(len(parameters))
+
+    data = export_file(1203)
+    event.listen(engine, "before_cursor_execute", executed)
+    try:
+        response = client.post("/api/conversations/import", json=data)
+    finally:
+        event.remove(engine, "before_cursor_execute", executed)
+    assert response.status_code == 201
+    assert sum(sizes) == 1203 and sizes[0] == chats_module.IMPORT_CHUNK
+    low, high = chats_module.IMPORT_CHUNK_RANGE
+    if most is None:  # every transaction took longer than the (tiny) hold: the smallest size
+        assert set(sizes[1:-1]) == {low}, sizes
+    else:
+        assert len(sizes) <= most and max(sizes) <= high, sizes
+    stored = response.get_json()
+    file_id = {m["id"]: f["id"] for m, f in zip(stored["messages"], data["messages"], strict=True)}
+    assert [file_id.get(m["parent_id"]) for m in stored["messages"]] == \
+        [f["parent_id"] for f in data["messages"]]
+    assert branch(stored) and file_id[stored["current_message_id"]] == \
+        data["conversation"]["current_message_id"]

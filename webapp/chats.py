@@ -35,7 +35,11 @@ log = logging.getLogger(__name__)
 
 TITLE_MAX = 200
 DEFAULT_TITLE = "New chat"
-IMPORT_CHUNK = 500  # messages written per transaction by an import
+# An import's transactions are sized by time, not rows: each aims to hold the write lock for
+# IMPORT_HOLD_S, so a busy machine (where 500 rows took 441 ms) gets smaller ones.
+IMPORT_HOLD_S = 0.05
+IMPORT_CHUNK = 200  # the first transaction's rows, before its time is known
+IMPORT_CHUNK_RANGE = (25, 2000)
 IMPORTING_OWNER = "~importing~"  # the owner of an import until it is whole (no cookie has "~")
 IMPORT_ABANDONED_AFTER = timedelta(hours=1)
 
@@ -530,10 +534,11 @@ class ChatService:
         Message.to_dict() writes them): continuing a share, or importing an export. Messages with
         ``parent_id`` keep their tree (ids are new); without, they form one branch in order.
 
-        Up to 10,000 messages: they are written IMPORT_CHUNK rows per transaction, so no
-        transaction holds SQLite's write lock for long and other visitors' writes go on
-        between them. The conversation belongs to nobody (a hidden owner) until the last
-        transaction hands it over, so nobody sees it half-written; a failed import deletes it.
+        Up to 10,000 messages: they are written in transactions sized to hold the write lock
+        about IMPORT_HOLD_S each (the rows of the next one scale with the last one's time), so
+        no transaction holds it for long, and other visitors' writes go on between them. The
+        conversation belongs to nobody (a hidden owner) until the last transaction hands it
+        over, so nobody sees it half-written; a failed import deletes it.
         """
         tree_shaped = any("parent_id" in data for data in messages)
         # The tree in memory first: each message's parent as an index into ``messages``. A
@@ -565,14 +570,19 @@ class ChatService:
         serialised = self.db.engine.dialect.name == "sqlite"
         try:
             ids: list[int] = []
-            for start in range(0, len(rows), IMPORT_CHUNK):
+            start, size = 0, IMPORT_CHUNK
+            while start < len(rows):
                 began = time.monotonic()
-                self._insert_chunk(conv_id, rows, parents, ids, start)
+                self._insert_chunk(conv_id, rows, parents, ids, start, size)
+                took = time.monotonic() - began
+                start += size
+                low, high = IMPORT_CHUNK_RANGE
+                size = max(low, min(high, int(size * IMPORT_HOLD_S / max(took, 0.001))))
                 if serialised:
                     # SQLite hands its write lock to whoever polls first, not to whoever
                     # waited longest: stepping aside as long as the chunk held it lets the
                     # other writers in (PostgreSQL's writers do not queue on one lock).
-                    time.sleep(max(0.001, time.monotonic() - began))
+                    time.sleep(max(0.001, took))
             with self.db.write() as session:
                 session.execute(
                     update(Conversation).where(Conversation.id == conv_id).values(
@@ -586,15 +596,16 @@ class ChatService:
             return conv.to_dict(Tree(conv.messages))
 
     def _insert_chunk(self, conv_id: int, rows: list[dict[str, Any]], parents: list[int | None],
-                      ids: list[int], start: int) -> None:
-        """Rows ``start`` … of an import in one transaction; ``ids`` grows by their ids.
+                      ids: list[int], start: int, size: int) -> None:
+        """Rows ``start`` … ``start + size`` of an import in one transaction; ``ids`` grows by
+        their ids.
 
         Plain executemany (the driver's fast path: no RETURNING); the new ids are then read
         back in id order, which is insertion order: ids only grow within one connection's
         inserts (SQLite's rowid, PostgreSQL's sequence), and nobody else can write to a
         conversation that has no owner yet."""
         table = Message.__table__
-        chunk = rows[start:start + IMPORT_CHUNK]
+        chunk = rows[start:start + size]
         after = ids[-1] if ids else 0
         with self.db.write() as session:
             values = []
