@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -61,6 +61,9 @@ class RunService:
         self.engines = engines
         self.config = config
         self.limits = limits if limits is not None else Limits(config)
+        # Asked before any reply starts, with (owner, replies needed): raises to refuse it
+        # (accounts.py sets it to the quota check when accounts are on).
+        self.admission: Callable[[str, int], None] | None = None
         self.grace = float(config.get("RUN_GRACE_SECONDS", 30))
         self.identity = f"{HOST}|{os.getpid()}|{secrets.token_hex(4)}"
         self.runs: dict[str, Run] = {}
@@ -188,6 +191,8 @@ class RunService:
     def _admitted(self, owner: str, ip: str | None, needed: int = 1) -> Iterator[Lease]:
         """Limits before any model call (webapp/limits.py): a lease for the block, the run's
         once it starts, given back if the block fails before."""
+        if self.admission is not None:
+            self.admission(owner, needed)
         lease = self.limits.take_replies(owner, ip, needed)
         try:
             yield lease
