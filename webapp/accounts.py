@@ -93,8 +93,27 @@ def _account_dict(account: Account) -> dict[str, Any]:
             "has_password": account.password_hash is not None}
 
 
+# (pattern in the User-Agent, name) in the order they must be tried: Edge and Opera say
+# "Chrome" too, Chrome says "Safari", Android says "Linux".
+_BROWSERS = (("Edg/", "Edge"), ("OPR/", "Opera"), ("Firefox/", "Firefox"), ("Chrome/", "Chrome"),
+             ("Safari/", "Safari"))
+_SYSTEMS = (("iPhone", "iPhone"), ("iPad", "iPad"), ("Android", "Android"), ("Windows", "Windows"),
+            ("Mac OS X", "macOS"), ("CrOS", "ChromeOS"), ("Linux", "Linux"))
+
+
+def describe_agent(user_agent: str | None) -> str:
+    """"Chrome on Android" from a User-Agent: enough to tell one's own browsers apart."""
+    agent = user_agent or ""
+    browser = next((name for key, name in _BROWSERS if key in agent), None)
+    system = next((name for key, name in _SYSTEMS if key in agent), None)
+    if browser and system:
+        return f"{browser} on {system}"
+    return browser or system or (agent[:60] if agent else "Unknown browser")
+
+
 def _session_dict(row: AccountSession) -> dict[str, Any]:
     return {"id": row.public_id, "created_at": iso(row.created_at),
+            "browser": describe_agent(row.user_agent),
             "last_seen_at": iso(row.last_seen_at), "user_agent": row.user_agent or "",
             "address": row.address or "", "how": row.how}
 
