@@ -364,3 +364,43 @@ def test_bchat_users_create_list_reset(tmp_path, tiny_model):
     assert reset.returncode == 0, reset.stderr
     missing = bchat("users", "reset-password", "nobody", stdin="a new long password\n")
     assert missing.returncode == 1 and "no such account" in missing.stderr
+
+
+def test_an_admin_limits_the_models_users_may_use(make_app, tiny_model, tmp_path):
+    for name in ("alpha", "beta"):
+        (tmp_path / f"{name}.gguf").write_bytes(tiny_model.read_bytes())
+    app = make_app(ACCOUNTS="optional", MODEL_PATH=str(tmp_path), MAX_TOKENS=4)
+    with app.app_context():
+        get_accounts().create("teacher", PASSWORD, role="admin")
+        get_accounts().create("student", PASSWORD)
+    admin, student, anonymous = app.test_client(), app.test_client(), app.test_client()
+    signin(admin, "teacher")
+    signin(student, "student")
+    page = admin.get("/admin/")
+    assert page.text.count('data-testid="user-model"') == 2
+    saved = admin.post("/admin/models", data={"csrf": csrf_of(page.text), "model": ["alpha"]})
+    assert saved.status_code == 303
+
+    def listed(client):
+        body = client.get("/api/models").json
+        return sorted(m["id"] for m in body["models"]), body["default"]
+
+    assert listed(student) == (["alpha"], "alpha")
+    assert listed(anonymous) == (["alpha"], "alpha")
+    assert listed(admin)[0] == ["alpha", "beta"]
+    key = student.post("/api/keys", json={"name": "k"}).json["token"]
+
+    def ask(model):
+        return student.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                            json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+
+    refused = ask("beta")
+    assert refused.status_code == 403 and refused.json["error"]["code"] == "model_not_allowed"
+    assert ask("alpha").status_code == 200
+    # Every box ticked again: no limit, so a model added later is offered too.
+    page = admin.get("/admin/")
+    admin.post("/admin/models", data={"csrf": csrf_of(page.text), "model": ["alpha", "beta"]})
+    assert listed(student)[0] == ["alpha", "beta"]
+    with app.app_context():
+        assert get_accounts().allowed_models("user") is None
+        assert [e["action"] for e in get_accounts().audit_log()][:2] == ["models_set", "models_set"]

@@ -53,6 +53,7 @@ PASSWORD_MAX = 1024  # argon2 takes any length; a bound keeps one request's hash
 SESSION_TOUCH_SECONDS = 60  # last_seen_at is written at most once a minute per session
 USER_AGENT_MAX = 200
 DEFAULT_QUOTA = "default_quota"
+ROLE_MODELS = "role_models"  # {"user": [model ids]}: absent or None = every model
 AUDIT_PAGE = 200
 
 
@@ -328,10 +329,46 @@ class AccountService:
                        Message.engine == "server", Message.created_at >= start))
         return int(total or 0)
 
-    def admit(self, owner_id: str, needed: int = 1) -> None:
-        """Called before a reply starts (runs.service): an account over its quota gets
-        ``quota_exceeded`` with when it resets. Anonymous visitors keep the rate limits."""
+    # -- models per role ---------------------------------------------------------------------
+    def allowed_models(self, role: str) -> list[str] | None:
+        """The models a role may use (None: all). Admins may always use every model."""
+        if role == "admin":
+            return None
+        with self.db.read() as session:
+            row = session.get(SiteSetting, ROLE_MODELS)
+            return (row.value or {}).get(role) if row is not None else None
+
+    def set_allowed_models(self, role: str, models: list[str] | None) -> None:
+        if role not in ACCOUNT_ROLES or role == "admin":
+            raise Invalid("bad_role", "only the user role's models can be limited")
+        if models is not None and not models:
+            raise Invalid("no_models", "leave at least one model for users")
+        with self.db.write() as session:
+            row = session.get(SiteSetting, ROLE_MODELS)
+            value = {**(row.value if row is not None else {}), role: models}
+            if row is None:
+                session.add(SiteSetting(name=ROLE_MODELS, value=value))
+            else:
+                row.value, row.updated_at = value, utcnow()
+
+    def models_for(self, owner_id: str | None) -> list[str] | None:
+        """The models this owner may use (None: all): an account's role's, and the user
+        role's for an anonymous visitor (the least a signed-in person gets)."""
+        if not self.enabled:
+            return None
+        account = self.by_owner(owner_id) if owner_id else None
+        return self.allowed_models(account["role"] if account else "user")
+
+    def admit(self, owner_id: str, needed: int = 1, models: Any = ()) -> None:
+        """Called before a reply starts (runs.service): a model the owner's role may not use
+        is ``model_not_allowed``; an account over its quota gets ``quota_exceeded`` with when
+        it resets. Anonymous visitors keep the rate limits, and the user role's models."""
         account = self.by_owner(owner_id)
+        allowed = self.allowed_models(account["role"] if account else "user")
+        refused = [m for m in models if allowed is not None and m not in allowed]
+        if refused:
+            raise AppError("model_not_allowed", f"the model {refused[0]} is not offered to your "
+                           "account; choose another", status=403, param="model")
         if account is None:
             return
         if account["disabled"]:

@@ -15,6 +15,7 @@ from .accounts import get_accounts
 from .errors import AppError
 from .models import utcnow
 from .security import check_form_token, current_account, form_token
+from .services import get_services
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -80,7 +81,10 @@ def index():
         if owner not in owners:
             for k, v in s.items():
                 anonymous[k] += v
+    models = [m.id for m in get_services().engines.models()]
+    allowed = accounts.allowed_models("user")
     return render_template("admin.html", users=users, summaries=summaries, anonymous=anonymous,
+                           models=models, user_models=models if allowed is None else allowed,
                            default=accounts.default_quota(), audit=accounts.audit_log(),
                            csrf=form_token("admin"), me=current_account(),
                            message=request.args.get("done"), mode=current_app.config["ACCOUNTS"])
@@ -130,6 +134,18 @@ def set_default_quota():
     value = get_accounts().set_default_quota(form.get("tokens_per_day"), form.get("replies_in_flight"))
     _log("default_quota_set", None, **value)
     return _done("Default quota saved.")
+
+
+@bp.post("/models")
+def set_models():
+    """Which models the user role may use (admins use all): every box ticked = no limit, so a
+    model added later is offered too."""
+    form = _form()
+    offered = [m.id for m in get_services().engines.models()]
+    chosen = [m for m in form.getlist("model") if m in offered]
+    get_accounts().set_allowed_models("user", None if set(chosen) == set(offered) else chosen)
+    _log("models_set", "user", models=chosen if set(chosen) != set(offered) else "all")
+    return _done("Models for users saved.")
 
 
 @bp.post("/users/<user_id>/disable")
