@@ -28,6 +28,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         errors,
         files,
         limits,
+        oidc,
         openai_api,
         pages,
         security,
@@ -58,6 +59,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     built = services.init_app(app, limits_)
     runs = built.runs
     accounts.init_app(app, limits_, runs, built.db)
+    oidc.init_app(app)
     try:
         # Replies left "streaming" by a process that died become "interrupted", text kept.
         runs.keeper.reap_stale()

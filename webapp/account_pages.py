@@ -13,6 +13,7 @@ import math
 
 from flask import Blueprint, abort, current_app, redirect, render_template, request, session, url_for
 
+from . import oidc
 from .accounts import get_accounts
 from .errors import AppError, NotFound
 from .limits import get_limits
@@ -91,8 +92,62 @@ def signin():
             return redirect(target, code=303)
     return render_template("account/signin.html", mode="signin", target=target, error=error,
                            username=username, csrf=form_token("signin"),
-                           signup=_signup_open(), required=_mode() == "required"), \
+                           signup=_signup_open(), required=_mode() == "required",
+                           oidc_name=oidc.provider_name() if oidc.enabled() else None), \
         (403 if error else 200)
+
+
+NEXT_KEY = "oidc_next"
+
+
+@bp.get("/signin/oidc")
+def oidc_start():
+    """To the school's sign-in page; it sends the browser back to ``oidc_callback``."""
+    _need_accounts()
+    if not oidc.enabled():
+        abort(404)
+    session[NEXT_KEY] = same_site_path(request.args.get("next"), url_for("pages.chat"))
+    return oidc.client().authorize_redirect(url_for("account.oidc_callback", _external=True))
+
+
+@bp.get("/signin/oidc/callback")
+def oidc_callback():
+    _need_accounts()
+    if not oidc.enabled():
+        abort(404)
+    from authlib.common.errors import AuthlibBaseError
+    from joserfc.errors import JoseError
+    from requests import RequestException
+
+    address = request.remote_addr
+    target = same_site_path(session.pop(NEXT_KEY, None), url_for("pages.chat"))
+    try:
+        token = oidc.client().authorize_access_token()
+        claims = token.get("userinfo")
+        if not claims or not claims.get("sub"):
+            raise ValueError("no ID token")
+    except (AuthlibBaseError, JoseError, RequestException, ValueError, KeyError) as exc:
+        # A wrong audience or issuer, a bad signature, an expired token, a used or forged
+        # state (a replayed callback): nobody is signed in, and the log says why.
+        log.warning("OpenID Connect sign-in refused from %s: %s", address, type(exc).__name__)
+        get_accounts().audit("sign_in_failed", target=oidc.provider_name()[:64], address=address,
+                             detail={"how": "oidc", "why": type(exc).__name__})
+        return render_template("account/signin.html", mode="signin", target=target,
+                               error=f"Signing in with {oidc.provider_name()} did not work. "
+                                     "Try again from the start.",
+                               username="", csrf=form_token("signin"), signup=_signup_open(),
+                               required=_mode() == "required",
+                               oidc_name=oidc.provider_name()), 403
+    subject, wanted = oidc.identity(claims)
+    account = get_accounts().oidc_account(subject, wanted)
+    if account["disabled"]:
+        get_accounts().audit("sign_in_failed", target=account["username"], address=address,
+                             detail={"how": "oidc", "why": "disabled"})
+        abort(403, description="this account is disabled")
+    moved = sign_in(account, how="oidc")
+    get_accounts().audit("sign_in", actor=account["username"], target=account["username"],
+                         address=address, detail={"how": "oidc", "claimed": moved})
+    return redirect(target, code=303)
 
 
 @bp.route("/signup", methods=["GET", "POST"])

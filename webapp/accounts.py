@@ -205,6 +205,27 @@ class AccountService:
                             .values(revoked_at=utcnow()))
             return _account_dict(account)
 
+    def oidc_account(self, subject: str, wanted_name: Any) -> dict[str, Any]:
+        """The account an OpenID Connect identity ("issuer|sub") signs in to, made on its first
+        sign-in with a username from ``wanted_name`` (a free variant when taken). The provider
+        is the gate: a school's sign-in makes its students' accounts as they arrive."""
+        with self.db.write() as session:
+            account = session.scalar(select(Account).where(Account.oidc_subject == subject))
+            if account is not None:
+                return _account_dict(account)
+            base = re.sub(r"[^a-z0-9._-]", "", str(wanted_name or "").lower().split("@")[0])[:28]
+            if not USERNAME.fullmatch(base):
+                base = "user"
+            name, n = base, 1
+            while session.scalar(select(Account.id).where(Account.username == name)) is not None:
+                n += 1
+                name = f"{base}{n}"
+            account = Account(username=name, password_hash=None, role="user",
+                              owner_id=secrets.token_urlsafe(18), oidc_subject=subject)
+            session.add(account)
+            session.flush()
+            return _account_dict(account)
+
     def get(self, public_id: str) -> dict[str, Any]:
         with self.db.read() as session:
             account = session.scalar(select(Account).where(Account.public_id == public_id))

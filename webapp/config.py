@@ -83,6 +83,13 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "SIGNUP": ("open", str, "with accounts on: open = anyone who reaches the site may create one; "
                "admin = only an admin (the admin page or `bchat users create`)"),
     "DEVICE_LINK_SECONDS": (300, _INT, "how long a \"use on another device\" link works (it works once)"),
+    "OIDC_ISSUER": (None, str, "an OpenID Connect provider to sign in with (accounts on), e.g. "
+                    "https://login.school.example; its /.well-known/openid-configuration is read"),
+    "OIDC_CLIENT_ID": (None, str, "bchat's client id at that provider"),
+    "OIDC_CLIENT_SECRET": (None, str, "its client secret (never sent to browsers, never logged)"),
+    "OIDC_NAME": ("your school", str, "what the sign-in button calls the provider"),
+    "OIDC_USERNAME_CLAIM": ("preferred_username", str, "the ID-token claim a new account's username "
+                            "is made from (else its sub)"),
     "INSTANCE_PATH": (None, str, "database, secret key, pulled models; default: ./instance in a checkout, "
                       "else <venv>/var/webapp-instance"),
 }

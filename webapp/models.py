@@ -313,6 +313,8 @@ class Account(Base):
     public_id: Mapped[str] = mapped_column(String(32), unique=True, default=new_public_id)
     username: Mapped[str] = mapped_column(String(64), unique=True)  # stored lower-cased
     password_hash: Mapped[str | None] = mapped_column(String(200))  # argon2id; None: OIDC only
+    # "issuer|sub" of the OpenID Connect identity that signs in to it (oidc.py), if any.
+    oidc_subject: Mapped[str | None] = mapped_column(String(400), unique=True)
     role: Mapped[str] = mapped_column(String(16), default="user", server_default="user")
     disabled: Mapped[bool] = mapped_column(default=False, server_default=false())
     owner_id: Mapped[str] = mapped_column(String(64), unique=True)

@@ -1,4 +1,4 @@
-"""accounts: users, their sessions, one-time device links, site settings, an audit log
+"""accounts: users (password or OpenID Connect), their sessions, one-time device links, site settings, an audit log
 
 Revision ID: 0012_accounts
 Revises: 0011
@@ -22,6 +22,7 @@ def upgrade() -> None:
         sa.Column('public_id', sa.String(length=32), nullable=False),
         sa.Column('username', sa.String(length=64), nullable=False),
         sa.Column('password_hash', sa.String(length=200), nullable=True),
+        sa.Column('oidc_subject', sa.String(length=400), nullable=True),
         sa.Column('role', sa.String(length=16), server_default='user', nullable=False),
         sa.Column('disabled', sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.Column('owner_id', sa.String(length=64), nullable=False),
@@ -30,6 +31,7 @@ def upgrade() -> None:
         sa.Column('tokens_per_day', sa.Integer(), nullable=True),
         sa.Column('replies_in_flight', sa.Integer(), nullable=True),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_account')),
+        sa.UniqueConstraint('oidc_subject', name=op.f('uq_account_oidc_subject')),
         sa.UniqueConstraint('owner_id', name=op.f('uq_account_owner_id')),
         sa.UniqueConstraint('public_id', name=op.f('uq_account_public_id')),
         sa.UniqueConstraint('username', name=op.f('uq_account_username')),
