@@ -142,6 +142,11 @@ def test_unknown_users_cost_a_password_check_and_nothing_is_logged(optional_app,
 
 
 def test_brute_force_meets_the_limit_per_account_and_per_address(optional_app):
+    # The backoff's clock stands still here, so a slow machine cannot let a wait run out
+    # between two tries (the waits themselves: test_backoff_doubles_after_the_free_tries).
+    limits = optional_app.extensions["bchat.limits"]
+    for backoff in (limits.signin_failures, limits.signin_address_failures):
+        backoff.clock = lambda: 1000.0
     signup(optional_app.test_client(), "carol")
     attacker = optional_app.test_client()
     for _ in range(SIGNIN_FREE_PER_ACCOUNT):
@@ -326,6 +331,14 @@ def test_a_quota_refuses_the_next_reply_with_its_reset_time(make_app, make_live_
     assert done["type"] == "done" and text_of(frames)
     used = accounts.tokens_today(account["owner_id"])
     assert used > 0
+    # Deleting the chat resets nothing: its replies still count, for the quota and the admin.
+    _status, listed = visitor.json("GET", "/api/conversations")
+    (conversation,) = listed["conversations"]
+    assert visitor.request("DELETE", f"/api/conversations/{conversation['id']}")[0] == 204
+    assert visitor.json("GET", "/api/conversations")[1]["conversations"] == []
+    assert accounts.tokens_today(account["owner_id"]) == used
+    (row,) = accounts.usage(owner_id=account["owner_id"])
+    assert row["replies"] == 1 and row["prompt_tokens"] + row["completion_tokens"] == used
     accounts.set_quota(account["id"], used, None)
     chat.chat("second, over it")
     refused, _ = chat.until("error", "done")

@@ -26,7 +26,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, event, func, insert, select, update
 
 from .db import Database
 from .errors import AppError, Invalid, NotFound
@@ -42,6 +42,7 @@ from .models import (
     Message,
     Share,
     SiteSetting,
+    UsageCarry,
     VisitorSettings,
     iso,
     utcnow,
@@ -288,7 +289,7 @@ class AccountService:
                 raise NotFound("account")
             gone = _account_dict(account)
             owner = account.owner_id
-            for model in (Share, ApiKey, Benchmark, VisitorSettings):
+            for model in (Share, ApiKey, Benchmark, VisitorSettings, UsageCarry):
                 session.execute(delete(model).where(model.owner_id == owner))
             # Messages go with their conversation (ON DELETE CASCADE on both databases).
             session.execute(delete(Conversation).where(Conversation.owner_id == owner))
@@ -338,7 +339,8 @@ class AccountService:
 
     def tokens_today(self, owner_id: str, now: datetime | None = None) -> int:
         """Prompt + completion tokens of the server's replies to ``owner_id`` since UTC
-        midnight (browser-engine replies cost the server nothing and do not count)."""
+        midnight, deleted conversations' too (browser-engine replies cost the server nothing
+        and do not count)."""
         now = now or utcnow()
         start = datetime(now.year, now.month, now.day)
         with self.db.read() as session:
@@ -348,7 +350,11 @@ class AccountService:
                 .join(Conversation, Message.conversation_id == Conversation.id)
                 .where(Conversation.owner_id == owner_id, Message.role == "assistant",
                        Message.engine == "server", Message.created_at >= start))
-        return int(total or 0)
+            carried = session.scalar(
+                select(func.coalesce(func.sum(UsageCarry.prompt_tokens + UsageCarry.completion_tokens), 0))
+                .where(UsageCarry.owner_id == owner_id, UsageCarry.engine == "server",
+                       UsageCarry.day == start.date().isoformat()))
+        return int(total or 0) + int(carried or 0)
 
     # -- models per role ---------------------------------------------------------------------
     def allowed_models(self, role: str) -> list[str] | None:
@@ -420,7 +426,7 @@ class AccountService:
     # -- usage ---------------------------------------------------------------------------------
     def usage(self, days: int = 30, owner_id: str | None = None) -> list[dict[str, Any]]:
         """Replies and tokens per owner, day (UTC), engine and model, newest day first: what
-        the stored replies record. Replies of deleted conversations are gone from it."""
+        the stored replies record, and what deleted conversations had (UsageCarry)."""
         since = utcnow() - timedelta(days=days)
         day = func.date(Message.created_at)
         query = (select(Conversation.owner_id, day, Message.engine, Message.model,
@@ -429,15 +435,28 @@ class AccountService:
                  .join(Conversation, Message.conversation_id == Conversation.id)
                  .where(Message.role == "assistant", Message.status != "streaming",
                         Message.created_at >= since)
-                 .group_by(Conversation.owner_id, day, Message.engine, Message.model)
-                 .order_by(day.desc(), Conversation.owner_id))
+                 .group_by(Conversation.owner_id, day, Message.engine, Message.model))
+        carried = (select(UsageCarry.owner_id, UsageCarry.day, UsageCarry.engine, UsageCarry.model,
+                          func.sum(UsageCarry.replies), func.sum(UsageCarry.prompt_tokens),
+                          func.sum(UsageCarry.completion_tokens))
+                   .where(UsageCarry.day >= since.date().isoformat())
+                   .group_by(UsageCarry.owner_id, UsageCarry.day, UsageCarry.engine, UsageCarry.model))
         if owner_id is not None:
             query = query.where(Conversation.owner_id == owner_id)
+            carried = carried.where(UsageCarry.owner_id == owner_id)
+        totals: dict[tuple[str, str, str, str], list[int]] = {}
         with self.db.read() as session:
-            return [{"owner_id": owner, "day": str(d), "engine": engine or "server",
-                     "model": model or "", "replies": int(n), "prompt_tokens": int(p or 0),
-                     "completion_tokens": int(c or 0)}
-                    for owner, d, engine, model, n, p, c in session.execute(query)]
+            for rows in (session.execute(query), session.execute(carried)):
+                for owner, d, engine, model, n, p, c in rows:
+                    key = (owner, str(d)[:10], engine or "server", model or "")
+                    total = totals.setdefault(key, [0, 0, 0])
+                    total[0] += int(n or 0)
+                    total[1] += int(p or 0)
+                    total[2] += int(c or 0)
+        return [{"owner_id": owner, "day": d, "engine": engine, "model": model, "replies": n,
+                 "prompt_tokens": p, "completion_tokens": c}
+                for (owner, d, engine, model), (n, p, c)
+                in sorted(totals.items(), key=lambda item: (item[0][1], item[0][0]), reverse=True)]
 
     # -- sessions ------------------------------------------------------------------------------
     def open_session(self, account_id: str, *, user_agent: str | None, address: str | None,
@@ -510,7 +529,8 @@ class AccountService:
     def claim(self, anonymous_owner: str | None, account_id: str) -> dict[str, int]:
         """Move an anonymous visitor's data into the account, in one transaction: counts of
         what moved. The account's own defaults win over the visitor's, if it has some."""
-        moved = {"conversations": 0, "shares": 0, "api_keys": 0, "benchmarks": 0, "defaults": 0}
+        moved = {"conversations": 0, "shares": 0, "api_keys": 0, "benchmarks": 0, "defaults": 0,
+                 "deleted_usage": 0}
         if not anonymous_owner:
             return moved
         with self.db.write() as session:
@@ -522,7 +542,8 @@ class AccountService:
                     select(Account.id).where(Account.owner_id == anonymous_owner)) is not None:
                 return moved  # an account's id is never claimed by another account
             for name, model in (("conversations", Conversation), ("shares", Share),
-                                ("api_keys", ApiKey), ("benchmarks", Benchmark)):
+                                ("api_keys", ApiKey), ("benchmarks", Benchmark),
+                                ("deleted_usage", UsageCarry)):
                 result = session.execute(update(model).where(model.owner_id == anonymous_owner)
                                          .values(owner_id=owner))
                 moved[name] = result.rowcount or 0
@@ -599,6 +620,27 @@ class AccountService:
             return [{"at": iso(r.at), "actor": r.actor or "", "action": r.action,
                      "target": r.target or "", "address": r.address or "",
                      "detail": r.detail or {}} for r in rows]
+
+
+@event.listens_for(Conversation, "before_delete")
+def keep_usage_of_deleted(_mapper, connection, conversation: Conversation) -> None:
+    """A conversation deleted through the ORM (chats.delete: a person deleting a chat) leaves
+    its replies' counts behind, in the same transaction, so that deleting a chat neither
+    resets a quota nor hides usage from the admin. (Deleting an account deletes these too.)"""
+    day = func.date(Message.created_at)
+    rows = connection.execute(
+        select(day, Message.engine, Message.model, func.count(),
+               func.coalesce(func.sum(Message.prompt_tokens), 0),
+               func.coalesce(func.sum(Message.completion_tokens), 0))
+        .where(Message.conversation_id == conversation.id, Message.role == "assistant",
+               Message.status != "streaming")
+        .group_by(day, Message.engine, Message.model)).all()
+    if rows:
+        connection.execute(insert(UsageCarry), [
+            {"owner_id": conversation.owner_id, "day": str(d)[:10], "engine": engine,
+             "model": model, "replies": int(n), "prompt_tokens": int(p or 0),
+             "completion_tokens": int(c or 0), "created_at": utcnow()}
+            for d, engine, model, n, p, c in rows])
 
 
 EXTENSION_KEY = "bchat.accounts"

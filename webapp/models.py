@@ -381,3 +381,20 @@ class AuditEvent(Base):
     target: Mapped[str | None] = mapped_column(String(64))
     address: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class UsageCarry(Base):
+    """The replies of deleted conversations, counted per owner, day, engine and model, so that
+    deleting a chat neither hides usage from the admin nor resets a quota (accounts.py)."""
+
+    __tablename__ = "usage_carry"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[str] = mapped_column(String(64), index=True)
+    day: Mapped[str] = mapped_column(String(10))  # YYYY-MM-DD, UTC
+    engine: Mapped[str | None] = mapped_column(String(16))
+    model: Mapped[str | None] = mapped_column(String(PROVENANCE_TEXT_MAX))
+    replies: Mapped[int]
+    prompt_tokens: Mapped[int]
+    completion_tokens: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

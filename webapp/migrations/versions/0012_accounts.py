@@ -1,4 +1,4 @@
-"""accounts: users (password or OpenID Connect), their sessions, one-time device links, site settings, an audit log
+"""accounts: users (password or OpenID Connect), their sessions, one-time device links, site settings, an audit log, the usage of deleted conversations
 
 Revision ID: 0012_accounts
 Revises: 0011
@@ -90,9 +90,25 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('id', name=op.f('pk_audit_event')),
     )
     op.create_index(op.f('ix_audit_event_at'), 'audit_event', ['at'])
+    op.create_table(
+        'usage_carry',
+        sa.Column('id', sa.Integer(), nullable=False),
+        sa.Column('owner_id', sa.String(length=64), nullable=False),
+        sa.Column('day', sa.String(length=10), nullable=False),
+        sa.Column('engine', sa.String(length=16), nullable=True),
+        sa.Column('model', sa.String(length=200), nullable=True),
+        sa.Column('replies', sa.Integer(), nullable=False),
+        sa.Column('prompt_tokens', sa.Integer(), nullable=False),
+        sa.Column('completion_tokens', sa.Integer(), nullable=False),
+        sa.Column('created_at', sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint('id', name=op.f('pk_usage_carry')),
+    )
+    op.create_index(op.f('ix_usage_carry_owner_id'), 'usage_carry', ['owner_id'])
 
 
 def downgrade() -> None:
+    op.drop_index(op.f('ix_usage_carry_owner_id'), table_name='usage_carry')
+    op.drop_table('usage_carry')
     op.drop_index(op.f('ix_audit_event_at'), table_name='audit_event')
     op.drop_table('audit_event')
     op.drop_table('site_setting')
