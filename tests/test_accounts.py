@@ -417,3 +417,34 @@ def test_an_admin_limits_the_models_users_may_use(make_app, tiny_model, tmp_path
     with app.app_context():
         assert get_accounts().allowed_models("user") is None
         assert [e["action"] for e in get_accounts().audit_log()][:2] == ["models_set", "models_set"]
+
+
+def test_passcode_then_sign_in_when_both_are_on(make_app):
+    app = make_app(ACCOUNTS="required", PASSCODE="class of 2027")
+    with app.app_context():
+        get_accounts().create("ana", PASSWORD)
+    client = app.test_client()
+    first = client.get("/")
+    assert first.status_code == 302 and "/passcode" in first.headers["Location"]
+    form = client.get("/passcode")
+    assert form.status_code == 200  # the sign-in gate lets the passcode form through
+    entered = client.post("/passcode", data={"passcode": "class of 2027", "next": "/"})
+    assert entered.status_code == 303
+    second = client.get("/")
+    assert second.status_code == 302 and "/signin" in second.headers["Location"]
+    assert signin(client, "ana").status_code == 303
+    assert client.get("/").status_code == 200  # the passcode stayed entered across sign-in
+
+
+def test_changing_the_password_signs_out_the_other_browsers(optional_app):
+    laptop, phone = optional_app.test_client(), optional_app.test_client()
+    signup(laptop)
+    signin(phone)
+    wrong = account_form(laptop, "/account/password", current="not it at all", password="x" * 12)
+    assert wrong.status_code == 403 and "wrong" in wrong.text
+    done = account_form(laptop, "/account/password", current=PASSWORD, password="a brand new one")
+    assert done.status_code == 200 and "other browsers are signed out" in done.text
+    assert titles(laptop) == [] and "Signed in as" in laptop.get("/account").text
+    assert "Signed in as" not in phone.get("/account").text
+    assert signin(optional_app.test_client(), "ana", PASSWORD).status_code == 403
+    assert signin(optional_app.test_client(), "ana", "a brand new one").status_code == 303

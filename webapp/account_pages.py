@@ -288,8 +288,13 @@ def change_password():
     if account is None:
         return redirect(url_for("account.signin"), code=303)
     accounts = get_accounts()
+    # Limited like sign-in: a borrowed session must not be a way to guess the password.
+    wait = get_limits().take_signin_try(account["username"], request.remote_addr)
+    if wait:
+        _too_many(wait)
     if accounts.verify(account["username"], request.form.get("current")) is None:
         return _render_account(message="The current password is wrong."), 403
+    get_limits().signin_right(account["username"], request.remote_addr)
     try:
         updated = accounts.set_password(account["username"], request.form.get("password"))
     except AppError as exc:

@@ -203,8 +203,8 @@ def usage_csv():
     writer = csv.writer(out)
     writer.writerow(["day", "user", "engine", "model", "replies", "prompt_tokens",
                      "completion_tokens"])
-    for row in accounts.usage(int(request.args.get("days", USAGE_DAYS) or USAGE_DAYS)
-                              if str(request.args.get("days", "")).isdigit() else USAGE_DAYS):
+    days = request.args.get("days", "")
+    for row in accounts.usage(min(int(days), 3660) if days.isdigit() else USAGE_DAYS):
         user = names.get(row["owner_id"], "(anonymous)")
         # A cell starting with = + - @ is a formula to a spreadsheet: quote it as text.
         model = row["model"]

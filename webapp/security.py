@@ -202,8 +202,9 @@ def sign_out() -> None:
 
 # Reachable without an account when BCHAT_ACCOUNTS=required: signing in, share links
 # (read-only; continuing one needs an account), device links, static files, health, the API
-# description.
-_OPEN_WITHOUT_ACCOUNT = {"static", "pages.shared", "account.signin", "account.signup",
+# description, and the passcode form (the passcode comes first: without it here, the two
+# gates sent a visitor back and forth between their forms).
+_OPEN_WITHOUT_ACCOUNT = {"static", "pages.shared", "pages.passcode", "account.signin", "account.signup",
                          "account.device", "account.oidc_start", "account.oidc_callback",
                          "api.healthz", "api.openapi"}
 
