@@ -448,3 +448,69 @@ def test_changing_the_password_signs_out_the_other_browsers(optional_app):
     assert "Signed in as" not in phone.get("/account").text
     assert signin(optional_app.test_client(), "ana", PASSWORD).status_code == 403
     assert signin(optional_app.test_client(), "ana", "a brand new one").status_code == 303
+
+
+@both
+def test_admin_actions_through_the_page_and_the_usage_csv(make_app):
+    from webapp.models import Conversation, Message
+
+    app = make_app(ACCOUNTS="optional")
+    with app.app_context():
+        accounts = get_accounts()
+        accounts.create("teacher", PASSWORD, role="admin")
+        gus_owner = accounts.create("gus", PASSWORD)["owner_id"]
+        with accounts.db.write() as session:  # replies to count, one by a hostile model name
+            conv = Conversation(owner_id=gus_owner, title="t")
+            session.add(conv)
+            session.flush()
+            session.add_all([Message(conversation_id=conv.id, role="assistant", content="a",
+                                     engine=engine, model=model, prompt_tokens=10,
+                                     completion_tokens=5)
+                             for engine, model in (("server", "=HYPERLINK(1)"), ("browser", "m"))])
+    admin = app.test_client()
+    signin(admin, "teacher")
+
+    def act(path, **fields):
+        page = admin.get("/admin/")
+        return admin.post(path, data={"csrf": csrf_of(page.text), **fields})
+
+    assert admin.post("/admin/users", data={"username": "x", "password": PASSWORD}).status_code == 403
+    assert act("/admin/users", username="Hana", password=PASSWORD).status_code == 303
+    with app.app_context():
+        hana, gus = accounts.by_username("hana"), accounts.by_username("gus")
+    student = app.test_client()
+    assert signin(student, "hana").status_code == 303
+
+    assert act("/admin/quota", tokens_per_day="5000", replies_in_flight="").status_code == 303
+    assert act(f"/admin/users/{hana['id']}/quota", tokens_per_day="abc").status_code == 400
+    assert act(f"/admin/users/{hana['id']}/disabled", disabled="1").status_code == 404
+    assert act(f"/admin/users/{hana['id']}/disable", disabled="1").status_code == 303
+    assert "Signed in as" not in student.get("/account").text
+    assert act(f"/admin/users/{hana['id']}/disable", disabled="0").status_code == 303
+    assert act(f"/admin/users/{hana['id']}/password", password="set by the teacher").status_code == 303
+    assert signin(app.test_client(), "hana", "set by the teacher").status_code == 303
+    assert act(f"/admin/users/{hana['id']}/role", role="admin").status_code == 303
+    me = accounts.by_username("teacher")["id"]
+    assert act(f"/admin/users/{me}/disable", disabled="1").status_code == 400  # not oneself
+
+    csv_text = admin.get("/admin/usage.csv")
+    assert csv_text.status_code == 200 and csv_text.mimetype == "text/csv"
+    lines = csv_text.text.strip().splitlines()
+    assert lines[0] == "day,user,engine,model,replies,prompt_tokens,completion_tokens"
+    assert any(",gus,server,'=HYPERLINK(1),1,10,5" in line for line in lines)  # not a formula
+    assert any(",gus,browser,m,1,10,5" in line for line in lines)
+    page = admin.get("/admin/")
+    assert "+ 1 in the browser" in page.text
+
+    assert act(f"/admin/users/{gus['id']}/delete", confirm="wrong").status_code == 400
+    assert act(f"/admin/users/{gus['id']}/delete", confirm="gus").status_code == 303
+    with app.app_context():
+        assert [a["username"] for a in accounts.list()] == ["hana", "teacher"]
+        assert accounts.usage(owner_id=gus["owner_id"]) == []
+        assert accounts.default_quota() == {"tokens_per_day": 5000, "replies_in_flight": None}
+        actions = [e["action"] for e in accounts.audit_log()]
+    for action in ("user_created", "default_quota_set", "user_disabled", "user_enabled",
+                   "password_reset", "role_set", "usage_exported", "user_deleted"):
+        assert action in actions, action
+    assert PASSWORD not in repr(accounts.audit_log()) and "set by the teacher" not in repr(
+        accounts.audit_log())
