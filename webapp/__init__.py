@@ -19,22 +19,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The app factory: settings, database, engines, blueprints, socket, headers."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import (
-        account_pages,
-        accounts,
-        admin,
-        api,
-        assets,
-        errors,
-        files,
-        limits,
-        oidc,
-        openai_api,
-        pages,
-        security,
-        services,
-        socket,
-    )
+    from . import api, assets, errors, files, limits, openai_api, pages, security, services, socket
+    from .account_pages import init_accounts
     from .validation import StrictJSONProvider
 
     app = Flask(
@@ -56,10 +42,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         "max_message_size": app.config["WS_MAX_FRAME_BYTES"],
     }
 
-    built = services.init_app(app, limits_)
-    runs = built.runs
-    accounts.init_app(app, limits_, runs, built.db)
-    oidc.init_app(app)
+    runs = services.init_app(app, limits_).runs
+    init_accounts(app)  # accounts, OpenID Connect, their pages and the admin's (account_pages.py)
     try:
         # Replies left "streaming" by a process that died become "interrupted", text kept.
         runs.keeper.reap_stale()
@@ -73,8 +57,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(socket.bp)
     app.register_blueprint(files.bp)
     app.register_blueprint(openai_api.bp)
-    app.register_blueprint(account_pages.bp)
-    app.register_blueprint(admin.bp)
     if app.config["PROXY_FIX"]:
         n = app.config["PROXY_FIX"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]

@@ -13,9 +13,10 @@ import math
 
 from flask import Blueprint, abort, current_app, redirect, render_template, request, session, url_for
 
-from . import oidc
+from . import accounts, oidc
 from .accounts import get_accounts
 from .errors import AppError, NotFound
+from .limits import EXTENSION_KEY as LIMITS_KEY
 from .limits import get_limits
 from .models import iso
 from .security import (
@@ -33,6 +34,19 @@ from .security import (
 log = logging.getLogger(__name__)
 
 bp = Blueprint("account", __name__)
+
+
+def init_accounts(app) -> None:
+    """Everything accounts add to an app (create_app calls it once the services exist): the
+    account service and its quota check, OpenID Connect, these pages and the admin's."""
+    from . import admin
+    from .services import EXTENSION_KEY as SERVICES_KEY
+
+    built = app.extensions[SERVICES_KEY]
+    accounts.init_app(app, app.extensions[LIMITS_KEY], built.runs, built.db)
+    oidc.init_app(app)
+    app.register_blueprint(bp)
+    app.register_blueprint(admin.bp)
 
 
 def _mode() -> str:
