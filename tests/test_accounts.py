@@ -291,7 +291,8 @@ def test_device_link_with_accounts_off_carries_the_anonymous_identity(app):
     phone = app.test_client()
     phone.post("/api/conversations", json={"title": "phone's own"})
     assert phone.post(path, data={"csrf": csrf_of(phone.get(path).text)}).status_code == 303
-    assert titles(phone) == ["no account needed"]
+    assert titles(phone) == ["no account needed", "phone's own"]  # the phone's chats join
+    assert titles(laptop) == ["no account needed", "phone's own"]
     assert app.test_client().get("/signin").status_code == 404  # no accounts, no sign-in
 
 

@@ -166,3 +166,27 @@ def test_screenshots(server, pages, shots):
             page.goto(url + "/admin/")
             expect(page.get_by_test_id("user-row")).to_have_count(4)
             page.screenshot(path=shots / f"admin-{size}-{scheme}.png", full_page=True)
+
+
+def test_device_link_without_accounts(make_app, make_live_server, pages, shots):
+    """Accounts off: the person icon is "Use on another device", and the link carries this
+    browser's anonymous chats to the phone."""
+    from playwright.sync_api import expect
+
+    url = make_live_server(make_app(MAX_TOKENS=8)).url
+    laptop = pages()
+    laptop.goto(url + "/")
+    expect(laptop.get_by_test_id("connection")).to_have_text("connected")
+    chat_once(laptop, "no account needed")
+    expect(laptop.get_by_test_id("account-link")).to_have_text("Use on another device")
+    laptop.get_by_test_id("account-link").click()
+    laptop.get_by_test_id("make-device-link").click()
+    link = laptop.get_by_test_id("device-link").input_value()
+    laptop.screenshot(path=shots / "device-link-no-accounts-wide-light.png", full_page=True)
+    phone = pages({"width": 390, "height": 844}, "dark")
+    phone.goto(link)
+    phone.screenshot(path=shots / "device-confirm-phone-dark.png")
+    phone.get_by_test_id("device-confirm").click()
+    phone.wait_for_url(url + "/")
+    phone.get_by_test_id("sidebar-toggle").click()
+    expect(phone.get_by_test_id("conversation")).to_contain_text("no account needed")

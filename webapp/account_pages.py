@@ -273,8 +273,13 @@ def device(token: str):
         accounts.audit("sign_in", actor=account["username"], target=account["username"],
                        address=request.remote_addr, detail={"how": "device link"})
     else:
-        # Accounts off: this browser becomes the same anonymous visitor as the other one.
+        # No account: this browser becomes the same anonymous visitor as the other one, and
+        # brings along what it had (a signed-in browser keeps its account's data instead).
         log.info("device link carried owner %s", short(found["owner_id"]))
+        if current_account() is None:
+            accounts.merge_anonymous(session.get(OWNER_KEY), found["owner_id"])
+        else:
+            sign_out()
         session[OWNER_KEY] = found["owner_id"]
         session.permanent = True
     return redirect(url_for("pages.chat"), code=303)

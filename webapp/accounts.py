@@ -531,30 +531,39 @@ class AccountService:
     def claim(self, anonymous_owner: str | None, account_id: str) -> dict[str, int]:
         """Move an anonymous visitor's data into the account, in one transaction: counts of
         what moved. The account's own defaults win over the visitor's, if it has some."""
-        moved = {"conversations": 0, "shares": 0, "api_keys": 0, "benchmarks": 0, "defaults": 0,
-                 "deleted_usage": 0}
-        if not anonymous_owner:
-            return moved
         with self.db.write() as session:
             account = session.scalar(select(Account).where(Account.public_id == account_id))
             if account is None:
                 raise NotFound("account")
-            owner = account.owner_id
-            if anonymous_owner == owner or session.scalar(
-                    select(Account.id).where(Account.owner_id == anonymous_owner)) is not None:
-                return moved  # an account's id is never claimed by another account
-            for name, model in (("conversations", Conversation), ("shares", Share),
-                                ("api_keys", ApiKey), ("benchmarks", Benchmark),
-                                ("deleted_usage", UsageCarry)):
-                result = session.execute(update(model).where(model.owner_id == anonymous_owner)
-                                         .values(owner_id=owner))
-                moved[name] = result.rowcount or 0
-            visitor = session.get(VisitorSettings, anonymous_owner)
-            if visitor is not None:
-                if session.get(VisitorSettings, owner) is None and visitor.settings:
-                    session.add(VisitorSettings(owner_id=owner, settings=dict(visitor.settings)))
-                    moved["defaults"] = 1
-                session.delete(visitor)
+            return self._move(session, anonymous_owner, account.owner_id)
+
+    def merge_anonymous(self, anonymous_owner: str | None, into_owner: str) -> dict[str, int]:
+        """A device link without an account: the data this browser had joins the identity the
+        link carries, so opening the link loses nothing either."""
+        with self.db.write() as session:
+            if session.scalar(select(Account.id).where(Account.owner_id == into_owner)) is not None:
+                return self._move(session, None, into_owner)  # never into an account this way
+            return self._move(session, anonymous_owner, into_owner)
+
+    @staticmethod
+    def _move(session, anonymous_owner: str | None, owner: str) -> dict[str, int]:
+        moved = {"conversations": 0, "shares": 0, "api_keys": 0, "benchmarks": 0, "defaults": 0,
+                 "deleted_usage": 0}
+        if not anonymous_owner or anonymous_owner == owner or session.scalar(
+                select(Account.id).where(Account.owner_id == anonymous_owner)) is not None:
+            return moved  # an account's id is never claimed by another owner
+        for name, model in (("conversations", Conversation), ("shares", Share),
+                            ("api_keys", ApiKey), ("benchmarks", Benchmark),
+                            ("deleted_usage", UsageCarry)):
+            result = session.execute(update(model).where(model.owner_id == anonymous_owner)
+                                     .values(owner_id=owner))
+            moved[name] = result.rowcount or 0
+        visitor = session.get(VisitorSettings, anonymous_owner)
+        if visitor is not None:
+            if session.get(VisitorSettings, owner) is None and visitor.settings:
+                session.add(VisitorSettings(owner_id=owner, settings=dict(visitor.settings)))
+                moved["defaults"] = 1
+            session.delete(visitor)
         return moved
 
     # -- device links --------------------------------------------------------------------------
