@@ -35,6 +35,7 @@ HOW = [
     ('os.environ["BCHAT_URL"]', "api-python"),
     ("<!-- gunicorn-command -->", "gunicorn"),
     ("bchat worker --host", "gunicorn"),
+    ("bchat users create --admin", "settings"),  # the commands: tests/test_accounts.py
     ("./scripts/run", "script"),
     ("./scripts/test", "script"),
     ("bchat models pull", "models"),

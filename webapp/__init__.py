@@ -20,6 +20,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from werkzeug.middleware.proxy_fix import ProxyFix
 
     from . import api, assets, errors, files, limits, openai_api, pages, security, services, socket
+    from .account_pages import init_accounts
     from .request_timing import init_app as time_requests
     from .validation import StrictJSONProvider
 
@@ -45,6 +46,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     built = services.init_app(app, limits_)
     runs = built.runs
     time_requests(app, built.db.engine)
+    init_accounts(app)  # accounts, OpenID Connect, their pages and the admin's (account_pages.py)
     try:
         # Replies left "streaming" by a process that died become "interrupted", text kept.
         runs.keeper.reap_stale()

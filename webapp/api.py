@@ -13,6 +13,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from .accounts import get_accounts
 from .chats import MISSING
 from .errors import AppError, Invalid
 from .exchange import export_json, export_markdown, parse_import
@@ -105,7 +106,13 @@ def models():
                                 "bits_per_weight": browser_file.bits_per_weight(local_file),
                                 "reason": browser_file.reason}
         listing.append(entry)
-    return {"models": listing, "default": services.engines.default_model}
+    default = services.engines.default_model
+    allowed = get_accounts().models_for(owner_id(create=False))  # None: every model
+    if allowed is not None:  # an admin limited the models this visitor's role may use
+        listing = [entry for entry in listing if entry["id"] in allowed]
+        if default not in allowed:
+            default = listing[0]["id"] if listing else None
+    return {"models": listing, "default": default}
 
 
 @bp.get("/api/conversations")

@@ -1,4 +1,4 @@
-"""The ``bchat`` command: serve, db upgrade, models (list/pull/remove), keys, doctor, config."""
+"""The ``bchat`` command: serve, db upgrade, models (list/pull/remove), keys, users, doctor, config."""
 
 from __future__ import annotations
 
@@ -255,6 +255,49 @@ def manage_keys(args) -> int:
     return _on_database(work)
 
 
+def _new_password(prompt: str) -> str:
+    """A password typed twice at the terminal (never an argument: it would land in the shell's
+    history and in ``ps``), or read from standard input when that is not a terminal."""
+    import getpass
+
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass(prompt)
+    if getpass.getpass("Again: ") != first:
+        raise SystemExit("error: the two passwords differ")
+    return first
+
+
+def manage_users(args) -> int:
+    """`bchat users create|reset-password|list`: accounts, for an admin at the shell."""
+    from .accounts import AccountService
+
+    def work(db) -> int:
+        accounts = AccountService(db)
+        if args.users_command == "create":
+            account = accounts.create(args.name, _new_password(f"Password for {args.name}: "),
+                                      role="admin" if args.admin else "user")
+            accounts.audit("user_created", target=account["username"],
+                           detail={"role": account["role"], "by": "shell"})
+            print(f"created {account['role']} {account['username']}")
+            return 0
+        if args.users_command == "reset-password":
+            account = accounts.set_password(args.name, _new_password(f"New password for {args.name}: "))
+            accounts.audit("password_reset", target=account["username"], detail={"by": "shell"})
+            print(f"new password set for {account['username']}; their browsers are signed out")
+            return 0
+        listed = accounts.list()
+        for account in listed:
+            state = "disabled" if account["disabled"] else "active"
+            print(f"{account['username']}  {account['role']}  {state}  created {account['created_at']}  "
+                  f"last sign-in {account['last_sign_in_at'] or 'never'}")
+        if not listed:
+            print("no accounts", file=sys.stderr)
+        return 0
+
+    return _on_database(work)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bchat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -298,6 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     p_list.add_argument("--owner")
     p_revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
     p_revoke.add_argument("id")
+    p_users = sub.add_parser("users", help="accounts (BCHAT_ACCOUNTS): create, reset-password, "
+                                           "list (default)")
+    users_sub = p_users.add_subparsers(dest="users_command")
+    p_ucreate = users_sub.add_parser("create", help="make an account (asks for its password; "
+                                                    "reads one line from stdin when piped)")
+    p_ucreate.add_argument("--admin", action="store_true", help="may open the admin page")
+    p_ucreate.add_argument("name")
+    p_reset = users_sub.add_parser("reset-password", help="set a new password (signs the "
+                                                          "account's browsers out)")
+    p_reset.add_argument("name")
+    users_sub.add_parser("list", help="every account, its role and state")
     p_doctor = sub.add_parser("doctor", help="check this installation and say what needs fixing")
     p_doctor.add_argument("--smoke-only", action="store_true",
                           help="only check that llama.cpp imports and decodes each model type "
@@ -334,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.keys_command is None:
             args.owner = None
         return manage_keys(args)
+    if args.command == "users":
+        return manage_users(args)
     if args.command == "doctor":
         from .doctor import run_doctor
 

@@ -78,6 +78,18 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "ALLOWED_HOSTS": ([], _list, "Host names served besides loopback (comma-separated; * = any)"),
     "BIND_HOST": (None, str, "the address `bchat serve --host` bound: allowed as a Host (set by serve)"),
     "PASSCODE": (None, str, "a passcode visitors enter once before they can chat (share links stay open)"),
+    "ACCOUNTS": ("off", str, "off = anonymous visitors only; optional = sign-in offered; required = "
+                 "pages and the API need an account (see README, Accounts)"),
+    "SIGNUP": ("open", str, "with accounts on: open = anyone who reaches the site may create one; "
+               "admin = only an admin (the admin page or `bchat users create`)"),
+    "DEVICE_LINK_SECONDS": (300, _INT, "how long a \"use on another device\" link works (it works once)"),
+    "OIDC_ISSUER": (None, str, "an OpenID Connect provider to sign in with (accounts on), e.g. "
+                    "https://login.school.example; its /.well-known/openid-configuration is read"),
+    "OIDC_CLIENT_ID": (None, str, "bchat's client id at that provider"),
+    "OIDC_CLIENT_SECRET": (None, str, "its client secret (never sent to browsers, never logged)"),
+    "OIDC_NAME": ("your school", str, "what the sign-in button calls the provider"),
+    "OIDC_USERNAME_CLAIM": ("preferred_username", str, "the ID-token claim a new account's username "
+                            "is made from (else its sub)"),
     "INSTANCE_PATH": (None, str, "database, secret key, pulled models; default: ./instance in a checkout, "
                       "else <venv>/var/webapp-instance"),
 }
@@ -149,6 +161,10 @@ def load_config(instance_path: str | Path, environ: Mapping[str, str] | None = N
         config["N_THREADS"] = default_threads()
     if config["MODEL_RUNNER"] not in ("process", "inline"):
         raise ValueError(f"BCHAT_MODEL_RUNNER must be process or inline, not {config['MODEL_RUNNER']!r}")
+    if config["ACCOUNTS"] not in ("off", "optional", "required"):
+        raise ValueError(f"BCHAT_ACCOUNTS must be off, optional or required, not {config['ACCOUNTS']!r}")
+    if config["SIGNUP"] not in ("open", "admin"):
+        raise ValueError(f"BCHAT_SIGNUP must be open or admin, not {config['SIGNUP']!r}")
     if config["MAX_SOCKETS"] is None:
         config["MAX_SOCKETS"] = default_max_sockets(environ)
     return config

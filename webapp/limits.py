@@ -33,6 +33,12 @@ PASSCODE_TRIES = 5  # failed passcode tries per address …
 PASSCODE_WINDOW = 60.0  # … per this many seconds
 COMPARE_MAX = 4  # replies one comparison runs side by side
 MAX_FOLLOWS = 16  # replies written elsewhere one visitor may follow at once, all sockets together
+# Sign-in tries: this many failures free, then each further one doubles the wait (from 1 s up to
+# SIGNIN_MAX_WAIT); a right password clears the account's count. An address (a NAT, a school)
+# gets more free tries than one account: many people share it.
+SIGNIN_FREE_PER_ACCOUNT = 5
+SIGNIN_FREE_PER_ADDRESS = 30
+SIGNIN_MAX_WAIT = 900.0
 
 
 def address_key(address: str | None) -> str:
@@ -122,6 +128,56 @@ class SlidingWindow:
             return 0.0
 
 
+class Backoff:
+    """Failures per key: ``free`` of them cost nothing, then the wait after the last failure
+    doubles with each one (1 s, 2 s, 4 s … up to ``cap``). A key quiet for ``cap`` seconds
+    starts over. Unlike a fixed window, a patient guesser gets ever slower, not a fresh
+    allowance every minute."""
+
+    def __init__(self, free: int, cap: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.free, self.cap, self.clock = free, cap, clock
+        self._failures: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def _wait(self, key: str, now: float) -> float:  # lock held
+        count, last = self._failures.get(key, (0, 0.0))
+        if count and now - last > self.cap:
+            self._failures.pop(key, None)
+            return 0.0
+        if count < self.free:
+            return 0.0
+        return max(0.0, last + min(self.cap, 2.0 ** (count - self.free)) - now)
+
+    def check(self, keys: list[str]) -> float:
+        """0 when every key may try now, and the try is counted as failed for each (until
+        ``succeeded``); else the seconds to wait, counting nothing. Checked and counted under
+        one lock, so a burst of guesses cannot all pass before any of them fails."""
+        with self._lock:
+            now = self.clock()
+            wait = max(self._wait(key, now) for key in keys)
+            if wait > 0:
+                return wait
+            for key in keys:
+                count, _ = self._failures.get(key, (0, 0.0))
+                self._failures[key] = (count + 1, now)
+            if len(self._failures) > 100_000:  # a spray of keys: drop the quiet ones
+                for stale in [k for k, (_, t) in self._failures.items() if now - t > self.cap]:
+                    del self._failures[stale]
+            return 0.0
+
+    def succeeded(self, key: str) -> None:
+        with self._lock:
+            self._failures.pop(key, None)
+
+    def forget_one(self, key: str) -> None:
+        with self._lock:
+            count, last = self._failures.get(key, (0, 0.0))
+            if count > 1:
+                self._failures[key] = (count - 1, last)
+            else:
+                self._failures.pop(key, None)
+
+
 class Lease:
     """Units of one or more holdings, given back once by ``release`` (idempotent)."""
 
@@ -163,6 +219,8 @@ class Limits:
         self.chats_per_visitor = SlidingWindow(count, window)
         self.chats_per_address = SlidingWindow(count * factor, window)
         self.passcode_failures = SlidingWindow(PASSCODE_TRIES, PASSCODE_WINDOW)
+        self.signin_failures = Backoff(SIGNIN_FREE_PER_ACCOUNT, SIGNIN_MAX_WAIT)
+        self.signin_address_failures = Backoff(SIGNIN_FREE_PER_ADDRESS, SIGNIN_MAX_WAIT)
         count, window = parse_rate(config.get("BENCHMARK_RATE_LIMIT", "6/hour"))
         self.benchmarks_per_visitor = SlidingWindow(count, window)
         self.benchmarks_per_address = SlidingWindow(count * factor, window)
@@ -278,6 +336,27 @@ class Limits:
 
     def passcode_right(self, address: str | None) -> None:
         self.passcode_failures.forget_one(address_key(address))
+
+    # -- sign-in -------------------------------------------------------------------------------
+    def take_signin_try(self, username: str, address: str | None) -> float:
+        """Seconds until this username, or this address (its /64), may try a password again;
+        0: it may now, and the try counts as failed until ``signin_right``. Unknown usernames
+        are counted like real ones, so the answer says nothing about who exists."""
+        wait = self.signin_failures.check([f"u|{username}"])
+        if wait:
+            return wait
+        wait = self.signin_address_failures.check([f"a|{address_key(address)}"])
+        if wait:
+            self.signin_failures.forget_one(f"u|{username}")
+        return wait
+
+    def take_signup(self, address: str | None) -> float:
+        """Accounts made from one address: as many as its free sign-in tries, then backoff."""
+        return self.signin_address_failures.check([f"signup|{address_key(address)}"])
+
+    def signin_right(self, username: str, address: str | None) -> None:
+        self.signin_failures.succeeded(f"u|{username}")
+        self.signin_address_failures.forget_one(f"a|{address_key(address)}")
 
 
 EXTENSION_KEY = "bchat.limits"

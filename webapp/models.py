@@ -294,3 +294,107 @@ class ApiKey(Base):
                 "owner": self.owner_id, "created_at": iso(self.created_at),
                 "last_used_at": iso(self.last_used_at), "revoked": self.revoked_at is not None,
                 "revoked_at": iso(self.revoked_at)}
+
+
+# -- accounts (BCHAT_ACCOUNTS, webapp/accounts.py) -----------------------------------------------
+
+ACCOUNT_ROLES = ("admin", "user")
+
+
+class Account(Base):
+    """A signed-in person. Everything they own is stored under ``owner_id``, the same kind of
+    id an anonymous cookie holds, so the rest of the app needs no second notion of "whose";
+    signing in only changes which owner id a browser acts as. ("account", not "user": USER is
+    a reserved word in PostgreSQL.)"""
+
+    __tablename__ = "account"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True, default=new_public_id)
+    username: Mapped[str] = mapped_column(String(64), unique=True)  # stored lower-cased
+    password_hash: Mapped[str | None] = mapped_column(String(200))  # argon2id; None: OIDC only
+    # "issuer|sub" of the OpenID Connect identity that signs in to it (oidc.py), if any.
+    oidc_subject: Mapped[str | None] = mapped_column(String(400), unique=True)
+    role: Mapped[str] = mapped_column(String(16), default="user", server_default="user")
+    disabled: Mapped[bool] = mapped_column(default=False, server_default=false())
+    owner_id: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_sign_in_at: Mapped[datetime | None]
+    # Quotas of this account; None: the site's default (Quota row "default").
+    tokens_per_day: Mapped[int | None]
+    replies_in_flight: Mapped[int | None]
+
+
+class AccountSession(Base):
+    """One browser signed in to an account. The cookie holds a random token; only its sha256
+    is stored, so the list can show and revoke sessions and a database copy signs no one in."""
+
+    __tablename__ = "account_session"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True, default=new_public_id)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("account.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    user_agent: Mapped[str | None] = mapped_column(String(200))
+    address: Mapped[str | None] = mapped_column(String(64))
+    how: Mapped[str] = mapped_column(String(16), default="password", server_default="password")
+    revoked_at: Mapped[datetime | None]
+
+
+class DeviceLink(Base):
+    """A one-time "use on another device" link: it signs that device in to ``account_id``, or
+    (accounts off) gives it the anonymous ``owner_id``. Only the token's sha256 is stored."""
+
+    __tablename__ = "device_link"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("account.id", ondelete="CASCADE"),
+                                                   index=True)
+    owner_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+
+
+class SiteSetting(Base):
+    """Settings an admin changes on the admin page (the default quota): one JSON per name."""
+
+    __tablename__ = "site_setting"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    """What admins did and who signed in (or failed to): the admin page's audit log."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str | None] = mapped_column(String(64))  # a username; None: the shell
+    action: Mapped[str] = mapped_column(String(40))
+    target: Mapped[str | None] = mapped_column(String(64))
+    address: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class UsageCarry(Base):
+    """The replies of deleted conversations, counted per owner, day, engine and model, so that
+    deleting a chat neither hides usage from the admin nor resets a quota (accounts.py)."""
+
+    __tablename__ = "usage_carry"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[str] = mapped_column(String(64), index=True)
+    day: Mapped[str] = mapped_column(String(10))  # YYYY-MM-DD, UTC
+    engine: Mapped[str | None] = mapped_column(String(16))
+    model: Mapped[str | None] = mapped_column(String(PROVENANCE_TEXT_MAX))
+    replies: Mapped[int]
+    prompt_tokens: Mapped[int]
+    completion_tokens: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

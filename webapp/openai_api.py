@@ -18,6 +18,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
+from .accounts import get_accounts
 from .api import request_json
 from .errors import AppError
 from .openai_dialect import (
@@ -47,6 +48,8 @@ def _authenticate():
     key = None
     if scheme.lower() == "bearer":
         key = get_services().keys.authenticate(token.strip())
+        if key is not None and not get_accounts().key_allowed(key["owner"]):
+            key = None  # its account is disabled, or (accounts required) no account's key
     if key is None:
         message = ("no API key: send Authorization: Bearer <key> (make one in Settings → API "
                    "keys, or with `bchat keys create`)" if not header else

@@ -16,6 +16,10 @@
 - Headers: a strict CSP, and COOP/COEP so the page is cross-origin isolated (the browser
   engine needs that for multi-threaded WebAssembly); private answers are never cached.
 - Logs: Flask's exception log goes through redact(), so it never prints a full id or token.
+- Accounts (BCHAT_ACCOUNTS, accounts.py): a signed-in browser's cookie holds a session token
+  instead of an anonymous id, and owner_id() answers the account's owner id; with
+  ``required``, pages and the API need a signed-in account (``check_account``). Forms carry a
+  token bound to the cookie (``form_token``), as the continue form always has.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from flask import Flask, Response, abort, current_app, g, redirect, request, ses
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import BadHost
 
+from .accounts import get_accounts
 from .errors import AppError
 from .limits import get_limits
 
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 OWNER_KEY = "owner"
 FORM_SEED_KEY = "form"
 PASS_KEY = "pass"
+SESSION_KEY = "sid"  # a signed-in browser's session token (accounts.py)
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 # A Host header: a bracketed IPv6 address or a DNS name / IPv4 address, then an optional port.
@@ -79,8 +85,27 @@ def content_security_policy() -> str:
                      for part in _CSP_PARTS)
 
 
+def current_account() -> dict | None:
+    """The account this browser is signed in to (None: anonymous, or accounts are off). A
+    revoked session or a disabled account signs the browser out here, at its next request."""
+    if "bchat_account" in g:
+        return g.bchat_account
+    account = None
+    token = session.get(SESSION_KEY)
+    if token is not None and current_app.config.get("ACCOUNTS", "off") != "off":
+        account = get_accounts().session_account(token)
+        if account is None:
+            session.clear()  # signed out elsewhere: a fresh anonymous visitor from here on
+    g.bchat_account = account
+    return account
+
+
 def owner_id(*, create: bool = True) -> str | None:
-    """The anonymous id of the browser making this request (created on first sight)."""
+    """Whose data this request acts on: the signed-in account's owner id, else the browser's
+    anonymous id (created on first sight)."""
+    account = current_account()
+    if account is not None:
+        return account["owner_id"]
     owner = session.get(OWNER_KEY)
     if owner is None and create:
         owner = secrets.token_urlsafe(18)
@@ -127,6 +152,83 @@ def check_continue_token(value: str | None) -> None:
     seed = _form_seed(create=False)
     if seed is None or not value or not hmac.compare_digest(value, continue_token()):
         abort(403, description="this form has expired: open the shared link again")
+
+
+def form_token(purpose: str) -> str:
+    """A CSRF token for one kind of form (sign-in, the admin's actions …), bound to this
+    browser's cookie: another site can make a browser post a form, not read this value."""
+    key = current_app.config["SECRET_KEY"].encode()
+    seed = _form_seed(create=True).encode()
+    return hmac.new(key, purpose.encode() + b"|" + seed, hashlib.sha256).hexdigest()
+
+
+def check_form_token(purpose: str, value: str | None) -> None:
+    seed = _form_seed(create=False)
+    if seed is None or not isinstance(value, str) or not hmac.compare_digest(value, form_token(purpose)):
+        abort(403, description="this form has expired: go back, reload the page and try again")
+
+
+def sign_in(account: dict, how: str = "password") -> dict[str, int]:
+    """This browser is now signed in to ``account``: its anonymous data is claimed into the
+    account (once), and the cookie starts over (a new form seed, no anonymous id), so nothing
+    a page or another site learnt about the old cookie works with the new one."""
+    accounts = get_accounts()
+    if session.get(SESSION_KEY) and current_account() is not None:
+        accounts.end_session(session[SESSION_KEY])  # signing in again: the old one ends
+    anonymous = session.get(OWNER_KEY)
+    moved = accounts.claim(anonymous, account["id"])
+    token = accounts.open_session(account["id"], user_agent=request.user_agent.string,
+                                  address=request.remote_addr, how=how)
+    passed = session.get(PASS_KEY)
+    session.clear()
+    if passed:
+        session[PASS_KEY] = passed  # the site's passcode stays entered
+    session[SESSION_KEY] = token
+    session.permanent = True
+    g.bchat_account = {**account, "session_id": None}
+    return moved
+
+
+def sign_out() -> None:
+    token = session.get(SESSION_KEY)
+    if token is not None:
+        get_accounts().end_session(token)
+    passed = session.get(PASS_KEY)
+    session.clear()
+    if passed:
+        session[PASS_KEY] = passed
+    g.bchat_account = None
+
+
+# Reachable without an account when BCHAT_ACCOUNTS=required: signing in, share links
+# (read-only; continuing one needs an account), device links, static files, health, the API
+# description, and the passcode form (the passcode comes first: without it here, the two
+# gates sent a visitor back and forth between their forms).
+_OPEN_WITHOUT_ACCOUNT = {"static", "pages.shared", "pages.passcode", "account.signin", "account.signup",
+                         "account.device", "account.oidc_start", "account.oidc_callback",
+                         "api.healthz", "api.openapi"}
+
+
+def check_account():
+    """BCHAT_ACCOUNTS=required: everything but the open endpoints needs a signed-in account."""
+    if current_app.config.get("ACCOUNTS", "off") != "required":
+        return None
+    if request.endpoint in _OPEN_WITHOUT_ACCOUNT or request.endpoint is None:
+        return None
+    if request.blueprint == "admin":
+        return None  # its own gate answers 404 to anyone but an admin, signed in or not
+    if request.path.startswith("/v1/"):
+        return None  # API keys are its gate; a key works only while its account does
+    if current_account() is not None:
+        return None
+    if request.blueprint == "api":
+        raise AppError("sign_in_required", "sign in first")
+    if request.endpoint == "pages.continue_shared":  # back to the snapshot once signed in
+        return redirect(url_for("account.signin", next=request.path.removesuffix("/continue")),
+                        code=303)
+    if request.method == "GET" and request.headers.get("Upgrade", "").lower() != "websocket":
+        return redirect(url_for("account.signin", next=request.full_path.rstrip("?")))
+    abort(401, description="sign in first")
 
 
 # -- hosts ----------------------------------------------------------------------------------
@@ -315,6 +417,7 @@ def init_app(app: Flask) -> None:
     # Order matters: an unknown Host is refused before the passcode gate says anything.
     app.before_request(check_host)
     app.before_request(check_passcode)
+    app.before_request(check_account)
     app.after_request(set_security_headers)
     if not any(isinstance(f, RedactingFilter) for f in app.logger.filters):
         app.logger.addFilter(RedactingFilter())

@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -61,6 +61,9 @@ class RunService:
         self.engines = engines
         self.config = config
         self.limits = limits if limits is not None else Limits(config)
+        # Asked before any reply starts, with (owner, replies needed, their models): raises to
+        # refuse it (accounts.py sets it to the quota and model check when accounts are on).
+        self.admission: Callable[[str, int, list[str]], None] | None = None
         self.grace = float(config.get("RUN_GRACE_SECONDS", 30))
         self.identity = f"{HOST}|{os.getpid()}|{secrets.token_hex(4)}"
         self.runs: dict[str, Run] = {}
@@ -135,7 +138,7 @@ class RunService:
         prepared = [self._prepare(owner, conversation_id, options, model, settings)
                     for model in models]
         self.chats.check_content(content)
-        with self._admitted(owner, ip, len(prepared)) as lease:
+        with self._admitted(owner, ip, len(prepared), [m for _, m, _, _ in prepared]) as lease:
             conv, user, replies, history = self.chats.begin_turn(
                 owner, conversation_id, content,
                 [self._provenance(engine, model, parsed) for parsed, model, engine, _ in prepared],
@@ -160,7 +163,7 @@ class RunService:
         check_message_id(message_id)
         conversation_id, _ = self.rows.reply_state(owner, message_id)
         parsed, model, engine, _ = self._prepare(owner, conversation_id, options, model)
-        with self._admitted(owner, ip) as lease:
+        with self._admitted(owner, ip, 1, [model]) as lease:
             conv, asked, reply, history = self.chats.begin_regenerate(
                 owner, message_id, self._provenance(engine, model, parsed), run_owner=self.identity
             )
@@ -177,7 +180,7 @@ class RunService:
         served = state["engine"] == "server" and state["model"] in {m.id for m in self.engines.models()}
         same = state["model"] if served else None
         parsed, model, engine, _ = self._prepare(owner, conversation_id, options, same)
-        with self._admitted(owner, ip) as lease:
+        with self._admitted(owner, ip, 1, [model]) as lease:
             conv, before, history = self.chats.begin_continue(owner, message_id,
                                                               run_owner=self.identity)
             return self._launch(owner, model, engine, parsed, history, watcher, lease,
@@ -185,9 +188,12 @@ class RunService:
                                 kind="continue", continues=before)
 
     @contextmanager
-    def _admitted(self, owner: str, ip: str | None, needed: int = 1) -> Iterator[Lease]:
+    def _admitted(self, owner: str, ip: str | None, needed: int = 1,
+                  models: list[str] = ()) -> Iterator[Lease]:
         """Limits before any model call (webapp/limits.py): a lease for the block, the run's
         once it starts, given back if the block fails before."""
+        if self.admission is not None:
+            self.admission(owner, needed, models)
         lease = self.limits.take_replies(owner, ip, needed)
         try:
             yield lease
@@ -413,7 +419,7 @@ class RunService:
         choices = [options if seed is None else
                    replace(options, seed=(seed + i - INT64[0]) % 2**64 + INT64[0])
                    for i in range(n)]
-        with self._admitted(owner, ip, n) as lease:
+        with self._admitted(owner, ip, n, [model]) as lease:
             conv, reply = None, None
             if store:
                 conv, reply = self.chats.begin_api_reply(
