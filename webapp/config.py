@@ -78,6 +78,10 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "ALLOWED_HOSTS": ([], _list, "Host names served besides loopback (comma-separated; * = any)"),
     "BIND_HOST": (None, str, "the address `bchat serve --host` bound: allowed as a Host (set by serve)"),
     "PASSCODE": (None, str, "a passcode visitors enter once before they can chat (share links stay open)"),
+    "TOOL_STEPS": (5, _INT, "tool steps a reply may take in a conversation with tools on, then it "
+                   "must answer"),
+    "MCP_FILE": (None, str, "a TOML or JSON file of MCP servers (stdio or Streamable HTTP) whose tools "
+                 "visitors may enable per conversation (see README, Tools in the chat)"),
     "INSTANCE_PATH": (None, str, "database, secret key, pulled models; default: ./instance in a checkout, "
                       "else <venv>/var/webapp-instance"),
 }

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .registry import Tool, ToolContext, ToolError
 
-MAX_EXPRESSION_CHARS = 500
+MAX_EXPRESSION_CHARS = 200  # in the schema too: the grammar holds a model's string to it
 MAX_NODES = 200
 MAX_RESULT_BITS = 4_000  # an integer result (or a power's) of at most ~1,200 digits
 MAX_FACTORIAL = 500
@@ -102,6 +102,8 @@ def calculate(expression: str) -> str:
         raise ToolError("the result is too large") from None
     except (ValueError, TypeError) as exc:
         raise ToolError(f"math error: {exc}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ToolError("the result is too large (or not a number)")
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         value = int(value)
     return str(value)
@@ -134,7 +136,7 @@ def _search_my_conversations(arguments: dict[str, Any], context: ToolContext) ->
         raise ToolError("query must be a non-empty string")
     if len(query) > MAX_QUERY_CHARS:
         raise ToolError(f"query must be at most {MAX_QUERY_CHARS} characters")
-    found, _ = search(context.services.db, context.owner, query, limit=SEARCH_RESULTS)
+    found, _ = search(context.db, context.owner, query, limit=SEARCH_RESULTS)
     found = [f for f in found if f["conversation_id"] != context.conversation_id]
     if not found:
         return "No conversations match."
@@ -145,17 +147,19 @@ BUILTINS = [
     Tool("calculator", "Evaluate an arithmetic expression exactly: + - * / // % ** (or ^), "
          "parentheses, sqrt, sin, cos, tan, log, exp, abs, round, floor, ceil, min, max, "
          "factorial, pi, e.",
-         {"type": "object", "properties": {"expression": {"type": "string",
-                                                          "description": "e.g. (2+3)*4^2"}},
+         {"type": "object", "properties": {"expression": {
+             "type": "string", "maxLength": MAX_EXPRESSION_CHARS, "description": "e.g. (2+3)*4^2"}},
           "required": ["expression"]},
          _calculator, timeout=5.0, max_result_chars=2_000, title="Calculator"),
     Tool("current_time", "The current date and time, in a timezone (default UTC).",
          {"type": "object", "properties": {"timezone": {
-             "type": "string", "description": "an IANA timezone such as Europe/Paris"}}},
+             "type": "string", "maxLength": 64,
+             "description": "an IANA timezone such as Europe/Paris"}}},
          _current_time, timeout=5.0, max_result_chars=200, title="Current time"),
     Tool("search_my_conversations", "Search this visitor's own earlier conversations by words; "
          "returns titles, dates and the text around each match.",
-         {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+         {"type": "object", "properties": {"query": {"type": "string", "maxLength": 200}},
+          "required": ["query"]},
          _search_my_conversations, timeout=10.0, max_result_chars=4_000,
          title="Search my conversations"),
 ]

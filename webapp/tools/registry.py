@@ -36,7 +36,7 @@ class ToolContext:
 
     owner: str
     conversation_id: str | None = None
-    services: Any = None  # the app's Services (search_my_conversations reads its database)
+    db: Any = None  # the app's Database (search_my_conversations reads it)
 
 
 @dataclass(frozen=True)

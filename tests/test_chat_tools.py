@@ -1,0 +1,130 @@
+"""Tools in the chat: the server runs the model's tool calls, stores each step in the tree, and
+goes on until a text answer (runs/service.py's loop over tools/)."""
+
+from __future__ import annotations
+
+import pytest
+
+from webapp.tools.builtins import calculate
+from webapp.tools.registry import Tool, ToolContext, ToolError, ToolRegistry
+
+GREEDY = {"temperature": 0, "max_tokens": 400}
+
+
+def new_conversation(visitor, settings):
+    status, conv = visitor.json("POST", "/api/conversations", {})
+    assert status in (200, 201)
+    status, body = visitor.json("PATCH", f"/api/conversations/{conv['id']}", {"settings": settings})
+    assert status == 200, body
+    return conv["id"]
+
+
+def run_chat(client, conversation_id, content="What is 6*7?", options=GREEDY):
+    """Send a message; return (the final frame, every frame)."""
+    client.chat(content, conversation_id, options=options)
+    return client.until("done", "error")
+
+
+def branch(visitor, conversation_id):
+    status, body = visitor.json("GET", f"/api/conversations/{conversation_id}")
+    assert status == 200
+    by_id = {m["id"]: m for m in body["messages"]}
+    path, node = [], body["current_message_id"]
+    while node:
+        path.append(by_id[node])
+        node = by_id[node]["parent_id"]
+    return list(reversed(path))
+
+
+# -- the built-ins, alone ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("expression, value", [
+    ("2+3*4", "14"), ("2^10", "1024"), ("(1+2)*(3+4)", "21"), ("sqrt(16) + abs(-2)", "6"),
+    ("7 // 2", "3"), ("-2**2", "-4"), ("2**-1", "0.5"), ("factorial(5)", "120"),
+])
+def test_the_calculator_computes(expression, value):
+    assert calculate(expression) == value
+
+
+@pytest.mark.parametrize("expression", [
+    "__import__('os').system('true')", "open('/etc/passwd')", "(lambda: 1)()", "x", "1 if 1 else 2",
+    "9**9**9", "10**5000", "2**100000", "1/0", "factorial(100000)", "(" * 400 + "1" + ")" * 400,
+    "[1]*10", "'a'*3", "1e308*1e308", "().__class__", "",
+])
+def test_the_calculator_refuses_what_is_not_bounded_arithmetic(expression):
+    with pytest.raises(ToolError):
+        calculate(expression)
+
+
+def test_a_tool_that_hangs_or_floods_or_raises_becomes_a_result_text():
+    import threading
+
+    release = threading.Event()
+    registry = ToolRegistry([
+        Tool("slow", "hangs", {"type": "object"}, lambda a, c: release.wait(30) and "late",
+             timeout=0.2),
+        Tool("flood", "floods", {"type": "object"}, lambda a, c: "x" * 100_000, max_result_chars=500),
+        Tool("broken", "raises", {"type": "object"}, lambda a, c: 1 / 0),
+    ])
+    try:
+        slow = registry.call("slow", "{}", ToolContext("o"))
+        assert slow.error == "timeout" and "longer than" in slow.text
+        flood = registry.call("flood", "{}", ToolContext("o"))
+        assert flood.truncated and len(flood.text) <= 500 and "cut" in flood.text
+        broken = registry.call("broken", "{}", ToolContext("o"))
+        assert broken.error == "failed" and "ZeroDivisionError" in broken.text
+        assert registry.call("flood", "not json", ToolContext("o")).error == "bad_arguments"
+        assert registry.call("flood", "[1]", ToolContext("o")).error == "bad_arguments"
+        assert registry.call("nothing", "{}", ToolContext("o")).error == "unknown_tool"
+    finally:
+        release.set()
+
+
+# -- the loop, on the tiny model ----------------------------------------------------------------
+
+def test_api_tools_lists_the_builtins(live_server):
+    visitor = live_server.session()
+    status, body = visitor.json("GET", "/api/tools")
+    assert status == 200
+    names = {t["name"] for t in body["tools"]}
+    assert {"calculator", "current_time", "search_my_conversations"} <= names
+    assert body["max_steps"] == 5
+
+
+def test_settings_refuse_bad_tool_names(live_server):
+    visitor = live_server.session()
+    status, conv = visitor.json("POST", "/api/conversations", {})
+    for bad in ({"chat_tools": "calculator"}, {"chat_tools": ["no spaces"]},
+                {"chat_tool_choice": "always"}):
+        status, body = visitor.json("PATCH", f"/api/conversations/{conv['id']}", {"settings": bad})
+        assert status == 400 and body["error"]["code"] == "bad_settings", body
+
+
+def test_the_loop_stores_each_step_and_ends_in_text(make_app, make_live_server):
+    server = make_live_server(make_app(TOOL_STEPS=2))
+    visitor = server.session()
+    conversation_id = new_conversation(visitor, {"chat_tools": ["calculator"],
+                                                 "chat_tool_choice": "required"})
+    client = visitor.ws()
+    final, frames = run_chat(client, conversation_id)
+    assert final["type"] == "done", final
+    kinds = [f["type"] for f in frames]
+    # At least one step: a call announced, its result, the step stored; then a text answer.
+    assert "tool_call" in kinds and "tool_result" in kinds and "step" in kinds
+    assert kinds.index("tool_call") < kinds.index("tool_result") < kinds.index("step")
+    steps = [f for f in frames if f["type"] == "step"]
+    assert 1 <= len(steps) <= 2  # BCHAT_TOOL_STEPS, then the model must answer
+    assert final["message_id"] == steps[-1]["reply"]["id"]
+    assert final["message"]["status"] == "complete"
+    assert not final["message"]["meta"].get("tool_calls")
+    path = branch(visitor, conversation_id)
+    roles = [m["role"] for m in path]
+    assert roles[0] == "user" and roles[-1] == "assistant"
+    assert roles[1:-1] == ["assistant", "tool"] * len(steps)
+    for caller, result in zip(path[1:-1:2], path[2:-1:2], strict=True):
+        assert caller["finish_reason"] == "tool_calls"
+        call = caller["meta"]["tool_calls"][0]
+        assert call["function"]["name"] == "calculator"
+        assert result["meta"]["tool_call_id"] == call["id"] and result["meta"]["name"] == "calculator"
+        assert isinstance(result["meta"]["ms"], float)
+    client.close()
