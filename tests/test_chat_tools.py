@@ -3,7 +3,15 @@ goes on until a text answer (runs/service.py's loop over tools/)."""
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
+from helpers import free_port
 
 from webapp.tools.builtins import calculate
 from webapp.tools.registry import Tool, ToolContext, ToolError, ToolRegistry
@@ -128,3 +136,102 @@ def test_the_loop_stores_each_step_and_ends_in_text(make_app, make_live_server):
         assert result["meta"]["tool_call_id"] == call["id"] and result["meta"]["name"] == "calculator"
         assert isinstance(result["meta"]["ms"], float)
     client.close()
+
+
+# -- MCP servers (tests/mcp_server.py, over stdio and Streamable HTTP) ------------------------
+
+MCP_SERVER = Path(__file__).with_name("mcp_server.py")
+
+
+@pytest.fixture(scope="module")
+def mcp_http():
+    """The test MCP server over Streamable HTTP, on a free port."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(MCP_SERVER), "http", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # its port answers once it serves
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "the MCP server exited"
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def mcp_file(tmp_path, **servers) -> str:
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps({"servers": [{"name": name, **spec} for name, spec in servers.items()]}))
+    return str(path)
+
+
+def stdio_spec(**more):
+    return {"command": sys.executable, "args": [str(MCP_SERVER), "stdio"], **more}
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_an_mcp_tool_is_listed_called_stored_and_answered(transport, make_app, make_live_server,
+                                                          tmp_path, request):
+    spec = stdio_spec() if transport == "stdio" else {"url": request.getfixturevalue("mcp_http")}
+    server = make_live_server(make_app(MCP_FILE=mcp_file(tmp_path, t=spec), TOOL_STEPS=1))
+    visitor = server.session()
+    status, listing = visitor.json("GET", "/api/tools")
+    assert status == 200
+    assert {"t__add", "t__hostile"} <= {t["name"] for t in listing["tools"]}
+    assert listing["servers"] == [{"name": "t", "transport": transport, "error": None,
+                                   "tools": ["t__add", "t__hostile", "t__flood", "t__hang"]}]
+    conversation_id = new_conversation(visitor, {"chat_tools": ["t__add"],
+                                                 "chat_tool_choice": "required"})
+    client = visitor.ws()
+    final, frames = run_chat(client, conversation_id, "Add 2 and 40.")
+    assert final["type"] == "done", final
+    result = next(f for f in frames if f["type"] == "tool_result")
+    call = next(f for f in frames if f["type"] == "tool_call")
+    assert call["name"] == "t__add" and set(call["arguments"]) == {"a", "b"}
+    # Whatever numbers the tiny model wrote, the server added them.
+    assert result.get("error") is None, result
+    assert result["content"] == str(call["arguments"]["a"] + call["arguments"]["b"])
+    path = branch(visitor, conversation_id)
+    assert [m["role"] for m in path] == ["user", "assistant", "tool", "assistant"]
+    assert path[2]["content"] == result["content"]
+    assert final["message"]["status"] == "complete"
+    client.close()
+
+
+def test_mcp_limits_a_hanging_tool_and_a_flood(make_app, tmp_path):
+    app = make_app(MCP_FILE=mcp_file(tmp_path, t=stdio_spec(timeout=3, max_result_chars=1000)))
+    registry = app.extensions["bchat"].tools
+    hung = registry.call("t__hang", {"n": 1}, ToolContext("o"))
+    # The SDK's own time-out (3 s) or the registry's, later: either way a result, not a hang.
+    assert hung.error in ("timeout", "failed") and hung.text.startswith("Error:")
+    flood = registry.call("t__flood", {"n": 1}, ToolContext("o"))
+    assert flood.truncated and len(flood.text) <= 1000
+    bad = registry.call("t__add", {"a": "x"}, ToolContext("o"))
+    assert bad.error == "failed" and "valid integer" in bad.text
+
+
+def test_an_mcp_server_that_is_down_is_reported_not_fatal(make_app, make_live_server, tmp_path):
+    server = make_live_server(make_app(MCP_FILE=mcp_file(
+        tmp_path, gone={"url": f"http://127.0.0.1:{free_port()}/mcp"})))
+    visitor = server.session()
+    status, listing = visitor.json("GET", "/api/tools")
+    assert status == 200
+    assert listing["servers"][0]["name"] == "gone" and listing["servers"][0]["error"]
+    assert "calculator" in {t["name"] for t in listing["tools"]}
+
+
+def test_the_mcp_file_is_checked(tmp_path):
+    from webapp.tools.mcp import load_servers
+
+    for bad in ([{"name": "x"}], [{"name": "x y", "url": "http://h/"}],
+                [{"name": "a", "url": "http://h/", "command": "c"}],
+                [{"name": "a", "url": "http://h/"}, {"name": "a", "url": "http://h/"}]):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps({"servers": bad}))
+        with pytest.raises(ValueError):
+            load_servers(path)
