@@ -155,6 +155,10 @@ class McpHub:
         self.servers = servers
         self._listings: dict[str, _Listing] = {s.name: _Listing() for s in servers}
         self._locks = {s.name: threading.Lock() for s in servers}
+        # Listed once in the background at start, so the first settings sheet need not wait
+        # for every server to start.
+        if servers:
+            threading.Thread(target=self.tools, name="bchat-mcp-list", daemon=True).start()
 
     def tools(self) -> list[Tool]:
         found: list[Tool] = []
@@ -206,7 +210,7 @@ class McpHub:
                 # The SDK's time-out is the call's; this one adds the server's start and end.
                 timeout=server.timeout + 2 * START_GRACE,
                 max_result_chars=server.max_result_chars, source=f"mcp:{server.name}",
-                title=f"{getattr(remote, 'title', None) or remote.name} ({server.name})"))
+                title=getattr(remote, "title", None) or remote.name))
         return tools
 
     @staticmethod
