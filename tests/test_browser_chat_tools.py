@@ -51,7 +51,10 @@ def test_tool_steps_fold_and_a_hostile_result_stays_text(server, pages, shots, s
     page.get_by_test_id("composer").fill("Show me something hostile.")
     page.get_by_test_id("composer").press("Enter")
     result = page.get_by_test_id("tool-result").first
-    expect(result).to_be_visible(timeout=60_000)
+    try:
+        expect(result).to_be_visible(timeout=60_000)
+    finally:
+        page.screenshot(path=str(shots / f"tools-sent-{size}-{scheme}.png"))
     last = page.locator('[data-testid="message"][data-role="assistant"]').last
     expect(last).to_have_attribute("data-status", "complete", timeout=60_000)
     expect(page.get_by_test_id("tool-call").first).to_be_visible()

@@ -235,3 +235,100 @@ def test_the_mcp_file_is_checked(tmp_path):
         path.write_text(json.dumps({"servers": bad}))
         with pytest.raises(ValueError):
             load_servers(path)
+
+
+# -- stop, continue, the step limit --------------------------------------------------------------
+
+def test_stop_among_the_tools_keeps_the_calls_and_continue_runs_them(make_app, make_live_server):
+    import threading
+
+    release = threading.Event()
+    ran = []
+
+    def slow(arguments, context):
+        ran.append(arguments)
+        release.wait(30)
+        return "slow answer"
+
+    app = make_app(TOOL_STEPS=1)
+    app.extensions["bchat"].tools.builtins.append(Tool(
+        "slow", "waits", {"type": "object", "properties": {"n": {"type": "integer"}},
+                          "required": ["n"]}, slow, timeout=60))
+    server = make_live_server(app)
+    visitor = server.session()
+    conversation_id = new_conversation(visitor, {"chat_tools": ["slow"], "chat_tool_choice": "required"})
+    client = visitor.ws()
+    client.chat("go", conversation_id, options=GREEDY)
+    call, _ = client.until("tool_call")
+    client.send({"type": "stop", "message_id": call["message_id"]})
+    final, frames = client.until("done", "error")
+    release.set()
+    assert final["type"] == "done" and final["message"]["status"] == "stopped"
+    assert not any(f["type"] == "step" for f in frames)
+    stopped = final["message"]
+    assert stopped["meta"]["tool_calls"][0]["function"]["name"] == "slow"
+    assert [m["role"] for m in branch(visitor, conversation_id)] == ["user", "assistant"]
+    # Continue: the calls run (the tool is answered now), the step is stored, the model answers.
+    client.send({"type": "continue", "message_id": stopped["id"], "options": GREEDY})
+    final, frames = client.until("done", "error")
+    assert final["type"] == "done", final
+    result = next(f for f in frames if f["type"] == "tool_result")
+    assert result["content"] == "slow answer" and len(ran) == 2
+    path = branch(visitor, conversation_id)
+    assert [m["role"] for m in path] == ["user", "assistant", "tool", "assistant"]
+    assert path[1]["id"] == stopped["id"] and path[1]["status"] == "complete"
+    assert path[1]["finish_reason"] == "tool_calls" and path[1]["content"] == ""
+    assert path[2]["content"] == "slow answer" and path[3]["status"] == "complete"
+    client.close()
+
+
+def test_a_tool_that_times_out_or_floods_is_stored_as_its_error(make_app, make_live_server):
+    import threading
+
+    never = threading.Event()
+    app = make_app(TOOL_STEPS=1)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    app.extensions["bchat"].tools.builtins.extend([
+        Tool("stuck", "hangs", schema, lambda a, c: never.wait(30) and "late", timeout=0.5),
+        Tool("huge", "floods", schema, lambda a, c: "z" * 50_000, max_result_chars=300)])
+    server = make_live_server(app)
+    visitor = server.session()
+    client = visitor.ws()
+    try:
+        for name, check in (("stuck", lambda r: r["error"] == "timeout"),
+                            ("huge", lambda r: r["truncated"] and len(r["content"]) <= 300)):
+            conversation_id = new_conversation(visitor, {"chat_tools": [name],
+                                                         "chat_tool_choice": "required"})
+            final, frames = run_chat(client, conversation_id)
+            assert final["type"] == "done", final
+            result = next(f for f in frames if f["type"] == "tool_result")
+            assert check(result), result
+            stored = branch(visitor, conversation_id)[2]
+            assert stored["role"] == "tool" and stored["content"] == result["content"]
+    finally:
+        never.set()
+        client.close()
+
+
+def test_the_calculator_on_the_bundled_model(make_app, make_live_server, bundled_model):
+    """SmolLM2 with tool_choice required: the protocol, not the model's arithmetic."""
+    server = make_live_server(make_app(MODEL_PATH=str(bundled_model), TOOL_STEPS=1))
+    visitor = server.session()
+    conversation_id = new_conversation(visitor, {"chat_tools": ["calculator"],
+                                                 "chat_tool_choice": "required"})
+    client = visitor.ws()
+    final, frames = run_chat(client, conversation_id, "What is 12 times 34? Use the calculator.",
+                             {"temperature": 0, "max_tokens": 96})
+    assert final["type"] == "done", final
+    call = next(f for f in frames if f["type"] == "tool_call")
+    result = next(f for f in frames if f["type"] == "tool_result")
+    assert call["name"] == "calculator"
+    try:
+        expected = calculate(call["arguments"]["expression"])
+    except ToolError as exc:
+        expected = f"Error: {exc}"
+    assert result["content"] == expected
+    path = branch(visitor, conversation_id)
+    assert [m["role"] for m in path] == ["user", "assistant", "tool", "assistant"]
+    assert path[-1]["content"].strip() and not path[-1]["meta"].get("tool_calls")
+    client.close()

@@ -441,6 +441,7 @@ class RunService:
         gone), settled."""
         message_id = run.message_id
         run.extra_meta = {"tool_calls": calls}  # a stop from here keeps them, for continue
+        run.fresh_cancel()  # the model call's ended with its stream; a stop sets this one
         context = ToolContext(owner=run.owner, conversation_id=run.conversation_id,
                               db=self.chats.db)
         results = []
@@ -453,7 +454,7 @@ class RunService:
                 text, meta = (f"Error: the tool {str(name)[:64]!r} is not enabled in this "
                               "conversation.", {"ms": 0.0, "error": "unknown_tool"})
             else:
-                outcome = self.tools.call(name, arguments, context)
+                outcome = self.tools.call(name, arguments, context, run.cancel)
                 text, meta = outcome.text, outcome.meta()
             result = {"content": text, "meta": {"tool_call_id": call.get("id") or f"call_{index}",
                                                 "name": str(name)[:64], **meta}}

@@ -148,7 +148,10 @@ BUILTINS = [
          "parentheses, sqrt, sin, cos, tan, log, exp, abs, round, floor, ceil, min, max, "
          "factorial, pi, e.",
          {"type": "object", "properties": {"expression": {
-             "type": "string", "maxLength": MAX_EXPRESSION_CHARS, "description": "e.g. (2+3)*4^2"}},
+             # Arithmetic's characters only: the grammar then holds a small model to them
+             # (no quote or brace inside the string, so it ends where the expression does).
+             "type": "string", "pattern": f"^[-0-9a-z+*/%^()., ]{{1,{MAX_EXPRESSION_CHARS}}}$",
+             "description": "e.g. (2+3)*4^2"}},
           "required": ["expression"]},
          _calculator, timeout=5.0, max_result_chars=2_000, title="Calculator"),
     Tool("current_time", "The current date and time, in a timezone (default UTC).",

@@ -111,8 +111,10 @@ class ToolRegistry:
             specs = [s for s in specs if _fine(s)]
         return specs
 
-    def call(self, name: str, arguments: Any, context: ToolContext) -> ToolResult:
-        """Run one call: arguments as the model wrote them (a JSON string or an object)."""
+    def call(self, name: str, arguments: Any, context: ToolContext,
+             cancel: threading.Event | None = None) -> ToolResult:
+        """Run one call: arguments as the model wrote them (a JSON string or an object).
+        ``cancel`` (a stop) gives the call up at once."""
         started = time.perf_counter()
 
         def elapsed() -> float:
@@ -152,7 +154,11 @@ class ToolRegistry:
         # time-out in the SDK too).
         worker = threading.Thread(target=work, name=f"bchat-tool-{name}", daemon=True)
         worker.start()
-        worker.join(tool.timeout)
+        deadline = time.monotonic() + tool.timeout
+        while worker.is_alive() and time.monotonic() < deadline:
+            if cancel is not None and cancel.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+                return ToolResult("Error: stopped before the tool answered.", elapsed(), "stopped")
+            worker.join(0 if cancel is not None else max(0.0, deadline - time.monotonic()))
         if worker.is_alive():
             return ToolResult(f"Error: the tool {name} took longer than {tool.timeout:g} s and "
                               "was given up.", elapsed(), "timeout")
