@@ -20,13 +20,14 @@ def server(tmp_path, make_app, make_live_server):
     path = tmp_path / "mcp.json"
     path.write_text(json.dumps({"servers": [
         {"name": "t", "command": sys.executable, "args": [str(MCP_SERVER), "stdio"]}]}))
-    return make_live_server(make_app(MCP_FILE=str(path), TOOL_STEPS=1, MAX_TOKENS=64))
+    return make_live_server(make_app(MCP_FILE=str(path), TOOL_STEPS=1, MAX_TOKENS=160))
 
 
 def enable_tools(page, names, required=True):
     from playwright.sync_api import expect
 
     page.get_by_test_id("settings").locator("summary").click()
+    page.get_by_test_id("temperature").fill("0")  # the tiny model's call, greedy: short and whole
     for name in names:
         box = page.get_by_test_id(f"tool-{name}")
         expect(box).to_be_visible(timeout=30_000)  # a stdio server starts to be listed
