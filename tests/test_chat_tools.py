@@ -108,6 +108,7 @@ def test_settings_refuse_bad_tool_names(live_server):
         assert status == 400 and body["error"]["code"] == "bad_settings", body
 
 
+@pytest.mark.databases("sqlite", "postgresql")
 def test_the_loop_stores_each_step_and_ends_in_text(make_app, make_live_server):
     server = make_live_server(make_app(TOOL_STEPS=2))
     visitor = server.session()
@@ -135,6 +136,18 @@ def test_the_loop_stores_each_step_and_ends_in_text(make_app, make_live_server):
         assert call["function"]["name"] == "calculator"
         assert result["meta"]["tool_call_id"] == call["id"] and result["meta"]["name"] == "calculator"
         assert isinstance(result["meta"]["ms"], float)
+    # Exported and imported like any message: the steps come back with their meta.
+    status, exported = visitor.json("GET", f"/api/conversations/{conversation_id}/export?format=json")
+    assert status == 200
+    status, imported = visitor.json("POST", "/api/conversations/import", exported)
+    assert status == 201, imported
+    copy = branch(visitor, imported["id"])
+    assert [m["role"] for m in copy] == roles
+    assert copy[1]["meta"]["tool_calls"] == path[1]["meta"]["tool_calls"]
+    assert copy[2]["meta"]["tool_call_id"] == path[2]["meta"]["tool_call_id"]
+    status, _, markdown = visitor.request(
+        "GET", f"/api/conversations/{conversation_id}/export?format=markdown")
+    assert status == 200 and b"## Tool" in markdown
     client.close()
 
 
@@ -239,6 +252,7 @@ def test_the_mcp_file_is_checked(tmp_path):
 
 # -- stop, continue, the step limit --------------------------------------------------------------
 
+@pytest.mark.databases("sqlite", "postgresql")
 def test_stop_among_the_tools_keeps_the_calls_and_continue_runs_them(make_app, make_live_server):
     import threading
 
