@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import free_port
 
-from webapp.tools.builtins import calculate
+from webapp.tools.builtins import BUILTINS, calculate
 from webapp.tools.registry import Tool, ToolContext, ToolError, ToolRegistry
 
 GREEDY = {"temperature": 0, "max_tokens": 400}
@@ -346,3 +346,24 @@ def test_the_calculator_on_the_bundled_model(make_app, make_live_server, bundled
     assert [m["role"] for m in path] == ["user", "assistant", "tool", "assistant"]
     assert path[-1]["content"].strip() and not path[-1]["meta"].get("tool_calls")
     client.close()
+
+
+def test_search_my_conversations_reads_only_the_visitors_own(app):
+    services = app.extensions["bchat"]
+    services.chats.add_user_message("alice", None, "the zebra code is 4417")
+    services.chats.add_user_message("bob", None, "another zebra, bob's")
+    own = services.tools.call("search_my_conversations", {"query": "zebra"},
+                              ToolContext("alice", db=services.db))
+    assert own.error is None and "4417" in own.text and "bob" not in own.text
+    none = services.tools.call("search_my_conversations", {"query": "zebra"},
+                               ToolContext("carol", db=services.db))
+    assert none.text == "No conversations match."
+
+
+def test_current_time_takes_a_timezone():
+    registry = ToolRegistry(list(BUILTINS))
+    paris = registry.call("current_time", {"timezone": "Europe/Paris"}, ToolContext("o"))
+    assert paris.error is None and "(Europe/Paris)" in paris.text
+    assert paris.text.split()[1][-6:] in ("+01:00", "+02:00")
+    bad = registry.call("current_time", {"timezone": "Mars/Olympus"}, ToolContext("o"))
+    assert bad.error == "failed" and "unknown timezone" in bad.text
