@@ -213,6 +213,10 @@ def test_an_mcp_tool_is_listed_called_stored_and_answered(transport, make_app, m
     assert [m["role"] for m in path] == ["user", "assistant", "tool", "assistant"]
     assert path[2]["content"] == result["content"]
     assert final["message"]["status"] == "complete"
+    # BCHAT_TOOL_STEPS=1 reached: the model was made to answer (tool_choice "none"); the
+    # first step had to call (required), the reply's options say so.
+    assert final["message"]["meta"]["options"]["tool_choice"] == "none"
+    assert path[1]["meta"]["options"]["tool_choice"] == "required"
     client.close()
 
 
