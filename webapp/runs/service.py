@@ -55,6 +55,7 @@ REMOTE_POLL_SECONDS = 0.25  # how often a watcher on another process re-reads th
 # With PostgreSQL's notifications (listen.py) a watcher reads when woken; this only catches one
 # lost with a dropped connection.
 NOTIFIED_POLL_SECONDS = 2.0
+MAX_CALLS_PER_STEP = 8  # tool calls of one reply that are run (a grammar-held model makes one)
 
 
 def unrun_calls(reply: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -436,9 +437,9 @@ class RunService:
 
     def _tool_step(self, run: Run, calls: list[dict[str, Any]], finished: Finished | None, *,
                    keep_provenance: bool = False) -> bool:
-        """Run ``calls`` (at most BCHAT_TOOL_STEPS' worth in all), store the step, and move
-        the run to the next reply; False when the run has ended here (stopped, or its rows
-        gone), settled."""
+        """Run ``calls`` (the first MAX_CALLS_PER_STEP; the others are answered that they were
+        not run), store the step, and move the run to the next reply; False when the run has
+        ended here (stopped, or its rows gone), settled."""
         message_id = run.message_id
         run.extra_meta = {"tool_calls": calls}  # a stop from here keeps them, for continue
         run.fresh_cancel()  # the model call's ended with its stream; a stop sets this one
@@ -450,7 +451,10 @@ class RunService:
                 break
             run.send(tool_call_frame(message_id, index, call))
             name, arguments = call_parts(call)
-            if run.tools is None or name not in {t.name for t in run.tools}:
+            if index >= MAX_CALLS_PER_STEP:  # an upstream's parallel calls: a few at a time
+                text, meta = (f"Error: not run: at most {MAX_CALLS_PER_STEP} tool calls are "
+                              "run at once.", {"ms": 0.0, "error": "too_many_calls"})
+            elif run.tools is None or name not in {t.name for t in run.tools}:
                 text, meta = (f"Error: the tool {str(name)[:64]!r} is not enabled in this "
                               "conversation.", {"ms": 0.0, "error": "unknown_tool"})
             else:
