@@ -7,13 +7,16 @@ two numbers, one that answers with hostile text, one that floods and one that ha
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 from mcp.server.mcpserver import MCPServer
 
 HOSTILE = ('<img src=x onerror="document.title=\'pwned\'"><script>window.pwned=1</script>'
-           '<a href="javascript:alert(1)">link</a> **bold** [x](javascript:alert(1))')
+           '<a href="javascript:alert(1)">link</a> **bold** [x](javascript:alert(1))'
+           '<svg onload="window.pwned=2"></svg><iframe srcdoc="<script>parent.pwned=3</script>">'
+           '</iframe><style>body{display:none}</style>&lt;b&gt; \u202e')
 
 server = MCPServer("bchat-test")
 
@@ -34,6 +37,14 @@ def hostile(n: int) -> str:
 def flood(n: int) -> str:
     """Answer with far more text than a tool result may hold."""
     return "y" * 200_000
+
+
+@server.tool()
+def gate(n: int) -> str:
+    """Answer once the file $BCHAT_TEST_GATE is gone."""
+    while os.path.exists(os.environ.get("BCHAT_TEST_GATE", "")):
+        time.sleep(0.05)
+    return "opened"
 
 
 @server.tool()

@@ -65,8 +65,9 @@ def test_tool_steps_fold_and_a_hostile_result_stays_text(server, pages, shots, s
     result.locator("summary").click()
     expect(text).to_be_visible()
     assert "<script>window.pwned=1</script>" in text.inner_text()
-    assert result.locator("img, script, a").count() == 0
+    assert result.locator("img, script, a, svg, iframe, style").count() == 0
     assert page.evaluate("() => window.pwned === undefined && document.title !== 'pwned'")
+    assert "<iframe srcdoc=" in text.inner_text()
     page.get_by_test_id("tool-call").first.locator("summary").click()
     page.screenshot(path=str(shots / f"tools-steps-{size}-{scheme}.png"))
     result.locator("summary").click()

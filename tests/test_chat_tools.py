@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import HttpSession, free_port
 
 from webapp.tools.builtins import BUILTINS, calculate
 from webapp.tools.registry import Tool, ToolContext, ToolError, ToolRegistry
@@ -197,7 +197,8 @@ def test_an_mcp_tool_is_listed_called_stored_and_answered(transport, make_app, m
     assert status == 200
     assert {"t__add", "t__hostile"} <= {t["name"] for t in listing["tools"]}
     assert listing["servers"] == [{"name": "t", "transport": transport, "error": None,
-                                   "tools": ["t__add", "t__hostile", "t__flood", "t__hang"]}]
+                                   "tools": ["t__add", "t__hostile", "t__flood", "t__gate",
+                                             "t__hang"]}]
     conversation_id = new_conversation(visitor, {"chat_tools": ["t__add"],
                                                  "chat_tool_choice": "required"})
     client = visitor.ws()
@@ -371,3 +372,46 @@ def test_current_time_takes_a_timezone():
     assert paris.text.split()[1][-6:] in ("+01:00", "+02:00")
     bad = registry.call("current_time", {"timezone": "Mars/Olympus"}, ToolContext("o"))
     assert bad.error == "failed" and "unknown timezone" in bad.text
+
+
+def test_a_crash_in_the_loop_keeps_what_was_stored_and_continue_resumes(tmp_path, tiny_model):
+    """SIGKILL while a tool runs (a real `bchat serve`): after a restart the reply that called
+    is "interrupted" with its call, and continue runs the call and finishes the loop."""
+    import os
+    import signal
+
+    from test_durability import app_env, serve, stop
+
+    gate = tmp_path / "gate"
+    gate.write_text("closed")
+    config = mcp_file(tmp_path, t=stdio_spec(env={"BCHAT_TEST_GATE": str(gate)}, timeout=120))
+    env = app_env(tmp_path, tiny_model, BCHAT_MCP_FILE=config, BCHAT_TOOL_STEPS="1")
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = serve(env, log, port)
+    try:
+        visitor = HttpSession(f"http://127.0.0.1:{port}")
+        conversation_id = new_conversation(visitor, {"chat_tools": ["t__gate"],
+                                                     "chat_tool_choice": "required"})
+        client = visitor.ws()
+        client.chat("wait at the gate", conversation_id, options=GREEDY)
+        call, _ = client.until("tool_call")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        gate.unlink()
+        proc = serve(env, log, port)
+        path = branch(visitor, conversation_id)
+        assert [m["role"] for m in path] == ["user", "assistant"]
+        caller = path[1]
+        assert caller["id"] == call["message_id"] and caller["status"] == "interrupted"
+        client = visitor.ws()
+        client.send({"type": "continue", "message_id": caller["id"], "options": GREEDY})
+        final, frames = client.until("done", "error")
+        assert final["type"] == "done", final
+        assert next(f for f in frames if f["type"] == "tool_result")["content"] == "opened"
+        path = branch(visitor, conversation_id)
+        assert [m["role"] for m in path] == ["user", "assistant", "tool", "assistant"]
+        assert path[1]["status"] == "complete" and path[1]["finish_reason"] == "tool_calls"
+        assert path[3]["status"] == "complete"
+        client.close()
+    finally:
+        stop(proc)
