@@ -415,3 +415,30 @@ def test_a_crash_in_the_loop_keeps_what_was_stored_and_continue_resumes(tmp_path
         client.close()
     finally:
         stop(proc)
+
+
+def test_the_loop_through_an_openai_compatible_upstream(make_app, make_live_server, tiny_model):
+    """The other server engine: `bchat worker` as an OpenAI-compatible upstream, whose tool
+    calls come back as OpenAI's tool_calls (not text); the loop runs them the same way."""
+    from test_upstreams import start_worker
+    from test_upstreams import stop as stop_worker
+
+    port = free_port()
+    worker = start_worker(tiny_model, port)
+    try:
+        server = make_live_server(make_app(WORKER_URL=f"http://127.0.0.1:{port}", TOOL_STEPS=1))
+        visitor = server.session()
+        conversation_id = new_conversation(visitor, {"chat_tools": ["calculator"],
+                                                     "chat_tool_choice": "required"})
+        client = visitor.ws()
+        final, frames = run_chat(client, conversation_id)
+        assert final["type"] == "done", final
+        assert final["message"]["backend"] == "worker"  # the OpenAI-compatible engine
+        call = next(f for f in frames if f["type"] == "tool_call")
+        assert call["name"] == "calculator" and "expression" in call["arguments"]
+        path = branch(visitor, conversation_id)
+        assert [m["role"] for m in path] == ["user", "assistant", "tool", "assistant"]
+        assert path[1]["meta"]["tool_calls"][0]["id"] == path[2]["meta"]["tool_call_id"]
+        client.close()
+    finally:
+        stop_worker(worker)
