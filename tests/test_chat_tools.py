@@ -148,6 +148,11 @@ def test_the_loop_stores_each_step_and_ends_in_text(make_app, make_live_server):
     status, _, markdown = visitor.request(
         "GET", f"/api/conversations/{conversation_id}/export?format=markdown")
     assert status == 200 and b"## Tool" in markdown
+    # A share shows the steps as escaped text.
+    status, share = visitor.json("POST", f"/api/conversations/{conversation_id}/share", {})
+    assert status in (200, 201), share
+    status, _, page = visitor.request("GET", share["url"].replace(server.url, ""))
+    assert status == 200 and b'data-testid="tool-result"' in page and b'data-testid="tool-call"' in page
     client.close()
 
 
