@@ -80,6 +80,17 @@ def healthz():
     return body
 
 
+@bp.get("/api/tools")
+def tools():
+    """The tools a conversation may enable (its chat_tools setting): the built-ins and the
+    tools of the admin's MCP servers (BCHAT_MCP_FILE), with each server's state."""
+    registry = get_services().tools
+    servers = registry.mcp.status() if registry is not None and registry.mcp is not None else []
+    return jsonify({"tools": [t.listing() for t in registry.available()] if registry else [],
+                    "servers": servers,
+                    "max_steps": current_app.config.get("TOOL_STEPS", 5)})
+
+
 @bp.get("/api/models")
 def models():
     """Every model, where it can run, and its facts, so the UI can show them before a download."""

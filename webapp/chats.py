@@ -430,6 +430,49 @@ class ChatService:
             conv.updated_at = utcnow()
             return conv.to_dict(), before, history
 
+    def store_tool_step(
+        self, message_id: str, content: str, provenance: Provenance | None,
+        tool_calls: list[dict[str, Any]], results: list[dict[str, Any]], next_reply: Provenance,
+        *, run_owner: str,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]] | None:
+        """One step of the tool loop (runs/service.py), in one transaction: the reply that
+        called tools becomes complete with its ``tool_calls`` (``provenance`` None: a reply
+        resumed by ``continue`` keeps the one it had), a ``tool`` message per result, one
+        under the other, and the next reply, "streaming", under the last: the branch on screen.
+        Returns (reply, tool messages, next reply, the history the model sees next); None when
+        the conversation was deleted meanwhile."""
+        with self.db.write() as session:
+            reply = session.scalar(select(Message).where(Message.public_id == message_id))
+            if reply is None:
+                return None
+            conv = reply.conversation
+            if provenance is not None:
+                reply.record(provenance)
+            reply.meta = {**(reply.meta or {}), "tool_calls": tool_calls}
+            reply.finish_reason = "tool_calls"
+            reply.content = content
+            reply.status = "complete"
+            reply.run_owner = None
+            reply.stop_requested = False
+            reply.updated_at = utcnow()
+            parent, tools = reply, []
+            for result in results:
+                row = Message(conversation_id=conv.id, role="tool", content=result["content"],
+                              status="complete", parent_id=parent.id, meta=result["meta"])
+                session.add(row)
+                session.flush()
+                tools.append(row)
+                parent = row
+            following = self._reply_row(session, conv, parent, next_reply, run_owner)
+            session.flush()
+            conv.current_message_id = following.id
+            path = self._path(session, parent.id)
+            parents = {m.id: m.public_id for m in path}
+            parents[following.id] = following.public_id
+            notify_replies(session, [message_id])
+            return (reply.to_dict(parents), [t.to_dict(parents) for t in tools],
+                    following.to_dict(parents), model_history(path))
+
     @staticmethod
     def _reply_row(session, conv: Conversation, parent: Message | None, provenance: Provenance,
                    run_owner: str) -> Message:
@@ -692,7 +735,7 @@ class ChatService:
                 turn = render_messages([original])[0]
                 extra = {k: original[k] for k in ("tool_calls", "tool_call_id", "name")
                          if k in original}
-                if original.get("role") not in ROLES:
+                if original.get("role") != turn["role"]:  # developer, tool: kept as text
                     extra["role"] = original.get("role")
                 conv.messages.append(Message(
                     role=turn["role"], content=turn["content"], status="complete",

@@ -90,6 +90,10 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "OIDC_NAME": ("your school", str, "what the sign-in button calls the provider"),
     "OIDC_USERNAME_CLAIM": ("preferred_username", str, "the ID-token claim a new account's username "
                             "is made from (else its sub)"),
+    "TOOL_STEPS": (5, _INT, "tool steps a reply may take in a conversation with tools on, then it "
+                   "must answer"),
+    "MCP_FILE": (None, str, "a TOML or JSON file of MCP servers (stdio or Streamable HTTP) whose tools "
+                 "visitors may enable per conversation (see README, Tools in the chat)"),
     "INSTANCE_PATH": (None, str, "database, secret key, pulled models; default: ./instance in a checkout, "
                       "else <venv>/var/webapp-instance"),
 }

@@ -74,7 +74,8 @@ def _provenance_line(message: dict[str, Any]) -> str:
 def export_markdown(conversation: dict[str, Any]) -> str:
     lines = [f"# {conversation['title']}", "", f"_Exported from bchat, {conversation['created_at']}_", ""]
     for message in current_branch(conversation):
-        heading = {"user": "User", "assistant": "Assistant", "system": "System"}[message["role"]]
+        heading = {"user": "User", "assistant": "Assistant", "system": "System",
+                   "tool": "Tool"}[message["role"]]
         lines.append(f"## {heading}")
         provenance = _provenance_line(message) if message["role"] == "assistant" else ""
         if provenance:

@@ -26,7 +26,9 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-ROLES = ("system", "user", "assistant")
+# "tool": a tool's result in a conversation with tools on (runs/service.py's loop); its
+# call id and name are in its meta, as the assistant message that called it holds tool_calls.
+ROLES = ("system", "user", "assistant", "tool")
 # A reply is "streaming" while a run writes it (its row exists from the start and grows), then
 # ends as one of FINAL_STATUSES: "interrupted" when the process (or the page) running it died.
 FINAL_STATUSES = ("complete", "stopped", "failed", "interrupted")

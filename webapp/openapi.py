@@ -241,6 +241,12 @@ PATHS: dict[str, Any] = {
         "models", "every model, where it runs, and its facts",
         "200", _object({"models": {"type": "array", "items": {"type": "object"}},
                         "default": {"type": "string", "nullable": True}}, "models"), "the models")},
+    "/api/tools": {"get": _op(
+        "tools", "the tools a conversation may enable (its chat_tools setting): built-ins and "
+        "the admin's MCP servers' tools",
+        "200", _object({"tools": {"type": "array", "items": {"type": "object"}},
+                        "servers": {"type": "array", "items": {"type": "object"}},
+                        "max_steps": {"type": "integer"}}, "tools"), "the tools")},
     "/api/conversations": {
         "get": _op("list_conversations", "your conversations, newest first",
                    "200", _page("conversations", _ref("Conversation")),

@@ -10,6 +10,7 @@ from the app's config, or from config.py's defaults where there is none.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,8 @@ CONFIG_DEFAULTS = {name: spec[0] for name, spec in SETTINGS.items()}
 SEED_LIMIT = 2**32  # llama.cpp samplers take a uint32 seed
 TOP_LOGPROBS = 20  # the most alternatives a token's logprobs list, as OpenAI
 LOGIT_BIAS_ENTRIES = 300  # as OpenAI: a map is checked, copied and sent to each sampler
+MAX_CHAT_TOOLS = 64  # as engines/structured.py's MAX_TOOLS
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TYPES = ["object", "string", "integer", "number", "boolean", "null"]
 
 
@@ -101,6 +104,12 @@ OPTIONS: dict[str, Option] = {
 SETTINGS_ONLY: dict[str, dict[str, Any]] = {
     "model": {"type": "string", "minLength": 1, "maxLength": 200, "example": "tiny-chat"},
     "engine": {"type": "string", "enum": list(ENGINES), "example": "server"},
+    # The tools a conversation's model may call (GET /api/tools names them; none: tools off),
+    # and whether it must call one before it answers ("required") or may ("auto").
+    "chat_tools": {"type": "array", "maxItems": MAX_CHAT_TOOLS,
+                   "items": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                   "example": ["calculator"]},
+    "chat_tool_choice": {"type": "string", "enum": ["auto", "required"], "example": "auto"},
 }
 
 
@@ -307,4 +316,12 @@ def clean_settings(raw: Any, config: Mapping[str, Any] = CONFIG_DEFAULTS) -> dic
     engine = raw.get("engine")
     if engine is not None and engine not in ENGINES:
         raise Invalid("bad_settings", f"engine must be one of {', '.join(ENGINES)}")
+    tools = raw.get("chat_tools")
+    if tools is not None and (not isinstance(tools, list) or len(tools) > MAX_CHAT_TOOLS or not all(
+            isinstance(t, str) and _TOOL_NAME.fullmatch(t) for t in tools)):
+        raise Invalid("bad_settings", f"chat_tools must be a list of at most {MAX_CHAT_TOOLS} "
+                      "tool names (GET /api/tools)")
+    choice = raw.get("chat_tool_choice")
+    if choice is not None and choice not in ("auto", "required"):
+        raise Invalid("bad_settings", 'chat_tool_choice must be "auto" or "required"')
     return dict(raw)

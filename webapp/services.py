@@ -18,6 +18,7 @@ from .engines import EngineRegistry, build_engines
 from .limits import Limits
 from .runs.service import RunService
 from .shares import ShareService
+from .tools import ToolRegistry, build_tools
 
 EXTENSION_KEY = "bchat"
 
@@ -34,6 +35,7 @@ class Services:
     keys: KeyService
     # Open chat sockets, so a shutdown can close them (with 1001, "going away") instead of
     # waiting for every visitor to leave.
+    tools: ToolRegistry | None = None  # built-ins and the admin's MCP servers (tools/)
     sockets: set[Any] = field(default_factory=set)
     sockets_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -49,6 +51,8 @@ class Services:
     def close(self) -> None:
         self.shutdown()
         self.engines.close()
+        if self.tools is not None:
+            self.tools.close()
         self.db.dispose()
 
 
@@ -66,7 +70,8 @@ def init_app(app: Flask, limits: Limits) -> Services:
     chats = ChatService(db, max_message_chars=config["MAX_MESSAGE_CHARS"],
                         max_tokens_limit=config["MAX_TOKENS_LIMIT"])
 
-    runs = RunService(chats, engines, config, limits)
+    tools = build_tools(config)
+    runs = RunService(chats, engines, config, limits, tools)
     built = app.extensions[EXTENSION_KEY] = Services(
         db=db,
         chats=chats,
@@ -76,6 +81,7 @@ def init_app(app: Flask, limits: Limits) -> Services:
         runs=runs,
         benchmarks=BenchmarkService(db, engines, catalogue, runs, limits),
         keys=KeyService(db),
+        tools=tools,
     )
     return built
 

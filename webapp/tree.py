@@ -8,6 +8,7 @@ conversation's current leaf. static/js/tree.js mirrors ``model_history`` for the
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from .models import Conversation, Message
 
@@ -58,7 +59,7 @@ def current_branch(conv: Conversation) -> list[Message]:
     return tree.path(tree.current(conv))
 
 
-def model_history(messages: list[Message]) -> list[dict[str, str]]:
+def model_history(messages: list[Message]) -> list[dict[str, Any]]:
     """The turns a model sees, from a path of the tree: role and content, oldest first.
 
     Failed replies with no text are left out; partial (stopped/failed/interrupted) replies stay
@@ -74,7 +75,16 @@ def model_history(messages: list[Message]) -> list[dict[str, str]]:
             continue
         content = THINK.sub("", m.content) if m.role == "assistant" else m.content
         turn = {"role": m.role, "content": content}
-        if turns and turns[-1]["role"] == m.role and m.role != "system":
+        meta = m.meta or {}
+        # A tool step (runs/service.py's loop): the calls and their results, as OpenAI's
+        # messages carry them; each engine renders them its own way (engines/structured.py).
+        if m.role == "assistant" and meta.get("tool_calls") and m.status == "complete":
+            turn["tool_calls"] = meta["tool_calls"]
+        elif m.role == "tool":
+            turn.update(tool_call_id=str(meta.get("tool_call_id") or ""),
+                        name=str(meta.get("name") or ""))
+        steps = m.role == "tool" or "tool_calls" in turn or (turns and "tool_calls" in turns[-1])
+        if turns and turns[-1]["role"] == m.role and m.role != "system" and not steps:
             turns[-1] = turn
         else:
             turns.append(turn)

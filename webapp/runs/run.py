@@ -12,6 +12,7 @@ import time
 from typing import Any, Protocol
 
 from ..engines.base import EngineError, Finished
+from ..engines.structured import call_parts
 from ..errors import AppError
 from ..limits import Lease
 from ..models import Provenance
@@ -40,6 +41,30 @@ def started_frame(message_id: str, model: str, conversation: dict[str, Any] | No
 
 def token_frame(message_id: str, offset: int, text: str) -> dict[str, Any]:
     return {"type": "token", "message_id": message_id, "offset": offset, "text": text}
+
+
+def tool_call_frame(message_id: str, index: int, call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call of reply ``message_id`` is about to run."""
+    name, arguments = call_parts(call)
+    return {"type": "tool_call", "message_id": message_id, "index": index,
+            "call_id": call.get("id"), "name": name, "arguments": arguments}
+
+
+def tool_result_frame(message_id: str, index: int, call: dict[str, Any], result: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """A tool call of reply ``message_id`` ran: its result text (never HTML), time, error."""
+    return {"type": "tool_result", "message_id": message_id, "index": index,
+            "call_id": call.get("id"), "name": result["meta"].get("name"),
+            "content": result["content"], **{k: v for k, v in result["meta"].items()
+                                             if k in ("ms", "error", "truncated")}}
+
+
+def step_frame(message_id: str, message: dict[str, Any], tools: list[dict[str, Any]],
+               reply: dict[str, Any]) -> dict[str, Any]:
+    """A tool step is stored: the reply that called (now complete), the tool messages, and
+    the next reply, "streaming": the tokens after this frame are its."""
+    return {"type": "step", "message_id": message_id, "message": message, "tool_messages": tools,
+            "reply": reply}
 
 
 def queued_frame(message_id: str, position: int) -> dict[str, Any]:
@@ -104,6 +129,12 @@ class Run:
         self.vouched_at = time.monotonic()
         self.orphaned_at: float | None = time.monotonic()
         self.started_at = time.perf_counter()
+        # A conversation with tools on (service.py's loop): the tools its model may call, the
+        # steps taken, calls a continued reply left unrun, and meta its row keeps however it ends.
+        self.tools: list[Any] | None = None
+        self.steps = 0
+        self.pending_calls: list[dict[str, Any]] | None = None
+        self.extra_meta: dict[str, Any] = {}
 
     @property
     def text(self) -> str:
@@ -127,6 +158,22 @@ class Run:
             self.parts.append(text)
             self.length += len(text)
             self.position = None
+            self._send(frame)
+
+    def send(self, frame: dict[str, Any]) -> None:
+        with self.lock:
+            self._send(frame)
+
+    def next_step(self, message_id: str, history: list[dict[str, Any]],
+                  frame: dict[str, Any]) -> None:
+        """The loop goes on in a new reply row: its text starts empty, under its own id."""
+        with self.lock:
+            self.message_id = message_id
+            self.history = history
+            self.parts, self.length, self.flushed = [], 0, 0
+            self.continues = None
+            self.extra_meta = {}
+            self.vouched_at = time.monotonic()
             self._send(frame)
 
     def queued(self, position: int) -> None:
@@ -161,6 +208,13 @@ class Run:
             self.stop_reason = reason
         self.cancel.set()
 
+    def fresh_cancel(self) -> None:
+        """A new cancel event for the loop's next model call (engines set theirs when a
+        stream ends); a stop asked for meanwhile sets it too."""
+        self.cancel = threading.Event()
+        if self.stop_reason is not None:
+            self.cancel.set()
+
     def settle(self, frame: dict[str, Any]) -> None:
         self.lease.release()  # before the final frame: a client may start the next at once
         with self.lock:
@@ -174,6 +228,7 @@ class Run:
         watcher), ``interrupted`` (the server shutting down) or ``failed``; and the reply's
         provenance."""
         meta: dict[str, Any] = dict(finished.meta) if finished else {}
+        meta.update(self.extra_meta)
         meta["options"] = self.options.to_dict()
         if meta.get("trimmed_messages"):
             meta["trimmed_through"] = last_left_out(self.history, self.options,

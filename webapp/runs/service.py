@@ -25,11 +25,13 @@ from typing import Any
 from ..chats import MISSING, ChatService, check_message_id
 from ..engines import EngineRegistry
 from ..engines.base import EngineError, Finished, Queued, Token, timed
+from ..engines.structured import build_grammar, call_parts, split_reply
 from ..errors import AppError, Invalid
 from ..limits import COMPARE_MAX, Lease, Limits
 from ..models import Message, Provenance, new_public_id
 from ..options import GenerationOptions, settings_options
 from ..security import short
+from ..tools.registry import ToolContext
 from ..validation import INT64
 from .keeper import HOST, Keeper
 from .listen import ReplyListener
@@ -41,7 +43,10 @@ from .run import (
     error_frame,
     final_frame,
     started_frame,
+    step_frame,
     token_frame,
+    tool_call_frame,
+    tool_result_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -50,14 +55,29 @@ REMOTE_POLL_SECONDS = 0.25  # how often a watcher on another process re-reads th
 # With PostgreSQL's notifications (listen.py) a watcher reads when woken; this only catches one
 # lost with a dropped connection.
 NOTIFIED_POLL_SECONDS = 2.0
+MAX_CALLS_PER_STEP = 8  # tool calls of one reply that are run (a grammar-held model makes one)
+
+
+def unrun_calls(reply: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The tool calls a reply cut off (stopped, interrupted) made and never saw the results
+    of: those it kept in its meta, or its text when that is nothing but calls."""
+    if reply.get("status") not in ("stopped", "interrupted"):
+        return None
+    calls = (reply.get("meta") or {}).get("tool_calls")
+    if not calls:
+        _, _, calls = split_reply(reply.get("content") or "", tools=True)
+    return calls or None
 
 
 class RunService:
     """Starts, watches, stops and persists the runs of one app instance."""
 
     def __init__(self, chats: ChatService, engines: EngineRegistry, config: dict,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, tools: Any = None) -> None:
         self.chats = chats
+        self.tools = tools  # a tools.registry.ToolRegistry: the chat's tool loop (never /v1's)
+        self.tool_steps = int(config.get("TOOL_STEPS", 5))
+        self._aliases: dict[str, Run] = {}  # a looping run's earlier replies -> the run
         self.engines = engines
         self.config = config
         self.limits = limits if limits is not None else Limits(config)
@@ -91,7 +111,13 @@ class RunService:
             base.update({k: v for k, v in new_settings.items() if v is not None})
         raw = settings_options(base)
         raw.update(options or {})
-        parsed = GenerationOptions.parse(raw, self.config)
+        enabled = self.tools.enabled(base.get("chat_tools")) if self.tools is not None else []
+        if enabled:
+            # The frame's own options are checked alone: tools come from the settings only.
+            GenerationOptions.parse(options or {}, self.config)
+            raw["tools"] = self.tools.specs(enabled)
+            raw["tool_choice"] = base.get("chat_tool_choice") or "auto"
+        parsed = GenerationOptions.parse(raw, self.config, allow_tools=bool(enabled))
         try:
             chosen, engine = self.engines.resolve(model or base.get("model"))
         except AppError:
@@ -151,7 +177,8 @@ class RunService:
             for (parsed, model, engine, _), reply, part in zip(prepared, replies, parts,
                                                                strict=True):
                 runs.append(self._launch(owner, model, engine, parsed, history, watcher, part,
-                                         conv=conv, reply=reply, user_message=user, **extra))
+                                         conv=conv, reply=reply, user_message=user,
+                                         chat_tools=True, **extra))
         finally:
             for part in parts[len(runs):]:  # the runs that did not start
                 part.release()
@@ -169,7 +196,7 @@ class RunService:
             )
             return self._launch(owner, model, engine, parsed, history, watcher, lease,
                                 conv=conv, reply=reply, user_message=asked, kind="regenerate",
-                                regenerates=message_id)
+                                regenerates=message_id, chat_tools=True)
 
     def continue_reply(self, owner: str, message_id: Any, *, options: Any = None,
                        ip: str | None = None, watcher: Watcher | None = None) -> Run:
@@ -185,7 +212,7 @@ class RunService:
                                                               run_owner=self.identity)
             return self._launch(owner, model, engine, parsed, history, watcher, lease,
                                 conv=conv, reply={**before, "status": "streaming"},
-                                kind="continue", continues=before)
+                                kind="continue", continues=before, chat_tools=True)
 
     @contextmanager
     def _admitted(self, owner: str, ip: str | None, needed: int = 1,
@@ -205,7 +232,8 @@ class RunService:
                 history: list[dict[str, Any]], watcher: Watcher | None, lease: Lease, *,
                 conv: dict[str, Any] | None, reply: dict[str, Any] | None,
                 user_message: dict[str, Any] | None = None, kind: str | None = None,
-                continues: dict[str, Any] | None = None, **extra: Any) -> Run:
+                continues: dict[str, Any] | None = None, chat_tools: bool = False,
+                **extra: Any) -> Run:
         """The one way a run starts, once its rows are stored (``reply`` None: a /v1 call
         kept only in memory). The lease is the run's from here, whichever way it ends."""
         message_id = reply["id"] if reply else new_public_id()
@@ -214,6 +242,13 @@ class RunService:
                   started_frame=started_frame(message_id, model, conv, reply, user_message,
                                               kind, **extra),
                   stored=reply is not None, continues=continues)
+        if chat_tools and options.tools and self.tools is not None:
+            names = {t["function"]["name"] for t in options.tools}
+            run.tools = [t for t in self.tools.available() if t.name in names]
+            if continues is not None:  # a reply cut off in its tool calls: run them first
+                run.pending_calls = unrun_calls(continues)
+                if run.pending_calls:
+                    run.history = history[:-1]
         if watcher is not None:
             # Before the model starts, so no token goes unseen; a continued reply's text so
             # far is already with the client that asked.
@@ -337,7 +372,7 @@ class RunService:
     def stop(self, owner: str, message_id: Any, reason: str = "user") -> bool:
         check_message_id(message_id)
         with self._lock:
-            run = self.runs.get(message_id)
+            run = self.runs.get(message_id) or self._aliases.get(message_id)
         if run is not None and run.owner == owner:
             run.stop(reason)
             return True
@@ -354,9 +389,28 @@ class RunService:
         finally:
             with self._lock:
                 self.runs.pop(run.message_id, None)
+                for alias in [k for k, v in self._aliases.items() if v is run]:
+                    del self._aliases[alias]
             run.lease.release()  # whichever way it ended: done, stopped, failed, crashed
 
     def _generate(self, run: Run) -> None:
+        """The reply; with tools on, the loop: the model's tool calls are run and stored as a
+        step (tools_step), and the model goes on in a new reply, until it answers in text or
+        has taken BCHAT_TOOL_STEPS steps (then it must answer: tool_choice "none")."""
+        if run.pending_calls:  # a continued reply that had called tools: run them first
+            calls, run.pending_calls = run.pending_calls, None
+            if not self._tool_step(run, calls, None, keep_provenance=True):
+                return
+        while True:
+            finished, error = self._model_step(run)
+            calls = self._tool_calls(run, finished, error)
+            if not calls:
+                break
+            if not self._tool_step(run, calls, finished):
+                return
+        self._settle(run, finished, error)
+
+    def _model_step(self, run: Run) -> tuple[Finished | None, EngineError | None]:
         finished: Finished | None = None
         error: EngineError | None = None
         try:
@@ -373,7 +427,85 @@ class RunService:
             log.exception("chat %s: the run failed", short(run.conversation_id))
             error = EngineError(f"the server failed while writing the reply ({type(exc).__name__})",
                                 code="internal")
-        self._settle(run, finished, error)
+        return finished, error
+
+    @staticmethod
+    def _tool_calls(run: Run, finished: Finished | None, error: EngineError | None
+                    ) -> list[dict[str, Any]] | None:
+        """The calls a finished reply made, when its conversation has tools on."""
+        if (not run.tools or error is not None or finished is None or run.stop_reason
+                or run.options.tool_choice == "none"):  # past the step limit: text only
+            return None
+        if finished.finish_reason not in ("stop", "tool_calls"):
+            return None  # cut off by the token limit: a call half written is text
+        _, _, calls = split_reply(run.text, tools=True)
+        return calls or finished.meta.get("tool_calls") or None
+
+    def _tool_step(self, run: Run, calls: list[dict[str, Any]], finished: Finished | None, *,
+                   keep_provenance: bool = False) -> bool:
+        """Run ``calls`` (the first MAX_CALLS_PER_STEP; the others are answered that they were
+        not run), store the step, and move the run to the next reply; False when the run has
+        ended here (stopped, or its rows gone), settled."""
+        message_id = run.message_id
+        run.extra_meta = {"tool_calls": calls}  # a stop from here keeps them, for continue
+        run.fresh_cancel()  # the model call's ended with its stream; a stop sets this one
+        context = ToolContext(owner=run.owner, conversation_id=run.conversation_id,
+                              db=self.chats.db)
+        results = []
+        for index, call in enumerate(calls):
+            if run.stop_reason:
+                break
+            run.send(tool_call_frame(message_id, index, call))
+            name, arguments = call_parts(call)
+            if index >= MAX_CALLS_PER_STEP:  # an upstream's parallel calls: a few at a time
+                text, meta = (f"Error: not run: at most {MAX_CALLS_PER_STEP} tool calls are "
+                              "run at once.", {"ms": 0.0, "error": "too_many_calls"})
+            elif run.tools is None or name not in {t.name for t in run.tools}:
+                text, meta = (f"Error: the tool {str(name)[:64]!r} is not enabled in this "
+                              "conversation.", {"ms": 0.0, "error": "unknown_tool"})
+            else:
+                outcome = self.tools.call(name, arguments, context, run.cancel)
+                text, meta = outcome.text, outcome.meta()
+            result = {"content": text, "meta": {"tool_call_id": call.get("id") or f"call_{index}",
+                                                "name": str(name)[:64], **meta}}
+            results.append(result)
+            run.send(tool_result_frame(message_id, index, call, result))
+        if run.stop_reason:
+            # Stopped among the calls: the reply keeps them (meta.tool_calls) and ends
+            # "stopped"; continue runs them again.
+            self._settle(run, None, None)
+            return False
+        content, _, _ = split_reply(run.text, tools=True)
+        provenance = None
+        if not keep_provenance:
+            _, provenance = run.outcome(finished, None)
+        run.steps += 1
+        last = run.steps >= self.tool_steps
+        options = replace(run.options, tool_choice="none" if last else "auto",
+                          grammar=build_grammar(run.options.response_format, run.options.tools,
+                                                "none" if last else "auto"))
+        try:
+            stored = self.chats.store_tool_step(
+                message_id, content, provenance, calls, results,
+                self._provenance(run.engine, run.model, options), run_owner=self.identity)
+        except Exception:
+            log.exception("chat %s: could not store a tool step", short(run.conversation_id))
+            run.settle(error_frame(AppError("internal", "the tool step could not be stored"),
+                                   message_id))
+            return False
+        if stored is None:
+            run.settle(error_frame(AppError("not_found", "the conversation was deleted while "
+                                            "replying"), message_id))
+            return False
+        message, tools, following, history = stored
+        run.options = options
+        run.fresh_cancel()  # an engine sets the last one when its stream ends
+        with self._lock:
+            self.runs.pop(message_id, None)
+            self._aliases[message_id] = run
+            self.runs[following["id"]] = run
+        run.next_step(following["id"], history, step_frame(message_id, message, tools, following))
+        return True
 
     def _settle(self, run: Run, finished: Finished | None, error: EngineError | None) -> None:
         """The reply's final state, stored (or kept in memory for a /v1 call not stored),

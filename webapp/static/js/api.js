@@ -48,6 +48,7 @@ export const MESSAGE_WINDOW = 50;
 
 export const api = {
   models: () => request("GET", "/api/models"),
+  tools: () => request("GET", "/api/tools"),
   // The sidebar's list, a page at a time (newest first). The answer's array carries the next
   // page's cursor as `next` (null on the last), so the list loads more as it scrolls without
   // its callers knowing about pages. The first page is the one boot.js prefetched (same path).

@@ -250,6 +250,8 @@ function showStreaming(message, conversationId) {
     signal: reply.controller.signal,
     onToken: (text) => reply.token(text),
     onQueued: (position) => reply.queued(position),
+    onTool: (frame) => reply.tool(frame),
+    onStep: (frame) => applyStep(reply, frame),
   }).then((stored) => reply.settle(stored), (err) => {
     reply.fail(err);
     if (state.conversationId === conversationId) showError(err.message);
@@ -440,6 +442,21 @@ function applyStarted(conversationId, { conversation = null, userMessage = null,
   render(tree);
 }
 
+// A tool step is stored (the server's tool loop): the reply that called tools and the tool
+// messages join the tree as stored, and the loop's next reply becomes the live one.
+function applyStep(reply, { message, tool_messages: tools, reply: next }) {
+  reply.step(next.id);
+  const tree = state.conversation;
+  if (state.conversationId !== reply.conversationId || tree?.id !== reply.conversationId) return;
+  for (const stored of [message, ...tools, next]) {
+    const index = tree.messages.findIndex((m) => m.id === stored.id);
+    if (index >= 0) tree.messages[index] = { ...tree.messages[index], ...stored };
+    else tree.messages.push(stored);
+  }
+  tree.current_message_id = next.id;
+  render(tree);
+}
+
 // Send the composer's text, or: an edited message ({content, parentId}), a regenerated
 // reply ({regenerate: reply}), more of a cut-off reply ({continueFrom: reply}).
 async function send(action = null) {
@@ -524,6 +541,8 @@ async function send(action = null) {
         if (progress.phase !== "ready") reply.view?.loading(progress);
       },
       onToken: (text) => reply.token(text),
+      onTool: (frame) => reply.tool(frame),
+      onStep: (frame) => applyStep(reply, frame),
     });
     reply.settle(stored);
   } catch (err) {

@@ -82,6 +82,19 @@ export class LiveReply {
     this.view?.append(text);
   }
 
+  // A tool call of this reply ran or is running (tool_call / tool_result frames).
+  tool(frame) {
+    this.view?.tool(frame);
+  }
+
+  // The tool step is stored: the loop goes on in a new reply (its id), text from empty.
+  step(messageId) {
+    if (this.messageId) state.live.delete(this.messageId);
+    this.text = "";
+    this.view = null;
+    this.identify(messageId);
+  }
+
   queued(position) {
     this.position = position;
     this.view?.queued(position);

@@ -30,9 +30,28 @@ export function modelHistory(messages) {
   const turns = [];
   for (const m of messages) {
     if (m.status === "streaming" || !(m.content || m.status === "complete")) continue;
-    const content = m.role === "assistant" ? m.content.replace(/<think>[\s\S]*?<\/think>\s*/g, "") : m.content;
-    const turn = { role: m.role, content };
-    if (turns.length && turns.at(-1).role === m.role && m.role !== "system") turns[turns.length - 1] = turn;
+    let content = m.role === "assistant" ? m.content.replace(/<think>[\s\S]*?<\/think>\s*/g, "") : m.content;
+    let role = m.role;
+    // A tool step the server ran: as text any chat template takes (engines/structured.py's
+    // render_messages): the calls in <tool_call> blocks, each result a <tool_response>.
+    if (role === "assistant" && m.meta?.tool_calls?.length && m.status === "complete") {
+      const calls = m.meta.tool_calls.map((call) => {
+        let args = call.function?.arguments;
+        try { args = JSON.parse(args); } catch { /* kept as written */ }
+        return `<tool_call>\n${JSON.stringify({ name: call.function?.name, arguments: args })}\n</tool_call>`;
+      }).join("\n");
+      content = content ? `${content}\n${calls}` : calls;
+    } else if (role === "tool") {
+      role = "user";
+      content = `<tool_response>\n${content}\n</tool_response>`;
+      const last = turns.at(-1);
+      if (last?.role === "user" && last.content.endsWith("</tool_response>")) {
+        last.content += `\n${content}`;
+        continue;
+      }
+    }
+    const turn = { role, content };
+    if (turns.length && turns.at(-1).role === role && role !== "system") turns[turns.length - 1] = turn;
     else turns.push(turn);
   }
   return turns;

@@ -14,7 +14,9 @@ let nextRequestId = 1;
 
 export function createServerEngine(socket) {
   // Relay one reply's frames (by message id) until its final frame.
-  function relay(messageId, initialText, { onToken, onQueued, signal } = {}) {
+  // A conversation with tools on: tool_call / tool_result frames go to onTool, and a "step"
+  // frame moves the relay to the loop's next reply (onStep), whose tokens start at 0.
+  function relay(messageId, initialText, { onToken, onQueued, onTool, onStep, signal } = {}) {
     let length = codePoints(initialText ?? "");
     return new Promise((resolve, reject) => {
       const finish = (fn, value) => {
@@ -38,6 +40,15 @@ export function createServerEngine(socket) {
         const fresh = skip ? pieces.slice(skip).join("") : frame.text;
         length += pieces.length - skip;
         onToken?.(fresh);
+      }, tool_call: (frame) => {
+        if (frame.message_id === messageId) onTool?.(frame);
+      }, tool_result: (frame) => {
+        if (frame.message_id === messageId) onTool?.(frame);
+      }, step: (frame) => {
+        if (frame.message_id !== messageId) return;
+        messageId = frame.reply.id;
+        length = 0;
+        onStep?.(frame);
       }, queued: (frame) => {
         if (frame.message_id === messageId) onQueued?.(frame.position);
       }, done: (frame) => {

@@ -6,6 +6,7 @@ import { copyWithFeedback, icon, iconButton } from "./icons.js";
 import { el, factRows } from "./panel.js";
 import { modelChip } from "./model_card.js";
 import { ms, tokens, tokensPerSecond } from "../format.js";
+import { fillToolBlock, liveToolBlock, toolBlocksOf } from "./tools.js";
 
 export function describeProvenance(message) {
   if (message.role !== "assistant") return "";
@@ -49,7 +50,7 @@ function describeOptions(options, message) {
   return box;
 }
 
-const ROLE_NAMES = { user: "You", assistant: "Assistant", system: "System" };
+const ROLE_NAMES = { user: "You", assistant: "Assistant", system: "System", tool: "Tool" };
 let labelCount = 0;
 
 // The exact text a message holds (what copy puts on the clipboard), by its element.
@@ -159,9 +160,13 @@ export class MessageView {
     // A reply made under a JSON schema shows as formatted JSON, checked against it.
     if (message.role === "assistant") {
       if (!renderStructured(body, message)) renderMarkdown(body, message.content);
-    } else {
+    } else if (message.role !== "tool") {
       body.textContent = message.content; // what the user typed is shown as typed
     }
+    // A tool step: the calls a reply made, or a tool's result, as blocks that fold (text only).
+    const steps = toolBlocksOf(message);
+    if (steps.length) body.append(el("div", "tool-steps", null, { testid: "tool-steps" }));
+    body.querySelector(".tool-steps")?.append(...steps);
     texts.set(node, message.content ?? "");
     const actions = el("div", "message-actions");
     const copy = iconButton("copy", "Copy message", {
@@ -270,6 +275,23 @@ export class MessageView {
       },
       queued: (position) => {
         node.querySelector(".meta").textContent = `waiting for the model (${position} ahead)…`;
+      },
+      // A tool call of this reply is running (tool_call), or has run (tool_result).
+      tool: (frame) => {
+        let box = node.querySelector(".live-tools");
+        if (!box) {
+          box = el("div", "tool-steps live-tools", null, { testid: "tool-steps" });
+          node.querySelector(".body").after(box);
+        }
+        const key = String(frame.index);
+        let block = box.querySelector(`[data-index="${key}"]`);
+        if (!block) {
+          block = liveToolBlock(frame);
+          block.dataset.index = key;
+          box.append(block);
+        }
+        if (frame.type === "tool_result") fillToolBlock(block, frame);
+        this.scrollToEnd();
       },
       loading: (progress) => {
         node.querySelector(".meta").textContent = progress?.phase === "reading"

@@ -11,6 +11,7 @@
 import { api } from "../api.js";
 import { currentSettings, modelInfo, state, update } from "../state.js";
 import { readReplyFormat, replyFormatRefused, replyFormatSaved, showReplyFormat } from "./reply_format.js";
+import { initToolSettings } from "./tools.js";
 
 export function initSettings(root, { options, modelSelect, engineSelect, onError }) {
   const $ = (testid) => root.querySelector(`[data-testid="${testid}"]`);
@@ -24,6 +25,7 @@ export function initSettings(root, { options, modelSelect, engineSelect, onError
   const status = $("settings-status");
   let dirty = false;
   let saving = Promise.resolve();
+  const tools = initToolSettings(root, { onEdit: () => edited() });
 
   function say(text, level = "ok") {
     status.textContent = text;
@@ -44,6 +46,7 @@ export function initSettings(root, { options, modelSelect, engineSelect, onError
     inputs.maxTokens.value = values.max_tokens ?? options.max_tokens.default;
     if (values.model && modelInfo(values.model)) modelSelect.value = values.model;
     if (values.engine) engineSelect.value = values.engine;
+    tools.show(values);
     dirty = false;
     saveButton.disabled = false;
     say("");
@@ -58,6 +61,7 @@ export function initSettings(root, { options, modelSelect, engineSelect, onError
       max_tokens: number(Number.parseInt(inputs.maxTokens.value, 10)),
       model: modelSelect.value || null,
       engine: engineSelect.value || null,
+      ...tools.read(),
     };
   }
 
@@ -111,6 +115,7 @@ export function initSettings(root, { options, modelSelect, engineSelect, onError
   }
 
   Object.values(inputs).forEach((input) => input.addEventListener("input", edited));
+  tools.wire();
   root.querySelector(".reply-format")?.addEventListener("bchat:reply-format-edited", edited);
   saveButton.addEventListener("click", saveNow);
   sheet.addEventListener("toggle", () => {
