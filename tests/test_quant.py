@@ -162,3 +162,34 @@ def test_types_and_importance_matrices(family, tmp_path):
     assert 2.3 <= variant.record["bits_per_weight"] < 3.5
     with pytest.raises(QuantError, match="already exists"):
         quantize(source, "IQ2_XS", tmp_path, imatrix=imatrix)
+
+
+def test_a_mixture_of_experts_says_its_active_parameters(tmp_path):
+    """Experts and the parameters each token runs come from the GGUF header and tensor table."""
+    import gguf
+
+    dim, ff, experts = 64, 128, 8
+    path = tmp_path / "moe-F32.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(dim)
+    writer.add_head_count(4)
+    writer.add_expert_count(experts)
+    writer.add_expert_used_count(2)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    shared = {"token_embd.weight": (100, dim), "blk.0.attn_q.weight": (dim, dim),
+              "blk.0.ffn_gate_inp.weight": (experts, dim)}
+    routed = {f"blk.0.ffn_{kind}_exps.weight": (experts, ff, dim) for kind in ("gate", "up", "down")}
+    for name, shape in {**shared, **routed}.items():
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = read_model_file(path)
+    shared_count = sum(math.prod(s) for s in shared.values())
+    expert_count = sum(math.prod(s) for s in routed.values())
+    assert model.parameters == shared_count + expert_count
+    assert (model.experts, model.experts_used, model.expert_parameters) == (8, 2, expert_count)
+    assert model.active_parameters == shared_count + expert_count * 2 // 8
+    assert model.weights_bits_per_weight == 32.0

@@ -135,6 +135,7 @@ function familySection(family, speeds, openCompare, narrow) {
   const columns = ["Type", "Bits/weight", "Size", "ΔPPL", "KLD", "Top-1", "Server tok/s", "Browser tok/s",
                    "Fits server", "Fits this browser", ""];
   const { table, scroll } = dataTable("models-table", columns, "models-table");
+  table.tHead.rows[0].cells[1].title = "the weights alone: tensor bytes × 8 / parameters";
   const ordered = family.members.map((m) => m.model);
   for (const m of family.members) {
     const q = m.quality;
@@ -181,7 +182,10 @@ function familySection(family, speeds, openCompare, narrow) {
   }
   section.append(scroll);
   const measured = family.members.some((m) => m.quality);
-  if (!measured) {
+  if (family.members.length < 2) {
+    section.append(el("p", "field-help", `One file so far: an admin makes variants with bchat models quantize ${family.members[0].model} Q8_0 Q4_K_M, then measures them with bchat models eval ${family.family}.`,
+                      { testid: "models-unmeasured" }));
+  } else if (!measured) {
     section.append(el("p", "field-help", `Not measured yet: an admin runs bchat models eval ${family.family}.`,
                       { testid: "models-unmeasured" }));
   }
