@@ -312,15 +312,25 @@ def chunks_of(tokens: list[int], n_ctx: int, bos: int | None) -> list[list[int]]
     return out
 
 
-def _chunk_logprobs(llm, chunk: list[int]):
-    """Log-probabilities of the next token at the scored positions (the second half), and the
-    seconds the chunk took to evaluate."""
-    first = len(chunk) // 2
+def _eval_chunk(llm, chunk: list[int]) -> float:
+    """Evaluate one chunk from an empty cache (every position's logits kept); its seconds."""
     llm.reset()
     started = time.perf_counter()
     llm.eval(chunk)
-    took = time.perf_counter() - started
-    return _log_softmax(llm.scores[first:len(chunk) - 1]), took
+    return time.perf_counter() - started
+
+
+# Scored positions turned into log-probabilities at a time: with a 150k-token vocabulary a whole
+# half-chunk in float64 is ~150 MB per temporary; a block of 32 rows keeps each under 40 MB.
+BLOCK_ROWS = 32
+
+
+def _scored_blocks(llm, n_ctx: int):
+    """(row offset, log-probabilities) of the next token at the scored positions (the second
+    half of the chunk just evaluated), a block of rows at a time."""
+    first, last = n_ctx // 2, n_ctx - 1
+    for start in range(first, last, BLOCK_ROWS):
+        yield start - first, _log_softmax(llm.scores[start:min(start + BLOCK_ROWS, last)])
 
 
 def _decode_speed(llm, prompt: list[int], steps: int = DECODE_TOKENS) -> float | None:
@@ -364,11 +374,11 @@ def evaluate(reference: ModelFile, variants: list[ModelFile], text: str, *, n_ct
         targets = np.array([c[first + 1:] for c in chunks], dtype=np.int64).reshape(-1)
         nll, seconds = 0.0, 0.0
         for i, chunk in enumerate(chunks):
-            logprobs, took = _chunk_logprobs(llm, chunk)
-            seconds += took
-            rows = slice(i * per_chunk, (i + 1) * per_chunk)
-            base[rows] = logprobs
-            nll -= float(logprobs[np.arange(per_chunk), targets[rows]].sum())
+            seconds += _eval_chunk(llm, chunk)
+            for offset, logprobs in _scored_blocks(llm, n_ctx):
+                rows = slice(i * per_chunk + offset, i * per_chunk + offset + len(logprobs))
+                base[rows] = logprobs
+                nll -= float(logprobs[np.arange(len(logprobs)), targets[rows]].sum())
             if progress:
                 progress(reference.id, i + 1, len(chunks))
         ppl_ref = math.exp(nll / len(targets))
@@ -382,13 +392,13 @@ def evaluate(reference: ModelFile, variants: list[ModelFile], text: str, *, n_ct
                                  "not a variant of the same model")
             nll, kld, agree, seconds = 0.0, 0.0, 0, 0.0
             for i, chunk in enumerate(chunks):
-                logprobs, took = _chunk_logprobs(llm, chunk)
-                seconds += took
-                rows = slice(i * per_chunk, (i + 1) * per_chunk)
-                ref = np.asarray(base[rows], dtype=np.float64)
-                nll -= float(logprobs[np.arange(per_chunk), targets[rows]].sum())
-                kld += float((np.exp(ref) * (ref - logprobs)).sum())
-                agree += int((ref.argmax(axis=-1) == logprobs.argmax(axis=-1)).sum())
+                seconds += _eval_chunk(llm, chunk)
+                for offset, logprobs in _scored_blocks(llm, n_ctx):
+                    rows = slice(i * per_chunk + offset, i * per_chunk + offset + len(logprobs))
+                    ref = np.asarray(base[rows], dtype=np.float64)
+                    nll -= float(logprobs[np.arange(len(logprobs)), targets[rows]].sum())
+                    kld += float((np.exp(ref) * (ref - logprobs)).sum())
+                    agree += int((ref.argmax(axis=-1) == logprobs.argmax(axis=-1)).sum())
                 if progress:
                     progress(variant.id, i + 1, len(chunks))
             ppl = math.exp(nll / len(targets))
