@@ -15,7 +15,7 @@ import pytest
 from tiny_model import write_imatrix, write_tiny_model
 
 from webapp.catalogue import discover, read_model_file
-from webapp.quant import EVAL_TEXT, QuantError, evaluate, families, quantize
+from webapp.quant import EVAL_TEXT, QuantError, evaluate, evaluate_family, families, quality_report, quantize
 
 ROOT = Path(__file__).resolve().parent.parent
 BCHAT = [sys.executable, "-m", "webapp.cli"]
@@ -193,3 +193,22 @@ def test_a_mixture_of_experts_says_its_active_parameters(tmp_path):
     assert (model.experts, model.experts_used, model.expert_parameters) == (8, 2, expert_count)
     assert model.active_parameters == shared_count + expert_count * 2 // 8
     assert model.weights_bits_per_weight == 32.0
+
+
+def test_a_folder_of_links_keeps_its_own_evaluation(family, tmp_path):
+    """Models are read through symlinks to their files: the evaluation of a folder of links
+    goes into that folder, not beside the files another folder evaluates."""
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in ("tiny-F32.gguf", "tiny-Q4_0.gguf"):
+        (links / name).symlink_to(family / name)
+    text = tmp_path / "short.txt"
+    text.write_text(EVAL_TEXT.read_text()[:1500])
+    before = (family / "tiny.quality.json").read_bytes() if (family / "tiny.quality.json").exists() else None
+    evaluate_family(discover(links), "tiny", text_path=text, n_ctx=128, n_threads=1, folder=links)
+    stored = json.loads((links / "tiny.quality.json").read_text())
+    assert [r["model"] for r in stored["variants"]] == ["tiny-F32", "tiny-Q4_0"]
+    after = (family / "tiny.quality.json").read_bytes() if (family / "tiny.quality.json").exists() else None
+    assert after == before
+    (report,) = quality_report(discover(links), links)
+    assert [m["quality"] is not None for m in report["members"]] == [True, True]

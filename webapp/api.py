@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
@@ -116,7 +117,8 @@ def model_quality():
 
     services = get_services()
     catalogue = services.catalogue
-    families = quality_report(catalogue)
+    where = Path(catalogue.model_path) if catalogue.model_path else None
+    families = quality_report(catalogue, where.parent if where and where.is_file() else where)
     for family in families:
         for member in family["members"]:
             model = catalogue.get(member["model"])

@@ -203,7 +203,8 @@ def eval_family(family: str, text: str | None, n_ctx: int, dest: str | None) -> 
               f"{len(members) - 1} variant(s)", file=sys.stderr)
     try:
         result = evaluate_family(models, family, text_path=Path(text) if text else EVAL_TEXT,
-                                 n_ctx=n_ctx, n_threads=int(config["N_THREADS"]), progress=progress)
+                                 n_ctx=n_ctx, n_threads=int(config["N_THREADS"]),
+                                 folder=folder if folder.is_dir() else folder.parent, progress=progress)
     except QuantError as err:
         print(f"bchat: {err}", file=sys.stderr)
         return 1

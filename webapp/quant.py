@@ -421,10 +421,12 @@ def _row(model: ModelFile, ppl: float, ppl_ref: float, kld: float, top1: float, 
 
 
 def evaluate_family(models: Iterable[ModelFile], family: str, *, text_path: Path = EVAL_TEXT,
-                    n_ctx: int = EVAL_CTX, n_threads: int | None = None,
+                    n_ctx: int = EVAL_CTX, n_threads: int | None = None, folder: Path | None = None,
                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate every member of ``family`` against its highest-precision member and store the
-    result beside the reference (FAMILY.quality.json)."""
+    result as FAMILY.quality.json in ``folder``, the models folder they were found in (default:
+    the reference's own folder; a model's path is its resolved file, which a symlinked models
+    folder shares with others)."""
     import hashlib
 
     grouped = families(models)
@@ -444,22 +446,19 @@ def evaluate_family(models: Iterable[ModelFile], family: str, *, text_path: Path
         "device": {"cores": os.cpu_count() or 1, "threads": n_threads},
         "created_at": _now(),
     })
-    write_json_atomically(quality_path(members[0], family), result)
+    write_json_atomically((folder or members[0].path.parent) / (family + QUALITY_SUFFIX), result)
     return result
 
 
-def quality_path(reference: ModelFile, family: str) -> Path:
-    return reference.path.with_name(family + QUALITY_SUFFIX)
-
-
-def quality_report(models: Iterable[ModelFile]) -> list[dict[str, Any]]:
+def quality_report(models: Iterable[ModelFile], folder: Path | None = None) -> list[dict[str, Any]]:
     """Every family with its members' facts and their last evaluation (``stale`` where a file
-    changed since it was measured; members added since have none)."""
+    changed since it was measured; members added since have none): from ``folder`` (the models
+    folder) first, else from beside a member's file."""
     report = []
     for family, members in sorted(families(models).items()):
         stored = None
-        for member in members:
-            stored = _read_json(quality_path(member, family))
+        for place in [folder] * (folder is not None) + [m.path.parent for m in members]:
+            stored = _read_json(place / (family + QUALITY_SUFFIX))
             if stored:
                 break
         measured = {row.get("model"): row for row in (stored or {}).get("variants", [])
