@@ -76,6 +76,7 @@ def test_the_models_page_shows_each_variants_cost_and_plot(server, pages, shots,
     # KLD on a log scale: the reference (0) has no place on it; the variants do
     points = plot.get_by_test_id("models-plot-point")
     expect(points).to_have_count(2)
+    expect(plot.get_by_test_id("models-plot-reference")).to_have_count(1)
     y = {m: float(points.and_(page.locator(f'[data-model="{m}"]')).get_attribute("cy"))
          for m in ("tiny-Q8_0", "tiny-Q4_0")}
     assert y["tiny-Q4_0"] < y["tiny-Q8_0"]  # the larger divergence is drawn higher

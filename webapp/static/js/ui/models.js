@@ -105,23 +105,48 @@ export function qualityPlot(family, metric, width = 560) {
     chart.append(svg("line", { x1: pad.left, x2: pad.left + plotW, y1: y, y2: y, class: "plot-grid" }));
     chart.append(svg("text", { x: pad.left - 6, y: y + 4, class: "plot-axis", "text-anchor": "end" },
                      spec.text(spec.log ? 10 ** v : v)));
-    const xv = (xMax * i) / 4;
+  }
+  const xTicks = width < 480 ? 2 : 4; // a phone's narrower drawing has room for fewer sizes
+  for (let i = 0; i <= xTicks; i += 1) {
+    const xv = (xMax * i) / xTicks;
     chart.append(svg("text", { x: X(xv), y: height - 22, class: "plot-axis",
-                               "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" }, size(xv)));
+                               "text-anchor": i === 0 ? "start" : i === xTicks ? "end" : "middle" }, size(xv)));
   }
   chart.append(svg("text", { x: pad.left + plotW / 2, y: height - 4, class: "plot-axis", "text-anchor": "middle" }, "file size"));
+  // On a log scale the reference (0 by definition) has no place: its size is marked instead.
+  const reference = family.members.find((m) => m.reference);
+  if (reference && !points.some((p) => p.m === reference)) {
+    const rx = X(reference.file_size);
+    chart.append(svg("line", { x1: rx, x2: rx, y1: pad.top, y2: pad.top + plotH, class: "plot-reference",
+                               "data-testid": "models-plot-reference" }),
+                 svg("text", { x: rx - 4, y: pad.top + plotH - 6, class: "plot-axis", "text-anchor": "end" },
+                     `${reference.quantization} (reference)`));
+  }
   const sorted = [...points].sort((a, b) => a.x - b.x);
   if (sorted.length > 1) {
     chart.append(svg("polyline", { points: sorted.map((p) => `${X(p.x).toFixed(1)},${Y(p.y).toFixed(1)}`).join(" "),
                                    class: "plot-line" }));
   }
-  for (const p of sorted) {
-    const dot = svg("circle", { cx: X(p.x).toFixed(1), cy: Y(p.y).toFixed(1), r: 5,
+  const placed = []; // labels drawn so far: {x0, x1, y}
+  for (const p of [...sorted].sort((a, b) => Y(a.y) - Y(b.y))) {
+    const cx = X(p.x);
+    const cy = Y(p.y);
+    const dot = svg("circle", { cx: cx.toFixed(1), cy: cy.toFixed(1), r: 5,
                                 class: `plot-point${p.m.reference ? " reference" : ""}`,
                                 "data-testid": "models-plot-point", "data-model": p.m.model });
     dot.append(svg("title", {}, `${p.m.quantization}: ${size(p.x)}, ${spec.text(p.y)}`));
-    chart.append(dot, svg("text", { x: X(p.x).toFixed(1), y: (Y(p.y) - 9).toFixed(1), class: "plot-label",
-                                    "text-anchor": "middle" }, p.m.quantization));
+    // The label right of its point (left near the right edge), moved down past any label it
+    // would overlap: variants of nearly one size sit on top of each other.
+    const textWidth = 7.5 * p.m.quantization.length;
+    const right = cx + 9 + textWidth <= width - 2;
+    const x0 = right ? cx + 9 : cx - 9 - textWidth;
+    let y = cy + 4;
+    for (const other of placed) {
+      if (x0 < other.x1 && x0 + textWidth > other.x0 && Math.abs(y - other.y) < 13) y = other.y + 13;
+    }
+    placed.push({ x0, x1: x0 + textWidth, y });
+    chart.append(dot, svg("text", { x: (right ? x0 : x0 + textWidth).toFixed(1), y: y.toFixed(1), class: "plot-label",
+                                    "text-anchor": right ? "start" : "end" }, p.m.quantization));
   }
   return chart;
 }
