@@ -95,10 +95,18 @@ def test_compare_opens_from_a_variant_with_the_family_side_by_side(server, pages
     page = pages(DESKTOP)
     page.goto(server.url + "/")
     expect(page.get_by_test_id("connection")).to_have_text("connected")
+    # a browser benchmark of one variant, as the benchmark panel posts it, shows in its row
+    posted = page.evaluate("""async () => (await fetch('/api/benchmarks', {method: 'POST',
+        headers: {'Content-Type': 'application/json'}, body: JSON.stringify({backend: 'wasm-st',
+        model: 'tiny-Q8_0', results: [{prompt: 'short', prompt_tokens: 9, decode_tps: 123.4}]})})).status""")
+    assert posted == 201
     page.get_by_test_id("tools-menu").locator("summary").click()
     page.get_by_test_id("models").click()
     rows = page.get_by_test_id("models-row")
     expect(rows).to_have_count(3)
+    expect(rows.locator('[data-figure="browser-tps"]')).to_have_text(["–", "123 (wasm-st)", "–"])
+    note = page.get_by_test_id("models-family").locator(".field-help").first
+    expect(note).to_contain_text("Each token reads")
     rows.nth(2).get_by_test_id("models-compare").click()
     expect(page.get_by_test_id("models-panel")).to_be_hidden()
     panel = page.get_by_test_id("compare-panel")

@@ -70,7 +70,15 @@ function familyFacts(family) {
   const note = moe
     ? "Memory follows all the parameters (every expert must be loaded); speed follows the active ones (each token reads only its experts' weights)."
     : "Dense: every parameter is loaded, and every one is read for each token, so both memory and speed follow the bits per weight.";
-  return { line: parts.filter(Boolean).join(" · "), note };
+  // What each token reads, for the lightest and heaviest variant: decode speed is about the
+  // memory bandwidth divided by it.
+  const reads = family.members.map((m) => m.bytes_per_token).filter(Number.isFinite);
+  const lo = family.members.find((m) => m.bytes_per_token === Math.min(...reads));
+  const hi = family.members.find((m) => m.bytes_per_token === Math.max(...reads));
+  const speed = lo && hi && lo !== hi
+    ? ` Each token reads ~${size(lo.bytes_per_token)} of weights at ${lo.quantization}, ~${size(hi.bytes_per_token)} at ${hi.quantization}: decode speed is roughly memory bandwidth divided by that.`
+    : "";
+  return { line: parts.filter(Boolean).join(" · "), note: note + speed };
 }
 
 // Quality against size: one point per measured variant, labelled with its type.
