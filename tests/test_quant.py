@@ -51,6 +51,9 @@ def test_variants_are_files_of_their_family_that_load_and_generate(family):
         "tiny-Q8_0.gguf.quant.json"]  # nothing half-written is left beside them
     grouped = families(discover(family))
     assert [m.id for m in grouped["tiny"]] == ["tiny-F32", "tiny-Q8_0", "tiny-Q4_0"]
+    listed = bchat("models", "list", models=family, instance=family.parent)
+    assert listed.stdout.splitlines()[0].split()[-1] == "family"
+    assert [line.split()[-1] for line in listed.stdout.splitlines()[1:]] == ["tiny"] * 3
     for name in ("tiny-Q8_0.gguf", "tiny-Q4_0.gguf"):
         llm = Llama(model_path=str(family / name), n_ctx=128, n_threads=1, verbose=False)
         out = llm.create_completion("the cat and the dog", max_tokens=8, temperature=0.0)

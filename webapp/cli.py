@@ -55,18 +55,19 @@ def db_upgrade(revision: str = "head") -> None:
 
 def list_models() -> int:
     from .catalogue import discover
+    from .quant import family_of
 
     config = _settings()
     models = discover(config["MODEL_PATH"])
     if not models:
         print(f"no readable .gguf files at {config['MODEL_PATH']}", file=sys.stderr)
         return 1
-    header = ("id", "name", "arch", "params", "quant", "bpw", "size", "ctx", "chat")
+    header = ("id", "name", "arch", "params", "quant", "bpw", "size", "ctx", "chat", "family")
     rows = [
         (
             m.id, m.name, m.architecture, f"{m.parameters / 1e6:.1f}M", m.quantization,
             f"{m.bits_per_weight:.2f}", f"{m.file_size / 2**20:.1f} MiB",
-            str(m.context_length or "?"), "yes" if m.has_chat_template else "no",
+            str(m.context_length or "?"), "yes" if m.has_chat_template else "no", family_of(m),
         )
         for m in models
     ]
