@@ -214,4 +214,9 @@ def test_a_folder_of_links_keeps_its_own_evaluation(family, tmp_path):
     after = (family / "tiny.quality.json").read_bytes() if (family / "tiny.quality.json").exists() else None
     assert after == before
     (report,) = quality_report(discover(links), links)
-    assert [m["quality"] is not None for m in report["members"]] == [True, True]
+    assert [m["quality"]["stale"] for m in report["members"]] == [False, False]
+    # a file replaced after its evaluation: its figures are flagged, not passed off as its own
+    (links / "tiny-Q4_0.gguf").unlink()
+    (links / "tiny-Q4_0.gguf").symlink_to(family / "tiny-Q8_0.gguf")
+    (report,) = quality_report(discover(links), links)
+    assert [m["quality"]["stale"] for m in report["members"]] == [False, True]
