@@ -220,3 +220,28 @@ def test_a_folder_of_links_keeps_its_own_evaluation(family, tmp_path):
     (links / "tiny-Q4_0.gguf").symlink_to(family / "tiny-Q8_0.gguf")
     (report,) = quality_report(discover(links), links)
     assert [m["quality"]["stale"] for m in report["members"]] == [False, True]
+
+
+def test_an_importance_matrix_in_the_older_dat_format(family, tmp_path):
+    """llama-imatrix's .dat: int32 count, then per tensor its name, calls and summed values."""
+    import struct
+
+    from gguf import GGUFReader
+
+    source = read_model_file(family / "tiny-F32.gguf")
+    data = bytearray()
+    tensors = [t for t in GGUFReader(str(source.path)).tensors
+               if t.name.startswith("blk.") and len(t.shape) == 2]
+    data += struct.pack("<i", len(tensors))
+    for tensor in tensors:
+        name = tensor.name.encode()
+        columns = int(tensor.shape[0])
+        data += struct.pack("<i", len(name)) + name + struct.pack("<ii", 10, columns)
+        data += np.full(columns, 20.0, dtype=np.float32).tobytes()
+    dat = tmp_path / "imatrix.dat"
+    dat.write_bytes(bytes(data))
+    variant = quantize(source, "IQ2_XXS", tmp_path, imatrix=dat, nthread=1)
+    assert variant.model.quantization == "IQ2_XXS" and variant.record["imatrix"] == "imatrix.dat"
+    (tmp_path / "broken.dat").write_bytes(b"\x05\x00\x00\x00\xff")
+    with pytest.raises(QuantError, match="not an importance matrix|no entries"):
+        quantize(source, "IQ2_XXS", tmp_path / "other", imatrix=tmp_path / "broken.dat")
