@@ -39,6 +39,7 @@ HOW = [
     ("./scripts/run", "script"),
     ("./scripts/test", "script"),
     ("bchat models pull", "models"),
+    ("bchat models quantize", "quant"),
     (".venv/bin/bchat doctor", "tests/test_doctor.py"),
     (".venv/bin/bchat db upgrade\n", "db-upgrade"),
     ("createdb -O bchat bchat", "settings"),  # PostgreSQL: needs a superuser; tests/test_postgres.py
@@ -173,6 +174,34 @@ def test_the_commands_it_names_exist():
         assert helped.returncode == 0, (line, helped.stderr)
         for option in [w for w in words if w.startswith("--")]:
             assert option in helped.stdout, (line, option)
+
+
+def test_the_quant_commands_run_as_pasted(tmp_path):
+    """quantize and eval as the README writes them, on a tiny model's F16 file of that name."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_model import write_tiny_model
+
+    from webapp.catalogue import read_model_file
+    from webapp.quant import quantize
+
+    (block,) = blocks_of("quant")
+    models = tmp_path / "models"
+    source = read_model_file(write_tiny_model(tmp_path / "tiny-F32.gguf", dim=256, ff=512))
+    quantize(source, "F16", tmp_path, nthread=1).model.path.rename(
+        models.mkdir() or models / "SmolLM2-135M-Instruct-F16.gguf")
+    env = environment(BCHAT_MODEL_PATH=str(models), BCHAT_INSTANCE_PATH=str(tmp_path / "instance"),
+                      BCHAT_N_THREADS="1")
+    for line in block.splitlines()[1:]:
+        command = shlex.split(line)
+        ran = subprocess.run(BCHAT + command[1:], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert ran.returncode == 0, (line, ran.stderr)
+    assert sorted(p.name for p in models.glob("*.gguf")) == [
+        "SmolLM2-135M-Instruct-F16.gguf", "SmolLM2-135M-Instruct-Q4_0.gguf",
+        "SmolLM2-135M-Instruct-Q4_K_M.gguf", "SmolLM2-135M-Instruct-Q6_K.gguf",
+        "SmolLM2-135M-Instruct-Q8_0.gguf"]
+    assert "Q4_K_M" in ran.stdout and "KLD" in ran.stdout
+    assert (models / "SmolLM2-135M-Instruct.quality.json").is_file()
 
 
 def test_db_upgrade_as_written(tmp_path):

@@ -164,6 +164,28 @@ def write_tiny_model(
     return path
 
 
+def write_imatrix(path: Path, model: Path, *, seed: int = 7) -> Path:
+    """An importance matrix for ``model`` in llama-imatrix's GGUF layout: per 2-D weight fed by
+    activations, ``NAME.in_sum2`` (sums of squared activations per input column) and
+    ``NAME.counts`` (how many rows were summed). Random but positive, like a real one."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "imatrix")
+    writer.add_type("imatrix")
+    for tensor in gguf.GGUFReader(str(model)).tensors:
+        if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
+            columns = int(tensor.shape[0])
+            writer.add_tensor(f"{tensor.name}.in_sum2",
+                              (rng.random((1, columns)) * 100 + 1).astype(np.float32))
+            writer.add_tensor(f"{tensor.name}.counts", np.array([[100.0]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 if __name__ == "__main__":
     import sys
 

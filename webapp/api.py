@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
@@ -124,6 +125,33 @@ def models():
         if default not in allowed:
             default = listing[0]["id"] if listing else None
     return {"models": listing, "default": default}
+
+
+@bp.get("/api/models/quality")
+def model_quality():
+    """Each family of the served models (a model and its quantised variants) with what
+    `bchat models eval` measured of each, and what each needs to run (docs in quant.py)."""
+    from .quant import quality_report
+
+    services = get_services()
+    catalogue = services.catalogue
+    where = Path(catalogue.model_path) if catalogue.model_path else None
+    families = quality_report(catalogue, where.parent if where and where.is_file() else where)
+    for family in families:
+        for member in family["members"]:
+            model = catalogue.get(member["model"])
+            facts = catalogue.facts(member["model"]) or {}
+            member["display_name"] = catalogue.display_name(member["model"])
+            member["fits_server"] = facts.get("fits_server")
+            member["kv_bytes_per_token"] = facts.get("kv_bytes_per_token")
+            member["context_length"] = facts.get("context_length")
+            # Decoding reads every active weight once per token: the bytes that bound its speed.
+            member["bytes_per_token"] = int(model.active_parameters * member["bits_per_weight"] / 8)
+            served = catalogue.browser(member["model"])
+            member["browser"] = None if served is None else {
+                "format": served.format, "size": served.size,
+                "bits_per_weight": served.bits_per_weight(model)}
+    return {"families": families}
 
 
 @bp.get("/api/conversations")

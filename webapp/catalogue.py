@@ -28,6 +28,7 @@ _FILE_TYPES = {
     28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
     38: "MXFP4",
 }
+FILE_TYPES = _FILE_TYPES  # the names `bchat models quantize` takes (quant.py)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,29 @@ class ModelFile:
     n_layers: int | None = None
     # KV cache bytes per token of context (f16 K and V over every layer), from the header.
     kv_bytes_per_token: int | None = None
+    # The weights alone (the tensor table's bytes, no header or vocabulary): bits per weight as
+    # the quantisation type really stores them (quant.py records variants with it).
+    tensor_bytes: int | None = None
+    # Mixture of experts, from the header: experts per layer, those used per token, and the
+    # parameters in expert tensors (*_exps), of which only experts_used/experts run per token.
+    experts: int | None = None
+    experts_used: int | None = None
+    expert_parameters: int | None = None
+
+    @property
+    def weights_bits_per_weight(self) -> float:
+        if not self.parameters or not self.tensor_bytes:
+            return self.bits_per_weight
+        return round(self.tensor_bytes * 8 / self.parameters, 3)
+
+    @property
+    def active_parameters(self) -> int:
+        """Parameters that run for each token: all of a dense model's; a MoE model's shared
+        ones plus its used share of the experts'."""
+        if not self.experts or not self.experts_used or not self.expert_parameters:
+            return self.parameters
+        idle = self.expert_parameters * (1 - self.experts_used / self.experts)
+        return int(self.parameters - idle)
 
     def memory_needed(self, n_ctx: int, parallel: int = 1) -> int:
         """Rough RAM to run this model: the weights plus ~20% (compute buffers, runtime) plus
@@ -74,6 +98,8 @@ class ModelFile:
         data.pop("id")
         # file_size and kv_bytes_per_token let a page estimate its own fit for its own context.
         data["fits_server"] = self.fits_server(n_ctx, parallel)
+        data["weights_bits_per_weight"] = self.weights_bits_per_weight
+        data["active_parameters"] = self.active_parameters
         return data
 
 
@@ -143,6 +169,9 @@ def read_model_file(path: Path, model_id: str | None = None) -> ModelFile:
     quant = _FILE_TYPES.get(int(file_type), f"type {file_type}") if file_type is not None else "?"
     ctx = _field_value(reader, f"{arch}.context_length")
     n_layers, kv_per_token = _kv_bytes_per_token(reader, arch)
+    experts, experts_used = (_field_value(reader, f"{arch}.{key}")
+                             for key in ("expert_count", "expert_used_count"))
+    expert_parameters = sum(int(t.n_elements) for t in reader.tensors if "_exps." in t.name)
     return ModelFile(
         id=model_id or path.stem,
         path=path.resolve(),
@@ -157,6 +186,10 @@ def read_model_file(path: Path, model_id: str | None = None) -> ModelFile:
         version=_file_version(path, stat),
         n_layers=n_layers,
         kv_bytes_per_token=kv_per_token,
+        tensor_bytes=int(sum(int(t.n_bytes) for t in reader.tensors)),
+        experts=int(experts) if experts else None,
+        experts_used=int(experts_used) if experts_used else None,
+        expert_parameters=expert_parameters or None,
     )
 
 
@@ -203,12 +236,17 @@ def _words(text: str) -> list[str]:
     return [w for w in re.split(r"[\s\-_.:/]+", text.lower()) if w]
 
 
-def display_name(general_name: str | None, stem: str, quantization: str | None) -> str:
-    """A person's name for a model file (see above)."""
+def base_stem(stem: str) -> str:
+    """A file name's stem without its quantisation tags: what a model's variants share."""
     base = stem
     while _QUANT_TAG.search(base):
         base = _QUANT_TAG.sub("", base)
-    base = base or stem
+    return base or stem
+
+
+def display_name(general_name: str | None, stem: str, quantization: str | None) -> str:
+    """A person's name for a model file (see above)."""
+    base = base_stem(stem)
     general = " ".join((general_name or "").split())
     if general and (base.lower() in _GENERIC_STEMS or len(_words(base)) < 2
                     or set(_words(general)) <= set(_words(base))):
@@ -358,27 +396,37 @@ def derived_path(model: ModelFile, fmt: str, folder: Path) -> Path:
     return folder / model.id / model.version / f"{model.path.stem}.{fmt}.gguf"
 
 
-def derive(model: ModelFile, fmt: str, folder: Path) -> Path:
-    """Write the ``fmt`` copy of ``model`` (once; atomically, so concurrent starts are safe)."""
+def run_quantizer(source: Path, target: Path, ftype: int, *, allow_requantize: bool,
+                  imatrix: Any = None, nthread: int | None = None) -> None:
+    """llama.cpp's quantizer (llama_model_quantize): ``source`` to ``target`` as llama_ftype
+    ``ftype``; ``imatrix`` a NULL-terminated ctypes array of llama_model_imatrix_data (quant.py
+    reads one from a file). The one call to it: browser copies (derive) and `bchat models
+    quantize` (quant.py) both come here. RuntimeError when llama.cpp refuses (its log says why)."""
     import ctypes
 
     import llama_cpp
 
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = allow_requantize
+    params.nthread = nthread or max(1, min(os.cpu_count() or 1, 4))
+    if imatrix is not None:
+        params.imatrix = imatrix
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize returned {rc}")
+
+
+def derive(model: ModelFile, fmt: str, folder: Path) -> Path:
+    """Write the ``fmt`` copy of ``model`` (once; atomically, so concurrent starts are safe)."""
     target = derived_path(model, fmt, folder)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = _DERIVABLE[fmt]
-    params.allow_requantize = True  # the source is already quantised: that is the point
-    params.nthread = max(1, min(os.cpu_count() or 1, 4))
     try:
-        rc = llama_cpp.llama_model_quantize(
-            str(model.path).encode(), str(partial).encode(), ctypes.byref(params)
-        )
-        if rc != 0:
-            raise RuntimeError(f"llama_model_quantize returned {rc}")
+        # allow_requantize: the source is already quantised, that is the point
+        run_quantizer(model.path, partial, _DERIVABLE[fmt], allow_requantize=True)
         try:
             # Not os.replace: when several processes start at once (gunicorn workers) the first
             # file stays, so every process computes the same version, hence the same URL.

@@ -1,4 +1,5 @@
-"""The ``bchat`` command: serve, db upgrade, models (list/pull/remove), keys, users, doctor, config."""
+"""The ``bchat`` command: serve, db upgrade, models (list/pull/remove/quantize/eval), keys, users,
+doctor, config."""
 
 from __future__ import annotations
 
@@ -54,18 +55,19 @@ def db_upgrade(revision: str = "head") -> None:
 
 def list_models() -> int:
     from .catalogue import discover
+    from .quant import family_of
 
     config = _settings()
     models = discover(config["MODEL_PATH"])
     if not models:
         print(f"no readable .gguf files at {config['MODEL_PATH']}", file=sys.stderr)
         return 1
-    header = ("id", "name", "arch", "params", "quant", "bpw", "size", "ctx", "chat")
+    header = ("id", "name", "arch", "params", "quant", "bpw", "size", "ctx", "chat", "family")
     rows = [
         (
             m.id, m.name, m.architecture, f"{m.parameters / 1e6:.1f}M", m.quantization,
             f"{m.bits_per_weight:.2f}", f"{m.file_size / 2**20:.1f} MiB",
-            str(m.context_length or "?"), "yes" if m.has_chat_template else "no",
+            str(m.context_length or "?"), "yes" if m.has_chat_template else "no", family_of(m),
         )
         for m in models
     ]
@@ -111,6 +113,114 @@ def pull_model(source: str, name: str | None, sha256: str | None, dest: str | No
     model_path = Path(str(config["MODEL_PATH"]))
     if not (model_path.is_dir() and model_path.resolve() == folder.resolve()):
         print(f"to serve it, set BCHAT_MODEL_PATH={folder}", file=sys.stderr)
+    return 0
+
+
+def _find_model(config: dict, name: str):
+    """A model by its id in BCHAT_MODEL_PATH, or a .gguf file by its path."""
+    from .catalogue import discover, read_model_file
+
+    path = Path(name)
+    if path.suffix == ".gguf" and path.is_file():
+        return read_model_file(path)
+    models = {m.id: m for m in discover(config["MODEL_PATH"])}
+    if name.removesuffix(".gguf") in models:
+        return models[name.removesuffix(".gguf")]
+    known = ", ".join(models) or "none"
+    print(f"bchat: no model {name!r} at {config['MODEL_PATH']} (models: {known}; or give a .gguf path)",
+          file=sys.stderr)
+    return None
+
+
+def quantize_models(name: str, types: list[str], allow_requantize: bool, imatrix: str | None,
+                    dest: str | None) -> int:
+    """`bchat models quantize MODEL TYPE...`: variants of a model, recorded in its family."""
+    from .model_pull import Progress, models_dir
+    from .quant import BETTER_WITH_IMATRIX, QuantError, check_type, quantize
+
+    config = _settings()
+    try:
+        types = [check_type(t) for t in types]
+    except QuantError as err:
+        print(f"bchat: {err}", file=sys.stderr)
+        return 2
+    source = _find_model(config, name)
+    if source is None:
+        return 1
+    folder = Path(dest) if dest else models_dir(config, instance_path())
+    for qtype in types:
+        if qtype in BETTER_WITH_IMATRIX and not imatrix:
+            print(f"note: {qtype} is an i-quant, made to be used with an importance matrix "
+                  "(--imatrix FILE from llama.cpp's llama-imatrix); without one it is worse than "
+                  "it could be", file=sys.stderr)
+        bar: list[Progress] = []
+
+        def progress(done: int, total: int, qtype=qtype, bar=bar) -> None:
+            if not bar:
+                bar.append(Progress(f"{source.id} -> {qtype}", total))
+            bar[0].update(done - bar[0].done)
+
+        try:
+            variant = quantize(source, qtype, folder, allow_requantize=allow_requantize,
+                               imatrix=Path(imatrix) if imatrix else None,
+                               nthread=int(config["N_THREADS"]), progress=progress)
+        except QuantError as err:
+            print(f"bchat: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nbchat: interrupted; nothing was written", file=sys.stderr)
+            return 130
+        finally:
+            if bar:
+                bar[0].finish()
+        model, record = variant.model, variant.record
+        print(f"{model.path} ({model.quantization}, {record['bits_per_weight']:.2f} bits/weight, "
+              f"{model.file_size / 2**20:.1f} MiB): family {record['family']}")
+    model_path = Path(str(config["MODEL_PATH"]))
+    if not (model_path.is_dir() and model_path.resolve() == folder.resolve()):
+        print(f"to serve the variants, set BCHAT_MODEL_PATH={folder}", file=sys.stderr)
+    return 0
+
+
+def eval_family(family: str, text: str | None, n_ctx: int, dest: str | None) -> int:
+    """`bchat models eval FAMILY`: every variant against the family's highest-precision member."""
+    from .catalogue import discover
+    from .model_pull import models_dir
+    from .quant import EVAL_TEXT, QuantError, evaluate_family, families
+
+    config = _settings()
+    folder = Path(dest) if dest else Path(str(config["MODEL_PATH"]))
+    if not folder.exists():
+        folder = models_dir(config, instance_path())
+    models = discover(folder)
+
+    def progress(model: str, done: int, total: int) -> None:
+        print(f"\r{model}: chunk {done}/{total}", end="\n" if done == total else "", file=sys.stderr,
+              flush=True)
+
+    members = families(models).get(family, [])
+    if members:
+        print(f"{family}: reference {members[0].id} ({members[0].quantization}), "
+              f"{len(members) - 1} variant(s)", file=sys.stderr)
+    try:
+        result = evaluate_family(models, family, text_path=Path(text) if text else EVAL_TEXT,
+                                 n_ctx=n_ctx, n_threads=int(config["N_THREADS"]),
+                                 folder=folder if folder.is_dir() else folder.parent, progress=progress)
+    except QuantError as err:
+        print(f"bchat: {err}", file=sys.stderr)
+        return 1
+    header = ("model", "quant", "bpw", "size", "PPL", "ΔPPL", "KLD", "top-1", "prompt tok/s",
+              "decode tok/s")
+    rows = [(r["model"], r["quantization"], f"{r['bits_per_weight']:.2f}",
+             f"{r['file_size'] / 2**20:.1f} MiB",
+             f"{r['ppl']:.4g}", f"{r['delta_ppl_pct']:+.2f}%", f"{r['kld']:.5f}", f"{100 * r['top1']:.1f}%",
+             f"{r['prompt_tps']:.0f}", f"{r['decode_tps']:.1f}" if r["decode_tps"] else "-")
+            for r in result["variants"]]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(f"{result['scored_tokens']} tokens scored in {result['chunks']} chunks of {result['n_ctx']} "
+          f"({result['text']['name']})", file=sys.stderr)
     return 0
 
 
@@ -328,6 +438,23 @@ def main(argv: list[str] | None = None) -> int:
     models_sub.add_parser(
         "prepare", help="derive the format browsers run (BCHAT_BROWSER_FORMAT) for every model"
     )
+    p_quant = models_sub.add_parser(
+        "quantize", help="make variants of a model with llama.cpp's quantizer (Q8_0, Q4_K_M, …)")
+    p_quant.add_argument("model", help="a model id (bchat models list) or a .gguf path")
+    p_quant.add_argument("types", nargs="+", metavar="TYPE",
+                         help="Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, … (one file each)")
+    p_quant.add_argument("--allow-requantize", action="store_true",
+                         help="quantize a source that is already quantized (loses more quality)")
+    p_quant.add_argument("--imatrix", metavar="FILE",
+                         help="importance matrix from llama.cpp's llama-imatrix (needed by IQ1/IQ2 "
+                              "and Q2_K_S, better for every IQ type)")
+    p_quant.add_argument("--dir", help="where to write (as for pull)")
+    p_eval = models_sub.add_parser(
+        "eval", help="perplexity, KL divergence, top-1 and tok/s of a family's variants")
+    p_eval.add_argument("family", help="the family: a model's file name without its quant tag")
+    p_eval.add_argument("--text", help="the text to score (default: the one shipped with bchat)")
+    p_eval.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    p_eval.add_argument("--dir", help="models folder (default: BCHAT_MODEL_PATH)")
     p_remove = models_sub.add_parser("remove", help="delete a pulled model and its checksum file")
     p_remove.add_argument("name")
     p_remove.add_argument("--dir", help="models folder (as for pull)")
@@ -383,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
             return remove_model(args.name, args.dir)
         if args.models_command == "prepare":
             return prepare_models()
+        if args.models_command == "quantize":
+            return quantize_models(args.model, args.types, args.allow_requantize, args.imatrix, args.dir)
+        if args.models_command == "eval":
+            return eval_family(args.family, args.text, args.ctx, args.dir)
         return list_models()
     if args.command == "keys":
         if args.keys_command is None:

@@ -340,9 +340,11 @@ def pull(
 
 
 def remove(name: str, dest_dir: Path) -> list[Path]:
-    """Delete a model, its sha256 sidecar and any partial download; returns what was removed."""
+    """Delete a model, its sidecars (sha256; quant.py's record of a variant) and any partial
+    download; returns what was removed."""
     filename = check_name(name)
-    paths = [dest_dir / filename, dest_dir / (filename + ".sha256"), dest_dir / (filename + ".part")]
+    paths = [dest_dir / filename, dest_dir / (filename + ".sha256"), dest_dir / (filename + ".part"),
+             dest_dir / (filename + ".quant.json")]
     removed = [p for p in paths if p.is_file()]
     if not removed:
         raise PullError(f"no model {filename} in {dest_dir}")

@@ -247,6 +247,22 @@ PATHS: dict[str, Any] = {
         "200", _object({"tools": {"type": "array", "items": {"type": "object"}},
                         "servers": {"type": "array", "items": {"type": "object"}},
                         "max_steps": {"type": "integer"}}, "tools"), "the tools")},
+    "/api/models/quality": {"get": _op(
+        "model_quality", "model families: each variant's size, bpw, and measured quality and speed",
+        "200", _listing("families", _object({
+            "family": {"type": "string"}, "parameters": {"type": "integer"},
+            "active_parameters": {"type": "integer"},
+            "experts": {"type": "integer", "nullable": True},
+            "experts_used": {"type": "integer", "nullable": True},
+            "members": {"type": "array", "items": _object({
+                "model": {"type": "string"}, "quantization": {"type": "string"},
+                "bits_per_weight": {"type": "number"}, "file_size": {"type": "integer"},
+                "quality": {"type": "object", "nullable": True,
+                            "description": "ppl, delta_ppl, delta_ppl_pct, kld, top1, prompt_tps, "
+                                           "decode_tps, stale; null until `bchat models eval`"}},
+                "model", "quantization", "bits_per_weight", "file_size", "quality")},
+            "evaluation": {"type": "object", "nullable": True}}, "family", "members")),
+        "the families, highest-precision member first (the reference of `bchat models eval`)")},
     "/api/conversations": {
         "get": _op("list_conversations", "your conversations, newest first",
                    "200", _page("conversations", _ref("Conversation")),

@@ -27,6 +27,7 @@ bp = Blueprint("pages", __name__)
 
 @bp.get("/")
 @bp.get("/c/<conversation_id>")
+@bp.get("/models")  # the chat page with the Models panel open (static/js/ui/models.js)
 def chat(conversation_id: str | None = None):
     owner_id()  # the first visit creates the anonymous owner cookie the socket needs
     return render_template(

@@ -22,6 +22,7 @@ import { initShortcuts } from "./ui/shortcuts.js";
 import { initThemeChoice, initThemeToggle } from "./ui/theme.js";
 import { initCompare } from "./ui/compare.js";
 import { initBenchmark } from "./ui/benchmark.js";
+import { initModels } from "./ui/models.js";
 import { initApiKeys } from "./ui/api_keys.js";
 import { initReplyFormat, readReplyFormat } from "./ui/reply_format.js";
 
@@ -728,10 +729,13 @@ initShortcuts(root, $("shortcuts"), $("shortcuts-button"), {
 })();
 
 // ---- the panels: compare, benchmark, API keys; the reply format ---------------------------
-initCompare($("compare"), {
+const compare = initCompare($("compare"), {
   options: OPTIONS, server: engines.server, loadBrowserEngine, backend: () => backendSelect.value,
   openConversation: (id) => openConversation(id, { push: id !== state.conversationId }),
 });
+// The Models panel (/models opens the page with it shown): Compare there opens compare's panel.
+const modelsPanel = initModels($("models"), { openCompare: (ids) => compare?.openWith(ids) });
+if (location.pathname === "/models") modelsPanel?.open();
 initBenchmark($("benchmark"), { loadBrowserEngine });
 initApiKeys($("api-keys"));
 initReplyFormat(root.querySelector(".reply-format"));

@@ -33,7 +33,7 @@ export function replyFigures(message, facts = {}, ttftMs = null) {
 // loadBrowserEngine() -> Promise<engine>, backend() -> the browser backend picked,
 // openConversation(id) -> show it in the normal view.
 export function initCompare(button, hooks) {
-  if (!button) return;
+  if (!button) return null;
   const { options: ranges, server, loadBrowserEngine, backend, openConversation } = hooks;
   const panel = createPanel({ title: "Compare models", testid: "compare-panel", className: "compare-panel", opener: button,
                               onOpen: opened });
@@ -293,4 +293,17 @@ export function initCompare(button, hooks) {
     }
     prompt.focus();
   }
+
+  // Open with these server models side by side (the Models panel's variants of one family).
+  return {
+    openWith(models) {
+      if (running) return;
+      targetList.replaceChildren();
+      for (const id of models.slice(0, MAX_TARGETS)) addRow("server", id);
+      while (targetList.children.length < 2) addRow("server", models[0]);
+      panel.problem("");
+      panel.dialog.showModal();
+      prompt.focus();
+    },
+  };
 }

@@ -45,6 +45,7 @@ const SHAPES = {
   columns: [["rect", { x: 3, y: 4, width: 18, height: 16, rx: 2 }], ["path", { d: "M12 4v16" }]],
   gauge: [["path", { d: "M4 18a8 8 0 1 1 16 0" }], ["path", { d: "M12 14l4-5" }]],
   key: [["circle", { cx: 8, cy: 14, r: 4 }], ["path", { d: "M11 11l8-8M16 6l3 3" }]],
+  layers: [["path", { d: "M12 3 3 8l9 5 9-5z" }], ["path", { d: "m3 13 9 5 9-5" }]],
 };
 
 // An SVG element (icons, the benchmark's charts) with its attributes and text.
