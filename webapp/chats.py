@@ -465,6 +465,7 @@ class ChatService:
                 parent = row
             following = self._reply_row(session, conv, parent, next_reply, run_owner)
             session.flush()
+            conv.updated_at = utcnow()
             conv.current_message_id = following.id
             path = self._path(session, parent.id)
             parents = {m.id: m.public_id for m in path}
