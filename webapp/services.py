@@ -10,6 +10,7 @@ from typing import Any
 from flask import Flask, current_app
 
 from .api_keys import KeyService
+from .attachments import AttachmentService
 from .benchmarks import BenchmarkService
 from .catalogue import ModelCatalogue, load_model_names
 from .chats import ChatService
@@ -32,6 +33,7 @@ class Services:
     runs: RunService
     benchmarks: BenchmarkService
     keys: KeyService
+    attachments: AttachmentService
     # Open chat sockets, so a shutdown can close them (with 1001, "going away") instead of
     # waiting for every visitor to leave.
     sockets: set[Any] = field(default_factory=set)
@@ -76,6 +78,8 @@ def init_app(app: Flask, limits: Limits) -> Services:
         runs=runs,
         benchmarks=BenchmarkService(db, engines, catalogue, runs, limits),
         keys=KeyService(db),
+        attachments=AttachmentService(db, max_bytes=config["MAX_ATTACHMENT_BYTES"],
+                                      quota_bytes=config["ATTACHMENT_QUOTA_BYTES"]),
     )
     return built
 
