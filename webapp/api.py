@@ -267,10 +267,13 @@ def upload_attachment():
         raise AppError("multipart_required", "send the file as multipart/form-data (field "
                        "\"file\")", status=415)
     upload = request.files.get("file")
-    if upload is None:
+    if upload is not None:
+        data, name, mime = upload.read(uploads.max_bytes + 1), upload.filename, upload.mimetype
+    elif "file" in request.form:  # a plain field (curl -F file=text): its text
+        data, name, mime = request.form["file"].encode(), "text.txt", "text/plain"
+    else:
         raise Invalid("no_file", "send the file in the form field \"file\"")
-    data = upload.read(uploads.max_bytes + 1)
-    return uploads.upload(owner_id(), upload.filename, data, upload.mimetype), 201
+    return uploads.upload(owner_id(), name, data, mime), 201
 
 
 @bp.get("/api/attachments/<attachment_id>")

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, Index, MetaData, String, Text, false
-from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from .validation import check_time
 
@@ -321,7 +321,7 @@ class Attachment(Base):
     mime: Mapped[str] = mapped_column(String(100))
     size: Mapped[int]
     sha256: Mapped[str] = mapped_column(String(64))
-    text: Mapped[str] = deferred(mapped_column(Text))
+    text: Mapped[str] = mapped_column(Text, deferred=True)
     chars: Mapped[int]
     tokens: Mapped[int]
     pages: Mapped[int | None]  # PDFs: their page count
