@@ -23,6 +23,7 @@ import { initThemeChoice, initThemeToggle } from "./ui/theme.js";
 import { initCompare } from "./ui/compare.js";
 import { initBenchmark } from "./ui/benchmark.js";
 import { initApiKeys } from "./ui/api_keys.js";
+import { Attachments } from "./ui/attachments.js";
 import { initReplyFormat, readReplyFormat } from "./ui/reply_format.js";
 
 const root = document.getElementById("app");
@@ -485,6 +486,10 @@ async function send(action = null) {
       options: engineName === "browser" ? replyOptions(settingsForNew ?? currentSettings()) : {},
       settings: settingsForNew ? Object.fromEntries(Object.entries(settingsForNew).filter(([, v]) => v !== null)) : null,
     };
+    if (!action) {
+      await attachments.ready(); // a file still being read goes with this message
+      request.attachments = attachments.ids();
+    }
     if (action && "parentId" in action) request.parentId = action.parentId;
     if (action?.regenerate) {
       request.regenerate = action.regenerate.id;
@@ -498,6 +503,7 @@ async function send(action = null) {
         const wasOnScreen = onScreen();
         if (!action) {
           composer.value = ""; // stored on the server: safe to clear
+          attachments.clear(); // (the message holds them now)
           composerState.changed();
         }
         reply.conversationId = conversation.id;
@@ -633,6 +639,13 @@ socket.connect();
 
 // ---- the context meter and the composer's limits ---------------------------------------
 const meter = new ContextMeter($("context-meter"), { contextLength });
+const attachments = new Attachments({
+  list: $("composer-files"), input: $("attach-input"), button: $("attach"),
+  zone: root.querySelector(".composer-form"), paste: composer,
+  maxBytes: Number(root.dataset.maxAttachmentBytes),
+  onChange: () => composerState.changed(),
+  onError: (message) => showError(message, { cause: "files" }),
+});
 const composerState = new Composer(composer, {
   counter: $("composer-counter"),
   note: $("composer-note"),
@@ -642,7 +655,7 @@ const composerState = new Composer(composer, {
   usedTokens: () => meter.used,
   onChange: () => {
     updateControls();
-    meter.update(composerState.estimate);
+    meter.update(composerState.estimate + attachments.tokens()); // the files to send count too
   },
 });
 

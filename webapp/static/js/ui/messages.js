@@ -5,6 +5,7 @@ import { renderStructured } from "./reply_format.js";
 import { copyWithFeedback, icon, iconButton } from "./icons.js";
 import { el, factRows } from "./panel.js";
 import { modelChip } from "./model_card.js";
+import { describeGiven, fileChips } from "./attachments.js";
 import { ms, tokens, tokensPerSecond } from "../format.js";
 
 export function describeProvenance(message) {
@@ -46,6 +47,17 @@ function describeOptions(options, message) {
     ["Writing time", message.meta?.predicted_ms != null ? ms(message.meta.predicted_ms) : null],
     ["Threads", message.meta?.threads],
   ]));
+  // The files it was given: whole, or the passages retrieval chose (file, page or lines).
+  const given = describeGiven(message.meta?.files);
+  if (given.length) {
+    const list = el("ul", "reply-files", null, { testid: "reply-files" });
+    list.append(...given.map((line) => el("li", "", line)));
+    const value = el("dd");
+    value.append(list);
+    const row = el("div");
+    row.append(el("dt", "", message.meta.files.some((f) => !f.whole) ? "Passages given" : "Files given"), value);
+    box.append(row);
+  }
   return box;
 }
 
@@ -163,12 +175,13 @@ export class MessageView {
       body.textContent = message.content; // what the user typed is shown as typed
     }
     texts.set(node, message.content ?? "");
+    const files = message.attachments?.length ? fileChips(message.attachments) : null;
     const actions = el("div", "message-actions");
     const copy = iconButton("copy", "Copy message", {
       testid: "copy", ui: true, onClick: () => copyWithFeedback(copy, texts.get(node) ?? ""),
     });
     actions.append(copy);
-    node.append(label, body, el("div", "meta"), actions);
+    node.append(label, body, ...(files ? [files] : []), el("div", "meta"), actions);
     if (controls) this.addControls(node, message, controls);
     this.setMeta(node, message);
     if (before) {
