@@ -6,6 +6,7 @@ sockets, real SQLite and PostgreSQL, the tiny model answering."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 import pytest
@@ -39,6 +40,28 @@ def upload(session: HttpSession, name: str, data: bytes, mime: str = "applicatio
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def continue_share(session: HttpSession, path: str, csrf: str) -> tuple[int, str | None]:
+    """Post the shared page's "Continue" form; (status, the new conversation's id)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(session.cookies),
+                                         NoRedirect())
+    request = urllib.request.Request(session.base_url + path + "/continue", method="POST",
+                                     data=urllib.parse.urlencode({"csrf": csrf}).encode())
+    try:
+        with opener.open(request) as response:
+            return response.status, None
+    except urllib.error.HTTPError as err:
+        location = err.headers.get("Location", "")
+        return err.code, location.rsplit("/c/", 1)[-1] if "/c/" in location else None
 
 
 def chat(session: HttpSession, content: str, conversation_id: str | None = None, **extra):
@@ -226,5 +249,17 @@ def test_export_v3_import_and_share(live_server):
     # a share shows the file, and continuing it copies the file
     status, share = me.json("POST", f"/api/conversations/{conv}/share", {})
     path = share["url"].replace(live_server.url, "")
-    page = live_server.session().request("GET", path)[2].decode()
-    assert "keeper.pdf" in page
+    visitor = live_server.session()
+    page = visitor.request("GET", path)[2].decode()
+    assert 'data-testid="file-chip"' in page and "keeper.pdf" in page
+    # the owner deletes the conversation: the share keeps its copy, and continuing it copies
+    # the file to the visitor (a file of their own, with its passages for retrieval)
+    assert me.request("DELETE", f"/api/conversations/{conv}")[0] == 204
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    status, copy_id = continue_share(visitor, path, csrf)
+    assert status == 303 and copy_id
+    copy = visitor.json("GET", f"/api/conversations/{copy_id}")[1]
+    mine = next(m for m in copy["messages"] if m["role"] == "user")["attachments"][0]
+    assert mine["filename"] == "keeper.pdf" and mine["sha256"] == info["sha256"]
+    assert "Oskar" in visitor.json("GET", f"/api/attachments/{mine['id']}/text?page=1")[1]["text"]
+    assert me.json("GET", f"/api/attachments/{mine['id']}")[0] == 404
