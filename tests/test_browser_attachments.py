@@ -5,11 +5,14 @@ refused before upload; the context meter counting them; the sent message showing
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pdfs import make_pdf
 
 pytestmark = pytest.mark.browser
 
+AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"
 SIZES = {"wide": {"width": 1366, "height": 850}, "phone": {"width": 390, "height": 844}}
 
 DROP = """([zone, name, text]) => {
@@ -37,6 +40,7 @@ def test_attach_drop_paste_and_send(server, pages, shots, tmp_path, size, scheme
     from playwright.sync_api import expect
 
     page = pages(SIZES[size], scheme)
+    page.context.add_init_script(path=str(AXE))  # the harness's, not the page's (its CSP)
     uploads = []
     page.on("request", lambda r: uploads.append(r) if r.url.endswith("/api/attachments") else None)
     page.goto(server.url + "/")
@@ -87,6 +91,7 @@ def test_attach_drop_paste_and_send(server, pages, shots, tmp_path, size, scheme
     chips.nth(2).get_by_test_id("file-remove").click()
     expect(chips).to_have_count(2)
     page.get_by_test_id("composer").fill("Who is the harbour master?")
+    assert axe_violations(page) == []  # the chips, their × and the paperclip
     page.locator(".composer-form").screenshot(path=str(shots / f"composer-files-{size}-{scheme}.png"))
     page.screenshot(path=str(shots / f"composer-page-{size}-{scheme}.png"))
 
@@ -104,8 +109,17 @@ def test_attach_drop_paste_and_send(server, pages, shots, tmp_path, size, scheme
     expect(given).to_contain_text("harbour-report.pdf (whole)")
     expect(given).to_contain_text("otters.md (whole)")
     page.screenshot(path=str(shots / f"sent-files-{size}-{scheme}.png"))
+    assert axe_violations(page) == []  # the sent message's files, ⓘ's list
 
     # after a reload the message still shows its files
     page.reload()
     user = page.locator('[data-testid="message"][data-role="user"]').last
     expect(user.get_by_test_id("file-chip")).to_have_count(2)
+
+
+def axe_violations(page) -> list[dict]:
+    return page.evaluate("""async () => {
+      const result = await axe.run(document, {resultTypes: ["violations"]});
+      return result.violations.filter((v) => ["serious", "critical"].includes(v.impact))
+        .map((v) => ({id: v.id, help: v.help, nodes: v.nodes.slice(0, 4).map((n) => n.target.join(" "))}));
+    }""")
