@@ -14,7 +14,7 @@ from helpers import HttpSession
 from pdfs import make_pdf
 from sqlalchemy import func, select
 
-from webapp.attachments import budget, passages
+from webapp.attachments import budget, files_of, passages, read_passage
 from webapp.models import Attachment, AttachmentPassage
 
 pytestmark = pytest.mark.databases("sqlite", "postgresql")
@@ -152,6 +152,18 @@ def test_model_sees_the_file_and_deletion_cascades(app, live_server):
     started2, done2 = chat(me, "What is the password?")
     alone = done2["message"]["usage"]["prompt_tokens"]
     assert done["message"]["usage"]["prompt_tokens"] > alone + 5
+    # a regenerated reply is given the files again; the tool's reader sees them
+    ws = me.ws()
+    ws.send({"type": "regenerate", "message_id": reply["id"], "options": GREEDY})
+    again, _ = ws.until("done", "error")
+    ws.close()
+    assert again["type"] == "done" and again["message"]["meta"]["files"] == reply["meta"]["files"]
+    with stored(app).read() as session:
+        row = session.scalar(select(Attachment))
+        assert [f["id"] for f in files_of(session, row.owner_id, conv)] == [info["id"]]
+        assert read_passage(session, row.owner_id, info["id"], lines=(3, 3))["text"] == \
+            "The password is swordfish."
+        assert files_of(session, "someone else", conv) == []
     # a file goes with one message only; an unknown id stores nothing
     first, _ = chat(me, "again", conv, attachments=[info["id"]])
     assert first["type"] == "error" and first["code"] == "already_sent"

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, undefer
 
 from .db import Database
 from .errors import AppError, Invalid, NotFound
-from .models import Attachment, AttachmentPassage, Message, utcnow
+from .models import Attachment, AttachmentPassage, Conversation, Message, utcnow
 from .search import terms
 
 log = logging.getLogger(__name__)
@@ -340,6 +340,16 @@ def read_passage(session: Session, owner_id: str, attachment_id: str, page: int 
         body = "\n".join(body.split("\n")[first - 1:last])
     return {"id": row.public_id, "filename": row.filename, "page": page,
             "lines": list(lines) if lines else None, "text": body, "pages": row.pages}
+
+
+def files_of(session: Session, owner_id: str, conversation_id: str) -> list[dict[str, Any]]:
+    """The files sent in a visitor's conversation, oldest first (what a ``read_attachment``
+    tool can offer the model: ids, names, pages)."""
+    rows = session.scalars(select(Attachment).join(
+        Conversation, Conversation.id == Attachment.conversation_id).where(
+        Conversation.public_id == conversation_id, Conversation.owner_id == owner_id,
+        Attachment.owner_id == owner_id).order_by(Attachment.id)).all()
+    return [row.to_dict() for row in rows]
 
 
 # -- linking to a message ----------------------------------------------------------------------
