@@ -165,8 +165,16 @@ def test_model_sees_the_file_and_deletion_cascades(app, live_server):
             "The password is swordfish."
         assert files_of(session, "someone else", conv) == []
     # a file goes with one message only; an unknown id stores nothing
-    first, _ = chat(me, "again", conv, attachments=[info["id"]])
+    # a file sent in this conversation goes again as a copy (an edit keeps its files); in
+    # another conversation it is refused
+    first, _ = chat(me, "again", None, attachments=[info["id"]])
     assert first["type"] == "error" and first["code"] == "already_sent"
+    edited, done_edit = chat(me, "What is the password, really?", conv, attachments=[info["id"]],
+                             parent_id=None)
+    copy = edited["user_message"]["attachments"][0]
+    assert copy["id"] != info["id"] and copy["sha256"] == info["sha256"]
+    assert done_edit["message"]["meta"]["files"] == [{"file": "notes.md", "id": copy["id"],
+                                                      "whole": True}]
     first, _ = chat(me, "again", conv, attachments=["nope"])
     assert first["type"] == "error" and first["code"] == "not_found"
     # an unsent upload can be taken back; a sent one cannot

@@ -116,6 +116,18 @@ def test_attach_drop_paste_and_send(server, pages, shots, tmp_path, size, scheme
     user = page.locator('[data-testid="message"][data-role="user"]').last
     expect(user.get_by_test_id("file-chip")).to_have_count(2)
 
+    # an edited message keeps its files
+    user.hover()
+    user.get_by_test_id("edit").click()
+    user.get_by_test_id("edit-text").fill("Who keeps the harbour?")
+    user.get_by_test_id("edit-send").click()
+    user = page.locator('[data-testid="message"][data-role="user"]').last
+    expect(user.locator(".body")).to_have_text("Who keeps the harbour?")
+    expect(user.get_by_test_id("file-chip")).to_have_count(2)
+    expect(user.get_by_test_id("branch-pos")).to_have_text("2/2")
+    reply = page.locator('[data-testid="message"][data-role="assistant"]').last
+    expect(reply).to_have_attribute("data-status", "complete", timeout=60_000)
+
 
 def axe_violations(page) -> list[dict]:
     return page.evaluate("""async () => {

@@ -366,19 +366,26 @@ def check_ids(raw: Any) -> list[str]:
 
 def link(session: Session, owner_id: str, ids: list[str], conversation_id: int,
          message_id: int) -> None:
-    """Give the uploads ``ids`` to a new user message, in its transaction: each must be the
-    visitor's and not sent yet (else nothing is stored)."""
+    """Give the files ``ids`` to a new user message, in its transaction: an upload not sent
+    yet moves to it; a file already sent in this conversation (an edited message keeps its
+    files) is copied to it. Each must be the visitor's, and a file sent in another
+    conversation is refused (nothing is stored then)."""
     if not ids:
         return
-    rows = session.scalars(select(Attachment).where(
+    rows = session.scalars(select(Attachment).options(undefer(Attachment.text)).where(
         Attachment.public_id.in_(ids), Attachment.owner_id == owner_id)).all()
     if len(rows) != len(ids):
         raise NotFound("file")
-    if any(row.message_id is not None for row in rows):
-        raise AppError("already_sent", "a file can go with one message only: attach it again",
-                       status=409)
-    session.execute(update(Attachment).where(Attachment.id.in_([r.id for r in rows]))
-                    .values(message_id=message_id, conversation_id=conversation_id))
+    if any(row.message_id is not None and row.conversation_id != conversation_id for row in rows):
+        raise AppError("already_sent", "that file was sent in another conversation: attach it "
+                       "again", status=409)
+    unsent = [row.id for row in rows if row.message_id is None]
+    for row in sorted((r for r in rows if r.message_id is not None), key=lambda r: r.id):
+        copy_files(session, owner_id, conversation_id, message_id,
+                   [{**row.to_dict(), "text": row.text}])
+    if unsent:
+        session.execute(update(Attachment).where(Attachment.id.in_(unsent))
+                        .values(message_id=message_id, conversation_id=conversation_id))
     session.expire_all()  # the message's attachments are read afresh
 
 

@@ -267,7 +267,8 @@ function controlsFor(m, conversation, groups, busy) {
     siblings: { position, count: siblings.length,
                 prev: () => switchTo(siblings[position - 2], m), next: () => switchTo(siblings[position], m) },
   };
-  if (!busy && m.role === "user") controls.edit = (text) => send({ content: text, parentId: m.parent_id ?? null });
+  // an edit keeps the message's files (the server copies them to the new version)
+  if (!busy && m.role === "user") controls.edit = (text) => send({ content: text, parentId: m.parent_id ?? null, files: m.attachments });
   if (!busy && m.role === "assistant" && m.parent_id) {
     controls.regenerate = () => send({ regenerate: m });
     const cutOff = (m.status === "complete" && m.finish_reason === "length")
@@ -489,6 +490,8 @@ async function send(action = null) {
     if (!action) {
       await attachments.ready(); // a file still being read goes with this message
       request.attachments = attachments.ids();
+    } else if (action.files?.length) {
+      request.attachments = action.files.map((file) => file.id);
     }
     if (action && "parentId" in action) request.parentId = action.parentId;
     if (action?.regenerate) {
