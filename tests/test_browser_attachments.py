@@ -31,7 +31,8 @@ PASTE = """([box, name, text]) => {
 
 @pytest.fixture
 def server(make_app, make_live_server):
-    return make_live_server(make_app(MAX_ATTACHMENT_BYTES=6000, MAX_TOKENS=6))
+    # a small context, so a file of a few thousand characters is more than it holds
+    return make_live_server(make_app(MAX_ATTACHMENT_BYTES=6000, MAX_TOKENS=6, N_CTX=1024))
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
@@ -91,6 +92,19 @@ def test_attach_drop_paste_and_send(server, pages, shots, tmp_path, size, scheme
     chips.nth(2).get_by_test_id("file-remove").click()
     expect(chips).to_have_count(2)
     page.get_by_test_id("composer").fill("Who is the harbour master?")
+
+    # files larger than the context: the note says the model gets the relevant passages
+    note = page.get_by_test_id("composer-note")
+    expect(note).to_be_hidden()
+    log = tmp_path / "harbour-log.txt"
+    log.write_text("\n".join(f"day {i}: calm water, grey sky" for i in range(200)))
+    page.get_by_test_id("attach-input").set_input_files(str(log))
+    expect(chips).to_have_count(3)
+    expect(note).to_contain_text("passages most relevant to your message")
+    expect(page.get_by_test_id("send")).to_be_enabled()
+    page.locator(".composer-form").screenshot(path=str(shots / f"composer-retrieval-{size}-{scheme}.png"))
+    chips.nth(2).get_by_test_id("file-remove").click()
+    expect(note).to_be_hidden()
     assert axe_violations(page) == []  # the chips, their × and the paperclip
     page.locator(".composer-form").screenshot(path=str(shots / f"composer-files-{size}-{scheme}.png"))
     page.screenshot(path=str(shots / f"composer-page-{size}-{scheme}.png"))

@@ -656,6 +656,7 @@ const composerState = new Composer(composer, {
   contextLength,
   replyTokens: () => Number.parseInt(settings.maxTokens.value, 10) || 0,
   usedTokens: () => meter.used,
+  fileTokens: () => attachments.tokens(),
   onChange: () => {
     updateControls();
     meter.update(composerState.estimate + attachments.tokens()); // the files to send count too
