@@ -109,7 +109,8 @@ def test_upload_pdf_text_and_passages(live_server):
 
 
 def test_refusals(make_app, make_live_server):
-    app = make_app(MAX_ATTACHMENT_BYTES=2000, ATTACHMENT_QUOTA_BYTES=3000)
+    # (the attachment limit, not the JSON bodies' BCHAT_MAX_UPLOAD_BYTES, bounds an upload)
+    app = make_app(MAX_ATTACHMENT_BYTES=2000, ATTACHMENT_QUOTA_BYTES=3000, MAX_UPLOAD_BYTES=1000)
     server = make_live_server(app)
     me = server.session()
     status, body = upload(me, "big.txt", b"x" * 2500, "text/plain")
