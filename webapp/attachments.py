@@ -417,11 +417,16 @@ def file_blocks(session: Session, path: Sequence[Message], limit: int
     """Each message of ``path`` that has files: the text its files add before it (message id →
     blocks), and what was given, for the reply's ``meta.files``: a file whole, or the passages
     chosen for the newest user message when the branch's files are over ``limit`` tokens."""
-    ids = [m.id for m in path if m.role == "user"]
+    ids = {m.id for m in path if m.role == "user"}
     if not ids:
         return {}, []
-    rows = session.scalars(select(Attachment).where(Attachment.message_id.in_(ids))
-                           .order_by(Attachment.message_id, Attachment.id)).all()
+    # By the conversation's index, then the branch's: a path of thousands of messages is
+    # not a query with thousands of parameters, and a conversation without files costs one
+    # indexed look-up.
+    rows = [row for row in session.scalars(
+        select(Attachment).where(Attachment.conversation_id == path[-1].conversation_id,
+                                 Attachment.message_id.is_not(None))
+        .order_by(Attachment.message_id, Attachment.id)).all() if row.message_id in ids]
     if not rows:
         return {}, []
     files = [_File(row, row.message_id) for row in rows]
