@@ -179,6 +179,7 @@ function engineChanged({ save = true } = {}) {
     browserStatus.hide();
   }
   showModelCard($("model-card"), modelInfo(modelSelect.value), { contextLength: contextLength(), engine });
+  attachments.setModel(modelSelect.selectedOptions[0]?.textContent ?? modelSelect.value);
   meter.update();
 }
 

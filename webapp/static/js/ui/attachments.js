@@ -10,8 +10,12 @@ import { el } from "./panel.js";
 
 const IMAGE = /^image\//;
 const IMAGE_NAME = /\.(png|jpe?g|gif|webp|bmp|heic|avif)$/i;
-export const NO_IMAGES = "Images can't be attached: none of the models here takes images " +
-  "(no vision). Attach text, code, Markdown, CSV, JSON, HTML or PDF files.";
+const KINDS = "text, code, Markdown, CSV, JSON, HTML or PDF";
+// Why an image cannot go with a message to `model` (no model here takes images yet).
+export function noImages(model) {
+  return `Images can't be used with ${model || "the models here"}: it does not take images ` +
+    `(no vision). Attach ${KINDS} files.`;
+}
 
 // A file's chip: its name and tokens; with onRemove, a × (the composer's, before sending).
 export function fileChip(file, { onRemove = null, state = "ready" } = {}) {
@@ -61,8 +65,9 @@ export class Attachments {
   // list: the chips' <ul>; input: the hidden <input type=file>; button: the paperclip;
   // zone: where files may be dropped; maxBytes: the server's BCHAT_MAX_ATTACHMENT_BYTES.
   constructor({ list, input, button, zone, paste, maxBytes, onChange, onError }) {
-    Object.assign(this, { list, input, maxBytes, onChange, onError });
+    Object.assign(this, { list, input, button, maxBytes, onChange, onError });
     this.items = [];
+    this.model = "";
     button.addEventListener("click", () => input.click());
     input.addEventListener("change", () => {
       this.add([...input.files]);
@@ -91,9 +96,16 @@ export class Attachments {
     });
   }
 
+  // The model picked (its name as the page shows it): the paperclip says what it can take.
+  setModel(name) {
+    this.model = name;
+    const tip = `Attach files: ${KINDS} (or drop or paste them here). ${noImages(name)}`;
+    this.button.title = tip;
+  }
+
   // Refused here, before upload: too large, or an image.
   problem(file) {
-    if (IMAGE.test(file.type) || IMAGE_NAME.test(file.name)) return `${file.name}: ${NO_IMAGES}`;
+    if (IMAGE.test(file.type) || IMAGE_NAME.test(file.name)) return `${file.name}: ${noImages(this.model)}`;
     if (file.size > this.maxBytes) {
       return `${file.name} is ${size(file.size)}; the most this server takes is ${size(this.maxBytes)}.`;
     }
