@@ -69,7 +69,7 @@ def test_attach_drop_paste_and_send(server, pages, shots, tmp_path, size, scheme
                            arg=[meter.element_handle(), before])
 
     # dropped and pasted files
-    zone = page.locator(".composer-form")
+    zone = page.locator("main.chat")  # the chat column: a drop on its messages attaches too
     page.evaluate(DROP, [zone.element_handle(), "otters.md", "# Otters\n\nOtters hold hands."])
     expect(chips).to_have_count(2)
     page.evaluate(PASTE, [page.get_by_test_id("composer").element_handle(), "pasted.txt",

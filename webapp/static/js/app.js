@@ -645,7 +645,7 @@ socket.connect();
 const meter = new ContextMeter($("context-meter"), { contextLength });
 const attachments = new Attachments({
   list: $("composer-files"), input: $("attach-input"), button: $("attach"),
-  zone: root.querySelector(".composer-form"), paste: composer,
+  zone: root.querySelector("main.chat"), paste: composer, // a drop anywhere on the chat column
   maxBytes: Number(root.dataset.maxAttachmentBytes),
   onChange: () => composerState.changed(),
   onError: (message) => showError(message, { cause: "files" }),

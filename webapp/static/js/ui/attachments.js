@@ -64,6 +64,7 @@ export function describeGiven(given) {
 export class Attachments {
   // list: the chips' <ul>; input: the hidden <input type=file>; button: the paperclip;
   // zone: where files may be dropped; maxBytes: the server's BCHAT_MAX_ATTACHMENT_BYTES.
+  // A file dropped anywhere else on the page is not opened by the browser in its place.
   constructor({ list, input, button, zone, paste, maxBytes, onChange, onError }) {
     Object.assign(this, { list, input, button, maxBytes, onChange, onError });
     this.items = [];
@@ -88,6 +89,11 @@ export class Attachments {
       event.preventDefault();
       this.add(files);
     });
+    for (const type of ["dragover", "drop"]) {
+      document.addEventListener(type, (event) => {
+        if ([...(event.dataTransfer?.types ?? [])].includes("Files")) event.preventDefault();
+      });
+    }
     paste.addEventListener("paste", (event) => {
       const files = [...(event.clipboardData?.files ?? [])];
       if (!files.length) return; // text pastes as text
