@@ -251,7 +251,7 @@ def _same_site_form() -> None:
     site = request.headers.get("Sec-Fetch-Site")
     if (origin is not None and not origin_allowed(origin)) or site not in (None, "same-origin",
                                                                           "none"):
-        raise AppError("cross_site", "files are uploaded from bchat's own pages", status=403)
+        raise AppError("cross_site", "files are uploaded from bchat's own pages")
 
 
 @bp.post("/api/attachments")
@@ -265,7 +265,7 @@ def upload_attachment():
     request.max_content_length = uploads.max_bytes + MULTIPART_OVERHEAD
     if not request.mimetype.startswith("multipart/form-data"):
         raise AppError("multipart_required", "send the file as multipart/form-data (field "
-                       "\"file\")", status=415)
+                       "\"file\")")
     upload = request.files.get("file")
     if upload is not None:
         data, name, mime = upload.read(uploads.max_bytes + 1), upload.filename, upload.mimetype

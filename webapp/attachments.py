@@ -292,7 +292,7 @@ class AttachmentService:
             row = _owned(session, owner_id, public_id)
             if row.message_id is not None:
                 raise AppError("already_sent", "this file was sent with a message: it is "
-                               "deleted with its conversation", status=409)
+                               "deleted with its conversation")
             session.delete(row)
 
     def passage(self, owner_id: str, public_id: str, *, page: int | None = None,
@@ -378,7 +378,7 @@ def link(session: Session, owner_id: str, ids: list[str], conversation_id: int,
         raise NotFound("file")
     if any(row.message_id is not None and row.conversation_id != conversation_id for row in rows):
         raise AppError("already_sent", "that file was sent in another conversation: attach it "
-                       "again", status=409)
+                       "again")
     unsent = [row.id for row in rows if row.message_id is None]
     for row in sorted((r for r in rows if r.message_id is not None), key=lambda r: r.id):
         copy_files(session, owner_id, conversation_id, message_id,

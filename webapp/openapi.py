@@ -327,7 +327,9 @@ PATHS: dict[str, Any] = {
     "/api/conversations/{conversation_id}/messages": {
         "parameters": [_CONVERSATION_ID],
         "post": _op("add_message", "store a message written in the page (browser engine)",
-                    "201", _ref("Message"), "stored", _ref("NewMessage")),
+                    "201", _ref("Message"), "stored", _ref("NewMessage"),
+                    also={"409": "already_sent: a file of attachments was sent in another "
+                                 "conversation"}),
     },
     "/api/conversations/{conversation_id}/messages/{message_id}": {
         "parameters": [_CONVERSATION_ID, _in_path("message_id")],
