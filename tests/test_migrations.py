@@ -14,7 +14,10 @@ from webapp.models import Base
 
 def _modelled(name, type_, _parent) -> bool:
     """The search indexes (SQLite FTS5, migrations 0010 and 0012: virtual tables and their
-    shadow tables) live only in the migrations, like their triggers: no model describes them."""
+    shadow tables; PostgreSQL's expression index of the passages' words, 0012) live only in
+    the migrations, like their triggers: no model describes them."""
+    if type_ == "index" and name == "ix_attachment_passage_words":
+        return False
     return not (type_ == "table" and name and name.startswith(("message_search", "passage_search")))
 
 
