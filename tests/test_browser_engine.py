@@ -410,3 +410,25 @@ def test_a_tab_closed_mid_reply_leaves_an_interrupted_reply(browser, server):
     assert len(stored["content"].strip()) >= 40, "the partial text was kept"
     words = shown.split()[:5]
     assert all(word in stored["content"] for word in words)
+
+
+def test_an_attached_file_reaches_the_browser_engine(page, server, tmp_path):
+    """The page's engine is given the file's text as the server engines are (one <file> block
+    before the question, from GET /api/conversations/<id>/files), and records it (meta.files)."""
+    facts = " ".join(f"Fact {i}: the lighthouse on island {i} is painted red." for i in range(12))
+    note = tmp_path / "islands.txt"
+    note.write_text(facts)
+    settings(page, max_tokens=4)
+    use_browser_engine(page)
+    page.get_by_test_id("attach-input").set_input_files(str(note))
+    expect(page.get_by_test_id("composer-files").get_by_test_id("file-chip")).to_have_attribute(
+        "data-state", "ready")
+    reply = send(page, "What colour is the lighthouse?")
+    expect(reply).to_have_attribute("data-status", "complete", timeout=REPLY_TIMEOUT)
+    user, assistant = stored_messages(page, server)
+    assert [a["filename"] for a in user["attachments"]] == ["islands.txt"]
+    assert assistant["engine"] == "browser"
+    assert assistant["meta"]["files"] == [{"file": "islands.txt", "id": user["attachments"][0]["id"],
+                                           "whole": True}]
+    # the prompt held the file: more tokens than its words (a question alone is ~30)
+    assert assistant["usage"]["prompt_tokens"] > len(facts.split())

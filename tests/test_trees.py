@@ -184,7 +184,7 @@ def test_export_v2_round_trip_keeps_the_tree_and_v1_still_imports(live_server):
     visitor.json("PATCH", f"/api/conversations/{cid}", {"settings": {"system": "S", "model": "tiny-chat"}})
     visitor.json("PATCH", f"/api/conversations/{cid}", {"current_message_id": first["message"]["id"]})
     exported = visitor.json("GET", f"/api/conversations/{cid}/export?format=json")[1]
-    assert exported["version"] == 2 and len(exported["messages"]) == 5
+    assert exported["version"] == 3 and len(exported["messages"]) == 5
     status, imported = visitor.json("POST", "/api/conversations/import", exported)
     assert status == 201
     again = visitor.json("GET", f"/api/conversations/{imported['id']}/export")[1]

@@ -23,7 +23,7 @@ from .models import Provenance
 from .openapi import document
 from .paging import parse_limit
 from .search import MAX_QUERY_CHARS, MAX_RESULTS, search
-from .security import owner_id
+from .security import origin_allowed, owner_id
 from .services import get_services
 from .validation import SAFE_INTS, check_number, parse_json_text
 
@@ -247,7 +247,8 @@ def add_message(conversation_id: str):
     parent_id = body.get("parent_id", MISSING)  # absent: after the current leaf; null: a root
     if role == "user":
         _conv, message = chats.add_user_message(owner, conversation_id, body.get("content"),
-                                                parent_id=parent_id)
+                                                parent_id=parent_id,
+                                                attachments=body.get("attachments"))
         return message, 201
     if role != "assistant":
         raise Invalid("bad_role", "only user and assistant messages can be posted")
@@ -276,6 +277,92 @@ def update_message(conversation_id: str, message_id: str):
         owner_id(), conversation_id, message_id, content, body.get("status", "streaming"),
         provenance, reopen=body.get("continue") is True,
     )
+
+
+# -- files in the chat (attachments.py) -------------------------------------------------------
+
+MULTIPART_OVERHEAD = 64 * 1024  # the form's boundaries and headers around the file
+
+
+def _same_site_form() -> None:
+    """A multipart body is one a cross-site form can send (unlike the JSON the other writes
+    need), so a browser's request must come from our own pages: its Origin, and its
+    Sec-Fetch-Site where sent. Programs (no Origin) are unaffected."""
+    origin = request.headers.get("Origin")
+    site = request.headers.get("Sec-Fetch-Site")
+    if (origin is not None and not origin_allowed(origin)) or site not in (None, "same-origin",
+                                                                          "none"):
+        raise AppError("cross_site", "files are uploaded from bchat's own pages")
+
+
+@bp.post("/api/attachments")
+def upload_attachment():
+    """A file for the next message (multipart/form-data, field ``file``): its text is extracted
+    and kept; send its id in the message's ``attachments``."""
+    _same_site_form()
+    uploads = get_services().attachments
+    if request.content_length is not None:
+        uploads.refuse_size(request.content_length - MULTIPART_OVERHEAD)
+    request.max_content_length = uploads.max_bytes + MULTIPART_OVERHEAD
+    if not request.mimetype.startswith("multipart/form-data"):
+        raise AppError("multipart_required", "send the file as multipart/form-data (field "
+                       "\"file\")")
+    upload = request.files.get("file")
+    if upload is not None:
+        data, name, mime = upload.read(uploads.max_bytes + 1), upload.filename, upload.mimetype
+    elif "file" in request.form:  # a plain field (curl -F file=text): its text
+        data, name, mime = request.form["file"].encode(), "text.txt", "text/plain"
+    else:
+        raise Invalid("no_file", "send the file in the form field \"file\"")
+    return uploads.upload(owner_id(), name, data, mime), 201
+
+
+@bp.get("/api/attachments/<attachment_id>")
+def get_attachment(attachment_id: str):
+    return get_services().attachments.get(owner_id(), attachment_id)
+
+
+def _int_arg(name: str) -> int | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 9:
+        raise Invalid(f"bad_{name}", f"{name} must be a whole number")
+    return int(raw)
+
+
+@bp.get("/api/attachments/<attachment_id>/text")
+def attachment_text(attachment_id: str):
+    """A file's extracted text: whole, one ``page`` (PDF), or ``lines=FIRST-LAST``."""
+    lines = None
+    if request.args.get("lines") is not None:
+        first, _, last = request.args["lines"].partition("-")
+        if not (first.isdigit() and last.isdigit() and len(first) < 10 and len(last) < 10):
+            raise Invalid("bad_lines", "lines is FIRST-LAST, e.g. 10-40")
+        lines = (int(first), int(last))
+    return get_services().attachments.passage(owner_id(), attachment_id, page=_int_arg("page"),
+                                              lines=lines)
+
+
+@bp.delete("/api/attachments/<attachment_id>")
+def delete_attachment(attachment_id: str):
+    """Take back a file not sent yet (the × on its chip)."""
+    get_services().attachments.remove(owner_id(), attachment_id)
+    return "", 204
+
+
+@bp.get("/api/conversations/<conversation_id>/files")
+def prompt_files(conversation_id: str):
+    """For the browser engine: the text a model is given of the files on the branch ending at
+    ``leaf`` (a message id), fitted to a ``context`` of that many tokens with ``max_tokens``
+    for the reply, exactly as the server engines are given it."""
+    context, max_tokens = _int_arg("context"), _int_arg("max_tokens")
+    if not context or context < 64:
+        raise Invalid("bad_context", "context is the model's context in tokens (at least 64)")
+    if not request.args.get("leaf"):
+        raise Invalid("bad_leaf", "leaf is the id of the branch's last message")
+    return get_services().chats.prompt_files(owner_id(), conversation_id, request.args["leaf"],
+                                             context=context, max_tokens=max_tokens or 0)
 
 
 # -- sharing -------------------------------------------------------------------------------
@@ -321,7 +408,8 @@ def revoke_share_by_id(share_id: str):
 
 @bp.get("/api/conversations/<conversation_id>/export")
 def export_conversation(conversation_id: str):
-    conversation = get_services().chats.get_conversation(owner_id(), conversation_id)
+    chats = get_services().chats
+    conversation = chats.with_file_texts(chats.get_conversation(owner_id(), conversation_id))
     kind = request.args.get("format", "json")
     stem = "".join(c if c.isalnum() or c in "-_ " else "_" for c in conversation["title"])[:60]
     if kind == "json":

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, exists, literal, select, update
 
+from . import attachments as files
 from . import paging
 from .db import Database, notify_replies
 from .errors import AppError, Invalid, NotFound
@@ -181,6 +182,33 @@ class ChatService:
             leaf = self._current_leaf(session, conv)
             return model_history(self._path(session, leaf.id) if leaf else [])
 
+    def prompt_files(self, owner_id: str, conversation_id: str, leaf_id: Any, *,
+                     context: int, max_tokens: int) -> dict[str, Any]:
+        """For the browser engine: the file blocks a model is given with the branch ending at
+        ``leaf_id`` (message id → text before it), as a server engine is given them, and
+        what they hold (a reply's ``meta.files``)."""
+        with self.db.read() as session:
+            conv = self.owned(session, owner_id, conversation_id)
+            leaf = session.scalar(select(Message).where(
+                Message.public_id == check_message_id(leaf_id), Message.conversation_id == conv.id))
+            if leaf is None:
+                raise NotFound("message")
+            path = self._path(session, leaf.id)
+            blocks, given = files.file_blocks(session, path, files.budget(context, max_tokens))
+            return {"blocks": {m.public_id: blocks[m.id] for m in path if m.id in blocks},
+                    "files": given}
+
+    def with_file_texts(self, conversation: dict[str, Any]) -> dict[str, Any]:
+        """A conversation dict whose messages' files carry their text (export v3)."""
+        wanted = [m["id"] for m in conversation["messages"] if m.get("attachments")]
+        if not wanted:
+            return conversation
+        with self.db.read() as session:
+            texts = files.texts_for(session, wanted)
+        messages = [{**m, "attachments": texts[m["id"]]} if m["id"] in texts else m
+                    for m in conversation["messages"]]
+        return {**conversation, "messages": messages}
+
     # -- the few rows a change needs -------------------------------------------------------
     # Appending, starting a reply and continuing one read only the rows they need (the parent,
     # the branch a model sees), never the whole conversation (Conversation.messages): their
@@ -322,19 +350,21 @@ class ChatService:
     def add_user_message(
         self, owner_id: str, conversation_id: str | None, content: str, *,
         parent_id: Any = MISSING, settings: dict[str, Any] | None = None,
+        attachments: Any = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Store what the user typed, before any model runs (the browser engine's path: the
         page writes the reply). Creates the conversation if needed. Returns (conversation,
         message)."""
         conv, message, _, _ = self.begin_turn(owner_id, conversation_id, content, [],
                                               run_owner="browser", parent_id=parent_id,
-                                              settings=settings)
+                                              settings=settings, attachments=attachments)
         return conv, message
 
     def begin_turn(
         self, owner_id: str, conversation_id: str | None, content: str,
         provenances: list[Provenance], *, run_owner: str, parent_id: Any = MISSING,
-        settings: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None, attachments: Any = None,
+        context: int | None = None, max_tokens: int = 0,
     ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], list[dict[str, str]]]:
         """One transaction before any model runs: the user's message (under ``parent_id``, by
         default after the current leaf; a new conversation when ``conversation_id`` is None)
@@ -345,8 +375,13 @@ class ChatService:
 
         One reply (or comparison) is written at a time per conversation: a second would race
         the first for the current branch. Refused before anything is stored. Without
-        ``provenances`` (the browser engine: the page writes the reply) it stores the message."""
+        ``provenances`` (the browser engine: the page writes the reply) it stores the message.
+
+        ``attachments``: uploads sent with the message (attachments.link); ``context``: the
+        model's context in tokens, which the branch's files are fitted to (with_files), what
+        was given recorded in each reply's ``meta.files``."""
         self.check_content(content)
+        attachment_ids = files.check_ids(attachments)
         with self.db.write() as session:
             if conversation_id is None:
                 merged = self._merge(self.get_defaults(owner_id), settings or {})
@@ -366,22 +401,29 @@ class ChatService:
                            status="complete", parent_id=parent.id if parent else None)
             session.add(user)
             session.flush()
-            replies = [self._reply_row(session, conv, user, provenance, run_owner)
-                       for provenance in provenances]
-            session.flush()
-            # Set together after the inserts: one UPDATE of the conversation row, not two.
-            conv.updated_at = utcnow()
-            conv.current_message_id = replies[0].id if replies else user.id
+            files.link(session, owner_id, attachment_ids, conv.id, user.id)
             # The branch up to the user's message: read only when a model will see it (the
             # page's own engine keeps its history itself).
             path = (self._path(session, parent.id) if parent and provenances else
                     [parent] if parent else []) + [user]
+            seen, given = files.with_files(session, path, context if provenances else None,
+                                           max_tokens)
+            replies = [self._reply_row(session, conv, user, provenance, run_owner)
+                       for provenance in provenances]
+            for reply in replies:
+                if given:
+                    reply.meta = {**(reply.meta or {}), "files": given}
+            session.flush()
+            # Set together after the inserts: one UPDATE of the conversation row, not two.
+            conv.updated_at = utcnow()
+            conv.current_message_id = replies[0].id if replies else user.id
             parents = {m.id: m.public_id for m in path}
             return (conv.to_dict(), user.to_dict(parents), [r.to_dict(parents) for r in replies],
-                    model_history(path) if provenances else [])
+                    model_history(seen) if provenances else [])
 
     def begin_regenerate(
-        self, owner_id: str, message_id: Any, provenance: Provenance, *, run_owner: str
+        self, owner_id: str, message_id: Any, provenance: Provenance, *, run_owner: str,
+        context: int | None = None, max_tokens: int = 0,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[dict[str, str]]]:
         """A new reply beside ``message_id`` (a sibling under the same user message); the
         model sees the path to that user message, never the sibling."""
@@ -393,16 +435,20 @@ class ChatService:
             self._refuse_busy(session, conv)
             path = self._path(session, original.parent_id)
             asked = path[-1]
+            seen, given = files.with_files(session, path, context, max_tokens)
             reply = self._reply_row(session, conv, asked, provenance, run_owner)
+            if given:
+                reply.meta = {**(reply.meta or {}), "files": given}
             session.flush()
             conv.updated_at = utcnow()
             conv.current_message_id = reply.id
             parents = {**{m.id: m.public_id for m in path}, reply.id: reply.public_id}
             return (conv.to_dict(), asked.to_dict(parents), reply.to_dict(parents),
-                    model_history(path))
+                    model_history(seen))
 
     def begin_continue(
-        self, owner_id: str, message_id: Any, *, run_owner: str
+        self, owner_id: str, message_id: Any, *, run_owner: str, context: int | None = None,
+        max_tokens: int = 0,
     ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, str]]]:
         """Reopen a reply cut off (by the token limit, a stop or an interruption) to write
         more into the same message. The history ends with the reply itself, as the prefix
@@ -421,7 +467,8 @@ class ChatService:
                 raise Invalid("not_continuable", "only the last reply of a branch can be continued")
             path = self._path(session, reply.parent_id)
             before = reply.to_dict({m.id: m.public_id for m in path})
-            history = model_history(path)
+            seen, _given = files.with_files(session, path, context, max_tokens)
+            history = model_history(seen)
             history.append({"role": "assistant", "content": reply.content})
             reply.status = "streaming"
             reply.run_owner = run_owner
@@ -628,6 +675,10 @@ class ChatService:
                     # other writers in (PostgreSQL's writers do not queue on one lock).
                     time.sleep(max(0.001, took))
             with self.db.write() as session:
+                # Files (export v3, shares) with their messages, before the hand-over.
+                for i, data in enumerate(messages):
+                    if data.get("attachments"):
+                        files.copy_files(session, owner_id, conv_id, ids[i], data["attachments"])
                 session.execute(
                     update(Conversation).where(Conversation.id == conv_id).values(
                         owner_id=owner_id, updated_at=utcnow(),

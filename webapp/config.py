@@ -61,6 +61,9 @@ SETTINGS: dict[str, tuple[object, object, str]] = {
     "OPENAI_MODELS": ([], _list, "models to offer from it (comma-separated); default: all it lists"),
     "UPSTREAMS_FILE": (None, str, "a TOML or JSON file describing several upstreams (see README)"),
     "MAX_UPLOAD_BYTES": (16 * 1024 * 1024, _INT, "largest request body (conversation imports)"),
+    "MAX_ATTACHMENT_BYTES": (10 * 1024 * 1024, _INT, "largest file a visitor may attach to a message"),
+    "ATTACHMENT_QUOTA_BYTES": (100 * 1024 * 1024, _INT, "most bytes of attached files one visitor may "
+                               "keep (deleting conversations frees them)"),
     "PROXY_FIX": (0, _INT, "number of trusted reverse proxies in front (X-Forwarded-* headers)"),
     "RUN_GRACE_SECONDS": (30.0, float, "a reply goes on this long after its last watching socket closed"),
     "MAX_SOCKETS": (None, _INT, "open websockets per process; default: server threads minus a reserve"),

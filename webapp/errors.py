@@ -28,6 +28,8 @@ STATUS = {
     "not_found": 404, "unknown_model": 404,
     "busy": 409, "already_final": 409, "cancelled": 409,
     "json_required": 415,
+    "file_too_large": 413, "storage_quota_exceeded": 413, "unsupported_file": 415,
+    "multipart_required": 415, "already_sent": 409, "cross_site": 403,
     "rate_limited": 429, "too_many_queued": 429, "too_many_sockets": 429, "too_many_tries": 429,
     "upstream_rate_limited": 429,
     "upstream_rejected": 400,

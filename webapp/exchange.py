@@ -1,9 +1,11 @@
 """Conversation files: export as JSON (complete and re-importable) or Markdown, and import.
 
-The JSON (version 2) holds every message of the tree as the API shows it (ids, parent ids,
+The JSON (version 3) holds every message of the tree as the API shows it (ids, parent ids,
 provenance and the options each reply was made with), the conversation's settings and its
 current branch, so an export imported and exported again gives the same conversation (only
-ids are new). Version 1 files (a flat list, no settings) still import, as one branch. The
+ids are new). Version 3 adds each user message's files (``attachments``: name, type, size,
+sha256 and the extracted text; attachments.py). Version 2 files (no files) and version 1
+files (a flat list, no settings) still import, the latter as one branch. The
 Markdown export is the branch on screen.
 """
 
@@ -13,13 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from .attachments import parse_files
 from .errors import Invalid
 from .models import ENGINES, FINAL_STATUSES, ROLES, utcnow
 from .validation import check_number, check_text, check_time
 
 FORMAT = "bchat.conversation"
-VERSION = 2
-READS = (1, 2)
+VERSION = 3
+READS = (1, 2, 3)
 MAX_MESSAGES = 10_000
 REPLY_CHARS_FACTOR = 4  # replies may be longer than what a user may type
 
@@ -80,6 +83,8 @@ def export_markdown(conversation: dict[str, Any]) -> str:
         provenance = _provenance_line(message) if message["role"] == "assistant" else ""
         if provenance:
             lines.append(f"_{provenance}_")
+        for attached in message.get("attachments") or []:  # the file's name, not its text
+            lines.append(f"_📎 {attached['filename']}_")
         lines += ["", message["content"], ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -113,7 +118,7 @@ def _time(value: Any, where: str) -> datetime | None:
 
 
 def parse_import(data: Any, max_chars: int) -> ParsedImport:
-    """Validate an export file (version 1 or 2) or raise Invalid."""
+    """Validate an export file (version 1, 2 or 3) or raise Invalid."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise _fail("file", f'not a bchat conversation export (expected "format": "{FORMAT}")')
     version = data.get("version")
@@ -191,6 +196,9 @@ def parse_import(data: Any, max_chars: int) -> ParsedImport:
             ),
             "finish_reason": _optional(message.get("finish_reason"), (str,), f"{where}.finish_reason"),
             "meta": meta,
+            **({"attachments": parse_files(message.get("attachments"), f"{where}.attachments",
+                                           max_chars * REPLY_CHARS_FACTOR * 64)}
+               if version >= 3 and message.get("attachments") else {}),
         })
     settings = conversation.get("settings") if version >= 2 else None
     if settings is not None and not isinstance(settings, dict):

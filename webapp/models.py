@@ -163,6 +163,10 @@ class Message(Base):
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
     parent: Mapped[Message | None] = relationship(remote_side=[id], viewonly=True)
+    # The files sent with a user message (attachments.py), read with the messages in one
+    # query per batch; their text is deferred (loaded only where a prompt or export needs it).
+    attachments: Mapped[list[Attachment]] = relationship(
+        order_by="Attachment.id", lazy="selectin", viewonly=True)
 
     def record(self, provenance: Provenance) -> None:
         for column, value in vars(provenance).items():  # its fields are these columns
@@ -216,6 +220,8 @@ class Message(Base):
             "tokens_per_second": self.tokens_per_second,
             "finish_reason": self.finish_reason,
             "meta": self.meta or {},
+            **({"attachments": [a.to_dict() for a in self.attachments]} if self.attachments
+               else {}),
         }
 
 
@@ -400,3 +406,50 @@ class UsageCarry(Base):
     prompt_tokens: Mapped[int]
     completion_tokens: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+class Attachment(Base):
+    """A file sent with a user message: its facts and the text extracted from it (the bytes
+    themselves are not kept: the model only ever sees the text). Uploaded before the message
+    is sent, it belongs to its visitor alone (``message_id`` null) until a message takes it;
+    then it is deleted with that message's conversation (ON DELETE CASCADE)."""
+
+    __tablename__ = "attachment"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True, default=new_public_id)
+    owner_id: Mapped[str] = mapped_column(String(64), index=True)
+    conversation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("conversation.id", ondelete="CASCADE"), index=True)
+    message_id: Mapped[int | None] = mapped_column(
+        ForeignKey("message.id", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    mime: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int]
+    sha256: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text, deferred=True)
+    chars: Mapped[int]
+    tokens: Mapped[int]
+    pages: Mapped[int | None]  # PDFs: their page count
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.public_id, "filename": self.filename, "mime": self.mime,
+                "size": self.size, "sha256": self.sha256, "tokens": self.tokens,
+                "chars": self.chars, "pages": self.pages}
+
+
+class AttachmentPassage(Base):
+    """A passage of an attachment's text (a page of a PDF, or up to ~1,200 characters of
+    whole lines), the unit retrieval ranks and a reply cites. On SQLite an FTS5 index
+    (``passage_search``, migration 0012) is kept in step with it by triggers."""
+
+    __tablename__ = "attachment_passage"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    attachment_id: Mapped[int] = mapped_column(
+        ForeignKey("attachment.id", ondelete="CASCADE"), index=True)
+    ordinal: Mapped[int]
+    page: Mapped[int | None]
+    line_start: Mapped[int]
+    line_end: Mapped[int]
+    text: Mapped[str] = mapped_column(Text)
+    tokens: Mapped[int]

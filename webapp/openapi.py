@@ -178,7 +178,18 @@ SCHEMAS: dict[str, Any] = {
         "tokens_per_second": {"type": "number", "minimum": 0, "nullable": True},
         "finish_reason": {"type": "string", "nullable": True},
         "meta": {"type": "object"},
+        "attachments": {"type": "array", "items": _ref("Attachment"),
+                        "description": "a user message's files (absent when it has none)"},
     }, "id", "role", "content", "status", "created_at"),
+    "Attachment": _object({
+        "id": _ID, "filename": {"type": "string"}, "mime": {"type": "string"},
+        "size": {"type": "integer", "minimum": 0, "description": "the uploaded file's bytes"},
+        "sha256": {"type": "string"},
+        "tokens": {"type": "integer", "minimum": 0,
+                   "description": "its extracted text's tokens, estimated (3 characters a token)"},
+        "chars": {"type": "integer", "minimum": 0},
+        "pages": {"type": "integer", "nullable": True, "description": "a PDF's pages"},
+    }, "id", "filename", "mime", "size", "sha256", "tokens"),
     "Provenance": _closed({"engine": {"type": "string", "enum": ["browser"]}, **_REPLY_FACTS_IN,
                            "prompt_tokens": _COUNT, "completion_tokens": _COUNT}),
     "NewMessage": _closed({
@@ -188,6 +199,8 @@ SCHEMAS: dict[str, Any] = {
         "provenance": _ref("Provenance"),
         "parent_id": {**_ID, "nullable": True,
                       "description": "absent: after the current leaf; null: a new root"},
+        "attachments": {"type": "array", "maxItems": 10, "items": _ID,
+                        "description": "a user message's files: ids from POST /api/attachments"},
     }, "role", "content"),
     "ImportMessage": _closed({
         "role": {"type": "string", "enum": ["system", "user", "assistant"]},
@@ -207,7 +220,8 @@ SCHEMAS: dict[str, Any] = {
         "messages": {"type": "array", "maxItems": 50, "items": _ref("ImportMessage")},
     }, "format", "version", "conversation", "messages",
         description="a version 1 export (the fuzzed subset); version 2 exports, with message "
-                    "ids, parent ids, settings and current_message_id, import too"),
+                    "ids, parent ids, settings and current_message_id, and version 3, with "
+                    "user messages' attachments (their text included), import too"),
     "Share": _object({
         "id": _ID,
         "url": {"type": "string", "nullable": True},
@@ -220,7 +234,7 @@ SCHEMAS: dict[str, Any] = {
     }, "id", "url", "title", "conversation_id", "messages"),
     "Export": _object({
         "format": {"type": "string", "enum": ["bchat.conversation"]},
-        "version": {"type": "integer", "enum": [2]},
+        "version": {"type": "integer", "enum": [3]},
         "exported_at": _TIME,
         "conversation": _object({"title": {"type": "string", "minLength": 1, "maxLength": 200},
                                  "created_at": {**_TIME, "nullable": True},
@@ -335,7 +349,9 @@ PATHS: dict[str, Any] = {
     "/api/conversations/{conversation_id}/messages": {
         "parameters": [_CONVERSATION_ID],
         "post": _op("add_message", "store a message written in the page (browser engine)",
-                    "201", _ref("Message"), "stored", _ref("NewMessage")),
+                    "201", _ref("Message"), "stored", _ref("NewMessage"),
+                    also={"409": "already_sent: a file of attachments was sent in another "
+                                 "conversation"}),
     },
     "/api/conversations/{conversation_id}/messages/{message_id}": {
         "parameters": [_CONVERSATION_ID, _in_path("message_id")],
@@ -390,6 +406,59 @@ PATHS: dict[str, Any] = {
                         "type": "string", "description": "shown only now"}}, "key", "token"),
                     "the key, and its token (never shown again)",
                     _closed({"name": {**_TEXT, "maxLength": 100}}, "name")),
+    },
+    "/api/attachments": {"post": {
+        "operationId": "upload_attachment",
+        "summary": "a file for the next message: its text is extracted and kept",
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _object(
+            {"file": {"type": "string", "minLength": 1, "pattern": _VISIBLE,
+                      "description": "the file: text of any kind (the fuzzed subset) or a PDF; "
+                                     "images and other binaries get 415"}}, "file")}}},
+        "responses": {
+            **_ERRORS,
+            "201": _json(_ref("Attachment"), "stored: send its id in the message's attachments"),
+            "403": _json(_ref("Error"), "posted from another site's page"),
+            "413": _json(_ref("Error"), "file_too_large (BCHAT_MAX_ATTACHMENT_BYTES) or "
+                                        "storage_quota_exceeded (BCHAT_ATTACHMENT_QUOTA_BYTES)"),
+            "415": _json(_ref("Error"), "unsupported_file (images, binaries) or not multipart"),
+        },
+    }},
+    "/api/attachments/{attachment_id}": {
+        "parameters": [_in_path("attachment_id")],
+        "get": _op("get_attachment", "a file's facts", "200", _ref("Attachment"), "the file"),
+        "delete": _op("delete_attachment", "take back a file not sent yet", "204", None,
+                      "deleted", also={"409": "already_sent: it goes with its conversation"}),
+    },
+    "/api/attachments/{attachment_id}/text": {
+        "parameters": [_in_path("attachment_id")],
+        "get": _op("attachment_text", "a file's extracted text: whole, a page, or lines",
+                   "200", _object({"id": _ID, "filename": {"type": "string"},
+                                   "text": {"type": "string"},
+                                   "page": {"type": "integer", "nullable": True},
+                                   "pages": {"type": "integer", "nullable": True},
+                                   "lines": {"type": "array", "nullable": True,
+                                             "items": {"type": "integer"}}},
+                                  "id", "filename", "text"), "the text",
+                   parameters=[{"name": "page", "in": "query", "required": False,
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 999999999}},
+                               {"name": "lines", "in": "query", "required": False,
+                                "schema": {"type": "string", "pattern": r"^[0-9]{1,9}-[0-9]{1,9}$"},
+                                "description": "FIRST-LAST, 1-based, inclusive"}]),
+    },
+    "/api/conversations/{conversation_id}/files": {
+        "parameters": [_CONVERSATION_ID],
+        "get": _op(
+            "prompt_files", "the text a model is given of a branch's files (browser engine)",
+            "200", _object({"blocks": {"type": "object", "additionalProperties": {"type": "string"},
+                                       "description": "message id: the file blocks before its text"},
+                            "files": {"type": "array", "items": {"type": "object"},
+                                      "description": "what was given, for the reply's meta.files"}},
+                           "blocks", "files"), "the blocks, fitted to the context",
+            parameters=[{"name": "leaf", "in": "query", "required": True, "schema": _ID},
+                        {"name": "context", "in": "query", "required": True,
+                         "schema": {"type": "integer", "minimum": 64, "maximum": 999999999}},
+                        {"name": "max_tokens", "in": "query", "required": False,
+                         "schema": {"type": "integer", "minimum": 0, "maximum": 999999999}}]),
     },
     "/api/keys/{key_id}": {
         "parameters": [_in_path("key_id")],

@@ -36,6 +36,7 @@ def chat(conversation_id: str | None = None):
         default_model=get_services().engines.default_model or "",
         max_message_chars=current_app.config["MAX_MESSAGE_CHARS"],
         n_ctx=current_app.config["N_CTX"],
+        max_attachment_bytes=current_app.config["MAX_ATTACHMENT_BYTES"],
         options=page_options(current_app.config),
     )
 

@@ -30,9 +30,9 @@ FTS_TABLE = "message_search"
 _WORD = re.compile(r"\w[\w'-]*", re.UNICODE)
 
 
-def terms(query: str) -> list[str]:
-    """The words searched for: letters and digits, at most MAX_TERMS, lower-cased."""
-    return [w.lower() for w in _WORD.findall(query)][:MAX_TERMS]
+def terms(query: str, limit: int = MAX_TERMS) -> list[str]:
+    """The words searched for: letters and digits, at most ``limit``, lower-cased."""
+    return [w.lower() for w in _WORD.findall(query)][:limit]
 
 
 def fts_query(words: list[str]) -> str:

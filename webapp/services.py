@@ -10,6 +10,7 @@ from typing import Any
 from flask import Flask, current_app
 
 from .api_keys import KeyService
+from .attachments import AttachmentService
 from .benchmarks import BenchmarkService
 from .catalogue import ModelCatalogue, load_model_names
 from .chats import ChatService
@@ -33,6 +34,7 @@ class Services:
     runs: RunService
     benchmarks: BenchmarkService
     keys: KeyService
+    attachments: AttachmentService
     # Open chat sockets, so a shutdown can close them (with 1001, "going away") instead of
     # waiting for every visitor to leave.
     tools: ToolRegistry | None = None  # built-ins and the admin's MCP servers (tools/)
@@ -82,6 +84,8 @@ def init_app(app: Flask, limits: Limits) -> Services:
         benchmarks=BenchmarkService(db, engines, catalogue, runs, limits),
         keys=KeyService(db),
         tools=tools,
+        attachments=AttachmentService(db, max_bytes=config["MAX_ATTACHMENT_BYTES"],
+                                      quota_bytes=config["ATTACHMENT_QUOTA_BYTES"]),
     )
     return built
 

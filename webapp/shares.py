@@ -30,7 +30,9 @@ import secrets
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import object_session
 
+from .attachments import texts_for
 from .chats import ChatService
 from .db import Database, lock_row
 from .errors import NotFound
@@ -126,8 +128,12 @@ class ShareService:
         messages = []
         branch = current_branch(conv)
         parents = {m.id: m.public_id for m in branch}
+        # files with their text, so "continue" copies them (the page shows their chips)
+        texts = texts_for(object_session(conv), [m.public_id for m in branch if m.attachments])
         for message in branch:
             data = message.to_dict(parents)
+            if message.public_id in texts:
+                data["attachments"] = texts[message.public_id]
             facts = self._model_facts(message.model) if message.model else None
             if facts:
                 data["quantization"] = facts.get("quantization")

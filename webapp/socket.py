@@ -220,7 +220,8 @@ class ChatSocket:
             return [runs.continue_reply(self.owner, frame.get("message_id"), options=options,
                                         ip=self.ip, watcher=self)]
         turn = {"options": options, "ip": self.ip, "watcher": self,
-                "parent_id": frame.get("parent_id", MISSING), "settings": frame.get("settings")}
+                "parent_id": frame.get("parent_id", MISSING), "settings": frame.get("settings"),
+                "attachments": frame.get("attachments")}
         if kind == "compare":
             return runs.compare(self.owner, frame.get("conversation_id"), frame.get("content"),
                                 frame.get("targets"), **turn)

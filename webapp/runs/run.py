@@ -104,7 +104,8 @@ class Run:
     def __init__(self, *, message_id: str, conversation_id: str, owner: str, model: str,
                  engine: Any, options: GenerationOptions, history: list[dict[str, Any]],
                  started_frame: dict[str, Any], lease: Lease, stored: bool = True,
-                 continues: dict[str, Any] | None = None) -> None:
+                 continues: dict[str, Any] | None = None,
+                 files: list[dict[str, Any]] | None = None) -> None:
         self.message_id = message_id
         self.conversation_id = conversation_id
         self.owner = owner
@@ -116,6 +117,7 @@ class Run:
         self.lease = lease  # its place in the visitor's and the address's limits
         self.stored = stored  # False for a /v1 call with "store": false: nothing is written
         self.continues = continues  # the reply as it was, when continuing it
+        self.files = files  # what the model was given of the branch's files (attachments.py)
         self.lock = threading.Lock()
         self.parts: list[str] = [continues["content"]] if continues else []
         self.length = len(continues["content"]) if continues else 0  # in code points
@@ -230,6 +232,8 @@ class Run:
         meta: dict[str, Any] = dict(finished.meta) if finished else {}
         meta.update(self.extra_meta)
         meta["options"] = self.options.to_dict()
+        if self.files:
+            meta["files"] = self.files
         if meta.get("trimmed_messages"):
             meta["trimmed_through"] = last_left_out(self.history, self.options,
                                                     meta["trimmed_messages"])

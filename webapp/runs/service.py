@@ -127,6 +127,15 @@ class RunService:
             chosen, engine = self.engines.resolve(None)
         return parsed, chosen, engine, new_settings
 
+    def _files_fit(self, model: str, options: GenerationOptions) -> dict[str, int]:
+        """What a branch's files are fitted to (attachments.with_files): the context the
+        model runs with here (BCHAT_N_CTX, or the model's own when smaller) and the reply's."""
+        facts = next((m.facts for m in self.engines.models() if m.id == model), {})
+        known = [n for n in (facts.get("context_length"), self.config.get("N_CTX", 4096))
+                 if isinstance(n, int) and n > 0]
+        return {"context": min(known) if known else 4096,
+                "max_tokens": options.max_tokens or self.config.get("MAX_TOKENS", 512)}
+
     @staticmethod
     def _provenance(engine: Any, model: str, options: GenerationOptions) -> Provenance:
         return Provenance(engine="server", backend=getattr(engine, "name", None), model=model,
@@ -135,16 +144,19 @@ class RunService:
     def start(
         self, owner: str, conversation_id: str | None, content: Any, *, model: Any = None,
         options: Any = None, ip: str | None = None, watcher: Watcher | None = None,
-        parent_id: Any = MISSING, settings: Any = None,
+        parent_id: Any = MISSING, settings: Any = None, attachments: Any = None,
     ) -> Run:
         """A new user message (after the current leaf, or under ``parent_id``: an edit is a
-        new message beside the one edited) and its reply."""
+        new message beside the one edited; ``attachments``: the files sent with it) and its
+        reply."""
         return self._turn(owner, conversation_id, content, [model], options=options, ip=ip,
-                          watcher=watcher, parent_id=parent_id, settings=settings)[0]
+                          watcher=watcher, parent_id=parent_id, settings=settings,
+                          attachments=attachments)[0]
 
     def compare(self, owner: str, conversation_id: str | None, content: Any, targets: Any, *,
                 options: Any = None, ip: str | None = None, watcher: Watcher | None = None,
-                parent_id: Any = MISSING, settings: Any = None) -> list[Run]:
+                parent_id: Any = MISSING, settings: Any = None,
+                attachments: Any = None) -> list[Run]:
         """One prompt, several server models at once: sibling replies, each its own run (the
         batched worker decodes them together). Browser targets are the page's own."""
         if not isinstance(targets, list) or not 1 <= len(targets) <= COMPARE_MAX or not all(
@@ -153,11 +165,11 @@ class RunService:
                           '{"model": ID} objects (server models)')
         return self._turn(owner, conversation_id, content, [t["model"] for t in targets],
                           options=options, ip=ip, watcher=watcher, parent_id=parent_id,
-                          settings=settings, kind="compare")
+                          settings=settings, kind="compare", attachments=attachments)
 
     def _turn(self, owner: str, conversation_id: str | None, content: Any, models: list[Any], *,
               options: Any, ip: str | None, watcher: Watcher | None, parent_id: Any,
-              settings: Any, kind: str | None = None) -> list[Run]:
+              settings: Any, kind: str | None = None, attachments: Any = None) -> list[Run]:
         """A user message and a reply per model, its rows stored in one transaction."""
         if conversation_id is not None and not isinstance(conversation_id, str):
             raise Invalid("bad_frame", "conversation_id must be a string or null")
@@ -169,6 +181,10 @@ class RunService:
                 owner, conversation_id, content,
                 [self._provenance(engine, model, parsed) for parsed, model, engine, _ in prepared],
                 run_owner=self.identity, parent_id=parent_id, settings=prepared[0][3],
+                attachments=attachments,
+                # the smallest context among the models compared: one history for all
+                **min((self._files_fit(model, parsed) for parsed, model, _, _ in prepared),
+                      key=lambda fit: fit["context"]),
             )
             parts = lease.split(len(prepared))  # each run gives back its own when it ends
         extra = {"kind": kind, "message_ids": [r["id"] for r in replies]} if kind else {}
@@ -192,8 +208,8 @@ class RunService:
         parsed, model, engine, _ = self._prepare(owner, conversation_id, options, model)
         with self._admitted(owner, ip, 1, [model]) as lease:
             conv, asked, reply, history = self.chats.begin_regenerate(
-                owner, message_id, self._provenance(engine, model, parsed), run_owner=self.identity
-            )
+                owner, message_id, self._provenance(engine, model, parsed), run_owner=self.identity,
+                **self._files_fit(model, parsed))
             return self._launch(owner, model, engine, parsed, history, watcher, lease,
                                 conv=conv, reply=reply, user_message=asked, kind="regenerate",
                                 regenerates=message_id, chat_tools=True)
@@ -209,7 +225,8 @@ class RunService:
         parsed, model, engine, _ = self._prepare(owner, conversation_id, options, same)
         with self._admitted(owner, ip, 1, [model]) as lease:
             conv, before, history = self.chats.begin_continue(owner, message_id,
-                                                              run_owner=self.identity)
+                                                              run_owner=self.identity,
+                                                              **self._files_fit(model, parsed))
             return self._launch(owner, model, engine, parsed, history, watcher, lease,
                                 conv=conv, reply={**before, "status": "streaming"},
                                 kind="continue", continues=before, chat_tools=True)
@@ -241,7 +258,8 @@ class RunService:
                   model=model, engine=engine, options=options, history=history, lease=lease,
                   started_frame=started_frame(message_id, model, conv, reply, user_message,
                                               kind, **extra),
-                  stored=reply is not None, continues=continues)
+                  stored=reply is not None, continues=continues,
+                  files=((reply or {}).get("meta") or {}).get("files"))
         if chat_tools and options.tools and self.tools is not None:
             names = {t["function"]["name"] for t in options.tools}
             run.tools = [t for t in self.tools.available() if t.name in names]

@@ -29,6 +29,10 @@ export async function request(method, path, body, options = {}) {
   } catch (err) {
     throw new ApiError(0, "network", `the server could not be reached (${err.message})`);
   }
+  return answer(response, method, path);
+}
+
+async function answer(response, method, path) {
   if (response.status === 204) return null;
   const data = await response.json().catch(() => null);
   if (!response.ok) {
@@ -37,6 +41,22 @@ export async function request(method, path, body, options = {}) {
       error.message ?? `${method} ${path} failed with HTTP ${response.status}`);
   }
   return data;
+}
+
+// A file for the next message, as multipart/form-data (field "file"); an abort rejects with
+// the AbortError itself, so the caller can tell it from a failure.
+async function uploadFile(file, signal) {
+  const form = new FormData();
+  form.append("file", file, file.name);
+  let response;
+  try {
+    response = await fetch("/api/attachments", { method: "POST", body: form, credentials: "same-origin",
+                                                 headers: { Accept: "application/json" }, signal });
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiError(0, "network", `the server could not be reached (${err.message})`);
+  }
+  return answer(response, "POST", "/api/attachments");
 }
 
 export const LIST_PAGE = 50; // conversations per page of the sidebar (the server allows 200)
@@ -87,6 +107,13 @@ export const api = {
     request("POST", `/api/conversations/${encodeURIComponent(id)}/messages`, message),
   updateMessage: (id, messageId, body) =>
     request("PATCH", messagePath(id, messageId), body),
+  uploadFile,
+  deleteFile: (id) => request("DELETE", `/api/attachments/${encodeURIComponent(id)}`),
+  // The browser engine's prompt: the file blocks of the branch ending at `leaf`, fitted to
+  // its context (webapp/attachments.py; the server engines are given the same).
+  promptFiles: (id, leaf, context, maxTokens) => request("GET",
+    `/api/conversations/${encodeURIComponent(id)}/files?leaf=${encodeURIComponent(leaf)}` +
+    `&context=${context}&max_tokens=${maxTokens}`),
   // For pagehide: the browser finishes a keepalive request after the page is gone.
   updateMessageOnExit: (id, messageId, body) =>
     request("PATCH", messagePath(id, messageId), body, { keepalive: true }).catch(() => {}),

@@ -24,6 +24,7 @@ import { initCompare } from "./ui/compare.js";
 import { initBenchmark } from "./ui/benchmark.js";
 import { initModels } from "./ui/models.js";
 import { initApiKeys } from "./ui/api_keys.js";
+import { Attachments } from "./ui/attachments.js";
 import { initReplyFormat, readReplyFormat } from "./ui/reply_format.js";
 
 const root = document.getElementById("app");
@@ -179,6 +180,7 @@ function engineChanged({ save = true } = {}) {
     browserStatus.hide();
   }
   showModelCard($("model-card"), modelInfo(modelSelect.value), { contextLength: contextLength(), engine });
+  attachments.setModel(modelSelect.selectedOptions[0]?.textContent ?? modelSelect.value);
   meter.update();
 }
 
@@ -269,7 +271,8 @@ function controlsFor(m, conversation, groups, busy) {
     siblings: { position, count: siblings.length,
                 prev: () => switchTo(siblings[position - 2], m), next: () => switchTo(siblings[position], m) },
   };
-  if (!busy && m.role === "user") controls.edit = (text) => send({ content: text, parentId: m.parent_id ?? null });
+  // an edit keeps the message's files (the server copies them to the new version)
+  if (!busy && m.role === "user") controls.edit = (text) => send({ content: text, parentId: m.parent_id ?? null, files: m.attachments });
   if (!busy && m.role === "assistant" && m.parent_id) {
     controls.regenerate = () => send({ regenerate: m });
     const cutOff = (m.status === "complete" && m.finish_reason === "length")
@@ -503,6 +506,12 @@ async function send(action = null) {
       options: engineName === "browser" ? replyOptions(settingsForNew ?? currentSettings()) : {},
       settings: settingsForNew ? Object.fromEntries(Object.entries(settingsForNew).filter(([, v]) => v !== null)) : null,
     };
+    if (!action) {
+      await attachments.ready(); // a file still being read goes with this message
+      request.attachments = attachments.ids();
+    } else if (action.files?.length) {
+      request.attachments = action.files.map((file) => file.id);
+    }
     if (action && "parentId" in action) request.parentId = action.parentId;
     if (action?.regenerate) {
       request.regenerate = action.regenerate.id;
@@ -516,6 +525,7 @@ async function send(action = null) {
         const wasOnScreen = onScreen();
         if (!action) {
           composer.value = ""; // stored on the server: safe to clear
+          attachments.clear(); // (the message holds them now)
           composerState.changed();
         }
         reply.conversationId = conversation.id;
@@ -653,6 +663,13 @@ socket.connect();
 
 // ---- the context meter and the composer's limits ---------------------------------------
 const meter = new ContextMeter($("context-meter"), { contextLength });
+const attachments = new Attachments({
+  list: $("composer-files"), input: $("attach-input"), button: $("attach"),
+  zone: root.querySelector("main.chat"), paste: composer, // a drop anywhere on the chat column
+  maxBytes: Number(root.dataset.maxAttachmentBytes),
+  onChange: () => composerState.changed(),
+  onError: (message) => showError(message, { cause: "files" }),
+});
 const composerState = new Composer(composer, {
   counter: $("composer-counter"),
   note: $("composer-note"),
@@ -660,9 +677,10 @@ const composerState = new Composer(composer, {
   contextLength,
   replyTokens: () => Number.parseInt(settings.maxTokens.value, 10) || 0,
   usedTokens: () => meter.used,
+  fileTokens: () => attachments.tokens(),
   onChange: () => {
     updateControls();
-    meter.update(composerState.estimate);
+    meter.update(composerState.estimate + attachments.tokens()); // the files to send count too
   },
 });
 

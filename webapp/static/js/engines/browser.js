@@ -206,6 +206,17 @@ export function createBrowserEngine({ api, defaults }) {
     return { conversation: { ...first, messages }, path };
   }
 
+  // The path with each message's files before its text, as the server builds them for its
+  // engines (GET /api/conversations/<id>/files, fitted to this engine's context), and what
+  // was given of them; a path without files costs no request.
+  async function withFiles(conversationId, path, options) {
+    const leaf = [...path].reverse().find((m) => m.role === "user");
+    if (!leaf || !path.some((m) => m.attachments?.length)) return { path, files: [] };
+    // N_CTX: the context fitHistory cuts the prompt to (the model's own is never smaller here)
+    const { blocks, files } = await api.promptFiles(conversationId, leaf.id, N_CTX, options.max_tokens ?? 0);
+    return { path: path.map((m) => (blocks[m.id] ? { ...m, content: `${blocks[m.id]}\n\n${m.content}` } : m)), files };
+  }
+
   // The prompt a reply starts with: the branch's history (path, as readBranch gives it) as
   // the model sees it. `more`: the path does not reach the root, so what fitHistory drops is
   // only the oldest of the turns read, and more above them were left out too.
@@ -302,7 +313,8 @@ export function createBrowserEngine({ api, defaults }) {
       if (!modelInfo?.browser) return null;
       const runtime = await ensureLoaded(modelInfo, preference, onLoad);
       if (conversationId) {
-        const { path } = await readBranch(conversationId, { system: options.system });
+        const branch = await readBranch(conversationId, { system: options.system });
+        const { path } = await withFiles(conversationId, branch.path, options).catch(() => branch);
         warm(conversationId, path, options, onLoad);
       }
       return runtime;
@@ -355,6 +367,7 @@ export function createBrowserEngine({ api, defaults }) {
       if (!request.regenerate && !request.replyTo && !continued) {
         const body = { role: "user", content: request.content };
         if (request.parentId !== undefined) body.parent_id = request.parentId;
+        if (request.attachments?.length) body.attachments = request.attachments;
         userMessage = await api.addMessage(conversationId, body);
         answering = userMessage.id;
       }
@@ -362,9 +375,13 @@ export function createBrowserEngine({ api, defaults }) {
       // the model's context reaches. A regenerated or continued reply reads from just above
       // itself; a new message is the current leaf.
       const below = continued?.id ?? request.regenerate ?? null;
-      const { conversation, path } = await readBranch(conversationId,
+      const branch = await readBranch(conversationId,
         { upTo: answering, below, system: options.system });
+      const { conversation } = branch;
       onStarted?.(conversation, userMessage);
+      // The branch's files, as the server engines are given them (the same text, the same
+      // passages when they do not all fit).
+      const { path, files } = await withFiles(conversationId, branch.path, options);
 
       // 2. The model: from the browser's cache, or downloaded once from this app.
       let runtime;
@@ -501,6 +518,7 @@ export function createBrowserEngine({ api, defaults }) {
       const meta = {};
       if (dropped) meta.trimmed_messages = dropped;
       if (dropped && more) meta.trimmed_more = true; // and the ones above those read
+      if (files.length) meta.files = files; // what it was given of the files (ⓘ lists them)
       // Prompt facts as the server engines record them: from llama.cpp's timings, else (a reply
       // stopped while the prompt was read) from the last progress step, else the page's clock.
       let promptTokens = usage?.prompt_tokens ?? null;

@@ -107,6 +107,7 @@ export function createServerEngine(socket) {
       } else {
         frame = { type: "chat", conversation_id: request.conversationId ?? null, content: request.content, ...common };
         if (request.parentId !== undefined) frame.parent_id = request.parentId;
+        if (request.attachments?.length) frame.attachments = request.attachments;
         if (!request.conversationId && request.settings) frame.settings = request.settings;
       }
       const started = await start(frame);

@@ -1,16 +1,22 @@
 // The composer's limits, said before sending rather than enforced by cutting: a counter near
 // the server's character limit, and a note when the message (with the reply asked for) cannot
-// fit the model's context, or will push older messages out of it. Sending is blocked only for
-// what the server or the model would refuse.
+// fit the model's context, or will push older messages out of it, or when its files are larger
+// than the context holds (the model is then given their most relevant passages). Sending is
+// blocked only for what the server or the model would refuse.
 import { count } from "../format.js";
 
 // Rough tokens for text not yet tokenised: ~4 characters a token in English prose, fewer for
 // code and other scripts. Blocking uses the optimistic estimate, warning the cautious one.
 const CHARS_PER_TOKEN = { optimistic: 4, cautious: 3 };
+// The share of the context (after the reply's room) a branch's files may fill before the
+// server gives only their most relevant passages (webapp/attachments.py FILES_SHARE).
+const FILES_SHARE = 0.5;
 
 export class Composer {
-  constructor(textarea, { counter, note, maxChars, contextLength, replyTokens, usedTokens, onChange }) {
-    Object.assign(this, { textarea, counter, note, maxChars, contextLength, replyTokens, usedTokens, onChange });
+  constructor(textarea, { counter, note, maxChars, contextLength, replyTokens, usedTokens, onChange,
+                          fileTokens = () => 0 }) {
+    Object.assign(this, { textarea, counter, note, maxChars, contextLength, replyTokens, usedTokens, onChange,
+                          fileTokens });
     this.canSend = false;
     this.estimate = 0;
     this.autoSize = !CSS.supports("field-sizing", "content");
@@ -57,6 +63,12 @@ export class Composer {
       return { blocks: true, message: `This message is about ${count(least)} tokens: with room ` +
         `for a ${count(reply)}-token reply it cannot fit the model's context of ` +
         `${count(limit)} tokens. Shorten it (or lower Max reply tokens) to send it.` };
+    }
+    const files = this.fileTokens();
+    if (files > Math.floor((limit - Math.min(this.replyTokens(), Math.floor(limit / 4))) * FILES_SHARE)) {
+      return { blocks: false, message: `These files are about ${count(files)} tokens, more than the ` +
+        "model's context can hold: it will be given the passages most relevant to your message " +
+        "(the reply's info button lists them)." };
     }
     const after = this.usedTokens() + Math.ceil(length / CHARS_PER_TOKEN.cautious) + reply;
     if (after > limit) {

@@ -46,6 +46,8 @@ const SHAPES = {
   gauge: [["path", { d: "M4 18a8 8 0 1 1 16 0" }], ["path", { d: "M12 14l4-5" }]],
   key: [["circle", { cx: 8, cy: 14, r: 4 }], ["path", { d: "M11 11l8-8M16 6l3 3" }]],
   layers: [["path", { d: "M12 3 3 8l9 5 9-5z" }], ["path", { d: "m3 13 9 5 9-5" }]],
+  paperclip: [["path", { d: "M21 11.5 12.5 20a5 5 0 0 1-7-7l8.5-8.5a3.3 3.3 0 0 1 4.7 4.7L10.2 17.7a1.7 1.7 0 0 1-2.4-2.4L15.5 7.6" }]],
+  file: [["path", { d: "M14 3H6v18h12V7z" }], ["path", { d: "M14 3v4h4M9 13h6M9 17h6" }]],
 };
 
 // An SVG element (icons, the benchmark's charts) with its attributes and text.

@@ -5,6 +5,7 @@ import { renderStructured } from "./reply_format.js";
 import { copyWithFeedback, icon, iconButton } from "./icons.js";
 import { el, factRows } from "./panel.js";
 import { modelChip } from "./model_card.js";
+import { describeGiven, fileChips } from "./attachments.js";
 import { ms, tokens, tokensPerSecond } from "../format.js";
 import { fillToolBlock, liveToolBlock, toolBlocksOf } from "./tools.js";
 
@@ -47,6 +48,17 @@ function describeOptions(options, message) {
     ["Writing time", message.meta?.predicted_ms != null ? ms(message.meta.predicted_ms) : null],
     ["Threads", message.meta?.threads],
   ]));
+  // The files it was given: whole, or the passages retrieval chose (file, page or lines).
+  const given = describeGiven(message.meta?.files);
+  if (given.length) {
+    const list = el("ul", "reply-files", null, { testid: "reply-files" });
+    list.append(...given.map((line) => el("li", "", line)));
+    const value = el("dd");
+    value.append(list);
+    const row = el("div");
+    row.append(el("dt", "", message.meta.files.some((f) => !f.whole) ? "Passages given" : "Files given"), value);
+    box.append(row);
+  }
   return box;
 }
 
@@ -168,12 +180,13 @@ export class MessageView {
     if (steps.length) body.append(el("div", "tool-steps", null, { testid: "tool-steps" }));
     body.querySelector(".tool-steps")?.append(...steps);
     texts.set(node, message.content ?? "");
+    const files = message.attachments?.length ? fileChips(message.attachments) : null;
     const actions = el("div", "message-actions");
     const copy = iconButton("copy", "Copy message", {
       testid: "copy", ui: true, onClick: () => copyWithFeedback(copy, texts.get(node) ?? ""),
     });
     actions.append(copy);
-    node.append(label, body, el("div", "meta"), actions);
+    node.append(label, body, ...(files ? [files] : []), el("div", "meta"), actions);
     if (controls) this.addControls(node, message, controls);
     this.setMeta(node, message);
     if (before) {
