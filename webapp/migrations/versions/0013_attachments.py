@@ -16,8 +16,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0012_attachments'
-down_revision = '0011'
+revision = '0013_attachments'
+down_revision = '0012_accounts'
 branch_labels = None
 depends_on = None
 
