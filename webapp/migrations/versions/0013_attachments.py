@@ -7,8 +7,8 @@ their passages with them. On SQLite ``passage_search`` is an external-content FT
 (passages are never edited, so no update trigger). PostgreSQL ranks with ts_rank
 over to_tsvector, its matches found by a GIN index of the same expression.
 
-Revision ID: 0012_attachments
-Revises: 0011
+Revision ID: 0013_attachments
+Revises: 0012_accounts
 Create Date: 2026-12-07 16:00:00.000000
 """
 from __future__ import annotations
