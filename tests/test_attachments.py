@@ -284,3 +284,45 @@ def test_export_v3_import_and_share(live_server):
     assert mine["filename"] == "keeper.pdf" and mine["sha256"] == info["sha256"]
     assert "Oskar" in visitor.json("GET", f"/api/attachments/{mine['id']}/text?page=1")[1]["text"]
     assert me.json("GET", f"/api/attachments/{mine['id']}")[0] == 404
+
+
+def test_the_read_attachment_tool_reads_a_page_or_lines_of_this_conversations_files(
+        app, live_server):
+    """The built-in tool the server's tool loop offers (webapp/tools/builtins.py): the file is
+    found by the name its <file> block shows the model, only in this conversation, only the
+    visitor's own."""
+    from webapp.tools.registry import ToolContext
+
+    me = live_server.session()
+    pdf = make_pdf([["Quarterly report", "Sales grew in the north."],
+                    ["Page two holds the appendix.", "Nothing else."]])
+    status, info = upload(me, "report.pdf", pdf, "application/pdf")
+    assert status == 201, info
+    started, done = chat(me, "Summarise it.", attachments=[info["id"]])
+    assert done is not None, started
+    conversation = started["conversation_id"]
+    services = app.extensions["bchat"]
+    with services.db.read() as session:
+        owner = session.scalar(select(Attachment.owner_id).where(Attachment.public_id == info["id"]))
+    mine = ToolContext(owner, conversation_id=conversation, db=services.db)
+
+    page = services.tools.call("read_attachment", {"file": "report.pdf", "page": 2}, mine)
+    assert page.error is None and "appendix" in page.text and "Quarterly" not in page.text
+    assert page.text.startswith("report.pdf (page 2 of 2")
+    line = services.tools.call("read_attachment",
+                               {"file": "report.pdf", "page": 1, "start_line": 2, "end_line": 2}, mine)
+    assert line.error is None and line.text.endswith("Sales grew in the north.")
+    missing = services.tools.call("read_attachment", {"file": "other.txt"}, mine)
+    assert missing.error == "failed" and "report.pdf" in missing.text  # it names what there is
+    bad_page = services.tools.call("read_attachment", {"file": "report.pdf", "page": 9}, mine)
+    assert bad_page.error == "failed" and "pages 1 to 2" in bad_page.text
+    # Another visitor, or another conversation of the same visitor, finds nothing there.
+    other = services.tools.call("read_attachment", {"file": "report.pdf"},
+                                ToolContext("someone-else", conversation_id=conversation, db=services.db))
+    assert other.error == "failed" and "no file named" in other.text
+    elsewhere = services.chats.add_user_message(owner, None, "a new chat")[0]["id"]
+    moved = services.tools.call("read_attachment", {"file": "report.pdf"},
+                                ToolContext(owner, conversation_id=elsewhere, db=services.db))
+    assert moved.error == "failed" and "files: none" in moved.text
+    listed = {t["name"] for t in me.json("GET", "/api/tools")[1]["tools"]}
+    assert "read_attachment" in listed

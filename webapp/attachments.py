@@ -511,10 +511,10 @@ def _ranked(session: Session, attachment_ids: list[int], words: list[str]) -> li
 
 class _WithFiles:
     """A message as a model sees it with its files before its text (tree.model_history reads
-    role, status and content only)."""
+    role, status, content and meta: a tool step's calls and results ride in meta)."""
 
     def __init__(self, message: Message, blocks: str | None) -> None:
-        self.role, self.status = message.role, message.status
+        self.role, self.status, self.meta = message.role, message.status, message.meta
         self.content = f"{blocks}\n\n{message.content}" if blocks else message.content
 
 

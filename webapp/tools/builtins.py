@@ -143,6 +143,40 @@ def _search_my_conversations(arguments: dict[str, Any], context: ToolContext) ->
     return "\n".join(f"- {f['title']} ({f['updated_at'][:10]}): {f['snippet']}" for f in found)
 
 
+def _read_attachment(arguments: dict[str, Any], context: ToolContext) -> str:
+    """A page or a range of lines of a file sent in this conversation, found by the name its
+    ``<file name="…">`` block shows the model (the newest of that name)."""
+    from ..attachments import files_of, read_passage
+    from ..errors import AppError
+
+    name = arguments.get("file")
+    if not isinstance(name, str) or not name.strip():
+        raise ToolError("file must be the name of a file sent in this conversation")
+    page, first, last = (arguments.get(k) for k in ("page", "start_line", "end_line"))
+    for key, value in (("page", page), ("start_line", first), ("end_line", last)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ToolError(f"{key} must be a whole number from 1")
+    if context.conversation_id is None or context.db is None:
+        raise ToolError("there are no files in this conversation")
+    with context.db.read() as session:
+        files = files_of(session, context.owner, context.conversation_id)
+        matching = [f for f in files if f["filename"] == name.strip()]
+        if not matching:
+            names = ", ".join(sorted({f["filename"] for f in files})) or "none"
+            raise ToolError(f"no file named {name.strip()!r} in this conversation (files: {names})")
+        lines = None
+        if first is not None or last is not None:
+            lines = (first or 1, last or (first or 1) + 199)
+        try:
+            passage = read_passage(session, context.owner, matching[-1]["id"], page=page, lines=lines)
+        except AppError as exc:  # a page a text file has not, lines out of order: the model reads why
+            raise ToolError(exc.message) from exc
+    where = (f"page {page} of {passage['pages']}" if page else "") + \
+        (f"{', ' if page else ''}lines {lines[0]}-{lines[1]}" if lines else "")
+    text = passage["text"] or "(nothing there: the page or lines are empty)"
+    return f"{passage['filename']}{f' ({where})' if where else ''}:\n{text}"
+
+
 BUILTINS = [
     Tool("calculator", "Evaluate an arithmetic expression exactly: + - * / // % ** (or ^), "
          "parentheses, sqrt, sin, cos, tan, log, exp, abs, round, floor, ceil, min, max, "
@@ -165,4 +199,13 @@ BUILTINS = [
           "required": ["query"]},
          _search_my_conversations, timeout=10.0, max_result_chars=4_000,
          title="Search my conversations"),
+    Tool("read_attachment", "Read a file sent in this conversation: a page of a PDF, or a range "
+         "of lines (the whole text when neither is given; long texts are cut).",
+         {"type": "object", "properties": {
+             "file": {"type": "string", "maxLength": 255, "description": "the file's name"},
+             "page": {"type": "integer", "minimum": 1},
+             "start_line": {"type": "integer", "minimum": 1},
+             "end_line": {"type": "integer", "minimum": 1}},
+          "required": ["file"]},
+         _read_attachment, timeout=10.0, max_result_chars=8_000, title="Read an attached file"),
 ]
