@@ -282,6 +282,22 @@ def test_device_link_signs_in_once_and_sessions_can_be_revoked(optional_app):
     assert late.get(f"/d/{expired}").status_code == 404
 
 
+@both
+def test_opening_someone_elses_device_link_hands_them_nothing(optional_app):
+    mallory = optional_app.test_client()
+    signup(mallory, "mallory")
+    path = re.search(r'value="http://localhost(/d/[^"]+)"',
+                     account_form(mallory, "/account/device-link").text).group(1)
+    victim = optional_app.test_client()
+    victim.post("/api/conversations", json={"title": "victim's secret"})
+    victim.post("/api/keys", json={"name": "victim's key"})
+    confirm = victim.get(path)
+    assert "not moved" in confirm.text and "act as" in confirm.text
+    assert victim.post(path, data={"csrf": csrf_of(confirm.text)}).status_code == 303
+    assert titles(mallory) == [] and titles(victim) == []
+    assert mallory.get("/api/keys").json["keys"] == []
+
+
 def test_device_link_with_accounts_off_carries_the_anonymous_identity(app):
     laptop = app.test_client()
     laptop.post("/api/conversations", json={"title": "no account needed"})
@@ -290,9 +306,12 @@ def test_device_link_with_accounts_off_carries_the_anonymous_identity(app):
     path = re.search(r'value="http://localhost(/d/[^"]+)"', page.text).group(1)
     phone = app.test_client()
     phone.post("/api/conversations", json={"title": "phone's own"})
-    assert phone.post(path, data={"csrf": csrf_of(phone.get(path).text)}).status_code == 303
-    assert titles(phone) == ["no account needed", "phone's own"]  # the phone's chats join
-    assert titles(laptop) == ["no account needed", "phone's own"]
+    confirm = phone.get(path)
+    assert "not moved" in confirm.text
+    assert phone.post(path, data={"csrf": csrf_of(confirm.text)}).status_code == 303
+    # The phone's own chats are not handed to whoever made the link: they stay behind.
+    assert titles(phone) == ["no account needed"]
+    assert titles(laptop) == ["no account needed"]
     assert app.test_client().get("/signin").status_code == 404  # no accounts, no sign-in
 
 

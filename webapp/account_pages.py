@@ -267,18 +267,17 @@ def device(token: str):
     except NotFound:
         return render_template("account/device.html", token=token, works=False,
                                csrf=form_token("device"), mode=_mode()), 404
+    # Whoever made the link need not be whoever opens it: the opener's own data (chats, API
+    # keys) is never moved into the link's account or identity; it stays with the old one.
     if "account" in found:
         account = found["account"]
-        sign_in(account, how="device link")
+        sign_in(account, how="device link", claim=False)
         accounts.audit("sign_in", actor=account["username"], target=account["username"],
                        address=request.remote_addr, detail={"how": "device link"})
     else:
-        # No account: this browser becomes the same anonymous visitor as the other one, and
-        # brings along what it had (a signed-in browser keeps its account's data instead).
+        # No account: this browser becomes the same anonymous visitor as the other one.
         log.info("device link carried owner %s", short(found["owner_id"]))
-        if current_account() is None:
-            accounts.merge_anonymous(session.get(OWNER_KEY), found["owner_id"])
-        else:
+        if current_account() is not None:
             sign_out()
         session[OWNER_KEY] = found["owner_id"]
         session.permanent = True

@@ -537,14 +537,6 @@ class AccountService:
                 raise NotFound("account")
             return self._move(session, anonymous_owner, account.owner_id)
 
-    def merge_anonymous(self, anonymous_owner: str | None, into_owner: str) -> dict[str, int]:
-        """A device link without an account: the data this browser had joins the identity the
-        link carries, so opening the link loses nothing either."""
-        with self.db.write() as session:
-            if session.scalar(select(Account.id).where(Account.owner_id == into_owner)) is not None:
-                return self._move(session, None, into_owner)  # never into an account this way
-            return self._move(session, anonymous_owner, into_owner)
-
     @staticmethod
     def _move(session, anonymous_owner: str | None, owner: str) -> dict[str, int]:
         moved = {"conversations": 0, "shares": 0, "api_keys": 0, "benchmarks": 0, "defaults": 0,
