@@ -16,6 +16,7 @@ from argon2 import PasswordHasher
 from helpers import text_of
 
 from webapp.accounts import get_accounts
+from webapp.errors import AppError
 from webapp.limits import SIGNIN_FREE_PER_ACCOUNT, SIGNIN_FREE_PER_ADDRESS, Backoff
 
 PASSWORD = "correct horse battery"
@@ -370,6 +371,25 @@ def test_a_quota_refuses_the_next_reply_with_its_reset_time(make_app, make_live_
     refused, _ = chat.until("error", "done")
     assert refused["code"] == "quota_exceeded" and refused["quota"] == "replies_in_flight"
     chat.close()
+
+
+def test_two_sends_at_once_cannot_both_pass_the_replies_quota(make_app):
+    app = make_app(ACCOUNTS="optional")
+    with app.app_context():
+        accounts = get_accounts()
+        account = accounts.create("gina", PASSWORD)
+        accounts.set_quota(account["id"], None, 1)
+        limits = app.extensions["bchat"].runs.limits
+        owner = account["owner_id"]
+        # Both sends are admitted before either takes its lease (two threads interleaved):
+        # the cap must be checked where the lease is taken, under the limits' lock.
+        first_cap, second_cap = accounts.admit(owner), accounts.admit(owner)
+        with limits.take_replies(owner, "10.0.0.1", quota=first_cap):
+            with pytest.raises(AppError) as refused:
+                limits.take_replies(owner, "10.0.0.1", quota=second_cap)
+        assert refused.value.code == "quota_exceeded"
+        assert limits.held(f"replies|v|{owner}") == 0  # the refused one took nothing
+        limits.take_replies(owner, "10.0.0.1", quota=second_cap).release()  # room again
 
 
 def test_bchat_users_create_list_reset(tmp_path, tiny_model):

@@ -388,10 +388,12 @@ class AccountService:
         account = self.by_owner(owner_id) if owner_id else None
         return self.allowed_models(account["role"] if account else "user")
 
-    def admit(self, owner_id: str, needed: int = 1, models: Any = ()) -> None:
+    def admit(self, owner_id: str, needed: int = 1, models: Any = ()) -> int | None:
         """Called before a reply starts (runs.service): a model the owner's role may not use
-        is ``model_not_allowed``; an account over its quota gets ``quota_exceeded`` with when
-        it resets. Anonymous visitors keep the rate limits, and the user role's models."""
+        is ``model_not_allowed``; an account over its token quota gets ``quota_exceeded`` with
+        when it resets. Answers the account's cap on replies in flight (None: none), which
+        runs.service hands to limits.take_replies: checked and taken there under one lock.
+        Anonymous visitors keep the rate limits, and the user role's models."""
         account = self.by_owner(owner_id)
         allowed = self.allowed_models(account["role"] if account else "user")
         refused = [m for m in models if allowed is not None and m not in allowed]
@@ -405,12 +407,6 @@ class AccountService:
         default = self.default_quota()
         replies = account["replies_in_flight"]
         replies = default["replies_in_flight"] if replies is None else replies
-        if replies is not None and self.limits is not None:
-            live = self.limits.held(f"replies|v|{owner_id}")
-            if live + needed > replies:
-                raise AppError("quota_exceeded", f"your quota is {replies} replies being "
-                               f"written at once; wait for one to finish", retry_after=5,
-                               quota="replies_in_flight", limit=replies)
         tokens = account["tokens_per_day"]
         tokens = default["tokens_per_day"] if tokens is None else tokens
         if tokens is not None:
@@ -424,6 +420,7 @@ class AccountService:
                                f"the quota resets at 00:00 UTC (in {hours} h {minutes} min)",
                                retry_after=wait, resets_at=iso(resets), quota="tokens_per_day",
                                limit=tokens, used=used)
+        return replies
 
     # -- usage ---------------------------------------------------------------------------------
     def usage(self, days: int = 30, owner_id: str | None = None) -> list[dict[str, Any]]:

@@ -252,10 +252,12 @@ class Limits:
         return Lease(self, counts)
 
     # -- replies -------------------------------------------------------------------------------
-    def take_replies(self, owner: str, address: str | None, needed: int = 1) -> Lease:
+    def take_replies(self, owner: str, address: str | None, needed: int = 1,
+                     quota: int | None = None) -> Lease:
         """Room for ``needed`` replies of ``owner`` from ``address`` (None: not from the
-        network, e.g. the command line): checked against the holdings and the chat rate,
-        and taken, in one step. Raises RateLimited."""
+        network, e.g. the command line): checked against the holdings, the chat rate and
+        ``quota`` (an account's replies in flight, accounts.py), and taken, in one step.
+        Raises RateLimited, or AppError ``quota_exceeded``."""
         per_visitor = self.replies_per_visitor
         if needed > 1 and per_visitor > 0:  # a comparison may run up to COMPARE_MAX at once
             per_visitor = max(per_visitor, COMPARE_MAX)
@@ -266,6 +268,11 @@ class Limits:
             counts[f"replies|a|{network}"] = needed
         with self._lock:
             live = self._held[visitor]
+            # Checked here, not by the caller before: two sends at once both saw room.
+            if quota is not None and live + needed > quota:
+                raise AppError("quota_exceeded", f"your quota is {quota} replies being "
+                               f"written at once; wait for one to finish", retry_after=5,
+                               quota="replies_in_flight", limit=quota)
             if per_visitor > 0 and live + needed > per_visitor:
                 raise RateLimited(f"you already have {live} replies being written; wait for one "
                                   "to finish or stop it", retry_after=5, code="too_many_queued")
