@@ -188,6 +188,23 @@ def test_backoff_doubles_after_the_free_tries():
     assert backoff.check(["other"]) == 0
 
 
+def test_backoff_forgets_failures_only_after_a_day_of_quiet():
+    now = [0.0]
+    backoff = Backoff(free=2, cap=900, clock=lambda: now[0])
+    for _ in range(2):
+        assert backoff.check(["k"]) == 0
+    for _ in range(12):  # waits of 1 s, 2 s … up to the 900 s cap
+        wait = backoff.check(["k"])
+        assert 0 < wait <= 900
+        now[0] += wait
+        assert backoff.check(["k"]) == 0
+    now[0] += 3600  # an hour's pause: still slow, no free tries back
+    assert backoff.check(["k"]) == 0
+    assert backoff.check(["k"]) == pytest.approx(900)
+    now[0] += 24 * 3600 + 1  # a day of quiet: forgotten
+    assert backoff.check(["k"]) == 0 and backoff.check(["k"]) == 0
+
+
 def test_admin_pages_are_404_to_everyone_but_an_admin(make_app):
     app = make_app(ACCOUNTS="required")
     anonymous = app.test_client()

@@ -39,6 +39,9 @@ MAX_FOLLOWS = 16  # replies written elsewhere one visitor may follow at once, al
 SIGNIN_FREE_PER_ACCOUNT = 5
 SIGNIN_FREE_PER_ADDRESS = 30
 SIGNIN_MAX_WAIT = 900.0
+# Failures are forgotten only after this long without one: were it the wait's cap, a guesser
+# who paused 15 minutes between bursts would get the free tries back every time.
+SIGNIN_FORGET_AFTER = 24 * 3600.0
 
 
 def address_key(address: str | None) -> str:
@@ -130,18 +133,20 @@ class SlidingWindow:
 
 class Backoff:
     """Failures per key: ``free`` of them cost nothing, then the wait after the last failure
-    doubles with each one (1 s, 2 s, 4 s … up to ``cap``). A key quiet for ``cap`` seconds
-    starts over. Unlike a fixed window, a patient guesser gets ever slower, not a fresh
-    allowance every minute."""
+    doubles with each one (1 s, 2 s, 4 s … up to ``cap``). A key quiet for ``forget``
+    seconds (at least ``cap``) starts over. Unlike a fixed window, a patient guesser gets ever
+    slower, not a fresh allowance every minute."""
 
-    def __init__(self, free: int, cap: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, free: int, cap: float, clock: Callable[[], float] = time.monotonic,
+                 forget: float | None = None) -> None:
         self.free, self.cap, self.clock = free, cap, clock
+        self.forget = max(cap, forget if forget is not None else SIGNIN_FORGET_AFTER)
         self._failures: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
 
     def _wait(self, key: str, now: float) -> float:  # lock held
         count, last = self._failures.get(key, (0, 0.0))
-        if count and now - last > self.cap:
+        if count and now - last > self.forget:
             self._failures.pop(key, None)
             return 0.0
         if count < self.free:
@@ -161,7 +166,7 @@ class Backoff:
                 count, _ = self._failures.get(key, (0, 0.0))
                 self._failures[key] = (count + 1, now)
             if len(self._failures) > 100_000:  # a spray of keys: drop the quiet ones
-                for stale in [k for k, (_, t) in self._failures.items() if now - t > self.cap]:
+                for stale in [k for k, (_, t) in self._failures.items() if now - t > self.forget]:
                     del self._failures[stale]
             return 0.0
 
