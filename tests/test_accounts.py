@@ -18,6 +18,7 @@ from helpers import text_of
 from webapp.accounts import get_accounts
 from webapp.errors import AppError
 from webapp.limits import SIGNIN_FREE_PER_ACCOUNT, SIGNIN_FREE_PER_ADDRESS, Backoff
+from webapp.security import redact
 
 PASSWORD = "correct horse battery"
 both = pytest.mark.databases("sqlite", "postgresql")
@@ -314,6 +315,13 @@ def test_opening_someone_elses_device_link_hands_them_nothing(optional_app):
     assert victim.post(path, data={"csrf": csrf_of(confirm.text)}).status_code == 303
     assert titles(mallory) == [] and titles(victim) == []
     assert mallory.get("/api/keys").json["keys"] == []
+
+
+def test_device_link_tokens_are_cut_in_request_logs():
+    token = "Zx9" * 11
+    line = redact(f'"GET /d/{token} HTTP/1.1" 200')
+    assert token not in line and "/d/Zx9Zx9…" in line
+    assert token not in redact(f"POST /d/{token}")
 
 
 def test_device_link_with_accounts_off_carries_the_anonymous_identity(app):

@@ -119,8 +119,9 @@ def short(identifier: str | None) -> str:
     return f"{identifier[:6]}…" if identifier else "-"
 
 
-# Path segments that are secrets (share tokens) or private ids (conversations, shares).
-_PRIVATE_SEGMENT = re.compile(r"(/(?:s|c|api/conversations|api/shares)/)([A-Za-z0-9_-]{6})[A-Za-z0-9_-]*")
+# Path segments that are secrets (share tokens, device links) or private ids (conversations,
+# shares).
+_PRIVATE_SEGMENT = re.compile(r"(/(?:s|c|d|api/conversations|api/shares)/)([A-Za-z0-9_-]{6})[A-Za-z0-9_-]*")
 
 
 def redact(text: str) -> str:
