@@ -172,6 +172,30 @@ def test_brute_force_meets_the_limit_per_account_and_per_address(optional_app):
                   ).status_code == 429  # carol's own count still holds from any network
 
 
+def test_refused_sign_ins_write_one_audit_row_per_backoff_step(optional_app):
+    limits = optional_app.extensions["bchat.limits"]
+    now = [1000.0]
+    for backoff in (limits.signin_failures, limits.signin_address_failures):
+        backoff.clock = lambda: now[0]
+    signup(optional_app.test_client(), "erin")
+    attacker = optional_app.test_client()
+    for _ in range(SIGNIN_FREE_PER_ACCOUNT):
+        assert signin(attacker, "erin", "wrong password").status_code == 403
+    for _ in range(5):  # a flood during the wait
+        assert signin(attacker, "erin", "wrong password").status_code == 429
+
+    def limited():
+        with optional_app.app_context():
+            return [e for e in get_accounts().audit_log() if e["action"] == "sign_in_limited"]
+
+    assert len(limited()) == 1
+    now[0] += 1  # the wait ran out: one more counted try, then the next step's refusals
+    assert signin(attacker, "erin", "wrong password").status_code == 403
+    for _ in range(3):
+        assert signin(attacker, "erin", "wrong password").status_code == 429
+    assert len(limited()) == 2
+
+
 def test_backoff_doubles_after_the_free_tries():
     now = [0.0]
     backoff = Backoff(free=2, cap=60, clock=lambda: now[0])

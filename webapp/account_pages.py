@@ -90,7 +90,11 @@ def signin():
         address = request.remote_addr
         wait = get_limits().take_signin_try(key, address)
         if wait:
-            get_accounts().audit("sign_in_limited", target=key, address=address)
+            # One audit row per backoff step: a row per refused try let a guesser flood the log.
+            if get_limits().signin_refusal_is_first(key, address):
+                get_accounts().audit("sign_in_limited", target=key, address=address)
+            else:
+                log.info("sign-in for %r from %s refused again (backoff)", key[:64], address)
             _too_many(wait)
         account = get_accounts().verify(username, request.form.get("password"))
         if account is None:

@@ -142,6 +142,7 @@ class Backoff:
         self.free, self.cap, self.clock = free, cap, clock
         self.forget = max(cap, forget if forget is not None else SIGNIN_FORGET_AFTER)
         self._failures: dict[str, tuple[int, float]] = {}
+        self._refused: dict[str, tuple[int, float]] = {}  # the step a refusal was reported at
         self._lock = threading.Lock()
 
     def _wait(self, key: str, now: float) -> float:  # lock held
@@ -169,6 +170,20 @@ class Backoff:
                 for stale in [k for k, (_, t) in self._failures.items() if now - t > self.forget]:
                     del self._failures[stale]
             return 0.0
+
+    def first_refusal(self, keys: list[str]) -> bool:
+        """Whether a try just refused (``check`` > 0) is the first refused at this step of
+        the backoff for any of ``keys``: the audit log records that one, not each of a flood."""
+        with self._lock:
+            now, first = self.clock(), False
+            for key in keys:
+                if key in self._failures and self._wait(key, now) > 0:
+                    step = self._failures[key]
+                    if self._refused.get(key) != step:
+                        self._refused[key], first = step, True
+            if len(self._refused) > 100_000:  # a spray of keys: keep only the live ones
+                self._refused = {k: v for k, v in self._refused.items() if k in self._failures}
+            return first
 
     def succeeded(self, key: str) -> None:
         with self._lock:
@@ -361,6 +376,12 @@ class Limits:
         if wait:
             self.signin_failures.forget_one(f"u|{username}")
         return wait
+
+    def signin_refusal_is_first(self, username: str, address: str | None) -> bool:
+        """Whether a refused sign-in is the first refused at its backoff step (audit it), not
+        one of the tries a guesser keeps sending during the wait (log them only)."""
+        first = self.signin_failures.first_refusal([f"u|{username}"])
+        return self.signin_address_failures.first_refusal([f"a|{address_key(address)}"]) or first
 
     def take_signup(self, address: str | None) -> float:
         """Accounts made from one address: as many as its free sign-in tries, then backoff."""
