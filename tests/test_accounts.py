@@ -16,6 +16,7 @@ from argon2 import PasswordHasher
 from helpers import text_of
 
 from webapp.accounts import get_accounts
+from webapp.admin import csv_text
 from webapp.errors import AppError
 from webapp.limits import SIGNIN_FREE_PER_ACCOUNT, SIGNIN_FREE_PER_ADDRESS, Backoff
 from webapp.security import redact
@@ -239,15 +240,22 @@ def test_admin_pages_are_404_to_everyone_but_an_admin(make_app):
         get_accounts().create("student", PASSWORD)
     assert signin(user, "student").status_code == 303
     for client in (anonymous, user):
-        for path in ("/admin/", "/admin/usage.csv", "/admin/users/whatever"):
+        for path in ("/admin", "/admin/", "/admin/usage.csv", "/admin/users/whatever"):
             assert client.get(path).status_code == 404, path
         assert client.post("/admin/users", data={"username": "x", "password": PASSWORD}).status_code == 404
     admin = app.test_client()
     assert signin(admin, "teacher").status_code == 303
     page = admin.get("/admin/")
     assert page.status_code == 200 and "student" in page.text
+    assert admin.get("/admin").status_code == 200
     off = make_app()  # accounts off: no admin page at all
     assert off.test_client().get("/admin/").status_code == 404
+
+
+def test_usage_csv_cells_never_start_a_formula():
+    for cell in ("=1+1", "+1", "-1", "@SUM(A1)", "\t=1+1", "\r=1+1"):
+        assert csv_text(cell) == "'" + cell
+    assert csv_text("qwen2.5-0.5b") == "qwen2.5-0.5b"
 
 
 @both
