@@ -548,6 +548,29 @@ def test_changing_the_password_signs_out_the_other_browsers(optional_app):
 
 
 @both
+def test_a_password_change_or_a_revoke_kills_the_device_links(optional_app):
+    laptop, thief = optional_app.test_client(), optional_app.test_client()
+    signup(laptop)
+    signin(thief)
+
+    def link_from(client):
+        page = account_form(client, "/account/device-link")
+        return re.search(r'value="http://localhost(/d/[^"]+)"', page.text).group(1)
+
+    stashed = link_from(thief)  # made before the owner noticed
+    done = account_form(laptop, "/account/password", current=PASSWORD, password="a brand new one")
+    assert done.status_code == 200
+    assert optional_app.test_client().get(stashed).status_code == 404
+    with optional_app.app_context():
+        accounts = get_accounts()
+        account = accounts.by_username("ana")
+        stashed, _ = accounts.make_device_link(account_id=account["id"], owner_id=None, seconds=300)
+        (current,) = accounts.sessions(account["id"])
+        accounts.revoke_session(account["id"], current["id"])
+    assert optional_app.test_client().get(f"/d/{stashed}").status_code == 404
+
+
+@both
 def test_admin_actions_through_the_page_and_the_usage_csv(make_app):
     from webapp.models import Conversation, Message
 

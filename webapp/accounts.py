@@ -194,7 +194,9 @@ class AccountService:
         return account
 
     def set_password(self, username: Any, password: Any) -> dict[str, Any]:
-        """A new password; every browser signed in to the account is signed out."""
+        """A new password; every browser signed in to the account is signed out, and its
+        unused device links die too (one made by whoever took the account over would let
+        them back in)."""
         name = normalise_username(username)
         hashed = self.hasher.hash(check_password_rules(password))
         with self.db.write() as session:
@@ -206,6 +208,7 @@ class AccountService:
                             .where(AccountSession.account_id == account.id,
                                    AccountSession.revoked_at.is_(None))
                             .values(revoked_at=utcnow()))
+            session.execute(delete(DeviceLink).where(DeviceLink.account_id == account.id))
             return _account_dict(account)
 
     def oidc_account(self, subject: str, wanted_name: Any) -> dict[str, Any]:
@@ -506,7 +509,8 @@ class AccountService:
             return [_session_dict(r) for r in rows]
 
     def revoke_session(self, account_id: str, session_id: str) -> None:
-        """Sign one browser out (NotFound for another account's session)."""
+        """Sign one browser out (NotFound for another account's session). The account's
+        unused device links go with it: that browser may have made one to get back in."""
         with self.db.write() as session:
             record = session.scalar(
                 select(AccountSession).join(Account, AccountSession.account_id == Account.id)
@@ -515,6 +519,7 @@ class AccountService:
                 raise NotFound("session")
             if record.revoked_at is None:
                 record.revoked_at = utcnow()
+            session.execute(delete(DeviceLink).where(DeviceLink.account_id == record.account_id))
 
     def end_session(self, token: str) -> None:
         """Sign out: the cookie's own session."""
