@@ -157,7 +157,21 @@ def oidc_callback():
                                required=_mode() == "required",
                                oidc_name=oidc.provider_name()), 403
     subject, wanted = oidc.identity(claims)
-    account = get_accounts().oidc_account(subject, wanted)
+    account = get_accounts().oidc_account(subject, wanted,
+                                          create=current_app.config["SIGNUP"] == "open")
+    if account is None:
+        # BCHAT_SIGNUP=admin: only an admin makes accounts, for this sign-in too. The identity
+        # is shown (it is no secret) so the person can hand it to an admin, who links it.
+        get_accounts().audit("sign_in_failed", target=str(wanted)[:64], address=address,
+                             detail={"how": "oidc", "why": "no_account", "subject": subject})
+        return render_template("account/signin.html", mode="signin", target=target,
+                               error=f"There is no account here for your {oidc.provider_name()} "
+                                     "sign-in yet: only an admin makes accounts on this site. "
+                                     "Ask one to make yours and link it to this identity: "
+                                     f"{subject}",
+                               username="", csrf=form_token("signin"), signup=False,
+                               required=_mode() == "required",
+                               oidc_name=oidc.provider_name()), 403
     if account["disabled"]:
         get_accounts().audit("sign_in_failed", target=account["username"], address=address,
                              detail={"how": "oidc", "why": "disabled"})

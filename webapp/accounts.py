@@ -211,14 +211,19 @@ class AccountService:
             session.execute(delete(DeviceLink).where(DeviceLink.account_id == account.id))
             return _account_dict(account)
 
-    def oidc_account(self, subject: str, wanted_name: Any) -> dict[str, Any]:
+    def oidc_account(self, subject: str, wanted_name: Any, *,
+                     create: bool = True) -> dict[str, Any] | None:
         """The account an OpenID Connect identity ("issuer|sub") signs in to, made on its first
         sign-in with a username from ``wanted_name`` (a free variant when taken). The provider
-        is the gate: a school's sign-in makes its students' accounts as they arrive."""
+        is the gate: a school's sign-in makes its students' accounts as they arrive. With
+        ``create`` False (BCHAT_SIGNUP=admin) an unknown identity gets None: an admin links it
+        to an account first (``link_oidc``)."""
         with self.db.write() as session:
             account = session.scalar(select(Account).where(Account.oidc_subject == subject))
             if account is not None:
                 return _account_dict(account)
+            if not create:
+                return None
             base = re.sub(r"[^a-z0-9._-]", "", str(wanted_name or "").lower().split("@")[0])[:28]
             if not USERNAME.fullmatch(base):
                 base = "user"
@@ -230,6 +235,24 @@ class AccountService:
                               owner_id=secrets.token_urlsafe(18), oidc_subject=subject)
             session.add(account)
             session.flush()
+            return _account_dict(account)
+
+    def link_oidc(self, username: Any, subject: str) -> dict[str, Any]:
+        """Let an OpenID Connect identity ("issuer|sub", as the refused sign-in showed it)
+        sign in to an existing account: how an admin lets someone in with BCHAT_SIGNUP=admin."""
+        name = normalise_username(username)
+        subject = str(subject or "").strip()
+        if "|" not in subject or len(subject) > 400:
+            raise Invalid("bad_subject", "the identity is the issuer, a '|' and the subject")
+        with self.db.write() as session:
+            account = session.scalar(select(Account).where(Account.username == name))
+            if account is None:
+                raise NotFound("account")
+            taken = session.scalar(select(Account.username).where(Account.oidc_subject == subject))
+            if taken is not None and taken != name:
+                raise AppError("subject_taken", f"that identity signs in to {taken} already",
+                               status=409)
+            account.oidc_subject = subject
             return _account_dict(account)
 
     def get(self, public_id: str) -> dict[str, Any]:
