@@ -4,6 +4,7 @@ where storage is touched."""
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import subprocess
@@ -14,11 +15,13 @@ import urllib.request
 import pytest
 from argon2 import PasswordHasher
 from helpers import text_of
+from sqlalchemy import func, select
 
 from webapp.accounts import get_accounts
 from webapp.admin import csv_text
 from webapp.errors import AppError
 from webapp.limits import SIGNIN_FREE_PER_ACCOUNT, SIGNIN_FREE_PER_ADDRESS, Backoff
+from webapp.models import Attachment, AttachmentPassage
 from webapp.security import redact
 
 PASSWORD = "correct horse battery"
@@ -87,6 +90,33 @@ def test_sign_up_keeps_the_anonymous_visitors_data(optional_app):
                           "messages": [{"role": "user", "content": "from the script"}]})
     assert done.status_code == 200, done.text
     assert "from the script" in titles(client)
+
+
+def upload(client, name="notes.md", text="the fox is brown\n"):
+    response = client.post("/api/attachments", data={"file": (io.BytesIO(text.encode()), name)},
+                           content_type="multipart/form-data")
+    assert response.status_code == 201, response.text
+    return response.json
+
+
+@both
+def test_sign_up_keeps_files_not_yet_sent_and_deleting_the_account_removes_them(optional_app):
+    client = optional_app.test_client()
+    unsent = upload(client)
+    signup(client)
+    got = client.get(f"/api/attachments/{unsent['id']}")
+    assert got.status_code == 200 and got.json["filename"] == "notes.md"
+    with optional_app.app_context():
+        accounts = get_accounts()
+        account = accounts.by_username("ana")
+        db = optional_app.extensions["bchat"].db
+        with db.read() as session:
+            owners = session.scalars(select(Attachment.owner_id)).all()
+        assert owners == [account["owner_id"]]  # the storage quota counts it for the account
+        accounts.delete(account["id"])
+        with db.read() as session:
+            assert session.scalar(select(func.count()).select_from(Attachment)) == 0
+            assert session.scalar(select(func.count()).select_from(AttachmentPassage)) == 0
 
 
 @both

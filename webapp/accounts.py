@@ -11,9 +11,9 @@ acts as, and nothing else in the app needs to know about accounts.
   password. Passwords are never logged or stored anywhere else.
 - Sessions: the cookie holds a random token, the table its sha256; each request looks it up,
   so revoking a session (or disabling its account) signs that browser out at its next request.
-- Claiming: when an anonymous visitor signs up or in, its conversations, defaults, API keys,
-  shares and benchmark runs move to the account, in one transaction, once (the anonymous id is
-  dropped from the cookie with it).
+- Claiming: when an anonymous visitor signs up or in, its conversations, files, defaults, API
+  keys, shares and benchmark runs move to the account, in one transaction, once (the anonymous
+  id is dropped from the cookie with it).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .models import (
     Account,
     AccountSession,
     ApiKey,
+    Attachment,
     AuditEvent,
     Benchmark,
     Conversation,
@@ -309,7 +310,7 @@ class AccountService:
 
     def delete(self, public_id: str) -> dict[str, Any]:
         """The account and everything it owns: conversations (their messages with them),
-        shares, defaults, API keys, benchmark runs, sessions and device links. One
+        files, shares, defaults, API keys, benchmark runs, sessions and device links. One
         transaction: a failure leaves all of it."""
         with self.db.write() as session:
             account = session.scalar(select(Account).where(Account.public_id == public_id))
@@ -317,7 +318,9 @@ class AccountService:
                 raise NotFound("account")
             gone = _account_dict(account)
             owner = account.owner_id
-            for model in (Share, ApiKey, Benchmark, VisitorSettings, UsageCarry):
+            # Attachments: a sent one would go with its conversation, an upload not yet sent
+            # would not; their passages go with them (ON DELETE CASCADE).
+            for model in (Share, ApiKey, Benchmark, VisitorSettings, UsageCarry, Attachment):
                 session.execute(delete(model).where(model.owner_id == owner))
             # Messages go with their conversation (ON DELETE CASCADE on both databases).
             session.execute(delete(Conversation).where(Conversation.owner_id == owner))
@@ -565,13 +568,16 @@ class AccountService:
     @staticmethod
     def _move(session, anonymous_owner: str | None, owner: str) -> dict[str, int]:
         moved = {"conversations": 0, "shares": 0, "api_keys": 0, "benchmarks": 0, "defaults": 0,
-                 "deleted_usage": 0}
+                 "deleted_usage": 0, "attachments": 0}
         if not anonymous_owner or anonymous_owner == owner or session.scalar(
                 select(Account.id).where(Account.owner_id == anonymous_owner)) is not None:
             return moved  # an account's id is never claimed by another owner
         for name, model in (("conversations", Conversation), ("shares", Share),
                             ("api_keys", ApiKey), ("benchmarks", Benchmark),
-                            ("deleted_usage", UsageCarry)):
+                            ("deleted_usage", UsageCarry),
+                            # Files too: uploads not yet sent would be lost, and the storage
+                            # quota counts by owner.
+                            ("attachments", Attachment)):
             result = session.execute(update(model).where(model.owner_id == anonymous_owner)
                                      .values(owner_id=owner))
             moved[name] = result.rowcount or 0
