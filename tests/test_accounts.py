@@ -4,6 +4,7 @@ where storage is touched."""
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import subprocess
@@ -14,9 +15,14 @@ import urllib.request
 import pytest
 from argon2 import PasswordHasher
 from helpers import text_of
+from sqlalchemy import func, select
 
 from webapp.accounts import get_accounts
+from webapp.admin import csv_text
+from webapp.errors import AppError
 from webapp.limits import SIGNIN_FREE_PER_ACCOUNT, SIGNIN_FREE_PER_ADDRESS, Backoff
+from webapp.models import Attachment, AttachmentPassage
+from webapp.security import redact
 
 PASSWORD = "correct horse battery"
 both = pytest.mark.databases("sqlite", "postgresql")
@@ -84,6 +90,33 @@ def test_sign_up_keeps_the_anonymous_visitors_data(optional_app):
                           "messages": [{"role": "user", "content": "from the script"}]})
     assert done.status_code == 200, done.text
     assert "from the script" in titles(client)
+
+
+def upload(client, name="notes.md", text="the fox is brown\n"):
+    response = client.post("/api/attachments", data={"file": (io.BytesIO(text.encode()), name)},
+                           content_type="multipart/form-data")
+    assert response.status_code == 201, response.text
+    return response.json
+
+
+@both
+def test_sign_up_keeps_files_not_yet_sent_and_deleting_the_account_removes_them(optional_app):
+    client = optional_app.test_client()
+    unsent = upload(client)
+    signup(client)
+    got = client.get(f"/api/attachments/{unsent['id']}")
+    assert got.status_code == 200 and got.json["filename"] == "notes.md"
+    with optional_app.app_context():
+        accounts = get_accounts()
+        account = accounts.by_username("ana")
+        db = optional_app.extensions["bchat"].db
+        with db.read() as session:
+            owners = session.scalars(select(Attachment.owner_id)).all()
+        assert owners == [account["owner_id"]]  # the storage quota counts it for the account
+        accounts.delete(account["id"])
+        with db.read() as session:
+            assert session.scalar(select(func.count()).select_from(Attachment)) == 0
+            assert session.scalar(select(func.count()).select_from(AttachmentPassage)) == 0
 
 
 @both
@@ -170,6 +203,30 @@ def test_brute_force_meets_the_limit_per_account_and_per_address(optional_app):
                   ).status_code == 429  # carol's own count still holds from any network
 
 
+def test_refused_sign_ins_write_one_audit_row_per_backoff_step(optional_app):
+    limits = optional_app.extensions["bchat.limits"]
+    now = [1000.0]
+    for backoff in (limits.signin_failures, limits.signin_address_failures):
+        backoff.clock = lambda: now[0]
+    signup(optional_app.test_client(), "erin")
+    attacker = optional_app.test_client()
+    for _ in range(SIGNIN_FREE_PER_ACCOUNT):
+        assert signin(attacker, "erin", "wrong password").status_code == 403
+    for _ in range(5):  # a flood during the wait
+        assert signin(attacker, "erin", "wrong password").status_code == 429
+
+    def limited():
+        with optional_app.app_context():
+            return [e for e in get_accounts().audit_log() if e["action"] == "sign_in_limited"]
+
+    assert len(limited()) == 1
+    now[0] += 1  # the wait ran out: one more counted try, then the next step's refusals
+    assert signin(attacker, "erin", "wrong password").status_code == 403
+    for _ in range(3):
+        assert signin(attacker, "erin", "wrong password").status_code == 429
+    assert len(limited()) == 2
+
+
 def test_backoff_doubles_after_the_free_tries():
     now = [0.0]
     backoff = Backoff(free=2, cap=60, clock=lambda: now[0])
@@ -187,6 +244,23 @@ def test_backoff_doubles_after_the_free_tries():
     assert backoff.check(["other"]) == 0
 
 
+def test_backoff_forgets_failures_only_after_a_day_of_quiet():
+    now = [0.0]
+    backoff = Backoff(free=2, cap=900, clock=lambda: now[0])
+    for _ in range(2):
+        assert backoff.check(["k"]) == 0
+    for _ in range(12):  # waits of 1 s, 2 s … up to the 900 s cap
+        wait = backoff.check(["k"])
+        assert 0 < wait <= 900
+        now[0] += wait
+        assert backoff.check(["k"]) == 0
+    now[0] += 3600  # an hour's pause: still slow, no free tries back
+    assert backoff.check(["k"]) == 0
+    assert backoff.check(["k"]) == pytest.approx(900)
+    now[0] += 24 * 3600 + 1  # a day of quiet: forgotten
+    assert backoff.check(["k"]) == 0 and backoff.check(["k"]) == 0
+
+
 def test_admin_pages_are_404_to_everyone_but_an_admin(make_app):
     app = make_app(ACCOUNTS="required")
     anonymous = app.test_client()
@@ -196,15 +270,22 @@ def test_admin_pages_are_404_to_everyone_but_an_admin(make_app):
         get_accounts().create("student", PASSWORD)
     assert signin(user, "student").status_code == 303
     for client in (anonymous, user):
-        for path in ("/admin/", "/admin/usage.csv", "/admin/users/whatever"):
+        for path in ("/admin", "/admin/", "/admin/usage.csv", "/admin/users/whatever"):
             assert client.get(path).status_code == 404, path
         assert client.post("/admin/users", data={"username": "x", "password": PASSWORD}).status_code == 404
     admin = app.test_client()
     assert signin(admin, "teacher").status_code == 303
     page = admin.get("/admin/")
     assert page.status_code == 200 and "student" in page.text
+    assert admin.get("/admin").status_code == 200
     off = make_app()  # accounts off: no admin page at all
     assert off.test_client().get("/admin/").status_code == 404
+
+
+def test_usage_csv_cells_never_start_a_formula():
+    for cell in ("=1+1", "+1", "-1", "@SUM(A1)", "\t=1+1", "\r=1+1"):
+        assert csv_text(cell) == "'" + cell
+    assert csv_text("qwen2.5-0.5b") == "qwen2.5-0.5b"
 
 
 @both
@@ -282,6 +363,29 @@ def test_device_link_signs_in_once_and_sessions_can_be_revoked(optional_app):
     assert late.get(f"/d/{expired}").status_code == 404
 
 
+@both
+def test_opening_someone_elses_device_link_hands_them_nothing(optional_app):
+    mallory = optional_app.test_client()
+    signup(mallory, "mallory")
+    path = re.search(r'value="http://localhost(/d/[^"]+)"',
+                     account_form(mallory, "/account/device-link").text).group(1)
+    victim = optional_app.test_client()
+    victim.post("/api/conversations", json={"title": "victim's secret"})
+    victim.post("/api/keys", json={"name": "victim's key"})
+    confirm = victim.get(path)
+    assert "not moved" in confirm.text and "act as" in confirm.text
+    assert victim.post(path, data={"csrf": csrf_of(confirm.text)}).status_code == 303
+    assert titles(mallory) == [] and titles(victim) == []
+    assert mallory.get("/api/keys").json["keys"] == []
+
+
+def test_device_link_tokens_are_cut_in_request_logs():
+    token = "Zx9" * 11
+    line = redact(f'"GET /d/{token} HTTP/1.1" 200')
+    assert token not in line and "/d/Zx9Zx9…" in line
+    assert token not in redact(f"POST /d/{token}")
+
+
 def test_device_link_with_accounts_off_carries_the_anonymous_identity(app):
     laptop = app.test_client()
     laptop.post("/api/conversations", json={"title": "no account needed"})
@@ -290,9 +394,12 @@ def test_device_link_with_accounts_off_carries_the_anonymous_identity(app):
     path = re.search(r'value="http://localhost(/d/[^"]+)"', page.text).group(1)
     phone = app.test_client()
     phone.post("/api/conversations", json={"title": "phone's own"})
-    assert phone.post(path, data={"csrf": csrf_of(phone.get(path).text)}).status_code == 303
-    assert titles(phone) == ["no account needed", "phone's own"]  # the phone's chats join
-    assert titles(laptop) == ["no account needed", "phone's own"]
+    confirm = phone.get(path)
+    assert "not moved" in confirm.text
+    assert phone.post(path, data={"csrf": csrf_of(confirm.text)}).status_code == 303
+    # The phone's own chats are not handed to whoever made the link: they stay behind.
+    assert titles(phone) == ["no account needed"]
+    assert titles(laptop) == ["no account needed"]
     assert app.test_client().get("/signin").status_code == 404  # no accounts, no sign-in
 
 
@@ -351,6 +458,25 @@ def test_a_quota_refuses_the_next_reply_with_its_reset_time(make_app, make_live_
     refused, _ = chat.until("error", "done")
     assert refused["code"] == "quota_exceeded" and refused["quota"] == "replies_in_flight"
     chat.close()
+
+
+def test_two_sends_at_once_cannot_both_pass_the_replies_quota(make_app):
+    app = make_app(ACCOUNTS="optional")
+    with app.app_context():
+        accounts = get_accounts()
+        account = accounts.create("gina", PASSWORD)
+        accounts.set_quota(account["id"], None, 1)
+        limits = app.extensions["bchat"].runs.limits
+        owner = account["owner_id"]
+        # Both sends are admitted before either takes its lease (two threads interleaved):
+        # the cap must be checked where the lease is taken, under the limits' lock.
+        first_cap, second_cap = accounts.admit(owner), accounts.admit(owner)
+        with limits.take_replies(owner, "10.0.0.1", quota=first_cap):
+            with pytest.raises(AppError) as refused:
+                limits.take_replies(owner, "10.0.0.1", quota=second_cap)
+        assert refused.value.code == "quota_exceeded"
+        assert limits.held(f"replies|v|{owner}") == 0  # the refused one took nothing
+        limits.take_replies(owner, "10.0.0.1", quota=second_cap).release()  # room again
 
 
 def test_bchat_users_create_list_reset(tmp_path, tiny_model):
@@ -449,6 +575,29 @@ def test_changing_the_password_signs_out_the_other_browsers(optional_app):
     assert "Signed in as" not in phone.get("/account").text
     assert signin(optional_app.test_client(), "ana", PASSWORD).status_code == 403
     assert signin(optional_app.test_client(), "ana", "a brand new one").status_code == 303
+
+
+@both
+def test_a_password_change_or_a_revoke_kills_the_device_links(optional_app):
+    laptop, thief = optional_app.test_client(), optional_app.test_client()
+    signup(laptop)
+    signin(thief)
+
+    def link_from(client):
+        page = account_form(client, "/account/device-link")
+        return re.search(r'value="http://localhost(/d/[^"]+)"', page.text).group(1)
+
+    stashed = link_from(thief)  # made before the owner noticed
+    done = account_form(laptop, "/account/password", current=PASSWORD, password="a brand new one")
+    assert done.status_code == 200
+    assert optional_app.test_client().get(stashed).status_code == 404
+    with optional_app.app_context():
+        accounts = get_accounts()
+        account = accounts.by_username("ana")
+        stashed, _ = accounts.make_device_link(account_id=account["id"], owner_id=None, seconds=300)
+        (current,) = accounts.sessions(account["id"])
+        accounts.revoke_session(account["id"], current["id"])
+    assert optional_app.test_client().get(f"/d/{stashed}").status_code == 404
 
 
 @both

@@ -105,3 +105,24 @@ def test_no_oidc_routes_without_an_issuer(make_app):
     client = make_app(ACCOUNTS="optional").test_client()
     assert client.get("/signin/oidc").status_code == 404
     assert "Sign in with" not in client.get("/signin").text
+
+
+def test_admin_only_signup_refuses_an_unknown_identity_until_an_admin_links_it(make_app, provider):
+    school = make_app(ACCOUNTS="optional", SIGNUP="admin", OIDC_ISSUER=provider.url,
+                      OIDC_CLIENT_ID=CLIENT_ID, OIDC_CLIENT_SECRET=CLIENT_SECRET,
+                      OIDC_NAME="Test School")
+    client = school.test_client()
+    refused = client.get(callback_url(client))
+    assert refused.status_code == 403
+    assert "only an admin makes accounts" in refused.text
+    identity = f"{provider.url}|s-123"
+    assert identity in refused.text  # what the person hands to the admin
+    assert signed_in_as(client) is None
+    with school.app_context():
+        accounts = get_accounts()
+        assert accounts.list() == []
+        accounts.create("ana", "correct horse battery")
+        accounts.link_oidc("ana", identity)
+    again = school.test_client()
+    assert again.get(callback_url(again)).status_code == 303
+    assert signed_in_as(again) == "ana"

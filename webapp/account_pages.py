@@ -90,7 +90,11 @@ def signin():
         address = request.remote_addr
         wait = get_limits().take_signin_try(key, address)
         if wait:
-            get_accounts().audit("sign_in_limited", target=key, address=address)
+            # One audit row per backoff step: a row per refused try let a guesser flood the log.
+            if get_limits().signin_refusal_is_first(key, address):
+                get_accounts().audit("sign_in_limited", target=key, address=address)
+            else:
+                log.info("sign-in for %r from %s refused again (backoff)", key[:64], address)
             _too_many(wait)
         account = get_accounts().verify(username, request.form.get("password"))
         if account is None:
@@ -153,7 +157,21 @@ def oidc_callback():
                                required=_mode() == "required",
                                oidc_name=oidc.provider_name()), 403
     subject, wanted = oidc.identity(claims)
-    account = get_accounts().oidc_account(subject, wanted)
+    account = get_accounts().oidc_account(subject, wanted,
+                                          create=current_app.config["SIGNUP"] == "open")
+    if account is None:
+        # BCHAT_SIGNUP=admin: only an admin makes accounts, for this sign-in too. The identity
+        # is shown (it is no secret) so the person can hand it to an admin, who links it.
+        get_accounts().audit("sign_in_failed", target=str(wanted)[:64], address=address,
+                             detail={"how": "oidc", "why": "no_account", "subject": subject})
+        return render_template("account/signin.html", mode="signin", target=target,
+                               error=f"There is no account here for your {oidc.provider_name()} "
+                                     "sign-in yet: only an admin makes accounts on this site. "
+                                     "Ask one to make yours and link it to this identity: "
+                                     f"{subject}",
+                               username="", csrf=form_token("signin"), signup=False,
+                               required=_mode() == "required",
+                               oidc_name=oidc.provider_name()), 403
     if account["disabled"]:
         get_accounts().audit("sign_in_failed", target=account["username"], address=address,
                              detail={"how": "oidc", "why": "disabled"})
@@ -267,18 +285,17 @@ def device(token: str):
     except NotFound:
         return render_template("account/device.html", token=token, works=False,
                                csrf=form_token("device"), mode=_mode()), 404
+    # Whoever made the link need not be whoever opens it: the opener's own data (chats, API
+    # keys) is never moved into the link's account or identity; it stays with the old one.
     if "account" in found:
         account = found["account"]
-        sign_in(account, how="device link")
+        sign_in(account, how="device link", claim=False)
         accounts.audit("sign_in", actor=account["username"], target=account["username"],
                        address=request.remote_addr, detail={"how": "device link"})
     else:
-        # No account: this browser becomes the same anonymous visitor as the other one, and
-        # brings along what it had (a signed-in browser keeps its account's data instead).
+        # No account: this browser becomes the same anonymous visitor as the other one.
         log.info("device link carried owner %s", short(found["owner_id"]))
-        if current_account() is None:
-            accounts.merge_anonymous(session.get(OWNER_KEY), found["owner_id"])
-        else:
+        if current_account() is not None:
             sign_out()
         session[OWNER_KEY] = found["owner_id"]
         session.permanent = True

@@ -11,9 +11,9 @@ acts as, and nothing else in the app needs to know about accounts.
   password. Passwords are never logged or stored anywhere else.
 - Sessions: the cookie holds a random token, the table its sha256; each request looks it up,
   so revoking a session (or disabling its account) signs that browser out at its next request.
-- Claiming: when an anonymous visitor signs up or in, its conversations, defaults, API keys,
-  shares and benchmark runs move to the account, in one transaction, once (the anonymous id is
-  dropped from the cookie with it).
+- Claiming: when an anonymous visitor signs up or in, its conversations, files, defaults, API
+  keys, shares and benchmark runs move to the account, in one transaction, once (the anonymous
+  id is dropped from the cookie with it).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .models import (
     Account,
     AccountSession,
     ApiKey,
+    Attachment,
     AuditEvent,
     Benchmark,
     Conversation,
@@ -194,7 +195,9 @@ class AccountService:
         return account
 
     def set_password(self, username: Any, password: Any) -> dict[str, Any]:
-        """A new password; every browser signed in to the account is signed out."""
+        """A new password; every browser signed in to the account is signed out, and its
+        unused device links die too (one made by whoever took the account over would let
+        them back in)."""
         name = normalise_username(username)
         hashed = self.hasher.hash(check_password_rules(password))
         with self.db.write() as session:
@@ -206,16 +209,22 @@ class AccountService:
                             .where(AccountSession.account_id == account.id,
                                    AccountSession.revoked_at.is_(None))
                             .values(revoked_at=utcnow()))
+            session.execute(delete(DeviceLink).where(DeviceLink.account_id == account.id))
             return _account_dict(account)
 
-    def oidc_account(self, subject: str, wanted_name: Any) -> dict[str, Any]:
+    def oidc_account(self, subject: str, wanted_name: Any, *,
+                     create: bool = True) -> dict[str, Any] | None:
         """The account an OpenID Connect identity ("issuer|sub") signs in to, made on its first
         sign-in with a username from ``wanted_name`` (a free variant when taken). The provider
-        is the gate: a school's sign-in makes its students' accounts as they arrive."""
+        is the gate: a school's sign-in makes its students' accounts as they arrive. With
+        ``create`` False (BCHAT_SIGNUP=admin) an unknown identity gets None: an admin links it
+        to an account first (``link_oidc``)."""
         with self.db.write() as session:
             account = session.scalar(select(Account).where(Account.oidc_subject == subject))
             if account is not None:
                 return _account_dict(account)
+            if not create:
+                return None
             base = re.sub(r"[^a-z0-9._-]", "", str(wanted_name or "").lower().split("@")[0])[:28]
             if not USERNAME.fullmatch(base):
                 base = "user"
@@ -227,6 +236,24 @@ class AccountService:
                               owner_id=secrets.token_urlsafe(18), oidc_subject=subject)
             session.add(account)
             session.flush()
+            return _account_dict(account)
+
+    def link_oidc(self, username: Any, subject: str) -> dict[str, Any]:
+        """Let an OpenID Connect identity ("issuer|sub", as the refused sign-in showed it)
+        sign in to an existing account: how an admin lets someone in with BCHAT_SIGNUP=admin."""
+        name = normalise_username(username)
+        subject = str(subject or "").strip()
+        if "|" not in subject or len(subject) > 400:
+            raise Invalid("bad_subject", "the identity is the issuer, a '|' and the subject")
+        with self.db.write() as session:
+            account = session.scalar(select(Account).where(Account.username == name))
+            if account is None:
+                raise NotFound("account")
+            taken = session.scalar(select(Account.username).where(Account.oidc_subject == subject))
+            if taken is not None and taken != name:
+                raise AppError("subject_taken", f"that identity signs in to {taken} already",
+                               status=409)
+            account.oidc_subject = subject
             return _account_dict(account)
 
     def get(self, public_id: str) -> dict[str, Any]:
@@ -283,7 +310,7 @@ class AccountService:
 
     def delete(self, public_id: str) -> dict[str, Any]:
         """The account and everything it owns: conversations (their messages with them),
-        shares, defaults, API keys, benchmark runs, sessions and device links. One
+        files, shares, defaults, API keys, benchmark runs, sessions and device links. One
         transaction: a failure leaves all of it."""
         with self.db.write() as session:
             account = session.scalar(select(Account).where(Account.public_id == public_id))
@@ -291,7 +318,9 @@ class AccountService:
                 raise NotFound("account")
             gone = _account_dict(account)
             owner = account.owner_id
-            for model in (Share, ApiKey, Benchmark, VisitorSettings, UsageCarry):
+            # Attachments: a sent one would go with its conversation, an upload not yet sent
+            # would not; their passages go with them (ON DELETE CASCADE).
+            for model in (Share, ApiKey, Benchmark, VisitorSettings, UsageCarry, Attachment):
                 session.execute(delete(model).where(model.owner_id == owner))
             # Messages go with their conversation (ON DELETE CASCADE on both databases).
             session.execute(delete(Conversation).where(Conversation.owner_id == owner))
@@ -388,10 +417,12 @@ class AccountService:
         account = self.by_owner(owner_id) if owner_id else None
         return self.allowed_models(account["role"] if account else "user")
 
-    def admit(self, owner_id: str, needed: int = 1, models: Any = ()) -> None:
+    def admit(self, owner_id: str, needed: int = 1, models: Any = ()) -> int | None:
         """Called before a reply starts (runs.service): a model the owner's role may not use
-        is ``model_not_allowed``; an account over its quota gets ``quota_exceeded`` with when
-        it resets. Anonymous visitors keep the rate limits, and the user role's models."""
+        is ``model_not_allowed``; an account over its token quota gets ``quota_exceeded`` with
+        when it resets. Answers the account's cap on replies in flight (None: none), which
+        runs.service hands to limits.take_replies: checked and taken there under one lock.
+        Anonymous visitors keep the rate limits, and the user role's models."""
         account = self.by_owner(owner_id)
         allowed = self.allowed_models(account["role"] if account else "user")
         refused = [m for m in models if allowed is not None and m not in allowed]
@@ -405,12 +436,6 @@ class AccountService:
         default = self.default_quota()
         replies = account["replies_in_flight"]
         replies = default["replies_in_flight"] if replies is None else replies
-        if replies is not None and self.limits is not None:
-            live = self.limits.held(f"replies|v|{owner_id}")
-            if live + needed > replies:
-                raise AppError("quota_exceeded", f"your quota is {replies} replies being "
-                               f"written at once; wait for one to finish", retry_after=5,
-                               quota="replies_in_flight", limit=replies)
         tokens = account["tokens_per_day"]
         tokens = default["tokens_per_day"] if tokens is None else tokens
         if tokens is not None:
@@ -424,6 +449,7 @@ class AccountService:
                                f"the quota resets at 00:00 UTC (in {hours} h {minutes} min)",
                                retry_after=wait, resets_at=iso(resets), quota="tokens_per_day",
                                limit=tokens, used=used)
+        return replies
 
     # -- usage ---------------------------------------------------------------------------------
     def usage(self, days: int = 30, owner_id: str | None = None) -> list[dict[str, Any]]:
@@ -509,7 +535,8 @@ class AccountService:
             return [_session_dict(r) for r in rows]
 
     def revoke_session(self, account_id: str, session_id: str) -> None:
-        """Sign one browser out (NotFound for another account's session)."""
+        """Sign one browser out (NotFound for another account's session). The account's
+        unused device links go with it: that browser may have made one to get back in."""
         with self.db.write() as session:
             record = session.scalar(
                 select(AccountSession).join(Account, AccountSession.account_id == Account.id)
@@ -518,6 +545,7 @@ class AccountService:
                 raise NotFound("session")
             if record.revoked_at is None:
                 record.revoked_at = utcnow()
+            session.execute(delete(DeviceLink).where(DeviceLink.account_id == record.account_id))
 
     def end_session(self, token: str) -> None:
         """Sign out: the cookie's own session."""
@@ -537,24 +565,19 @@ class AccountService:
                 raise NotFound("account")
             return self._move(session, anonymous_owner, account.owner_id)
 
-    def merge_anonymous(self, anonymous_owner: str | None, into_owner: str) -> dict[str, int]:
-        """A device link without an account: the data this browser had joins the identity the
-        link carries, so opening the link loses nothing either."""
-        with self.db.write() as session:
-            if session.scalar(select(Account.id).where(Account.owner_id == into_owner)) is not None:
-                return self._move(session, None, into_owner)  # never into an account this way
-            return self._move(session, anonymous_owner, into_owner)
-
     @staticmethod
     def _move(session, anonymous_owner: str | None, owner: str) -> dict[str, int]:
         moved = {"conversations": 0, "shares": 0, "api_keys": 0, "benchmarks": 0, "defaults": 0,
-                 "deleted_usage": 0}
+                 "deleted_usage": 0, "attachments": 0}
         if not anonymous_owner or anonymous_owner == owner or session.scalar(
                 select(Account.id).where(Account.owner_id == anonymous_owner)) is not None:
             return moved  # an account's id is never claimed by another owner
         for name, model in (("conversations", Conversation), ("shares", Share),
                             ("api_keys", ApiKey), ("benchmarks", Benchmark),
-                            ("deleted_usage", UsageCarry)):
+                            ("deleted_usage", UsageCarry),
+                            # Files too: uploads not yet sent would be lost, and the storage
+                            # quota counts by owner.
+                            ("attachments", Attachment)):
             result = session.execute(update(model).where(model.owner_id == anonymous_owner)
                                      .values(owner_id=owner))
             moved[name] = result.rowcount or 0

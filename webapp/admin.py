@@ -69,7 +69,7 @@ def _log(action: str, target: str | None, **detail: Any) -> None:
                          detail=detail or None)
 
 
-@bp.get("/")
+@bp.get("/", strict_slashes=False)  # "/admin" too: a redirect to "/admin/" told anyone it exists
 def index():
     accounts = get_accounts()
     users = accounts.list()
@@ -194,6 +194,16 @@ def delete_user(user_id: str):
     return _done(f"Deleted {account['username']} and their data.")
 
 
+# A cell starting with one of these is a formula to a spreadsheet (tab and CR too: some strip
+# them and read what follows as the formula).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """A CSV cell a spreadsheet shows as text, never runs as a formula (OWASP's advice)."""
+    return "'" + value if value[:1] in _FORMULA_START else value
+
+
 @bp.get("/usage.csv")
 def usage_csv():
     """Every owner's usage per day, engine and model, for a spreadsheet."""
@@ -206,11 +216,7 @@ def usage_csv():
     days = request.args.get("days", "")
     for row in accounts.usage(min(int(days), 3660) if days.isdigit() else USAGE_DAYS):
         user = names.get(row["owner_id"], "(anonymous)")
-        # A cell starting with = + - @ is a formula to a spreadsheet: quote it as text.
-        model = row["model"]
-        if model[:1] in ("=", "+", "-", "@"):
-            model = "'" + model
-        writer.writerow([row["day"][:10], user, row["engine"], model, row["replies"],
+        writer.writerow([row["day"][:10], user, row["engine"], csv_text(row["model"]), row["replies"],
                          row["prompt_tokens"], row["completion_tokens"]])
     _log("usage_exported", None)
     response = Response(out.getvalue(), mimetype="text/csv")

@@ -379,7 +379,7 @@ def _new_password(prompt: str) -> str:
 
 
 def manage_users(args) -> int:
-    """`bchat users create|reset-password|list`: accounts, for an admin at the shell."""
+    """`bchat users create|reset-password|link-oidc|list`: accounts, for an admin at the shell."""
     from .accounts import AccountService
 
     def work(db) -> int:
@@ -395,6 +395,12 @@ def manage_users(args) -> int:
             account = accounts.set_password(args.name, _new_password(f"New password for {args.name}: "))
             accounts.audit("password_reset", target=account["username"], detail={"by": "shell"})
             print(f"new password set for {account['username']}; their browsers are signed out")
+            return 0
+        if args.users_command == "link-oidc":
+            account = accounts.link_oidc(args.name, args.identity)
+            accounts.audit("oidc_linked", target=account["username"],
+                           detail={"subject": args.identity, "by": "shell"})
+            print(f"{args.identity} now signs in to {account['username']}")
             return 0
         listed = accounts.list()
         for account in listed:
@@ -478,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     p_reset = users_sub.add_parser("reset-password", help="set a new password (signs the "
                                                           "account's browsers out)")
     p_reset.add_argument("name")
+    p_link = users_sub.add_parser("link-oidc", help="let an OpenID Connect identity "
+                                  "(\"issuer|sub\", shown by its refused sign-in) sign in to "
+                                  "an account (BCHAT_SIGNUP=admin)")
+    p_link.add_argument("name")
+    p_link.add_argument("identity")
     users_sub.add_parser("list", help="every account, its role and state")
     p_doctor = sub.add_parser("doctor", help="check this installation and say what needs fixing")
     p_doctor.add_argument("--smoke-only", action="store_true",

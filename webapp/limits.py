@@ -39,6 +39,9 @@ MAX_FOLLOWS = 16  # replies written elsewhere one visitor may follow at once, al
 SIGNIN_FREE_PER_ACCOUNT = 5
 SIGNIN_FREE_PER_ADDRESS = 30
 SIGNIN_MAX_WAIT = 900.0
+# Failures are forgotten only after this long without one: were it the wait's cap, a guesser
+# who paused 15 minutes between bursts would get the free tries back every time.
+SIGNIN_FORGET_AFTER = 24 * 3600.0
 
 
 def address_key(address: str | None) -> str:
@@ -130,18 +133,21 @@ class SlidingWindow:
 
 class Backoff:
     """Failures per key: ``free`` of them cost nothing, then the wait after the last failure
-    doubles with each one (1 s, 2 s, 4 s … up to ``cap``). A key quiet for ``cap`` seconds
-    starts over. Unlike a fixed window, a patient guesser gets ever slower, not a fresh
-    allowance every minute."""
+    doubles with each one (1 s, 2 s, 4 s … up to ``cap``). A key quiet for ``forget``
+    seconds (at least ``cap``) starts over. Unlike a fixed window, a patient guesser gets ever
+    slower, not a fresh allowance every minute."""
 
-    def __init__(self, free: int, cap: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, free: int, cap: float, clock: Callable[[], float] = time.monotonic,
+                 forget: float | None = None) -> None:
         self.free, self.cap, self.clock = free, cap, clock
+        self.forget = max(cap, forget if forget is not None else SIGNIN_FORGET_AFTER)
         self._failures: dict[str, tuple[int, float]] = {}
+        self._refused: dict[str, tuple[int, float]] = {}  # the step a refusal was reported at
         self._lock = threading.Lock()
 
     def _wait(self, key: str, now: float) -> float:  # lock held
         count, last = self._failures.get(key, (0, 0.0))
-        if count and now - last > self.cap:
+        if count and now - last > self.forget:
             self._failures.pop(key, None)
             return 0.0
         if count < self.free:
@@ -161,9 +167,23 @@ class Backoff:
                 count, _ = self._failures.get(key, (0, 0.0))
                 self._failures[key] = (count + 1, now)
             if len(self._failures) > 100_000:  # a spray of keys: drop the quiet ones
-                for stale in [k for k, (_, t) in self._failures.items() if now - t > self.cap]:
+                for stale in [k for k, (_, t) in self._failures.items() if now - t > self.forget]:
                     del self._failures[stale]
             return 0.0
+
+    def first_refusal(self, keys: list[str]) -> bool:
+        """Whether a try just refused (``check`` > 0) is the first refused at this step of
+        the backoff for any of ``keys``: the audit log records that one, not each of a flood."""
+        with self._lock:
+            now, first = self.clock(), False
+            for key in keys:
+                if key in self._failures and self._wait(key, now) > 0:
+                    step = self._failures[key]
+                    if self._refused.get(key) != step:
+                        self._refused[key], first = step, True
+            if len(self._refused) > 100_000:  # a spray of keys: keep only the live ones
+                self._refused = {k: v for k, v in self._refused.items() if k in self._failures}
+            return first
 
     def succeeded(self, key: str) -> None:
         with self._lock:
@@ -252,10 +272,12 @@ class Limits:
         return Lease(self, counts)
 
     # -- replies -------------------------------------------------------------------------------
-    def take_replies(self, owner: str, address: str | None, needed: int = 1) -> Lease:
+    def take_replies(self, owner: str, address: str | None, needed: int = 1,
+                     quota: int | None = None) -> Lease:
         """Room for ``needed`` replies of ``owner`` from ``address`` (None: not from the
-        network, e.g. the command line): checked against the holdings and the chat rate,
-        and taken, in one step. Raises RateLimited."""
+        network, e.g. the command line): checked against the holdings, the chat rate and
+        ``quota`` (an account's replies in flight, accounts.py), and taken, in one step.
+        Raises RateLimited, or AppError ``quota_exceeded``."""
         per_visitor = self.replies_per_visitor
         if needed > 1 and per_visitor > 0:  # a comparison may run up to COMPARE_MAX at once
             per_visitor = max(per_visitor, COMPARE_MAX)
@@ -266,6 +288,11 @@ class Limits:
             counts[f"replies|a|{network}"] = needed
         with self._lock:
             live = self._held[visitor]
+            # Checked here, not by the caller before: two sends at once both saw room.
+            if quota is not None and live + needed > quota:
+                raise AppError("quota_exceeded", f"your quota is {quota} replies being "
+                               f"written at once; wait for one to finish", retry_after=5,
+                               quota="replies_in_flight", limit=quota)
             if per_visitor > 0 and live + needed > per_visitor:
                 raise RateLimited(f"you already have {live} replies being written; wait for one "
                                   "to finish or stop it", retry_after=5, code="too_many_queued")
@@ -349,6 +376,12 @@ class Limits:
         if wait:
             self.signin_failures.forget_one(f"u|{username}")
         return wait
+
+    def signin_refusal_is_first(self, username: str, address: str | None) -> bool:
+        """Whether a refused sign-in is the first refused at its backoff step (audit it), not
+        one of the tries a guesser keeps sending during the wait (log them only)."""
+        first = self.signin_failures.first_refusal([f"u|{username}"])
+        return self.signin_address_failures.first_refusal([f"a|{address_key(address)}"]) or first
 
     def take_signup(self, address: str | None) -> float:
         """Accounts made from one address: as many as its free sign-in tries, then backoff."""

@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 bp = Blueprint("pages", __name__)
 
 
+# Registered last (decorators apply bottom-up), so url_for("pages.chat") builds "/", not it.
+@bp.get("/models")  # the chat page with the Models panel open (static/js/ui/models.js)
 @bp.get("/")
 @bp.get("/c/<conversation_id>")
-@bp.get("/models")  # the chat page with the Models panel open (static/js/ui/models.js)
 def chat(conversation_id: str | None = None):
     owner_id()  # the first visit creates the anonymous owner cookie the socket needs
     return render_template(

@@ -119,8 +119,9 @@ def short(identifier: str | None) -> str:
     return f"{identifier[:6]}…" if identifier else "-"
 
 
-# Path segments that are secrets (share tokens) or private ids (conversations, shares).
-_PRIVATE_SEGMENT = re.compile(r"(/(?:s|c|api/conversations|api/shares)/)([A-Za-z0-9_-]{6})[A-Za-z0-9_-]*")
+# Path segments that are secrets (share tokens, device links) or private ids (conversations,
+# shares).
+_PRIVATE_SEGMENT = re.compile(r"(/(?:s|c|d|api/conversations|api/shares)/)([A-Za-z0-9_-]{6})[A-Za-z0-9_-]*")
 
 
 def redact(text: str) -> str:
@@ -168,15 +169,16 @@ def check_form_token(purpose: str, value: str | None) -> None:
         abort(403, description="this form has expired: go back, reload the page and try again")
 
 
-def sign_in(account: dict, how: str = "password") -> dict[str, int]:
+def sign_in(account: dict, how: str = "password", *, claim: bool = True) -> dict[str, int]:
     """This browser is now signed in to ``account``: its anonymous data is claimed into the
-    account (once), and the cookie starts over (a new form seed, no anonymous id), so nothing
+    account (once; not with ``claim=False``, a device link, whose maker need not be the person
+    opening it), and the cookie starts over (a new form seed, no anonymous id), so nothing
     a page or another site learnt about the old cookie works with the new one."""
     accounts = get_accounts()
     if session.get(SESSION_KEY) and current_account() is not None:
         accounts.end_session(session[SESSION_KEY])  # signing in again: the old one ends
     anonymous = session.get(OWNER_KEY)
-    moved = accounts.claim(anonymous, account["id"])
+    moved = accounts.claim(anonymous, account["id"]) if claim else {}
     token = accounts.open_session(account["id"], user_agent=request.user_agent.string,
                                   address=request.remote_addr, how=how)
     passed = session.get(PASS_KEY)

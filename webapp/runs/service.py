@@ -83,7 +83,7 @@ class RunService:
         self.limits = limits if limits is not None else Limits(config)
         # Asked before any reply starts, with (owner, replies needed, their models): raises to
         # refuse it (accounts.py sets it to the quota and model check when accounts are on).
-        self.admission: Callable[[str, int, list[str]], None] | None = None
+        self.admission: Callable[[str, int, list[str]], int | None] | None = None
         self.grace = float(config.get("RUN_GRACE_SECONDS", 30))
         self.identity = f"{HOST}|{os.getpid()}|{secrets.token_hex(4)}"
         self.runs: dict[str, Run] = {}
@@ -236,9 +236,8 @@ class RunService:
                   models: list[str] = ()) -> Iterator[Lease]:
         """Limits before any model call (webapp/limits.py): a lease for the block, the run's
         once it starts, given back if the block fails before."""
-        if self.admission is not None:
-            self.admission(owner, needed, models)
-        lease = self.limits.take_replies(owner, ip, needed)
+        cap = self.admission(owner, needed, models) if self.admission is not None else None
+        lease = self.limits.take_replies(owner, ip, needed, quota=cap)
         try:
             yield lease
         except BaseException:
