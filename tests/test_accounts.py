@@ -453,6 +453,9 @@ def test_a_quota_refuses_the_next_reply_with_its_reset_time(make_app, make_live_
     assert refused["type"] == "error" and refused["code"] == "quota_exceeded"
     assert "resets at 00:00 UTC" in refused["message"]
     assert refused["resets_at"].endswith("T00:00:00.000Z") and refused["retry_after"] >= 1
+    # A server benchmark is replies too: refused the same way, before any model runs.
+    status, body = visitor.json("POST", "/api/benchmarks/server", {"tokens": 4})
+    assert status == 429 and body["error"]["code"] == "quota_exceeded", body
     accounts.set_quota(account["id"], used + 10_000, 0)  # tokens left, but no replies at once
     chat.chat("third")
     refused, _ = chat.until("error", "done")

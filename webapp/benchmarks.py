@@ -123,6 +123,10 @@ class BenchmarkService:
         if run is not None and not (isinstance(run, str) and 0 < len(run) <= 64):
             raise Invalid("bad_run", "run must be a string of 1 to 64 characters")
         model, engine = self.engines.resolve(model)
+        if owner is not None and self.runs is not None and self.runs.admission is not None:
+            # A benchmark is replies too: an account's models and token quota hold here as in
+            # a chat (one server benchmark runs at a time, so the in-flight cap is moot).
+            self.runs.admission(owner, 1, [model])
         if not self._lock.acquire(blocking=False):
             raise AppError("busy", "a server benchmark is already running; try again shortly")
         with self._state:
