@@ -169,16 +169,20 @@ def test_a_list_page_is_one_query_with_its_shared_flags(app, client):
     assert flags[ids[5]] is False and flags[ids[4]] is False
 
 
-def test_an_append_updates_its_conversation_row_once(app, client):
-    conv = client.post("/api/conversations", json={"title": "once"}).get_json()["id"]
+def test_an_append_locks_its_conversation_row_before_it_inserts(app, client):
+    """Every writer takes the conversation's row first (its UPDATE before the message's
+    INSERT): inserted first, the message's key-share lock, a share's SELECT … FOR UPDATE and
+    then the UPDATE deadlocked on PostgreSQL (test_postgres's four processes of writers)."""
+    conv = client.post("/api/conversations", json={"title": "order"}).get_json()["id"]
     path = f"/api/conversations/{conv}/messages"
-    with counting_statements(app) as statements:
-        user = client.post(path, json={"role": "user", "content": "why?"}).get_json()
-        client.post(path, json={"role": "assistant", "content": "because", "status": "complete",
-                                "parent_id": user["id"], "provenance": {"engine": "browser"}})
-    updates = [s for s in statements if s.startswith("UPDATE conversation")]
-    inserts = [s for s in statements if s.startswith("INSERT INTO message")]
-    assert len(inserts) == 2 and len(updates) == 2, statements  # one per append
+    for body in ({"role": "user", "content": "why?"},
+                 {"role": "assistant", "content": "because", "status": "complete",
+                  "provenance": {"engine": "browser"}}):
+        with counting_statements(app) as statements:
+            assert client.post(path, json=body).status_code == 201
+        writes = [s for s in statements if s.startswith(("UPDATE", "INSERT"))]
+        assert writes[0].startswith("UPDATE conversation"), writes
+        assert any(s.startswith("INSERT INTO message") for s in writes), writes
     opened = client.get(f"/api/conversations/{conv}?limit=10").get_json()
     assert [m["content"] for m in opened["messages"]] == ["why?", "because"]
     assert opened["current_message_id"] == opened["messages"][-1]["id"]

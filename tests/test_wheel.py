@@ -27,7 +27,10 @@ def _not_copied(folder: str, names: list[str]) -> set[str]:
 
 
 def _checked(command: list[str]) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # No PYTHONPATH: a checkout on it (with its bchat.egg-info from `pip install -e`) makes pip
+    # think bchat is installed already, and the fresh venv would never get the wheel.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
 
 

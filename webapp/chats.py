@@ -400,6 +400,11 @@ class ChatService:
             user = Message(conversation_id=conv.id, role="user", content=content,
                            status="complete", parent_id=parent.id if parent else None)
             session.add(user)
+            # Touched before the first flush, so the UPDATE of the conversation row comes before
+            # the INSERT (SQLAlchemy writes parents first): every writer locks that row first.
+            # Inserted first, the message's key-share lock on it, then a share's SELECT … FOR
+            # UPDATE, then this UPDATE deadlocked on PostgreSQL (tests/test_postgres.py).
+            conv.updated_at = utcnow()
             session.flush()
             files.link(session, owner_id, attachment_ids, conv.id, user.id)
             # The branch up to the user's message: read only when a model will see it (the
@@ -414,8 +419,6 @@ class ChatService:
                 if given:
                     reply.meta = {**(reply.meta or {}), "files": given}
             session.flush()
-            # Set together after the inserts: one UPDATE of the conversation row, not two.
-            conv.updated_at = utcnow()
             conv.current_message_id = replies[0].id if replies else user.id
             parents = {m.id: m.public_id for m in path}
             return (conv.to_dict(), user.to_dict(parents), [r.to_dict(parents) for r in replies],
@@ -440,7 +443,6 @@ class ChatService:
             if given:
                 reply.meta = {**(reply.meta or {}), "files": given}
             session.flush()
-            conv.updated_at = utcnow()
             conv.current_message_id = reply.id
             parents = {**{m.id: m.public_id for m in path}, reply.id: reply.public_id}
             return (conv.to_dict(), asked.to_dict(parents), reply.to_dict(parents),
@@ -502,6 +504,7 @@ class ChatService:
             reply.run_owner = None
             reply.stop_requested = False
             reply.updated_at = utcnow()
+            conv.updated_at = utcnow()  # before the first flush: the row is locked first (begin_turn)
             parent, tools = reply, []
             for result in results:
                 row = Message(conversation_id=conv.id, role="tool", content=result["content"],
@@ -512,7 +515,6 @@ class ChatService:
                 parent = row
             following = self._reply_row(session, conv, parent, next_reply, run_owner)
             session.flush()
-            conv.updated_at = utcnow()
             conv.current_message_id = following.id
             path = self._path(session, parent.id)
             parents = {m.id: m.public_id for m in path}
@@ -526,13 +528,15 @@ class ChatService:
                    run_owner: str) -> Message:
         """A run's assistant row, "streaming" from the start (a /v1 call's has no parent).
         ``conv`` has its id already (added by conversation_id: appending to conv.messages
-        would load every message first). The caller touches ``conv.updated_at`` with its
-        ``current_message_id`` after the flush, so the conversation row is updated once."""
+        would load every message first). Touching ``conv`` here makes its UPDATE come before
+        the reply's INSERT in the flush: the conversation row is locked first (begin_turn)."""
+        now = utcnow()
         reply = Message(conversation_id=conv.id, role="assistant", content="",
-                        status="streaming", updated_at=utcnow(),
+                        status="streaming", updated_at=now,
                         parent_id=parent.id if parent else None, run_owner=run_owner)
         reply.record(provenance)
         session.add(reply)
+        conv.updated_at = now
         return reply
 
     def update_browser_reply(
@@ -606,8 +610,8 @@ class ChatService:
             )
             message.record(provenance)
             session.add(message)
+            conv.updated_at = utcnow()  # before the flush: the row is locked first (begin_turn)
             session.flush()
-            conv.updated_at = utcnow()  # with current_message_id: one UPDATE of the row
             conv.current_message_id = message.id
             return message.to_dict({parent.id: parent.public_id} if parent else {})
 
