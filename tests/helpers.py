@@ -34,6 +34,26 @@ class HttpSession:
         status, _headers, raw = self.request(method, path, body)
         return status, (json.loads(raw) if raw else None)
 
+    def continue_share(self, path: str, csrf: str) -> tuple[int, str | None]:
+        """Post a shared page's "Continue" form (``path``: the share's /s/<token>) without
+        following its redirect: (status, the new conversation's id from the Location)."""
+        import urllib.parse
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                return None
+
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies),
+                                             NoRedirect())
+        request = urllib.request.Request(self.base_url + path + "/continue", method="POST",
+                                         data=urllib.parse.urlencode({"csrf": csrf}).encode())
+        try:
+            with opener.open(request) as response:
+                return response.status, None
+        except urllib.error.HTTPError as err:
+            location = err.headers.get("Location", "")
+            return err.code, location.rsplit("/c/", 1)[-1] if "/c/" in location else None
+
     def visit(self) -> None:
         status, _h, _b = self.request("GET", "/")
         assert status == 200

@@ -42,28 +42,6 @@ def upload(session: HttpSession, name: str, data: bytes, mime: str = "applicatio
         return err.code, json.loads(err.read())
 
 
-def continue_share(session: HttpSession, path: str, csrf: str) -> tuple[int, str | None]:
-    """Post the shared page's "Continue" form; (status, the new conversation's id)."""
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args, **kwargs):
-            return None
-
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(session.cookies),
-                                         NoRedirect())
-    request = urllib.request.Request(session.base_url + path + "/continue", method="POST",
-                                     data=urllib.parse.urlencode({"csrf": csrf}).encode())
-    try:
-        with opener.open(request) as response:
-            return response.status, None
-    except urllib.error.HTTPError as err:
-        location = err.headers.get("Location", "")
-        return err.code, location.rsplit("/c/", 1)[-1] if "/c/" in location else None
-
-
 def chat(session: HttpSession, content: str, conversation_id: str | None = None, **extra):
     ws = session.ws()
     ws.chat(content, conversation_id, options=GREEDY, **extra)
@@ -277,7 +255,7 @@ def test_export_v3_import_and_share(live_server):
     # the file to the visitor (a file of their own, with its passages for retrieval)
     assert me.request("DELETE", f"/api/conversations/{conv}")[0] == 204
     csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
-    status, copy_id = continue_share(visitor, path, csrf)
+    status, copy_id = visitor.continue_share(path, csrf)
     assert status == 303 and copy_id
     copy = visitor.json("GET", f"/api/conversations/{copy_id}")[1]
     mine = next(m for m in copy["messages"] if m["role"] == "user")["attachments"][0]

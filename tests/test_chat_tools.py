@@ -176,6 +176,8 @@ def mcp_http():
             except OSError:
                 assert proc.poll() is None, "the MCP server exited"
                 time.sleep(0.1)
+        else:
+            raise AssertionError("the MCP server did not answer on its port in 60 s")
         yield f"http://127.0.0.1:{port}/mcp"
     finally:
         proc.terminate()

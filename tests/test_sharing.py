@@ -57,7 +57,7 @@ def test_share_snapshot_continue_revoke(live_server):
 
     # the visitor continues: a copy of their own, opened for chatting
     csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
-    status, copy_conv = _continue(visitor, path, csrf)
+    status, copy_conv = visitor.continue_share(path, csrf)
     assert status == 303
     copy_id = copy_conv
     status, copy = visitor.json("GET", f"/api/conversations/{copy_id}")
@@ -74,28 +74,7 @@ def test_share_snapshot_continue_revoke(live_server):
     # the owner revokes: the link is gone for everyone
     assert owner.json("DELETE", f"/api/conversations/{conv}/share")[0] == 204
     assert visitor.request("GET", path)[0] == 404
-    assert _continue(visitor, path, csrf)[0] == 404
-
-
-def _continue(session: HttpSession, path: str, csrf: str):
-    import urllib.parse
-    import urllib.request
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args, **kwargs):
-            return None
-
-    opener = urllib.request.build_opener(
-        urllib.request.HTTPCookieProcessor(session.cookies), NoRedirect()
-    )
-    data = urllib.parse.urlencode({"csrf": csrf}).encode()
-    request = urllib.request.Request(session.base_url + path + "/continue", data=data, method="POST")
-    try:
-        with opener.open(request) as response:
-            return response.status, None
-    except urllib.error.HTTPError as err:
-        location = err.headers.get("Location", "")
-        return err.code, location.rsplit("/c/", 1)[-1] if "/c/" in location else None
+    assert visitor.continue_share(path, csrf)[0] == 404
 
 
 def test_continue_needs_the_visitors_own_form_token(live_server):
@@ -105,8 +84,8 @@ def test_continue_needs_the_visitors_own_form_token(live_server):
     attacker_page = attacker.request("GET", path)[2].decode()
     attacker_csrf = re.search(r'name="csrf" value="([^"]+)"', attacker_page).group(1)
     visitor.visit()
-    assert _continue(visitor, path, attacker_csrf)[0] == 403, "a token made for someone else"
-    assert _continue(visitor, path, "")[0] == 403
+    assert visitor.continue_share(path, attacker_csrf)[0] == 403, "a token made for someone else"
+    assert visitor.continue_share(path, "")[0] == 403
     assert visitor.json("GET", "/api/conversations")[1]["conversations"] == []
 
 
