@@ -80,6 +80,15 @@ def test_the_models_page_shows_each_variants_cost_and_plot(server, pages, shots,
     y = {m: float(points.and_(page.locator(f'[data-model="{m}"]')).get_attribute("cy"))
          for m in ("tiny-Q8_0", "tiny-Q4_0")}
     assert y["tiny-Q4_0"] < y["tiny-Q8_0"]  # the larger divergence is drawn higher
+    # no label sits on another (the reference's, at its line, beside the variants' own)
+    overlaps = plot.evaluate("""(svg) => {
+      const boxes = [...svg.querySelectorAll('.plot-label, [data-testid="models-plot-reference-label"]')]
+        .map((t) => [t.textContent, t.getBBox()]);
+      return boxes.flatMap(([a, p], i) => boxes.slice(i + 1).filter(([, q]) =>
+        p.x < q.x + q.width && q.x < p.x + p.width && p.y < q.y + q.height && q.y < p.y + p.height)
+        .map(([b]) => `${a} / ${b}`));
+    }""")
+    assert overlaps == []
     box = plot.bounding_box()
     assert box and box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"] + 0.5, box
     panel.get_by_test_id("models-metric").select_option("top1")

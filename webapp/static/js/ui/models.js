@@ -122,20 +122,25 @@ export function qualityPlot(family, metric, width = 560) {
   }
   chart.append(svg("text", { x: pad.left + plotW / 2, y: height - 4, class: "plot-axis", "text-anchor": "middle" }, "file size"));
   // On a log scale the reference (0 by definition) has no place: its size is marked instead.
+  // Its label goes at the top: the variants nearest the reference in size are the best ones,
+  // drawn low on every measure but top-1, and the label must not sit on theirs.
+  const placed = []; // labels drawn so far: {x0, x1, y}
   const reference = family.members.find((m) => m.reference);
   if (reference && !points.some((p) => p.m === reference)) {
     const rx = X(reference.file_size);
+    const label = `${reference.quantization} (reference)`;
+    const labelWidth = 6.5 * label.length;
     chart.append(svg("line", { x1: rx, x2: rx, y1: pad.top, y2: pad.top + plotH, class: "plot-reference",
                                "data-testid": "models-plot-reference" }),
-                 svg("text", { x: rx - 4, y: pad.top + plotH - 6, class: "plot-axis", "text-anchor": "end" },
-                     `${reference.quantization} (reference)`));
+                 svg("text", { x: rx - 4, y: pad.top + 12, class: "plot-axis", "text-anchor": "end",
+                               "data-testid": "models-plot-reference-label" }, label));
+    placed.push({ x0: rx - 4 - labelWidth, x1: rx - 4, y: pad.top + 12 });
   }
   const sorted = [...points].sort((a, b) => a.x - b.x);
   if (sorted.length > 1) {
     chart.append(svg("polyline", { points: sorted.map((p) => `${X(p.x).toFixed(1)},${Y(p.y).toFixed(1)}`).join(" "),
                                    class: "plot-line" }));
   }
-  const placed = []; // labels drawn so far: {x0, x1, y}
   for (const p of [...sorted].sort((a, b) => Y(a.y) - Y(b.y))) {
     const cx = X(p.x);
     const cy = Y(p.y);
