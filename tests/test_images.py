@@ -192,6 +192,14 @@ def test_images_go_to_a_vision_upstream_as_image_url_parts(vision_app):
         assert "red.png" in error["message"] and model in error["message"]
     assert me.json("GET", "/api/conversations")[1]["conversations"] == []
 
+    # compared side by side, every model must take images: the one that does not is named
+    ws.send({"type": "compare", "conversation_id": None, "content": "What is this?",
+             "targets": [{"model": "seer"}, {"model": "blind"}], "options": GREEDY,
+             "attachments": [info["id"]]})
+    error, _ = ws.until("error")
+    assert error["code"] == "images_not_supported" and "blind does not" in error["message"]
+    assert VisionUpstream.requests == []
+
     started, done = turn(ws, "What is this?", model="seer", attachments=[info["id"]])
     assert done["type"] == "done", done
     assert done["message"]["content"] == "A red square."
