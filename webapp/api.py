@@ -7,15 +7,17 @@ require a JSON body (``Content-Type: application/json``), which a cross-site for
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .accounts import get_accounts
 from .chats import MISSING
+from .engines.base import images_reason
 from .errors import AppError, Invalid
 from .exchange import export_json, export_markdown, parse_import
 from .files import browser_url
@@ -105,6 +107,10 @@ def models():
         # display_name is for people (BCHAT_MODELS_FILE or made from the file); programs keep the id.
         entry = {"id": info.id, "display_name": services.catalogue.display_name(info.id),
                  "served_by": info.engine, "engines": ["server"], "facts": facts}
+        # Whether the server engine shows it images (the page's engine never does): the
+        # attach button takes images only then, and says why not otherwise.
+        refused = images_reason(facts, "server")
+        entry["images"] = {"accepted": not refused, "reason": refused or None}
         # Each engine's format and why: the server runs the file as configured, pages run the
         # format measured fastest in WASM (catalogue.browser_file).
         browser_file = services.catalogue.browser(info.id) if local_file else None
@@ -342,6 +348,21 @@ def attachment_text(attachment_id: str):
         lines = (int(first), int(last))
     return get_services().attachments.passage(owner_id(), attachment_id, page=_int_arg("page"),
                                               lines=lines)
+
+
+@bp.get("/api/attachments/<attachment_id>/content")
+def attachment_content(attachment_id: str):
+    """An image's bytes, to its owner only, as the type its bytes are (PNG, JPEG, WebP or GIF:
+    attachments.sniff_image), never sniffed by the browser, never a document that could run
+    script (a sandbox CSP, were it opened as a page), never cached by another."""
+    mime, data, name = get_services().attachments.image(owner_id(), attachment_id)
+    # send_file: its Content-Disposition quotes any name (RFC 6266) and answers Range.
+    response = send_file(io.BytesIO(data), mimetype=mime, download_name=name, etag=False,
+                         conditional=True, max_age=3600)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
 
 
 @bp.delete("/api/attachments/<attachment_id>")

@@ -4,6 +4,11 @@ A visitor uploads a file (``POST /api/attachments``) before sending the message 
 its text is extracted here (text and code as UTF-8, HTML as its text, PDF through ``pypdf``)
 and kept, cut into passages: a PDF page (longer pages in several), or up to PASSAGE_CHARS of
 whole lines of any other file. The bytes are not kept: the model only ever sees the text.
+An image (PNG, JPEG, WebP or GIF, known by its bytes: images.py) is kept whole instead, for
+the models that take images (a vision upstream): served back to its owner only
+(``GET /api/attachments/<id>/content``), and given to such a model as an ``image_url`` part
+of its message; any other model is refused it when it is sent (``images_not_supported``),
+and sees older images of the branch as a line naming them.
 The message that is sent with the file takes it (``link``), and it is deleted with that
 message's conversation.
 
@@ -27,6 +32,7 @@ engines get this text from ``history_with_files``; the browser engine asks for t
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html.parser
 import io
@@ -41,6 +47,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session, undefer
 
+from . import images
 from .db import Database
 from .errors import AppError, Invalid, NotFound
 from .models import Attachment, AttachmentPassage, Conversation, Message, utcnow
@@ -60,7 +67,9 @@ PDF_MAGIC = b"%PDF-"
 # Types a file may say it is that are text whatever their extension; anything that decodes as
 # UTF-8 without NULs is taken as text too (code, logs, CSV with an odd extension).
 HTML_TYPES = ("text/html", "application/xhtml+xml")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".heic", ".avif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".heic", ".avif", ".svg",
+                    ".tif", ".tiff", ".ico")
+IMAGE_KINDS = "PNG, JPEG, WebP or GIF"
 
 
 def estimate_tokens(text_: str) -> int:
@@ -149,8 +158,11 @@ def extract(data: bytes, filename: str, declared: str | None = None) -> Extracte
     if data.startswith(PDF_MAGIC) or name.endswith(".pdf"):
         return _pdf_text(data)
     if declared.startswith("image/") or name.endswith(IMAGE_EXTENSIONS):
-        raise AppError("unsupported_file", "images can't be read by the models here (none of "
-                       "them takes images): attach text, code, Markdown, CSV, JSON, HTML or PDF")
+        # (an image of the four types never gets here: upload() takes it by its bytes; SVG is
+        # a document that can run script, never an image here)
+        raise AppError("unsupported_file", f"this kind of image can't be sent to a model: "
+                       f"attach {IMAGE_KINDS} images, or text, code, Markdown, CSV, JSON, HTML "
+                       "or PDF files")
     decoded = _decode(data)
     if decoded is None:
         raise AppError("unsupported_file", "this file is neither text nor PDF: attach text, code, "
@@ -235,6 +247,22 @@ def clean_filename(raw: Any) -> str:
     return name[:MAX_FILENAME] or "file"
 
 
+def sniff_image(data: bytes) -> images.ImageFacts | None:
+    """The image an upload is, by its bytes (None: not one of images.TYPES); 4xx when it
+    starts like one but cannot be one."""
+    try:
+        return images.sniff(data)
+    except images.NotAnImage as exc:
+        raise Invalid("bad_file", f"this image could not be read: {exc}") from exc
+
+
+def _image_row(owner_id: str, name: str, data: bytes, image: images.ImageFacts) -> Attachment:
+    return Attachment(owner_id=owner_id, filename=name, mime=image.mime, size=len(data),
+                      sha256=hashlib.sha256(data).hexdigest(), text="", chars=0,
+                      tokens=images.estimate_tokens(image.width, image.height), pages=None,
+                      data=data, width=image.width, height=image.height)
+
+
 class AttachmentService:
     def __init__(self, db: Database, *, max_bytes: int, quota_bytes: int) -> None:
         self.db = db
@@ -253,10 +281,21 @@ class AttachmentService:
         if not data:
             raise Invalid("empty_file", "the file is empty")
         name = clean_filename(filename)
+        image = sniff_image(data)
+        if image is not None:
+            return self._store(owner_id, data, _image_row(owner_id, name, data, image), [])
         extracted = extract(data, name, declared)
         if not extracted.text.strip():
             raise Invalid("no_text", "this file has no text in it")
         cut = passages(extracted.text, paged=extracted.pages is not None)
+        row = Attachment(owner_id=owner_id, filename=name, mime=extracted.mime,
+                         size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                         text=extracted.text, chars=len(extracted.text),
+                         tokens=estimate_tokens(extracted.text), pages=extracted.pages)
+        return self._store(owner_id, data, row, cut)
+
+    def _store(self, owner_id: str, data: bytes, row: Attachment, cut: list[Passage]) -> dict:
+        """A new upload's row and passages, within the visitor's quota (images count too)."""
         self._sweep_unsent(owner_id)
         with self.db.write() as session:
             used = session.scalar(select(func.coalesce(func.sum(Attachment.size), 0))
@@ -266,14 +305,21 @@ class AttachmentService:
                                f"your files take {used} bytes of the {self.quota_bytes} you may "
                                "keep (BCHAT_ATTACHMENT_QUOTA_BYTES): delete conversations with "
                                "files to make room", used=used, limit=self.quota_bytes)
-            row = Attachment(owner_id=owner_id, filename=name, mime=extracted.mime,
-                             size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                             text=extracted.text, chars=len(extracted.text),
-                             tokens=estimate_tokens(extracted.text), pages=extracted.pages)
             session.add(row)
             session.flush()
-            _store_passages(session, row.id, cut)
+            if cut:
+                _store_passages(session, row.id, cut)
             return row.to_dict()
+
+    def image(self, owner_id: str, public_id: str) -> tuple[str, bytes, str]:
+        """An image's type, bytes and file name, for its owner only (NotFound otherwise, and
+        for a file that is not an image: only images keep their bytes)."""
+        with self.db.read() as session:
+            row = session.scalar(select(Attachment).options(undefer(Attachment.data)).where(
+                Attachment.public_id == public_id, Attachment.owner_id == owner_id))
+            if row is None or row.data is None or row.mime not in images.TYPES:
+                raise NotFound("image")
+            return row.mime, row.data, row.filename
 
     def _sweep_unsent(self, owner_id: str) -> None:
         cutoff = utcnow() - UNSENT_KEPT
@@ -326,6 +372,8 @@ def read_passage(session: Session, owner_id: str, attachment_id: str, page: int 
         Attachment.public_id == attachment_id, Attachment.owner_id == owner_id))
     if row is None:
         raise NotFound("file")
+    if row.is_image:
+        raise Invalid("no_text", f"{row.filename} is an image: it has no text to read")
     body = row.text
     if page is not None:
         if row.pages is None:
@@ -372,7 +420,8 @@ def link(session: Session, owner_id: str, ids: list[str], conversation_id: int,
     conversation is refused (nothing is stored then)."""
     if not ids:
         return
-    rows = session.scalars(select(Attachment).options(undefer(Attachment.text)).where(
+    rows = session.scalars(select(Attachment).options(
+        undefer(Attachment.text), undefer(Attachment.data)).where(
         Attachment.public_id.in_(ids), Attachment.owner_id == owner_id)).all()
     if len(rows) != len(ids):
         raise NotFound("file")
@@ -381,8 +430,7 @@ def link(session: Session, owner_id: str, ids: list[str], conversation_id: int,
                        "again")
     unsent = [row.id for row in rows if row.message_id is None]
     for row in sorted((r for r in rows if r.message_id is not None), key=lambda r: r.id):
-        copy_files(session, owner_id, conversation_id, message_id,
-                   [{**row.to_dict(), "text": row.text}])
+        copy_files(session, owner_id, conversation_id, message_id, [portable(row)])
     if unsent:
         session.execute(update(Attachment).where(Attachment.id.in_(unsent))
                         .values(message_id=message_id, conversation_id=conversation_id))
@@ -412,23 +460,46 @@ def _block(row: Attachment, body: str, *, partial: bool) -> str:
     return f'<file name="{name}"{facts}>\n{body.strip()}\n</file>'
 
 
-def file_blocks(session: Session, path: Sequence[Message], limit: int
-                ) -> tuple[dict[int, str], list[dict[str, Any]]]:
-    """Each message of ``path`` that has files: the text its files add before it (message id →
-    blocks), and what was given, for the reply's ``meta.files``: a file whole, or the passages
-    chosen for the newest user message when the branch's files are over ``limit`` tokens."""
+def _branch_files(session: Session, path: Sequence[Message]) -> list[Attachment]:
+    """The files of the user messages of ``path``, in the order they were sent."""
     ids = {m.id for m in path if m.role == "user"}
     if not ids:
-        return {}, []
+        return []
     # By the conversation's index, then the branch's: a path of thousands of messages is
     # not a query with thousands of parameters, and a conversation without files costs one
     # indexed look-up.
-    rows = [row for row in session.scalars(
+    return [row for row in session.scalars(
         select(Attachment).where(Attachment.conversation_id == path[-1].conversation_id,
                                  Attachment.message_id.is_not(None))
         .order_by(Attachment.message_id, Attachment.id)).all() if row.message_id in ids]
+
+
+def image_note(row: Attachment, why: str) -> str:
+    """The line a model is given for an image it is not shown."""
+    name = row.filename.replace('"', "'")
+    return f'<image name="{name}" width="{row.width}" height="{row.height}" shown="no">{why}</image>'
+
+
+NOT_SHOWN = "this model does not take images"
+OLDER = f"not shown again: only the newest {images.MAX_IMAGES_SENT} images are sent"
+
+
+def file_blocks(session: Session, path: Sequence[Message], limit: int, *,
+                vision: bool = False) -> tuple[dict[int, str], list[dict[str, Any]]]:
+    """Each message of ``path`` that has files: the text its files add before it (message id →
+    blocks), and what was given, for the reply's ``meta.files``: a file whole, or the passages
+    chosen for the newest user message when the branch's files are over ``limit`` tokens.
+    Images are not text: each is a line naming it (image_note), left out when ``vision``
+    (the model is shown them: with_files)."""
+    every = _branch_files(session, path)
+    rows = [row for row in every if not row.is_image]
+    notes: dict[int, list[str]] = {}
+    if not vision:
+        for row in every:
+            if row.is_image:
+                notes.setdefault(row.message_id, []).append(image_note(row, NOT_SHOWN))
     if not rows:
-        return {}, []
+        return {mid: "\n".join(lines) for mid, lines in notes.items()}, []
     files = [_File(row, row.message_id) for row in rows]
     whole = sum(f.row.tokens for f in files) <= limit
     blocks: dict[int, list[str]] = {}
@@ -453,6 +524,8 @@ def file_blocks(session: Session, path: Sequence[Message], limit: int
             for p in f.chosen:
                 given.append({"file": f.row.filename, "id": f.row.public_id, "page": p.page,
                               "lines": [p.line_start, p.line_end]})
+    for mid, lines in notes.items():
+        blocks.setdefault(mid, []).append("\n".join(lines))
     return {mid: "\n\n".join(parts) for mid, parts in blocks.items()}, given
 
 
@@ -511,47 +584,104 @@ def _ranked(session: Session, attachment_ids: list[int], words: list[str]) -> li
 
 class _WithFiles:
     """A message as a model sees it with its files before its text (tree.model_history reads
-    role, status, content and meta: a tool step's calls and results ride in meta)."""
+    role, status, content and meta: a tool step's calls and results ride in meta); with
+    images, its content is OpenAI's parts: the text, then an ``image_url`` part for each."""
 
-    def __init__(self, message: Message, blocks: str | None) -> None:
+    def __init__(self, message: Message, blocks: str | None,
+                 pictures: Sequence[dict[str, Any]] = ()) -> None:
         self.role, self.status, self.meta = message.role, message.status, message.meta
-        self.content = f"{blocks}\n\n{message.content}" if blocks else message.content
+        content = f"{blocks}\n\n{message.content}" if blocks else message.content
+        self.content: Any = ([{"type": "text", "text": content}, *pictures] if pictures
+                             else content)
+
+
+def refuse_images(session: Session, message_id: int, why: str) -> None:
+    """``images_not_supported`` when the message holds an image (nothing is stored then)."""
+    name = session.scalar(select(Attachment.filename).where(
+        Attachment.message_id == message_id, Attachment.width.is_not(None)).limit(1))
+    if name is not None:
+        raise AppError("images_not_supported", f"{name} is an image, and {why} (no vision): "
+                       "choose a model that takes images, or send the message without it")
 
 
 def with_files(session: Session, path: Sequence[Message], context: int | None,
-               max_tokens: int) -> tuple[list[Any], list[dict[str, Any]]]:
+               max_tokens: int, *, vision: bool = False, model: str = "this model"
+               ) -> tuple[list[Any], list[dict[str, Any]]]:
     """``path`` with each message's files before its text (for tree.model_history), and what
-    the model was given; without a ``context`` (nothing to fit) the path as it is."""
+    the model was given; without a ``context`` (nothing to fit) the path as it is.
+
+    A model that takes images (``vision``) is shown the newest MAX_IMAGES_SENT of the
+    branch's; any other is refused a newest user message with an image
+    (``images_not_supported``) and told of older ones in a line each."""
     if context is None:
         return list(path), []
-    blocks, given = file_blocks(session, path, budget(context, max_tokens))
-    if not blocks:
+    newest = next((m for m in reversed(path) if m.role == "user"), None)
+    if newest is not None and not vision:
+        refuse_images(session, newest.id, f"{model} does not take images")
+    blocks, given = file_blocks(session, path, budget(context, max_tokens), vision=vision)
+    pictures = _pictures(session, path) if vision else {}
+    if not blocks and not pictures:
         return list(path), []
-    return [_WithFiles(m, blocks.get(m.id)) for m in path], given
+    return [_WithFiles(m, blocks.get(m.id), pictures.get(m.id, ())) for m in path], given
+
+
+def _pictures(session: Session, path: Sequence[Message]) -> dict[int, list[dict[str, Any]]]:
+    """Message id → the image parts it is shown with: the newest MAX_IMAGES_SENT images of the
+    branch as ``image_url`` parts, each older one as a text part naming it."""
+    shown = [row for row in _branch_files(session, path) if row.is_image]
+    if not shown:
+        return {}
+    sent = {row.id for row in shown[-images.MAX_IMAGES_SENT:]}
+    data = dict(session.execute(select(Attachment.id, Attachment.data)
+                                .where(Attachment.id.in_(sent))).all())
+    found: dict[int, list[dict[str, Any]]] = {}
+    for row in shown:
+        found.setdefault(row.message_id, []).append(
+            images.part(row.mime, data[row.id]) if row.id in sent
+            else {"type": "text", "text": image_note(row, OLDER)})
+    return found
 
 
 # -- export, import, shares --------------------------------------------------------------------
 
 def texts_for(session: Session, message_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-    """Message public id → its files with their text (export v3, share snapshots)."""
+    """Message public id → its files with their text, an image with its bytes in base64
+    (``data``) (export v3, share snapshots)."""
     ids = list(message_ids)
     if not ids:
         return {}
     rows = session.execute(
         select(Message.public_id, Attachment).join(Attachment, Attachment.message_id == Message.id)
-        .options(undefer(Attachment.text))
+        .options(undefer(Attachment.text), undefer(Attachment.data))
         .where(Message.public_id.in_(ids)).order_by(Attachment.id)).all()
     found: dict[str, list[dict[str, Any]]] = {}
     for message_id, row in rows:
-        found.setdefault(message_id, []).append({**row.to_dict(), "text": row.text})
+        found.setdefault(message_id, []).append(portable(row))
     return found
+
+
+def portable(row: Attachment) -> dict[str, Any]:
+    """A file as export v3 and share snapshots carry it (its text and data loaded)."""
+    entry = {**row.to_dict(), "text": row.text}
+    if row.data is not None:
+        entry["data"] = base64.b64encode(row.data).decode("ascii")
+    return entry
 
 
 def copy_files(session: Session, owner_id: str, conversation_id: int, message_id: int,
                files: Sequence[dict[str, Any]]) -> None:
     """Files of an import or a continued share, as new rows of the new message (their text
-    cut into passages again); a validated list (parse_files)."""
+    cut into passages again; an image's bytes checked again); a validated list (parse_files)."""
     for data in files:
+        if data.get("data"):
+            raw = base64.b64decode(data["data"], validate=True)
+            image = sniff_image(raw)
+            if image is None:
+                raise Invalid("bad_import", f"{data['filename']}: not a {IMAGE_KINDS} image")
+            row = _image_row(owner_id, clean_filename(data["filename"]), raw, image)
+            row.conversation_id, row.message_id = conversation_id, message_id
+            session.add(row)
+            continue
         body = data["text"]
         row = Attachment(owner_id=owner_id, conversation_id=conversation_id,
                          message_id=message_id, filename=clean_filename(data["filename"]),
@@ -561,6 +691,26 @@ def copy_files(session: Session, owner_id: str, conversation_id: int, message_id
         session.add(row)
         session.flush()
         _store_passages(session, row.id, passages(body, paged=row.pages is not None))
+
+
+def _parse_image(item: dict[str, Any], at: str, max_chars: int) -> dict[str, Any]:
+    """An imported image: its base64 bytes, which must be one of images.TYPES (its type, size,
+    sha256 and pixels are read from the bytes, never taken from the file)."""
+    encoded = item.get("data")
+    if not isinstance(encoded, str) or len(encoded) > max_chars:
+        raise Invalid("bad_import", f"{at}.data: must be the image in base64, at most "
+                      f"{max_chars} characters")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+        image = images.sniff(raw)
+    except (ValueError, images.NotAnImage) as exc:
+        raise Invalid("bad_import", f"{at}.data: not a readable image ({exc})") from exc
+    if image is None:
+        raise Invalid("bad_import", f"{at}.data: must be a {IMAGE_KINDS} image")
+    name = item.get("filename")
+    return {"filename": name if isinstance(name, str) else "image", "mime": image.mime,
+            "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw), "pages": None,
+            "text": "", "data": encoded}
 
 
 def parse_files(raw: Any, where_: str, max_chars: int) -> list[dict[str, Any]]:
@@ -575,6 +725,9 @@ def parse_files(raw: Any, where_: str, max_chars: int) -> list[dict[str, Any]]:
         at = f"{where_}[{i}]"
         if not isinstance(item, dict):
             raise Invalid("bad_import", f"{at}: must be an object")
+        if item.get("data") is not None:
+            clean.append(_parse_image(item, at, max_chars))
+            continue
         body = item.get("text")
         if not isinstance(body, str) or not body.strip() or len(body) > max_chars:
             raise Invalid("bad_import", f"{at}.text: must be the file's text, at most "

@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ class ModelFile:
     experts: int | None = None
     experts_used: int | None = None
     expert_parameters: int | None = None
+    # The image projector beside it (projector_for), by file name: what a vision model needs;
+    # reported, not run (the embedded engine does not run projectors yet).
+    projector: str | None = None
 
     @property
     def weights_bits_per_weight(self) -> float:
@@ -193,11 +197,32 @@ def read_model_file(path: Path, model_id: str | None = None) -> ModelFile:
     )
 
 
+def is_projector(path: Path) -> bool:
+    """An image projector (llama.cpp's ``mmproj`` GGUF), by its name: not a model to chat with."""
+    return path.name.lower().startswith("mmproj") or path.name.lower().endswith(".mmproj.gguf")
+
+
+def projector_for(model: Path) -> Path | None:
+    """The projector beside ``model`` (llama.cpp's convention): ``<stem>.mmproj.gguf`` or
+    ``mmproj-<stem>.gguf``, else ``mmproj-<stem without its quantisation>*.gguf`` as
+    ggml-org's repositories ship them (gemma-3-4b-it-Q4_K_M.gguf beside
+    mmproj-gemma-3-4b-it-f16.gguf); the first by name when several match."""
+    folder, stem = model.parent, model.stem
+    for name in (f"{stem}.mmproj.gguf", f"mmproj-{stem}.gguf"):
+        if (folder / name).is_file():
+            return folder / name
+    base = _QUANT_TAG.sub("", stem)
+    found = sorted(p for p in folder.glob(f"mmproj-{glob_escape(base)}*.gguf") if p.is_file())
+    return found[0] if found else None
+
+
 def discover(model_path: str | os.PathLike) -> list[ModelFile]:
-    """Every readable .gguf at ``model_path`` (a file, or a directory searched one level)."""
+    """Every readable .gguf at ``model_path`` (a file, or a directory searched one level),
+    each with its image projector when one is beside it; projectors are not models."""
     root = Path(model_path)
     if root.is_dir():
-        candidates = sorted(p for p in root.iterdir() if p.suffix == ".gguf" and p.is_file())
+        candidates = sorted(p for p in root.iterdir() if p.suffix == ".gguf" and p.is_file()
+                            and not is_projector(p))
     elif root.is_file():
         candidates = [root]
     else:
@@ -211,7 +236,9 @@ def discover(model_path: str | os.PathLike) -> list[ModelFile]:
         while model_id in seen:
             model_id, n = f"{path.stem}-{n}", n + 1
         try:
-            models.append(read_model_file(path, model_id))
+            model = read_model_file(path, model_id)
+            projector = projector_for(path)
+            models.append(replace(model, projector=projector.name) if projector else model)
         except Exception:  # a broken file must not hide the good ones
             log.exception("skipping %s: not a readable GGUF file", path)
             continue

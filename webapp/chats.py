@@ -364,7 +364,8 @@ class ChatService:
         self, owner_id: str, conversation_id: str | None, content: str,
         provenances: list[Provenance], *, run_owner: str, parent_id: Any = MISSING,
         settings: dict[str, Any] | None = None, attachments: Any = None,
-        context: int | None = None, max_tokens: int = 0,
+        context: int | None = None, max_tokens: int = 0, vision: bool = False,
+        model: str = "this model",
     ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], list[dict[str, str]]]:
         """One transaction before any model runs: the user's message (under ``parent_id``, by
         default after the current leaf; a new conversation when ``conversation_id`` is None)
@@ -379,7 +380,9 @@ class ChatService:
 
         ``attachments``: uploads sent with the message (attachments.link); ``context``: the
         model's context in tokens, which the branch's files are fitted to (with_files), what
-        was given recorded in each reply's ``meta.files``."""
+        was given recorded in each reply's ``meta.files``; ``vision``: whether the ``model``
+        takes images (an image sent to one that does not is refused, as it is to the page's
+        own engine)."""
         self.check_content(content)
         attachment_ids = files.check_ids(attachments)
         with self.db.write() as session:
@@ -407,12 +410,14 @@ class ChatService:
             conv.updated_at = utcnow()
             session.flush()
             files.link(session, owner_id, attachment_ids, conv.id, user.id)
+            if not provenances:
+                files.refuse_images(session, user.id, "the page's engine does not take images")
             # The branch up to the user's message: read only when a model will see it (the
             # page's own engine keeps its history itself).
             path = (self._path(session, parent.id) if parent and provenances else
                     [parent] if parent else []) + [user]
             seen, given = files.with_files(session, path, context if provenances else None,
-                                           max_tokens)
+                                           max_tokens, vision=vision, model=model)
             replies = [self._reply_row(session, conv, user, provenance, run_owner)
                        for provenance in provenances]
             for reply in replies:
@@ -426,7 +431,8 @@ class ChatService:
 
     def begin_regenerate(
         self, owner_id: str, message_id: Any, provenance: Provenance, *, run_owner: str,
-        context: int | None = None, max_tokens: int = 0,
+        context: int | None = None, max_tokens: int = 0, vision: bool = False,
+        model: str = "this model",
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[dict[str, str]]]:
         """A new reply beside ``message_id`` (a sibling under the same user message); the
         model sees the path to that user message, never the sibling."""
@@ -438,7 +444,8 @@ class ChatService:
             self._refuse_busy(session, conv)
             path = self._path(session, original.parent_id)
             asked = path[-1]
-            seen, given = files.with_files(session, path, context, max_tokens)
+            seen, given = files.with_files(session, path, context, max_tokens, vision=vision,
+                                           model=model)
             reply = self._reply_row(session, conv, asked, provenance, run_owner)
             if given:
                 reply.meta = {**(reply.meta or {}), "files": given}
@@ -450,7 +457,7 @@ class ChatService:
 
     def begin_continue(
         self, owner_id: str, message_id: Any, *, run_owner: str, context: int | None = None,
-        max_tokens: int = 0,
+        max_tokens: int = 0, vision: bool = False, model: str = "this model",
     ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, str]]]:
         """Reopen a reply cut off (by the token limit, a stop or an interruption) to write
         more into the same message. The history ends with the reply itself, as the prefix
@@ -469,7 +476,8 @@ class ChatService:
                 raise Invalid("not_continuable", "only the last reply of a branch can be continued")
             path = self._path(session, reply.parent_id)
             before = reply.to_dict({m.id: m.public_id for m in path})
-            seen, _given = files.with_files(session, path, context, max_tokens)
+            seen, _given = files.with_files(session, path, context, max_tokens, vision=vision,
+                                            model=model)
             history = model_history(seen)
             history.append({"role": "assistant", "content": reply.content})
             reply.status = "streaming"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, MetaData, String, Text, false
+from sqlalchemy import JSON, ForeignKey, Index, LargeBinary, MetaData, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from .validation import check_time
@@ -407,8 +407,9 @@ class UsageCarry(Base):
     completion_tokens: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 class Attachment(Base):
-    """A file sent with a user message: its facts and the text extracted from it (the bytes
-    themselves are not kept: the model only ever sees the text). Uploaded before the message
+    """A file sent with a user message: its facts and the text extracted from it (a text or
+    PDF file's bytes are not kept: the model only ever sees the text), or an image's bytes
+    (``data``, with its ``width`` and ``height``: images.py). Uploaded before the message
     is sent, it belongs to its visitor alone (``message_id`` null) until a message takes it;
     then it is deleted with that message's conversation (ON DELETE CASCADE)."""
 
@@ -430,11 +431,22 @@ class Attachment(Base):
     tokens: Mapped[int]
     pages: Mapped[int | None]  # PDFs: their page count
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # An image's bytes and size in pixels (migration 0014_images); null for text and PDF.
+    data: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    width: Mapped[int | None]
+    height: Mapped[int | None]
+
+    @property
+    def is_image(self) -> bool:
+        return self.width is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.public_id, "filename": self.filename, "mime": self.mime,
-                "size": self.size, "sha256": self.sha256, "tokens": self.tokens,
-                "chars": self.chars, "pages": self.pages}
+        found = {"id": self.public_id, "filename": self.filename, "mime": self.mime,
+                 "size": self.size, "sha256": self.sha256, "tokens": self.tokens,
+                 "chars": self.chars, "pages": self.pages}
+        if self.is_image:
+            found.update(width=self.width, height=self.height)
+        return found
 
 
 class AttachmentPassage(Base):

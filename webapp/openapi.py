@@ -189,6 +189,9 @@ SCHEMAS: dict[str, Any] = {
                    "description": "its extracted text's tokens, estimated (3 characters a token)"},
         "chars": {"type": "integer", "minimum": 0},
         "pages": {"type": "integer", "nullable": True, "description": "a PDF's pages"},
+        "width": {"type": "integer", "minimum": 1,
+                  "description": "an image's pixels across (absent for other files)"},
+        "height": {"type": "integer", "minimum": 1, "description": "an image's pixels down"},
     }, "id", "filename", "mime", "size", "sha256", "tokens"),
     "Provenance": _closed({"engine": {"type": "string", "enum": ["browser"]}, **_REPLY_FACTS_IN,
                            "prompt_tokens": _COUNT, "completion_tokens": _COUNT}),
@@ -444,6 +447,15 @@ PATHS: dict[str, Any] = {
                                {"name": "lines", "in": "query", "required": False,
                                 "schema": {"type": "string", "pattern": r"^[0-9]{1,9}-[0-9]{1,9}$"},
                                 "description": "FIRST-LAST, 1-based, inclusive"}]),
+    },
+    "/api/attachments/{attachment_id}/content": {
+        "parameters": [_in_path("attachment_id")],
+        "get": {"operationId": "attachment_content",
+                "summary": "an image's bytes, to its owner only (nosniff, a sandbox CSP)",
+                "responses": {**_ERRORS, "200": {
+                    "description": "the image, as the type its bytes are",
+                    "content": {t: {"schema": {"type": "string", "format": "binary"}}
+                                for t in ("image/png", "image/jpeg", "image/webp", "image/gif")}}}},
     },
     "/api/conversations/{conversation_id}/files": {
         "parameters": [_CONVERSATION_ID],

@@ -134,6 +134,25 @@ class ModelInfo:
     browser_url: str | None = None  # set when the page can download and run it itself
 
 
+def takes_images(facts: dict[str, Any] | None) -> bool:
+    """Whether a model is shown images: its facts say ``vision`` (an upstream marked
+    ``vision = true`` in the upstreams file). An embedded GGUF with a projector says
+    ``projector`` but not ``vision``: the embedded engine cannot run projectors yet."""
+    return bool(facts) and facts.get("vision") is True
+
+
+def images_reason(facts: dict[str, Any] | None, engine: str) -> str:
+    """Why a model is not shown images, as the page says it (empty when it is)."""
+    if takes_images(facts) and engine == "server":
+        return ""
+    if engine == "browser":
+        return "the page's engine does not take images"
+    if facts and facts.get("projector"):
+        return (f"it has an image projector ({facts['projector']}), but bchat's embedded engine "
+                "does not run projectors yet")
+    return "it does not take images"
+
+
 class Engine(Protocol):
     def models(self) -> list[ModelInfo]: ...
 

@@ -46,6 +46,11 @@ class UpstreamConfig:
     models: tuple[str, ...] = ()  # empty: every model the upstream lists at /v1/models
     connect_timeout: float = 5.0
     read_timeout: float = 120.0  # longest silence between two chunks
+    # Which of its models take images (sent as image_url parts): True for all, or their ids.
+    vision: bool | tuple[str, ...] = False
+
+    def takes_images(self, model: str) -> bool:
+        return self.vision is True or (isinstance(self.vision, tuple) and model in self.vision)
 
 
 def load_upstreams(config: Mapping[str, Any]) -> list[UpstreamConfig]:
@@ -79,6 +84,11 @@ def load_upstreams(config: Mapping[str, Any]) -> list[UpstreamConfig]:
                 key = os.environ.get(entry["api_key_env"])
                 if not key:
                     raise ValueError(f"{path}: ${entry['api_key_env']} is not set")
+            vision = entry.get("vision", False)
+            if not (isinstance(vision, bool) or (isinstance(vision, list) and all(
+                    isinstance(m, str) for m in vision))):
+                raise ValueError(f"{path}: upstream #{i + 1}: vision is true, false or a list "
+                                 "of model ids")
             upstreams.append(UpstreamConfig(
                 name=str(entry.get("name") or urlsplit(entry["base_url"]).hostname or f"upstream{i + 1}"),
                 base_url=str(entry["base_url"]),
@@ -86,6 +96,7 @@ def load_upstreams(config: Mapping[str, Any]) -> list[UpstreamConfig]:
                 models=tuple(entry.get("models") or ()),
                 connect_timeout=float(entry.get("connect_timeout", 5)),
                 read_timeout=float(entry.get("read_timeout", 120)),
+                vision=tuple(vision) if isinstance(vision, list) else vision,
             ))
     return upstreams
 
@@ -113,7 +124,7 @@ class OpenAICompatEngine:
     # -- models ----------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
         if self.config.models:
-            return [ModelInfo(id=m, engine=self.name, facts={"upstream": self.name})
+            return [ModelInfo(id=m, engine=self.name, facts=self._seen(m, {"upstream": self.name}))
                     for m in self.config.models]
         with self._lock:
             if time.monotonic() - self._models_at > MODELS_TTL_SECONDS:
@@ -134,6 +145,13 @@ class OpenAICompatEngine:
         extra = getattr(model, "model_extra", None) or {}
         if isinstance(extra.get("bchat"), dict):
             facts.update(extra["bchat"])  # bchat's worker passes on the GGUF facts
+        return self._seen(model.id, facts)
+
+    def _seen(self, model: str, facts: dict[str, Any]) -> dict[str, Any]:
+        """``vision`` as the upstreams file says, whatever the upstream claims."""
+        facts.pop("vision", None)
+        if self.config.takes_images(model):
+            facts["vision"] = True
         return facts
 
     # -- generation ------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..chats import MISSING, ChatService, check_message_id
 from ..engines import EngineRegistry
-from ..engines.base import EngineError, Finished, Queued, Token, timed
+from ..engines.base import EngineError, Finished, Queued, Token, takes_images, timed
 from ..engines.structured import build_grammar, call_parts, split_reply
 from ..errors import AppError, Invalid
 from ..limits import COMPARE_MAX, Lease, Limits
@@ -56,6 +56,15 @@ REMOTE_POLL_SECONDS = 0.25  # how often a watcher on another process re-reads th
 # lost with a dropped connection.
 NOTIFIED_POLL_SECONDS = 2.0
 MAX_CALLS_PER_STEP = 8  # tool calls of one reply that are run (a grammar-held model makes one)
+
+
+def _one_fit(fits: list[dict[str, Any]]) -> dict[str, Any]:
+    """One history for models compared: fitted to the smallest context, shown images only
+    when all of them take images (else the first that does not is named in the refusal)."""
+    fit = dict(min(fits, key=lambda f: f["context"]))
+    blind = next((f for f in fits if not f["vision"]), None)
+    fit.update(vision=blind is None, model=blind["model"] if blind else fit["model"])
+    return fit
 
 
 def unrun_calls(reply: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -127,14 +136,16 @@ class RunService:
             chosen, engine = self.engines.resolve(None)
         return parsed, chosen, engine, new_settings
 
-    def _files_fit(self, model: str, options: GenerationOptions) -> dict[str, int]:
+    def _files_fit(self, model: str, options: GenerationOptions) -> dict[str, Any]:
         """What a branch's files are fitted to (attachments.with_files): the context the
-        model runs with here (BCHAT_N_CTX, or the model's own when smaller) and the reply's."""
+        model runs with here (BCHAT_N_CTX, or the model's own when smaller), the reply's,
+        and whether the model is shown images (its facts' ``vision``: engines.takes_images)."""
         facts = next((m.facts for m in self.engines.models() if m.id == model), {})
         known = [n for n in (facts.get("context_length"), self.config.get("N_CTX", 4096))
                  if isinstance(n, int) and n > 0]
         return {"context": min(known) if known else 4096,
-                "max_tokens": options.max_tokens or self.config.get("MAX_TOKENS", 512)}
+                "max_tokens": options.max_tokens or self.config.get("MAX_TOKENS", 512),
+                "vision": takes_images(facts), "model": model}
 
     @staticmethod
     def _provenance(engine: Any, model: str, options: GenerationOptions) -> Provenance:
@@ -182,9 +193,9 @@ class RunService:
                 [self._provenance(engine, model, parsed) for parsed, model, engine, _ in prepared],
                 run_owner=self.identity, parent_id=parent_id, settings=prepared[0][3],
                 attachments=attachments,
-                # the smallest context among the models compared: one history for all
-                **min((self._files_fit(model, parsed) for parsed, model, _, _ in prepared),
-                      key=lambda fit: fit["context"]),
+                # the smallest context among the models compared: one history for all, with
+                # images only when every one of them takes images
+                **_one_fit([self._files_fit(model, parsed) for parsed, model, _, _ in prepared]),
             )
             parts = lease.split(len(prepared))  # each run gives back its own when it ends
         extra = {"kind": kind, "message_ids": [r["id"] for r in replies]} if kind else {}

@@ -180,7 +180,8 @@ function engineChanged({ save = true } = {}) {
     browserStatus.hide();
   }
   showModelCard($("model-card"), modelInfo(modelSelect.value), { contextLength: contextLength(), engine });
-  attachments.setModel(modelSelect.selectedOptions[0]?.textContent ?? modelSelect.value);
+  attachments.setModel(modelSelect.selectedOptions[0]?.textContent ?? modelSelect.value,
+                      { images: modelInfo(modelSelect.value)?.images, engine });
   meter.update();
 }
 

@@ -1,19 +1,25 @@
 // Files for the next message: picked (the paperclip), dropped on the composer or pasted into
 // it. Each uploads at once (the server extracts its text: webapp/attachments.py) and shows as
 // a chip with its size in tokens and a × that takes it back; the context meter counts them.
-// A file over the server's limit, or an image (no model here takes images), is refused
-// before any byte is sent. The sent message shows its files as chips too (fileChips).
+// A file over the server's limit, or an image for a model that does not take images (the
+// models listing's `images`: a vision upstream's do; the page's engine never does), is
+// refused before any byte is sent. The sent message shows its files as chips too
+// (fileChips), an image as a thumbnail served to its owner only.
 import { api } from "../api.js";
 import { count, size } from "../format.js";
 import { icon, iconButton } from "./icons.js";
 import { el } from "./panel.js";
 
 const IMAGE = /^image\//;
-const IMAGE_NAME = /\.(png|jpe?g|gif|webp|bmp|heic|avif)$/i;
+const IMAGE_NAME = /\.(png|jpe?g|gif|webp|bmp|heic|avif|svg|tiff?|ico)$/i;
+// The images a model can be sent (webapp/images.py TYPES); SVG never (it can carry script).
+const SENDABLE = /^image\/(png|jpeg|webp|gif)$/;
+const SENDABLE_NAME = /\.(png|jpe?g|gif|webp)$/i;
 const KINDS = "text, code, Markdown, CSV, JSON, HTML or PDF";
-// Why an image cannot go with a message to `model` (no model here takes images yet).
-export function noImages(model) {
-  return `Images can't be used with ${model || "the models here"}: it does not take images ` +
+const IMAGE_KINDS = "PNG, JPEG, WebP or GIF";
+// Why an image cannot go with a message to `model`: `reason` as the models listing gives it.
+export function noImages(model, reason = "it does not take images") {
+  return `Images can't be used with ${model || "the models here"}: ${reason} ` +
     `(no vision). Attach ${KINDS} files.`;
 }
 
@@ -23,15 +29,27 @@ export function fileChip(file, { onRemove = null, state = "ready" } = {}) {
   chip.dataset.state = state;
   const name = el("span", "file-name", file.filename ?? file.name);
   name.title = file.filename ?? file.name;
+  const image = file.width != null;
   const facts = state === "uploading" ? "reading…"
-    : `${count(file.tokens ?? 0)} tokens${file.pages ? ` · ${file.pages} p.` : ""}`;
-  chip.append(icon("file", { size: 14 }), name, el("span", "file-size", facts));
+    : image ? `${file.width}×${file.height} · ~${count(file.tokens ?? 0)} tokens`
+      : `${count(file.tokens ?? 0)} tokens${file.pages ? ` · ${file.pages} p.` : ""}`;
+  const picture = image ? thumbnail(file) : icon("file", { size: 14 });
+  chip.append(picture, name, el("span", "file-size", facts));
   if (onRemove) {
     chip.append(iconButton("x", `Remove ${file.filename ?? file.name}`, {
       testid: "file-remove", className: "icon-button file-remove", onClick: onRemove, ui: true,
     }));
   }
   return chip;
+}
+
+// An image's thumbnail, from the server (GET /api/attachments/<id>/content: its owner only).
+function thumbnail(file) {
+  const img = el("img", "file-thumb", null, { testid: "file-thumb" });
+  img.alt = "";
+  img.loading = "lazy";
+  img.src = `/api/attachments/${encodeURIComponent(file.id)}/content`;
+  return img;
 }
 
 // A sent message's files, read-only.
@@ -69,6 +87,7 @@ export class Attachments {
     Object.assign(this, { list, input, button, maxBytes, onChange, onError });
     this.items = [];
     this.model = "";
+    this.imagesWhy = "it does not take images"; // null: the model takes images
     button.addEventListener("click", () => input.click());
     input.addEventListener("change", () => {
       this.add([...input.files]);
@@ -102,16 +121,27 @@ export class Attachments {
     });
   }
 
-  // The model picked (its name as the page shows it): the paperclip says what it can take.
-  setModel(name) {
+  // The model picked (its name as the page shows it), whether it takes images (the models
+  // listing's `images`) and the engine: the paperclip says what it can take.
+  setModel(name, { images = null, engine = "server" } = {}) {
     this.model = name;
-    const tip = `Attach files: ${KINDS} (or drop or paste them here). ${noImages(name)}`;
-    this.button.title = tip;
+    this.imagesWhy = engine === "browser" ? "the page's engine does not take images"
+      : images?.accepted ? null : (images?.reason ?? "it does not take images");
+    this.button.title = this.imagesWhy
+      ? `Attach files: ${KINDS} (or drop or paste them here). ${noImages(name, this.imagesWhy)}`
+      : `Attach files: ${IMAGE_KINDS} images, ${KINDS} (or drop or paste them here). ` +
+        `${name} takes images.`;
+    this.button.dataset.images = this.imagesWhy ? "no" : "yes";
   }
 
-  // Refused here, before upload: too large, or an image.
+  // Refused here, before upload: too large, or an image the model cannot be sent.
   problem(file) {
-    if (IMAGE.test(file.type) || IMAGE_NAME.test(file.name)) return `${file.name}: ${noImages(this.model)}`;
+    if (IMAGE.test(file.type) || IMAGE_NAME.test(file.name)) {
+      if (this.imagesWhy) return `${file.name}: ${noImages(this.model, this.imagesWhy)}`;
+      if (!SENDABLE.test(file.type) && !SENDABLE_NAME.test(file.name)) {
+        return `${file.name}: this kind of image can't be sent to a model. Attach ${IMAGE_KINDS} images.`;
+      }
+    }
     if (file.size > this.maxBytes) {
       return `${file.name} is ${size(file.size)}; the most this server takes is ${size(this.maxBytes)}.`;
     }
