@@ -449,3 +449,32 @@ def test_the_loop_through_an_openai_compatible_upstream(make_app, make_live_serv
         client.close()
     finally:
         stop_worker(worker)
+
+
+def test_the_model_still_sees_the_files_after_a_tool_step(make_app, make_live_server):
+    """A step's next reply is given the branch's files again, as the first was (meta.files),
+    and its prompt holds them: the same loop without the file reads far fewer tokens."""
+    from test_attachments import upload
+
+    server = make_live_server(make_app(TOOL_STEPS=1))
+    visitor = server.session()
+    notes = ("The harbour master keeps the ledger in the blue cabinet. " * 40).encode()
+    status, info = upload(visitor, "ledger.txt", notes, "text/plain")
+    assert status == 201, info
+    finals = {}
+    for name, attachments in (("with", [info["id"]]), ("without", [])):
+        conversation_id = new_conversation(visitor, {"chat_tools": ["calculator"],
+                                                     "chat_tool_choice": "required"})
+        client = visitor.ws()
+        client.chat("Where is the ledger?", conversation_id, options=GREEDY,
+                    attachments=attachments)
+        final, frames = client.until("done", "error")
+        client.close()
+        assert final["type"] == "done", final
+        assert [f["type"] for f in frames].count("step") == 1
+        finals[name] = final["message"]
+    given = [{"file": "ledger.txt", "id": info["id"], "whole": True}]
+    assert finals["with"]["meta"]["files"] == given
+    assert "files" not in finals["without"]["meta"]
+    assert (finals["with"]["usage"]["prompt_tokens"]
+            > finals["without"]["usage"]["prompt_tokens"] + 200)

@@ -490,14 +490,16 @@ class ChatService:
     def store_tool_step(
         self, message_id: str, content: str, provenance: Provenance | None,
         tool_calls: list[dict[str, Any]], results: list[dict[str, Any]], next_reply: Provenance,
-        *, run_owner: str,
+        *, run_owner: str, context: int | None = None, max_tokens: int = 0,
+        vision: bool = False, model: str = "this model",
     ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]] | None:
         """One step of the tool loop (runs/service.py), in one transaction: the reply that
         called tools becomes complete with its ``tool_calls`` (``provenance`` None: a reply
         resumed by ``continue`` keeps the one it had), a ``tool`` message per result, one
         under the other, and the next reply, "streaming", under the last: the branch on screen.
         Returns (reply, tool messages, next reply, the history the model sees next); None when
-        the conversation was deleted meanwhile."""
+        the conversation was deleted meanwhile. ``context`` … ``model``: as begin_turn's, so
+        the model still sees the branch's files after a step."""
         with self.db.write() as session:
             reply = session.scalar(select(Message).where(Message.public_id == message_id))
             if reply is None:
@@ -525,11 +527,15 @@ class ChatService:
             session.flush()
             conv.current_message_id = following.id
             path = self._path(session, parent.id)
+            seen, given = files.with_files(session, path, context, max_tokens, vision=vision,
+                                           model=model)
+            if given:
+                following.meta = {**(following.meta or {}), "files": given}
             parents = {m.id: m.public_id for m in path}
             parents[following.id] = following.public_id
             notify_replies(session, [message_id])
             return (reply.to_dict(parents), [t.to_dict(parents) for t in tools],
-                    following.to_dict(parents), model_history(path))
+                    following.to_dict(parents), model_history(seen))
 
     @staticmethod
     def _reply_row(session, conv: Conversation, parent: Message | None, provenance: Provenance,

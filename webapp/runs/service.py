@@ -515,7 +515,8 @@ class RunService:
         try:
             stored = self.chats.store_tool_step(
                 message_id, content, provenance, calls, results,
-                self._provenance(run.engine, run.model, options), run_owner=self.identity)
+                self._provenance(run.engine, run.model, options), run_owner=self.identity,
+                **self._files_fit(run.model, options))
         except Exception:
             log.exception("chat %s: could not store a tool step", short(run.conversation_id))
             run.settle(error_frame(AppError("internal", "the tool step could not be stored"),
