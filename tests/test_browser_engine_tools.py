@@ -1,0 +1,103 @@
+"""The browser engine runs the tool loop in the page: the real vendored wllama runs the tiny
+test model in chromium, held to the server's tool grammar; its call is posted as a step, which
+the server runs (the calculator) and stores as it stores its own; the model goes on in the
+next reply and answers in text. The blocks fold, and are the same after a reload. Checks the
+protocol, not the tiny model's wit. Screenshots (both sizes, light and dark) go to
+$BCHAT_SCREENSHOTS (default: a pytest temporary folder)."""
+
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import expect
+
+pytestmark = pytest.mark.browser
+
+SIZES = [("wide", {"width": 1366, "height": 850}), ("phone", {"width": 390, "height": 844})]
+REPLY_MS = 120_000
+
+
+@pytest.fixture
+def server(make_app, make_live_server):
+    # One step, then the model must answer in text (tool_choice "none", no grammar).
+    return make_live_server(make_app(TOOL_STEPS=1))
+
+
+def stored(page):
+    conversation_id = page.url.rsplit("/c/", 1)[1]
+    return page.evaluate("async id => (await (await fetch(`/api/conversations/${id}`)).json())",
+                         conversation_id)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("size, viewport", SIZES)
+def test_a_browser_turn_takes_a_tool_step_and_answers(server, pages, shots, size, viewport, scheme):
+    page = pages(viewport, scheme)
+    page.goto(server.url + "/")
+    expect(page.get_by_test_id("connection")).to_have_text("connected")
+    page.get_by_test_id("engine-select").select_option("browser")
+    page.get_by_test_id("backend-select").select_option("wasm-st")
+    # The calculator on, a call required first; greedy, room for the tiny model's whole call.
+    page.get_by_test_id("settings").locator("summary").click()
+    page.get_by_test_id("temperature").fill("0")
+    page.get_by_test_id("max-tokens").fill("400")
+    page.get_by_test_id("tool-calculator").check()
+    page.get_by_test_id("tools-required").check()
+    page.get_by_test_id("settings-save").click()
+    expect(page.get_by_test_id("settings-status")).to_contain_text("Saved")
+    page.get_by_test_id("settings").locator("summary").click()
+    steps = []  # each tool-step the page posts, as the server answered it
+    page.on("response", lambda r: steps.append(r) if r.url.endswith("/tool-step") else None)
+
+    page.get_by_test_id("composer").fill("What is 6*7? Use the calculator.")
+    page.get_by_test_id("composer").press("Enter")
+    # The step shows as soon as it is stored, before the answer is written.
+    expect(page.get_by_test_id("tool-call").first).to_be_visible(timeout=REPLY_MS)
+    last = page.locator('[data-testid="message"][data-role="assistant"]').last
+    expect(last).to_have_attribute("data-status", "complete", timeout=REPLY_MS)
+    expect(page.get_by_test_id("stop")).to_be_hidden(timeout=REPLY_MS)
+    assert [r.status for r in steps] == [200]
+
+    # Stored as the server engines store a step: the reply that called (its tool_calls), the
+    # result, and the answer under it, all written in the page.
+    tree = stored(page)
+    by_id = {m["id"]: m for m in tree["messages"]}
+    path, node = [], tree["current_message_id"]
+    while node:
+        path.append(by_id[node])
+        node = by_id[node]["parent_id"]
+    user, caller, result, answer = reversed(path)
+    assert [m["role"] for m in (user, caller, result, answer)] == ["user", "assistant", "tool",
+                                                                   "assistant"]
+    assert caller["engine"] == "browser" and caller["backend"] == "wasm-st"
+    assert caller["finish_reason"] == "tool_calls" and caller["status"] == "complete"
+    (call,) = caller["meta"]["tool_calls"]
+    assert call["function"]["name"] == "calculator"
+    assert caller["usage"]["completion_tokens"] > 0 and caller["meta"]["threads"] == 1
+    # Whatever expression the tiny model wrote, the server's calculator answered it.
+    assert result["meta"]["name"] == "calculator" and result["meta"]["tool_call_id"] == call["id"]
+    assert result["content"]
+    assert answer["engine"] == "browser" and answer["status"] == "complete"
+    assert answer["finish_reason"] != "tool_calls" and not answer["meta"].get("tool_calls")
+    assert "<tool_call>" not in answer["content"]  # held to text: the step limit was reached
+
+    # The blocks fold: the result's text shows when unfolded, as the very text stored.
+    block = page.get_by_test_id("tool-result").first
+    text = block.get_by_test_id("tool-text")
+    expect(text).to_be_hidden()
+    block.locator("summary").click()
+    expect(text).to_be_visible()
+    assert text.inner_text() == result["content"]
+    page.get_by_test_id("tool-call").first.locator("summary").click()
+    expect(page.get_by_test_id("tool-call").first.get_by_test_id("tool-text")).to_contain_text(
+        "expression")
+    page.screenshot(path=str(shots / f"browser-tool-step-{size}-{scheme}.png"))
+    block.locator("summary").click()
+    expect(text).to_be_hidden()
+
+    # After a reload, the same blocks from the stored rows.
+    page.reload()
+    expect(page.get_by_test_id("tool-call")).to_have_count(1)
+    expect(page.get_by_test_id("tool-result")).to_have_count(1)
+    page.get_by_test_id("tool-result").first.locator("summary").click()
+    expect(page.get_by_test_id("tool-result").first.get_by_test_id("tool-text")).to_have_text(
+        result["content"])
