@@ -14,7 +14,9 @@ Prints, for each: finish_reason, tool_calls (or none), prompt tokens and the tex
 Measured with wllama 3.13 (2026-12-07): stock and hermes gave plain, unconstrained text and no
 tool_calls (hermes's prompt did carry the tools: 202 tokens against 39); schema's output was
 constrained to the schema. So llama.cpp's tool path in this build builds no grammar for this
-model, and the browser engine does not run tools.
+model; the browser engine instead passes the server's own tool grammar (GBNF) as wllama's
+``grammar`` parameter, which the wasm holds replies to as it holds a schema (webapp/tools/steps.py,
+tests/test_browser_engine_tools.py).
 
     PYTHONPATH=$PWD .venv/bin/python bench/browser_tool_calls.py
 """

@@ -22,6 +22,24 @@ def server(make_app, make_live_server):
     return make_live_server(make_app(TOOL_STEPS=1))
 
 
+def calculator_page(page, server):
+    """The chat with the browser engine (one thread), the calculator on and a call required
+    first; greedy, with room for the tiny model's whole call."""
+    page.goto(server.url + "/")
+    expect(page.get_by_test_id("connection")).to_have_text("connected")
+    page.get_by_test_id("engine-select").select_option("browser")
+    page.get_by_test_id("backend-select").select_option("wasm-st")
+    page.get_by_test_id("settings").locator("summary").click()
+    page.get_by_test_id("temperature").fill("0")
+    page.get_by_test_id("max-tokens").fill("400")
+    page.get_by_test_id("tool-calculator").check()
+    page.get_by_test_id("tools-required").check()
+    page.get_by_test_id("settings-save").click()
+    expect(page.get_by_test_id("settings-status")).to_contain_text("Saved")
+    page.get_by_test_id("settings").locator("summary").click()
+    return page
+
+
 def stored(page):
     conversation_id = page.url.rsplit("/c/", 1)[1]
     return page.evaluate("async id => (await (await fetch(`/api/conversations/${id}`)).json())",
@@ -31,20 +49,7 @@ def stored(page):
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 @pytest.mark.parametrize("size, viewport", SIZES)
 def test_a_browser_turn_takes_a_tool_step_and_answers(server, pages, shots, size, viewport, scheme):
-    page = pages(viewport, scheme)
-    page.goto(server.url + "/")
-    expect(page.get_by_test_id("connection")).to_have_text("connected")
-    page.get_by_test_id("engine-select").select_option("browser")
-    page.get_by_test_id("backend-select").select_option("wasm-st")
-    # The calculator on, a call required first; greedy, room for the tiny model's whole call.
-    page.get_by_test_id("settings").locator("summary").click()
-    page.get_by_test_id("temperature").fill("0")
-    page.get_by_test_id("max-tokens").fill("400")
-    page.get_by_test_id("tool-calculator").check()
-    page.get_by_test_id("tools-required").check()
-    page.get_by_test_id("settings-save").click()
-    expect(page.get_by_test_id("settings-status")).to_contain_text("Saved")
-    page.get_by_test_id("settings").locator("summary").click()
+    page = calculator_page(pages(viewport, scheme), server)
     steps = []  # each tool-step the page posts, as the server answered it
     page.on("response", lambda r: steps.append(r) if r.url.endswith("/tool-step") else None)
 
@@ -101,3 +106,30 @@ def test_a_browser_turn_takes_a_tool_step_and_answers(server, pages, shots, size
     page.get_by_test_id("tool-result").first.locator("summary").click()
     expect(page.get_by_test_id("tool-result").first.get_by_test_id("tool-text")).to_have_text(
         result["content"])
+
+
+def test_stop_while_the_tools_run_ends_the_loop_and_keeps_the_step(server, pages):
+    """Stop pressed while the step is being stored (the tool-step request is held until the
+    stop is in): the step is kept, the loop ends, and its next reply is stored "stopped"."""
+    page = calculator_page(pages(), server)
+    posted = []
+
+    def stop_first(route):
+        posted.append(route.request.url)
+        page.get_by_test_id("stop").click()  # the reply's controller aborts, mid-request
+        route.continue_()
+
+    page.route("**/tool-step", stop_first)
+    page.get_by_test_id("composer").fill("What is 6*7? Use the calculator.")
+    page.get_by_test_id("composer").press("Enter")
+    last = page.locator('[data-testid="message"][data-role="assistant"]').last
+    expect(last).to_have_attribute("data-status", "stopped", timeout=REPLY_MS)
+    expect(page.get_by_test_id("stop")).to_be_hidden()
+    assert len(posted) == 1
+    tree = stored(page)
+    roles = [(m["role"], m["status"]) for m in tree["messages"]]
+    assert roles == [("user", "complete"), ("assistant", "complete"), ("tool", "complete"),
+                     ("assistant", "stopped")], roles
+    after = tree["messages"][-1]
+    assert after["content"] == "" and after["meta"]["stop_reason"] == "user"
+    expect(page.get_by_test_id("tool-call")).to_have_count(1)
