@@ -133,3 +133,39 @@ def test_stop_while_the_tools_run_ends_the_loop_and_keeps_the_step(server, pages
     after = tree["messages"][-1]
     assert after["content"] == "" and after["meta"]["stop_reason"] == "user"
     expect(page.get_by_test_id("tool-call")).to_have_count(1)
+
+
+def test_continue_runs_the_call_a_closed_page_left_unrun(server, pages):
+    """A page closed after its reply wrote a call but before the step was stored leaves the
+    reply "interrupted" holding the call: Continue in the browser runs that call first (as the
+    server's continue does), then the model answers."""
+    page = calculator_page(pages(), server)
+    conversation_id = page.evaluate("""async () => {
+        const send = (method, path, body) => fetch(path, {method, body: JSON.stringify(body),
+            headers: {'Content-Type': 'application/json'}}).then((r) => r.json());
+        const conv = await send('POST', '/api/conversations', {});
+        await send('PATCH', `/api/conversations/${conv.id}`,
+                   {settings: {chat_tools: ['calculator'], chat_tool_choice: 'required'}});
+        const user = await send('POST', `/api/conversations/${conv.id}/messages`,
+                                {role: 'user', content: 'What is 6*7?'});
+        await send('POST', `/api/conversations/${conv.id}/messages`, {role: 'assistant',
+            content: '<tool_call>\\n{"name": "calculator", "arguments": {"expression": "6*7"}}'
+                     + '\\n</tool_call>',
+            status: 'interrupted', parent_id: user.id,
+            provenance: {engine: 'browser', backend: 'wasm-st', model: 'tiny-chat',
+                         completion_tokens: 21, finish_reason: 'interrupted',
+                         meta: {stop_reason: 'page_closed'}}});
+        return conv.id;
+    }""")
+    page.goto(f"{server.url}/c/{conversation_id}")
+    page.get_by_test_id("engine-select").select_option("browser")
+    page.get_by_test_id("continue").click()
+    expect(page.get_by_test_id("tool-result")).to_have_count(1, timeout=REPLY_MS)
+    last = page.locator('[data-testid="message"][data-role="assistant"]').last
+    expect(last).to_have_attribute("data-status", "complete", timeout=REPLY_MS)
+    expect(page.get_by_test_id("stop")).to_be_hidden(timeout=REPLY_MS)
+    user, caller, result, answer = stored(page)["messages"]
+    assert (caller["status"], caller["finish_reason"]) == ("complete", "tool_calls")
+    assert caller["usage"]["completion_tokens"] == 21 and "stop_reason" not in caller["meta"]
+    assert result["content"] == "42" and result["parent_id"] == caller["id"]
+    assert answer["parent_id"] == result["id"] and answer["engine"] == "browser"

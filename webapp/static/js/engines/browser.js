@@ -463,9 +463,10 @@ export function createBrowserEngine({ api, defaults }) {
       }
 
       // One reply written by the model, into `text`: how it ended and its figures.
+      const fresh = () => ({ pieces: 0, firstAt: null, lastAt: null, finishReason: null, usage: null, timings: null,
+                             progress: null, promptStarted: performance.now(), status: "complete", failure: null });
       async function write(messages, grammar) {
-        const run = { pieces: 0, firstAt: null, lastAt: null, finishReason: null, usage: null, timings: null,
-                      progress: null, promptStarted: performance.now(), status: "complete", failure: null };
+        const run = fresh();
         if (signal?.aborted) return { ...run, status: "stopped" }; // stopped while a step ran
         try {
           const stream = await wllama.createChatCompletion({
@@ -562,13 +563,27 @@ export function createBrowserEngine({ api, defaults }) {
       let stored;
       let history = path;
       let prefill = continued?.content ?? null;
+      // A continued reply that is already a call (its page closed before the step was stored):
+      // the step is tried first, with the figures it has, as the server's continue runs a
+      // reply's unrun calls; a call half written is written on instead.
+      let unrun = Boolean(continued && tools.grammar && text.trimStart().startsWith(tools.call_opening));
       for (;;) {
         const { messages, dropped, more } = promptMessages(history, withTools(options, tools));
         // A continued reply ends the prompt as an assistant turn: llama.cpp's server (which
         // wllama runs) then prefills it and writes on from its last character.
         if (prefill !== null) messages.push({ role: "assistant", content: prefill });
-        run = await write(messages, tools.grammar);
-        stored = facts(run, { dropped, more });
+        const retried = unrun;
+        unrun = false;
+        if (retried) {
+          run = { ...fresh(), finishReason: "stop" };
+          const { stop_reason: _, ...kept } = continued.meta ?? {};
+          stored = { ...provenance, prompt_tokens: continued.usage?.prompt_tokens ?? null,
+                     completion_tokens: continued.usage?.completion_tokens ?? null,
+                     tokens_per_second: continued.tokens_per_second ?? null, finish_reason: "stop", meta: kept };
+        } else {
+          run = await write(messages, tools.grammar);
+          stored = facts(run, { dropped, more });
+        }
         // A call: the grammar let the reply be nothing else once it opened so, and it ended
         // on its own (one cut off by max_tokens is text, as on the server).
         if (!tools.grammar || run.status !== "complete" || run.finishReason !== "stop"
@@ -577,6 +592,7 @@ export function createBrowserEngine({ api, defaults }) {
         try {
           step = await api.toolStep(conversationId, current.id, { content: text, provenance: stored });
         } catch (err) {
+          if (err.code === "no_tool_calls" && retried) continue; // half a call: write on
           if (err.code === "no_tool_calls") break; // not a whole call after all: it stays text
           run.status = "failed";
           run.failure = new EngineError(err.code, `the tool step failed: ${err.message}`);
