@@ -76,6 +76,7 @@ class PageTools:
                               "this conversation")
             if not isinstance(arguments, dict):
                 raise Invalid("bad_arguments", f"the arguments of {name} must be a JSON object")
+        following_setup = self._setup(settings, steps + 1)  # its refusals, too, before any tool runs
         context = ToolContext(owner=owner, conversation_id=conversation_id, db=self.chats.db)
         frames, results = [], []
         for index, call in enumerate(calls):
@@ -92,7 +93,7 @@ class PageTools:
             raise NotFound()  # deleted while the tools ran
         message, tools, reply, _ = stored
         return {**step_frame(message_id, message, tools, reply), "tool_frames": frames,
-                "next": self._setup(settings, steps + 1)}
+                "next": following_setup}
 
     def _page_tools(self, settings: dict[str, Any]) -> list[Tool]:
         enabled = self.tools.enabled(settings.get("chat_tools")) if self.tools is not None else []
