@@ -22,7 +22,7 @@ def server(make_app, make_live_server):
     return make_live_server(make_app(TOOL_STEPS=1))
 
 
-def calculator_page(page, server):
+def calculator_page(page, server, max_tokens=400):
     """The chat with the browser engine (one thread), the calculator on and a call required
     first; greedy, with room for the tiny model's whole call."""
     page.goto(server.url + "/")
@@ -31,7 +31,7 @@ def calculator_page(page, server):
     page.get_by_test_id("backend-select").select_option("wasm-st")
     page.get_by_test_id("settings").locator("summary").click()
     page.get_by_test_id("temperature").fill("0")
-    page.get_by_test_id("max-tokens").fill("400")
+    page.get_by_test_id("max-tokens").fill(str(max_tokens))
     page.get_by_test_id("tool-calculator").check()
     page.get_by_test_id("tools-required").check()
     page.get_by_test_id("settings-save").click()
@@ -169,3 +169,33 @@ def test_continue_runs_the_call_a_closed_page_left_unrun(server, pages):
     assert caller["usage"]["completion_tokens"] == 21 and "stop_reason" not in caller["meta"]
     assert result["content"] == "42" and result["parent_id"] == caller["id"]
     assert answer["parent_id"] == result["id"] and answer["engine"] == "browser"
+
+
+def test_a_page_closed_mid_loop_keeps_the_step_and_its_reply_is_interrupted(server, pages):
+    """Closed while the model writes the reply after a step (pagehide): the step stays stored,
+    and that reply keeps what it wrote, "interrupted", as any browser reply."""
+    page = calculator_page(pages(), server, max_tokens=3000)  # an answer that takes a while
+    page.get_by_test_id("composer").fill("What is 6*7? Use the calculator.")
+    page.get_by_test_id("composer").press("Enter")
+    expect(page.get_by_test_id("tool-result")).to_have_count(1, timeout=REPLY_MS)
+    # The reply under the step has started to show text: close the tab now.
+    answer = page.locator('[data-testid="message"][data-role="assistant"]').last
+    expect(answer).to_have_attribute("data-status", "streaming")
+    page.wait_for_function("() => [...document.querySelectorAll('[data-role=assistant]')].at(-1)"
+                           ".querySelector('.body').innerText.trim().length > 0", timeout=REPLY_MS)
+    conversation_id = page.url.rsplit("/c/", 1)[1]
+    context = page.context
+    page.close(run_before_unload=True)
+    checker = context.new_page()  # the same visitor
+    checker.goto(server.url + "/")
+    checker.wait_for_function(
+        """async (cid) => {
+          const c = await (await fetch(`/api/conversations/${cid}`)).json();
+          return c.messages.at(-1).status !== "streaming";
+        }""", arg=conversation_id, polling=200, timeout=20_000)
+    tree = checker.evaluate("async id => (await (await fetch(`/api/conversations/${id}`)).json())",
+                            conversation_id)
+    user, caller, result, last = tree["messages"]
+    assert caller["finish_reason"] == "tool_calls" and result["role"] == "tool"
+    assert last["parent_id"] == result["id"] and last["status"] == "interrupted"
+    assert last["meta"]["stop_reason"] == "page_closed" and last["content"]
