@@ -563,54 +563,56 @@ export function createBrowserEngine({ api, defaults }) {
       let stored;
       let history = path;
       let prefill = continued?.content ?? null;
-      // A continued reply that is already a call (its page closed before the step was stored):
-      // the step is tried first, with the figures it has, as the server's continue runs a
-      // reply's unrun calls; a call half written is written on instead.
-      let unrun = Boolean(continued && tools.grammar && text.trimStart().startsWith(tools.call_opening));
-      for (;;) {
-        const { messages, dropped, more } = promptMessages(history, withTools(options, tools));
-        // A continued reply ends the prompt as an assistant turn: llama.cpp's server (which
-        // wllama runs) then prefills it and writes on from its last character.
-        if (prefill !== null) messages.push({ role: "assistant", content: prefill });
-        const retried = unrun;
-        unrun = false;
-        if (retried) {
-          run = { ...fresh(), finishReason: "stop" };
-          const { stop_reason: _, ...kept } = continued.meta ?? {};
-          stored = { ...provenance, prompt_tokens: continued.usage?.prompt_tokens ?? null,
-                     completion_tokens: continued.usage?.completion_tokens ?? null,
-                     tokens_per_second: continued.tokens_per_second ?? null, finish_reason: "stop", meta: kept };
-        } else {
-          run = await write(messages, tools.grammar);
-          stored = facts(run, { dropped, more });
+      try {
+        // A continued reply that is already a call (its page closed before the step was stored):
+        // the step is tried first, with the figures it has, as the server's continue runs a
+        // reply's unrun calls; a call half written is written on instead.
+        let unrun = Boolean(continued && tools.grammar && text.trimStart().startsWith(tools.call_opening));
+        for (;;) {
+          const { messages, dropped, more } = promptMessages(history, withTools(options, tools));
+          // A continued reply ends the prompt as an assistant turn: llama.cpp's server (which
+          // wllama runs) then prefills it and writes on from its last character.
+          if (prefill !== null) messages.push({ role: "assistant", content: prefill });
+          const retried = unrun;
+          unrun = false;
+          if (retried) {
+            run = { ...fresh(), finishReason: "stop" };
+            const { stop_reason: _, ...kept } = continued.meta ?? {};
+            stored = { ...provenance, prompt_tokens: continued.usage?.prompt_tokens ?? null,
+                       completion_tokens: continued.usage?.completion_tokens ?? null,
+                       tokens_per_second: continued.tokens_per_second ?? null, finish_reason: "stop", meta: kept };
+          } else {
+            run = await write(messages, tools.grammar);
+            stored = facts(run, { dropped, more });
+          }
+          // A call: the grammar let the reply be nothing else once it opened so, and it ended
+          // on its own (one cut off by max_tokens is text, as on the server).
+          if (!tools.grammar || run.status !== "complete" || run.finishReason !== "stop"
+              || !text.trimStart().startsWith(tools.call_opening)) break;
+          let step;
+          try {
+            step = await api.toolStep(conversationId, current.id, { content: text, provenance: stored });
+          } catch (err) {
+            if (err.code === "no_tool_calls" && retried) continue; // half a call: write on
+            if (err.code === "no_tool_calls") break; // not a whole call after all: it stays text
+            run.status = "failed";
+            run.failure = new EngineError(err.code, `the tool step failed: ${err.message}`);
+            stored = facts(run, { dropped, more });
+            break;
+          }
+          for (const frame of step.tool_frames) onTool?.(frame);
+          onStep?.(step); // the page shows the stored step and follows the next reply
+          history = [...history, step.message, ...step.tool_messages];
+          current = step.reply;
+          text = "";
+          prefill = null;
+          tools = step.next;
         }
-        // A call: the grammar let the reply be nothing else once it opened so, and it ended
-        // on its own (one cut off by max_tokens is text, as on the server).
-        if (!tools.grammar || run.status !== "complete" || run.finishReason !== "stop"
-            || !text.trimStart().startsWith(tools.call_opening)) break;
-        let step;
-        try {
-          step = await api.toolStep(conversationId, current.id, { content: text, provenance: stored });
-        } catch (err) {
-          if (err.code === "no_tool_calls" && retried) continue; // half a call: write on
-          if (err.code === "no_tool_calls") break; // not a whole call after all: it stays text
-          run.status = "failed";
-          run.failure = new EngineError(err.code, `the tool step failed: ${err.message}`);
-          stored = facts(run, { dropped, more });
-          break;
-        }
-        for (const frame of step.tool_frames) onTool?.(frame);
-        onStep?.(step); // the page shows the stored step and follows the next reply
-        history = [...history, step.message, ...step.tool_messages];
-        current = step.reply;
-        text = "";
-        prefill = null;
-        tools = step.next;
+      } finally {
+        finished();
+        clearInterval(timer);
+        window.removeEventListener("pagehide", onPageHide);
       }
-
-      finished();
-      clearInterval(timer);
-      window.removeEventListener("pagehide", onPageHide);
       const reply = await api.updateMessage(conversationId, current.id, { content: text, status: run.status,
                                                                          provenance: stored });
       if (run.failure) {
