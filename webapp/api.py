@@ -285,6 +285,33 @@ def update_message(conversation_id: str, message_id: str):
     )
 
 
+# -- the browser engine's tool loop (tools/steps.py) -------------------------------------------
+
+
+@bp.get("/api/conversations/<conversation_id>/tool-setup")
+def tool_setup(conversation_id: str):
+    """For the browser engine: what its next reply (under ``parent``, a message id; none: the
+    first of a turn) is told (``instructions``, for the system prompt) and held to (the
+    GBNF ``grammar`` for wllama), as the server's loop holds its own replies."""
+    return get_services().page_tools.setup(owner_id(), conversation_id,
+                                           request.args.get("parent") or None)
+
+
+@bp.post("/api/conversations/<conversation_id>/messages/<message_id>/tool-step")
+def tool_step(conversation_id: str, message_id: str):
+    """For the browser engine: the reply it is writing called tools (``content``: its whole
+    text): they run here and the step is stored as a server step is (the reply complete with
+    ``meta.tool_calls``, a ``tool`` message per result, the next reply "streaming" under them).
+    Answers the ``step`` frame with the calls' frames and what the next reply is held to."""
+    body = json_body()
+    services = get_services()
+    content = services.chats.check_content(body.get("content"))
+    provenance = _provenance(body.get("provenance") or {})
+    if provenance.engine != "browser":
+        raise Invalid("bad_engine", "replies posted through the API come from the browser engine")
+    return services.page_tools.step(owner_id(), conversation_id, message_id, content, provenance)
+
+
 # -- files in the chat (attachments.py) -------------------------------------------------------
 
 MULTIPART_OVERHEAD = 64 * 1024  # the form's boundaries and headers around the file

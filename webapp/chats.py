@@ -490,20 +490,24 @@ class ChatService:
     def store_tool_step(
         self, message_id: str, content: str, provenance: Provenance | None,
         tool_calls: list[dict[str, Any]], results: list[dict[str, Any]], next_reply: Provenance,
-        *, run_owner: str, context: int | None = None, max_tokens: int = 0,
-        vision: bool = False, model: str = "this model",
+        *, run_owner: str, only_streaming: bool = False, context: int | None = None,
+        max_tokens: int = 0, vision: bool = False, model: str = "this model",
     ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]] | None:
-        """One step of the tool loop (runs/service.py), in one transaction: the reply that
-        called tools becomes complete with its ``tool_calls`` (``provenance`` None: a reply
-        resumed by ``continue`` keeps the one it had), a ``tool`` message per result, one
-        under the other, and the next reply, "streaming", under the last: the branch on screen.
-        Returns (reply, tool messages, next reply, the history the model sees next); None when
-        the conversation was deleted meanwhile. ``context`` … ``model``: as begin_turn's, so
-        the model still sees the branch's files after a step."""
+        """One step of the tool loop (runs/service.py, and the page's: tools/steps.py), in one
+        transaction: the reply that called tools becomes complete with its ``tool_calls``
+        (``provenance`` None: a reply resumed by ``continue`` keeps the one it had), a ``tool``
+        message per result, one under the other, and the next reply, "streaming", under the
+        last: the branch on screen. Returns (reply, tool messages, next reply, the history the
+        model sees next); None when the conversation was deleted meanwhile. ``only_streaming``:
+        a reply settled meanwhile (a page's second post of the same step) is refused.
+        ``context`` … ``model``: as begin_turn's, so the model still sees the branch's files
+        after a step (the page's engine is given them by GET …/files instead)."""
         with self.db.write() as session:
             reply = session.scalar(select(Message).where(Message.public_id == message_id))
             if reply is None:
                 return None
+            if only_streaming and reply.status != "streaming":
+                raise AppError("already_final", f"this reply is already {reply.status}")
             conv = reply.conversation
             if provenance is not None:
                 reply.record(provenance)
@@ -536,6 +540,33 @@ class ChatService:
             notify_replies(session, [message_id])
             return (reply.to_dict(parents), [t.to_dict(parents) for t in tools],
                     following.to_dict(parents), model_history(seen))
+
+    def page_tool_turn(self, owner_id: str, conversation_id: str, message_id: Any = None, *,
+                       reply: bool = False) -> tuple[dict[str, Any], int]:
+        """For the browser engine's tool loop (tools/steps.py): the conversation's settings and
+        the tool steps its turn has taken on the branch down to ``message_id`` (those since the
+        user message; none without one). ``reply``: ``message_id`` is a reply the page is
+        writing (a browser reply, "streaming"), the only kind whose calls the page may post."""
+        with self.db.read() as session:
+            conv = self.owned(session, owner_id, conversation_id)
+            settings = dict(conv.settings or {})
+            if message_id is None:
+                return settings, 0
+            message = session.scalar(select(Message).where(
+                Message.public_id == check_message_id(message_id), Message.conversation_id == conv.id))
+            if message is None or (reply and message.role != "assistant"):
+                raise NotFound("reply" if reply else "message")
+            if reply and message.engine != "browser":
+                raise Invalid("bad_engine", "only a reply written in the page posts its tool "
+                              "calls; the server runs its own")
+            if reply and message.status != "streaming":
+                raise AppError("already_final", f"this reply is already {message.status}")
+            steps = 0
+            for m in reversed(self._path(session, message.id)):
+                if m.role == "user":
+                    break
+                steps += m.role == "assistant" and m.finish_reason == "tool_calls"
+            return settings, steps
 
     @staticmethod
     def _reply_row(session, conv: Conversation, parent: Message | None, provenance: Provenance,

@@ -364,6 +364,47 @@ PATHS: dict[str, Any] = {
                               "status": _STATUS, "provenance": _ref("Provenance")}, "content"),
                      also={"409": "the reply is already final"}),
     },
+    "/api/conversations/{conversation_id}/tool-setup": {
+        "parameters": [_CONVERSATION_ID],
+        "get": _op(
+            "tool_setup", "what the page's next reply is told and held to (browser engine, tools on)",
+            "200", _object({
+                "tools": {"type": "array", "items": {"type": "string"},
+                          "description": "the tools on (none: the reply is plain text)"},
+                "tool_choice": {"type": "string", "nullable": True,
+                                "enum": ["auto", "required", "none", None]},
+                "instructions": {"type": "string", "description": "for the system prompt"},
+                "grammar": {"type": "string", "nullable": True,
+                            "description": "GBNF the reply is held to (wllama's grammar)"},
+                "steps": {"type": "integer", "minimum": 0},
+                "max_steps": {"type": "integer", "minimum": 0},
+                "call_opening": {"type": "string",
+                                 "description": "how a reply that is a call starts"}},
+                "tools", "tool_choice", "instructions", "grammar", "steps", "max_steps",
+                "call_opening"), "the setup",
+            parameters=[{"name": "parent", "in": "query", "required": False, "schema": _ID,
+                         "description": "the message the reply goes under (none: a turn's "
+                                        "first reply)"}]),
+    },
+    "/api/conversations/{conversation_id}/messages/{message_id}/tool-step": {
+        "parameters": [_CONVERSATION_ID, _in_path("message_id")],
+        "post": _op(
+            "tool_step", "run and store the tool calls of a reply the page is writing (browser "
+            "engine)", "200", _object({
+                "type": {"type": "string", "enum": ["step"]}, "message_id": _ID,
+                "message": _ref("Message"),
+                "tool_messages": {"type": "array", "items": _ref("Message")},
+                "reply": _ref("Message"),
+                "tool_frames": {"type": "array", "items": {"type": "object"}},
+                "next": {"type": "object", "description": "as tool-setup answers, for the "
+                                                          "next reply"}},
+                "type", "message_id", "message", "tool_messages", "reply", "tool_frames", "next"),
+            "the step is stored",
+            _closed({"content": {"type": "string", "minLength": 1, "maxLength": 32000,
+                                 "pattern": _VISIBLE},
+                     "provenance": _ref("Provenance")}, "content"),
+            also={"409": "the reply is already final"}),
+    },
     "/api/conversations/{conversation_id}/share": {
         "parameters": [_CONVERSATION_ID],
         "post": _op("share_conversation", "create or refresh the share link", "200", _ref("Share"),

@@ -20,6 +20,7 @@ from .limits import Limits
 from .runs.service import RunService
 from .shares import ShareService
 from .tools import ToolRegistry, build_tools
+from .tools.steps import PageTools
 
 EXTENSION_KEY = "bchat"
 
@@ -35,9 +36,10 @@ class Services:
     benchmarks: BenchmarkService
     keys: KeyService
     attachments: AttachmentService
+    tools: ToolRegistry | None = None  # built-ins and the admin's MCP servers (tools/)
+    page_tools: PageTools | None = None  # the browser engine's tool steps (tools/steps.py)
     # Open chat sockets, so a shutdown can close them (with 1001, "going away") instead of
     # waiting for every visitor to leave.
-    tools: ToolRegistry | None = None  # built-ins and the admin's MCP servers (tools/)
     sockets: set[Any] = field(default_factory=set)
     sockets_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -84,6 +86,7 @@ def init_app(app: Flask, limits: Limits) -> Services:
         benchmarks=BenchmarkService(db, engines, catalogue, runs, limits),
         keys=KeyService(db),
         tools=tools,
+        page_tools=PageTools(chats, tools, config),
         attachments=AttachmentService(db, max_bytes=config["MAX_ATTACHMENT_BYTES"],
                                       quota_bytes=config["ATTACHMENT_QUOTA_BYTES"]),
     )

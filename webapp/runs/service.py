@@ -31,7 +31,7 @@ from ..limits import COMPARE_MAX, Lease, Limits
 from ..models import Message, Provenance, new_public_id
 from ..options import GenerationOptions, settings_options
 from ..security import short
-from ..tools.registry import ToolContext
+from ..tools.registry import MAX_CALLS_PER_STEP, ToolContext, result_message
 from ..validation import INT64
 from .keeper import HOST, Keeper
 from .listen import ReplyListener
@@ -55,7 +55,6 @@ REMOTE_POLL_SECONDS = 0.25  # how often a watcher on another process re-reads th
 # With PostgreSQL's notifications (listen.py) a watcher reads when woken; this only catches one
 # lost with a dropped connection.
 NOTIFIED_POLL_SECONDS = 2.0
-MAX_CALLS_PER_STEP = 8  # tool calls of one reply that are run (a grammar-held model makes one)
 
 
 def _one_fit(fits: list[dict[str, Any]]) -> dict[str, Any]:
@@ -494,8 +493,7 @@ class RunService:
             else:
                 outcome = self.tools.call(name, arguments, context, run.cancel)
                 text, meta = outcome.text, outcome.meta()
-            result = {"content": text, "meta": {"tool_call_id": call.get("id") or f"call_{index}",
-                                                "name": str(name)[:64], **meta}}
+            result = result_message(call, index, name, text, meta)
             results.append(result)
             run.send(tool_result_frame(message_id, index, call, result))
         if run.stop_reason:

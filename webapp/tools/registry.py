@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0  # seconds a tool may run
 DEFAULT_RESULT_CHARS = 8_000  # characters of a result the model gets (and the tree keeps)
 MAX_ARGUMENT_CHARS = 16_000  # a call's arguments as JSON
+MAX_CALLS_PER_STEP = 8  # tool calls of one reply that are run (a grammar-held model makes one)
 
 
 class ToolError(Exception):
@@ -174,6 +175,14 @@ class ToolRegistry:
     def close(self) -> None:
         if self.mcp is not None:
             self.mcp.close()
+
+
+def result_message(call: dict[str, Any], index: int, name: Any, text: str,
+                   meta: dict[str, Any]) -> dict[str, Any]:
+    """The result of a reply's call number ``index`` as the tree keeps it: a ``tool``
+    message's content, and its meta (which call it answers, the tool, time, error)."""
+    return {"content": text, "meta": {"tool_call_id": call.get("id") or f"call_{index}",
+                                      "name": str(name)[:64], **meta}}
 
 
 def clip(text: str, limit: int) -> tuple[str, bool]:

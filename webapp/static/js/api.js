@@ -114,6 +114,10 @@ export const api = {
   promptFiles: (id, leaf, context, maxTokens) => request("GET",
     `/api/conversations/${encodeURIComponent(id)}/files?leaf=${encodeURIComponent(leaf)}` +
     `&context=${context}&max_tokens=${maxTokens}`),
+  // The browser engine's tool loop: what its next reply is told and held to, and a step.
+  toolSetup: (id, parent) => request("GET", `/api/conversations/${encodeURIComponent(id)}/tool-setup` +
+    (parent ? `?parent=${encodeURIComponent(parent)}` : "")),
+  toolStep: (id, messageId, body) => request("POST", `${messagePath(id, messageId)}/tool-step`, body),
   // For pagehide: the browser finishes a keepalive request after the page is gone.
   updateMessageOnExit: (id, messageId, body) =>
     request("PATCH", messagePath(id, messageId), body, { keepalive: true }).catch(() => {}),

@@ -313,9 +313,11 @@ export function createBrowserEngine({ api, defaults }) {
       if (!modelInfo?.browser) return null;
       const runtime = await ensureLoaded(modelInfo, preference, onLoad);
       if (conversationId) {
-        const branch = await readBranch(conversationId, { system: options.system });
+        // read as a new turn will see it: with the tool instructions when tools are on
+        const tools = await api.toolSetup(conversationId).catch(() => null);
+        const branch = await readBranch(conversationId, { system: withTools(options, tools).system });
         const { path } = await withFiles(conversationId, branch.path, options).catch(() => branch);
-        warm(conversationId, path, options, onLoad);
+        warm(conversationId, path, withTools(options, tools), onLoad);
       }
       return runtime;
     },
@@ -344,7 +346,7 @@ export function createBrowserEngine({ api, defaults }) {
                ttftMs: firstAt === null ? null : firstAt - sent };
     },
 
-    async generate(request, { onStarted, onReplyCreated, onToken, onLoad, signal } = {}) {
+    async generate(request, { onStarted, onReplyCreated, onToken, onTool, onStep, onLoad, signal } = {}) {
       const { modelInfo } = request;
       const options = { ...defaults, ...request.options };
       if (!modelInfo?.browser) {
@@ -364,7 +366,11 @@ export function createBrowserEngine({ api, defaults }) {
       // server's "continue" does; its partial text is the model's prefill.
       const continued = request.continueFrom ?? null;
       if (continued) answering = continued.parent_id;
-      if (!request.regenerate && !request.replyTo && !continued) {
+      const newTurn = !request.regenerate && !request.replyTo && !continued;
+      // With tools on in this conversation, what the first reply is told and held to, asked
+      // before anything is stored: a tool that runs only on the server is refused unsent.
+      let tools = await api.toolSetup(conversationId, newTurn ? null : answering);
+      if (newTurn) {
         const body = { role: "user", content: request.content };
         if (request.parentId !== undefined) body.parent_id = request.parentId;
         if (request.attachments?.length) body.attachments = request.attachments;
@@ -376,7 +382,7 @@ export function createBrowserEngine({ api, defaults }) {
       // itself; a new message is the current leaf.
       const below = continued?.id ?? request.regenerate ?? null;
       const branch = await readBranch(conversationId,
-        { upTo: answering, below, system: options.system });
+        { upTo: answering, below, system: withTools(options, tools).system });
       const { conversation } = branch;
       onStarted?.(conversation, userMessage);
       // The branch's files, as the server engines are given them (the same text, the same
@@ -397,21 +403,21 @@ export function createBrowserEngine({ api, defaults }) {
         throw error;
       }
 
-      // 3. Generate, streaming into the page.
-      const { messages, dropped, more } = promptMessages(path, options);
-      // A continued reply ends the prompt as an assistant turn: llama.cpp's server (which
-      // wllama runs) then prefills it and writes on from its last character.
-      if (continued) messages.push({ role: "assistant", content: continued.content });
-      // 3a. The reply's row exists from the start and grows as the page writes it, so a tab
-      // closed (or crashed) mid-reply leaves what was written, marked "interrupted".
+      // 3. Generate, streaming into the page. With tools on, the loop the server engines run:
+      // a reply that is a tool call is posted as a step (the server runs the tools and stores
+      // it as it stores its own), and the model goes on in the step's next reply, until it
+      // answers in text (after BCHAT_TOOL_STEPS steps the server holds it to text).
       const provenance = { engine: "browser", backend: runtime.backend, model: modelInfo.id };
-      const started = continued
+      // 3a. The reply's row exists from the start and grows as the page writes it, so a tab
+      // closed (or crashed) mid-reply leaves what was written, marked "interrupted"; the steps
+      // stored before it stay as they are.
+      let current = continued
         ? await api.updateMessage(conversationId, continued.id,
           { content: continued.content, status: "streaming", continue: true })
         : await api.addMessage(conversationId, {
           role: "assistant", content: "", status: "streaming", parent_id: answering, provenance,
         });
-      onReplyCreated?.(started);
+      onReplyCreated?.(current);
       let text = continued?.content ?? "";
       let flushing = false;
       const flush = async () => {
@@ -419,7 +425,7 @@ export function createBrowserEngine({ api, defaults }) {
         flushing = true;
         try {
           // Sent even when the text has not grown: it tells the server the page is alive.
-          await api.updateMessage(conversationId, started.id, { content: text, status: "streaming" });
+          await api.updateMessage(conversationId, current.id, { content: text, status: "streaming" });
         } catch {
           /* the next tick tries again; the final update below must succeed */
         } finally {
@@ -428,7 +434,7 @@ export function createBrowserEngine({ api, defaults }) {
       };
       const timer = setInterval(flush, FLUSH_MS);
       const onPageHide = () => {
-        api.updateMessageOnExit(conversationId, started.id, {
+        api.updateMessageOnExit(conversationId, current.id, {
           content: text, status: "interrupted",
           provenance: { ...provenance, finish_reason: "interrupted", meta: { stop_reason: "page_closed" } },
         });
@@ -455,115 +461,174 @@ export function createBrowserEngine({ api, defaults }) {
         signal?.removeEventListener("abort", stopWarming);
         pending.listeners.delete(onLoad);
       }
-      let pieces = 0;
-      let firstAt = null;
-      let lastAt = null;
-      let finishReason = null;
-      let usage = null;
-      let timings = null;
-      let progress = null; // the last "reading the conversation" step: prompt facts if stopped early
-      const promptStarted = performance.now();
-      let status = "complete";
-      let failure = null;
-      try {
-        const stream = await wllama.createChatCompletion({
-          messages,
-          stream: true,
-          return_progress: true, // a chunk per prompt batch: "reading the conversation: 230/458"
-          max_tokens: options.max_tokens,
-          temperature: options.temperature,
-          top_p: options.top_p,
-          ...(Number.isInteger(options.seed) ? { seed: options.seed } : {}),
-          abortSignal: signal,
-        });
-        for await (const chunk of stream) {
-          if (chunk.prompt_progress) {
-            progress = readingProgress(chunk.prompt_progress);
-            onLoad?.(progress);
+
+      // One reply written by the model, into `text`: how it ended and its figures.
+      const fresh = () => ({ pieces: 0, firstAt: null, lastAt: null, finishReason: null, usage: null, timings: null,
+                             progress: null, promptStarted: performance.now(), status: "complete", failure: null });
+      async function write(messages, grammar) {
+        const run = fresh();
+        if (signal?.aborted) return { ...run, status: "stopped" }; // stopped while a step ran
+        try {
+          const stream = await wllama.createChatCompletion({
+            messages,
+            stream: true,
+            return_progress: true, // a chunk per prompt batch: "reading the conversation: 230/458"
+            max_tokens: options.max_tokens,
+            temperature: options.temperature,
+            top_p: options.top_p,
+            ...(Number.isInteger(options.seed) ? { seed: options.seed } : {}),
+            ...(grammar ? { grammar } : {}), // the server's own tool grammar (GBNF), as its engine holds replies
+            abortSignal: signal,
+          });
+          for await (const chunk of stream) {
+            if (chunk.prompt_progress) {
+              run.progress = readingProgress(chunk.prompt_progress);
+              onLoad?.(run.progress);
+            }
+            const choice = chunk.choices?.[0];
+            const delta = choice?.delta?.content;
+            if (delta) {
+              if (run.firstAt === null && run.progress) onLoad?.({ phase: "ready", ...runtime }); // read: now writing
+              const now = performance.now();
+              run.firstAt ??= now;
+              run.lastAt = now;
+              run.pieces += 1;
+              text += delta;
+              onToken?.(delta);
+            }
+            if (choice?.finish_reason) run.finishReason = choice.finish_reason;
+            if (chunk.usage) run.usage = chunk.usage;
+            if (chunk.timings) run.timings = chunk.timings;
+            // No break on abort here: wllama ends the stream itself (and frees its slot) when
+            // the signal fires; leaving the loop early would orphan its pending rejection.
           }
-          const choice = chunk.choices?.[0];
-          const delta = choice?.delta?.content;
-          if (delta) {
-            if (firstAt === null && progress) onLoad?.({ phase: "ready", ...runtime }); // read: now writing
-            const now = performance.now();
-            firstAt ??= now;
-            lastAt = now;
-            pieces += 1;
-            text += delta;
-            onToken?.(delta);
+          if (signal?.aborted) run.status = "stopped";
+        } catch (err) {
+          if (signal?.aborted || err?.name === "AbortError" || err?.name === "WllamaAbortError") {
+            run.status = "stopped";
+          } else {
+            run.status = "failed";
+            run.failure = new EngineError("model_failed", `the model failed in the browser: ${err.message}`);
           }
-          if (choice?.finish_reason) finishReason = choice.finish_reason;
-          if (chunk.usage) usage = chunk.usage;
-          if (chunk.timings) timings = chunk.timings;
-          // No break on abort here: wllama ends the stream itself (and frees its slot) when
-          // the signal fires; leaving the loop early would orphan its pending rejection.
         }
-        if (signal?.aborted) status = "stopped";
-      } catch (err) {
-        if (signal?.aborted || err?.name === "AbortError" || err?.name === "WllamaAbortError") {
-          status = "stopped";
-        } else {
-          status = "failed";
-          failure = new EngineError("model_failed", `the model failed in the browser: ${err.message}`);
-        }
+        return run;
       }
 
-      finished();
-      clearInterval(timer);
-      window.removeEventListener("pagehide", onPageHide);
-
-      // 4. Store what was written, with where and how fast.
-      const figures = wllamaFigures(timings, usage);
-      const measured = pieces > 1 && lastAt > firstAt ? (pieces - 1) / ((lastAt - firstAt) / 1000) : null;
-      const meta = {};
-      if (dropped) meta.trimmed_messages = dropped;
-      if (dropped && more) meta.trimmed_more = true; // and the ones above those read
-      if (files.length) meta.files = files; // what it was given of the files (ⓘ lists them)
-      // Prompt facts as the server engines record them: from llama.cpp's timings, else (a reply
-      // stopped while the prompt was read) from the last progress step, else the page's clock.
-      let promptTokens = usage?.prompt_tokens ?? null;
-      if (timings) {
-        meta.prompt_evaluated = timings.prompt_n; // only the new tokens when the KV cache is reused
-        meta.prompt_cached = figures.prompt_cached;
-        meta.prompt_ms = figures.prompt_ms;
-        if (figures.prompt_tps) meta.prompt_per_second = rounded(figures.prompt_tps, 1);
-        promptTokens = figures.prompt_tokens;
-      } else if (progress) {
-        meta.prompt_evaluated = progress.processed - progress.cached;
-        meta.prompt_cached = progress.cached;
-        meta.prompt_ms = progress.ms;
-        promptTokens ??= progress.total;
-      } else if (firstAt) {
-        meta.prompt_ms = Math.round(firstAt - promptStarted);
-      }
-      // What it was made with and how long it took, as server replies record them (ⓘ).
-      meta.options = { system: options.system ?? "", temperature: options.temperature, top_p: options.top_p,
-                       max_tokens: options.max_tokens, seed: Number.isInteger(options.seed) ? options.seed : null };
-      if (timings?.predicted_ms != null) meta.predicted_ms = rounded(timings.predicted_ms, 1);
-      meta.threads = runtime.threads;
-      if (runtime.note) meta.backend_note = runtime.note;
-      if (status === "stopped") meta.stop_reason = "user";
-      if (failure) meta.error = { code: failure.code, message: failure.message };
-      const reply = await api.updateMessage(conversationId, started.id, {
-        content: text,
-        status,
-        provenance: {
+      // 4. What a reply is stored with: where and how fast, as server replies record them.
+      function facts(run, { dropped, more }) {
+        const { timings, usage, progress, pieces, firstAt, lastAt, status, failure } = run;
+        const figures = wllamaFigures(timings, usage);
+        const measured = pieces > 1 && lastAt > firstAt ? (pieces - 1) / ((lastAt - firstAt) / 1000) : null;
+        const meta = {};
+        if (dropped) meta.trimmed_messages = dropped;
+        if (dropped && more) meta.trimmed_more = true; // and the ones above those read
+        if (files.length) meta.files = files; // what it was given of the files (ⓘ lists them)
+        // Prompt facts as the server engines record them: from llama.cpp's timings, else (a
+        // reply stopped while the prompt was read) from the last progress step, else the clock.
+        let promptTokens = usage?.prompt_tokens ?? null;
+        if (timings) {
+          meta.prompt_evaluated = timings.prompt_n; // only the new tokens when the KV cache is reused
+          meta.prompt_cached = figures.prompt_cached;
+          meta.prompt_ms = figures.prompt_ms;
+          if (figures.prompt_tps) meta.prompt_per_second = rounded(figures.prompt_tps, 1);
+          promptTokens = figures.prompt_tokens;
+        } else if (progress) {
+          meta.prompt_evaluated = progress.processed - progress.cached;
+          meta.prompt_cached = progress.cached;
+          meta.prompt_ms = progress.ms;
+          promptTokens ??= progress.total;
+        } else if (firstAt) {
+          meta.prompt_ms = Math.round(firstAt - run.promptStarted);
+        }
+        // What it was made with and how long it took, as server replies record them (ⓘ).
+        meta.options = { system: options.system ?? "", temperature: options.temperature, top_p: options.top_p,
+                         max_tokens: options.max_tokens, seed: Number.isInteger(options.seed) ? options.seed : null };
+        if (timings?.predicted_ms != null) meta.predicted_ms = rounded(timings.predicted_ms, 1);
+        meta.threads = runtime.threads;
+        if (runtime.note) meta.backend_note = runtime.note;
+        if (status === "stopped") meta.stop_reason = "user";
+        if (failure) meta.error = { code: failure.code, message: failure.message };
+        return {
           ...provenance,
           prompt_tokens: promptTokens,
           completion_tokens: figures.completion_tokens ?? pieces,
           tokens_per_second: timings?.predicted_per_second && status === "complete"
             ? figures.decode_tps : rounded(measured, 2),
-          finish_reason: status === "complete" ? finishReason ?? "stop" : status === "stopped" ? "stopped" : "error",
+          finish_reason: status === "complete" ? run.finishReason ?? "stop" : status === "stopped" ? "stopped" : "error",
           meta,
-        },
-      });
-      if (failure) {
-        failure.reply = reply;
-        throw failure;
+        };
+      }
+
+      let run;
+      let stored;
+      let history = path;
+      let prefill = continued?.content ?? null;
+      try {
+        // A continued reply that is already a call (its page closed before the step was stored):
+        // the step is tried first, with the figures it has, as the server's continue runs a
+        // reply's unrun calls; a call half written is written on instead.
+        let unrun = Boolean(continued && tools.grammar && text.trimStart().startsWith(tools.call_opening));
+        for (;;) {
+          const { messages, dropped, more } = promptMessages(history, withTools(options, tools));
+          // A continued reply ends the prompt as an assistant turn: llama.cpp's server (which
+          // wllama runs) then prefills it and writes on from its last character.
+          if (prefill !== null) messages.push({ role: "assistant", content: prefill });
+          const retried = unrun;
+          unrun = false;
+          if (retried) {
+            run = { ...fresh(), finishReason: "stop" };
+            const { stop_reason: _, ...kept } = continued.meta ?? {};
+            stored = { ...provenance, prompt_tokens: continued.usage?.prompt_tokens ?? null,
+                       completion_tokens: continued.usage?.completion_tokens ?? null,
+                       tokens_per_second: continued.tokens_per_second ?? null, finish_reason: "stop", meta: kept };
+          } else {
+            run = await write(messages, tools.grammar);
+            stored = facts(run, { dropped, more });
+          }
+          // A call: the grammar let the reply be nothing else once it opened so, and it ended
+          // on its own (one cut off by max_tokens is text, as on the server).
+          if (!tools.grammar || run.status !== "complete" || run.finishReason !== "stop"
+              || !text.trimStart().startsWith(tools.call_opening)) break;
+          let step;
+          try {
+            step = await api.toolStep(conversationId, current.id, { content: text, provenance: stored });
+          } catch (err) {
+            if (err.code === "no_tool_calls" && retried) continue; // half a call: write on
+            if (err.code === "no_tool_calls") break; // not a whole call after all: it stays text
+            run.status = "failed";
+            run.failure = new EngineError(err.code, `the tool step failed: ${err.message}`);
+            stored = facts(run, { dropped, more });
+            break;
+          }
+          for (const frame of step.tool_frames) onTool?.(frame);
+          onStep?.(step); // the page shows the stored step and follows the next reply
+          history = [...history, step.message, ...step.tool_messages];
+          current = step.reply;
+          text = "";
+          prefill = null;
+          tools = step.next;
+        }
+      } finally {
+        finished();
+        clearInterval(timer);
+        window.removeEventListener("pagehide", onPageHide);
+      }
+      const reply = await api.updateMessage(conversationId, current.id, { content: text, status: run.status,
+                                                                         provenance: stored });
+      if (run.failure) {
+        run.failure.reply = reply;
+        throw run.failure;
       }
       return reply;
     },
   };
+}
+
+// The options a reply runs with: with tools on, bchat's tool instructions (the server's,
+// GET …/tool-setup) after the system prompt, where the server engines put them.
+function withTools(options, tools) {
+  if (!tools?.instructions) return options;
+  return { ...options, system: options.system ? `${options.system}\n\n${tools.instructions}` : tools.instructions };
 }
 
 // llama.cpp's prompt_progress (total, cache, processed, time_ms): processed counts the cached

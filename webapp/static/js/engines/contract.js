@@ -18,6 +18,9 @@
 //       onLoad(progress)         the browser engine loads the model or reads the history:
 //                                {phase: "checking"|"downloading"|"reading"|"ready", …}
 //       onToken(text)            more of the reply
+//       onTool(frame)            tools on: a tool_call / tool_result frame of the reply
+//       onStep(frame)            a tool step is stored (the socket's "step" frame): the
+//                                tokens after it are the next reply's (frame.reply)
 // Beyond it, the server engine follows a reply written elsewhere and starts a compare; the
 // browser engine preloads a model and measures one (the benchmark).
 
