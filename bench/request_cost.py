@@ -86,8 +86,9 @@ def instrument(engine) -> Trips:
         trips.statements += 1
         if trips.keep_sql:
             trips.sql.append(" ".join(statement.split())[:200])
-        key = id(conn.connection.dbapi_connection)
-        if key not in trips.open_tx:
+        dbapi_connection = conn.connection.dbapi_connection
+        key = id(dbapi_connection)
+        if key not in trips.open_tx and not getattr(dbapi_connection, "autocommit", False):
             trips.open_tx.add(key)
             if implicit_begin:
                 trips.begins += 1
