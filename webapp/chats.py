@@ -89,6 +89,21 @@ class ChatService:
             raise NotFound()
         return conv
 
+    def _owned_with_current(self, session, owner_id: str,
+                            public_id: str) -> tuple[Conversation, Message | None]:
+        """owned(lock=True) and the conversation's current message (None when it has none
+        stored, or one not its own) in the same SELECT: an append's first statement."""
+        current = (Message.id == Conversation.current_message_id) & (
+            Message.conversation_id == Conversation.id)
+        row = session.execute(
+            select(Conversation, Message).outerjoin(Message, current)
+            .options(lazyload(Message.attachments))
+            .where(Conversation.public_id == public_id, Conversation.owner_id == owner_id)
+            .with_for_update(key_share=True, of=Conversation)).first()
+        if row is None:
+            raise NotFound()
+        return row[0], row[1]
+
     def owned_message(self, session, owner_id: str, message_id: Any) -> Message:
         message = session.scalar(
             select(Message).join(Conversation).where(
@@ -433,12 +448,16 @@ class ChatService:
                 session.flush()
                 parent = None
             else:
-                conv = self.owned(session, owner_id, conversation_id, lock=True)
+                if parent_id is MISSING:  # after the current message: read with its conversation
+                    conv, parent = self._owned_with_current(session, owner_id, conversation_id)
+                else:
+                    conv = self.owned(session, owner_id, conversation_id, lock=True)
                 if provenances:  # a page writing its own reply checks for itself
                     self._refuse_busy(session, conv)
                 if conv.title == DEFAULT_TITLE and not self._has_messages(session, conv):
                     conv.title = title_from(content)
-                parent = self._parent(session, conv, parent_id)
+                if parent_id is not MISSING or parent is None:
+                    parent = self._parent(session, conv, parent_id)
             user = Message(conversation_id=conv.id, role="user", content=content,
                            status="complete", parent_id=parent.id if parent else None)
             session.add(user)
