@@ -69,6 +69,17 @@ def _owned_with_current_query():
             .with_for_update(key_share=True, of=Conversation))
 
 
+def _owned_with_parent_query():
+    """A conversation (public_id, owner_id), locked, and its message ``parent_id`` if any."""
+    parent = (Message.public_id == bindparam("parent_id")) & (
+        Message.conversation_id == Conversation.id)
+    return (select(Conversation, Message).outerjoin(Message, parent)
+            .options(lazyload(Message.attachments))
+            .where(Conversation.public_id == bindparam("public_id"),
+                   Conversation.owner_id == bindparam("owner_id"))
+            .with_for_update(key_share=True, of=Conversation))
+
+
 def _reply_query():
     """A reply (message_id) with its conversation (public_id, owner_id), files and parent's
     public id."""
@@ -96,6 +107,7 @@ def _up_query():
 
 
 OWNED_WITH_CURRENT = _owned_with_current_query()
+OWNED_WITH_PARENT = _owned_with_parent_query()
 REPLY = _reply_query()
 UP = _up_query()
 
@@ -135,15 +147,26 @@ class ChatService:
             raise NotFound()
         return conv
 
-    def _owned_with_current(self, session, owner_id: str,
-                            public_id: str) -> tuple[Conversation, Message | None]:
-        """owned(lock=True) and the conversation's current message (None when it has none
-        stored, or one not its own) in the same SELECT: an append's first statement."""
-        row = session.execute(OWNED_WITH_CURRENT,
-                              {"public_id": public_id, "owner_id": owner_id}).first()
+    def _owned_with_parent(self, session, owner_id: str, public_id: str,
+                           parent_id: Any) -> tuple[Conversation, Message | None]:
+        """owned(lock=True) and _parent(parent_id) in the same SELECT where they can be (an
+        append's or a page's reply's first statement): the conversation, locked, and the
+        message a new one goes under."""
+        if parent_id is None or (parent_id is not MISSING and not isinstance(parent_id, str)):
+            conv = self.owned(session, owner_id, public_id, lock=True)
+            return conv, self._parent(session, conv, parent_id)
+        query, params = ((OWNED_WITH_CURRENT, {}) if parent_id is MISSING
+                         else (OWNED_WITH_PARENT, {"parent_id": parent_id}))
+        row = session.execute(query, {"public_id": public_id, "owner_id": owner_id,
+                                      **params}).first()
         if row is None:
             raise NotFound()
-        return row[0], row[1]
+        conv, parent = row
+        if parent is None and parent_id is MISSING:  # no current message stored (or not its own)
+            parent = self._current_leaf(session, conv)
+        elif parent is None:
+            raise NotFound("message")
+        return conv, parent
 
     def owned_message(self, session, owner_id: str, message_id: Any) -> Message:
         message = session.scalar(
@@ -484,16 +507,11 @@ class ChatService:
                 session.flush()
                 parent = None
             else:
-                if parent_id is MISSING:  # after the current message: read with its conversation
-                    conv, parent = self._owned_with_current(session, owner_id, conversation_id)
-                else:
-                    conv = self.owned(session, owner_id, conversation_id, lock=True)
+                conv, parent = self._owned_with_parent(session, owner_id, conversation_id, parent_id)
                 if provenances:  # a page writing its own reply checks for itself
                     self._refuse_busy(session, conv)
                 if conv.title == DEFAULT_TITLE and not self._has_messages(session, conv):
                     conv.title = title_from(content)
-                if parent_id is not MISSING or parent is None:
-                    parent = self._parent(session, conv, parent_id)
             user = Message(conversation_id=conv.id, role="user", content=content,
                            status="complete", parent_id=parent.id if parent else None)
             session.add(user)
@@ -701,8 +719,7 @@ class ChatService:
         if provenance.engine not in ENGINES:
             raise Invalid("bad_engine", f"engine must be one of {', '.join(ENGINES)}")
         with self.db.write() as session:
-            conv = self.owned(session, owner_id, conversation_id, lock=True)
-            parent = self._parent(session, conv, parent_id)
+            conv, parent = self._owned_with_parent(session, owner_id, conversation_id, parent_id)
             message = Message(
                 conversation_id=conv.id, public_id=public_id or new_public_id(),
                 parent_id=parent.id if parent else None, role="assistant", content=content,
