@@ -58,22 +58,11 @@ CONTINUABLE = ("complete", "stopped", "interrupted")
 # SQLAlchemy remembers a built one's cache key): building them per request cost up to 0.6 ms
 # of CPU each (bench/request_cost.py), about a tenth of a request.
 
-def _owned_with_current_query():
-    """A conversation (public_id, owner_id), locked, and its current message if its own."""
-    current = (Message.id == Conversation.current_message_id) & (
-        Message.conversation_id == Conversation.id)
-    return (select(Conversation, Message).outerjoin(Message, current)
-            .options(lazyload(Message.attachments))
-            .where(Conversation.public_id == bindparam("public_id"),
-                   Conversation.owner_id == bindparam("owner_id"))
-            .with_for_update(key_share=True, of=Conversation))
-
-
-def _owned_with_parent_query():
-    """A conversation (public_id, owner_id), locked, and its message ``parent_id`` if any."""
-    parent = (Message.public_id == bindparam("parent_id")) & (
-        Message.conversation_id == Conversation.id)
-    return (select(Conversation, Message).outerjoin(Message, parent)
+def _owned_with_query(message_on):
+    """A conversation (public_id, owner_id), locked, and the message of it that ``message_on``
+    picks, if any."""
+    return (select(Conversation, Message)
+            .outerjoin(Message, message_on & (Message.conversation_id == Conversation.id))
             .options(lazyload(Message.attachments))
             .where(Conversation.public_id == bindparam("public_id"),
                    Conversation.owner_id == bindparam("owner_id"))
@@ -106,8 +95,8 @@ def _up_query():
     return select(up.c.id, up.c.parent_id, up.c.public_id)
 
 
-OWNED_WITH_CURRENT = _owned_with_current_query()
-OWNED_WITH_PARENT = _owned_with_parent_query()
+OWNED_WITH_CURRENT = _owned_with_query(Message.id == Conversation.current_message_id)
+OWNED_WITH_PARENT = _owned_with_query(Message.public_id == bindparam("parent_id"))
 REPLY = _reply_query()
 UP = _up_query()
 
