@@ -9,8 +9,9 @@ after the timeout is a 503 with Retry-After, never a 500.
 
 PostgreSQL (``postgresql+psycopg://``) lets writers run side by side at READ COMMITTED, so a
 read-then-write that must not interleave with another (e.g. "create the share unless one
-exists") takes a row lock first with ``lock_row()``; on SQLite that is a no-op because
-``BEGIN IMMEDIATE`` has already serialised every writer.
+exists") takes a row lock first (chats.ChatService.owned's ``lock``: SELECT … FOR NO KEY
+UPDATE); on SQLite that is a no-op because ``BEGIN IMMEDIATE`` has already serialised every
+writer.
 """
 
 from __future__ import annotations
@@ -127,16 +128,6 @@ def _disconnected(exc: DBAPIError) -> bool:
     """The server closed the connection mid-session (a restart); SQLAlchemy has invalidated
     the pool, so a retry gets a new connection."""
     return exc.connection_invalidated
-
-
-def lock_row(session: Session, model: type, pk: int) -> None:
-    """Hold ``model``'s row ``pk`` until this write commits (``SELECT ... FOR UPDATE``).
-
-    Two writers that both read "no share yet" and both insert would collide on a unique
-    constraint on PostgreSQL; locking the parent row first makes the second wait and then see
-    the first one's row. SQLite's compiler drops FOR UPDATE: BEGIN IMMEDIATE already queued it.
-    """
-    session.execute(select(model.id).where(model.id == pk).with_for_update())
 
 
 REPLY_CHANNEL = "bchat_reply"  # PostgreSQL NOTIFY channel: a reply's row changed (runs/listen.py)
