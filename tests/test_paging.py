@@ -169,10 +169,12 @@ def test_a_list_page_is_one_query_with_its_shared_flags(app, client):
     assert flags[ids[5]] is False and flags[ids[4]] is False
 
 
-def test_an_append_locks_its_conversation_row_before_it_inserts(app, client):
-    """Every writer takes the conversation's row first (its UPDATE before the message's
-    INSERT): inserted first, the message's key-share lock, a share's SELECT … FOR UPDATE and
-    then the UPDATE deadlocked on PostgreSQL (test_postgres's four processes of writers)."""
+def test_an_append_locks_its_conversation_row_before_it_inserts(app, client, db_backend):
+    """Every writer takes the conversation's row first (the SELECT of it … FOR NO KEY
+    UPDATE, the lock its UPDATE would take, before the message's INSERT): inserted first, the
+    message's key-share lock, a share's SELECT … FOR UPDATE and then the UPDATE deadlocked
+    on PostgreSQL (test_postgres's four processes of writers). SQLite has no row locks: its
+    BEGIN IMMEDIATE has queued every writer already."""
     conv = client.post("/api/conversations", json={"title": "order"}).get_json()["id"]
     path = f"/api/conversations/{conv}/messages"
     for body in ({"role": "user", "content": "why?"},
@@ -180,9 +182,13 @@ def test_an_append_locks_its_conversation_row_before_it_inserts(app, client):
                   "provenance": {"engine": "browser"}}):
         with counting_statements(app) as statements:
             assert client.post(path, json=body).status_code == 201
-        writes = [s for s in statements if s.startswith(("UPDATE", "INSERT"))]
-        assert writes[0].startswith("UPDATE conversation"), writes
-        assert any(s.startswith("INSERT INTO message") for s in writes), writes
+        inserted = next(i for i, s in enumerate(statements) if s.startswith("INSERT INTO message"))
+        if db_backend == "postgresql":
+            assert any(s.startswith("SELECT") and "FROM conversation" in s
+                       and "FOR NO KEY UPDATE" in s for s in statements[:inserted]), statements
+        assert statements[inserted + 1:] == [s for s in statements[inserted + 1:]
+                                             if s.startswith("UPDATE conversation")], \
+            "after the INSERT, only the conversation's own UPDATE (current message, time)"
     opened = client.get(f"/api/conversations/{conv}?limit=10").get_json()
     assert [m["content"] for m in opened["messages"]] == ["why?", "because"]
     assert opened["current_message_id"] == opened["messages"][-1]["id"]

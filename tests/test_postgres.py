@@ -15,6 +15,7 @@ from alembic import command
 from sqlalchemy import DateTime, Integer, String, column, insert, select, table, text
 
 from webapp.db import Database, alembic_config, normalise_url, schema_is_current
+from webapp.errors import AppError
 from webapp.models import Message
 
 BOTH = pytest.mark.databases("sqlite", "postgresql")
@@ -144,3 +145,67 @@ def test_four_processes_of_eight_writers_lose_nothing(db_url, tiny_model):
     assert report.requests == 4 * 8 * (5 + 1), "five messages and one share per thread"
     assert report.lost == 0 and report.duplicated == 0
     assert report.shares_per_conversation == [1, 1, 1, 1]
+
+
+def _terminate_app_connections(db_url: str) -> int:
+    """Close every bchat connection to this database from the server's side (as a restart
+    does); how many were closed."""
+    from sqlalchemy import create_engine
+
+    admin = create_engine(db_url,
+                          connect_args={"application_name": "test-admin"})
+    try:
+        with admin.connect() as conn:
+            closed = conn.execute(text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'bchat' AND datname = current_database()")).scalar()
+            conn.commit()
+            return closed
+    finally:
+        admin.dispose()
+
+
+def _backend_pid(db: Database) -> int:
+    with db.read() as session:
+        return session.execute(text("SELECT pg_backend_pid()")).scalar()
+
+
+@pytest.mark.databases("postgresql")
+def test_a_pooled_connection_closed_while_idle_is_replaced_before_use(db_url, monkeypatch):
+    """A connection idle past PG_PING_AFTER_IDLE_S is pinged at checkout: one the server
+    closed meanwhile is replaced, and the request never sees it."""
+    from webapp import db as db_module
+
+    db = Database(db_url)
+    try:
+        before = _backend_pid(db)
+        assert _terminate_app_connections(db_url) >= 1
+        monkeypatch.setattr(db_module, "PG_PING_AFTER_IDLE_S", 0.0)  # every idle one is old
+        after = _backend_pid(db)
+        assert after != before, "a new connection, not the closed one"
+    finally:
+        db.dispose()
+
+
+@pytest.mark.databases("postgresql")
+def test_a_connection_closed_between_close_uses_is_a_retry_then_the_next_session_works(db_url):
+    """Within PG_PING_AFTER_IDLE_S nothing is pinged (no round trip per request): a
+    connection the server closed fails its session as database_busy (a 503 that says to
+    retry, never a 500), and the pool has been renewed for the next one."""
+    db = Database(db_url)
+    try:
+        before = _backend_pid(db)
+        assert _terminate_app_connections(db_url) >= 1
+        with pytest.raises(AppError) as failed:
+            _backend_pid(db)
+        assert failed.value.code == "database_busy" and failed.value.extra["retry_after"]
+        assert _backend_pid(db) != before
+        with pytest.raises(AppError) as failed:  # a write's session: the same
+            assert _terminate_app_connections(db_url) >= 1
+            with db.write() as session:
+                session.execute(text("SELECT 1"))
+        assert failed.value.code == "database_busy"
+        with db.write() as session:
+            assert session.execute(text("SELECT 1")).scalar() == 1
+    finally:
+        db.dispose()

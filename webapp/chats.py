@@ -12,6 +12,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, delete, exists, literal, select, update
+from sqlalchemy.orm import aliased, joinedload, lazyload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from . import attachments as files
 from . import paging
@@ -52,6 +54,53 @@ MISSING: Any = object()  # "not given", as opposed to an explicit null (e.g. par
 CONTINUABLE = ("complete", "stopped", "interrupted")
 
 
+# The hot requests' statements, built once with bind parameters (a statement is immutable, and
+# SQLAlchemy remembers a built one's cache key): building them per request cost up to 0.6 ms
+# of CPU each (bench/request_cost.py), about a tenth of a request.
+
+def _owned_with_query(message_on):
+    """A conversation (public_id, owner_id), locked, and the message of it that ``message_on``
+    picks, if any."""
+    return (select(Conversation, Message)
+            .outerjoin(Message, message_on & (Message.conversation_id == Conversation.id))
+            .options(lazyload(Message.attachments))
+            .where(Conversation.public_id == bindparam("public_id"),
+                   Conversation.owner_id == bindparam("owner_id"))
+            .with_for_update(key_share=True, of=Conversation))
+
+
+def _reply_query():
+    """A reply (message_id) with its conversation (public_id, owner_id), files and parent's
+    public id."""
+    parent = aliased(Message)
+    return (select(Message, Conversation, parent.public_id).join(Message.conversation)
+            .outerjoin(parent, parent.id == Message.parent_id)
+            .options(joinedload(Message.attachments))
+            .where(Message.public_id == bindparam("message_id"),
+                   Conversation.public_id == bindparam("public_id"),
+                   Conversation.owner_id == bindparam("owner_id")))
+
+
+def _up_query():
+    """From the message ``start`` of conversation ``conversation_id`` up its branch, ``limit``
+    + 1 rows at most (UNION ALL with depth ≤ limit: a cycle cannot loop)."""
+    up = (select(Message.id, Message.parent_id, Message.public_id, literal(1).label("depth"))
+          .where(Message.id == bindparam("start"),
+                 Message.conversation_id == bindparam("conversation_id"))
+          .cte("up", recursive=True))
+    up = up.union_all(select(Message.id, Message.parent_id, Message.public_id,
+                             (up.c.depth + 1).label("depth"))
+                      .join(up, Message.id == up.c.parent_id)
+                      .where(up.c.depth <= bindparam("limit")))
+    return select(up.c.id, up.c.parent_id, up.c.public_id)
+
+
+OWNED_WITH_CURRENT = _owned_with_query(Message.id == Conversation.current_message_id)
+OWNED_WITH_PARENT = _owned_with_query(Message.public_id == bindparam("parent_id"))
+REPLY = _reply_query()
+UP = _up_query()
+
+
 def check_message_id(value: Any) -> str:
     """A message id from a client: a string, or Invalid before it reaches a query (where an
     object or a list failed as a 500)."""
@@ -72,15 +121,41 @@ class ChatService:
         self.max_tokens_limit = max_tokens_limit
 
     # -- lookups ---------------------------------------------------------------------------
-    def owned(self, session, owner_id: str, public_id: str) -> Conversation:
-        conv = session.scalar(
-            select(Conversation).where(
-                Conversation.public_id == public_id, Conversation.owner_id == owner_id
-            )
-        )
+    def owned(self, session, owner_id: str, public_id: str, *, lock: bool = False) -> Conversation:
+        """The visitor's conversation ``public_id``; ``lock``: its row held until the write
+        commits, taken by this same SELECT (FOR NO KEY UPDATE, the lock an UPDATE takes, so
+        it needs no statement of its own). A writer that inserts messages takes it before its
+        INSERT: inserted first, the message's key-share lock on this row, a share's SELECT …
+        FOR UPDATE and then the conversation's UPDATE deadlocked on PostgreSQL
+        (tests/test_postgres.py's four processes of writers). SQLite's compiler drops it:
+        BEGIN IMMEDIATE has already serialised every writer."""
+        query = select(Conversation).where(Conversation.public_id == public_id,
+                                           Conversation.owner_id == owner_id)
+        conv = session.scalar(query.with_for_update(key_share=True) if lock else query)
         if conv is None:
             raise NotFound()
         return conv
+
+    def _owned_with_parent(self, session, owner_id: str, public_id: str,
+                           parent_id: Any) -> tuple[Conversation, Message | None]:
+        """owned(lock=True) and _parent(parent_id) in the same SELECT where they can be (an
+        append's or a page's reply's first statement): the conversation, locked, and the
+        message a new one goes under."""
+        if parent_id is None or (parent_id is not MISSING and not isinstance(parent_id, str)):
+            conv = self.owned(session, owner_id, public_id, lock=True)
+            return conv, self._parent(session, conv, parent_id)
+        query, params = ((OWNED_WITH_CURRENT, {}) if parent_id is MISSING
+                         else (OWNED_WITH_PARENT, {"parent_id": parent_id}))
+        row = session.execute(query, {"public_id": public_id, "owner_id": owner_id,
+                                      **params}).first()
+        if row is None:
+            raise NotFound()
+        conv, parent = row
+        if parent is None and parent_id is MISSING:  # no current message stored (or not its own)
+            parent = self._current_leaf(session, conv)
+        elif parent is None:
+            raise NotFound("message")
+        return conv, parent
 
     def owned_message(self, session, owner_id: str, message_id: Any) -> Message:
         message = session.scalar(
@@ -126,47 +201,77 @@ class ChatService:
         each (the ‹ 2/3 › switcher counts them; their own branches are not sent). ``earlier``
         is the ``before`` of the page above, null once the window reaches the root.
 
-        Only the rows sent are read: a recursive query up the branch, bounded by a depth
-        counter (UNION ALL with depth < limit: a cycle cannot loop), then the siblings by the
-        parent_id index; a long conversation costs the same to open as a short one."""
+        Only the rows sent are read: a recursive query up the branch for its ids (_up), then
+        the branch's messages with their siblings by the parent_id index, in one query; a
+        long conversation costs the same to open as a short one."""
         if before is not None:
-            anchor = session.scalar(select(Message).where(
-                Message.public_id == check_message_id(before), Message.conversation_id == conv.id))
+            anchor = session.execute(select(Message.parent_id).where(
+                Message.public_id == check_message_id(before),
+                Message.conversation_id == conv.id)).first()
             if anchor is None:
                 raise NotFound("message")
             start = anchor.parent_id
+            up = self._up(session, conv.id, start, limit)
         else:
-            leaf = self._current_leaf(session, conv)
-            start = leaf.id if leaf is not None else None
-        branch: list[Message] = []
-        if start is not None:
-            up = (select(Message.id, Message.parent_id, literal(1).label("depth"))
-                  .where(Message.id == start).cte("up", recursive=True))
-            up = up.union_all(select(Message.id, Message.parent_id, (up.c.depth + 1).label("depth"))
-                              .join(up, Message.id == up.c.parent_id).where(up.c.depth < limit))
-            branch = Tree(session.scalars(select(Message).join(up, Message.id == up.c.id)
-                                          .order_by(Message.id)).all()).path(start)
-        top = branch[0] if branch else None
-        parents = {m.parent_id for m in branch}
-        siblings = Message.parent_id.in_([p for p in parents if p is not None])
-        if top is not None and top.parent_id is None:  # the roots: the first message's versions
-            siblings = siblings | ((Message.conversation_id == conv.id) & Message.parent_id.is_(None))
-        shown = {m.id for m in branch}
-        others = [m for m in session.scalars(select(Message).where(siblings)).all()
-                  if m.id not in shown] if branch else []
-        messages = sorted(branch + others, key=lambda m: m.id)
+            # the current message as stored, checked by the walk itself (its first row must
+            # be this conversation's); else the newest leaf (_current_leaf's slower way)
+            start = conv.current_message_id
+            up = self._up(session, conv.id, start, limit)
+            if not up:
+                leaf = self._current_leaf(session, conv)
+                start = leaf.id if leaf is not None else None
+                up = self._up(session, conv.id, start, limit)
+        # the branch's ids, root first, and above its top the one message the walk read past
+        # (limit + 1 rows): the top's parent, whose public id the top's parent_id is
+        path: list[int] = []
+        node = start
+        while node is not None and node in up and len(path) < limit:
+            path.append(node)
+            node = up[node][0]
+            if node in path:  # a cycle (the depth bound ended its walk): stop where it closes
+                break
+        path.reverse()
+        messages: list[Message] = []
+        if path:
+            # The window's messages with their siblings, in one query: every message of the
+            # branch is a child of a parent of the branch (or, at the root, a root).
+            parents = [p for p in {up[m][0] for m in path} if p is not None]
+            shown = Message.parent_id.in_(bindparam("parents", expanding=True))
+            if up[path[0]][0] is None:  # the roots: the first message's versions
+                shown = shown | ((Message.conversation_id == conv.id) & Message.parent_id.is_(None))
+            messages = session.scalars(select(Message).where(shown).order_by(Message.id),
+                                       {"parents": parents}).all()
         # parent ids as public ids: those in the window, and the top's parent above it
         public = {m.id: m.public_id for m in messages}
+        top_parent = up[path[0]][0] if path else None
+        if top_parent is not None and top_parent in up:
+            public[top_parent] = up[top_parent][1]
         missing = {m.parent_id for m in messages if m.parent_id is not None} - public.keys()
         if missing:
             public.update(session.execute(select(Message.id, Message.public_id)
                                           .where(Message.id.in_(missing))).all())
         data = conv.to_dict()
         data["messages"] = [m.to_dict(public) for m in messages]
-        leaf = self._current_leaf(session, conv) if before is not None else (branch[-1] if branch else None)
-        data["current_message_id"] = leaf.public_id if leaf is not None else None
-        data["earlier"] = top.public_id if top is not None and top.parent_id is not None else None
+        if before is not None:
+            leaf = self._current_leaf(session, conv)
+            data["current_message_id"] = leaf.public_id if leaf is not None else None
+        else:
+            data["current_message_id"] = public.get(path[-1]) if path else None
+        data["earlier"] = public.get(path[0]) if top_parent is not None else None
         return data
+
+    @staticmethod
+    def _up(session, conversation_id: int, start: int | None,
+            limit: int) -> dict[int, tuple[int | None, str]]:
+        """From ``start`` (one of this conversation's messages) up its branch, ``limit`` + 1
+        messages at most: id → (parent id, public id), in one recursive query bounded by a
+        depth counter (UNION ALL with depth ≤ limit: a cycle cannot loop). Empty when
+        ``start`` is not this conversation's."""
+        if start is None:
+            return {}
+        rows = session.execute(UP, {"start": start, "conversation_id": conversation_id,
+                                    "limit": limit})
+        return {row.id: (row.parent_id, row.public_id) for row in rows}
 
     def conversation_settings(self, owner_id: str, public_id: str | None) -> dict[str, Any]:
         """What a reply in this conversation starts from (a new one: the visitor's defaults)."""
@@ -237,7 +342,7 @@ class ChatService:
     def _current_leaf(self, session, conv: Conversation) -> Message | None:
         """The branch on screen's last message (tree.Tree.current without the whole tree)."""
         if conv.current_message_id is not None:
-            current = session.scalar(select(Message).where(
+            current = session.scalar(select(Message).options(lazyload(Message.attachments)).where(
                 Message.id == conv.current_message_id, Message.conversation_id == conv.id))
             if current is not None:
                 return current
@@ -333,8 +438,8 @@ class ChatService:
             return None
         if not isinstance(parent_id, str):
             raise Invalid("bad_parent", "parent_id must be a message id or null")
-        parent = session.scalar(select(Message).where(Message.public_id == parent_id,
-                                                      Message.conversation_id == conv.id))
+        parent = session.scalar(select(Message).options(lazyload(Message.attachments)).where(
+            Message.public_id == parent_id, Message.conversation_id == conv.id))
         if parent is None:
             raise NotFound("message")
         return parent
@@ -394,24 +499,21 @@ class ChatService:
                 session.flush()
                 parent = None
             else:
-                conv = self.owned(session, owner_id, conversation_id)
+                conv, parent = self._owned_with_parent(session, owner_id, conversation_id, parent_id)
                 if provenances:  # a page writing its own reply checks for itself
                     self._refuse_busy(session, conv)
                 if conv.title == DEFAULT_TITLE and not self._has_messages(session, conv):
                     conv.title = title_from(content)
-                parent = self._parent(session, conv, parent_id)
             user = Message(conversation_id=conv.id, role="user", content=content,
                            status="complete", parent_id=parent.id if parent else None)
             session.add(user)
-            # Touched before the first flush, so the UPDATE of the conversation row comes before
-            # the INSERT (SQLAlchemy writes parents first): every writer locks that row first.
-            # Inserted first, the message's key-share lock on it, then a share's SELECT … FOR
-            # UPDATE, then this UPDATE deadlocked on PostgreSQL (tests/test_postgres.py).
-            conv.updated_at = utcnow()
             session.flush()
-            files.link(session, owner_id, attachment_ids, conv.id, user.id)
-            if not provenances:
-                files.refuse_images(session, user.id, "the page's engine does not take images")
+            if attachment_ids:
+                files.link(session, owner_id, attachment_ids, conv.id, user.id)
+                if not provenances:
+                    files.refuse_images(session, user.id, "the page's engine does not take images")
+            else:  # none: known without a SELECT for them
+                set_committed_value(user, "attachments", [])
             # The branch up to the user's message: read only when a model will see it (the
             # page's own engine keeps its history itself).
             path = (self._path(session, parent.id) if parent and provenances else
@@ -424,7 +526,9 @@ class ChatService:
                 if given:
                     reply.meta = {**(reply.meta or {}), "files": given}
             session.flush()
+            # One UPDATE of the (already locked) conversation row, at commit.
             conv.current_message_id = replies[0].id if replies else user.id
+            conv.updated_at = utcnow()
             parents = {m.id: m.public_id for m in path}
             return (conv.to_dict(), user.to_dict(parents), [r.to_dict(parents) for r in replies],
                     model_history(seen) if provenances else [])
@@ -580,6 +684,7 @@ class ChatService:
                         status="streaming", updated_at=now,
                         parent_id=parent.id if parent else None, run_owner=run_owner)
         reply.record(provenance)
+        set_committed_value(reply, "attachments", [])  # a reply has no files of its own
         session.add(reply)
         conv.updated_at = now
         return reply
@@ -593,11 +698,14 @@ class ChatService:
         if status not in STATUSES:  # a page may set any ("interrupted": on pagehide)
             raise Invalid("bad_status", f"status must be one of {', '.join(STATUSES)}")
         with self.db.write() as session:
-            conv = self.owned(session, owner_id, conversation_id)
-            message = session.scalar(
-                select(Message).where(Message.public_id == message_id,
-                                      Message.conversation_id == conv.id)
-            )
+            # The reply, its conversation and its files in one SELECT (a page sends one every
+            # 2 s while it writes); its conversation's UPDATE still comes first in the flush.
+            found = session.execute(REPLY, {
+                "message_id": check_message_id(message_id), "public_id": conversation_id,
+                "owner_id": owner_id}).unique().first()
+            if found is None:
+                self.owned(session, owner_id, conversation_id)  # no such conversation: its 404
+            message, conv, parent_public_id = found if found is not None else (None, None, None)
             if message is None or message.role != "assistant":
                 raise NotFound("reply")
             if message.engine != "browser":
@@ -625,7 +733,7 @@ class ChatService:
             conv.updated_at = utcnow()
             session.flush()
             notify_replies(session, [message.public_id])  # a page's reply: its watchers elsewhere
-            return message.to_dict()
+            return message.to_dict({message.parent_id: parent_public_id})
 
     def add_reply(
         self,
@@ -645,8 +753,7 @@ class ChatService:
         if provenance.engine not in ENGINES:
             raise Invalid("bad_engine", f"engine must be one of {', '.join(ENGINES)}")
         with self.db.write() as session:
-            conv = self.owned(session, owner_id, conversation_id)
-            parent = self._parent(session, conv, parent_id)
+            conv, parent = self._owned_with_parent(session, owner_id, conversation_id, parent_id)
             message = Message(
                 conversation_id=conv.id, public_id=public_id or new_public_id(),
                 parent_id=parent.id if parent else None, role="assistant", content=content,
@@ -654,10 +761,11 @@ class ChatService:
                 run_owner="browser" if status == "streaming" else None,
             )
             message.record(provenance)
+            set_committed_value(message, "attachments", [])  # a reply has no files of its own
             session.add(message)
-            conv.updated_at = utcnow()  # before the flush: the row is locked first (begin_turn)
             session.flush()
-            conv.current_message_id = message.id
+            conv.current_message_id = message.id  # one UPDATE of the locked row, at commit
+            conv.updated_at = utcnow()
             return message.to_dict({parent.id: parent.public_id} if parent else {})
 
     def import_messages(

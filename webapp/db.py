@@ -9,13 +9,15 @@ after the timeout is a 503 with Retry-After, never a 500.
 
 PostgreSQL (``postgresql+psycopg://``) lets writers run side by side at READ COMMITTED, so a
 read-then-write that must not interleave with another (e.g. "create the share unless one
-exists") takes a row lock first with ``lock_row()``; on SQLite that is a no-op because
-``BEGIN IMMEDIATE`` has already serialised every writer.
+exists") takes a row lock first (chats.ChatService.owned's ``lock``: SELECT … FOR NO KEY
+UPDATE); on SQLite that is a no-op because ``BEGIN IMMEDIATE`` has already serialised every
+writer.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import AppError
@@ -34,6 +36,8 @@ BUSY_RETRY_AFTER_S = 2
 _PG_BUSY_STATES = {"55P03", "40P01"}
 # An unreachable PostgreSQL server fails a request in seconds, not after the OS's TCP timeout.
 PG_CONNECT_TIMEOUT_S = 10
+# A pooled connection idle longer than this is pinged before it is handed out (below).
+PG_PING_AFTER_IDLE_S = 10.0
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -73,15 +77,45 @@ def make_engine(url: str) -> Engine:
         _configure_sqlite(engine)
         return engine
     if make_url(url).get_backend_name() == "postgresql":
-        # pre_ping: a pooled connection the server (or a proxy) closed is replaced, not handed
-        # out. The pool stays at SQLAlchemy's 5 + 10 overflow per process: sessions are short,
-        # and 4 gunicorn workers x 15 stay well under PostgreSQL's default max_connections=100.
-        return create_engine(
+        # The pool stays at SQLAlchemy's 5 + 10 overflow per process: sessions are short, and
+        # 4 gunicorn workers x 15 stay well under PostgreSQL's default max_connections=100.
+        engine = create_engine(
             url,
-            pool_pre_ping=True,
             connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S, "application_name": "bchat"},
         )
+        _ping_when_idle(engine)
+        return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection before handing it out only when it sat idle for over
+    PG_PING_AFTER_IDLE_S: one closed by the server (a restart) or a proxy (an idle timeout)
+    while nobody used it is replaced, not handed out.
+
+    Not ``pool_pre_ping``, which pings on every checkout: a round trip more on every request
+    (a third of an append's), where under load a connection is back in use within
+    milliseconds. A connection that dies between two close uses fails its statement instead;
+    SQLAlchemy then invalidates the whole pool (every connection made before it), and the
+    request is a 503 that says to retry (Database, below): SQLAlchemy's "optimistic"
+    disconnect handling, for the window the ping no longer covers."""
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection, record, _proxy) -> None:
+        idle_since = record.info.pop("idle_since", None)  # None: a fresh connection
+        if idle_since is None or time.monotonic() - idle_since <= PG_PING_AFTER_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            if engine.dialect.is_disconnect(exc, dbapi_connection, None):
+                # the pool replaces this connection (and those as old) and checks out anew
+                raise DisconnectionError("a pooled connection was closed while idle") from exc
+            raise
 
 
 def _busy(exc: OperationalError) -> bool:
@@ -90,14 +124,10 @@ def _busy(exc: OperationalError) -> bool:
     return "database is locked" in str(exc.orig) or "database table is locked" in str(exc.orig)
 
 
-def lock_row(session: Session, model: type, pk: int) -> None:
-    """Hold ``model``'s row ``pk`` until this write commits (``SELECT ... FOR UPDATE``).
-
-    Two writers that both read "no share yet" and both insert would collide on a unique
-    constraint on PostgreSQL; locking the parent row first makes the second wait and then see
-    the first one's row. SQLite's compiler drops FOR UPDATE: BEGIN IMMEDIATE already queued it.
-    """
-    session.execute(select(model.id).where(model.id == pk).with_for_update())
+def _disconnected(exc: DBAPIError) -> bool:
+    """The server closed the connection mid-session (a restart); SQLAlchemy has invalidated
+    the pool, so a retry gets a new connection."""
+    return exc.connection_invalidated
 
 
 REPLY_CHANNEL = "bchat_reply"  # PostgreSQL NOTIFY channel: a reply's row changed (runs/listen.py)
@@ -164,7 +194,16 @@ class Database:
         bench/sqlite_writers.py, which compares the two)."""
         self.url = url
         self.engine = make_engine(url)
-        self._reader = sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        # PostgreSQL's reads run without a transaction: at READ COMMITTED each statement sees
+        # its own snapshot anyway, so a read's BEGIN and ROLLBACK were two round trips that
+        # bought nothing. (SQLite's BEGIN is a call into the library, and its transaction
+        # gives a read's statements one snapshot: kept.) A read() never writes.
+        reader_bind = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.engine.dialect.name == "postgresql"
+            else self.engine
+        )
+        self._reader = sessionmaker(reader_bind, expire_on_commit=False, autoflush=False)
         writer_bind = (
             self.engine.execution_options(sqlite_immediate=True)
             if self.engine.dialect.name == "sqlite"
@@ -175,8 +214,14 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        with self._reader() as session:
-            yield session
+        try:
+            with self._reader() as session:
+                yield session
+        except DBAPIError as exc:
+            if not _disconnected(exc):
+                raise
+            raise AppError("database_busy", "the database connection was lost; try again",
+                           retry_after=BUSY_RETRY_AFTER_S) from exc
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -186,8 +231,11 @@ class Database:
         try:
             with gate, self._writer() as session, session.begin():
                 yield session
-        except OperationalError as exc:
-            if not _busy(exc):
+        except DBAPIError as exc:
+            if _disconnected(exc):
+                raise AppError("database_busy", "the database connection was lost; try again",
+                               retry_after=BUSY_RETRY_AFTER_S) from exc
+            if not isinstance(exc, OperationalError) or not _busy(exc):
                 raise
             raise AppError("database_busy", "the database is busy; try again in a moment",
                            retry_after=BUSY_RETRY_AFTER_S) from exc

@@ -34,7 +34,7 @@ from sqlalchemy.orm import object_session
 
 from .attachments import texts_for
 from .chats import ChatService
-from .db import Database, lock_row
+from .db import Database
 from .errors import NotFound
 from .models import Conversation, Share, new_public_id, utcnow
 from .tree import current_branch
@@ -155,8 +155,8 @@ class ShareService:
     # -- owner actions ---------------------------------------------------------------------
     def share(self, owner_id: str, conversation_id: str, *, new_link: bool = False) -> dict:
         with self.db.write() as session:
-            conv = self.chats.owned(session, owner_id, conversation_id)
-            lock_row(session, Conversation, conv.id)  # concurrent shares: one inserts, others update
+            # locked as it is found: of concurrent shares one inserts, the others update
+            conv = self.chats.owned(session, owner_id, conversation_id, lock=True)
             share = session.scalar(select(Share).where(Share.conversation_id == conv.id))
             token = None
             if share is None:
