@@ -323,16 +323,16 @@ def test_export_share_continue_and_deletion_carry_the_bytes(vision_app):
 
 
 @pytest.mark.databases("sqlite")
-def test_a_projector_beside_a_gguf_is_found_and_refused_clearly(make_app, make_live_server,
-                                                                 tiny_model, tmp_path):
+def test_a_projector_beside_a_gguf_is_found_and_a_broken_one_refused(make_app, make_live_server,
+                                                                    tiny_model, tmp_path):
     """llama.cpp's convention: an ``mmproj`` GGUF beside the model. The catalogue finds it
-    (and never lists it as a model); the embedded engine cannot run it yet, and says so."""
+    (and never lists it as a model); a file by that name that is no projector says so."""
     folder = tmp_path / "models"
     folder.mkdir()
     model = folder / "tiny-chat-Q8_0.gguf"
     shutil.copy(tiny_model, model)
     assert projector_for(model) is None
-    (folder / "mmproj-tiny-chat-f16.gguf").write_bytes(b"GGUF")  # named, never read
+    (folder / "mmproj-tiny-chat-f16.gguf").write_bytes(b"GGUF")  # a name, not a projector
     assert projector_for(model).name == "mmproj-tiny-chat-f16.gguf"
     assert is_projector(folder / "mmproj-tiny-chat-f16.gguf") and not is_projector(model)
     assert [m.projector for m in discover(folder)] == ["mmproj-tiny-chat-f16.gguf"]
@@ -341,9 +341,63 @@ def test_a_projector_beside_a_gguf_is_found_and_refused_clearly(make_app, make_l
     (listed,) = me.json("GET", "/api/models")[1]["models"]
     assert listed["facts"]["projector"] == "mmproj-tiny-chat-f16.gguf"
     assert listed["images"]["accepted"] is False
-    assert "projector" in listed["images"]["reason"] and "embedded engine" in listed["images"]["reason"]
+    assert "projector cannot be run" in listed["images"]["reason"]
     _, info = upload(me, "red.png", png(4, 4))
     ws = me.ws()
     error, _ = turn(ws, "What is this?", attachments=[info["id"]])
     ws.close()
     assert error["code"] == "images_not_supported"
+
+
+IMAGE_TOKENS = 16  # tiny_model.write_tiny_projector: (32 / 8)² embeddings an image
+
+
+@pytest.mark.databases("sqlite")
+def test_an_embedded_model_with_a_projector_is_shown_images(make_app, make_live_server,
+                                                           tiny_model, tmp_path):
+    """Real parts end to end: the tiny model and a tiny random projector beside it, run by
+    llama.cpp's libmtmd in the embedded engine. The reply's prompt holds the image's
+    embeddings (its prompt_tokens grow by the projector's image tokens), and is stored."""
+    from llama_cpp import Llama
+    from tiny_model import write_tiny_projector
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(tiny_model, folder / "tiny-chat.gguf")
+    write_tiny_projector(folder / "mmproj-tiny-chat.gguf")
+    server = make_live_server(make_app(MODEL_PATH=str(folder)))
+    me = server.session()
+    (listed,) = me.json("GET", "/api/models")[1]["models"]
+    assert listed["facts"]["vision"] is True
+    assert listed["images"] == {"accepted": True, "reason": None}
+
+    ws = me.ws()
+    _, alone = turn(ws, "What is this?")
+    assert alone["type"] == "done", alone
+    _, info = upload(me, "red.png", png(20, 12))
+    started, done = turn(ws, "What is this?", attachments=[info["id"]])
+    assert done["type"] == "done", done
+    # the image's line ("\n" before its marker) and its embeddings
+    newline = len(Llama(model_path=str(tiny_model), vocab_only=True, verbose=False)
+                  .tokenize(b"\n", add_bos=False, special=True))
+    with_image = done["message"]["usage"]["prompt_tokens"]
+    assert with_image == alone["message"]["usage"]["prompt_tokens"] + newline + IMAGE_TOKENS
+    assert done["message"]["content"]
+    conv = started["conversation_id"]
+    stored = me.json("GET", f"/api/conversations/{conv}")[1]["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["content"] == done["message"]["content"]
+
+    # the next turn sees the image again (evaluated anew: nothing past an image is reused)
+    _, again = turn(ws, "And its colour?", conv)
+    assert again["type"] == "done", again
+    assert again["message"]["usage"]["prompt_tokens"] > with_image
+    # a WebP is taken by the server but not by the decoder inside llama.cpp: refused clearly
+    webp = b"RIFF\0\0\0\0WEBPVP8X\x0a\0\0\0\0\0\0\0" + (9).to_bytes(3, "little") + \
+        (9).to_bytes(3, "little")
+    status, other = upload(me, "x.webp", webp)
+    assert status == 201
+    _, error = turn(ws, "And this?", conv, attachments=[other["id"]])
+    assert error["type"] == "error" and error["code"] == "bad_image", error
+    assert "PNG, JPEG or GIF" in error["message"]
+    ws.close()

@@ -57,8 +57,9 @@ class ModelFile:
     experts_used: int | None = None
     expert_parameters: int | None = None
     # The image projector beside it (projector_for), by file name: what a vision model needs;
-    # reported, not run (the embedded engine does not run projectors yet).
+    # the embedded engine runs it (engines/vision.py), so such a model takes images.
     projector: str | None = None
+    projector_problem: str | None = None  # why that file is not an image projector (vision_problem)
 
     @property
     def weights_bits_per_weight(self) -> float:
@@ -104,6 +105,8 @@ class ModelFile:
         data["fits_server"] = self.fits_server(n_ctx, parallel)
         data["weights_bits_per_weight"] = self.weights_bits_per_weight
         data["active_parameters"] = self.active_parameters
+        if self.projector and not self.projector_problem:
+            data["vision"] = True  # engines.base.takes_images
         return data
 
 
@@ -216,6 +219,21 @@ def projector_for(model: Path) -> Path | None:
     return found[0] if found else None
 
 
+def vision_problem(path: Path) -> str | None:
+    """Why ``path`` is not an image projector llama.cpp can run (None: it is one, as far as
+    its GGUF header says: a CLIP file with a vision encoder)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same answer
+        return f"{path.name} is not a readable GGUF file ({type(exc).__name__})"
+    if _field_value(reader, "general.architecture") != "clip" or \
+            not _field_value(reader, "clip.has_vision_encoder"):
+        return f"{path.name} is not an image projector (a CLIP GGUF with a vision encoder)"
+    return None
+
+
 def discover(model_path: str | os.PathLike) -> list[ModelFile]:
     """Every readable .gguf at ``model_path`` (a file, or a directory searched one level),
     each with its image projector when one is beside it; projectors are not models."""
@@ -238,7 +256,10 @@ def discover(model_path: str | os.PathLike) -> list[ModelFile]:
         try:
             model = read_model_file(path, model_id)
             projector = projector_for(path)
-            models.append(replace(model, projector=projector.name) if projector else model)
+            if projector:
+                model = replace(model, projector=projector.name,
+                                projector_problem=vision_problem(projector))
+            models.append(model)
         except Exception:  # a broken file must not hide the good ones
             log.exception("skipping %s: not a readable GGUF file", path)
             continue
