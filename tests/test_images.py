@@ -353,11 +353,14 @@ IMAGE_TOKENS = 16  # tiny_model.write_tiny_projector: (32 / 8)² embeddings an i
 
 
 @pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("runner", ["inline", "process"])
 def test_an_embedded_model_with_a_projector_is_shown_images(make_app, make_live_server,
-                                                           tiny_model, tmp_path):
+                                                           tiny_model, tmp_path, runner,
+                                                           monkeypatch):
     """Real parts end to end: the tiny model and a tiny random projector beside it, run by
-    llama.cpp's libmtmd in the embedded engine. The reply's prompt holds the image's
-    embeddings (its prompt_tokens grow by the projector's image tokens), and is stored."""
+    llama.cpp's libmtmd in the embedded engine, in the web process and in a model's own
+    supervised process (the default). The reply's prompt holds the image's embeddings (its
+    prompt_tokens grow by the projector's image tokens), and is stored."""
     from llama_cpp import Llama
     from tiny_model import write_tiny_projector
 
@@ -365,7 +368,7 @@ def test_an_embedded_model_with_a_projector_is_shown_images(make_app, make_live_
     folder.mkdir()
     shutil.copy(tiny_model, folder / "tiny-chat.gguf")
     write_tiny_projector(folder / "mmproj-tiny-chat.gguf")
-    server = make_live_server(make_app(MODEL_PATH=str(folder)))
+    server = make_live_server(make_app(MODEL_PATH=str(folder), MODEL_RUNNER=runner))
     me = server.session()
     (listed,) = me.json("GET", "/api/models")[1]["models"]
     assert listed["facts"]["vision"] is True
@@ -400,4 +403,12 @@ def test_an_embedded_model_with_a_projector_is_shown_images(make_app, make_live_
     _, error = turn(ws, "And this?", conv, attachments=[other["id"]])
     assert error["type"] == "error" and error["code"] == "bad_image", error
     assert "PNG, JPEG or GIF" in error["message"]
+    if runner == "process":
+        # a request the runner would not read (images in base64 over its line limit) is
+        # refused before it is sent, never a runner that seems to have died
+        import webapp.engines.runner
+
+        monkeypatch.setattr(webapp.engines.runner, "MAX_REQUEST_BYTES", 400)
+        _, error = turn(ws, "Once more?", conv)
+        assert error["type"] == "error" and error["code"] == "images_too_large", error
     ws.close()
