@@ -391,10 +391,11 @@ def test_an_embedded_model_with_a_projector_is_shown_images(make_app, make_live_
     assert [m["role"] for m in stored] == ["user", "assistant"]
     assert stored[1]["content"] == done["message"]["content"]
 
-    # the next turn sees the image again (evaluated anew: nothing past an image is reused)
+    # the next turn sees the image again, from its slot's cache
     _, again = turn(ws, "And its colour?", conv)
     assert again["type"] == "done", again
     assert again["message"]["usage"]["prompt_tokens"] > with_image
+    assert again["message"]["meta"]["prompt_cached"] >= with_image
     # a WebP is taken by the server but not by the decoder inside llama.cpp: refused clearly
     webp = b"RIFF\0\0\0\0WEBPVP8X\x0a\0\0\0\0\0\0\0" + (9).to_bytes(3, "little") + \
         (9).to_bytes(3, "little")

@@ -65,8 +65,10 @@ class _Slot:
     request: Request | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
     # Positions minus cells so far: an image under M-RoPE advances fewer positions than the
-    # cells it takes (vision.ImageChunk.n_pos); 0 otherwise.
+    # cells it takes (vision.ImageChunk.n_pos); 0 otherwise. shifts: (cells, pos_shift) after
+    # each image in the cache, to know the shift of a prefix kept for the next request.
     pos_shift: int = 0
+    shifts: list[tuple[int, int]] = field(default_factory=list)
     sampler: Any = None
     grammar: Any = None  # this request's grammar sampler, checked lazily (see _sample_picked)
     last_token: int | None = None
@@ -415,6 +417,8 @@ class ModelWorker:
     def _start(self, request: Request, free: list[_Slot]) -> None:
         from llama_cpp import llama_cpp
 
+        from .vision import image_start
+
         opts = request.options
         prompt, dropped, max_tokens = request.prompt, request.dropped, request.max_tokens  # see submit
         # The free slot whose cache shares the longest start with this prompt.
@@ -427,16 +431,16 @@ class ModelWorker:
             return n
 
         slot = max(free, key=shared)
-        # Re-decode at least one token for logits, and everything from the first image on:
-        # its places hold placeholders (vision.placeholder), not what the image was.
-        first_image = next((i for i, token in enumerate(prompt) if token < 0), len(prompt))
-        if prompt[-1] < 0:  # no text after it: no logits would ever come
+        if prompt and prompt[-1] < 0:  # no text after an image: no logits would ever come
             raise EngineError("the model's chat template ends the prompt with an image")
-        keep = min(shared(slot), len(prompt) - 1, first_image)
+        # Re-decode at least one token for logits; an image the cache holds is kept whole
+        # (its places' ids are its bytes': vision.placeholder) or evaluated again whole.
+        keep = image_start(prompt, min(shared(slot), len(prompt) - 1))
         llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1)
         slot.cached = prompt[:keep]
         slot.pending = prompt[keep:]
-        slot.pos_shift = 0
+        slot.shifts = [(end, shift) for end, shift in slot.shifts if end <= keep]
+        slot.pos_shift = slot.shifts[-1][1] if slot.shifts else 0
         slot.request = request
         slot.grammar = self._grammar(opts)
         slot.sampler = sampler_chain(opts, self._n_vocab)
@@ -519,15 +523,14 @@ class ModelWorker:
         projector and decoded as embeddings in llama.cpp calls of their own, between steps
         (the text before them was decoded at an earlier step; a prompt ends in text, so the
         logits come from the batch as for any prompt). The other chats wait this long."""
-        from .vision import image_index
-
         while slot.pending and slot.pending[0] < 0:
-            chunk = slot.request.image_chunks[image_index(slot.pending[0])]
+            chunk = slot.request.image_chunks[slot.pending[0]]
             position = len(slot.cached) + slot.pos_shift
             after = self._projector.evaluate(self._ctx, chunk, position, slot.seq_id, N_BATCH)
             slot.cached += slot.pending[:chunk.n_tokens]
             slot.pending = slot.pending[chunk.n_tokens:]
             slot.pos_shift += (after - position) - chunk.n_tokens
+            slot.shifts.append((len(slot.cached), slot.pos_shift))
 
     def _sample(self, slot: _Slot, now: float) -> None:
         """Choose the slot's next token from this step's logits (``now``: when they came)."""
@@ -649,7 +652,7 @@ class ModelWorker:
         if reason == "stopped":
             # Its cells go at once; what it was in the middle of is of no use to a next turn.
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
-            slot.cached = []
+            slot.cached, slot.shifts = [], []
         if slot.n_generated > 1:
             # Measured here, where the tokens are made: a reader (another process, a busy web
             # thread) gets them in bursts, so timing their arrival overstates the speed.
@@ -679,6 +682,7 @@ class ModelWorker:
         llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
         slot.request = None
         slot.cached, slot.pending, slot.last_token = [], [], None
+        slot.shifts = []
 
     def _fail_slot(self, slot: _Slot, exc: BaseException) -> None:
         request = slot.request
@@ -701,3 +705,4 @@ class ModelWorker:
                 slot.request = None
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
             slot.cached, slot.pending, slot.last_token = [], [], None
+            slot.shifts = []

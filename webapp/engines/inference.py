@@ -43,9 +43,9 @@ class Request:
     dropped: int = 0  # oldest messages left out to fit the context
     max_tokens: int = 0  # the reply room left
     # Its images as the model's projector took them (vision.Picture, which own the native
-    # chunks) and their image chunks, which the prompt's vision.placeholder ids number.
+    # chunks) and their image chunks by the vision.placeholder ids the prompt holds for them.
     pictures: list[Any] = field(default_factory=list)
-    image_chunks: list[Any] = field(default_factory=list)
+    image_chunks: dict[int, Any] = field(default_factory=dict)
 
 
 DONE = object()  # end-of-stream marker on a request's out queue

@@ -7,8 +7,10 @@ request's own where each image was (a marker a person's text cannot guess), and 
 bytes. ``Projector.picture`` decodes one image and tokenizes it the way the model's projector
 wants it (``Picture``: the text tokens some projectors wrap an image in, and the image chunk,
 whose embeddings take ``n_tokens`` places of the context). The prompt builder puts a picture's
-tokens where its marker is, an image's places as PLACEHOLDER ids (negative, never a vocabulary
-token), so fitting the history to the context counts an image as what it costs.
+tokens where its marker is, an image chunk's places as its placeholder id (negative, never a
+vocabulary token, made from the image's bytes), so fitting the history to the context counts
+an image as what it costs, and a slot's cache knows an image it already holds: the next turn
+of a conversation reuses it (and everything after it) instead of evaluating it again.
 
 The bytes are hostile input and reach a native decoder (stb_image inside libmtmd), so only
 what images.sniff took (PNG, JPEG, GIF: stb_image reads no WebP) of at most MAX_PIXELS by its
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -37,33 +40,36 @@ DECODED = ("image/png", "image/jpeg", "image/gif")
 _DATA_URL = re.compile(r"data:(image/[a-z]+);base64,(.*)", re.DOTALL)
 
 
-def placeholder(index: int) -> int:
-    """The id an image's places in a prompt hold (the ``index``-th image of a request)."""
-    return -1 - index
-
-
-def image_index(token: int) -> int:
-    return -1 - token
+def placeholder(data: bytes, ordinal: int) -> int:
+    """The id the places of an image chunk hold in a prompt: from the image's bytes and which
+    of its chunks it is, so the same image is the same id in every request (a slot's cache
+    holds what those places were) and two images differ but once in 2³¹."""
+    digest = hashlib.blake2b(data, digest_size=8, person=ordinal.to_bytes(4, "little"))
+    return -1 - (int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF)
 
 
 class Picture:
     """One image as the model's projector tokenizes it: ``pieces`` in order, each a list of text
     tokens or an image chunk (mtmd's, owned here and freed with this object)."""
 
-    def __init__(self, pieces: list[Any], chunks: list[int]) -> None:
+    def __init__(self, pieces: list[Any], chunks: list[int], data: bytes) -> None:
         self.pieces = pieces
         self._chunks = chunks  # the image chunks' pointers, to free
+        self._data = data
 
-    def tokens(self, chunks: list[ImageChunk]) -> list[int]:
-        """Its tokens in a prompt: each image chunk's places hold placeholder(its index in
-        ``chunks``, the request's image chunks, which it is appended to)."""
+    def tokens(self, chunks: dict[int, ImageChunk]) -> list[int]:
+        """Its tokens in a prompt: each image chunk's places hold its placeholder, which
+        ``chunks`` (the request's image chunks) is given."""
         out: list[int] = []
+        ordinal = 0
         for piece in self.pieces:
             if isinstance(piece, list):
                 out += piece
             else:
-                out += [placeholder(len(chunks))] * piece.n_tokens
-                chunks.append(piece)
+                token = placeholder(self._data, ordinal)
+                ordinal += 1
+                out += [token] * piece.n_tokens
+                chunks[token] = piece
         return out
 
     def close(self) -> None:
@@ -126,11 +132,20 @@ def split_images(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
 
 
 def prompt_media(markers: list[str], pictures: list[Picture]
-                 ) -> tuple[dict[str, list[int]], list[ImageChunk]]:
-    """Marker → its picture's tokens (for PromptBuilder.tokens), and the image chunks those
-    tokens' placeholders number."""
-    chunks: list[ImageChunk] = []
+                 ) -> tuple[dict[str, list[int]], dict[int, ImageChunk]]:
+    """Marker → its picture's tokens (for PromptBuilder.tokens), and the image chunks by the
+    placeholder their places hold."""
+    chunks: dict[int, ImageChunk] = {}
     return {m: p.tokens(chunks) for m, p in zip(markers, pictures, strict=True)}, chunks
+
+
+def image_start(prompt: list[int], keep: int) -> int:
+    """``keep`` moved back to the start of the image it falls inside (a cache holds an image
+    whole or not at all); ``keep`` itself when it is not inside one."""
+    if 0 < keep < len(prompt) and prompt[keep] < 0:
+        while keep > 0 and prompt[keep - 1] == prompt[keep]:
+            keep -= 1
+    return keep
 
 
 def check_image(data: bytes) -> images.ImageFacts:
@@ -205,7 +220,7 @@ class Projector:
                     owned.append(own)
                     pieces.append(ImageChunk(own, mtmd_cpp.mtmd_input_chunk_get_n_tokens(own),
                                              mtmd_cpp.mtmd_input_chunk_get_n_pos(own)))
-            return Picture(pieces, owned)
+            return Picture(pieces, owned, data)
         finally:
             mtmd_cpp.mtmd_input_chunks_free(chunks)
             mtmd_cpp.mtmd_bitmap_free(bitmap)
