@@ -146,8 +146,8 @@ class VisionUpstream(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-@pytest.fixture
-def vision_app(make_app, make_live_server, tmp_path):
+def vision_upstream(tmp_path):
+    """The vision upstream on a real socket, and the upstreams file naming it."""
     VisionUpstream.requests = []
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), VisionUpstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
@@ -158,6 +158,12 @@ name = "eyes"
 base_url = "http://127.0.0.1:{upstream.server_port}/v1"
 vision = ["seer"]
 """)
+    return upstream, upstreams
+
+
+@pytest.fixture
+def vision_app(make_app, make_live_server, tmp_path):
+    upstream, upstreams = vision_upstream(tmp_path)
     app = make_app(UPSTREAMS_FILE=str(upstreams))
     yield app, make_live_server(app)
     upstream.shutdown()
@@ -352,6 +358,40 @@ def test_a_projector_beside_a_gguf_is_found_and_a_broken_one_refused(make_app, m
 IMAGE_TOKENS = 16  # tiny_model.write_tiny_projector: (32 / 8)² embeddings an image
 
 
+@pytest.fixture
+def seeing_folder(tiny_model, tmp_path):
+    """The tiny model with a tiny projector beside it."""
+    from tiny_model import write_tiny_projector
+
+    folder = tmp_path / "seeing"
+    folder.mkdir()
+    shutil.copy(tiny_model, folder / "tiny-chat.gguf")
+    write_tiny_projector(folder / "mmproj-tiny-chat.gguf")
+    return folder
+
+
+@pytest.mark.databases("sqlite")
+def test_an_older_webp_is_named_to_an_embedded_model_not_sent(make_app, make_live_server,
+                                                             seeing_folder, tmp_path):
+    """A WebP shown to a vision upstream, then the conversation goes on with an embedded
+    model with a projector (whose decoder reads no WebP): it is told of it in a line, and the
+    conversation goes on."""
+    upstream, upstreams = vision_upstream(tmp_path)
+    server = make_live_server(make_app(UPSTREAMS_FILE=str(upstreams),
+                                       MODEL_PATH=str(seeing_folder)))
+    me = server.session()
+    webp = b"RIFF\0\0\0\0WEBPVP8X\x0a\0\0\0\0\0\0\0" + (9).to_bytes(3, "little") + \
+        (9).to_bytes(3, "little")
+    _, info = upload(me, "old.webp", webp)
+    ws = me.ws()
+    started, done = turn(ws, "What is this?", model="seer", attachments=[info["id"]])
+    assert done["type"] == "done", done
+    _, later = turn(ws, "Go on.", started["conversation_id"], model="tiny-chat")
+    ws.close()
+    upstream.shutdown()
+    assert later["type"] == "done", later  # not bad_image: the WebP was not sent to it
+
+
 @pytest.mark.databases("sqlite")
 @pytest.mark.parametrize("runner", ["inline", "process"])
 def test_an_embedded_model_with_a_projector_is_shown_images(make_app, make_live_server,
@@ -396,14 +436,17 @@ def test_an_embedded_model_with_a_projector_is_shown_images(make_app, make_live_
     assert again["type"] == "done", again
     assert again["message"]["usage"]["prompt_tokens"] > with_image
     assert again["message"]["meta"]["prompt_cached"] >= with_image
-    # a WebP is taken by the server but not by the decoder inside llama.cpp: refused clearly
+    # a WebP is taken by the server but not by the decoder inside llama.cpp: refused when it
+    # is sent, nothing stored
+    assert listed["facts"]["image_types"] == ["image/png", "image/jpeg", "image/gif"]
     webp = b"RIFF\0\0\0\0WEBPVP8X\x0a\0\0\0\0\0\0\0" + (9).to_bytes(3, "little") + \
         (9).to_bytes(3, "little")
     status, other = upload(me, "x.webp", webp)
     assert status == 201
-    _, error = turn(ws, "And this?", conv, attachments=[other["id"]])
-    assert error["type"] == "error" and error["code"] == "bad_image", error
-    assert "PNG, JPEG or GIF" in error["message"]
+    error, _ = turn(ws, "And this?", conv, attachments=[other["id"]])
+    assert error["type"] == "error" and error["code"] == "images_not_supported", error
+    assert "x.webp is a WebP image" in error["message"] and "PNG, JPEG or GIF" in error["message"]
+    assert len(me.json("GET", f"/api/conversations/{conv}")[1]["messages"]) == 4  # two turns
     if runner == "process":
         # a request the runner would not read (images in base64 over its line limit) is
         # refused before it is sent, never a runner that seems to have died

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SETTINGS
+from .images import NATIVE_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class ModelFile:
         data["active_parameters"] = self.active_parameters
         if self.projector and not self.projector_problem:
             data["vision"] = True  # engines.base.takes_images
+            data["image_types"] = list(NATIVE_TYPES)  # what its decoder reads (no WebP)
         return data
 
 

@@ -19,6 +19,15 @@ from dataclasses import dataclass
 
 # The types a model is sent and a page is served, by their magic bytes.
 TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
+# What an embedded model is shown: the types stb_image inside llama.cpp's libmtmd decodes
+# (no WebP), as a model's facts ``image_types`` say (engines/vision.py).
+NATIVE_TYPES = ("image/png", "image/jpeg", "image/gif")
+
+
+def kinds(types: tuple[str, ...]) -> str:
+    """``types`` as people say them: "PNG, JPEG or GIF"."""
+    names = [t.split("/")[1].upper().replace("WEBP", "WebP") for t in types]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 MAX_SIDE = 16384  # pixels: a header claiming more is a decompression bomb, or broken
 # What a model is given of a branch's images: the newest this many (older ones become a line
 # of text naming them), so a long conversation with photos stays a request of tens of MB, not

@@ -13,8 +13,9 @@ an image as what it costs, and a slot's cache knows an image it already holds: t
 of a conversation reuses it (and everything after it) instead of evaluating it again.
 
 The bytes are hostile input and reach a native decoder (stb_image inside libmtmd), so only
-what images.sniff took (PNG, JPEG, GIF: stb_image reads no WebP) of at most MAX_PIXELS by its
-header gets there. That bounds the memory a decode takes, not the decoder's own bugs: those
+what images.sniff took of images.NATIVE_TYPES (stb_image reads no WebP: the model's facts say
+so, and attachments.with_files refuses or names a WebP before it gets here) of at most
+MAX_PIXELS by its header gets there. That bounds the memory a decode takes, not the decoder's own bugs: those
 are contained by the model's own process (model_runner.py), which a crash restarts.
 """
 
@@ -35,8 +36,6 @@ from .base import EngineError
 # The most pixels an image may have to be decoded here: 8,192² is 200 MB of RGB; vision
 # projectors shrink every image to a few hundred thousand pixels anyway.
 MAX_PIXELS = 40_000_000
-# What stb_image inside libmtmd decodes (WebP is not among them).
-DECODED = ("image/png", "image/jpeg", "image/gif")
 _DATA_URL = re.compile(r"data:(image/[a-z]+);base64,(.*)", re.DOTALL)
 
 
@@ -155,10 +154,10 @@ def check_image(data: bytes) -> images.ImageFacts:
         facts = images.sniff(data)
     except images.NotAnImage as exc:
         raise EngineError(f"this image could not be read: {exc}", code="bad_image") from None
-    if facts is None or facts.mime not in DECODED:
+    if facts is None or facts.mime not in images.NATIVE_TYPES:
         kind = facts.mime if facts else "this file"
-        raise EngineError(f"{kind} can't be shown to an embedded model: it takes PNG, JPEG or "
-                          "GIF images", code="bad_image")
+        raise EngineError(f"{kind} can't be shown to an embedded model: it takes "
+                          f"{images.kinds(images.NATIVE_TYPES)} images", code="bad_image")
     if facts.width * facts.height > MAX_PIXELS:
         raise EngineError(f"this image is {facts.width}×{facts.height} pixels; an embedded "
                           f"model is shown images of at most {MAX_PIXELS // 1_000_000} "
