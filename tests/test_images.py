@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from test_attachments import upload
 
 from webapp.catalogue import discover, is_projector, projector_for
-from webapp.images import MAX_IMAGES_SENT, NotAnImage, estimate_tokens, sniff
+from webapp.images import MAX_IMAGES_SENT, TYPES, NotAnImage, estimate_tokens, sniff
 from webapp.models import Attachment
 
 pytestmark = pytest.mark.databases("sqlite", "postgresql")
@@ -182,7 +182,7 @@ def test_images_go_to_a_vision_upstream_as_image_url_parts(vision_app):
     app, server = vision_app
     me = server.session()
     listed = {m["id"]: m["images"] for m in me.json("GET", "/api/models")[1]["models"]}
-    assert listed["seer"] == {"accepted": True, "reason": None}
+    assert listed["seer"] == {"accepted": True, "reason": None, "types": list(TYPES)}
     assert listed["blind"]["accepted"] is False and listed["tiny-chat"]["accepted"] is False
     assert listed["tiny-chat"]["reason"] == "it does not take images"
     picture = png(64, 32)
@@ -412,7 +412,8 @@ def test_an_embedded_model_with_a_projector_is_shown_images(make_app, make_live_
     me = server.session()
     (listed,) = me.json("GET", "/api/models")[1]["models"]
     assert listed["facts"]["vision"] is True
-    assert listed["images"] == {"accepted": True, "reason": None}
+    assert listed["images"] == {"accepted": True, "reason": None,
+                                "types": ["image/png", "image/jpeg", "image/gif"]}
 
     ws = me.ws()
     _, alone = turn(ws, "What is this?")
