@@ -61,6 +61,9 @@ class ModelFile:
     # the embedded engine runs it (engines/vision.py), so such a model takes images.
     projector: str | None = None
     projector_problem: str | None = None  # why that file is not an image projector (vision_problem)
+    # Where it is: beside the path the model was found at, which need not be where a linked
+    # model file really lives (path is resolved). The server's to know, not in facts.
+    projector_path: Path | None = None
 
     @property
     def weights_bits_per_weight(self) -> float:
@@ -101,6 +104,7 @@ class ModelFile:
     def facts(self, n_ctx: int, parallel: int) -> dict[str, Any]:
         data = asdict(self)
         data["file_name"] = data.pop("path").name  # the name only: where it lives is the server's
+        data.pop("projector_path")
         data.pop("id")
         # file_size and kv_bytes_per_token let a page estimate its own fit for its own context.
         data["fits_server"] = self.fits_server(n_ctx, parallel)
@@ -259,7 +263,7 @@ def discover(model_path: str | os.PathLike) -> list[ModelFile]:
             model = read_model_file(path, model_id)
             projector = projector_for(path)
             if projector:
-                model = replace(model, projector=projector.name,
+                model = replace(model, projector=projector.name, projector_path=projector,
                                 projector_problem=vision_problem(projector))
             models.append(model)
         except Exception:  # a broken file must not hide the good ones
@@ -363,12 +367,16 @@ class ModelCatalogue:
         return catalogue
 
     def to_json(self, model_id: str) -> str:
-        return json.dumps({**asdict(self._models[model_id]), "path": str(self._models[model_id].path)})
+        model = self._models[model_id]
+        return json.dumps({**asdict(model), "path": str(model.path), "projector_path":
+                           str(model.projector_path) if model.projector_path else None})
 
     @staticmethod
     def model_from_json(text: str) -> ModelFile:
         data = json.loads(text)
-        return ModelFile(**{**data, "path": Path(data["path"])})
+        projector = data.get("projector_path")
+        return ModelFile(**{**data, "path": Path(data["path"]),
+                            "projector_path": Path(projector) if projector else None})
 
     def browser(self, model_id: str) -> BrowserFile | None:
         return self._browser.get(model_id)

@@ -326,11 +326,11 @@ class ModelWorker:
     def _load_projector(self, llama) -> None:
         """The image projector beside the model (catalogue.projector_for), if any. One that
         does not load costs the model its images, not its text chats: they say why."""
-        if not self.model.projector:
+        if not self.model.projector_path:
             return
         from .vision import Projector
 
-        path = self.model.path.parent / self.model.projector
+        path = self.model.projector_path
         try:
             self._projector = Projector(path, llama.model, n_threads=self.n_threads,
                                         use_gpu=self.n_gpu_layers > 0)
