@@ -3,11 +3,13 @@
 The type comes from the magic bytes (PNG, JPEG, WebP, GIF, nothing else: SVG is a document
 that can carry script, so it is never an image here), and the width and height from the
 header, read by the few lines below rather than by a native decoder given hostile bytes
-(Pillow is not installed, and nothing here needs the pixels: the model's server decodes them).
+(Pillow is not installed, and the web process needs no pixels: the model's server decodes
+them, or llama.cpp's libmtmd in an embedded model's own process: engines/vision.py).
 A file whose header says nothing sensible is refused.
 
-A model that takes images (engines' facts ``vision``: an upstream marked ``vision = true``)
-is sent them as OpenAI content parts, ``image_url`` with a ``data:`` URL (``parts``).
+A model that takes images (engines' facts ``vision``: an upstream marked ``vision = true``,
+an embedded GGUF with a projector) is sent them as OpenAI content parts, ``image_url`` with
+a ``data:`` URL (``parts``).
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ of a conversation reuses it (and everything after it) instead of evaluating it a
 The bytes are hostile input and reach a native decoder (stb_image inside libmtmd), so only
 what images.sniff took of images.NATIVE_TYPES (stb_image reads no WebP: the model's facts say
 so, and attachments.with_files refuses or names a WebP before it gets here) of at most
-MAX_PIXELS by its header gets there. That bounds the memory a decode takes, not the decoder's own bugs: those
-are contained by the model's own process (model_runner.py), which a crash restarts.
+MAX_PIXELS by its header gets there. That bounds the memory a decode takes, not the
+decoder's own bugs: those are contained by the model's own process (model_runner.py), which
+a crash restarts.
 """
 
 from __future__ import annotations
