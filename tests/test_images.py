@@ -375,7 +375,7 @@ def test_an_older_webp_is_named_to_an_embedded_model_not_sent(make_app, make_liv
                                                              seeing_folder, tmp_path):
     """A WebP shown to a vision upstream, then the conversation goes on with an embedded
     model with a projector (whose decoder reads no WebP): it is told of it in a line, and the
-    conversation goes on."""
+    conversation goes on; compared side by side, the two are sent only what both read."""
     upstream, upstreams = vision_upstream(tmp_path)
     server = make_live_server(make_app(UPSTREAMS_FILE=str(upstreams),
                                        MODEL_PATH=str(seeing_folder)))
@@ -387,9 +387,17 @@ def test_an_older_webp_is_named_to_an_embedded_model_not_sent(make_app, make_liv
     started, done = turn(ws, "What is this?", model="seer", attachments=[info["id"]])
     assert done["type"] == "done", done
     _, later = turn(ws, "Go on.", started["conversation_id"], model="tiny-chat")
+    assert later["type"] == "done", later  # not bad_image: the WebP was not sent to it
+    # compared side by side, a WebP goes to neither when one of them cannot read it
+    _, again = upload(me, "again.webp", webp)
+    ws.send({"type": "compare", "conversation_id": None, "content": "What is this?",
+             "targets": [{"model": "seer"}, {"model": "tiny-chat"}], "options": GREEDY,
+             "attachments": [again["id"]]})
+    error, _ = ws.until("error")
     ws.close()
     upstream.shutdown()
-    assert later["type"] == "done", later  # not bad_image: the WebP was not sent to it
+    assert error["code"] == "images_not_supported", error
+    assert "tiny-chat takes PNG, JPEG or GIF images" in error["message"]
 
 
 @pytest.mark.databases("sqlite")
