@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from test_attachments import upload
 
 from webapp.catalogue import discover, is_projector, projector_for
-from webapp.images import MAX_IMAGES_SENT, NotAnImage, estimate_tokens, sniff
+from webapp.images import MAX_IMAGES_SENT, TYPES, NotAnImage, estimate_tokens, sniff
 from webapp.models import Attachment
 
 pytestmark = pytest.mark.databases("sqlite", "postgresql")
@@ -146,8 +146,8 @@ class VisionUpstream(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-@pytest.fixture
-def vision_app(make_app, make_live_server, tmp_path):
+def vision_upstream(tmp_path):
+    """The vision upstream on a real socket, and the upstreams file naming it."""
     VisionUpstream.requests = []
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), VisionUpstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
@@ -158,6 +158,12 @@ name = "eyes"
 base_url = "http://127.0.0.1:{upstream.server_port}/v1"
 vision = ["seer"]
 """)
+    return upstream, upstreams
+
+
+@pytest.fixture
+def vision_app(make_app, make_live_server, tmp_path):
+    upstream, upstreams = vision_upstream(tmp_path)
     app = make_app(UPSTREAMS_FILE=str(upstreams))
     yield app, make_live_server(app)
     upstream.shutdown()
@@ -176,7 +182,7 @@ def test_images_go_to_a_vision_upstream_as_image_url_parts(vision_app):
     app, server = vision_app
     me = server.session()
     listed = {m["id"]: m["images"] for m in me.json("GET", "/api/models")[1]["models"]}
-    assert listed["seer"] == {"accepted": True, "reason": None}
+    assert listed["seer"] == {"accepted": True, "reason": None, "types": list(TYPES)}
     assert listed["blind"]["accepted"] is False and listed["tiny-chat"]["accepted"] is False
     assert listed["tiny-chat"]["reason"] == "it does not take images"
     picture = png(64, 32)
@@ -323,16 +329,16 @@ def test_export_share_continue_and_deletion_carry_the_bytes(vision_app):
 
 
 @pytest.mark.databases("sqlite")
-def test_a_projector_beside_a_gguf_is_found_and_refused_clearly(make_app, make_live_server,
-                                                                 tiny_model, tmp_path):
+def test_a_projector_beside_a_gguf_is_found_and_a_broken_one_refused(make_app, make_live_server,
+                                                                    tiny_model, tmp_path):
     """llama.cpp's convention: an ``mmproj`` GGUF beside the model. The catalogue finds it
-    (and never lists it as a model); the embedded engine cannot run it yet, and says so."""
+    (and never lists it as a model); a file by that name that is no projector says so."""
     folder = tmp_path / "models"
     folder.mkdir()
     model = folder / "tiny-chat-Q8_0.gguf"
     shutil.copy(tiny_model, model)
     assert projector_for(model) is None
-    (folder / "mmproj-tiny-chat-f16.gguf").write_bytes(b"GGUF")  # named, never read
+    (folder / "mmproj-tiny-chat-f16.gguf").write_bytes(b"GGUF")  # a name, not a projector
     assert projector_for(model).name == "mmproj-tiny-chat-f16.gguf"
     assert is_projector(folder / "mmproj-tiny-chat-f16.gguf") and not is_projector(model)
     assert [m.projector for m in discover(folder)] == ["mmproj-tiny-chat-f16.gguf"]
@@ -341,9 +347,121 @@ def test_a_projector_beside_a_gguf_is_found_and_refused_clearly(make_app, make_l
     (listed,) = me.json("GET", "/api/models")[1]["models"]
     assert listed["facts"]["projector"] == "mmproj-tiny-chat-f16.gguf"
     assert listed["images"]["accepted"] is False
-    assert "projector" in listed["images"]["reason"] and "embedded engine" in listed["images"]["reason"]
+    assert "projector cannot be run" in listed["images"]["reason"]
     _, info = upload(me, "red.png", png(4, 4))
     ws = me.ws()
     error, _ = turn(ws, "What is this?", attachments=[info["id"]])
     ws.close()
     assert error["code"] == "images_not_supported"
+
+
+IMAGE_TOKENS = 16  # tiny_model.write_tiny_projector: (32 / 8)² embeddings an image
+
+
+@pytest.fixture
+def seeing_folder(tiny_model, tmp_path):
+    """The tiny model with a tiny projector beside it."""
+    from tiny_model import write_tiny_projector
+
+    folder = tmp_path / "seeing"
+    folder.mkdir()
+    shutil.copy(tiny_model, folder / "tiny-chat.gguf")
+    write_tiny_projector(folder / "mmproj-tiny-chat.gguf")
+    return folder
+
+
+@pytest.mark.databases("sqlite")
+def test_an_older_webp_is_named_to_an_embedded_model_not_sent(make_app, make_live_server,
+                                                             seeing_folder, tmp_path):
+    """A WebP shown to a vision upstream, then the conversation goes on with an embedded
+    model with a projector (whose decoder reads no WebP): it is told of it in a line, and the
+    conversation goes on; compared side by side, the two are sent only what both read."""
+    upstream, upstreams = vision_upstream(tmp_path)
+    server = make_live_server(make_app(UPSTREAMS_FILE=str(upstreams),
+                                       MODEL_PATH=str(seeing_folder)))
+    me = server.session()
+    webp = b"RIFF\0\0\0\0WEBPVP8X\x0a\0\0\0\0\0\0\0" + (9).to_bytes(3, "little") + \
+        (9).to_bytes(3, "little")
+    _, info = upload(me, "old.webp", webp)
+    ws = me.ws()
+    started, done = turn(ws, "What is this?", model="seer", attachments=[info["id"]])
+    assert done["type"] == "done", done
+    _, later = turn(ws, "Go on.", started["conversation_id"], model="tiny-chat")
+    assert later["type"] == "done", later  # not bad_image: the WebP was not sent to it
+    # compared side by side, a WebP goes to neither when one of them cannot read it
+    _, again = upload(me, "again.webp", webp)
+    ws.send({"type": "compare", "conversation_id": None, "content": "What is this?",
+             "targets": [{"model": "seer"}, {"model": "tiny-chat"}], "options": GREEDY,
+             "attachments": [again["id"]]})
+    error, _ = ws.until("error")
+    ws.close()
+    upstream.shutdown()
+    assert error["code"] == "images_not_supported", error
+    assert "tiny-chat takes PNG, JPEG or GIF images" in error["message"]
+
+
+@pytest.mark.databases("sqlite")
+@pytest.mark.parametrize("runner", ["inline", "process"])
+def test_an_embedded_model_with_a_projector_is_shown_images(make_app, make_live_server,
+                                                           tiny_model, tmp_path, runner,
+                                                           monkeypatch):
+    """Real parts end to end: the tiny model and a tiny random projector beside it, run by
+    llama.cpp's libmtmd in the embedded engine, in the web process and in a model's own
+    supervised process (the default). The reply's prompt holds the image's embeddings (its
+    prompt_tokens grow by the projector's image tokens), and is stored."""
+    from llama_cpp import Llama
+    from tiny_model import write_tiny_projector
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(tiny_model, folder / "tiny-chat.gguf")
+    write_tiny_projector(folder / "mmproj-tiny-chat.gguf")
+    server = make_live_server(make_app(MODEL_PATH=str(folder), MODEL_RUNNER=runner))
+    me = server.session()
+    (listed,) = me.json("GET", "/api/models")[1]["models"]
+    assert listed["facts"]["vision"] is True
+    assert listed["images"] == {"accepted": True, "reason": None,
+                                "types": ["image/png", "image/jpeg", "image/gif"]}
+
+    ws = me.ws()
+    _, alone = turn(ws, "What is this?")
+    assert alone["type"] == "done", alone
+    _, info = upload(me, "red.png", png(20, 12))
+    started, done = turn(ws, "What is this?", attachments=[info["id"]])
+    assert done["type"] == "done", done
+    # the image's line ("\n" before its marker) and its embeddings
+    newline = len(Llama(model_path=str(tiny_model), vocab_only=True, verbose=False)
+                  .tokenize(b"\n", add_bos=False, special=True))
+    with_image = done["message"]["usage"]["prompt_tokens"]
+    assert with_image == alone["message"]["usage"]["prompt_tokens"] + newline + IMAGE_TOKENS
+    assert done["message"]["content"]
+    conv = started["conversation_id"]
+    stored = me.json("GET", f"/api/conversations/{conv}")[1]["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["content"] == done["message"]["content"]
+
+    # the next turn sees the image again, from its slot's cache
+    _, again = turn(ws, "And its colour?", conv)
+    assert again["type"] == "done", again
+    assert again["message"]["usage"]["prompt_tokens"] > with_image
+    assert again["message"]["meta"]["prompt_cached"] >= with_image
+    # a WebP is taken by the server but not by the decoder inside llama.cpp: refused when it
+    # is sent, nothing stored
+    assert listed["facts"]["image_types"] == ["image/png", "image/jpeg", "image/gif"]
+    webp = b"RIFF\0\0\0\0WEBPVP8X\x0a\0\0\0\0\0\0\0" + (9).to_bytes(3, "little") + \
+        (9).to_bytes(3, "little")
+    status, other = upload(me, "x.webp", webp)
+    assert status == 201
+    error, _ = turn(ws, "And this?", conv, attachments=[other["id"]])
+    assert error["type"] == "error" and error["code"] == "images_not_supported", error
+    assert "x.webp is a WebP image" in error["message"] and "PNG, JPEG or GIF" in error["message"]
+    assert len(me.json("GET", f"/api/conversations/{conv}")[1]["messages"]) == 4  # two turns
+    if runner == "process":
+        # a request the runner would not read (images in base64 over its line limit) is
+        # refused before it is sent, never a runner that seems to have died
+        import webapp.engines.runner
+
+        monkeypatch.setattr(webapp.engines.runner, "MAX_REQUEST_BYTES", 400)
+        _, error = turn(ws, "Once more?", conv)
+        assert error["type"] == "error" and error["code"] == "images_too_large", error
+    ws.close()

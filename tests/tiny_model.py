@@ -164,6 +164,69 @@ def write_tiny_model(
     return path
 
 
+def write_tiny_projector(
+    path: Path, *, text_dim: int = 64, dim: int = 32, layers: int = 2, heads: int = 4,
+    ff: int = 64, image_size: int = 32, patch: int = 8, seed: int = 99,
+) -> Path:
+    """A tiny random-weight image projector (llama.cpp's ``mmproj`` GGUF) for the tiny model:
+    LLaVA's shape, the simplest libmtmd runs (projector type "mlp": a CLIP ViT, then two
+    linear layers into the text model's ``text_dim`` embeddings). Every image becomes
+    (image_size / patch)² = 16 embeddings. ~120 KB; keys and tensor names as llama.cpp's
+    tools/mtmd/clip.cpp reads them (clip.vision.*, v.blk.N.*, mm.0 / mm.2)."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int, scale: float = 0.1) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
+    def zeros(n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.float32)
+
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.has_llava_projector", True)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.add_bool("clip.use_gelu", True)
+    for key, value in (("image_size", image_size), ("patch_size", patch),
+                       ("embedding_length", dim), ("feed_forward_length", ff),
+                       ("projection_dim", text_dim), ("block_count", layers),
+                       ("attention.head_count", heads)):
+        writer.add_uint32(f"clip.vision.{key}", value)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tensor("v.class_embd", weight(dim))
+    writer.add_tensor("v.patch_embd.weight", weight(dim, 3, patch, patch))
+    writer.add_tensor("v.position_embd.weight", weight((image_size // patch) ** 2 + 1, dim))
+    writer.add_tensor("v.pre_ln.weight", ones(dim))
+    writer.add_tensor("v.pre_ln.bias", zeros(dim))
+    for i in range(layers):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            writer.add_tensor(f"v.blk.{i}.{name}.weight", weight(dim, dim))
+            writer.add_tensor(f"v.blk.{i}.{name}.bias", zeros(dim))
+        for name in ("ln1", "ln2"):
+            writer.add_tensor(f"v.blk.{i}.{name}.weight", ones(dim))
+            writer.add_tensor(f"v.blk.{i}.{name}.bias", zeros(dim))
+        writer.add_tensor(f"v.blk.{i}.ffn_up.weight", weight(ff, dim))
+        writer.add_tensor(f"v.blk.{i}.ffn_up.bias", zeros(ff))
+        writer.add_tensor(f"v.blk.{i}.ffn_down.weight", weight(dim, ff))
+        writer.add_tensor(f"v.blk.{i}.ffn_down.bias", zeros(dim))
+    writer.add_tensor("mm.0.weight", weight(text_dim, dim))
+    writer.add_tensor("mm.0.bias", zeros(text_dim))
+    writer.add_tensor("mm.2.weight", weight(text_dim, text_dim))
+    writer.add_tensor("mm.2.bias", zeros(text_dim))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def write_imatrix(path: Path, model: Path, *, seed: int = 7) -> Path:
     """An importance matrix for ``model`` in llama-imatrix's GGUF layout: per 2-D weight fed by
     activations, ``NAME.in_sum2`` (sums of squared activations per input column) and

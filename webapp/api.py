@@ -15,6 +15,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from . import images
 from .accounts import get_accounts
 from .chats import MISSING
 from .engines.base import images_reason
@@ -110,7 +111,10 @@ def models():
         # Whether the server engine shows it images (the page's engine never does): the
         # attach button takes images only then, and says why not otherwise.
         refused = images_reason(facts, "server")
-        entry["images"] = {"accepted": not refused, "reason": refused or None}
+        entry["images"] = {"accepted": not refused, "reason": refused or None,
+                           # the kinds it reads: an embedded model's decoder has no WebP
+                           "types": None if refused else
+                           list(facts.get("image_types") or images.TYPES)}
         # Each engine's format and why: the server runs the file as configured, pages run the
         # format measured fastest in WASM (catalogue.browser_file).
         browser_file = services.catalogue.browser(info.id) if local_file else None

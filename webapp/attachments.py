@@ -605,40 +605,64 @@ def refuse_images(session: Session, message_id: int, why: str) -> None:
 
 
 def with_files(session: Session, path: Sequence[Message], context: int | None,
-               max_tokens: int, *, vision: bool = False, model: str = "this model"
+               max_tokens: int, *, vision: bool = False, model: str = "this model",
+               image_types: tuple[str, ...] | None = None,
                ) -> tuple[list[Any], list[dict[str, Any]]]:
     """``path`` with each message's files before its text (for tree.model_history), and what
     the model was given; without a ``context`` (nothing to fit) the path as it is.
 
     A model that takes images (``vision``) is shown the newest MAX_IMAGES_SENT of the
     branch's; any other is refused a newest user message with an image
-    (``images_not_supported``) and told of older ones in a line each."""
+    (``images_not_supported``) and told of older ones in a line each. ``image_types``: the
+    only kinds the model reads (None: all), the others refused and told of the same way."""
     if context is None:
         return list(path), []
     newest = next((m for m in reversed(path) if m.role == "user"), None)
     if newest is not None and not vision:
         refuse_images(session, newest.id, f"{model} does not take images")
+    if newest is not None and vision and image_types:
+        _refuse_kinds(session, newest.id, image_types, model)
     blocks, given = file_blocks(session, path, budget(context, max_tokens), vision=vision)
-    pictures = _pictures(session, path) if vision else {}
+    pictures = _pictures(session, path, image_types, model) if vision else {}
     if not blocks and not pictures:
         return list(path), []
     return [_WithFiles(m, blocks.get(m.id), pictures.get(m.id, ())) for m in path], given
 
 
-def _pictures(session: Session, path: Sequence[Message]) -> dict[int, list[dict[str, Any]]]:
+def _refuse_kinds(session: Session, message_id: int, types: tuple[str, ...], model: str) -> None:
+    """``images_not_supported`` when the message holds an image of a kind the model does not
+    read (nothing is stored then)."""
+    row = session.scalar(select(Attachment).where(
+        Attachment.message_id == message_id, Attachment.width.is_not(None),
+        Attachment.mime.not_in(types)).limit(1))
+    if row is not None:
+        raise AppError("images_not_supported", f"{row.filename} is a "
+                       f"{images.kinds((row.mime,))} image, and {model} takes "
+                       f"{images.kinds(types)} images: convert it, or choose another model")
+
+
+def _pictures(session: Session, path: Sequence[Message], types: tuple[str, ...] | None = None,
+              model: str = "this model") -> dict[int, list[dict[str, Any]]]:
     """Message id → the image parts it is shown with: the newest MAX_IMAGES_SENT images of the
-    branch as ``image_url`` parts, each older one as a text part naming it."""
-    shown = [row for row in _branch_files(session, path) if row.is_image]
-    if not shown:
+    branch (of ``types``, when given) as ``image_url`` parts, each other one as a text part
+    naming it."""
+    every = [row for row in _branch_files(session, path) if row.is_image]
+    if not every:
         return {}
+    shown = [row for row in every if types is None or row.mime in types]
     sent = {row.id for row in shown[-images.MAX_IMAGES_SENT:]}
     data = dict(session.execute(select(Attachment.id, Attachment.data)
                                 .where(Attachment.id.in_(sent))).all())
     found: dict[int, list[dict[str, Any]]] = {}
-    for row in shown:
-        found.setdefault(row.message_id, []).append(
-            images.part(row.mime, data[row.id]) if row.id in sent
-            else {"type": "text", "text": image_note(row, OLDER)})
+    for row in every:
+        if row.id in sent:
+            part = images.part(row.mime, data[row.id])
+        elif types is not None and row.mime not in types:
+            why = f"{model} takes {images.kinds(types)} images"
+            part = {"type": "text", "text": image_note(row, why)}
+        else:
+            part = {"type": "text", "text": image_note(row, OLDER)}
+        found.setdefault(row.message_id, []).append(part)
     return found
 
 

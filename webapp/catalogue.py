@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SETTINGS
+from .images import NATIVE_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,12 @@ class ModelFile:
     experts_used: int | None = None
     expert_parameters: int | None = None
     # The image projector beside it (projector_for), by file name: what a vision model needs;
-    # reported, not run (the embedded engine does not run projectors yet).
+    # the embedded engine runs it (engines/vision.py), so such a model takes images.
     projector: str | None = None
+    projector_problem: str | None = None  # why that file is not an image projector (vision_problem)
+    # Where it is: beside the path the model was found at, which need not be where a linked
+    # model file really lives (path is resolved). The server's to know, not in facts.
+    projector_path: Path | None = None
 
     @property
     def weights_bits_per_weight(self) -> float:
@@ -99,11 +104,15 @@ class ModelFile:
     def facts(self, n_ctx: int, parallel: int) -> dict[str, Any]:
         data = asdict(self)
         data["file_name"] = data.pop("path").name  # the name only: where it lives is the server's
+        data.pop("projector_path")
         data.pop("id")
         # file_size and kv_bytes_per_token let a page estimate its own fit for its own context.
         data["fits_server"] = self.fits_server(n_ctx, parallel)
         data["weights_bits_per_weight"] = self.weights_bits_per_weight
         data["active_parameters"] = self.active_parameters
+        if self.projector and not self.projector_problem:
+            data["vision"] = True  # engines.base.takes_images
+            data["image_types"] = list(NATIVE_TYPES)  # what its decoder reads (no WebP)
         return data
 
 
@@ -216,6 +225,21 @@ def projector_for(model: Path) -> Path | None:
     return found[0] if found else None
 
 
+def vision_problem(path: Path) -> str | None:
+    """Why ``path`` is not an image projector llama.cpp can run (None: it is one, as far as
+    its GGUF header says: a CLIP file with a vision encoder)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same answer
+        return f"{path.name} is not a readable GGUF file ({type(exc).__name__})"
+    if _field_value(reader, "general.architecture") != "clip" or \
+            not _field_value(reader, "clip.has_vision_encoder"):
+        return f"{path.name} is not an image projector (a CLIP GGUF with a vision encoder)"
+    return None
+
+
 def discover(model_path: str | os.PathLike) -> list[ModelFile]:
     """Every readable .gguf at ``model_path`` (a file, or a directory searched one level),
     each with its image projector when one is beside it; projectors are not models."""
@@ -238,7 +262,10 @@ def discover(model_path: str | os.PathLike) -> list[ModelFile]:
         try:
             model = read_model_file(path, model_id)
             projector = projector_for(path)
-            models.append(replace(model, projector=projector.name) if projector else model)
+            if projector:
+                model = replace(model, projector=projector.name, projector_path=projector,
+                                projector_problem=vision_problem(projector))
+            models.append(model)
         except Exception:  # a broken file must not hide the good ones
             log.exception("skipping %s: not a readable GGUF file", path)
             continue
@@ -340,12 +367,16 @@ class ModelCatalogue:
         return catalogue
 
     def to_json(self, model_id: str) -> str:
-        return json.dumps({**asdict(self._models[model_id]), "path": str(self._models[model_id].path)})
+        model = self._models[model_id]
+        return json.dumps({**asdict(model), "path": str(model.path), "projector_path":
+                           str(model.projector_path) if model.projector_path else None})
 
     @staticmethod
     def model_from_json(text: str) -> ModelFile:
         data = json.loads(text)
-        return ModelFile(**{**data, "path": Path(data["path"])})
+        projector = data.get("projector_path")
+        return ModelFile(**{**data, "path": Path(data["path"]),
+                            "projector_path": Path(projector) if projector else None})
 
     def browser(self, model_id: str) -> BrowserFile | None:
         return self._browser.get(model_id)

@@ -470,7 +470,7 @@ class ChatService:
         provenances: list[Provenance], *, run_owner: str, parent_id: Any = MISSING,
         settings: dict[str, Any] | None = None, attachments: Any = None,
         context: int | None = None, max_tokens: int = 0, vision: bool = False,
-        model: str = "this model",
+        model: str = "this model", image_types: tuple[str, ...] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], list[dict[str, str]]]:
         """One transaction before any model runs: the user's message (under ``parent_id``, by
         default after the current leaf; a new conversation when ``conversation_id`` is None)
@@ -519,7 +519,8 @@ class ChatService:
             path = (self._path(session, parent.id) if parent and provenances else
                     [parent] if parent else []) + [user]
             seen, given = files.with_files(session, path, context if provenances else None,
-                                           max_tokens, vision=vision, model=model)
+                                           max_tokens, vision=vision, model=model,
+                                           image_types=image_types)
             replies = [self._reply_row(session, conv, user, provenance, run_owner)
                        for provenance in provenances]
             for reply in replies:
@@ -536,7 +537,7 @@ class ChatService:
     def begin_regenerate(
         self, owner_id: str, message_id: Any, provenance: Provenance, *, run_owner: str,
         context: int | None = None, max_tokens: int = 0, vision: bool = False,
-        model: str = "this model",
+        model: str = "this model", image_types: tuple[str, ...] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[dict[str, str]]]:
         """A new reply beside ``message_id`` (a sibling under the same user message); the
         model sees the path to that user message, never the sibling."""
@@ -549,7 +550,7 @@ class ChatService:
             path = self._path(session, original.parent_id)
             asked = path[-1]
             seen, given = files.with_files(session, path, context, max_tokens, vision=vision,
-                                           model=model)
+                                           model=model, image_types=image_types)
             reply = self._reply_row(session, conv, asked, provenance, run_owner)
             if given:
                 reply.meta = {**(reply.meta or {}), "files": given}
@@ -562,6 +563,7 @@ class ChatService:
     def begin_continue(
         self, owner_id: str, message_id: Any, *, run_owner: str, context: int | None = None,
         max_tokens: int = 0, vision: bool = False, model: str = "this model",
+        image_types: tuple[str, ...] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, str]]]:
         """Reopen a reply cut off (by the token limit, a stop or an interruption) to write
         more into the same message. The history ends with the reply itself, as the prefix
@@ -581,7 +583,7 @@ class ChatService:
             path = self._path(session, reply.parent_id)
             before = reply.to_dict({m.id: m.public_id for m in path})
             seen, _given = files.with_files(session, path, context, max_tokens, vision=vision,
-                                            model=model)
+                                            model=model, image_types=image_types)
             history = model_history(seen)
             history.append({"role": "assistant", "content": reply.content})
             reply.status = "streaming"

@@ -3,11 +3,13 @@
 The type comes from the magic bytes (PNG, JPEG, WebP, GIF, nothing else: SVG is a document
 that can carry script, so it is never an image here), and the width and height from the
 header, read by the few lines below rather than by a native decoder given hostile bytes
-(Pillow is not installed, and nothing here needs the pixels: the model's server decodes them).
+(Pillow is not installed, and the web process needs no pixels: the model's server decodes
+them, or llama.cpp's libmtmd in an embedded model's own process: engines/vision.py).
 A file whose header says nothing sensible is refused.
 
-A model that takes images (engines' facts ``vision``: an upstream marked ``vision = true``)
-is sent them as OpenAI content parts, ``image_url`` with a ``data:`` URL (``parts``).
+A model that takes images (engines' facts ``vision``: an upstream marked ``vision = true``,
+an embedded GGUF with a projector) is sent them as OpenAI content parts, ``image_url`` with
+a ``data:`` URL (``parts``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ from dataclasses import dataclass
 
 # The types a model is sent and a page is served, by their magic bytes.
 TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
+# What an embedded model is shown: the types stb_image inside llama.cpp's libmtmd decodes
+# (no WebP), as a model's facts ``image_types`` say (engines/vision.py).
+NATIVE_TYPES = ("image/png", "image/jpeg", "image/gif")
+
+
+def kinds(types: tuple[str, ...]) -> str:
+    """``types`` as people say them: "PNG, JPEG or GIF"."""
+    names = [t.split("/")[1].upper().replace("WEBP", "WebP") for t in types]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 MAX_SIDE = 16384  # pixels: a header claiming more is a decompression bomb, or broken
 # What a model is given of a branch's images: the newest this many (older ones become a line
 # of text naming them), so a long conversation with photos stays a request of tens of MB, not

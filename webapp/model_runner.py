@@ -55,7 +55,9 @@ LOAD_CRASH_LIMIT = 3  # crashes while loading before a model is marked unavailab
 BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 HEALTHY_AFTER_SECONDS = 30.0  # a runner that lived this long starts the back-off afresh
 STOP_GRACE_SECONDS = 5.0
-MAX_REQUEST_BYTES = 64 * 1024 * 1024  # one request line: history, options, grammar
+# One request line: history, options, grammar, and images in base64 (the newest 8 of the
+# default 10 MB each are 107 MB; a longer request is refused before it is sent).
+MAX_REQUEST_BYTES = 192 * 1024 * 1024
 
 # The settings a runner needs, passed to it as JSON (the web app's config may come from a
 # test's create_app({...}), not from the environment).

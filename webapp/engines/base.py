@@ -136,8 +136,8 @@ class ModelInfo:
 
 def takes_images(facts: dict[str, Any] | None) -> bool:
     """Whether a model is shown images: its facts say ``vision`` (an upstream marked
-    ``vision = true`` in the upstreams file). An embedded GGUF with a projector says
-    ``projector`` but not ``vision``: the embedded engine cannot run projectors yet."""
+    ``vision = true`` in the upstreams file, or an embedded GGUF with an image projector
+    beside it, which the embedded engine runs: vision.py)."""
     return bool(facts) and facts.get("vision") is True
 
 
@@ -147,9 +147,8 @@ def images_reason(facts: dict[str, Any] | None, engine: str) -> str:
         return ""
     if engine == "browser":
         return "the page's engine does not take images"
-    if facts and facts.get("projector"):
-        return (f"it has an image projector ({facts['projector']}), but bchat's embedded engine "
-                "does not run projectors yet")
+    if facts and facts.get("projector_problem"):
+        return f"its image projector cannot be run: {facts['projector_problem']}"
     return "it does not take images"
 
 

@@ -64,6 +64,11 @@ class _Slot:
     cached: list[int] = field(default_factory=list)  # tokens whose KV cells this slot holds
     request: Request | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
+    # Positions minus cells so far: an image under M-RoPE advances fewer positions than the
+    # cells it takes (vision.ImageChunk.n_pos); 0 otherwise. shifts: (cells, pos_shift) after
+    # each image in the cache, to know the shift of a prefix kept for the next request.
+    pos_shift: int = 0
+    shifts: list[tuple[int, int]] = field(default_factory=list)
     sampler: Any = None
     grammar: Any = None  # this request's grammar sampler, checked lazily (see _sample_picked)
     last_token: int | None = None
@@ -108,6 +113,8 @@ class ModelWorker:
         self._load_error: BaseException | None = None
         self._beat = time.monotonic()  # last sign of progress of the inference thread
         self._slow_since: float | None = None  # when the steps of a busy batch became slow
+        self._projector = None  # vision.Projector, when the model has one that loaded
+        self._projector_error: str | None = None  # why the projector beside it did not load
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"llama:{model.id}", daemon=True)
         self._thread.start()
@@ -167,11 +174,31 @@ class ModelWorker:
             raise EngineError(str(exc), code="bad_grammar") from None
         if grammar != opts.grammar:
             request.options = opts = replace(opts, grammar=grammar)
-        messages, tools = prompt_messages(self._builder.tool_style, request.messages, opts.tools,
+        messages, media = self._images(request)
+        messages, tools = prompt_messages(self._builder.tool_style, messages, opts.tools,
                                           opts.tool_choice)
         request.prompt, request.dropped, request.max_tokens = self._builder.fit(
-            messages, opts.system, self.n_ctx, opts.max_tokens, tools
+            messages, opts.system, self.n_ctx, opts.max_tokens, tools, media
         )
+
+    def _images(self, request: Request) -> tuple[list[dict[str, Any]], dict[str, list[int]] | None]:
+        """The request's messages as text, and its images as the projector tokenizes them
+        (decoded here, on the caller's thread, like the text: vision.Projector.picture)."""
+        from .vision import prompt_media, split_images
+
+        if not any(isinstance(m.get("content"), list) for m in request.messages):
+            return request.messages, None
+        messages, found = split_images(request.messages)
+        if not found.markers:
+            return messages, None
+        if self._projector is None:
+            why = (f"its image projector did not load ({self._projector_error})"
+                   if self._projector_error else "it has no image projector")
+            raise EngineError(f"{self.model.id} cannot be shown images: {why}",
+                              code="images_not_supported")
+        request.pictures = [self._projector.picture(data) for _, data in found.data]
+        media, request.image_chunks = prompt_media(found.markers, request.pictures)
+        return messages, media
 
     def _busy_slots(self) -> int:
         """How many requests are generating now (lock held)."""
@@ -238,6 +265,7 @@ class ModelWorker:
         except BaseException as exc:
             self._load_failed(exc)
             return
+        self._load_projector(llama)
         # Set before _loaded: request threads fit their histories with these (submit).
         self._llama, self._builder, self._ctx, self._batch = llama, builder, ctx, batch
         self._mem = llama_cpp.llama_get_memory(ctx)
@@ -278,6 +306,8 @@ class ModelWorker:
                                           code="model_crashed"))
             llama_cpp.llama_batch_free(batch)
             llama_cpp.llama_free(ctx)
+            if self._projector is not None:
+                self._projector.close()
 
     def _load_small(self):
         """The model and its tokenizer through ``Llama``; its own context is kept tiny, since
@@ -292,6 +322,21 @@ class ModelWorker:
                  self.model.id, self.parallel, self.n_ctx, self.n_threads,
                  time.perf_counter() - started)
         return llama
+
+    def _load_projector(self, llama) -> None:
+        """The image projector beside the model (catalogue.projector_for), if any. One that
+        does not load costs the model its images, not its text chats: they say why."""
+        if not self.model.projector_path:
+            return
+        from .vision import Projector
+
+        path = self.model.projector_path
+        try:
+            self._projector = Projector(path, llama.model, n_threads=self.n_threads,
+                                        use_gpu=self.n_gpu_layers > 0)
+        except Exception as exc:
+            log.exception("could not load the image projector %s of %s", path.name, self.model.id)
+            self._projector_error = str(exc)[:300]
 
     def _new_context(self, llama):
         from llama_cpp import llama_cpp
@@ -372,6 +417,8 @@ class ModelWorker:
     def _start(self, request: Request, free: list[_Slot]) -> None:
         from llama_cpp import llama_cpp
 
+        from .vision import image_start
+
         opts = request.options
         prompt, dropped, max_tokens = request.prompt, request.dropped, request.max_tokens  # see submit
         # The free slot whose cache shares the longest start with this prompt.
@@ -384,10 +431,16 @@ class ModelWorker:
             return n
 
         slot = max(free, key=shared)
-        keep = min(shared(slot), len(prompt) - 1)  # re-decode at least one token for logits
+        if prompt and prompt[-1] < 0:  # no text after an image: no logits would ever come
+            raise EngineError("the model's chat template ends the prompt with an image")
+        # Re-decode at least one token for logits; an image the cache holds is kept whole
+        # (its places' ids are its bytes': vision.placeholder) or evaluated again whole.
+        keep = image_start(prompt, min(shared(slot), len(prompt) - 1))
         llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1)
         slot.cached = prompt[:keep]
         slot.pending = prompt[keep:]
+        slot.shifts = [(end, shift) for end, shift in slot.shifts if end <= keep]
+        slot.pos_shift = slot.shifts[-1][1] if slot.shifts else 0
         slot.request = request
         slot.grammar = self._grammar(opts)
         slot.sampler = sampler_chain(opts, self._n_vocab)
@@ -422,6 +475,13 @@ class ModelWorker:
             if slot.request.cancel.is_set():
                 self._finish(slot, "stopped")
                 continue
+            if slot.pending and slot.pending[0] < 0:
+                try:
+                    self._evaluate_images(slot)
+                except Exception as exc:  # this chat fails; the others in the batch go on
+                    log.exception("an image failed for a chat on %s", self.model.id)
+                    self._fail_slot(slot, exc)
+                    continue
             if slot.last_token is not None:  # generating: its next token
                 n = self._add(batch, n, slot, slot.last_token, logits=True)
                 slot.last_token = None
@@ -429,7 +489,11 @@ class ModelWorker:
         for slot in self._slots:  # prompt chunks, oldest request first (slot order is fine)
             if slot.request is None or not slot.pending or budget <= 0:
                 continue
-            chunk, slot.pending = slot.pending[:budget], slot.pending[budget:]
+            # Text up to the next image: that is evaluated on its own, at the next step.
+            text = next((i for i, token in enumerate(slot.pending) if token < 0),
+                        len(slot.pending))
+            take = min(budget, text)
+            chunk, slot.pending = slot.pending[:take], slot.pending[take:]
             budget -= len(chunk)
             for i, token in enumerate(chunk):
                 last = not slot.pending and i == len(chunk) - 1
@@ -453,6 +517,20 @@ class ModelWorker:
                 else:
                     log.exception("sampling failed for a chat on %s", self.model.id)
                 self._fail_slot(slot, exc)
+
+    def _evaluate_images(self, slot: _Slot) -> None:
+        """The images at the head of the slot's prompt, into its sequence: encoded by the
+        projector and decoded as embeddings in llama.cpp calls of their own, between steps
+        (the text before them was decoded at an earlier step; a prompt ends in text, so the
+        logits come from the batch as for any prompt). The other chats wait this long."""
+        while slot.pending and slot.pending[0] < 0:
+            chunk = slot.request.image_chunks[slot.pending[0]]
+            position = len(slot.cached) + slot.pos_shift
+            after = self._projector.evaluate(self._ctx, chunk, position, slot.seq_id, N_BATCH)
+            slot.cached += slot.pending[:chunk.n_tokens]
+            slot.pending = slot.pending[chunk.n_tokens:]
+            slot.pos_shift += (after - position) - chunk.n_tokens
+            slot.shifts.append((len(slot.cached), slot.pos_shift))
 
     def _sample(self, slot: _Slot, now: float) -> None:
         """Choose the slot's next token from this step's logits (``now``: when they came)."""
@@ -555,7 +633,7 @@ class ModelWorker:
 
     def _add(self, batch, n: int, slot: _Slot, token: int, *, logits: bool) -> int:
         batch.token[n] = token
-        batch.pos[n] = len(slot.cached)
+        batch.pos[n] = len(slot.cached) + slot.pos_shift
         batch.n_seq_id[n] = 1
         batch.seq_id[n][0] = slot.seq_id
         batch.logits[n] = 1 if logits else 0
@@ -574,7 +652,7 @@ class ModelWorker:
         if reason == "stopped":
             # Its cells go at once; what it was in the middle of is of no use to a next turn.
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
-            slot.cached = []
+            slot.cached, slot.shifts = [], []
         if slot.n_generated > 1:
             # Measured here, where the tokens are made: a reader (another process, a busy web
             # thread) gets them in bursts, so timing their arrival overstates the speed.
@@ -604,6 +682,7 @@ class ModelWorker:
         llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
         slot.request = None
         slot.cached, slot.pending, slot.last_token = [], [], None
+        slot.shifts = []
 
     def _fail_slot(self, slot: _Slot, exc: BaseException) -> None:
         request = slot.request
@@ -626,3 +705,4 @@ class ModelWorker:
                 slot.request = None
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, 0, -1)
             slot.cached, slot.pending, slot.last_token = [], [], None
+            slot.shifts = []

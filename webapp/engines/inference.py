@@ -42,6 +42,10 @@ class Request:
     prompt: list[int] = field(default_factory=list)
     dropped: int = 0  # oldest messages left out to fit the context
     max_tokens: int = 0  # the reply room left
+    # Its images as the model's projector took them (vision.Picture, which own the native
+    # chunks) and their image chunks by the vision.placeholder ids the prompt holds for them.
+    pictures: list[Any] = field(default_factory=list)
+    image_chunks: dict[int, Any] = field(default_factory=dict)
 
 
 DONE = object()  # end-of-stream marker on a request's out queue
@@ -351,10 +355,22 @@ class PromptBuilder:
             raise EngineError(f"the model's chat template refuses this conversation: "
                               f"{str(exc)[:300]}", code="template_refused") from exc
 
-    def tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-               ) -> list[int]:
-        """The prompt's tokens (the template writes BOS itself when the model wants one)."""
-        return self.tokenize(self.text(messages, tools))
+    def tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+               media: dict[str, list[int]] | None = None) -> list[int]:
+        """The prompt's tokens (the template writes BOS itself when the model wants one);
+        ``media``: marker → the tokens an image stands for (vision.split_images)."""
+        text = self.text(messages, tools)
+        if not media:
+            return self.tokenize(text)
+        # Cut at the markers, as libmtmd's tokenizer does: the text between is tokenized
+        # piece by piece, each image is its own tokens.
+        tokens: list[int] = []
+        start = 0
+        for match in re.finditer("|".join(re.escape(m) for m in media), text):
+            tokens += self.tokenize(text[start:match.start()])
+            tokens += media[match.group(0)]
+            start = match.end()
+        return tokens + self.tokenize(text[start:])
 
     def tokenize(self, text: str) -> list[int]:
         """``text`` tokenized as llama.cpp does with special tokens parsed, piece by piece.
@@ -396,7 +412,7 @@ class PromptBuilder:
 
     def fit(
         self, messages: list[dict[str, Any]], system: str | None, n_ctx: int, max_tokens: int,
-        tools: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None, media: dict[str, list[int]] | None = None,
     ) -> tuple[list[int], int, int]:
         """Drop the oldest turns until prompt + reply room fits ``n_ctx``.
 
@@ -416,7 +432,7 @@ class PromptBuilder:
         # The newest message, and a reply being continued after it, are never dropped.
         keep = 2 if len(turns) > 1 and turns[-1]["role"] == "assistant" else 1
         cuts = cut_points([t["role"] for t in turns], keep)
-        search = FitSearch(self, head, turns, cuts, n_ctx - reserve, tools)
+        search = FitSearch(self, head, turns, cuts, n_ctx - reserve, tools, media)
         best = search.first_fitting()
         if best is None:
             best = len(cuts) - 1
@@ -460,9 +476,10 @@ class FitSearch:
     TURN_CHARS = 16
 
     def __init__(self, builder: PromptBuilder, head, turns, cuts: list[int], limit: int,
-                 tools: list[dict[str, Any]] | None = None) -> None:
+                 tools: list[dict[str, Any]] | None = None,
+                 media: dict[str, list[int]] | None = None) -> None:
         self.builder, self.head, self.turns, self.cuts, self.limit = builder, head, turns, cuts, limit
-        self.tools = tools
+        self.tools, self.media = tools, media
         self._exact: dict[int, list[int]] = {}
         # after[i]: the weighted characters of turns[i:].
         after = [0] * (len(turns) + 1)
@@ -475,7 +492,7 @@ class FitSearch:
         tokens = self._exact.get(j)
         if tokens is None:
             tokens = self._exact[j] = self.builder.tokens(self.head + self.turns[self.cuts[j]:],
-                                                          self.tools)
+                                                          self.tools, self.media)
         return tokens
 
     def fits(self, j: int) -> bool:

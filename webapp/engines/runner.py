@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..catalogue import ModelCatalogue
-from ..model_runner import STATE_FILE, encode_options
+from ..model_runner import MAX_REQUEST_BYTES, STATE_FILE, encode_options
 from ..options import GenerationOptions
 from .base import (
     Chunk,
@@ -101,6 +101,11 @@ class RunnerEngine:
             raise UnknownModel(f"no model named {model!r}")
         request = json.dumps({"messages": messages, "options": encode_options(options)},
                              ensure_ascii=False).encode() + b"\n"
+        if len(request) > MAX_REQUEST_BYTES:  # the runner would not read it: say why instead
+            raise EngineError(f"this conversation is {len(request) >> 20} MB with its images; "
+                              f"a model is sent at most {MAX_REQUEST_BYTES >> 20} MB: send "
+                              "smaller images, or start a new conversation",
+                              code="images_too_large")
         return self._stream(model, request, cancel)
 
     def _stream(self, model: str, request: bytes, cancel: threading.Event) -> Iterator[Chunk]:

@@ -63,6 +63,12 @@ def _one_fit(fits: list[dict[str, Any]]) -> dict[str, Any]:
     fit = dict(min(fits, key=lambda f: f["context"]))
     blind = next((f for f in fits if not f["vision"]), None)
     fit.update(vision=blind is None, model=blind["model"] if blind else fit["model"])
+    # the types every one of them reads (None: any), named after the first that narrows them
+    narrow = [f for f in fits if f["image_types"] is not None]
+    if narrow and not blind:
+        fit.update(image_types=tuple(t for t in narrow[0]["image_types"]
+                                     if all(t in f["image_types"] for f in narrow)),
+                   model=narrow[0]["model"])
     return fit
 
 
@@ -138,13 +144,15 @@ class RunService:
     def _files_fit(self, model: str, options: GenerationOptions) -> dict[str, Any]:
         """What a branch's files are fitted to (attachments.with_files): the context the
         model runs with here (BCHAT_N_CTX, or the model's own when smaller), the reply's,
-        and whether the model is shown images (its facts' ``vision``: engines.takes_images)."""
+        whether the model is shown images (its facts' ``vision``: engines.takes_images), and
+        which kinds when not every kind (its facts' ``image_types``: an embedded model's)."""
         facts = next((m.facts for m in self.engines.models() if m.id == model), {})
         known = [n for n in (facts.get("context_length"), self.config.get("N_CTX", 4096))
                  if isinstance(n, int) and n > 0]
         return {"context": min(known) if known else 4096,
                 "max_tokens": options.max_tokens or self.config.get("MAX_TOKENS", 512),
-                "vision": takes_images(facts), "model": model}
+                "vision": takes_images(facts), "model": model,
+                "image_types": tuple(facts["image_types"]) if facts.get("image_types") else None}
 
     @staticmethod
     def _provenance(engine: Any, model: str, options: GenerationOptions) -> Provenance:

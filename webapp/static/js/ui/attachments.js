@@ -17,6 +17,17 @@ const SENDABLE = /^image\/(png|jpeg|webp|gif)$/;
 const SENDABLE_NAME = /\.(png|jpe?g|gif|webp)$/i;
 const KINDS = "text, code, Markdown, CSV, JSON, HTML or PDF";
 const IMAGE_KINDS = "PNG, JPEG, WebP or GIF";
+// Image types as people say them: "PNG, JPEG or GIF".
+function kinds(types) {
+  const names = types.map((type) => type.split("/")[1].toUpperCase().replace("WEBP", "WebP"));
+  return names.length > 1 ? `${names.slice(0, -1).join(", ")} or ${names.at(-1)}` : names[0];
+}
+// A file's image type, from what the browser says or else its name.
+function imageType(file) {
+  if (SENDABLE.test(file.type)) return file.type;
+  const ext = SENDABLE_NAME.exec(file.name)?.[1].toLowerCase();
+  return ext ? `image/${ext === "jpg" ? "jpeg" : ext}` : null;
+}
 // Why an image cannot go with a message to `model`: `reason` as the models listing gives it.
 export function noImages(model, reason = "it does not take images") {
   return `Images can't be used with ${model || "the models here"}: ${reason} ` +
@@ -127,9 +138,12 @@ export class Attachments {
     this.model = name;
     this.imagesWhy = engine === "browser" ? "the page's engine does not take images"
       : images?.accepted ? null : (images?.reason ?? "it does not take images");
+    // the kinds it reads (an embedded model's decoder has no WebP), when not all of them
+    this.imageTypes = this.imagesWhy ? null : (images?.types ?? null);
     this.button.title = this.imagesWhy
       ? `Attach files: ${KINDS} (or drop or paste them here). ${noImages(name, this.imagesWhy)}`
-      : `Attach files: ${IMAGE_KINDS} images, ${KINDS} (or drop or paste them here). ` +
+      : `Attach files: ${this.imageTypes ? kinds(this.imageTypes) : IMAGE_KINDS} images, ` +
+        `${KINDS} (or drop or paste them here). ` +
         `${name} takes images.`;
     this.button.dataset.images = this.imagesWhy ? "no" : "yes";
   }
@@ -140,6 +154,9 @@ export class Attachments {
       if (this.imagesWhy) return `${file.name}: ${noImages(this.model, this.imagesWhy)}`;
       if (!SENDABLE.test(file.type) && !SENDABLE_NAME.test(file.name)) {
         return `${file.name}: this kind of image can't be sent to a model. Attach ${IMAGE_KINDS} images.`;
+      }
+      if (this.imageTypes && !this.imageTypes.includes(imageType(file))) {
+        return `${file.name}: ${this.model} takes ${kinds(this.imageTypes)} images.`;
       }
     }
     if (file.size > this.maxBytes) {
