@@ -598,6 +598,7 @@ class ChatService:
         tool_calls: list[dict[str, Any]], results: list[dict[str, Any]], next_reply: Provenance,
         *, run_owner: str, only_streaming: bool = False, context: int | None = None,
         max_tokens: int = 0, vision: bool = False, model: str = "this model",
+        image_types: tuple[str, ...] | None = None,
     ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]] | None:
         """One step of the tool loop (runs/service.py, and the page's: tools/steps.py), in one
         transaction: the reply that called tools becomes complete with its ``tool_calls``
@@ -638,7 +639,7 @@ class ChatService:
             conv.current_message_id = following.id
             path = self._path(session, parent.id)
             seen, given = files.with_files(session, path, context, max_tokens, vision=vision,
-                                           model=model)
+                                           model=model, image_types=image_types)
             if given:
                 following.meta = {**(following.meta or {}), "files": given}
             parents = {m.id: m.public_id for m in path}
