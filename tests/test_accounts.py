@@ -667,3 +667,44 @@ def test_admin_actions_through_the_page_and_the_usage_csv(make_app):
         assert action in actions, action
     assert PASSWORD not in repr(accounts.audit_log()) and "set by the teacher" not in repr(
         accounts.audit_log())
+
+
+def signed_in_visitor(server, username: str):
+    visitor = server.session()
+    page = visitor.request("GET", "/signin")[2].decode()
+    form = urllib.parse.urlencode({"csrf": csrf_of(page), "username": username,
+                                   "password": PASSWORD}).encode()
+    with visitor.opener.open(urllib.request.Request(server.url + "/signin", data=form),
+                             timeout=30) as response:
+        assert response.status == 200 and response.url == server.url + "/"
+    return visitor
+
+
+def test_a_revoked_session_ends_its_open_socket(make_app, make_live_server, monkeypatch):
+    """A socket outlives the handshake that checked its session: revoking the session (or
+    disabling the account) ends it at its next frame, or within the idle check while it only
+    listens, with an error frame that says so."""
+    import websocket
+
+    monkeypatch.setattr("webapp.socket.SESSION_CHECK_SECONDS", 0.2)
+    app = make_app(ACCOUNTS="optional")
+    server = make_live_server(app)
+    with app.app_context():
+        accounts = get_accounts()
+        account = accounts.create("hal", PASSWORD)
+    laptop, phone = signed_in_visitor(server, "hal"), signed_in_visitor(server, "hal")
+    listening, talking = laptop.ws(), phone.ws()
+    talking.send({"type": "ping"})
+    assert talking.until("pong", "error")[0]["type"] == "pong"
+    for session in accounts.sessions(account["id"]):
+        accounts.revoke_session(account["id"], session["id"])
+    # the listening one, idle, finds out by itself; the talking one at its next frame
+    talking.send({"type": "chat", "conversation_id": None, "content": "still me?"})
+    for socket in (listening, talking):
+        refused, frames = socket.until("error", "started")
+        assert refused["type"] == "error" and refused["code"] == "signed_out", frames
+        with pytest.raises((websocket.WebSocketConnectionClosedException, ValueError)):
+            socket.recv()  # closed: no frame follows
+    assert laptop.json("GET", "/api/conversations")[1]["conversations"] == []
+    with app.app_context():
+        assert accounts.tokens_today(account["owner_id"]) == 0  # the chat never started

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # failure (502, "upstream_…").
 STATUS = {
     "invalid_api_key": 401, "passcode_required": 401, "sign_in_required": 401,
+    "signed_out": 401,
     "account_disabled": 403, "username_taken": 409, "quota_exceeded": 429,
     "not_found": 404, "unknown_model": 404,
     "busy": 409, "already_final": 409, "cancelled": 409,

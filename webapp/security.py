@@ -100,6 +100,12 @@ def current_account() -> dict | None:
     return account
 
 
+def account_session_token() -> str | None:
+    """The session token of the account this browser is signed in to (None: anonymous): what
+    a long-lived connection (the websocket) re-checks, as a request checks it at its start."""
+    return session.get(SESSION_KEY) if current_account() is not None else None
+
+
 def owner_id(*, create: bool = True) -> str | None:
     """Whose data this request acts on: the signed-in account's owner id, else the browser's
     anonymous id (created on first sight)."""

@@ -15,16 +15,18 @@ import logging
 import queue
 import socket
 import threading
+import time
 from typing import Any
 
 from flask import Blueprint, abort, current_app, g, request
 from flask_sock import ConnectionClosed, Sock
 
+from .accounts import get_accounts
 from .chats import MISSING
 from .errors import AppError, Invalid
 from .limits import get_limits
 from .runs.run import Run, error_frame
-from .security import owner_id, require_same_origin
+from .security import account_session_token, owner_id, require_same_origin
 from .services import get_services
 from .validation import parse_json_text
 
@@ -34,6 +36,7 @@ bp = Blueprint("socket", __name__)
 sock = Sock()
 
 _CLOSED = object()  # the reader's last word: the client has gone
+SESSION_CHECK_SECONDS = 30.0  # how often an idle signed-in socket checks its session is live
 
 
 @bp.before_request
@@ -60,7 +63,8 @@ def _release(_exc) -> None:
 @sock.route("/ws", bp=bp)
 def chat_socket(ws) -> None:
     try:
-        ChatSocket(ws, owner_id(create=False), request.remote_addr).run()
+        ChatSocket(ws, owner_id(create=False), request.remote_addr,
+                   account_session_token()).run()
     finally:
         if getattr(ws, "mode", None) == "werkzeug":
             # The development server would go on reading the connection for a next HTTP
@@ -90,10 +94,15 @@ def decode(raw: Any) -> dict[str, Any]:
 class ChatSocket:
     """One open socket: the runs it started or resumed, and the frames they send."""
 
-    def __init__(self, ws, owner: str, ip: str | None) -> None:
+    def __init__(self, ws, owner: str, ip: str | None, account_token: str | None = None) -> None:
         self.ws = ws
         self.owner = owner
         self.ip = ip
+        # A signed-in browser's session: a socket outlives the request that checked it, so it
+        # is checked again before each frame and every SESSION_CHECK_SECONDS while idle, and a
+        # revoke or a disabled account ends the socket (and what it relays) then.
+        self.account_token = account_token
+        self.session_checked = time.monotonic()
         self.services = get_services()
         self.config = current_app.config
         self.inbox: queue.Queue = queue.Queue()
@@ -135,6 +144,22 @@ class ChatSocket:
         finally:
             self.inbox.put(_CLOSED)
 
+    def still_signed_in(self) -> bool:
+        """False, with an ``error`` frame and the socket closed, when this browser's session
+        was revoked or its account disabled since the socket opened."""
+        self.session_checked = time.monotonic()
+        if get_accounts().session_account(self.account_token) is not None:
+            return True
+        log.info("a socket of a revoked session or disabled account closed")
+        self.send(error_frame(AppError("signed_out", "this browser was signed out (its session "
+                                       "was revoked, or the account disabled); sign in again")))
+        self.connected = False
+        try:
+            self.ws.close(reason=1008, message="signed out")
+        except Exception:  # already closed
+            pass
+        return False
+
     def going_away(self) -> None:
         """The server shuts down: end this socket now (the page reconnects and resumes)."""
         self.inbox.put(_CLOSED)
@@ -149,9 +174,18 @@ class ChatSocket:
         threading.Thread(target=self.read, name="bchat-ws-reader", daemon=True).start()
         try:
             while True:
-                item = self.inbox.get()
+                try:
+                    item = self.inbox.get(timeout=SESSION_CHECK_SECONDS if self.account_token else None)
+                except queue.Empty:
+                    item = None
                 if item is _CLOSED:
                     return
+                if self.account_token and (not isinstance(item, dict) or time.monotonic()
+                                           - self.session_checked > SESSION_CHECK_SECONDS):
+                    if not self.still_signed_in():
+                        return
+                if item is None:
+                    continue
                 if isinstance(item, dict):  # a frame from a run
                     self.send(item)
                     continue
