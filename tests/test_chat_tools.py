@@ -478,3 +478,32 @@ def test_the_model_still_sees_the_files_after_a_tool_step(make_app, make_live_se
     assert "files" not in finals["without"]["meta"]
     assert (finals["with"]["usage"]["prompt_tokens"]
             > finals["without"]["usage"]["prompt_tokens"] + 200)
+
+
+def test_the_loops_last_reply_is_held_to_text_that_opens_no_call(make_app, tiny_model):
+    """Past the step limit a reply may not open a call: pushed hard toward "<" (logit_bias),
+    the tiny model's free text starts with it; held to answer_grammar it never does (the
+    grammar the server's loop and the page's give that reply)."""
+    import threading
+
+    from llama_cpp import Llama
+
+    from webapp.engines.base import Token
+    from webapp.engines.structured import answer_grammar
+    from webapp.options import GenerationOptions
+
+    vocab = Llama(model_path=str(tiny_model), vocab_only=True, verbose=False)
+    (opening,) = vocab.tokenize(b"<", add_bos=False, special=False)
+    engine = make_app().extensions["bchat"].engines.engines[0]
+    user = [{"role": "user", "content": "What is 6*7?"}]
+
+    def reply(grammar):
+        options = GenerationOptions(max_tokens=4, temperature=0, grammar=grammar,
+                                    logit_bias={str(opening): 100.0})
+        return "".join(item.text for item in engine.stream("tiny-chat", user, options,
+                                                            threading.Event())
+                       if isinstance(item, Token))
+
+    assert reply(None).startswith("<")
+    held = reply(answer_grammar(None))
+    assert held and not held.lstrip().startswith("<")

@@ -756,6 +756,17 @@ def build_grammar(response_format: dict[str, Any] | None, tools: list[dict[str, 
     return grammar
 
 
+def answer_grammar(response_format: dict[str, Any] | None,
+                   call_format: CallFormat | None = None) -> str | None:
+    """What the tool loop's last reply (no calls left: tool_choice "none") is held to: its
+    response format, else the free-text branch of "auto" (text that cannot be taken for the
+    start of a call). Free of any grammar, a small model past the step limit writes a
+    ``<tool_call>`` block as its answer (SmolLM2 did, in the page)."""
+    if response_format is not None:
+        return build_grammar(response_format, None, "none")
+    return f"root ::= ({(call_format or HERMES).free_start} .*)?"
+
+
 def check_grammar(grammar: str) -> None:
     """SchemaError unless llama.cpp can compile ``grammar`` cheaply: size, rules and nesting
     within the limits (its parser recurses once per nested group: 100,000 of them crashed
@@ -817,6 +828,10 @@ def model_grammar(options: Any, tool_style: str | None) -> str | None:
     ``tool_style`` (template_tool_style): ``options.grammar``, which options.py built (and
     checked) in bchat's own call format, unless the template's format is another."""
     call_format = CALL_FORMATS.get(tool_style or "", HERMES)
+    if call_format is not HERMES and options.tools and options.tool_choice == "none":
+        if options.grammar is not None and options.response_format is None:
+            return answer_grammar(None, call_format)  # the loop's last reply, in this format
+        return options.grammar
     if call_format is HERMES or not options.tools or options.tool_choice == "none":
         return options.grammar
     return build_grammar(options.response_format, options.tools, options.tool_choice, call_format)

@@ -25,7 +25,7 @@ from typing import Any
 from ..chats import MISSING, ChatService, check_message_id
 from ..engines import EngineRegistry
 from ..engines.base import EngineError, Finished, Queued, Token, takes_images, timed
-from ..engines.structured import build_grammar, call_parts, split_reply
+from ..engines.structured import answer_grammar, build_grammar, call_parts, split_reply
 from ..errors import AppError, Invalid
 from ..limits import COMPARE_MAX, Lease, Limits
 from ..models import Message, Provenance, new_public_id
@@ -516,8 +516,8 @@ class RunService:
         run.steps += 1
         last = run.steps >= self.tool_steps
         options = replace(run.options, tool_choice="none" if last else "auto",
-                          grammar=build_grammar(run.options.response_format, run.options.tools,
-                                                "none" if last else "auto"))
+                          grammar=answer_grammar(run.options.response_format) if last else
+                          build_grammar(run.options.response_format, run.options.tools, "auto"))
         try:
             stored = self.chats.store_tool_step(
                 message_id, content, provenance, calls, results,

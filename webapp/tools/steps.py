@@ -21,6 +21,7 @@ from ..chats import ChatService
 from ..engines.structured import (
     TOOL_OPEN,
     SchemaError,
+    answer_grammar,
     build_grammar,
     call_parts,
     split_reply,
@@ -116,7 +117,7 @@ class PageTools:
         else:
             choice = (settings.get("chat_tool_choice") or "auto") if steps == 0 else "auto"
         try:
-            grammar = build_grammar(None, specs, choice)
+            grammar = answer_grammar(None) if choice == "none" else build_grammar(None, specs, choice)
         except SchemaError as exc:
             raise Invalid("bad_tools", f"the tools cannot be held to a grammar: {exc}") from None
         return {"tools": [s["function"]["name"] for s in specs], "tool_choice": choice,
