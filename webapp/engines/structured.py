@@ -828,11 +828,11 @@ def model_grammar(options: Any, tool_style: str | None) -> str | None:
     ``tool_style`` (template_tool_style): ``options.grammar``, which options.py built (and
     checked) in bchat's own call format, unless the template's format is another."""
     call_format = CALL_FORMATS.get(tool_style or "", HERMES)
-    if call_format is not HERMES and options.tools and options.tool_choice == "none":
-        if options.grammar is not None and options.response_format is None:
-            return answer_grammar(None, call_format)  # the loop's last reply, in this format
+    if call_format is HERMES or not options.tools:
         return options.grammar
-    if call_format is HERMES or not options.tools or options.tool_choice == "none":
+    if options.tool_choice == "none":
+        if options.grammar is not None and options.response_format is None:
+            return answer_grammar(None, call_format)  # the tool loop's last reply, this format
         return options.grammar
     return build_grammar(options.response_format, options.tools, options.tool_choice, call_format)
 
