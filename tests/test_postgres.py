@@ -209,3 +209,54 @@ def test_a_connection_closed_between_close_uses_is_a_retry_then_the_next_session
             assert session.execute(text("SELECT 1")).scalar() == 1
     finally:
         db.dispose()
+
+
+@BOTH
+def test_a_burst_of_sessions_keeps_its_connections_for_the_next_one(db_url):
+    """Connections opened for a burst (10 sessions at once, as a class's requests arrive on
+    one worker) are kept for the next: the second burst opens none. SQLAlchemy's default
+    pool kept 5 and closed the rest as they came back, so every burst opened them again (on
+    PostgreSQL a new backend each, with cold caches)."""
+    from contextlib import ExitStack
+
+    from sqlalchemy import event
+
+    db = Database(db_url)
+    opened = []
+    event.listen(db.engine, "connect", lambda *_: opened.append(1))
+
+    def burst() -> None:
+        with ExitStack() as stack:
+            for _ in range(10):  # all ten held at once: ten connections
+                session = stack.enter_context(db.read())
+                assert session.execute(text("SELECT 1")).scalar() == 1
+    try:
+        burst()
+        assert len(opened) == 10 and db.engine.pool.checkedin() == 10
+        burst()
+        assert len(opened) == 10, "the second burst reused the first one's connections"
+    finally:
+        db.dispose()
+
+
+@BOTH
+def test_a_session_that_finds_every_connection_in_use_is_a_retry(db_url, monkeypatch):
+    """Past POOL_SIZE sessions at once, one waits POOL_TIMEOUT_S for a connection and is
+    then a 503 database_busy that says to retry (never a 500); the held ones are unharmed."""
+    from webapp import db as db_module
+
+    monkeypatch.setattr(db_module, "POOL_SIZE", 1)
+    monkeypatch.setattr(db_module, "POOL_TIMEOUT_S", 0.05)
+    db = Database(db_url)
+    try:
+        with db.read() as held:
+            held.execute(text("SELECT 1"))
+            for scope in (db.read, db.write):
+                with pytest.raises(AppError) as failed, scope() as session:
+                    session.execute(text("SELECT 1"))
+                assert failed.value.code == "database_busy" and failed.value.extra["retry_after"]
+            assert held.execute(text("SELECT 2")).scalar() == 2
+        with db.write() as session:  # given back: the next session has it
+            assert session.execute(text("SELECT 3")).scalar() == 3
+    finally:
+        db.dispose()

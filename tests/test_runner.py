@@ -348,3 +348,23 @@ def test_a_stop_reaches_the_runner_at_once_and_the_finish_keeps_the_counts(make_
                                GenerationOptions(max_tokens=3, temperature=0), threading.Event()))
     assert again[-1].finish_reason in ("stop", "length")
     assert engine.state.runner("tiny-chat")["restarts"] == 0
+
+
+def test_a_worker_freezes_what_it_loaded_so_collections_skip_it(make_app):
+    """gunicorn's post_worker_init hook (webapp.gunicorn_conf) puts the loaded app out of the
+    garbage collector's sight: a full collection no longer walks it in every worker."""
+    import gc
+    import types
+
+    from webapp import gunicorn_conf
+
+    app = make_app()
+    before = signal.getsignal(signal.SIGTERM)
+    gc.unfreeze()
+    try:
+        gunicorn_conf.post_worker_init(types.SimpleNamespace(wsgi=app))
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000, frozen  # the app, its modules and mappers
+    finally:
+        gc.unfreeze()
+        signal.signal(signal.SIGTERM, before)

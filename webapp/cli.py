@@ -262,10 +262,12 @@ def serve(host: str, port: int) -> int:
         print(NOT_UPGRADED, file=sys.stderr)
         return 2
     from . import create_app
+    from .gunicorn_conf import freeze_loaded_objects
     from .security import redacting_request_handler
 
     app = create_app()
     services = app.extensions["bchat"]
+    freeze_loaded_objects()
 
     def on_term(_signum, _frame) -> None:
         # Python's default SIGTERM ends the process at once; keep the partial replies first.

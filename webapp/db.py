@@ -26,6 +26,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import AppError
@@ -36,6 +37,10 @@ BUSY_RETRY_AFTER_S = 2
 _PG_BUSY_STATES = {"55P03", "40P01"}
 # An unreachable PostgreSQL server fails a request in seconds, not after the OS's TCP timeout.
 PG_CONNECT_TIMEOUT_S = 10
+# Connections a process keeps to its database (make_engine), and how long a session waits
+# for one when all are in use before it is a 503 database_busy (not a 500).
+POOL_SIZE = 15
+POOL_TIMEOUT_S = 10.0
 # A pooled connection idle longer than this is pinged before it is handed out (below).
 PG_PING_AFTER_IDLE_S = 10.0
 
@@ -73,14 +78,27 @@ def normalise_url(url: str) -> str:
 def make_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        # A file's connections are kept as PostgreSQL's are (below): a new one reads the
+        # schema again and runs the PRAGMAs on its first use. (":memory:" has its own pool.)
+        database = make_url(url).database
+        pool = ({"pool_size": POOL_SIZE, "max_overflow": 0, "pool_use_lifo": True}
+                if database and database != ":memory:" else {})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10},
+                               pool_timeout=POOL_TIMEOUT_S, **pool)
         _configure_sqlite(engine)
         return engine
     if make_url(url).get_backend_name() == "postgresql":
-        # The pool stays at SQLAlchemy's 5 + 10 overflow per process: sessions are short, and
-        # 4 gunicorn workers x 15 stay well under PostgreSQL's default max_connections=100.
+        # Up to POOL_SIZE connections per process, every one of them kept (no overflow):
+        # SQLAlchemy's default 5 + 10 overflow closed each connection past the fifth when it
+        # came back, so a class's bursts opened and closed connections all the time (141 in
+        # 30 s of bench/class_load.py), each a new PostgreSQL backend with cold caches: its
+        # fork, its first statements and a slower request. The ceiling is the same 15, and 4
+        # gunicorn workers x 15 stay under PostgreSQL's default max_connections=100. LIFO
+        # hands out the connection used last: a few warm ones do the work, and the rest sit
+        # idle (and are pinged before use, _ping_when_idle) instead of all going cold in turn.
         engine = create_engine(
             url,
+            pool_size=POOL_SIZE, max_overflow=0, pool_use_lifo=True, pool_timeout=POOL_TIMEOUT_S,
             connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S, "application_name": "bchat"},
         )
         _ping_when_idle(engine)
@@ -140,6 +158,11 @@ def notify_replies(session: Session, message_ids: list[str]) -> None:
     if message_ids and session.get_bind().dialect.name == "postgresql":
         for message_id in message_ids:  # a few a tick: the runs of one process
             session.execute(select(func.pg_notify(REPLY_CHANNEL, message_id)))
+
+
+def _pool_busy() -> AppError:
+    return AppError("database_busy", "every database connection is in use; try again in a moment",
+                    retry_after=BUSY_RETRY_AFTER_S)
 
 
 class FairGate:
@@ -217,6 +240,8 @@ class Database:
         try:
             with self._reader() as session:
                 yield session
+        except PoolTimeout as exc:
+            raise _pool_busy() from exc
         except DBAPIError as exc:
             if not _disconnected(exc):
                 raise
@@ -231,6 +256,8 @@ class Database:
         try:
             with gate, self._writer() as session, session.begin():
                 yield session
+        except PoolTimeout as exc:
+            raise _pool_busy() from exc
         except DBAPIError as exc:
             if _disconnected(exc):
                 raise AppError("database_busy", "the database connection was lost; try again",

@@ -9,6 +9,7 @@ gunicorn setting can still be given on the command line.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -54,9 +55,20 @@ def post_fork(server, worker) -> None:  # gunicorn's hook: runs in the worker be
     os.environ["BCHAT_SERVER_THREADS"] = str(worker.cfg.threads)
 
 
+def freeze_loaded_objects() -> None:
+    """Put what a serving process has loaded (the app, its modules, SQLAlchemy's mappers,
+    ~120,000 objects) out of the garbage collector's sight: they live as long as the process.
+    Each full collection walked them all, 37 ms on a quiet core and 55-107 ms under
+    bench/class_load.py's class, about once per worker every half minute, and every request
+    in that worker waited for it. Collections now walk only what requests allocate."""
+    gc.collect()
+    gc.freeze()
+
+
 def post_worker_init(worker) -> None:
     """On SIGTERM, keep the partial replies and close the sockets at once: gunicorn would
-    otherwise wait up to its graceful timeout for every open websocket to end."""
+    otherwise wait up to its graceful timeout for every open websocket to end. Then freeze
+    what the worker has loaded (freeze_loaded_objects)."""
     import signal
     import threading
 
@@ -70,6 +82,7 @@ def post_worker_init(worker) -> None:
             previous(signum, frame)
 
     signal.signal(signal.SIGTERM, on_term)
+    freeze_loaded_objects()
 
 
 worker_class = "gthread"
