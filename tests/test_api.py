@@ -161,3 +161,22 @@ def test_model_fit_is_judged_for_the_settings_the_server_runs(make_app):
     fit = model["facts"]["fits_server"]
     assert fit["n_ctx"] == 1024 and fit["parallel"] == 2
     assert fit["memory_needed"] >= model["facts"]["file_size"]
+
+
+def test_the_cookie_is_sent_again_once_a_day_not_on_every_answer(client, monkeypatch):
+    """Its 400 days count from the last day of use (the cookie is the visitor's identity),
+    but an unchanged session is not re-signed and re-sent on every answer."""
+    from webapp import security
+
+    first = client.get("/")
+    assert first.headers["Set-Cookie"].startswith("bchat=")
+    client.post("/api/conversations", json={}, headers={"Origin": "http://localhost"})
+    same_day = client.get("/api/conversations")
+    assert same_day.status_code == 200 and "Set-Cookie" not in same_day.headers
+    assert "Cookie" in same_day.headers["Vary"]
+    monkeypatch.setattr(security, "utc_today", lambda: "2999-01-01")
+    next_day = client.get("/api/conversations")
+    sent = next_day.headers["Set-Cookie"]
+    assert sent.startswith("bchat=") and "Expires=" in sent
+    assert next_day.get_json() == same_day.get_json(), "the same visitor, the same conversations"
+    assert "Set-Cookie" not in client.get("/api/conversations").headers

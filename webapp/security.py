@@ -31,7 +31,7 @@ import logging
 import math
 import re
 import secrets
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, current_app, g, redirect, request, session, url_for
@@ -48,6 +48,7 @@ OWNER_KEY = "owner"
 FORM_SEED_KEY = "form"
 PASS_KEY = "pass"
 SESSION_KEY = "sid"  # a signed-in browser's session token (accounts.py)
+REFRESHED_KEY = "day"  # the UTC day the cookie was last sent (SessionInterface)
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 # A Host header: a bracketed IPv6 address or a DNS name / IPv4 address, then an optional port.
@@ -399,16 +400,31 @@ def set_security_headers(response: Response) -> Response:
     return response
 
 
-class SessionInterface(SecureCookieSessionInterface):
-    """Flask's signed-cookie session, minus the refreshed cookie on static files.
+def utc_today() -> str:
+    return datetime.now(UTC).date().isoformat()
 
-    A permanent session is re-sent on every answer (SESSION_REFRESH_EACH_REQUEST) with
-    ``Vary: Cookie``; on a static file that makes each cached copy match only the cookie it was
-    fetched with, which changes every second, so the browser revalidated every "immutable"
-    script on every visit, and a shared cache would not keep a file that sets a cookie."""
+
+class SessionInterface(SecureCookieSessionInterface):
+    """Flask's signed-cookie session, re-sent at most once a day unless it changed, and never
+    on static files.
+
+    Flask re-signs and re-sends a permanent session on every answer
+    (SESSION_REFRESH_EACH_REQUEST), so that its 400 days count from the last visit. Once a day
+    keeps that (the cookie is the visitor's identity: it must not lapse while they use bchat)
+    without the JSON, compression, HMAC and header on each of a class's API calls
+    (bench/request_cost.py). On a static file a cookie made each cached copy match only the
+    cookie it was fetched with, which changed every second, so the browser revalidated every
+    "immutable" script on every visit, and a shared cache would not keep a file that sets one."""
 
     def should_set_cookie(self, app: Flask, session) -> bool:
-        return request.endpoint != "static" and super().should_set_cookie(app, session)
+        if request.endpoint == "static":
+            return False
+        today = utc_today()
+        if not (session.modified or session.permanent and session.get(REFRESHED_KEY) != today):
+            return False
+        if session.permanent:
+            session[REFRESHED_KEY] = today  # written into the cookie this answer sends
+        return True
 
 
 def init_app(app: Flask) -> None:
