@@ -305,3 +305,39 @@ def test_the_read_attachment_tool_reads_a_page_or_lines_of_this_conversations_fi
     assert moved.error == "failed" and "files: none" in moved.text
     listed = {t["name"] for t in me.json("GET", "/api/tools")[1]["tools"]}
     assert "read_attachment" in listed
+
+
+def test_uploads_at_once_stay_within_the_quota(make_app, monkeypatch):
+    """Eight uploads of one visitor at once, each a third of the quota: three are stored, the
+    rest refused. On PostgreSQL (READ COMMITTED) each read the sum before the others' rows were
+    there, and more than three were stored: one visitor's uploads now queue on a lock."""
+    import threading
+
+    app = make_app(MAX_ATTACHMENT_BYTES=2000, ATTACHMENT_QUOTA_BYTES=3000)
+    service = app.extensions["bchat"].attachments
+    together = threading.Barrier(8)
+    sweep = service._sweep_unsent
+
+    def sweep_then_wait(owner_id):  # every upload reaches its transaction at the same time
+        sweep(owner_id)
+        together.wait(30)
+
+    monkeypatch.setattr(service, "_sweep_unsent", sweep_then_wait)
+    outcomes = []
+
+    def one(i: int) -> None:
+        try:
+            service.upload("visitor", f"part{i}.txt", b"%d" % i * 1000, "text/plain")
+            outcomes.append("stored")
+        except Exception as exc:  # noqa: BLE001 - the code is what is checked
+            outcomes.append(getattr(exc, "code", repr(exc)))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == ["storage_quota_exceeded"] * 5 + ["stored"] * 3, outcomes
+    with stored(app).read() as session:
+        assert session.scalar(select(func.sum(Attachment.size))
+                              .where(Attachment.owner_id == "visitor")) == 3000

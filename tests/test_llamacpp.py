@@ -113,6 +113,7 @@ def test_requests_are_served_in_arrival_order_and_told_they_wait(engine):
     ]
     first_token_at: dict[int, float] = {}
     results: dict[int, list] = {}
+    told = {1: threading.Event(), 2: threading.Event()}  # each has been told its place
 
     def consume(i: int) -> None:
         chunks = []
@@ -120,12 +121,14 @@ def test_requests_are_served_in_arrival_order_and_told_they_wait(engine):
             if isinstance(chunk, Token) and i not in first_token_at:
                 first_token_at[i] = time.perf_counter()
             chunks.append(chunk)
+            if isinstance(chunk, Queued):
+                told[i].set()
         results[i] = chunks
 
     threads = [threading.Thread(target=consume, args=(i,)) for i in (2, 1)]  # reversed on purpose
     for t in threads:
         t.start()
-    time.sleep(0.1)
+    assert all(event.wait(30) for event in told.values()), "both were told they wait"
     busy.set()
     rest = list(first)
     for t in threads:

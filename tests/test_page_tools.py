@@ -206,3 +206,24 @@ def test_steps_are_refused_before_any_tool_runs(make_app, make_live_server, tmp_
     client.close()
     assert final["type"] == "done", final
     refused(served, final["message_id"], call(), "bad_engine")
+
+
+def test_tool_steps_are_rate_limited_per_visitor(make_app, make_live_server):
+    """Each step runs tools on the server, as a server chat does: BCHAT_RATE_LIMIT holds the
+    page's steps too, per visitor, refused before anything runs; another visitor is unaffected."""
+    server = make_live_server(make_app(RATE_LIMIT="2/minute"))
+    visitor = server.session()
+    conversation_id = conversation(visitor, {"chat_tools": ["calculator"]})
+    _, reply = page_reply(visitor, conversation_id)
+    for _ in range(2):  # posts that count, whatever they hold
+        status, body = post_step(visitor, conversation_id, reply["id"], "42, I think.")
+        assert status == 400 and body["error"]["code"] == "no_tool_calls", body
+    status, body = post_step(visitor, conversation_id, reply["id"], call())
+    assert status == 429 and body["error"]["code"] == "rate_limited", body
+    assert [(m["role"], m["status"]) for m in messages(visitor, conversation_id)] == [
+        ("user", "complete"), ("assistant", "streaming")], "no tool ran, nothing was stored"
+    other = server.session()
+    other_conversation = conversation(other, {"chat_tools": ["calculator"]})
+    _, other_reply = page_reply(other, other_conversation)
+    status, step = post_step(other, other_conversation, other_reply["id"], call())
+    assert status == 200 and step["tool_messages"][0]["content"] == "42", step

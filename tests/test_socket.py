@@ -145,14 +145,14 @@ def test_disconnect_past_the_grace_period_stops_generation_and_stores_partial(
     started, _ = ws.until("started")
     ws.until("token")
     ws.conn.close()
-    deadline = time.time() + 5
+    deadline = time.time() + 30  # a bound for a busy machine, not a speed target
     messages = []
     while time.time() < deadline:
         messages = conversation(visitor, started["conversation_id"])["messages"]
         if messages[1]["status"] != "streaming":
             break
         time.sleep(0.1)
-    assert messages[1]["status"] != "streaming", "the partial reply is stored within a second or so"
+    assert messages[1]["status"] != "streaming", "the partial reply is stored once the socket is gone"
     reply = messages[1]
     assert reply["status"] == "stopped"
     assert reply["meta"]["stop_reason"] == "disconnect"
@@ -316,7 +316,7 @@ def test_an_oversized_frame_closes_with_1009_and_frees_the_server_thread(make_ap
     opcode, frame = ws.conn.recv_data_frame(True)
     assert opcode == websocket.ABNF.OPCODE_CLOSE
     assert int.from_bytes(frame.data[:2], "big") == 1009
-    deadline = time.time() + 5
+    deadline = time.time() + 30  # a bound for a busy machine, not a speed target
     while handler_threads() >= busy and time.time() < deadline:
         time.sleep(0.05)
     assert handler_threads() < busy, "the server thread is released without the client closing"

@@ -313,6 +313,7 @@ def tool_step(conversation_id: str, message_id: str):
     provenance = _provenance(body.get("provenance") or {})
     if provenance.engine != "browser":
         raise Invalid("bad_engine", "replies posted through the API come from the browser engine")
+    services.runs.limits.take_tool_step(owner_id(), request.remote_addr)
     return services.page_tools.step(owner_id(), conversation_id, message_id, content, provenance)
 
 

@@ -298,6 +298,12 @@ class AttachmentService:
         """A new upload's row and passages, within the visitor's quota (images count too)."""
         self._sweep_unsent(owner_id)
         with self.db.write() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                # At READ COMMITTED two uploads at once each read the sum before the other's
+                # row was there, and both passed: one visitor's uploads queue here until
+                # commit. (SQLite's BEGIN IMMEDIATE has already made every writer wait.)
+                session.execute(select(func.pg_advisory_xact_lock(
+                    func.hashtext(f"bchat-quota:{owner_id}"))))
             used = session.scalar(select(func.coalesce(func.sum(Attachment.size), 0))
                                   .where(Attachment.owner_id == owner_id)) or 0
             if used + len(data) > self.quota_bytes:

@@ -2,7 +2,8 @@
 
 Two kinds of limit, both counted per process:
 
-- **Rates** (sliding windows): chats started per visitor and per address (``BCHAT_RATE_LIMIT``),
+- **Rates** (sliding windows): chats started, and tool steps the page posts, per visitor and
+  per address (``BCHAT_RATE_LIMIT``),
   benchmark runs posted (``BCHAT_BENCHMARK_RATE_LIMIT``), failed passcode tries per address.
 - **Holdings** (leases): replies queued or running (``BCHAT_MAX_QUEUED_PER_VISITOR`` per visitor,
   ``BCHAT_MAX_REPLIES_PER_ADDRESS`` per address), open sockets (``BCHAT_MAX_SOCKETS`` in all,
@@ -238,6 +239,10 @@ class Limits:
         count, window = parse_rate(config.get("RATE_LIMIT", "30/minute"))
         self.chats_per_visitor = SlidingWindow(count, window)
         self.chats_per_address = SlidingWindow(count * factor, window)
+        # The page's tool steps (tools/steps.py) run tools here as a server chat does: the same
+        # rate, counted apart (one server chat runs all its steps within one start).
+        self.tool_steps_per_visitor = SlidingWindow(count, window)
+        self.tool_steps_per_address = SlidingWindow(count * factor, window)
         self.passcode_failures = SlidingWindow(PASSCODE_TRIES, PASSCODE_WINDOW)
         self.signin_failures = Backoff(SIGNIN_FREE_PER_ACCOUNT, SIGNIN_MAX_WAIT)
         self.signin_address_failures = Backoff(SIGNIN_FREE_PER_ADDRESS, SIGNIN_MAX_WAIT)
@@ -320,6 +325,18 @@ class Limits:
                 raise RateLimited(f"you already follow {MAX_FOLLOWS} replies being written "
                                   "elsewhere; close a tab or wait for one to end", retry_after=1)
             return self._take({key: 1})
+
+    def take_tool_step(self, owner: str, address: str | None) -> None:
+        """A tool step posted by the page's engine (it runs tools on this server): counts
+        it, or raises RateLimited (BCHAT_RATE_LIMIT, per visitor and per address)."""
+        wait = self.tool_steps_per_visitor.check(owner)
+        if not wait and address:
+            wait = self.tool_steps_per_address.check(address_key(address))
+            if wait:
+                self.tool_steps_per_visitor.forget_one(owner)  # refused: it did not count
+        if wait:
+            raise RateLimited(f"too many tool steps; try again in {max(1, round(wait))} s",
+                              retry_after=wait)
 
     # -- benchmarks ----------------------------------------------------------------------------
     def take_benchmark_post(self, owner: str, address: str | None) -> None:
