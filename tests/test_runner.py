@@ -263,6 +263,13 @@ def test_gunicorn_workers_share_one_runner_per_model(tmp_path, tiny_model):
         supervisors = [pid for pid, cmd in tree if "model_runner supervise" in cmd]
         web_workers = [pid for pid, cmd in tree if "model_runner" not in cmd]
         assert len(runner_procs) == 1 and len(supervisors) == 1 and len(web_workers) == 2, tree
+        # Each worker and the runner is a session (a CPU group under autogroup) of its own,
+        # the runner's group niced (processes.own_scheduling_group).
+        assert all(os.getsid(pid) == pid for pid in [*web_workers, *runner_procs])
+        assert os.getsid(supervisors[0]) == proc.pid
+        group = Path(f"/proc/{runner_procs[0]}/autogroup")
+        if group.exists():  # a kernel with autogroup
+            assert group.read_text().split()[-1] == "10", group.read_text()
         status, health = visitor.json("GET", "/healthz")
         assert health["runners"][0]["pid"] == runner_procs[0]
         os.kill(runner_procs[0], signal.SIGKILL)

@@ -262,7 +262,7 @@ def serve(host: str, port: int) -> int:
         print(NOT_UPGRADED, file=sys.stderr)
         return 2
     from . import create_app
-    from .gunicorn_conf import freeze_loaded_objects
+    from .processes import freeze_loaded_objects
     from .security import redacting_request_handler
 
     app = create_app()

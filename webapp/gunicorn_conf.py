@@ -9,7 +9,6 @@ gunicorn setting can still be given on the command line.
 
 from __future__ import annotations
 
-import gc
 import os
 import subprocess
 import sys
@@ -52,25 +51,20 @@ def on_exit(server) -> None:
 
 
 def post_fork(server, worker) -> None:  # gunicorn's hook: runs in the worker before the app loads
+    from webapp.processes import own_scheduling_group
+
     os.environ["BCHAT_SERVER_THREADS"] = str(worker.cfg.threads)
-
-
-def freeze_loaded_objects() -> None:
-    """Put what a serving process has loaded (the app, its modules, SQLAlchemy's mappers,
-    ~120,000 objects) out of the garbage collector's sight: they live as long as the process.
-    Each full collection walked them all, 37 ms on a quiet core and 55-107 ms under
-    bench/class_load.py's class, about once per worker every half minute, and every request
-    in that worker waited for it. Collections now walk only what requests allocate."""
-    gc.collect()
-    gc.freeze()
+    own_scheduling_group()  # a worker shares the CPU as a PostgreSQL backend does
 
 
 def post_worker_init(worker) -> None:
     """On SIGTERM, keep the partial replies and close the sockets at once: gunicorn would
     otherwise wait up to its graceful timeout for every open websocket to end. Then freeze
-    what the worker has loaded (freeze_loaded_objects)."""
+    what the worker has loaded (processes.freeze_loaded_objects)."""
     import signal
     import threading
+
+    from webapp.processes import freeze_loaded_objects
 
     previous = signal.getsignal(signal.SIGTERM)
     services = getattr(worker.wsgi, "extensions", {}).get("bchat")

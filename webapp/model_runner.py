@@ -364,11 +364,14 @@ class _Connection(socketserver.StreamRequestHandler):
 
 def run_runner(model_id: str, socket_path: str, report_fd: int) -> int:
     """The runner process: load one model, then serve it on a Unix socket until told to stop."""
+    from .processes import own_scheduling_group
+
     _die_with_parent()
     settings = json.loads(os.environ.get("BCHAT_RUNNER_SETTINGS") or "{}")
-    nice = settings.get("RUNNER_NICE")
+    nice = int(settings.get("RUNNER_NICE") or 0)
     if nice:
-        os.nice(int(nice))
+        os.nice(nice)
+    own_scheduling_group(nice)  # and niced as a group where the CPU is shared by session
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s runner[{model_id}]: %(message)s")
     report = os.fdopen(report_fd, "w", buffering=1)
