@@ -75,16 +75,22 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def kept_pool() -> dict:
+    """The pool both databases get: every connection kept (no overflow closed as it comes
+    back), the one used last handed out first (make_engine says why)."""
+    return {"pool_size": POOL_SIZE, "max_overflow": 0, "pool_use_lifo": True,
+            "pool_timeout": POOL_TIMEOUT_S}
+
+
 def make_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
         # A file's connections are kept as PostgreSQL's are (below): a new one reads the
         # schema again and runs the PRAGMAs on its first use. (":memory:" has its own pool.)
         database = make_url(url).database
-        pool = ({"pool_size": POOL_SIZE, "max_overflow": 0, "pool_use_lifo": True}
-                if database and database != ":memory:" else {})
+        pool = kept_pool() if database and database != ":memory:" else {}
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10},
-                               pool_timeout=POOL_TIMEOUT_S, **pool)
+                               **pool)
         _configure_sqlite(engine)
         return engine
     if make_url(url).get_backend_name() == "postgresql":
@@ -98,7 +104,7 @@ def make_engine(url: str) -> Engine:
         # idle (and are pinged before use, _ping_when_idle) instead of all going cold in turn.
         engine = create_engine(
             url,
-            pool_size=POOL_SIZE, max_overflow=0, pool_use_lifo=True, pool_timeout=POOL_TIMEOUT_S,
+            **kept_pool(),
             connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S, "application_name": "bchat"},
         )
         _ping_when_idle(engine)

@@ -14,9 +14,10 @@ def own_scheduling_group(nice: int = 0) -> None:
     ``nice`` set on that group.
 
     Every PostgreSQL backend starts its own session, so each one was a group the size of all
-    of gunicorn's workers together, which shared one (the model's runner in it too): under
-    bench/class_load.py's class on PostgreSQL, 3 runs each, p99 193-347 ms with one group and
-    110-137 ms with a group per worker and the runner in a niced group of its own. Signals
+    of gunicorn's workers together, which shared one (the model's runner in it too). Under
+    bench/class_load.py's class on PostgreSQL, runs alternated in the same hour, p99 was
+    403-585 ms with one group and 134-161 ms with a group per worker and the runner in a niced
+    group of its own (in a quieter hour: 193-347 and 110-275 ms). Signals
     still reach a worker (gunicorn's master signals each by pid, and a worker exits when the
     master is gone) and a runner (its supervisor stops it; it dies with its parent)."""
     try:
